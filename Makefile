@@ -1,0 +1,59 @@
+# qwen3train — every target takes Hydra overrides through ARGS="..." and processes through NGPU=.
+#   make stage1 ARGS="model=qwen3-0.6b engine=zero2 optim.lr=2e-5" NGPU=8
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+NGPU   ?= 1
+NNODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29511
+ARGS   ?=
+# torch is installed first, on its own, so that no other package pulls a CUDA build onto a CPU machine.
+# On CUDA machines plain `torch`; on CPU machines TORCH_CPU (pass TORCH_INDEX=<your CPU wheel index> elsewhere).
+TORCH_CPU   ?= torch==2.13.0
+TORCH_INDEX ?=
+EXTRAS ?= deepspeed,wandb,dev
+STAMP  := $(VENV)/.installed
+TINY   ?= outputs/models/tiny-qwen3
+LAUNCH := NGPU=$(NGPU) NNODES=$(NNODES) NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT) PY=$(PY) bash scripts/launch.sh
+
+.PHONY: help install test tiny demo-data stage1 stage2 smoke bench-train clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+	else $(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),) "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv: torch first (CPU build without CUDA), then the package editable with extras
+
+test: $(STAMP) ## install if needed, then run the whole test suite
+	$(PY) -m pytest -q tests
+
+tiny: $(STAMP) ## build the random tiny Qwen3 (real Qwen3 tokenizer) at $(TINY)
+	$(PY) -m qwen3train.models.tiny $(TINY)
+
+demo-data: $(STAMP) ## build small real training pairs from Python's stdlib docstrings (outputs/data/)
+	$(PY) -m qwen3train.data.demo outputs/data
+
+stage1: $(STAMP) ## stage 1: weakly supervised InfoNCE (configs/stage1.yaml)
+	@if echo "$(ARGS)" | grep -qv 'model=' ; then $(MAKE) -s tiny demo-data; fi
+	$(LAUNCH) --config-name=stage1 $(ARGS)
+
+stage2: $(STAMP) ## stage 2: supervised fine-tuning with hard negatives, from stage 1's export (configs/stage2.yaml)
+	@if echo "$(ARGS)" | grep -qv 'model=' ; then $(MAKE) -s tiny demo-data; fi
+	$(LAUNCH) --config-name=stage2 $(ARGS)
+
+bench-train: $(STAMP) ## benchmark: training step vs sentence-transformers, GradCache memory sweep
+	$(PY) bench/bench_train.py
+
+clean: ## remove outputs/ (keeps .venv)
+	rm -rf outputs

@@ -1,0 +1,111 @@
+"""ModelConfig and the builders that turn it into an Embedder or a Reranker (plain arguments below)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qwen3train.text import DEFAULT_INSTRUCTION, DEFAULT_QUERY_TEMPLATE, ENDOFTEXT
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraConfig:
+    """LoRA through peft. The paper's blog says LoRA; rank/alpha/targets are UNCONFIRMED (spec §1.1)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to load and how inputs are formatted.
+
+    ``init_from``, when set, overrides ``name_or_path`` for the weights (stage 2 starts from stage 1's
+    export) while the tokenizer and the rest stay as configured.
+    """
+
+    name: str = "tiny"
+    name_or_path: str = "outputs/models/tiny-qwen3"
+    init_from: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # Query format: the official inference string; the exact training string is UNCONFIRMED (spec §1.2).
+    query_template: str = DEFAULT_QUERY_TEMPLATE
+    default_instruction: str = DEFAULT_INSTRUCTION
+    end_token: str = ENDOFTEXT
+    max_query_length: int = 512
+    max_doc_length: int = 512
+    # Right padding in training (spec §1.4 RECOMMENDATION); pooling reads the mask, so left works too.
+    padding_side: str = "right"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"model.padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        if "{query}" not in self.query_template:
+            raise ValueError(f"model.query_template must contain {{query}}: {self.query_template!r}")
+
+    @property
+    def weights_path(self) -> str:
+        return self.init_from or self.name_or_path
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _apply_common(model, cfg: ModelConfig):
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        import peft
+
+        lcfg = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                               target_modules=list(cfg.lora.target_modules))
+        model = peft.get_peft_model(model, lcfg)
+    return model
+
+
+def build_embedder(cfg: ModelConfig, path: str | None = None):
+    """Load the decoder with ``AutoModel`` (a ``Qwen3ForCausalLM`` checkpoint gives ``Qwen3Model``)."""
+    from transformers import AutoModel
+
+    from qwen3train.models.embedder import Embedder
+
+    path = path or cfg.weights_path
+    backbone = AutoModel.from_pretrained(path, dtype=DTYPES[cfg.dtype],
+                                         attn_implementation=cfg.attn_implementation)
+    backbone = _apply_common(backbone, cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer or path)
+    return Embedder(backbone, tokenizer, query_template=cfg.query_template,
+                    max_query_length=cfg.max_query_length, max_doc_length=cfg.max_doc_length,
+                    padding_side=cfg.padding_side, end_token=cfg.end_token)
+
+
+def build_reranker(cfg: ModelConfig, path: str | None = None, max_length: int | None = None):
+    """Load the LM with ``AutoModelForCausalLM``; the reranker prompt is fixed by the spec."""
+    from transformers import AutoModelForCausalLM
+
+    from qwen3train.models.reranker import Reranker
+
+    path = path or cfg.weights_path
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype],
+                                              attn_implementation=cfg.attn_implementation)
+    lm = _apply_common(lm, cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer or path)
+    return Reranker(lm, tokenizer, max_length=max_length or cfg.max_doc_length,
+                    padding_side=cfg.padding_side)

@@ -1,0 +1,129 @@
+"""Exports: a standard Hugging Face folder plus sentence-transformers files.
+
+An exported embedder loads with ``AutoModel`` (official usage recipe), with
+``sentence_transformers.SentenceTransformer`` (last-token pooling, Normalize, a ``query`` prompt),
+and back into qwen3train. Its tokenizer appends ``<|endoftext|>`` by itself through a
+``TemplateProcessing`` post-processor, as the released Qwen3-Embedding tokenizer does, so
+third-party code that relies on the tokenizer gets the same input as our training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from torch import nn
+
+from qwen3train.text import query_prompt
+
+EXPORT_META = "qwen3train.json"
+
+
+@contextlib.contextmanager
+def merged_lora(model: nn.Module):
+    """Yield the plain model with LoRA weights folded in, then unfold them (no copy of the model)."""
+    import_ok = True
+    try:
+        import peft
+    except ImportError:  # peft is a core dependency; this only guards odd installs
+        import_ok = False
+    if import_ok and isinstance(model, peft.PeftModel):
+        model.merge_adapter()
+        try:
+            yield model.get_base_model()
+        finally:
+            model.unmerge_adapter()
+    else:
+        yield model
+
+
+def _save_weights(model: nn.Module, out: Path, state_dict: dict | None = None) -> None:
+    with merged_lora(model) as plain:
+        if state_dict is None:
+            plain.save_pretrained(out, safe_serialization=True)
+        else:
+            plain.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+
+
+def tokenizer_with_end_token(tokenizer, end_token: str):
+    """A copy of ``tokenizer`` whose post-processor appends ``end_token`` (single and pair)."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizer)
+    end_id = tok.convert_tokens_to_ids(end_token)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A:0 {end_token}:0",
+        pair=f"$A:0 {end_token}:0 $B:1 {end_token}:1",
+        special_tokens=[(end_token, end_id)],
+    )
+    return tok
+
+
+def write_sentence_transformers_files(out: Path, *, dim: int, max_seq_length: int, instruction: str,
+                                      query_template: str) -> None:
+    """modules.json, sentence_bert_config.json, 1_Pooling (last token), 2_Normalize, prompts."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    (out / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2))
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {
+        "word_embedding_dimension": dim,
+        "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": True,
+        "include_prompt": True,
+    }
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    (out / "2_Normalize").mkdir(exist_ok=True)
+    st_cfg = {
+        "prompts": {"query": query_prompt(instruction, query_template), "document": ""},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+    }
+    (out / "config_sentence_transformers.json").write_text(json.dumps(st_cfg, indent=2))
+
+
+def export_embedder(embedder, out_dir: str | os.PathLike, *, instruction: str,
+                    state_dict: dict | None = None) -> Path:
+    """Write a loadable embedder folder (weights, tokenizer, sentence-transformers files, metadata).
+
+    ``state_dict`` lets a caller pass gathered weights (ZeRO-3) instead of the module's own.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_weights(embedder.backbone, out, state_dict)
+    tok = tokenizer_with_end_token(embedder.tokenizer, embedder.tok.end_token)
+    tok.padding_side = "left"  # what the official usage recipe sets; pooling works either way
+    tok.save_pretrained(out)
+    max_len = max(embedder.max_query_length, embedder.max_doc_length)
+    write_sentence_transformers_files(out, dim=embedder.hidden_size, max_seq_length=max_len,
+                                      instruction=instruction, query_template=embedder.query_template)
+    meta = {"kind": "embedder", "query_template": embedder.query_template,
+            "default_instruction": instruction, "end_token": embedder.tok.end_token,
+            "max_query_length": embedder.max_query_length, "max_doc_length": embedder.max_doc_length}
+    (out / EXPORT_META).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def export_reranker(reranker, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
+    """Write a folder that ``AutoModelForCausalLM`` and the official usage code load as is."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_weights(reranker.lm, out, state_dict)
+    reranker.tokenizer.save_pretrained(out)
+    meta = {"kind": "reranker", "max_length": reranker.max_length,
+            "default_instruction": reranker.default_instruction}
+    (out / EXPORT_META).write_text(json.dumps(meta, indent=2))
+    return out

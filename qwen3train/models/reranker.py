@@ -1,0 +1,113 @@
+"""The Qwen3 yes/no reranker: official prompt, document-only truncation, two-row LM head."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from qwen3train.models.pooling import last_token_pool
+
+RERANK_SYSTEM = (
+    'Judge whether the Document meets the requirements based on the Query and the Instruct '
+    'provided. Note that the answer can only be "yes" or "no".'
+)
+RERANK_PREFIX = f"<|im_start|>system\n{RERANK_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+RERANK_BODY = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+class Reranker(nn.Module):
+    """Qwen3 causal LM scored as a yes/no classifier (spec §3).
+
+    ``score = sigmoid(z_yes - z_no)`` at the last position, which equals the official recipe's
+    softmax over the full-vocabulary logits restricted to ``[no, yes]``. Only the two LM-head rows
+    are computed (``h @ W[[no, yes]].T``), never the 151,936-row projection.
+
+    Args:
+        lm: ``AutoModelForCausalLM`` (optionally PEFT-wrapped).
+        tokenizer: its tokenizer.
+        max_length: total token budget; prefix and suffix are always kept, the document is cut.
+        padding_side: batch padding side (the official recipe uses left).
+    """
+
+    def __init__(self, lm: nn.Module, tokenizer, *, max_length: int = 8192, padding_side: str = "left",
+                 default_instruction: str = DEFAULT_RERANK_INSTRUCTION) -> None:
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.padding_side = padding_side
+        self.default_instruction = default_instruction
+        self.prefix_ids = tokenizer.encode(RERANK_PREFIX, add_special_tokens=False)
+        self.suffix_ids = tokenizer.encode(RERANK_SUFFIX, add_special_tokens=False)
+        self.yes_id = int(tokenizer.convert_tokens_to_ids("yes"))
+        self.no_id = int(tokenizer.convert_tokens_to_ids("no"))
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        if self.max_length <= len(self.prefix_ids) + len(self.suffix_ids) + 8:
+            raise ValueError(f"max_length {max_length} leaves no room for the query and document")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    def token_ids(self, queries: Sequence[str], docs: Sequence[str],
+                  instructions: Sequence[str | None] | None = None) -> list[list[int]]:
+        """``prefix + body + suffix`` per pair; only the tail of the body (the document) is cut.
+
+        The body is tokenized whole (as the official recipe does), so tokens at the
+        ``<Document>: `` boundary match it exactly; if even the instruction and query overflow the
+        budget, the query's tail is cut and the document is dropped rather than the prompt.
+        """
+        if instructions is None:
+            instructions = [None] * len(queries)
+        budget = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        bodies = [
+            RERANK_BODY.format(instruction=i or self.default_instruction, query=q, document=d)
+            for q, d, i in zip(queries, docs, instructions)
+        ]
+        enc = self.tokenizer(bodies, add_special_tokens=False, truncation=True, max_length=budget)
+        return [self.prefix_ids + list(ids) + self.suffix_ids for ids in enc["input_ids"]]
+
+    def pad(self, seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            sl = slice(0, len(s)) if self.padding_side == "right" else slice(width - len(s), width)
+            ids[r, sl] = torch.tensor(s, dtype=torch.long)
+            mask[r, sl] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def yes_no_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, 2]`` logits ``(z_no, z_yes)`` at the last valid position, from two LM-head rows."""
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state
+        h = last_token_pool(hidden, attention_mask)  # [B, D]
+        head = self.lm.get_output_embeddings()
+        rows = torch.tensor([self.no_id, self.yes_id], device=h.device)
+        logits = h @ head.weight[rows].T  # [B, 2]
+        if head.bias is not None:
+            logits = logits + head.bias[rows]
+        return logits.float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Relevance logit ``z_yes - z_no`` per row: ``[B]``."""
+        z = self.yes_no_logits(input_ids, attention_mask)
+        return z[:, 1] - z[:, 0]
+
+    @torch.inference_mode()
+    def score(self, query: str, docs: Sequence[str], instruction: str | None = None,
+              batch_size: int = 16) -> torch.Tensor:
+        """Probability of "yes" for each document: ``[len(docs)]`` float32 in ``[0, 1]``."""
+        was_training = self.training
+        self.eval()
+        ids = self.token_ids([query] * len(docs), docs, [instruction] * len(docs))
+        out = []
+        for b in range(0, len(ids), batch_size):
+            batch = {k: v.to(self.device) for k, v in self.pad(ids[b : b + batch_size]).items()}
+            out.append(torch.sigmoid(self(**batch)).cpu())
+        self.train(was_training)
+        return torch.cat(out) if out else torch.empty(0)

@@ -1,0 +1,120 @@
+"""Exported embedder == sentence-transformers == official usage recipe; reranker == official recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen3train.models.build import ModelConfig, build_embedder, build_reranker
+from qwen3train.models.export import export_embedder, export_reranker
+
+INSTR = "Given a web search query, retrieve relevant passages that answer the query"
+QUERIES = ["What is the capital of China?", "Explain gravity"]
+DOCS = ["The capital of China is Beijing.",
+        "Gravity is a force that attracts two bodies towards each other. " * 20]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, tmp_path_factory):
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), max_query_length=64, max_doc_length=64)
+    emb = build_embedder(cfg)
+    out = export_embedder(emb, tmp_path_factory.mktemp("export") / "emb", instruction=INSTR)
+    return emb, out
+
+
+def test_export_layout(exported):
+    _, out = exported
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "modules.json",
+              "sentence_bert_config.json", "1_Pooling/config.json", "config_sentence_transformers.json"]:
+        assert (out / f).exists(), f
+    pooling = json.loads((out / "1_Pooling/config.json").read_text())
+    assert pooling["pooling_mode_lasttoken"] and not pooling["pooling_mode_mean_tokens"]
+    prompts = json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]
+    assert prompts["query"] == f"Instruct: {INSTR}\nQuery:"
+
+
+def test_sentence_transformers_matches_encode(exported):
+    from sentence_transformers import SentenceTransformer
+
+    emb, out = exported
+    st = SentenceTransformer(str(out), device="cpu")
+    q_st = torch.as_tensor(st.encode(QUERIES, prompt_name="query"))
+    d_st = torch.as_tensor(st.encode(DOCS))
+    assert (q_st - emb.encode(QUERIES, instruction=INSTR)).abs().max() <= 1e-5
+    assert (d_st - emb.encode(DOCS)).abs().max() <= 1e-5
+
+
+def test_official_usage_recipe_matches_encode(exported):
+    """The Qwen3-Embedding README recipe: left-padded tokenizer, AutoModel, last-token pool, normalise."""
+    from transformers import AutoModel, AutoTokenizer
+
+    emb, out = exported
+
+    def last_token_pool(last_hidden_states, attention_mask):
+        left_padding = attention_mask[:, -1].sum() == attention_mask.shape[0]
+        if left_padding:
+            return last_hidden_states[:, -1]
+        seq = attention_mask.sum(dim=1) - 1
+        return last_hidden_states[torch.arange(last_hidden_states.shape[0]), seq]
+
+    tok = AutoTokenizer.from_pretrained(out, padding_side="left")
+    model = AutoModel.from_pretrained(out).eval()
+    texts = [f"Instruct: {INSTR}\nQuery:{q}" for q in QUERIES] + DOCS
+    batch = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        vec = F.normalize(last_token_pool(model(**batch).last_hidden_state, batch["attention_mask"]), dim=1)
+    ours = torch.cat([emb.encode(QUERIES, instruction=INSTR), emb.encode(DOCS)])
+    assert (vec - ours).abs().max() <= 1e-5
+    # the reloaded folder gives the same vectors through qwen3train too
+    again = build_embedder(ModelConfig(name_or_path=str(out), max_query_length=64, max_doc_length=64))
+    assert (again.encode(DOCS) - emb.encode(DOCS)).abs().max() <= 1e-6
+
+
+def test_reranker_score_equals_official_recipe(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rr = build_reranker(ModelConfig(name_or_path=str(tiny_model_dir), padding_side="left"), max_length=96)
+    out = export_reranker(rr, tmp_path / "rr")
+    ours = rr.score(QUERIES[0], DOCS, instruction=INSTR)
+
+    # official usage code (Qwen3-Reranker README), with max_length shrunk to the tiny budget
+    tokenizer = AutoTokenizer.from_pretrained(out, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    token_false_id = tokenizer.convert_tokens_to_ids("no")
+    token_true_id = tokenizer.convert_tokens_to_ids("yes")
+    max_length = 96
+    prefix = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
+              "and the Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n"
+              "<|im_start|>user\n")
+    suffix = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    prefix_tokens = tokenizer.encode(prefix, add_special_tokens=False)
+    suffix_tokens = tokenizer.encode(suffix, add_special_tokens=False)
+    pairs = [f"<Instruct>: {INSTR}\n<Query>: {QUERIES[0]}\n<Document>: {d}" for d in DOCS]
+    inputs = tokenizer(pairs, padding=False, truncation="longest_first", return_attention_mask=False,
+                       max_length=max_length - len(prefix_tokens) - len(suffix_tokens))
+    for i, ele in enumerate(inputs["input_ids"]):
+        inputs["input_ids"][i] = prefix_tokens + ele + suffix_tokens
+    inputs = tokenizer.pad(inputs, padding=True, return_tensors="pt", max_length=max_length)
+    with torch.no_grad():
+        batch_scores = model(**inputs).logits[:, -1, :]
+    true_vector = batch_scores[:, token_true_id]
+    false_vector = batch_scores[:, token_false_id]
+    batch_scores = torch.stack([false_vector, true_vector], dim=1)
+    official = torch.nn.functional.log_softmax(batch_scores, dim=1)[:, 1].exp()
+    assert (ours - official).abs().max() <= 1e-5
+
+
+def test_reranker_truncates_only_the_document(tiny_model_dir):
+    rr = build_reranker(ModelConfig(name_or_path=str(tiny_model_dir)), max_length=120)
+    ids = rr.token_ids(["short query"], ["word " * 1000])[0]
+    assert len(ids) == 120
+    assert ids[: len(rr.prefix_ids)] == rr.prefix_ids and ids[-len(rr.suffix_ids):] == rr.suffix_ids
+    head = rr.tokenizer.encode("<Instruct>: " + rr.default_instruction + "\n<Query>: short query\n<Document>:",
+                               add_special_tokens=False)
+    body = ids[len(rr.prefix_ids): -len(rr.suffix_ids)]
+    assert body[: len(head)] == head  # instruction and query intact; only the document was cut
+    text = rr.tokenizer.decode(body)
+    assert text.startswith("<Instruct>: ") and "<Query>: short query\n<Document>: word word" in text
