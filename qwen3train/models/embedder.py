@@ -54,10 +54,18 @@ class Embedder(nn.Module):
     def hidden_size(self) -> int:
         return int(self.backbone.config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``[B, L]`` token ids and mask -> ``[B, D]`` pooled hidden state (not normalised)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                doc_input_ids: torch.Tensor | None = None, doc_attention_mask: torch.Tensor | None = None):
+        """``[B, L]`` token ids and mask -> ``[B, D]`` pooled hidden state (not normalised).
+
+        With ``doc_*`` also given, both towers run in this one call and a pair is returned: DDP and
+        DeepSpeed then see a single forward per backward, and each tower pads to its own length.
+        """
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return last_token_pool(out.last_hidden_state, attention_mask)
+        pooled = last_token_pool(out.last_hidden_state, attention_mask)
+        if doc_input_ids is None:
+            return pooled
+        return pooled, self(doc_input_ids, doc_attention_mask)
 
     # ---- tokenization -------------------------------------------------------------------------
     def tokenize_queries(
