@@ -10,7 +10,8 @@ from qwen3train.models.build import build_embedder
 from qwen3train.train.task import EmbeddingTask
 
 
-def build_task(cfg, run_dir: Path):
+def build_task(cfg, run_dir):
+    run_dir = Path(run_dir)
     data = cfg.data
     rejects = data.rejects_file or str(run_dir / "rejects.jsonl")
     source = IndexedSource(expand_files(data.train_files), num_hard_negatives=data.num_hard_negatives,

@@ -1,0 +1,93 @@
+"""Bad records are named precisely; skip mode keeps rejects; batch plans are single-task, duplicate-free."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qwen3train.data.batching import plan_epoch
+from qwen3train.data.records import DataError
+from qwen3train.data.sources import IndexedSource
+
+
+def write(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+GOOD = {"query": "q", "pos": ["p"], "neg": ["n1", "n2"]}
+
+
+@pytest.mark.parametrize("bad,field", [
+    ('{"query": "q", "pos": ["p"]', "<json>"),
+    ({"pos": ["p"]}, "query"),
+    ({"query": "q", "pos": "p"}, "pos"),
+    ({"query": "q", "pos": []}, "pos"),
+    ({"query": "q", "pos": ["p", 3]}, "pos[1]"),
+    ({"query": "q", "pos": ["p"], "neg": "n"}, "neg"),
+    ({"query": "q", "pos": ["p"], "task": 5}, "task"),
+    ({"query": "  ", "pos": ["p"]}, "query"),
+])
+def test_error_names_file_line_and_field(tmp_path, bad, field):
+    f = write(tmp_path / "d.jsonl", [GOOD, GOOD, bad, GOOD])
+    with pytest.raises(DataError) as err:
+        IndexedSource([f])
+    assert err.value.where == f"{f}:3" and err.value.field == field
+    assert f"{f}:3" in str(err.value) and f"'{field}'" in str(err.value)
+
+
+def test_missing_negatives_when_required(tmp_path):
+    f = write(tmp_path / "d.jsonl", [GOOD, {"query": "q2", "pos": ["p2"]}])
+    with pytest.raises(DataError, match=r"d.jsonl:2: field 'neg'"):
+        IndexedSource([f], num_hard_negatives=2)
+
+
+def test_skip_mode_counts_and_keeps_rejects(tmp_path):
+    f = write(tmp_path / "d.jsonl", [GOOD, "not json", {"query": "q", "pos": "p"}, "", GOOD])
+    src = IndexedSource([f], on_error="skip", rejects_path=tmp_path / "rej.jsonl")
+    assert len(src) == 2 and sum(src.rejected.values()) == 2
+    rej = [json.loads(x) for x in (tmp_path / "rej.jsonl").read_text().splitlines()]
+    assert [r["where"] for r in rej] == [f"{f}:2", f"{f}:3"] and rej[0]["raw"] == "not json"
+    assert src[1].query == "q" and src[0].neg == ["n1", "n2"]
+
+
+def test_parquet_and_hf_disk_sources(tmp_path):
+    import datasets
+
+    rows = [{"query": f"q{i}", "pos": [f"p{i}"], "neg": [f"n{i}"], "task": "t"} for i in range(5)]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "hf"))
+    for p in (tmp_path / "d.parquet", tmp_path / "hf"):
+        src = IndexedSource([p], num_hard_negatives=1)
+        assert len(src) == 5 and src[3].query == "q3" and src[3].neg == ["n3"]
+
+
+def test_line_separator_u2028_inside_text(tmp_path):
+    f = write(tmp_path / "d.jsonl", [{"query": "a\u2028b", "pos": ["p\u2028q"]}, GOOD])
+    src = IndexedSource([f])
+    assert len(src) == 2 and src[0].query == "a\u2028b"
+
+
+def test_plan_is_single_task_duplicate_free_and_deterministic(tmp_path):
+    rows = []
+    for i in range(60):
+        rows.append({"query": f"a{i}", "pos": [f"shared{i % 7}"], "task": "A"})  # many duplicate positives
+        rows.append({"query": f"b{i}", "pos": [f"b{i}"], "task": "B"})
+    src = IndexedSource([write(tmp_path / "d.jsonl", rows)])
+    batches, stats = plan_epoch(src, 6, seed=1, epoch=0)
+    assert batches and stats["deferred_duplicates"] > 0
+    for b in batches:
+        assert len(b) == 6
+        tasks = {src.task_names[src.task_idx[i]] for i, _ in b}
+        assert len(tasks) == 1
+        hashes = [src.positive_hash(i, j) for i, j in b]
+        assert len(set(hashes)) == len(hashes)
+    again, _ = plan_epoch(src, 6, seed=1, epoch=0)
+    assert again == batches
+    assert plan_epoch(src, 6, seed=1, epoch=1)[0] != batches
+    used = sum(len(b) for b in batches) + stats["dropped_tail"]
+    assert used == len(src)

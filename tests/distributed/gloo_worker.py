@@ -1,0 +1,46 @@
+"""Run under torchrun (2 gloo processes): one step's gradients through DDP, plain and GradCache."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from qwen3train import dist
+from qwen3train.train.build import build_task
+from qwen3train.train.engine import TorchEngine
+from qwen3train.train.gradcache import grad_cache_step
+
+sys.path.insert(0, sys.argv[1])
+from helpers import train_cfg  # noqa: E402
+
+
+def main(tests_dir, model_dir, data_file, out_file):
+    dist.init()
+    cfg = train_cfg(model_dir, data_file, out_file + ".run", k=2, global_batch=8, micro=2)
+    task = build_task(cfg, cfg.run.output_dir)
+    engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
+    r, w = dist.rank(), dist.world_size()
+    local = 8 // w
+    items = [(i, 0) for i in range(8)][r * local:(r + 1) * local]
+    batch = task.prepare(items, epoch=0)
+    result = {}
+    # plain: the whole local batch in one micro step (negatives = the 8 gathered rows)
+    engine.optimizer.zero_grad()
+    with engine.micro(last=True):
+        loss, _ = task.loss(task.forward(engine, batch), batch)
+        engine.backward(loss)
+    result["plain"] = (dist.all_reduce_mean(loss).item(),
+                       {n: p.grad.clone() for n, p in engine.module.named_parameters()})
+    # GradCache: 2 chunks per rank, DDP sync only on the last
+    engine.optimizer.zero_grad()
+    loss, _ = grad_cache_step(engine, task, batch, n_chunks=2)
+    result["gradcache"] = (dist.all_reduce_mean(loss).item(),
+                           {n: p.grad.clone() for n, p in engine.module.named_parameters()})
+    if dist.is_main():
+        torch.save(result, out_file)
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])

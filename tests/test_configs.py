@@ -1,0 +1,53 @@
+"""Every primary config composes and converts to its schema; mistakes fail at compose time."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import REPO
+from qwen3train.config import TrainConfig
+from qwen3train.losses.infonce import InfoNCEConfig
+
+PRIMARY = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml"))
+ENGINES = sorted(p.stem for p in (REPO / "configs" / "engine").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PRIMARY)
+def test_primary_composes(compose, name):
+    cfg = compose(name)
+    assert isinstance(cfg, TrainConfig)
+    assert isinstance(cfg.loss, InfoNCEConfig)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_groups_compose(compose, model, engine):
+    cfg = compose("stage1", [f"model={model}", f"engine={engine}"])
+    assert cfg.model.name == model and cfg.engine.backend in ("torch", "deepspeed")
+
+
+def test_required_groups_exist():
+    assert {"tiny", "qwen3-0.6b", "qwen3-4b", "qwen3-8b"} <= set(MODELS)
+    assert {"torch", "zero1", "zero2", "zero3"} <= set(ENGINES)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.hiden_size=3", "hiden_size"),
+    ("loss.temprature=0.1", "temprature"),
+    ("engine.micro_batch_size=abc", "micro_batch_size"),
+    ("run.save_evry=5", "save_evry"),
+])
+def test_typos_and_wrong_types_fail_naming_the_key(compose, override, needle):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)) as err:
+        compose("stage1", [override])
+    assert needle in str(err.value) or needle in str(err.value.__cause__)
+
+
+def test_post_init_validation(compose):
+    with pytest.raises(ValueError, match="temperature"):
+        compose("stage1", ["loss.temperature=-1"])
+    with pytest.raises(ValueError, match="padding_side"):
+        compose("stage1", ["model.padding_side=middle"])

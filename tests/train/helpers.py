@@ -1,0 +1,42 @@
+"""Small builders shared by the training tests (real components, tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def make_pairs(path: Path, n: int = 48, k: int = 2, tasks=("alpha",)) -> Path:
+    words = ["gravity", "python", "rope", "matrix", "tensor", "ocean", "violin", "galaxy", "protein", "compiler",
+             "glacier", "sonnet", "neuron", "market", "vaccine", "kernel"]
+    with open(path, "w") as f:
+        for i in range(n):
+            w, v = words[i % len(words)], words[(i * 7 + 3) % len(words)]
+            row = {"query": f"what is {w} number {i}?", "pos": [f"{w} {i} is described here with {v}."],
+                   "neg": [f"unrelated text {i}-{j} about {words[(i + j + 1) % len(words)]}" for j in range(k)],
+                   "task": tasks[i % len(tasks)]}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def train_cfg(model_dir, data_file, out_dir, **over):
+    """A TrainConfig for the tiny model (typed objects, as the CLI would produce)."""
+    from qwen3train.config import RunConfig, TrainConfig
+    from qwen3train.data.sources import DataConfig
+    from qwen3train.losses.infonce import InfoNCEConfig
+    from qwen3train.models.build import ModelConfig
+    from qwen3train.train.engine import EngineConfig
+    from qwen3train.train.schedule import OptimConfig
+
+    cfg = TrainConfig(
+        run=RunConfig(name="t", output_dir=str(out_dir), max_steps=over.pop("max_steps", 4),
+                      save_every=over.pop("save_every", 0), keep_last=over.pop("keep_last", 2)),
+        model=ModelConfig(name_or_path=str(model_dir), max_query_length=32, max_doc_length=32),
+        data=DataConfig(train_files=[str(data_file)], num_hard_negatives=over.pop("k", 2)),
+        loss=InfoNCEConfig(temperature=over.pop("temperature", 0.05)),
+        engine=EngineConfig(micro_batch_size=over.pop("micro", 4), global_batch_size=over.pop("global_batch", 8),
+                            grad_cache=over.pop("grad_cache", False)),
+        optim=OptimConfig(lr=over.pop("lr", 1e-3), warmup_steps=1),
+    )
+    assert not over, f"unknown overrides {over}"
+    return cfg

@@ -1,0 +1,114 @@
+"""The loop: exact resume after a crash, atomic checkpoints, pruning, divergence, CLI stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from helpers import make_pairs, train_cfg
+from qwen3train.train.loop import TrainingDiverged, run
+
+
+class Crash(Exception):
+    pass
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
+    data = make_pairs(tmp_path / "d.jsonl", n=48, k=2)
+    full = run(train_cfg(tiny_model_dir, data, tmp_path / "a", max_steps=8, save_every=2, keep_last=10))
+
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "b", max_steps=8, save_every=2, keep_last=10)
+
+    def crash(step):
+        if step == 5:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run(cfg, hooks=crash)
+    # a save interrupted half-way leaves only a .tmp folder, which resume ignores
+    (tmp_path / "b" / "checkpoints" / ".step_0000006.tmp" / "engine").mkdir(parents=True)
+    assert not (tmp_path / "b" / "final").exists()
+    resumed = run(cfg)
+
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lb] == list(range(1, 9))  # no duplicated steps after resume
+    assert [x["loss"] for x in la] == [x["loss"] for x in lb]
+
+
+def test_pruning_keeps_last_and_every(tiny_model_dir, tmp_path):
+    from qwen3train.train.checkpoint import list_checkpoints
+
+    data = make_pairs(tmp_path / "d.jsonl", n=48, k=2)
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=6, save_every=1, keep_last=2)
+    cfg.run.keep_every = 3
+    run(cfg)
+    names = [p.name for p in list_checkpoints(tmp_path / "r")]
+    assert names == ["step_0000003", "step_0000005", "step_0000006"]
+
+
+def test_non_finite_loss_stops_with_clear_message(tiny_model_dir, tmp_path):
+    data = make_pairs(tmp_path / "d.jsonl", n=48, k=2)
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=4, temperature=1e-45)
+    with pytest.raises(TrainingDiverged, match="non-finite loss"):
+        run(cfg)
+
+
+def test_malformed_data_through_the_loop(tiny_model_dir, tmp_path):
+    from qwen3train.data.records import DataError
+
+    data = make_pairs(tmp_path / "d.jsonl", n=20, k=2)
+    with open(data, "a") as f:
+        f.write('{"query": "x", "pos": "not a list", "neg": ["n"]}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:21: field 'pos'"):
+        run(train_cfg(tiny_model_dir, data, tmp_path / "r"))
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "s", max_steps=1)
+    cfg.data.on_error = "skip"
+    run(cfg)
+    summary = json.loads((tmp_path / "s" / "data_summary.json").read_text())
+    assert summary["records"] == 20 and summary["rejected"] == 1
+    assert (tmp_path / "s" / "rejects.jsonl").read_text().count("\n") == 1
+
+
+@pytest.mark.slow
+def test_make_stage1_then_stage2_loss_falls(tiny_model_dir, tmp_path):
+    """The real CLI on the demo data (stdlib docstrings): stage 2 starts from stage 1's export."""
+    from qwen3train.data.demo import build
+
+    build(tmp_path / "data")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    common = [f"model.name_or_path={tiny_model_dir}"]
+    s1 = [sys.executable, "-m", "qwen3train.cli.train", "--config-name=stage1", *common,
+          f"run.output_dir={tmp_path}/s1", f"data.train_files=[{tmp_path}/data/train_pairs.jsonl]", "run.max_steps=30"]
+    s2 = [sys.executable, "-m", "qwen3train.cli.train", "--config-name=stage2", *common,
+          f"run.output_dir={tmp_path}/s2", f"model.init_from={tmp_path}/s1/final",
+          f"data.train_files=[{tmp_path}/data/train_hn.jsonl]", "run.max_steps=20"]
+    for cmd in (s1, s2):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("s1", "s2"):
+        losses = [json.loads(x)["loss"] for x in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
+        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, (stage, losses)
+    assert (tmp_path / "s2" / "final" / "modules.json").exists()
+
+
+def test_wandb_offline_logging(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    data = make_pairs(tmp_path / "d.jsonl", n=24, k=2)
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=2)
+    cfg.run.wandb = True
+    run(cfg)
+    runs = list((tmp_path / "r" / "wandb").glob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
