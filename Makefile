@@ -20,7 +20,7 @@ STAMP  := $(VENV)/.installed
 TINY   ?= outputs/models/tiny-qwen3
 LAUNCH := NGPU=$(NGPU) NNODES=$(NNODES) NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT) PY=$(PY) bash scripts/launch.sh
 
-.PHONY: help install test tiny demo-data stage1 stage2 smoke bench-train clean
+.PHONY: help install test tiny demo-data stage1 stage2 pipeline bench-train clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -50,6 +50,11 @@ stage1: $(STAMP) ## stage 1: weakly supervised InfoNCE (configs/stage1.yaml)
 
 stage2: $(STAMP) ## stage 2: supervised fine-tuning with hard negatives, from stage 1's export (configs/stage2.yaml)
 	@if echo "$(ARGS)" | grep -qv 'model=' ; then $(MAKE) -s tiny demo-data; fi
+	$(LAUNCH) --config-name=stage2 $(ARGS)
+
+pipeline: $(STAMP) ## the whole method on the embedded default, on CPU (stages built so far: data -> stage 1 -> stage 2)
+	$(MAKE) -s tiny demo-data
+	$(LAUNCH) --config-name=stage1 $(ARGS)
 	$(LAUNCH) --config-name=stage2 $(ARGS)
 
 bench-train: $(STAMP) ## benchmark: training step vs sentence-transformers, GradCache memory sweep

@@ -9,7 +9,6 @@ third-party code that relies on the tokenizer gets the same input as our trainin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -21,30 +20,41 @@ from qwen3train.text import query_prompt
 EXPORT_META = "qwen3train.json"
 
 
-@contextlib.contextmanager
-def merged_lora(model: nn.Module):
-    """Yield the plain model with LoRA weights folded in, then unfold them (no copy of the model)."""
-    import_ok = True
-    try:
-        import peft
-    except ImportError:  # peft is a core dependency; this only guards odd installs
-        import_ok = False
-    if import_ok and isinstance(model, peft.PeftModel):
-        model.merge_adapter()
-        try:
-            yield model.get_base_model()
-        finally:
-            model.unmerge_adapter()
-    else:
-        yield model
+def plain_state_dict(model: nn.Module, state_dict: dict | None = None) -> tuple[nn.Module, dict | None]:
+    """(module to save, weights under the plain architecture's names), LoRA folded in.
+
+    For a PEFT model each adapted weight becomes ``W + (alpha / r) * B @ A`` and the adapter
+    tensors are dropped, so the export loads with ``AutoModel`` like any checkpoint. Works on the
+    module's own weights or on a consolidated ``state_dict`` (ZeRO-3). Non-PEFT models pass through.
+    """
+    import peft
+
+    if not isinstance(model, peft.PeftModel):
+        return model, state_dict
+    lcfg = model.peft_config["default"]
+    scale = lcfg.lora_alpha / lcfg.r
+    sd = model.state_dict() if state_dict is None else state_dict
+    out = {}
+    for key, val in sd.items():
+        if ".lora_" in key:
+            continue
+        name = key.removeprefix("base_model.model.")
+        if ".base_layer." in key:
+            stem = key[: key.index(".base_layer.")]
+            if key.endswith(".weight"):
+                a, b = sd[f"{stem}.lora_A.default.weight"], sd[f"{stem}.lora_B.default.weight"]
+                val = (val.float() + scale * (b.float() @ a.float())).to(val.dtype)
+            name = name.replace(".base_layer.", ".")
+        out[name] = val.detach().clone()
+    return model.get_base_model(), out
 
 
 def _save_weights(model: nn.Module, out: Path, state_dict: dict | None = None) -> None:
-    with merged_lora(model) as plain:
-        if state_dict is None:
-            plain.save_pretrained(out, safe_serialization=True)
-        else:
-            plain.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+    plain, weights = plain_state_dict(model, state_dict)
+    if weights is None:
+        plain.save_pretrained(out, safe_serialization=True)
+    else:
+        plain.save_pretrained(out, safe_serialization=True, state_dict=weights)
 
 
 def tokenizer_with_end_token(tokenizer, end_token: str):

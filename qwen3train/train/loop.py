@@ -85,6 +85,7 @@ def run(cfg, hooks=None) -> Path:
         state = checkpoint.load(last, engine)
         print0(f"resumed from {last} (step {state.step})")
     if dist.is_main():
+        write_resolved_config(cfg, run_dir / "config.yaml")
         (run_dir / "data_summary.json").write_text(json.dumps(source.summary(), indent=2))
         if source.rejected:
             print0(f"skipped {sum(source.rejected.values())} bad records: {dict(source.rejected)} "
@@ -136,6 +137,15 @@ def run(cfg, hooks=None) -> Path:
         tel.close()
     print0(f"done: {state.step} steps; final model at {final_dir}")
     return final_dir
+
+
+def write_resolved_config(cfg, path: Path) -> None:
+    """The exact configuration of the run, so every checkpoint can be traced to it."""
+    from omegaconf import OmegaConf
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tmp.replace(path)
 
 
 def print0(msg: str) -> None:
