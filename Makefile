@@ -20,7 +20,7 @@ STAMP  := $(VENV)/.installed
 TINY   ?= outputs/models/tiny-qwen3
 LAUNCH := NGPU=$(NGPU) NNODES=$(NNODES) NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT) PY=$(PY) bash scripts/launch.sh
 
-.PHONY: help install test tiny demo-data stage1 stage2 pipeline bench-train clean
+.PHONY: help install test tiny demo-data stage1 stage2 merge pipeline bench-train bench-merge clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -52,13 +52,20 @@ stage2: $(STAMP) ## stage 2: supervised fine-tuning with hard negatives, from st
 	@if echo "$(ARGS)" | grep -qv 'model=' ; then $(MAKE) -s tiny demo-data; fi
 	$(LAUNCH) --config-name=stage2 $(ARGS)
 
-pipeline: $(STAMP) ## the whole method on the embedded default, on CPU (stages built so far: data -> stage 1 -> stage 2)
+merge: $(STAMP) ## stage 3: merge stage-2 checkpoints (slerp / running_slerp / multislerp / linear; configs/merge.yaml)
+	$(PY) -m qwen3train.cli.merge $(ARGS)
+
+pipeline: $(STAMP) ## the whole method on the embedded default, on CPU (stages built so far: data -> stage 1 -> stage 2 -> merge)
 	$(MAKE) -s tiny demo-data
 	$(LAUNCH) --config-name=stage1 $(ARGS)
 	$(LAUNCH) --config-name=stage2 $(ARGS)
+	$(PY) -m qwen3train.cli.merge
 
 bench-train: $(STAMP) ## benchmark: training step vs sentence-transformers, GradCache memory sweep
 	$(PY) bench/bench_train.py
+
+bench-merge: $(STAMP) ## benchmark: streaming slerp of two Qwen3-0.6B-sized checkpoints vs pure I/O and mergekit
+	$(PY) bench/bench_merge.py
 
 clean: ## remove outputs/ (keeps .venv)
 	rm -rf outputs

@@ -38,6 +38,18 @@ def query_prompt(instruction: str, template: str = DEFAULT_QUERY_TEMPLATE) -> st
     return text[: -len(marker)]
 
 
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
+    """Pad id lists into ``input_ids``/``attention_mask`` tensors on the ``side`` given."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 @dataclass
 class EmbeddingTokenizer:
     """Turns texts into padded ``input_ids``/``attention_mask`` with exactly one trailing end token.
@@ -81,18 +93,7 @@ class EmbeddingTokenizer:
 
     def pad(self, seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """Pad id lists to a batch on the configured side."""
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            n = len(s)
-            if self.padding_side == "right":
-                ids[i, :n] = torch.tensor(s, dtype=torch.long)
-                mask[i, :n] = 1
-            else:
-                ids[i, width - n :] = torch.tensor(s, dtype=torch.long)
-                mask[i, width - n :] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return pad_batch(seqs, self.pad_id, self.padding_side)
 
     def __call__(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
         return self.pad(self.token_ids(texts, max_length))

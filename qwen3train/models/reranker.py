@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from qwen3train.models.pooling import last_token_pool
+from qwen3train.text import pad_batch
 
 RERANK_SYSTEM = (
     'Judge whether the Document meets the requirements based on the Query and the Instruct '
@@ -72,14 +73,7 @@ class Reranker(nn.Module):
         return [self.prefix_ids + list(ids) + self.suffix_ids for ids in enc["input_ids"]]
 
     def pad(self, seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            sl = slice(0, len(s)) if self.padding_side == "right" else slice(width - len(s), width)
-            ids[r, sl] = torch.tensor(s, dtype=torch.long)
-            mask[r, sl] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return pad_batch(seqs, self.pad_id, self.padding_side)
 
     def yes_no_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, 2]`` logits ``(z_no, z_yes)`` at the last valid position, from two LM-head rows."""
