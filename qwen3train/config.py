@@ -50,6 +50,12 @@ class TrainConfig:
 
 
 def register_configs() -> None:
+    """Register every primary schema (one per make target) and the per-option group schemas."""
+    from qwen3train.merge.apply import MergeConfig
+    from qwen3train.synth.pipeline import SynthConfig
+
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="merge_schema", node=MergeConfig)
+    cs.store(name="synth_schema", node=SynthConfig)
     cs.store(group="loss", name="infonce_schema", node=InfoNCEConfig)

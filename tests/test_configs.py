@@ -17,9 +17,24 @@ ENGINES = sorted(p.stem for p in (REPO / "configs" / "engine").glob("*.yaml"))
 
 @pytest.mark.parametrize("name", PRIMARY)
 def test_primary_composes(compose, name):
+    from qwen3train.merge.apply import MergeConfig
+    from qwen3train.synth.pipeline import SynthConfig
+
     cfg = compose(name)
-    assert isinstance(cfg, TrainConfig)
-    assert isinstance(cfg.loss, InfoNCEConfig)
+    expected = {"merge": MergeConfig, "synth": SynthConfig}.get(name, TrainConfig)
+    assert type(cfg) is expected
+    if expected is TrainConfig:
+        assert isinstance(cfg.loss, InfoNCEConfig)
+
+
+@pytest.mark.parametrize("name,override,needle", [
+    ("merge", "methd=slerp", "methd"), ("merge", "method=bogus", "bogus"),
+    ("synth", "task_mix.retreival=1.0", "retreival"), ("synth", "shard_size=abc", "shard_size"),
+])
+def test_other_primaries_reject_mistakes(compose, name, override, needle):
+    with pytest.raises(Exception) as err:
+        compose(name, [override])
+    assert needle in str(err.value) or needle in str(err.value.__cause__)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from qwen3train.merge.apply import MergeConfig
+from qwen3train.config import register_configs
 
-ConfigStore.instance().store(name="merge_schema", node=MergeConfig)
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="merge")

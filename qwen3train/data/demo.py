@@ -90,6 +90,9 @@ def build(out_dir: str | Path, seed: int = 0, holdout: float = 0.1, num_neg: int
         hn.append(dict(base(p), neg=rng.sample(pool, num_neg)))
     write("train_hn.jsonl", hn)
     write("heldout.jsonl", [base(p) for p in test])
+    # documents for stage-0 generation: the training docstrings as a corpus (held-out ones excluded)
+    write("corpus.jsonl", [{"_id": f"{p['module']}#{i}", "text": f"{p['query']} {p['pos'][0]}", "language": "English"}
+                           for i, p in enumerate(train)])
     stats = {"train_pairs": len(train), "train_hn": len(hn), "heldout": len(test),
              "python": sys.version.split()[0]}
     (out / "stats.json").write_text(json.dumps(stats, indent=2))

@@ -1,0 +1,154 @@
+"""Merge benchmark: slerp of two Qwen3-0.6B-sized checkpoints (random weights, bf16 safetensors).
+
+    .venv/bin/python bench/bench_merge.py
+
+Side by side, each in its own subprocess (peak RSS is per process), alternating, 2 rounds, medians:
+  io        pure I/O: read every tensor of both inputs and write an output of the same size
+  ours      qwen3train streaming slerp (t=0.5)
+  mergekit  mergekit's slerp (t=0.5, --lazy-unpickle), in its own venv (outputs/bench/mergekit-venv)
+Targets (PERF.md 14): peak RSS <= 4x the largest tensor in fp32 plus the interpreter; wall <= 2x I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "outputs" / "bench" / "merge"
+MK_VENV = REPO / "outputs" / "bench" / "mergekit-venv"
+
+
+def make_inputs() -> list[Path]:
+    """Two checkpoints with Qwen3-0.6B's shapes (28 layers, hidden 1024, vocab 151,936), written
+    tensor by tensor with a config.json so transformers and mergekit recognise the architecture."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen3Config
+
+    cfg = Qwen3Config(vocab_size=151936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                      num_key_value_heads=8, head_dim=128, intermediate_size=3072, tie_word_embeddings=True,
+                      torch_dtype="bfloat16", architectures=["Qwen3ForCausalLM"])
+    shapes = {"model.embed_tokens.weight": (151936, 1024), "model.norm.weight": (1024,)}
+    for i in range(28):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (2048, 1024), p + "self_attn.k_proj.weight": (1024, 1024),
+                       p + "self_attn.v_proj.weight": (1024, 1024), p + "self_attn.o_proj.weight": (1024, 2048),
+                       p + "self_attn.q_norm.weight": (128,), p + "self_attn.k_norm.weight": (128,),
+                       p + "mlp.gate_proj.weight": (3072, 1024), p + "mlp.up_proj.weight": (3072, 1024),
+                       p + "mlp.down_proj.weight": (1024, 3072), p + "input_layernorm.weight": (1024,),
+                       p + "post_attention_layernorm.weight": (1024,)})
+    paths = []
+    for seed in (1, 2):
+        d = OUT / f"ckpt{seed}"
+        paths.append(d)
+        if (d / "model.safetensors").exists():
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(seed)
+        sd = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+        cfg.save_pretrained(d)
+    return paths
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(kind: str, a: str, b: str, out: str) -> dict:
+    base = rss_mb()
+    t = time.perf_counter()
+    if kind == "io":
+        from qwen3train.merge.io import FolderReader, StreamingSafetensorsWriter
+
+        ra, rb = FolderReader(a), FolderReader(b)
+        keys = ra.keys()
+        Path(out).mkdir(parents=True, exist_ok=True)
+        w = StreamingSafetensorsWriter(Path(out) / "model.safetensors", [(ra.names[k], *ra.meta(k)) for k in keys])
+        for k in keys:
+            x, y = ra.get(k), rb.get(k)
+            w.write_chunk(x)
+            del x, y
+        w.close()
+    else:
+        from qwen3train.merge.apply import merge_folders
+
+        merge_folders([a, b], out, method="slerp", t=0.5, max_shard_size_mb=100_000)
+    return {"kind": kind, "wall_s": time.perf_counter() - t, "peak_rss_mb": rss_mb(), "start_rss_mb": base}
+
+
+def mergekit(a: Path, b: Path, out: Path) -> dict:
+    cfg = OUT / "mergekit.yml"
+    cfg.write_text(f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+                   f"parameters:\n  t: 0.5\ndtype: bfloat16\n")
+    py = MK_VENV / "bin" / "python"
+    code = ("import resource,subprocess,sys,time;t=time.perf_counter();"
+            f"r=subprocess.run([{str(MK_VENV / 'bin' / 'mergekit-yaml')!r},{str(cfg)!r},{str(out)!r},'--lazy-unpickle',"
+            "'--out-shard-size','100B','--copy-tokenizer'],capture_output=True,text=True);"
+            "print(r.stderr[-2000:],file=sys.stderr);"
+            "import json;print(json.dumps({'kind':'mergekit','rc':r.returncode,'wall_s':time.perf_counter()-t,"
+            "'peak_rss_mb':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024}))")
+    p = subprocess.run([str(py), "-c", code], capture_output=True, text=True)
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    if res["rc"] != 0:
+        res["error"] = p.stderr[-1500:]
+    return res
+
+
+def ensure_mergekit() -> bool:
+    if (MK_VENV / "bin" / "mergekit-yaml").exists():
+        return True
+    subprocess.run([sys.executable, "-m", "venv", str(MK_VENV)], check=True)
+    pip = [str(MK_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
+    ok = subprocess.run(pip + ["torch==2.13.0"]).returncode == 0 and subprocess.run(pip + ["mergekit"]).returncode == 0
+    return ok
+
+
+def main() -> None:
+    a, b = make_inputs()
+    size = sum((p / "model.safetensors").stat().st_size for p in (a, b)) / 2**20
+    have_mk = ensure_mergekit()
+    runs: dict[str, list[dict]] = {}
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    for _ in range(2):
+        for kind in ("io", "ours") + (("mergekit",) if have_mk else ()):
+            out = OUT / f"out_{kind}"
+            shutil.rmtree(out, ignore_errors=True)
+            if kind == "mergekit":
+                res = mergekit(a, b, out)
+            else:
+                p = subprocess.run([sys.executable, __file__, "--worker", kind, str(a), str(b), str(out)],
+                                   capture_output=True, text=True, env=env, check=True)
+                res = json.loads(p.stdout.strip().splitlines()[-1])
+            runs.setdefault(kind, []).append(res)
+            shutil.rmtree(out, ignore_errors=True)
+    largest_fp32_mb = 151936 * 1024 * 4 / 2**20
+    summary = {k: {"wall_s": statistics.median(r["wall_s"] for r in v),
+                   "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in v),
+                   "errors": [r["error"] for r in v if "error" in r]} for k, v in runs.items()}
+    summary["inputs_mb"] = size
+    summary["largest_tensor_fp32_mb"] = largest_fp32_mb
+    (OUT / "bench_merge.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    io, ours = summary["io"], summary["ours"]
+    print(f"ours / pure I/O wall = {ours['wall_s'] / io['wall_s']:.2f}; ours peak RSS = {ours['peak_rss_mb']:.0f} MB "
+          f"= {ours['peak_rss_mb'] / largest_fp32_mb:.2f}x the largest tensor in fp32 ({largest_fp32_mb:.0f} MB)")
+    if "mergekit" in summary:
+        mk = summary["mergekit"]
+        print(f"mergekit / ours wall = {mk['wall_s'] / ours['wall_s']:.2f}; peak RSS mergekit / ours = "
+              f"{mk['peak_rss_mb'] / ours['peak_rss_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(*sys.argv[2:6])))
+    else:
+        main()

