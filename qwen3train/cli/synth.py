@@ -1,6 +1,6 @@
 """Stage 0 entry point: synthetic pairs.
 
-    python -m qwen3train.cli.synth corpus=[docs.jsonl] backend=vllm model=Qwen/Qwen3-32B
+    python -m qwen3train.cli.synth corpus=[docs.jsonl] backend=vllm generator=Qwen/Qwen3-32B
     python -m qwen3train.cli.synth ... shard_index=$SLURM_ARRAY_TASK_ID num_shards=64
 """
 

@@ -6,7 +6,7 @@ Qwen3's thinking switched off), so the two backends see identical inputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -24,11 +24,13 @@ class SamplingConfig:
     max_new_tokens: int = 128
     temperature: float = 0.7
     top_p: float = 0.9
+    stop: list[str] = field(default_factory=list)
 
 
 class Backend(Protocol):
     name: str
     tokenizer: object
+    constrained: bool  # whether outputs are forced to match the JSON schema
 
     def generate(self, prompts: list[str], sampling: SamplingConfig, seed: int,
                  json_schemas: list[dict] | None = None) -> list[Generation]: ...
@@ -36,17 +38,26 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def chat_prompts(tokenizer, user_messages: list[str]) -> list[str]:
-    """Apply the model's chat template (Qwen3: ``enable_thinking=False``; others ignore the flag)."""
+def chat_prompts(tokenizer, user_messages: list[str], prefill: str = "") -> list[str]:
+    """Apply the model's chat template (Qwen3: ``enable_thinking=False``; others ignore the flag),
+    then ``prefill``: the start of the assistant's answer (e.g. ``{"Query": "``)."""
     return [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False,
-                                          add_generation_prompt=True, enable_thinking=False)
+                                          add_generation_prompt=True, enable_thinking=False) + prefill
             for m in user_messages]
+
+
+def json_prefill(schema: dict) -> str:
+    """The opening of a JSON answer up to its first value, for backends that cannot constrain decoding."""
+    first = schema["required"][0]
+    return '{"' + first + '": "'
+
 
 
 class TransformersBackend:
     """Batched ``generate`` with left padding: the fallback where vLLM is not installed."""
 
     name = "transformers"
+    constrained = False
 
     def __init__(self, model: str, dtype: str = "auto", batch_size: int = 16) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,7 +81,8 @@ class TransformersBackend:
             torch.manual_seed(seed + b)
             gen = self.model.generate(**enc, max_new_tokens=sampling.max_new_tokens, do_sample=sampling.temperature > 0,
                                       temperature=sampling.temperature or None, top_p=sampling.top_p,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+                                      pad_token_id=self.tokenizer.pad_token_id, stop_strings=list(sampling.stop),
+                                      tokenizer=self.tokenizer)
             new = gen[:, enc["input_ids"].shape[1]:]
             for row, i in enumerate(idx):
                 toks = new[row]

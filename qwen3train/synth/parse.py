@@ -4,7 +4,7 @@ Tolerated: a JSON object wrapped in prose or a code fence, keys differing in cas
 Rejected: no JSON object (``no_json``), broken JSON (``bad_json``), a missing key
 (``missing_key:<name>``), a value outside its enum (``bad_value:<name>``), an empty value
 (``empty``), too few or too many words (``too_short`` / ``too_long``), a value that copies the
-passage (``copies_passage``).
+passage (``copies_passage``) or a worked example of the prompt (``copies_example``).
 """
 
 from __future__ import annotations

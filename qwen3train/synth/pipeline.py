@@ -16,15 +16,15 @@ import math
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from qwen3train.data.records import text_hash
-from qwen3train.synth.backend import SamplingConfig, build_backend, chat_prompts
+from qwen3train.synth.backend import SamplingConfig, build_backend, chat_prompts, json_prefill
 from qwen3train.synth.corpus import Passage, passages
 from qwen3train.synth.parse import ParseError, check_text, normalize, parse_output
 from qwen3train.synth.personas import load_personas, top_personas
-from qwen3train.synth.prompts import SCHEMAS, PromptSet
+from qwen3train.synth.prompts import SCHEMAS, PromptSet, copies_example
 
 TASK_INSTRUCTIONS = {
     "retrieval": "Given a web search query, retrieve relevant passages that answer the query",
@@ -61,7 +61,7 @@ class SynthConfig:
     query_lengths: list[int] = field(default_factory=lambda: [5, 10, 15, 25])
     max_query_words: int = 64
     backend: str = "transformers"
-    model: str = "outputs/models/smollm2-135m-instruct"
+    generator: str = "outputs/models/smollm2-135m-instruct"
     dtype: str = "auto"
     batch_size: int = 16
     tensor_parallel_size: int = 1
@@ -111,8 +111,13 @@ class ShardRunner:
         for attempt in range(self.cfg.max_retries + 1):
             if not pending:
                 break
-            texts = chat_prompts(self.backend.tokenizer, [self.prompts.render(template, **render(it)) for it in pending])
-            gens = self.backend.generate(texts, self.cfg.sampling, seed=seed * 1000 + attempt * 100_003,
+            # unconstrained backends: start the answer with the JSON opening and stop at its end
+            prefill = "" if self.backend.constrained else json_prefill(SCHEMAS[template])
+            sampling = self.cfg.sampling if self.backend.constrained else \
+                replace(self.cfg.sampling, stop=list(self.cfg.sampling.stop) or ["}"])
+            texts = chat_prompts(self.backend.tokenizer, [self.prompts.render(template, **render(it)) for it in pending],
+                                 prefill)
+            gens = self.backend.generate(texts, sampling, seed=seed * 1000 + attempt * 100_003,
                                          json_schemas=[SCHEMAS[template]] * len(texts))
             self.calls += len(texts)
             failed = []
@@ -120,12 +125,15 @@ class ShardRunner:
                 self.tokens["prompt"] += gen.prompt_tokens
                 self.tokens["output"] += gen.output_tokens
                 try:
-                    done.append((it, accept(it, parse_output(gen.text, SCHEMAS[template]))))
+                    parsed = parse_output(prefill + gen.text, SCHEMAS[template])
+                    if any(copies_example(self.prompts, template, v) for v in parsed.values()):
+                        raise ParseError("copies_example")
+                    done.append((it, accept(it, parsed)))
                 except ParseError as e:
                     failed.append(it)
                     self.reasons[f"{template}:{e.reason}"] += 1
                     self.rejects.append({"passage_id": it.passage.pid, "template": template, "attempt": attempt,
-                                         "reason": e.reason, "output": gen.text})
+                                         "reason": e.reason, "output": prefill + gen.text})
             pending = failed
         return done
 
@@ -196,7 +204,7 @@ class ShardRunner:
     def pair(self, it: Item, query: str, pos: str, k: int) -> dict:
         prov = {"passage_id": it.passage.pid, "doc_id": it.passage.doc_id, "shard": k, "task": it.task,
                 "language": it.fields.get("language", it.passage.language), "corpus_language": it.passage.language,
-                "generator": self.cfg.model, "backend": self.backend.name, "prompt_version": self.prompts.version}
+                "generator": self.cfg.generator, "backend": self.backend.name, "prompt_version": self.prompts.version}
         for f in ("persona", "question_type", "difficulty", "length"):
             if f in it.fields:
                 prov[f] = it.fields[f]
@@ -257,7 +265,7 @@ def run(cfg: SynthConfig, backend=None) -> Path:
         personas = load_personas(cfg.personas)
         own = backend is None
         if own:
-            backend = build_backend(cfg.backend, cfg.model, dtype=cfg.dtype, batch_size=cfg.batch_size,
+            backend = build_backend(cfg.backend, cfg.generator, dtype=cfg.dtype, batch_size=cfg.batch_size,
                                     tensor_parallel_size=cfg.tensor_parallel_size, max_model_len=cfg.max_model_len,
                                     structured_output=cfg.structured_output,
                                     gpu_memory_utilization=cfg.gpu_memory_utilization)
@@ -318,7 +326,7 @@ def finalize(cfg: SynthConfig, out: Path, n_shards: int, corpus_stats: dict, n_p
         "prompt_tokens": sum(s["prompt_tokens"] for s in shard_stats),
         "output_tokens": sum(s["output_tokens"] for s in shard_stats), "generation_seconds": secs,
         "output_tokens_per_s": sum(s["output_tokens"] for s in shard_stats) / max(secs, 1e-9),
-        "generator": cfg.model, "backend": cfg.backend, "prompt_version": cfg.prompt_version,
+        "generator": cfg.generator, "backend": cfg.backend, "prompt_version": cfg.prompt_version,
         "config": asdict(cfg),
     }
     write_atomic(out / "stats.json", json.dumps(stats, indent=2))

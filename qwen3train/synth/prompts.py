@@ -29,9 +29,24 @@ class PromptSet:
         folder = Path(root or PROMPT_ROOT) / version
         if not folder.is_dir():
             raise FileNotFoundError(f"prompt version {version!r} not found under {folder.parent}")
-        self.templates = {name: string.Template(((folder / f"{name}.txt").read_text(encoding="utf-8")))
-                          for name in SCHEMAS}
+        texts = {name: (folder / f"{name}.txt").read_text(encoding="utf-8") for name in SCHEMAS}
+        self.templates = {name: string.Template(t) for name, t in texts.items()}
+        # word 5-grams of the worked examples: small models copy them instead of answering
+        self.example_ngrams = {name: ngrams(" ".join(ln for ln in t.splitlines() if "**output**" in ln), 5)
+                               for name, t in texts.items()}
 
     def render(self, name: str, **fields) -> str:
         """Fill a template; a missing field raises KeyError naming it."""
         return self.templates[name].substitute(**fields)
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    from qwen3train.synth.parse import normalize
+
+    words = normalize(text).split()
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def copies_example(prompts: "PromptSet", template: str, value: str, n: int = 5) -> bool:
+    """Whether ``value`` repeats a run of ``n`` words from the template's worked examples."""
+    return bool(ngrams(value, n) & prompts.example_ngrams[template])

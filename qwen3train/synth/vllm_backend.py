@@ -34,6 +34,7 @@ class VLLMBackend:
         self.llm = LLM(**kw)
         self.tokenizer = self.llm.get_tokenizer()
         self.structured = structured_output and self._structured_supported()
+        self.constrained = self.structured
 
     @staticmethod
     def _structured_supported() -> bool:
@@ -48,6 +49,8 @@ class VLLMBackend:
 
         kw = dict(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                   seed=seed)
+        if sampling.stop and not (schema is not None and self.structured):
+            kw.update(stop=list(sampling.stop), include_stop_str_in_output=True)
         if schema is not None and self.structured:
             from vllm.sampling_params import StructuredOutputsParams
 

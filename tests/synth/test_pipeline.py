@@ -32,6 +32,7 @@ class ScriptedBackend:
     """Test double isolating the pipeline's bookkeeping: valid JSON mostly, garbage every 4th output."""
 
     name = "scripted"
+    constrained = True  # returns whole JSON objects, as a schema-constrained engine would
 
     def __init__(self, tokenizer, die_after_calls: int | None = None) -> None:
         self.tokenizer = tokenizer

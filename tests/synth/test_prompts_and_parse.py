@@ -96,3 +96,12 @@ def test_exact_and_normalised_dedupe():
     kept, dropped = dedupe(rows, set(), set())
     assert [r["query"] for r in kept] == ["What is RoPE?", "What is RoPE?"] and dropped == 2
     assert normalize("  What's   RoPE?! ") == "what s rope"
+
+
+def test_copied_worked_examples_are_detected():
+    from qwen3train.synth.prompts import copies_example
+
+    p = PromptSet("v1")
+    assert copies_example(p, "retrieval_query", "Which part of the cell makes most of its energy?")
+    assert copies_example(p, "sts", "The panel put off deciding until the following month.")
+    assert not copies_example(p, "retrieval_query", "How do rotary embeddings encode positions?")

@@ -40,7 +40,7 @@ def test_vllm_generation_end_to_end_on_tiny_model(vllm_backend, tmp_path):
         for i in range(6):
             f.write(json.dumps({"text": f"Passage {i} about rotary embeddings and attention in transformers, "
                                         f"with enough words to pass the minimum length filter number {i}."}) + "\n")
-    cfg = SynthConfig(corpus=[str(docs)], output_dir=str(tmp_path / "out"), backend="vllm", model="tiny",
+    cfg = SynthConfig(corpus=[str(docs)], output_dir=str(tmp_path / "out"), backend="vllm", generator="tiny",
                       min_passage_words=5, shard_size=3, max_retries=1, heldout_fraction=0.0,
                       task_mix={"retrieval": 0.5, "sts": 0.5}, sampling=SamplingConfig(max_new_tokens=24))
     out = run(cfg, backend=vllm_backend)
