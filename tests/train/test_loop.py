@@ -89,9 +89,9 @@ def test_make_stage1_then_stage2_loss_falls(tiny_model_dir, tmp_path):
     build(tmp_path / "data")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     common = [f"model.name_or_path={tiny_model_dir}"]
-    s1 = [sys.executable, "-m", "qwen3train.cli.train", "--config-name=stage1", *common,
+    s1 = [sys.executable, "-m", "qwen3train.cli.main", "--config-name=stage1", *common,
           f"run.output_dir={tmp_path}/s1", f"data.train_files=[{tmp_path}/data/train_pairs.jsonl]", "run.max_steps=30"]
-    s2 = [sys.executable, "-m", "qwen3train.cli.train", "--config-name=stage2", *common,
+    s2 = [sys.executable, "-m", "qwen3train.cli.main", "--config-name=stage2", *common,
           f"run.output_dir={tmp_path}/s2", f"model.init_from={tmp_path}/s1/final",
           f"data.train_files=[{tmp_path}/data/train_hn.jsonl]", "run.max_steps=20"]
     for cmd in (s1, s2):

@@ -1,0 +1,93 @@
+"""Any embedder behind one small interface: qwen3train / Qwen3-Embedding exports (last-token,
+instruction-aware) or any sentence-transformers folder (e.g. all-MiniLM-L6-v2, mean pooling).
+
+``encode_queries(texts, instruction)`` / ``encode_docs(texts)`` return L2-normalised float32
+tensors in input order. ``cached_docs`` stores document embeddings on disk keyed by the model's
+weights, the texts and the settings, so a corpus is encoded once and reused (mining, filtering,
+evaluation of the same model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def is_decoder_export(path: Path) -> bool:
+    if (path / "qwen3train.json").exists():
+        return True
+    cfg = path / "config.json"
+    if not cfg.exists():
+        return False
+    arch = json.loads(cfg.read_text()).get("model_type", "")
+    return arch.startswith("qwen")
+
+
+class Encoder:
+    def __init__(self, path: str | os.PathLike, *, max_length: int = 512, batch_size: int = 64,
+                 dim: int | None = None) -> None:
+        self.path = Path(path)
+        self.batch_size = batch_size
+        self.dim = dim
+        self.max_length = max_length
+        self.kind = "qwen3train" if is_decoder_export(self.path) else "sentence-transformers"
+        if self.kind == "qwen3train":
+            from qwen3train.models.build import ModelConfig, build_embedder
+
+            self.model = build_embedder(ModelConfig(name_or_path=str(self.path), max_query_length=max_length,
+                                                    max_doc_length=max_length))
+            if torch.cuda.is_available():
+                self.model.cuda()
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            self.model = SentenceTransformer(str(self.path), device="cuda" if torch.cuda.is_available() else "cpu")
+            self.model.max_seq_length = min(max_length, self.model.max_seq_length or max_length)
+
+    def _st(self, texts: list[str]) -> torch.Tensor:
+        v = torch.as_tensor(self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                              normalize_embeddings=False, show_progress_bar=False))
+        v = v[:, : self.dim] if self.dim else v
+        return torch.nn.functional.normalize(v.float(), dim=-1)
+
+    def encode_queries(self, texts: list[str], instruction: str | None) -> torch.Tensor:
+        if self.kind == "qwen3train":
+            return self.model.encode(texts, instruction=instruction, dim=self.dim, batch_size=self.batch_size)
+        return self._st(list(texts))  # instruction-unaware models get the raw query
+
+    def encode_docs(self, texts: list[str], instruction: str | None = None) -> torch.Tensor:
+        if self.kind == "qwen3train":
+            return self.model.encode(texts, instruction=instruction, dim=self.dim, batch_size=self.batch_size)
+        return self._st(list(texts))
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for f in sorted(self.path.rglob("*.safetensors")) + sorted(self.path.rglob("*.bin")):
+            st = f.stat()
+            h.update(f"{f.relative_to(self.path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{self.kind}:{self.max_length}:{self.dim}".encode())
+        return h.hexdigest()[:16]
+
+    def cached_docs(self, texts: list[str], cache_dir: str | os.PathLike | None,
+                    instruction: str | None = None) -> torch.Tensor:
+        """``encode_docs`` with an on-disk cache (``<cache_dir>/<key>.npy``, written atomically)."""
+        if not cache_dir:
+            return self.encode_docs(texts, instruction)
+        h = hashlib.sha256(self.fingerprint().encode())
+        h.update((instruction or "").encode())
+        for t in texts:
+            h.update(hashlib.blake2b(t.encode(), digest_size=8).digest())
+        path = Path(cache_dir) / f"{h.hexdigest()[:24]}.npy"
+        if path.exists():
+            return torch.from_numpy(np.load(path))
+        vec = self.encode_docs(texts, instruction)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, vec.numpy())
+        tmp.replace(path)
+        return vec

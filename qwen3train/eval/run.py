@@ -1,0 +1,89 @@
+"""EvalConfig and ``run``: every model on every dataset (and Matryoshka dim), one table.
+
+Datasets: BEIR/TREC folders (``collections``), held-out pair files (``pairs``: each query against
+the pool of the file's positives), STS files (``sts``: JSONL ``{"text1", "text2", "score"}``, Spearman
+of cosine against gold). Models: any qwen3train export or sentence-transformers folder, labelled.
+Outputs: ``results.jsonl`` (one row per model x dataset x dim) and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qwen3train.eval.encoder import Encoder
+
+
+@dataclass
+class EvalConfig:
+    models: dict[str, str] = field(default_factory=dict)
+    collections: list[str] = field(default_factory=list)
+    pairs: list[str] = field(default_factory=list)
+    sts: list[str] = field(default_factory=list)
+    dims: list[int] = field(default_factory=list)  # Matryoshka sweep; empty: full dim only
+    output_dir: str = "outputs/eval"
+    cache_dir: str | None = "outputs/cache/embeddings"
+    max_length: int = 512
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho with average ranks for ties."""
+    def ranks(x):
+        order = np.argsort(x, kind="mergesort")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x), dtype=float)
+        for v in np.unique(x):
+            m = x == v
+            r[m] = r[m].mean()
+        return r
+    ra, rb = ranks(np.asarray(a, float)), ranks(np.asarray(b, float))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / np.sqrt((ra ** 2).sum() * (rb ** 2).sum()))
+
+
+def evaluate_sts(encoder: Encoder, path: str | Path, instruction: str = "Retrieve semantically similar text") -> dict:
+    rows = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").split("\n") if x.strip()]
+    a = encoder.encode_queries([r["text1"] for r in rows], instruction)
+    b = encoder.encode_queries([r["text2"] for r in rows], instruction)
+    cos = (a * b).sum(1).numpy()
+    return {"spearman": spearman(cos, np.array([float(r["score"]) for r in rows])), "pairs": len(rows)}
+
+
+def run(cfg: EvalConfig) -> list[dict]:
+    from qwen3train.eval.pairs import evaluate_pairs
+    from qwen3train.eval.retrieval import evaluate_collection
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, path in cfg.models.items():
+        for dim in [None] + list(cfg.dims):
+            enc = Encoder(path, max_length=cfg.max_length, dim=dim)
+            for col in cfg.collections:
+                r = evaluate_collection(path, col, encoder=enc, cache_dir=cfg.cache_dir, dim=dim)
+                rows.append({"model": label, "dataset": r["dataset"], "dim": dim, **{k: r[k] for k in
+                             ("ndcg@10", "recall@100", "mrr@10", "queries")}})
+            for pf in cfg.pairs:
+                r = evaluate_pairs(path, pf, encoder=enc)
+                rows.append({"model": label, "dataset": Path(pf).stem, "dim": dim, **r})
+            for sf in cfg.sts:
+                rows.append({"model": label, "dataset": Path(sf).stem, "dim": dim, **evaluate_sts(enc, sf)})
+            del enc
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "results.md").write_text(table(rows))
+    print(table(rows))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    metrics = [m for m in ("ndcg@10", "recall@100", "mrr@10", "spearman") if any(m in r for r in rows)]
+    head = "| model | dataset | dim | " + " | ".join(metrics) + " |\n|---|---|---|" + "---|" * len(metrics) + "\n"
+    body = "".join(f"| {r['model']} | {r['dataset']} | {r['dim'] or 'full'} | " +
+                   " | ".join(f"{r[m]:.4f}" if m in r else "" for m in metrics) + " |\n" for r in rows)
+    return head + body

