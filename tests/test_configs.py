@@ -25,7 +25,9 @@ def test_primary_composes(compose, name):
     assert type(cfg) is _primaries()[schema][0]
     assert callable(runner_for(cfg))
     if isinstance(cfg, TrainConfig):
-        assert isinstance(cfg.loss, InfoNCEConfig)
+        from qwen3train.losses.rerank import RerankLossConfig
+
+        assert isinstance(cfg.loss, RerankLossConfig if name == "rerank" else InfoNCEConfig)
 
 
 @pytest.mark.parametrize("name,override,needle", [

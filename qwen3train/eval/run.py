@@ -25,6 +25,9 @@ class EvalConfig:
     pairs: list[str] = field(default_factory=list)
     sts: list[str] = field(default_factory=list)
     dims: list[int] = field(default_factory=list)  # Matryoshka sweep; empty: full dim only
+    rerankers: dict[str, str] = field(default_factory=dict)  # label -> reranker folder
+    rerank_retriever: str | None = None  # first stage for reranking (an embedder folder)
+    rerank_top_k: int = 100
     output_dir: str = "outputs/eval"
     cache_dir: str | None = "outputs/cache/embeddings"
     max_length: int = 512
@@ -55,6 +58,7 @@ def evaluate_sts(encoder: Encoder, path: str | Path, instruction: str = "Retriev
 
 def run(cfg: EvalConfig) -> list[dict]:
     from qwen3train.eval.pairs import evaluate_pairs
+    from qwen3train.eval.rerank import evaluate_rerank
     from qwen3train.eval.retrieval import evaluate_collection
 
     out = Path(cfg.output_dir)
@@ -75,6 +79,15 @@ def run(cfg: EvalConfig) -> list[dict]:
             del enc
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+    for label, path in cfg.rerankers.items():
+        if not cfg.rerank_retriever:
+            raise ValueError("eval.rerankers needs eval.rerank_retriever (the first-stage embedder)")
+        for col in cfg.collections:
+            r = evaluate_rerank(cfg.rerank_retriever, path, col, top_k=cfg.rerank_top_k, cache_dir=cfg.cache_dir,
+                                max_length=cfg.max_length)
+            rows.append({"model": f"{label} (rerank top-{cfg.rerank_top_k})", "dataset": r["dataset"], "dim": None,
+                         **{k: r["after"][k] for k in ("ndcg@10", "recall@100", "mrr@10")},
+                         "ndcg@10_before": r["before"]["ndcg@10"]})
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "results.md").write_text(table(rows))
     print(table(rows))

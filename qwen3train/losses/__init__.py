@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from qwen3train.losses.infonce import InfoNCEConfig, build_infonce
+from qwen3train.losses.rerank import RerankLossConfig, build_rerank_loss
 
-LOSSES = {"infonce": build_infonce}
+LOSSES = {"infonce": build_infonce, "rerank": build_rerank_loss}
 
 
 def build_loss(cfg):
@@ -14,4 +15,4 @@ def build_loss(cfg):
     return LOSSES[cfg.name](cfg)
 
 
-__all__ = ["LOSSES", "InfoNCEConfig", "build_loss"]
+__all__ = ["LOSSES", "InfoNCEConfig", "RerankLossConfig", "build_loss"]

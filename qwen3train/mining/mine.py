@@ -108,7 +108,12 @@ def run_mine(cfg: MineConfig) -> dict:
         qvec[ids] = enc.encode_queries([records[i].query for i in ids], instr)
     search = topk_faiss if cfg.use_faiss else topk
     scores, idx = search(qvec, dvec, cfg.range_max)
-    pvec = enc.encode_docs([r.pos[0] for r in records])
+    # positives already in the corpus reuse its embeddings; only the others are encoded
+    where = {t: j for j, t in enumerate(docs)}
+    missing = sorted({r.pos[0] for r in records if r.pos[0] not in where})
+    extra = enc.encode_docs(missing) if missing else dvec[:0]
+    where.update({t: len(docs) + j for j, t in enumerate(missing)})
+    pvec = torch.cat([dvec, extra])[[where[r.pos[0]] for r in records]]
     pos_scores = (qvec * pvec).sum(1)
     reranker = None
     if cfg.reranker:

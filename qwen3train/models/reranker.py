@@ -75,8 +75,14 @@ class Reranker(nn.Module):
     def pad(self, seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         return pad_batch(seqs, self.pad_id, self.padding_side)
 
-    def yes_no_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``[B, 2]`` logits ``(z_no, z_yes)`` at the last valid position, from two LM-head rows."""
+    def yes_no_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      with_logsumexp: bool = False) -> torch.Tensor:
+        """``[B, 2]`` logits ``(z_no, z_yes)`` at the last valid position, from two LM-head rows.
+
+        ``with_logsumexp`` appends a third column, ``log sum_v exp(z_v)`` over the whole vocabulary at
+        that position only (what the paper's SFT cross-entropy needs): one ``[B, V]`` product for the
+        batch, never the ``[B, L, V]`` projection of every position.
+        """
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                        use_cache=False).last_hidden_state
         h = last_token_pool(hidden, attention_mask)  # [B, D]
@@ -85,12 +91,14 @@ class Reranker(nn.Module):
         logits = h @ head.weight[rows].T  # [B, 2]
         if head.bias is not None:
             logits = logits + head.bias[rows]
-        return logits.float()
+        if not with_logsumexp:
+            return logits.float()
+        full = head(h).float()  # [B, V] at the last position only
+        return torch.cat([logits.float(), torch.logsumexp(full, dim=-1, keepdim=True)], dim=1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Relevance logit ``z_yes - z_no`` per row: ``[B]``."""
-        z = self.yes_no_logits(input_ids, attention_mask)
-        return z[:, 1] - z[:, 0]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_logsumexp: bool = False):
+        """``[B, 2]`` (or ``[B, 3]``) as ``yes_no_logits``; the relevance logit is ``z_yes - z_no``."""
+        return self.yes_no_logits(input_ids, attention_mask, with_logsumexp)
 
     @torch.inference_mode()
     def score(self, query: str, docs: Sequence[str], instruction: str | None = None,
@@ -102,6 +110,7 @@ class Reranker(nn.Module):
         out = []
         for b in range(0, len(ids), batch_size):
             batch = {k: v.to(self.device) for k, v in self.pad(ids[b : b + batch_size]).items()}
-            out.append(torch.sigmoid(self(**batch)).cpu())
+            z = self(**batch)
+            out.append(torch.sigmoid(z[:, 1] - z[:, 0]).cpu())
         self.train(was_training)
         return torch.cat(out) if out else torch.empty(0)

@@ -6,7 +6,10 @@ from pathlib import Path
 
 from qwen3train.data.sources import IndexedSource, expand_files
 from qwen3train.losses import build_loss
-from qwen3train.models.build import build_embedder
+from qwen3train.losses.rerank import RerankLossConfig
+from qwen3train.models.build import build_embedder, build_reranker
+from qwen3train.models.reranker import DEFAULT_RERANK_INSTRUCTION
+from qwen3train.train.rerank_task import RerankTask
 from qwen3train.train.task import EmbeddingTask
 
 
@@ -16,6 +19,9 @@ def build_task(cfg, run_dir):
     rejects = data.rejects_file or str(run_dir / "rejects.jsonl")
     source = IndexedSource(expand_files(data.train_files), num_hard_negatives=data.num_hard_negatives,
                            on_error=data.on_error, rejects_path=rejects)
+    if isinstance(cfg.loss, RerankLossConfig):  # the reranker track: same loop, another task
+        reranker = build_reranker(cfg.model, max_length=cfg.model.max_doc_length)
+        return RerankTask(reranker, build_loss(cfg.loss), source, data, DEFAULT_RERANK_INSTRUCTION, cfg.run.seed)
     embedder = build_embedder(cfg.model)
     return EmbeddingTask(embedder, build_loss(cfg.loss), source, data, cfg.model.default_instruction,
                          cfg.run.seed)

@@ -12,7 +12,7 @@ from qwen3train.train.engine import TorchEngine
 from qwen3train.train.gradcache import grad_cache_step
 
 sys.path.insert(0, sys.argv[1])
-from helpers import train_cfg  # noqa: E402
+from helpers import rerank_cfg, train_cfg  # noqa: E402
 
 
 def main(tests_dir, model_dir, data_file, out_file):
@@ -37,6 +37,17 @@ def main(tests_dir, model_dir, data_file, out_file):
     loss, _ = grad_cache_step(engine, task, batch, n_chunks=2)
     result["gradcache"] = (dist.all_reduce_mean(loss).item(),
                            {n: p.grad.clone() for n, p in engine.module.named_parameters()})
+    # reranker (sft loss, groups of 4): 2 queries per rank
+    rcfg = rerank_cfg(model_dir, data_file, out_file + ".rr", global_batch=4, micro=2)
+    rtask = build_task(rcfg, rcfg.run.output_dir)
+    rengine = TorchEngine(rtask.module, rcfg.engine, rcfg.optim, 10)
+    rbatch = rtask.prepare([(i, 0) for i in range(4)][r * 2:(r + 1) * 2], epoch=0)
+    rengine.optimizer.zero_grad()
+    with rengine.micro(last=True):
+        loss, _ = rtask.loss(rtask.forward(rengine, rbatch), rbatch)
+        rengine.backward(loss)
+    result["rerank"] = (dist.all_reduce_mean(loss).item(),
+                        {n: p.grad.clone() for n, p in rengine.module.named_parameters() if p.grad is not None})
     if dist.is_main():
         torch.save(result, out_file)
     dist.cleanup()

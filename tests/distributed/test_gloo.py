@@ -15,7 +15,7 @@ from qwen3train.train.engine import TorchEngine
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS / "train"))
-from helpers import make_pairs, train_cfg  # noqa: E402
+from helpers import make_pairs, rerank_cfg, train_cfg  # noqa: E402
 
 
 @pytest.mark.slow
@@ -41,3 +41,16 @@ def test_two_process_gloo_equals_one_process(tiny_model_dir, tmp_path):
         assert abs(loss2 - loss.item()) <= 1e-5, mode
         for n, g in ref.items():
             assert (grads2[n] - g).abs().max().item() <= 1e-5 * max(1.0, g.abs().max().item()), (mode, n)
+
+    # reranker: one process on the 4 queries == 2 processes with 2 each (DDP averages the gradients)
+    rcfg = rerank_cfg(tiny_model_dir, data, tmp_path / "rr1", global_batch=4, micro=4)
+    rtask = build_task(rcfg, tmp_path / "rr1")
+    rengine = TorchEngine(rtask.module, rcfg.engine, rcfg.optim, 10)
+    rbatch = rtask.prepare([(i, 0) for i in range(4)], epoch=0)
+    rloss, _ = rtask.loss(rtask.forward(rengine, rbatch), rbatch)
+    rloss.backward()
+    loss2, grads2 = two["rerank"]
+    assert abs(loss2 - rloss.item()) <= 1e-5
+    for n, p in rengine.module.named_parameters():
+        if p.grad is not None:
+            assert (grads2[n] - p.grad).abs().max().item() <= 1e-5 * max(1.0, p.grad.abs().max().item()), n

@@ -40,3 +40,15 @@ def train_cfg(model_dir, data_file, out_dir, **over):
     )
     assert not over, f"unknown overrides {over}"
     return cfg
+
+
+def rerank_cfg(model_dir, data_file, out_dir, objective="sft", **over):
+    """A TrainConfig for the reranker track on the tiny model (groups of 1 positive + 3 negatives)."""
+    from qwen3train.losses.rerank import RerankLossConfig
+
+    over.setdefault("global_batch", 4)
+    over.setdefault("micro", 2)
+    cfg = train_cfg(model_dir, data_file, out_dir, k=3, **over)
+    cfg.loss = RerankLossConfig(objective=objective)
+    cfg.model.max_doc_length = 160
+    return cfg
