@@ -89,10 +89,8 @@ rerank: $(DEFAULTS) ## reranker track: Qwen3 yes/no classifier, stage-2 data, th
 merge: $(STAMP) ## stage 3: merge stage-2 checkpoints (slerp / running_slerp / multislerp / linear; configs/merge.yaml)
 	$(PY) -m qwen3train.cli.main --config-name=merge $(ARGS)
 
-pipeline: $(DEFAULTS) ## the whole method on the embedded default, on CPU (stages built so far: data -> stage 1 -> stage 2 -> merge)
-	$(LAUNCH) --config-name=stage1 $(ARGS)
-	$(LAUNCH) --config-name=stage2 $(ARGS)
-	$(PY) -m qwen3train.cli.main --config-name=merge
+pipeline: $(DEFAULTS) $(SMOLLM2) ## the whole method on the embedded default, on CPU (configs/pipeline.yaml); rerun resumes
+	NGPU=$(NGPU) $(PY) -m qwen3train.cli.main --config-name=pipeline ngpu=$(NGPU) $(ARGS)
 
 bench-train: $(STAMP) ## benchmark: training step vs sentence-transformers, GradCache memory sweep
 	$(PY) bench/bench_train.py

@@ -61,6 +61,7 @@ def _primaries() -> dict[str, tuple[type, str]]:
     from qwen3train.merge.apply import MergeConfig
     from qwen3train.mining.filter import FilterConfig
     from qwen3train.mining.mine import MineConfig
+    from qwen3train.pipeline import PipelineConfig
     from qwen3train.synth.pipeline import SynthConfig
 
     return {
@@ -71,6 +72,7 @@ def _primaries() -> dict[str, tuple[type, str]]:
         "prepare_schema": (PrepareConfig, "qwen3train.data.prepare:run_prepare"),
         "merge_schema": (MergeConfig, "qwen3train.merge.run:run"),
         "eval_schema": (EvalConfig, "qwen3train.eval.run:run"),
+        "pipeline_schema": (PipelineConfig, "qwen3train.pipeline:run"),
     }
 
 

@@ -49,28 +49,30 @@ class Encoder:
             self.model = SentenceTransformer(str(self.path), device="cuda" if torch.cuda.is_available() else "cpu")
             self.model.max_seq_length = min(max_length, self.model.max_seq_length or max_length)
 
-    def _st(self, texts: list[str]) -> torch.Tensor:
-        v = torch.as_tensor(self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+    def _full(self, texts: list[str], instruction: str | None) -> torch.Tensor:
+        """Full-dimension, normalised. Matryoshka dims are applied afterwards (``_dim``): since
+        normalize(normalize(x)[:d]) == normalize(x[:d]), one encoding (and one cache) serves every dim."""
+        if self.kind == "qwen3train":
+            return self.model.encode(texts, instruction=instruction, batch_size=self.batch_size)
+        v = torch.as_tensor(self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
                                               normalize_embeddings=False, show_progress_bar=False))
-        v = v[:, : self.dim] if self.dim else v
-        return torch.nn.functional.normalize(v.float(), dim=-1)
+        return torch.nn.functional.normalize(v.float(), dim=-1)  # instruction-unaware: raw text
+
+    def _dim(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(v[:, : self.dim], dim=-1) if self.dim else v
 
     def encode_queries(self, texts: list[str], instruction: str | None) -> torch.Tensor:
-        if self.kind == "qwen3train":
-            return self.model.encode(texts, instruction=instruction, dim=self.dim, batch_size=self.batch_size)
-        return self._st(list(texts))  # instruction-unaware models get the raw query
+        return self._dim(self._full(texts, instruction))
 
     def encode_docs(self, texts: list[str], instruction: str | None = None) -> torch.Tensor:
-        if self.kind == "qwen3train":
-            return self.model.encode(texts, instruction=instruction, dim=self.dim, batch_size=self.batch_size)
-        return self._st(list(texts))
+        return self._dim(self._full(texts, instruction))
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for f in sorted(self.path.rglob("*.safetensors")) + sorted(self.path.rglob("*.bin")):
             st = f.stat()
             h.update(f"{f.relative_to(self.path)}:{st.st_size}:{st.st_mtime_ns}".encode())
-        h.update(f"{self.kind}:{self.max_length}:{self.dim}".encode())
+        h.update(f"{self.kind}:{self.max_length}".encode())
         return h.hexdigest()[:16]
 
     def cached_docs(self, texts: list[str], cache_dir: str | os.PathLike | None,
@@ -78,6 +80,9 @@ class Encoder:
         """``encode_docs`` with an on-disk cache (``<cache_dir>/<key>.npy``, written atomically)."""
         if not cache_dir:
             return self.encode_docs(texts, instruction)
+        return self._dim(self._cached_full(texts, cache_dir, instruction))
+
+    def _cached_full(self, texts: list[str], cache_dir, instruction: str | None) -> torch.Tensor:
         h = hashlib.sha256(self.fingerprint().encode())
         h.update((instruction or "").encode())
         for t in texts:
@@ -85,7 +90,7 @@ class Encoder:
         path = Path(cache_dir) / f"{h.hexdigest()[:24]}.npy"
         if path.exists():
             return torch.from_numpy(np.load(path))
-        vec = self.encode_docs(texts, instruction)
+        vec = self._full(texts, instruction)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, vec.numpy())

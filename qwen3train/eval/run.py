@@ -73,9 +73,9 @@ def run(cfg: EvalConfig) -> list[dict]:
                              ("ndcg@10", "recall@100", "mrr@10", "queries")}})
             for pf in cfg.pairs:
                 r = evaluate_pairs(path, pf, encoder=enc)
-                rows.append({"model": label, "dataset": Path(pf).stem, "dim": dim, **r})
+                rows.append({"model": label, "dataset": dataset_name(pf), "dim": dim, **r})
             for sf in cfg.sts:
-                rows.append({"model": label, "dataset": Path(sf).stem, "dim": dim, **evaluate_sts(enc, sf)})
+                rows.append({"model": label, "dataset": dataset_name(sf), "dim": dim, **evaluate_sts(enc, sf)})
             del enc
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -94,8 +94,15 @@ def run(cfg: EvalConfig) -> list[dict]:
     return rows
 
 
+def dataset_name(path: str | Path) -> str:
+    """``<folder>/<file stem>``: pair files of different stages are often all called heldout.jsonl."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.stem}"
+
+
 def table(rows: list[dict]) -> str:
-    metrics = [m for m in ("ndcg@10", "recall@100", "mrr@10", "spearman") if any(m in r for r in rows)]
+    metrics = [m for m in ("ndcg@10", "ndcg@10_before", "recall@100", "mrr@10", "spearman")
+               if any(m in r for r in rows)]
     head = "| model | dataset | dim | " + " | ".join(metrics) + " |\n|---|---|---|" + "---|" * len(metrics) + "\n"
     body = "".join(f"| {r['model']} | {r['dataset']} | {r['dim'] or 'full'} | " +
                    " | ".join(f"{r[m]:.4f}" if m in r else "" for m in metrics) + " |\n" for r in rows)

@@ -82,7 +82,7 @@ def run_filter(cfg: FilterConfig) -> dict:
                "score_mean": float(scores.mean()) if len(records) else float("nan"),
                "score_quantiles": {str(q): float(scores.quantile(q)) for q in (0.1, 0.5, 0.9)} if len(records) else {}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    histogram(scores.numpy(), cfg.threshold, out / "histogram.png", title=f"cosine filter: {Path(cfg.embedder).name}")
+    histogram(scores.numpy(), cfg.threshold, out / "histogram.png", title=f"cosine filter: {Path(cfg.embedder).parent.name}/{Path(cfg.embedder).name}")
     return summary
 
 

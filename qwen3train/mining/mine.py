@@ -55,21 +55,10 @@ class MineConfig:
 
 
 def load_corpus(paths: list[str]) -> list[str]:
-    docs = []
-    for p in expand_files(paths):
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-                text = obj.get("text")
-                if not isinstance(text, str):
-                    raise ValueError(f"{p}:{lineno}: field 'text': missing or not a string")
-                docs.append(f"{obj['title']} {text}".strip() if obj.get("title") else text)
-    return docs
+    """Document texts of JSONL / Parquet / text files (the stage-0 corpus reader; title prepended)."""
+    from qwen3train.synth.corpus import read_documents
+
+    return [text for _, text, _ in read_documents(expand_files(paths), "English")]
 
 
 def select_negatives(cands: list[tuple[int, float]], pos_texts: set[str], pos_score: float, docs: list[str],

@@ -326,7 +326,7 @@ def finalize(cfg: SynthConfig, out: Path, n_shards: int, corpus_stats: dict, n_p
         "prompt_tokens": sum(s["prompt_tokens"] for s in shard_stats),
         "output_tokens": sum(s["output_tokens"] for s in shard_stats), "generation_seconds": secs,
         "output_tokens_per_s": sum(s["output_tokens"] for s in shard_stats) / max(secs, 1e-9),
-        "generator": cfg.generator, "backend": cfg.backend, "prompt_version": cfg.prompt_version,
+        "generator": cfg.generator, "backend": rows[0]["provenance"]["backend"] if rows else cfg.backend, "prompt_version": cfg.prompt_version,
         "config": asdict(cfg),
     }
     write_atomic(out / "stats.json", json.dumps(stats, indent=2))

