@@ -127,12 +127,52 @@ def export_embedder(embedder, out_dir: str | os.PathLike, *, instruction: str,
     return out
 
 
+RERANK_TEMPLATE = Path(__file__).resolve().parents[1] / "resources" / "reranker_chat_template.jinja"
+
+
+def reranker_chat_template(original: str | None) -> str:
+    """The official reranker prompt when the messages carry ``query``/``document`` roles (how
+    sentence-transformers' CrossEncoder passes a pair), the model's own template otherwise."""
+    pair = RERANK_TEMPLATE.read_text(encoding="utf-8")
+    if not original:
+        return pair
+    return ('{%- if messages | selectattr("role", "eq", "query") | list -%}' + pair +
+            "{%- else -%}" + original + "{%- endif -%}")
+
+
+def write_cross_encoder_files(out: Path, yes_id: int, no_id: int) -> None:
+    """sentence-transformers (6.x) CrossEncoder modules: causal LM -> LogitScore(yes, no) -> sigmoid."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_LogitScore",
+         "type": "sentence_transformers.cross_encoder.modules.logit_score.LogitScore"},
+    ]
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    fwd = {"method": "forward", "method_output_name": "logits"}
+    (out / "sentence_bert_config.json").write_text(json.dumps(
+        {"transformer_task": "text-generation",
+         "modality_config": {"text": fwd, "message": dict(fwd, format="flat")},
+         "module_output_name": "causal_logits"}, indent=2))
+    (out / "1_LogitScore").mkdir(exist_ok=True)
+    (out / "1_LogitScore" / "config.json").write_text(json.dumps(
+        {"true_token_id": yes_id, "false_token_id": no_id, "module_input_name": "causal_logits"}, indent=2))
+    (out / "config_sentence_transformers.json").write_text(json.dumps(
+        {"model_type": "CrossEncoder", "activation_fn": "torch.nn.modules.activation.Sigmoid",
+         "prompts": {}, "default_prompt_name": None}, indent=2))
+
+
 def export_reranker(reranker, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
-    """Write a folder that ``AutoModelForCausalLM`` and the official usage code load as is."""
+    """Write a folder that ``AutoModelForCausalLM`` and the official usage code load as is, and that
+    sentence-transformers (6.x) loads as a ``CrossEncoder`` scoring exactly like ``Reranker.score``."""
+    import copy
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _save_weights(reranker.lm, out, state_dict)
-    reranker.tokenizer.save_pretrained(out)
+    tok = copy.deepcopy(reranker.tokenizer)
+    tok.chat_template = reranker_chat_template(reranker.tokenizer.chat_template)
+    tok.save_pretrained(out)
+    write_cross_encoder_files(out, reranker.yes_id, reranker.no_id)
     meta = {"kind": "reranker", "max_length": reranker.max_length,
             "default_instruction": reranker.default_instruction}
     (out / EXPORT_META).write_text(json.dumps(meta, indent=2))

