@@ -59,3 +59,26 @@ def test_zero_with_gradcache_matches_ddp_and_saves_loadable_checkpoints(runs, en
     ddp = build_embedder(ModelConfig(name_or_path=str(runs["torch"][0] / "final"), max_query_length=32,
                                      max_doc_length=32)).encode(texts)
     assert (ours - ddp).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_reranker_trains_under_zero3_and_exports(tiny_model_dir, tmp_path):
+    """The reranker track through the same entry point and DeepSpeed engine (2 gloo processes)."""
+    sys.path.insert(0, str(REPO / "tests" / "train"))
+    from helpers import make_pairs
+
+    from qwen3train.models.build import ModelConfig, build_reranker
+
+    data = make_pairs(tmp_path / "d.jsonl", n=32, k=3)
+    out = tmp_path / "rr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "qwen3train.cli.main", "--config-name=rerank", "engine=zero3", "engine.bf16=false",
+           "run.max_steps=3", "run.save_every=0", f"run.output_dir={out}", f"model.name_or_path={tiny_model_dir}",
+           f"data.train_files=[{data}]", "model.max_doc_length=160"]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
+                          capture_output=True, text=True, timeout=400, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(l == l for l in losses)
+    rr = build_reranker(ModelConfig(name_or_path=str(out / "final")), max_length=160)
+    assert torch.isfinite(rr.score("what is gravity number 1?", ["gravity 1 is described here."])).all()
