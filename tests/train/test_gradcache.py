@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from helpers import make_pairs, train_cfg
 from qwen3train.train.build import build_task

@@ -12,7 +12,7 @@ import torch
 
 import helpers
 from helpers import make_pairs
-from qwen3train.losses.rerank import RerankLossConfig, rerank_loss
+from qwen3train.losses.rerank import rerank_loss
 from qwen3train.train.build import build_task
 from qwen3train.train.engine import TorchEngine
 from qwen3train.train.loop import run
