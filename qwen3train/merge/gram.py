@@ -30,9 +30,9 @@ def combine_chunks(xs: list[torch.Tensor], coeffs: torch.Tensor, dtype: torch.dt
     flat = [x.reshape(-1) for x in xs]
     c = [float(v) for v in coeffs]
     for s in range(0, flat[0].numel(), chunk):
-        acc = c[0] * flat[0][s:s + chunk].float()
+        acc = flat[0][s:s + chunk].to(torch.float32, copy=True).mul_(c[0])  # never scale the input itself
         for ci, f in zip(c[1:], flat[1:]):
-            acc += ci * f[s:s + chunk].float()
+            acc.add_(f[s:s + chunk].float(), alpha=ci)
         yield acc.to(dtype)
 
 

@@ -158,9 +158,17 @@ def _nbytes(dt, shape) -> int:
 
 
 class StreamingSafetensorsWriter:
-    """Write one safetensors file whose header is known in advance; tensors arrive in order."""
+    """Write one safetensors file whose header is known in advance; tensors arrive in order.
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+    Chunks are handed to a background thread through a small bounded queue, so writing overlaps the
+    merge's arithmetic on the next chunks (both release the GIL) with memory bounded by the queue.
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 queue_size: int = 4) -> None:
+        import queue
+        import threading
+
         header, off = {}, 0
         for name, dt, shape in entries:
             n = _nbytes(dt, shape)
@@ -172,11 +180,30 @@ class StreamingSafetensorsWriter:
         self.f = open(path, "wb")
         self.f.write(struct.pack("<Q", len(raw)))
         self.f.write(raw)
-        self.expected = [(n, header[n]["data_offsets"][1] - header[n]["data_offsets"][0]) for n, _, _ in entries]
-        self.i = 0
+        self.q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            try:
+                self.f.write(item)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                self.error = e
 
     def write_chunk(self, t: torch.Tensor) -> None:
-        self.f.write(t.contiguous().view(-1).view(torch.uint8).numpy())  # buffer protocol: no extra copy
+        if self.error is not None:
+            raise self.error
+        # a private contiguous copy only when needed; the numpy view keeps the storage alive
+        self.q.put(t.contiguous().view(-1).view(torch.uint8).numpy())
 
     def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
         self.f.close()
+        if self.error is not None:
+            raise self.error
