@@ -16,7 +16,8 @@ import numpy as np
 
 from qwen3train.data.collections import load_collection
 from qwen3train.data.instructions import REGISTRY
-from qwen3train.data.sources import IndexedSource, expand_files
+from qwen3train.data.records import DataError, parse_record
+from qwen3train.data.sources import expand_files
 
 
 @dataclass
@@ -56,25 +57,29 @@ def import_collection(path: str | Path, task: str | None, instruction: str | Non
 
 
 def import_jsonl(path: str, task: str | None, instruction: str | None):
-    """Validated training JSONL (our schema / FlagEmbedding's; ``prompt`` is read as the instruction)."""
+    """Validated training JSONL (our schema / FlagEmbedding's; ``prompt`` is read as the instruction).
+    Bad records are counted and left out (the prepare summary reports them)."""
     rows, rejected = [], 0
     for p in expand_files([path]):
-        src = IndexedSource([p], on_error="skip")
-        rejected += sum(src.rejected.values())
         with open(p, encoding="utf-8") as f:
-            raw = [json.loads(x) for x in f if x.strip()]
-        for i in range(len(src)):
-            r = src[i]
-            extra = raw[i] if len(raw) == len(src) else {}
-            row = {"query": r.query, "pos": r.pos, "task": task or r.task}
-            if r.neg:
-                row["neg"] = r.neg
-            ins = instruction or r.instruction or extra.get("prompt")
-            if ins:
-                row["instruction"] = ins
-            if r.type:
-                row["type"] = r.type
-            rows.append(row)
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    r = parse_record(obj, f"{p}:{lineno}")
+                except (json.JSONDecodeError, DataError):
+                    rejected += 1
+                    continue
+                row = {"query": r.query, "pos": r.pos, "task": task or r.task}
+                if r.neg:
+                    row["neg"] = r.neg
+                ins = instruction or r.instruction or obj.get("prompt")
+                if ins:
+                    row["instruction"] = ins
+                if r.type:
+                    row["type"] = r.type
+                rows.append(row)
     return rows, {"source": path, "rows": len(rows), "rejected": rejected}
 
 

@@ -38,7 +38,6 @@ def score_pairs(encoder: Encoder, records) -> torch.Tensor:
     by_instr: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
         by_instr[resolve_instruction(r.task, r.instruction, {}, DEFAULT_INSTRUCTION)].append(i)
-    q = torch.empty((len(records), 0))
     parts = {}
     for instr, ids in by_instr.items():
         parts[instr] = (ids, encoder.encode_queries([records[i].query for i in ids], instr))

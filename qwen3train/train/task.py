@@ -16,6 +16,7 @@ import torch
 from qwen3train.data.instructions import is_symmetric, resolve_instruction
 from qwen3train.data.records import text_hash
 from qwen3train.data.sources import DataConfig, IndexedSource
+from qwen3train.text import format_query
 
 
 @dataclass
@@ -72,10 +73,10 @@ class EmbeddingTask:
             else:
                 negs.append([])
         emb, tok = self.embedder, self.embedder.tok
-        q_ids = tok.token_ids([emb_fmt(q, i, emb.query_template) for q, i in zip(queries, q_instr)],
+        q_ids = tok.token_ids([format_query(q, i, emb.query_template) for q, i in zip(queries, q_instr)],
                               emb.max_query_length)
-        docs = [emb_fmt(d, i, emb.query_template) for d, i in zip(pos, d_instr)]
-        docs += [emb_fmt(n, i, emb.query_template) for row, i in zip(negs, d_instr) for n in row]
+        docs = [format_query(d, i, emb.query_template) for d, i in zip(pos, d_instr)]
+        docs += [format_query(n, i, emb.query_template) for row, i in zip(negs, d_instr) for n in row]
         d_ids = tok.token_ids(docs, emb.max_doc_length)
         b = len(items)
         neg_ids = [d_ids[b + r * self.k: b + (r + 1) * self.k] for r in range(b)]
@@ -121,8 +122,3 @@ class EmbeddingTask:
         return export_embedder(self.embedder, out_dir, instruction=instruction or self.default_instruction,
                                state_dict=state_dict)
 
-
-def emb_fmt(text: str, instruction: str | None, template: str) -> str:
-    from qwen3train.text import format_query
-
-    return format_query(text, instruction, template)

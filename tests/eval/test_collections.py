@@ -67,3 +67,14 @@ def test_mix_counts_weights_and_tasks(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "mix.jsonl").read_text().splitlines()]
     assert summary["records"] == 30 == len(rows)
     assert sum(r["task"] == "vaswani" for r in rows) == 20 and sum(r["task"] == "syn" for r in rows) == 10
+
+
+def test_jsonl_import_keeps_prompt_after_a_rejected_line(tmp_path):
+    from qwen3train.data.prepare import import_jsonl
+
+    f = tmp_path / "fe.jsonl"
+    f.write_text('{"query": "bad", "pos": "not a list"}\n'
+                 '{"query": "q", "pos": ["p"], "neg": ["n"], "prompt": "Represent this query"}\n')
+    rows, stats = import_jsonl(str(f), None, None)
+    assert stats["rejected"] == 1 and rows == [
+        {"query": "q", "pos": ["p"], "task": "default", "neg": ["n"], "instruction": "Represent this query"}]
