@@ -71,8 +71,8 @@ stage1: $(DEFAULTS) ## stage 1: weakly supervised InfoNCE (configs/stage1.yaml)
 filter: $(STAMP) ## cosine filter of synthetic pairs (configs/filter.yaml; default scorer = stage-1 export)
 	$(PY) -m qwen3train.cli.main --config-name=filter $(ARGS)
 
-mine: $(STAMP) ## hard-negative mining with rank window and false-negative guards (configs/mine.yaml)
-	$(PY) -m qwen3train.cli.main --config-name=mine $(ARGS)
+mine: $(STAMP) ## hard-negative mining, encoding sharded over NGPU processes (configs/mine.yaml)
+	$(LAUNCH) --config-name=mine $(ARGS)
 
 prepare: $(STAMP) ## import BEIR/TREC/JSONL sources and mix them for stage 2 (configs/prepare.yaml)
 	$(PY) -m qwen3train.cli.main --config-name=prepare $(ARGS)

@@ -2,10 +2,15 @@
 
     .venv/bin/python bench/bench_merge.py
 
-Side by side, each in its own subprocess (peak RSS is per process), alternating, 2 rounds, medians:
+Side by side, each in its own subprocess, alternating, 5 timed rounds: medians, the median of the
+per-round ratios (runs made moments apart) and the best of 5 of each (the least disturbed run on a
+noisy machine):
   io        pure I/O: read every tensor of both inputs and write an output of the same size
   ours      qwen3train streaming slerp (t=0.5)
   mergekit  mergekit's slerp (t=0.5, --lazy-unpickle), in its own venv (outputs/bench/mergekit-venv)
+Peak memory is sampled in a sixth, untimed round (sampling /proc every 10 ms slows the child). The
+page cache is flushed (``os.sync``) before every run, untimed, so no run pays for the write-back of
+the previous one; imports are outside the timed region.
 Targets (PERF.md 14): peak RSS <= 4x the largest tensor in fp32 plus the interpreter; wall <= 2x I/O.
 """
 
@@ -63,7 +68,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_sampled(cmd: list[str], env=None) -> tuple[subprocess.CompletedProcess, float, float]:
+def run_sampled(cmd: list[str], env=None, sample: bool = True) -> tuple[subprocess.CompletedProcess, float, float]:
     """Run ``cmd``, sampling the child's anonymous RSS (RssAnon) and total RSS every 10 ms.
 
     ru_maxrss counts the pages of memory-mapped safetensors files, which are reclaimable page cache;
@@ -86,41 +91,45 @@ def run_sampled(cmd: list[str], env=None) -> tuple[subprocess.CompletedProcess, 
             time.sleep(0.01)
 
     t = threading.Thread(target=sample)
-    t.start()
+    if sample:
+        t.start()
     out, err = p.communicate()
-    t.join()
+    if sample:
+        t.join()
     return subprocess.CompletedProcess(cmd, p.returncode, out, err), peak["anon"] / 1024, peak["rss"] / 1024
 
 
 def worker(kind: str, a: str, b: str, out: str) -> dict:
-    base = rss_mb()
-    t = time.perf_counter()
-    if kind == "io":
-        from qwen3train.merge.io import FolderReader, StreamingSafetensorsWriter
+    import torch
 
+    from qwen3train.merge.apply import merge_folders
+    from qwen3train.merge.io import FolderReader, StreamingSafetensorsWriter
+
+    base = rss_mb()
+    t = time.perf_counter()  # imports (torch: ~1 s) outside the timed region, for every kind
+    if kind == "io":
         ra, rb = FolderReader(a), FolderReader(b)
         keys = ra.keys()
         Path(out).mkdir(parents=True, exist_ok=True)
         w = StreamingSafetensorsWriter(Path(out) / "model.safetensors", [(ra.names[k], *ra.meta(k)) for k in keys])
         for k in keys:
-            x, y = ra.get(k), rb.get(k)
+            x, y = ra.get(k), rb.get(k)  # memory-mapped: reading means touching every page
+            y.view(-1).view(torch.uint8)[::4096].sum()
             w.write_chunk(x)
             del x, y
         w.close()
     else:
-        from qwen3train.merge.apply import merge_folders
-
         merge_folders([a, b], out, method="slerp", t=0.5, max_shard_size_mb=100_000)
     return {"kind": kind, "wall_s": time.perf_counter() - t, "peak_rss_mb": rss_mb(), "start_rss_mb": base}
 
 
-def mergekit(a: Path, b: Path, out: Path) -> dict:
+def mergekit(a: Path, b: Path, out: Path, sample: bool = True) -> dict:
     cfg = OUT / "mergekit.yml"
     cfg.write_text(f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\n"
                    f"parameters:\n  t: 0.5\ndtype: bfloat16\n")
     t = time.perf_counter()
     p, anon, rss = run_sampled([str(MK_VENV / "bin" / "mergekit-yaml"), str(cfg), str(out), "--lazy-unpickle",
-                                "--out-shard-size", "100B"])
+                                "--out-shard-size", "100B"], sample=sample)
     res = {"kind": "mergekit", "wall_s": time.perf_counter() - t, "peak_anon_mb": anon, "peak_rss_mb": rss}
     if p.returncode != 0:
         res["error"] = p.stderr[-1500:]
@@ -141,31 +150,40 @@ def main() -> None:
     size = sum((p / "model.safetensors").stat().st_size for p in (a, b)) / 2**20
     have_mk = ensure_mergekit()
     runs: dict[str, list[dict]] = {}
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
-    for _ in range(2):
+    mem: dict[str, list[dict]] = {}
+    # default threading (torch uses both cores); setting OMP_NUM_THREADS=2 measurably slowed our merge here
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"PYTHONWARNINGS": "ignore"}
+    for rnd in range(6):
+        sample = rnd == 5  # the memory round; the sampling thread slows the child, so it is not timed
         for kind in ("io", "ours") + (("mergekit",) if have_mk else ()):
             out = OUT / f"out_{kind}"
             shutil.rmtree(out, ignore_errors=True)
+            os.sync()  # no run pays for the write-back of the one before
             if kind == "mergekit":
-                res = mergekit(a, b, out)
+                res = mergekit(a, b, out, sample)
             else:
-                p, anon, rss = run_sampled([sys.executable, __file__, "--worker", kind, str(a), str(b), str(out)], env)
+                p, anon, rss = run_sampled([sys.executable, __file__, "--worker", kind, str(a), str(b), str(out)], env,
+                                           sample)
                 if p.returncode != 0:
                     raise SystemExit(p.stderr[-3000:])
                 res = dict(json.loads(p.stdout.strip().splitlines()[-1]), peak_anon_mb=anon, peak_rss_mb=rss)
-            runs.setdefault(kind, []).append(res)
+            (mem if sample else runs).setdefault(kind, []).append(res)
             shutil.rmtree(out, ignore_errors=True)
     largest_fp32_mb = 151936 * 1024 * 4 / 2**20
-    summary = {k: {"wall_s": statistics.median(r["wall_s"] for r in v),
-                   "peak_anon_mb": statistics.median(r["peak_anon_mb"] for r in v),
-                   "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in v),
-                   "errors": [r["error"] for r in v if "error" in r]} for k, v in runs.items()}
+    summary = {k: {"wall_s": statistics.median(r["wall_s"] for r in v), "wall_min_s": min(r["wall_s"] for r in v),
+                   "peak_anon_mb": mem[k][0]["peak_anon_mb"], "peak_rss_mb": mem[k][0]["peak_rss_mb"],
+                   "errors": [r["error"] for r in v + mem[k] if "error" in r]} for k, v in runs.items()}
+    summary["per_round_ours_over_io"] = [o["wall_s"] / i["wall_s"] for o, i in zip(runs["ours"], runs["io"])]
+    if "mergekit" in runs:
+        summary["per_round_mergekit_over_ours"] = [m["wall_s"] / o["wall_s"] for m, o in zip(runs["mergekit"], runs["ours"])]
     summary["inputs_mb"] = size
     summary["largest_tensor_fp32_mb"] = largest_fp32_mb
     (OUT / "bench_merge.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     io, ours = summary["io"], summary["ours"]
-    print(f"ours / pure I/O wall = {ours['wall_s'] / io['wall_s']:.2f}; ours peak anonymous RSS = "
+    print(f"ours / pure I/O wall = {ours['wall_s'] / io['wall_s']:.2f} (median of per-round ratios "
+          f"{statistics.median(summary['per_round_ours_over_io']):.2f}; best of 5 each: "
+          f"{ours['wall_min_s'] / io['wall_min_s']:.2f}); ours peak anonymous RSS = "
           f"{ours['peak_anon_mb']:.0f} MB (pure I/O: {io['peak_anon_mb']:.0f} MB) = "
           f"{(ours['peak_anon_mb'] - io['peak_anon_mb']) / largest_fp32_mb:.2f}x the largest tensor in fp32 "
           f"({largest_fp32_mb:.0f} MB) above the I/O process")

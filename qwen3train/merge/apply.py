@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from qwen3train.merge import get_method
-from qwen3train.merge.gram import combine, combine_chunks, gram
+from qwen3train.merge.gram import BufferRing, combine, combine_chunks, gram
 from qwen3train.merge.io import (MergeError, StreamingSafetensorsWriter, check_compatible, open_checkpoint,
                                  plan_shards)
 
@@ -126,6 +126,8 @@ def merge_folders(inputs: list[str | Path], output_dir: str | Path, method: str 
     shards = plan_shards(keys, metas, max_shard_size_mb * 2**20)
     total = len(shards)
     weight_map = {}
+    ring = BufferRing(StreamingSafetensorsWriter.QUEUE + 2)
+
     for si, shard in enumerate(shards):
         fname = "model.safetensors" if total == 1 else f"model-{si + 1:05d}-of-{total:05d}.safetensors"
         entries = [(names[k], *metas[k]) for k in shard]
@@ -137,7 +139,7 @@ def merge_folders(inputs: list[str | Path], output_dir: str | Path, method: str 
             else:
                 b = base_reader.get(k) if base_reader is not None else None
                 xs, c = coefficients_for(fn, xs, w, t, b)
-                for chunk in combine_chunks(xs, c, metas[k][0]):
+                for chunk in combine_chunks(xs, c, metas[k][0], buffers=ring):
                     writer.write_chunk(chunk)
             weight_map[names[k]] = fname
             del xs

@@ -164,8 +164,10 @@ class StreamingSafetensorsWriter:
     merge's arithmetic on the next chunks (both release the GIL) with memory bounded by the queue.
     """
 
+    QUEUE = 4
+
     def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 queue_size: int = 4) -> None:
+                 queue_size: int = QUEUE) -> None:
         import queue
         import threading
 

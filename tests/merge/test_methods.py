@@ -82,3 +82,18 @@ def test_task_vector_mode_adds_the_base_back():
     sds = [{"w": base["w"] + d1}, {"w": base["w"] + d2}]
     got = merge_state_dicts(sds, "slerp", t=0.5, base=base)["w"]
     assert torch.allclose(got, base["w"] + slerp(0.5, d1, d2), atol=1e-5)
+
+
+def test_gram_keeps_the_angle_between_nearly_identical_checkpoints():
+    """Consecutive checkpoints differ by ~1e-3 of their norm: the angle must survive rounding."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3_000_000, generator=g).to(torch.bfloat16)
+    b = (a.float() + 2e-3 * torch.randn(3_000_000, generator=g)).to(torch.bfloat16)
+    a64, b64 = a.double(), b.double()  # exact products of bf16 values, float64 sums: the reference
+    d = b64 - a64
+    # 1 - cos = (|d|^2 - (|b| - |a|)^2) / (2 |a| |b|), free of cancellation
+    one_minus_cos = (d @ d - (b64.norm() - a64.norm()) ** 2) / (2 * a64.norm() * b64.norm())
+    want = 2 * math.asin(math.sqrt(one_minus_cos.item() / 2))
+    gm = gram([a, b])
+    got = math.acos(gm[0, 1].item() / math.sqrt(gm[0, 0].item() * gm[1, 1].item()))
+    assert want < 5e-3 and abs(got - want) / want < 1e-5

@@ -31,7 +31,8 @@ def arcd_rows(tmp_path_factory):
 
 
 def test_filter_keeps_exactly_pairs_above_threshold(tmp_path, arcd_rows):
-    cfg = FilterConfig(inputs=[str(arcd_rows)], embedder=str(MINILM), threshold=0.3, output_dir=str(tmp_path))
+    cfg = FilterConfig(inputs=[str(arcd_rows)], embedder=str(MINILM), threshold=0.3, output_dir=str(tmp_path),
+                       precision="float32")
     summary = run_filter(cfg)
     kept = [json.loads(x) for x in (tmp_path / "kept.jsonl").read_text().splitlines()]
     dropped = [json.loads(x) for x in (tmp_path / "dropped.jsonl").read_text().splitlines()]
@@ -59,7 +60,8 @@ def test_negative_selection_rules():
 def test_mining_on_a_real_collection_then_stage2_trains(tmp_path, arcd_rows, tiny_model_dir):
     cfg = MineConfig(inputs=[str(arcd_rows)], corpus=[str(SHARED / "data" / "arcd" / "corpus.jsonl")],
                      embedder=str(MINILM), output=str(tmp_path / "mined.jsonl"), cache_dir=str(tmp_path / "cache"),
-                     num_negatives=3, range_min=2, range_max=20, max_score_ratio=0.95)
+                     num_negatives=3, range_min=2, range_max=20, max_score_ratio=0.95, chunk_size=500,
+                     query_block=300)
     summary = run_mine(cfg)
     mined = [json.loads(x) for x in (tmp_path / "mined.jsonl").read_text().splitlines()]
     assert mined and summary["records_with_negatives"] == len(mined)
@@ -67,9 +69,12 @@ def test_mining_on_a_real_collection_then_stage2_trains(tmp_path, arcd_rows, tin
         assert not set(r["neg"]) & set(r["pos"])  # never a positive
         assert all(rank >= 2 for rank in r["neg_ranks"])  # rank window
         assert all(s <= 0.95 * r["pos_score"] + 1e-6 for s in r["neg_scores"])  # false-negative guard
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
-    run_mine(cfg)  # second run reuses the cached corpus embeddings
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    stores = {f: f.stat().st_mtime_ns for f in (tmp_path / "cache").glob("*.npy")}
+    assert len(stores) == 2  # corpus + queries (one instruction)
+    first = (tmp_path / "mined.jsonl").read_text()
+    run_mine(cfg)  # second run reuses the stored embeddings: nothing re-encoded, same output
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "cache").glob("*.npy")} == stores
+    assert (tmp_path / "mined.jsonl").read_text() == first
 
     import sys
 

