@@ -110,6 +110,9 @@ def run_mine(cfg: MineConfig) -> dict:
     source = IndexedSource(expand_files(cfg.inputs), on_error="skip",
                            rejects_path=out.parent / "rejects.jsonl" if rank == 0 else None)
     n = len(source)
+    if n == 0:
+        raise ValueError(f"mine: no valid records in {cfg.inputs} ({sum(source.rejected.values())} rejected, "
+                         f"see {out.parent / 'rejects.jsonl'})")
     queries, first_pos, group_of, instrs = [], [], np.empty(n, dtype=np.int32), {}
     for i in range(n):
         r = source[i]
