@@ -95,10 +95,7 @@ pipeline: $(DEFAULTS) $(SMOLLM2) ## the whole method on the embedded default, on
 bench-train: $(STAMP) ## benchmark: training step vs sentence-transformers, GradCache memory sweep
 	$(PY) bench/bench_train.py
 
-bench-rerank: $(DEFAULTS) ## reranker track: Qwen3 yes/no classifier, stage-2 data, then `make merge` (configs/rerank.yaml)
-	$(LAUNCH) --config-name=rerank $(ARGS)
-
-merge: $(STAMP) ## benchmark: streaming slerp of two Qwen3-0.6B-sized checkpoints vs pure I/O and mergekit
+bench-merge: $(STAMP) ## benchmark: streaming slerp of two Qwen3-0.6B-sized checkpoints vs pure I/O and mergekit
 	$(PY) bench/bench_merge.py
 
 clean: ## remove outputs/ (keeps .venv)
