@@ -8,6 +8,8 @@ noisy machine):
   io        pure I/O: read every tensor of both inputs and write an output of the same size
   ours      qwen3train streaming slerp (t=0.5)
   mergekit  mergekit's slerp (t=0.5, --lazy-unpickle), in its own venv (outputs/bench/mergekit-venv)
+Then, where the page cache can be dropped (root), 3 cold rounds: caches dropped before every run, so
+every input is read from disk (the case of PERF.md 14, where I/O is disk-bound).
 Peak memory is sampled in a sixth, untimed round (sampling /proc every 10 ms slows the child). The
 page cache is flushed (``os.sync``) before every run, untimed, so no run pays for the write-back of
 the previous one; imports are outside the timed region.
@@ -136,6 +138,16 @@ def mergekit(a: Path, b: Path, out: Path, sample: bool = True) -> dict:
     return res
 
 
+def drop_caches() -> bool:
+    """Empty the page cache (root only), so the next run reads its inputs from disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def ensure_mergekit() -> bool:
     if (MK_VENV / "bin" / "mergekit-yaml").exists():
         return True
@@ -153,12 +165,17 @@ def main() -> None:
     mem: dict[str, list[dict]] = {}
     # default threading (torch uses both cores); setting OMP_NUM_THREADS=2 measurably slowed our merge here
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"PYTHONWARNINGS": "ignore"}
-    for rnd in range(6):
+    cold: dict[str, list[dict]] = {}
+    can_drop = drop_caches()
+    for rnd in range(6 + (3 if can_drop else 0)):
         sample = rnd == 5  # the memory round; the sampling thread slows the child, so it is not timed
+        is_cold = rnd >= 6  # inputs read from disk: the page cache is dropped before each run
         for kind in ("io", "ours") + (("mergekit",) if have_mk else ()):
             out = OUT / f"out_{kind}"
             shutil.rmtree(out, ignore_errors=True)
             os.sync()  # no run pays for the write-back of the one before
+            if is_cold:
+                drop_caches()
             if kind == "mergekit":
                 res = mergekit(a, b, out, sample)
             else:
@@ -167,7 +184,7 @@ def main() -> None:
                 if p.returncode != 0:
                     raise SystemExit(p.stderr[-3000:])
                 res = dict(json.loads(p.stdout.strip().splitlines()[-1]), peak_anon_mb=anon, peak_rss_mb=rss)
-            (mem if sample else runs).setdefault(kind, []).append(res)
+            (cold if is_cold else mem if sample else runs).setdefault(kind, []).append(res)
             shutil.rmtree(out, ignore_errors=True)
     largest_fp32_mb = 151936 * 1024 * 4 / 2**20
     summary = {k: {"wall_s": statistics.median(r["wall_s"] for r in v), "wall_min_s": min(r["wall_s"] for r in v),
@@ -176,6 +193,10 @@ def main() -> None:
     summary["per_round_ours_over_io"] = [o["wall_s"] / i["wall_s"] for o, i in zip(runs["ours"], runs["io"])]
     if "mergekit" in runs:
         summary["per_round_mergekit_over_ours"] = [m["wall_s"] / o["wall_s"] for m, o in zip(runs["mergekit"], runs["ours"])]
+    if cold:
+        summary["cold"] = {k: {"wall_s": statistics.median(r["wall_s"] for r in v),
+                               "wall_min_s": min(r["wall_s"] for r in v)} for k, v in cold.items()}
+        summary["cold"]["per_round_ours_over_io"] = [o["wall_s"] / i["wall_s"] for o, i in zip(cold["ours"], cold["io"])]
     summary["inputs_mb"] = size
     summary["largest_tensor_fp32_mb"] = largest_fp32_mb
     (OUT / "bench_merge.json").write_text(json.dumps(summary, indent=2))
@@ -187,6 +208,11 @@ def main() -> None:
           f"{ours['peak_anon_mb']:.0f} MB (pure I/O: {io['peak_anon_mb']:.0f} MB) = "
           f"{(ours['peak_anon_mb'] - io['peak_anon_mb']) / largest_fp32_mb:.2f}x the largest tensor in fp32 "
           f"({largest_fp32_mb:.0f} MB) above the I/O process")
+    if "cold" in summary:
+        c = summary["cold"]
+        print(f"cold cache (inputs from disk): ours {c['ours']['wall_s']:.2f} s / pure I/O {c['io']['wall_s']:.2f} s "
+              f"= {statistics.median(c['per_round_ours_over_io']):.2f} (median of per-round ratios)"
+              + (f"; mergekit {c['mergekit']['wall_s']:.2f} s" if "mergekit" in c else ""))
     if "mergekit" in summary:
         mk = summary["mergekit"]
         print(f"mergekit / ours wall = {mk['wall_s'] / ours['wall_s']:.2f}; peak anonymous RSS mergekit / ours = "
