@@ -68,8 +68,8 @@ demo-data: $(DEMO_DATA) ## real pairs and a corpus from Python's stdlib docstrin
 stage1: $(DEFAULTS) ## stage 1: weakly supervised InfoNCE (configs/stage1.yaml)
 	$(LAUNCH) --config-name=stage1 $(ARGS)
 
-filter: $(STAMP) ## cosine filter of synthetic pairs (configs/filter.yaml; default scorer = stage-1 export)
-	$(PY) -m qwen3train.cli.main --config-name=filter $(ARGS)
+filter: $(STAMP) ## cosine filter of synthetic pairs over NGPU processes (configs/filter.yaml; default scorer = stage-1 export)
+	$(LAUNCH) --config-name=filter $(ARGS)
 
 mine: $(STAMP) ## hard-negative mining, encoding sharded over NGPU processes (configs/mine.yaml)
 	$(LAUNCH) --config-name=mine $(ARGS)

@@ -2,7 +2,7 @@
 reranker (+ merge) -> report, from one Hydra config (``configs/pipeline.yaml``).
 
 Every stage runs as a subprocess of the one entry point on a resolved config written to
-``<out>/configs/<stage>.yaml`` (training stages through ``scripts/launch.sh``, so ``ngpu`` processes
+``<out>/configs/<stage>.yaml`` (training, filtering and mining through ``scripts/launch.sh``, so ``ngpu`` processes
 with torchrun). A stage that finishes writes ``<out>/<stage>/.done.json`` (inputs, outputs, time);
 a rerun skips finished stages, and an interrupted one resumes from its own checkpoints or shards.
 ``<out>/lineage.json`` records which inputs produced which outputs. The shared ``model`` and
@@ -152,11 +152,11 @@ class Pipeline:
         flt = replace(c.filter, inputs=[str(o / "synth" / "pairs.jsonl")], embedder=str(o / "stage1" / "final"),
                       output_dir=str(o / "filter"))
         self.stage("filter", flt.inputs + [flt.embedder], [o / "filter" / "kept.jsonl"],
-                   lambda: self.launch("filter", flt))
+                   lambda: self.launch("filter", flt, c.ngpu))
         mine_in = [str(o / "filter" / "kept.jsonl")] + list(c.extra_stage2_data)
         mine = replace(c.mine, inputs=mine_in, embedder=str(o / "stage1" / "final"), output=str(o / "mine" / "mined.jsonl"),
                        cache_dir=str(o / "cache"))
-        self.stage("mine", mine_in + [mine.embedder], [o / "mine" / "mined.jsonl"], lambda: self.launch("mine", mine))
+        self.stage("mine", mine_in + [mine.embedder], [o / "mine" / "mined.jsonl"], lambda: self.launch("mine", mine, c.ngpu))
         s2 = self.train_cfg(c.stage2, "stage2", [mine.output], str(o / "stage1" / "final"))
         self.stage("stage2", [mine.output, o / "stage1" / "final"], [o / "stage2" / "final"],
                    lambda: self.launch("stage2", s2, c.ngpu))

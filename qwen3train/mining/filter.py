@@ -5,7 +5,8 @@ them is UNCONFIRMED (spec §4.1): the default here is the stage-1 export. Output
 ``kept.jsonl`` (pairs above the threshold, with their ``score``), ``dropped.jsonl`` (the rest, kept
 for inspection), ``summary.json`` and ``histogram.png`` (the score distribution, threshold marked).
 Pairs are scored and written ``block`` at a time, so memory is one block of embeddings whatever the
-input size. ``precision: auto`` scores in bf16 where the hardware has native bf16: cosines move by
+input size; under ``torchrun`` (``make filter NGPU=n``) each process scores a contiguous share and
+rank 0 joins the outputs in input order. ``precision: auto`` scores in bf16 where the hardware has native bf16: cosines move by
 ~1e-4, which can flip only pairs that close to the threshold; ``float32`` for exact decisions.
 """
 
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+from qwen3train import dist
 from qwen3train.data.instructions import resolve_instruction
 from qwen3train.data.sources import IndexedSource, expand_files
 from qwen3train.eval.encoder import Encoder
+from qwen3train.mining.store import join_parts
 from qwen3train.text import DEFAULT_INSTRUCTION
 
 
@@ -57,41 +60,50 @@ def score_pairs(encoder: Encoder, records) -> torch.Tensor:
 def run_filter(cfg: FilterConfig) -> dict:
     import numpy as np
 
+    dist.init()
+    rank, world = dist.rank(), dist.world_size()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    source = IndexedSource(expand_files(cfg.inputs), on_error="skip", rejects_path=out / "rejects.jsonl")
+    source = IndexedSource(expand_files(cfg.inputs), on_error="skip",
+                           rejects_path=out / "rejects.jsonl" if rank == 0 else None)
     idx = list(range(len(source)))
     if cfg.sample and cfg.sample < len(idx):
         idx = sorted(np.random.default_rng(cfg.seed).choice(len(idx), cfg.sample, replace=False).tolist())
+    mine = idx[rank * len(idx) // world:(rank + 1) * len(idx) // world]
     encoder = Encoder(cfg.embedder, max_length=cfg.max_length, batch_size=cfg.batch_size, precision=cfg.precision)
-    kept = dropped = 0
+    part = {name: out / f".{name}.rank{rank}.tmp" for name in ("kept", "dropped", "scores")}
     blocks = []
-    with open(out / ".kept.tmp", "w", encoding="utf-8") as fk, open(out / ".dropped.tmp", "w", encoding="utf-8") as fd:
-        for b in range(0, len(idx), cfg.block):
-            records = [source[i] for i in idx[b:b + cfg.block]]
+    with open(part["kept"], "w", encoding="utf-8") as fk, open(part["dropped"], "w", encoding="utf-8") as fd:
+        for b in range(0, len(mine), cfg.block):
+            records = [source[i] for i in mine[b:b + cfg.block]]
             block_scores = score_pairs(encoder, records)
-            blocks.append(block_scores)
+            blocks.append(block_scores.numpy())
             for r, s in zip(records, block_scores.tolist()):
                 row = {"query": r.query, "pos": r.pos, "neg": r.neg, "task": r.task, "instruction": r.instruction,
                        "score": round(s, 6)}
                 if r.type:
                     row["type"] = r.type
-                if s > cfg.threshold:
-                    fk.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    kept += 1
-                else:
-                    fd.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    dropped += 1
-    scores = torch.cat(blocks) if blocks else torch.empty(0)
-    (out / ".kept.tmp").replace(out / "kept.jsonl")
-    (out / ".dropped.tmp").replace(out / "dropped.jsonl")
-    summary = {"embedder": cfg.embedder, "threshold": cfg.threshold, "precision": encoder.precision,
-               "scored": len(idx), "kept": kept, "dropped": dropped, "kept_fraction": kept / max(len(idx), 1),
-               "skipped_bad_records": sum(source.rejected.values()),
-               "score_mean": float(scores.mean()) if len(idx) else float("nan"),
-               "score_quantiles": {str(q): float(np.quantile(scores.numpy(), q)) for q in (0.1, 0.5, 0.9)} if len(idx) else {}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    histogram(scores.numpy(), cfg.threshold, out / "histogram.png", title=f"cosine filter: {Path(cfg.embedder).parent.name}/{Path(cfg.embedder).name}")
+                (fk if s > cfg.threshold else fd).write(json.dumps(row, ensure_ascii=False) + "\n")
+    np.concatenate(blocks or [np.empty(0, np.float32)]).astype(np.float32).tofile(part["scores"])
+    dist.barrier()
+    summary = {}
+    if rank == 0:
+        scores = np.concatenate([np.fromfile(out / f".scores.rank{r}.tmp", dtype=np.float32) for r in range(world)])
+        for r in range(world):
+            (out / f".scores.rank{r}.tmp").unlink()
+        for name in ("kept", "dropped"):
+            join_parts([out / f".{name}.rank{r}.tmp" for r in range(world)], out / f"{name}.jsonl")
+        kept = int((scores.astype(np.float64) > cfg.threshold).sum())  # the rows' own test
+        summary = {"embedder": cfg.embedder, "threshold": cfg.threshold, "precision": encoder.precision,
+                   "processes": world, "scored": len(idx), "kept": kept, "dropped": len(idx) - kept,
+                   "kept_fraction": kept / max(len(idx), 1), "skipped_bad_records": sum(source.rejected.values()),
+                   "score_mean": float(scores.mean()) if len(idx) else float("nan"),
+                   "score_quantiles": {str(q): float(np.quantile(scores, q)) for q in (0.1, 0.5, 0.9)} if len(idx) else {}}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        histogram(scores, cfg.threshold, out / "histogram.png",
+                  title=f"cosine filter: {Path(cfg.embedder).parent.name}/{Path(cfg.embedder).name}")
+    summary = dist.broadcast_object(summary)
+    dist.cleanup()
     return summary
 
 

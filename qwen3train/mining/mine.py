@@ -34,7 +34,7 @@ from qwen3train.data.instructions import resolve_instruction
 from qwen3train.data.sources import IndexedSource, expand_files
 from qwen3train.eval.encoder import PRECISIONS, Encoder
 from qwen3train.eval.search import topk, topk_faiss
-from qwen3train.mining.store import encode_to_store
+from qwen3train.mining.store import encode_to_store, join_parts
 from qwen3train.text import DEFAULT_INSTRUCTION
 
 
@@ -179,14 +179,7 @@ def run_mine(cfg: MineConfig) -> dict:
     if rank == 0:
         total = defaultdict(int)
         for final, name in ((out, out.name), (out.with_name("no_negatives.jsonl"), "no_negatives")):
-            tmp = final.with_suffix(".tmp")
-            with open(tmp, "wb") as w:
-                for r in range(world):
-                    p = out.with_name(f".{name}.rank{r}.tmp")
-                    with open(p, "rb") as src:
-                        shutil.copyfileobj(src, w)
-                    p.unlink()
-            tmp.replace(final)
+            join_parts([out.with_name(f".{name}.rank{r}.tmp") for r in range(world)], final)
         for r in range(world):
             p = out.with_name(f".mine_stats.rank{r}.json")
             for k, v in json.loads(p.read_text()).items():

@@ -65,3 +65,15 @@ def _assemble(parts: Path, n_chunks: int, n: int, final: Path) -> None:
     del out
     tmp.replace(final)
     shutil.rmtree(parts)
+
+
+def join_parts(parts: list[Path], final: Path) -> None:
+    """Concatenate per-rank part files in order into ``final`` (atomically), removing the parts."""
+    tmp = final.with_name(f".{final.name}.joining")
+    with open(tmp, "wb") as w:
+        for p in parts:
+            with open(p, "rb") as src:
+                shutil.copyfileobj(src, w)
+    tmp.replace(final)
+    for p in parts:
+        p.unlink()

@@ -101,3 +101,33 @@ def test_two_process_mining_equals_one_process(tmp_path):
     for a, b in zip(one, two):
         assert a["query"] == b["query"] and a["neg"] == b["neg"] and a["neg_ranks"] == b["neg_ranks"]
         assert np.allclose(a["neg_scores"], b["neg_scores"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_filter_equals_one_process(tmp_path):
+    from qwen3train.data.prepare import import_collection
+
+    rows, _ = import_collection(SHARED / "data" / "dbpedia", None, None, 1)
+    pairs = [{"query": r["query"], "pos": [p], "task": r["task"]} for r in rows[:20] for p in r["pos"][:3]]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in pairs) + "{broken\n")  # one bad line, counted
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    got = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"p{nproc}"
+        args = [f"inputs=[{data}]", f"embedder={MINILM}", "precision=float32", "threshold=0.5", "block=16",
+                "max_length=128", f"output_dir={out}"]
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if nproc == 2
+               else [sys.executable]) + ["-m", "qwen3train.cli.main", "--config-name=filter", *args]
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["processes"] == nproc and summary["scored"] == len(pairs)
+        assert summary["skipped_bad_records"] == 1 and len((out / "rejects.jsonl").read_text().splitlines()) == 1
+        kept = [json.loads(x) for x in (out / "kept.jsonl").read_text().splitlines()]
+        dropped = [json.loads(x) for x in (out / "dropped.jsonl").read_text().splitlines()]
+        assert summary["kept"] == len(kept) and len(kept) + len(dropped) == len(pairs) and kept and dropped
+        assert not list(out.glob(".*rank*")) and (out / "histogram.png").exists()
+        got[nproc] = (kept, dropped)
+    for a, b in zip(got[1][0] + got[1][1], got[2][0] + got[2][1]):
+        assert a["query"] == b["query"] and a["pos"] == b["pos"] and abs(a["score"] - b["score"]) < 1e-5
