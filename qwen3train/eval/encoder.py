@@ -5,9 +5,9 @@ instruction-aware) or any sentence-transformers folder (e.g. all-MiniLM-L6-v2, m
 tensors in input order. ``precision`` picks the compute dtype: ``float32`` (default here: evaluation
 figures must not depend on the machine), ``bfloat16`` / ``float16``, or ``auto`` = bfloat16 where the
 hardware computes it natively (CUDA with bf16, x86 CPUs with AVX512-BF16 or AMX, Arm CPUs with BF16),
-float32 elsewhere. Embeddings are always returned (and cached) in float32. ``cached_docs`` stores document embeddings on disk keyed by the model's
-weights, the texts and the settings, so a corpus is encoded once and reused (mining, filtering,
-evaluation of the same model).
+float32 elsewhere. Embeddings are always returned (and cached) in float32. ``cached_docs`` stores
+document embeddings on disk keyed by the model's weights, the texts and the settings (under the same
+name as mining's store), so a corpus is encoded once and reused by mining and evaluation.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ chunk sorted by length inside the encoder, so batches pad little) and saved atom
 missing ones. When all chunks exist, rank 0 streams them into ``<store>/<key>.npy`` (float32,
 ``[N, D]``) and removes the parts; every rank then reads the result memory-mapped, so the resident
 memory of a caller is one chunk of embeddings, not the corpus. ``key`` is ``Encoder.cache_key``
-(weights, settings, instruction, texts): a store is reused by later runs of mining, filtering and
-evaluation with the same model.
+(weights, settings, instruction, texts): a store is reused by later mining runs and by evaluation
+(``Encoder.cached_docs``) with the same model.
 """
 
 from __future__ import annotations
