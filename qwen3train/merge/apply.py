@@ -15,7 +15,7 @@ import torch
 from qwen3train.merge import get_method
 from qwen3train.merge.gram import BufferRing, combine, combine_chunks, gram
 from qwen3train.merge.io import (MergeError, StreamingSafetensorsWriter, check_compatible, open_checkpoint,
-                                 plan_shards)
+                                 plan_shards, stream_tensors)
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -127,22 +127,23 @@ def merge_folders(inputs: list[str | Path], output_dir: str | Path, method: str 
     total = len(shards)
     weight_map = {}
     ring = BufferRing(StreamingSafetensorsWriter.QUEUE + 2)
+    all_readers = readers + ([base_reader] if base_reader is not None else [])
 
     for si, shard in enumerate(shards):
         fname = "model.safetensors" if total == 1 else f"model-{si + 1:05d}-of-{total:05d}.safetensors"
         entries = [(names[k], *metas[k]) for k in shard]
         writer = StreamingSafetensorsWriter(tmp / fname, entries)
-        for k in shard:
-            xs = [r.get(k) for r in readers]  # one tensor per input alive at a time
+        # one tensor per input alive at a time; the next one's pages are mapped meanwhile
+        for k, tensors in stream_tensors(all_readers, shard):
+            xs, b = tensors[:len(readers)], (tensors[-1] if base_reader is not None else None)
             if not xs[0].is_floating_point():
                 writer.write_chunk(xs[0])
             else:
-                b = base_reader.get(k) if base_reader is not None else None
                 xs, c = coefficients_for(fn, xs, w, t, b)
                 for chunk in combine_chunks(xs, c, metas[k][0], buffers=ring):
                     writer.write_chunk(chunk)
             weight_map[names[k]] = fname
-            del xs
+            del xs, tensors, b
         writer.close()
     if total > 1:
         size = sum((tmp / f).stat().st_size for f in set(weight_map.values()))

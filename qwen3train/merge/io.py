@@ -9,8 +9,11 @@ to its offset, so peak memory is one tensor (plus the merge's inputs), not a sha
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -34,29 +37,45 @@ def canonical(name: str) -> str:
 
 
 class FolderReader:
-    """Tensors of a Hugging Face folder by canonical name."""
+    """Tensors of a Hugging Face folder by canonical name, read from memory-mapped safetensors.
+
+    Each file's header is parsed once and the file mapped once (copy-on-write, so tensors are
+    writable views that never touch the file); ``get`` returns a view without copying. Tensors come
+    in file order (``keys``), so a merge reads every file front to back; ``stream_tensors`` reads ahead.
+    """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         single = self.folder / "model.safetensors"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {k: self.folder / v for k, v in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise MergeError(f"{index}: not a safetensors index ({e})") from None
+            paths = sorted({self.folder / v for v in weight_map.values()})
         elif single.exists():
-            with safe_open(single, "pt") as f:
-                files = {k: single for k in f.keys()}
+            paths = [single]
         else:
             raise MergeError(f"{self.folder}: no model.safetensors or model.safetensors.index.json")
         self.source_folder = self.folder  # where config and tokenizer live
-        self.names = {canonical(k): k for k in files}  # canonical -> stored name
-        self.files = {canonical(k): p for k, p in files.items()}
+        self.names: dict[str, str] = {}  # canonical -> stored name
+        self._where: dict[str, tuple[int, int, int]] = {}  # canonical -> (file, start byte, end byte)
         self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        for path in sorted(set(self.files.values())):
-            with safe_open(path, "pt") as f:
-                for k in f.keys():
-                    sl = f.get_slice(k)
-                    self._meta[canonical(k)] = (_dtype(sl.get_dtype()), tuple(sl.get_shape()))
+        self._maps: list[mmap.mmap | None] = [None] * len(paths)
+        self._addr: list[int | None] = [None] * len(paths)
+        self.paths = paths
+        entries = []
+        for fi, path in enumerate(paths):
+            for name, (dt, shape, start, end) in read_header(path).items():
+                entries.append((fi, start, name, dt, shape, end))
+        for fi, start, name, dt, shape, end in sorted(entries, key=lambda e: (e[0], e[1], e[5], e[2])):
+            key = canonical(name)
+            if key in self.names:
+                raise MergeError(f"{self.folder}: tensor {name!r} and {self.names[key]!r} are the same weight")
+            self.names[key] = name
+            self._meta[key] = (dt, shape)
+            self._where[key] = (fi, start, end)
 
     def keys(self) -> list[str]:
         return list(self.names)
@@ -64,9 +83,103 @@ class FolderReader:
     def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         return self._meta[key]
 
+    def _map(self, fi: int) -> mmap.mmap:
+        if self._maps[fi] is None:
+            with open(self.paths[fi], "rb") as f:
+                self._maps[fi] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._maps[fi]
+
     def get(self, key: str) -> torch.Tensor:
-        with safe_open(self.files[key], "pt") as f:
-            return f.get_tensor(self.names[key])
+        fi, start, end = self._where[key]
+        dt, shape = self._meta[key]
+        if end == start:
+            return torch.empty(shape, dtype=dt)
+        return torch.frombuffer(self._map(fi), dtype=dt, count=(end - start) // dt.itemsize,
+                                offset=start).view(shape)
+
+    def _advise(self, key: str, advice: int) -> None:
+        fi, start, end = self._where[key]
+        lo = start - start % mmap.PAGESIZE
+        if end > lo:
+            m = self._map(fi)
+            if self._addr[fi] is None:
+                self._addr[fi] = ctypes.addressof(ctypes.c_char.from_buffer(m))
+            madvise(self._addr[fi] + lo, end - lo, advice)
+
+    def prefetch(self, key: str) -> None:
+        """Start reading the tensor's pages from disk, asynchronously (MADV_WILLNEED)."""
+        self._advise(key, MADV_WILLNEED)
+
+    def populate(self, key: str) -> None:
+        """Map the tensor's pages into this process, reading them if needed (MADV_POPULATE_READ): one
+        call instead of a page fault per 4 KiB; the GIL is released meanwhile."""
+        self._advise(key, MADV_POPULATE_READ)
+
+
+MADV_WILLNEED = 3
+MADV_POPULATE_READ = 22  # Linux >= 5.14; refused (and ignored) elsewhere
+_libc = None
+
+
+def madvise(addr: int, length: int, advice: int) -> bool:
+    """libc ``madvise`` through ctypes (which releases the GIL, unlike ``mmap.madvise``); a hint only:
+    False where the system refuses it."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _libc = False
+    return bool(_libc) and _libc.madvise(addr, length, advice) == 0
+
+
+def stream_tensors(readers, keys: list[str]):
+    """Yield ``(key, [the tensor of each reader])`` in order while a helper thread maps the next
+    tensor's pages (reading them from disk if they are not cached) and asks for the one after."""
+    def load(i: int) -> None:
+        for r in readers:
+            if i + 1 < len(keys):
+                r.prefetch(keys[i + 1])
+            r.populate(keys[i])
+
+    if not keys:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="q3t-read") as pool:
+        ahead = pool.submit(load, 0)
+        for i, k in enumerate(keys):
+            ahead.result()
+            if i + 1 < len(keys):
+                ahead = pool.submit(load, i + 1)
+            yield k, [r.get(k) for r in readers]
+
+
+def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, start, end) with absolute byte offsets, checked against the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise MergeError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise MergeError(f"{path}: unreadable safetensors header ({e})") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dt, shape = _dtype(info["dtype"]), tuple(int(d) for d in info["shape"])
+            start, end = (8 + n + int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise MergeError(f"{path}: tensor {name!r}: bad header entry {info!r} ({e})") from None
+        if end - start != _nbytes(dt, shape) or end > size or (start - 8 - n) % dt.itemsize:
+            raise MergeError(f"{path}: tensor {name!r}: offsets {info['data_offsets']} do not fit dtype "
+                             f"{info['dtype']}, shape {list(shape)} and file size {size}")
+        out[name] = (dt, shape, start, end)
+    return out
 
 
 class LoraReader:
@@ -96,6 +209,12 @@ class LoraReader:
 
     def meta(self, key: str):
         return self.base.meta(key)
+
+    def prefetch(self, key: str) -> None:
+        self.base.prefetch(key)
+
+    def populate(self, key: str) -> None:
+        self.base.populate(key)
 
     def get(self, key: str) -> torch.Tensor:
         w = self.base.get(key)
