@@ -2,8 +2,8 @@
 
 The build needs a C compiler (``$CC``, else ``cc``/``gcc``/``clang``); it is tried once
 per source version and machine, with ``-march=native`` and then without, and cached as
-``$QWEN3TRAIN_CACHE/kernels/<hash>.so`` (default ``~/.cache/qwen3train``), written atomically so
-concurrent processes may build at once. When no compiler works, or ``QWEN3TRAIN_NATIVE=0``, merging
+``$QWEN3TRAIN_CACHE/kernels/<hash>.so`` (default ``~/.cache/qwen3train``; a temporary folder when
+that is not writable), written atomically so concurrent processes may build at once. When no compiler works, or ``QWEN3TRAIN_NATIVE=0``, merging
 uses the torch implementation in ``gram.py`` (same formulas, ~2-3x slower on CPU) and says so once.
 """
 
@@ -66,10 +66,17 @@ def _build() -> Path:
         raise RuntimeError("no C compiler found (set CC)")
     src = SRC.read_bytes()
     key = hashlib.sha256(src + _machine_key().encode() + cc.encode()).hexdigest()[:16]
-    so = cache_dir() / f"merge-{key}.so"
-    if so.exists():
-        return so
-    so.parent.mkdir(parents=True, exist_ok=True)
+    fallback = Path(tempfile.gettempdir()) / f"qwen3train-kernels-{getattr(os, 'getuid', int)()}"
+    for folder in (cache_dir(), fallback):
+        so = folder / f"merge-{key}.so"
+        if so.exists():
+            return so
+        try:  # a read-only cache (a shared home on a cluster): build in the temporary folder instead
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                break
+        except OSError:
+            pass
     errors = []
     for arch in (["-march=native"], []):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)

@@ -4,6 +4,8 @@ replaced by the torch implementation when they cannot be built."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,6 +29,16 @@ def test_kernels_build_from_source_into_the_cache(tmp_path, monkeypatch):
     assert native.lib() is not None
     built = list((tmp_path / "kernels").glob("merge-*.so"))
     assert len(built) == 1 and not list((tmp_path / "kernels").glob("*.tmp*"))
+
+
+@needs_cc
+def test_unwritable_cache_builds_in_the_temporary_folder(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # the cache path is a file: no folder can be made there
+    monkeypatch.setenv("QWEN3TRAIN_CACHE", str(blocker))
+    monkeypatch.setattr(native, "_lib", False)
+    assert native.lib() is not None
+    assert Path(native.lib()._name).parent.name.startswith("qwen3train-kernels-")
 
 
 def test_unbuildable_kernels_fall_back_to_torch(tmp_path, monkeypatch, caplog):
