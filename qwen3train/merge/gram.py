@@ -52,7 +52,7 @@ def gram(xs: list[torch.Tensor], block: int = BLOCK) -> torch.Tensor:
         else:
             acc += (b @ b.T).double()
     if n <= 4:
-        acc = torch.tensor([[few[min(i, j)][max(i, j)] for j in range(n)] for i in range(n)], dtype=torch.float64)
+        return _assemble([[few[min(i, j)][max(i, j)] for j in range(n)] for i in range(n)])
     return _assemble(acc)
 
 

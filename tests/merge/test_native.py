@@ -56,7 +56,7 @@ def test_unbuildable_kernels_fall_back_to_torch(tmp_path, monkeypatch, caplog):
 @needs_cc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [2, 3, 5])
-def test_gram_frame_matches_a_float64_reference(dtype, n):
+def test_gram_frame_matches_a_float64_reference(dtype, n, monkeypatch):
     xs = inputs(n, dtype)
     x = torch.stack([t.double() for t in xs])
     d = x - x[0]
@@ -65,7 +65,10 @@ def test_gram_frame_matches_a_float64_reference(dtype, n):
     got = torch.tensor(native.gram_frame(xs), dtype=torch.float64)
     scale = want.abs().max()
     assert ((got - want).abs() / scale).max() < 1e-6
-    assert torch.allclose(G.gram(xs), x @ x.T, rtol=1e-6, atol=1e-6 * (x @ x.T).abs().max().item())
+    full = x @ x.T
+    assert torch.allclose(G.gram(xs), full, rtol=1e-6, atol=1e-6 * full.abs().max().item())
+    monkeypatch.setattr(native, "_lib", None)  # the torch fallback: same frame, fp32 sums over larger blocks
+    assert torch.allclose(G.gram(xs), full, rtol=1e-4, atol=1e-4 * full.abs().max().item())
 
 
 @needs_cc
