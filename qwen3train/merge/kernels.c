@@ -180,19 +180,8 @@ int q3t_block(void) { return BLOCK * SUPER; }
 int q3t_gram_part(const void *const *xs, int n, int dt, int64_t size, int64_t sb0, int64_t sb1, double *part) {
     if (n < 1 || n > MAXN) return -1;
     int nn = n * n;
-    if (n <= SMALLN) {
-        for (int64_t sb = sb0; sb < sb1; sb++) {
-            double *p = part + (sb - sb0) * nn;
-            memset(p, 0, (size_t)nn * sizeof(double));
-            int64_t end = (sb + 1) * SUPER * (int64_t)BLOCK;
-            if (end > size) end = size;
-            for (int64_t s = sb * SUPER * (int64_t)BLOCK; s < end; s += BLOCK)
-                GRAM_SMALL[n][dt](xs, s, (int)((end - s) < BLOCK ? (end - s) : BLOCK), p);
-        }
-        return 0;
-    }
-    float *buf = (float *)aligned_alloc(64, (size_t)n * BLOCK * sizeof(float));
-    if (!buf) return -2;
+    float *buf = NULL; /* fp32 copies of one block of every input, for the general kernel */
+    if (n > SMALLN && !(buf = (float *)aligned_alloc(64, (size_t)n * BLOCK * sizeof(float)))) return -2;
     for (int64_t sb = sb0; sb < sb1; sb++) {
         double *p = part + (sb - sb0) * nn;
         memset(p, 0, (size_t)nn * sizeof(double));
@@ -200,6 +189,10 @@ int q3t_gram_part(const void *const *xs, int n, int dt, int64_t size, int64_t sb
         if (end > size) end = size;
         for (int64_t s = sb * SUPER * (int64_t)BLOCK; s < end; s += BLOCK) {
             int m = (int)((end - s) < BLOCK ? (end - s) : BLOCK);
+            if (!buf) {
+                GRAM_SMALL[n][dt](xs, s, m, p);
+                continue;
+            }
             load_block(xs[0], dt, s, m, NULL, buf);
             for (int i = 1; i < n; i++) /* d_i = x_i - x_0: exact for bf16 and fp16 inputs */
                 load_block(xs[i], dt, s, m, buf, buf + (int64_t)i * BLOCK);

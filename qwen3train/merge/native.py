@@ -3,8 +3,9 @@
 The build needs a C compiler (``$CC``, else ``cc``/``gcc``/``clang``); it is tried once
 per source version and machine, with ``-march=native`` and then without, and cached as
 ``$QWEN3TRAIN_CACHE/kernels/<hash>.so`` (default ``~/.cache/qwen3train``; a temporary folder when
-that is not writable), written atomically so concurrent processes may build at once. When no compiler works, or ``QWEN3TRAIN_NATIVE=0``, merging
-uses the torch implementation in ``gram.py`` (same formulas, ~2-3x slower on CPU) and says so once.
+that is not writable), written atomically so concurrent processes may build at once. When no
+compiler works, or ``QWEN3TRAIN_NATIVE=0``, merging uses the torch implementation in ``gram.py``
+(same formulas, about 2x slower on CPU) and says so once.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ THREADS = 0  # kernel threads; 0: all of torch's threads but one, left to the ou
 
 
 def threads() -> int:
-    """The kernels are bound by memory bandwidth: on a few cores the writer's thread (copying the output
-    into the page cache, all through the merge) gains more from a core of its own than the kernels
-    would (measured on 2 cores: 0.53-0.63 s with one kernel thread, 0.67-0.81 s with two)."""
+    """On a few cores the writer's thread (copying the output into the page cache, all through the
+    merge) gains more from a core of its own than the kernels would (measured on 2 cores: 0.53-0.63 s
+    with one kernel thread, 0.67-0.81 s with two)."""
     return THREADS if THREADS > 0 else max(1, torch.get_num_threads() - 1)
 
 

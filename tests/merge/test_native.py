@@ -73,9 +73,10 @@ def test_gram_frame_matches_a_float64_reference(dtype, n, monkeypatch):
 
 @needs_cc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_combine_agrees_with_the_torch_implementation(dtype, monkeypatch):
-    xs = inputs(3, dtype)
-    c = torch.tensor([0.7, -0.2, 0.5], dtype=torch.float64)
+@pytest.mark.parametrize("n", [3, 5])  # the specialised kernel (n <= 4) and the general one
+def test_combine_agrees_with_the_torch_implementation(dtype, n, monkeypatch):
+    xs = inputs(n, dtype)
+    c = torch.tensor([0.7, -0.2, 0.5, 0.3, -0.1][:n], dtype=torch.float64)
     fused = G.combine(xs, c, dtype)
     want = sum(float(ci) * x.double() for ci, x in zip(c, xs))
     monkeypatch.setattr(native, "_lib", None)
