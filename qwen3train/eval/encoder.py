@@ -20,21 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qwen3train.precision import cpu_has_native_bf16
+
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU has bf16 dot-product instructions (oneDNN then runs bf16 GEMMs at 2-4x fp32)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = set()
-    for line in info.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def resolve_precision(precision: str) -> str:

@@ -33,7 +33,7 @@ from qwen3train import dist
 from qwen3train.data.instructions import resolve_instruction
 from qwen3train.data.sources import IndexedSource, expand_files
 from qwen3train.eval.encoder import PRECISIONS, Encoder
-from qwen3train.eval.search import topk, topk_faiss
+from qwen3train.eval.search import ExactSearch, FaissSearch
 from qwen3train.mining.store import encode_to_store, join_parts
 from qwen3train.text import DEFAULT_INSTRUCTION
 
@@ -152,6 +152,10 @@ def run_mine(cfg: MineConfig) -> dict:
         from qwen3train.models.build import ModelConfig, build_reranker
 
         reranker = build_reranker(ModelConfig(name_or_path=cfg.reranker, padding_side="left"))
+        if torch.cuda.is_available():
+            reranker.cuda()
+    # the corpus embeddings go to the GPU once (when they fit) and serve every block of queries
+    searcher = FaissSearch(dvec) if cfg.use_faiss else ExactSearch(dvec)
     lo, hi = rank * n // world, (rank + 1) * n // world
     part, part_none = out.with_name(f".{out.name}.rank{rank}.tmp"), out.with_name(f".no_negatives.rank{rank}.tmp")
     stats = defaultdict(int)
@@ -167,8 +171,7 @@ def run_mine(cfg: MineConfig) -> dict:
                 rows = pidx[~in_corpus] - len(docs)
                 pvec[~in_corpus] = extra[np.sort(rows)][np.argsort(np.argsort(rows))]
             pos_scores = (qvec * pvec).sum(1)
-            search = topk_faiss if cfg.use_faiss else topk
-            scores, idx = search(torch.from_numpy(qvec), dvec, cfg.range_max)
+            scores, idx = searcher.topk(torch.from_numpy(qvec), cfg.range_max)
             for bi, i in enumerate(range(b0, b1)):
                 row = _mine_one(source[i], idx[bi].tolist(), scores[bi].tolist(), float(pos_scores[bi]), docs, cfg,
                                 reranker, stats, seed=(cfg.seed, i))

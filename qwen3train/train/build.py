@@ -13,16 +13,18 @@ from qwen3train.train.rerank_task import RerankTask
 from qwen3train.train.task import EmbeddingTask
 
 
-def build_task(cfg, run_dir):
+def build_task(cfg, run_dir, train_precision: str = "fp32"):
+    """``train_precision``: the run's compute precision (``qwen3train.precision``); trainable
+    weights are loaded in float32 whatever ``model.dtype`` says, exports are written in ``model.dtype``."""
     run_dir = Path(run_dir)
     data = cfg.data
     rejects = data.rejects_file or str(run_dir / "rejects.jsonl")
     source = IndexedSource(expand_files(data.train_files), num_hard_negatives=data.num_hard_negatives,
                            on_error=data.on_error, rejects_path=rejects)
     if isinstance(cfg.loss, RerankLossConfig):  # the reranker track: same loop, another task
-        reranker = build_reranker(cfg.model, max_length=cfg.model.max_doc_length)
+        reranker = build_reranker(cfg.model, max_length=cfg.model.max_doc_length, train_precision=train_precision)
         return RerankTask(reranker, build_loss(cfg.loss), source, data, DEFAULT_RERANK_INSTRUCTION, cfg.run.seed)
-    embedder = build_embedder(cfg.model)
+    embedder = build_embedder(cfg.model, train_precision=train_precision)
     return EmbeddingTask(embedder, build_loss(cfg.loss), source, data, cfg.model.default_instruction,
                          cfg.run.seed)
 

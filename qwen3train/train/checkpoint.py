@@ -29,6 +29,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0  # next batch of the epoch's plan
     samples: int = 0
+    world_size: int | None = None  # processes that wrote the checkpoint (ZeRO state resumes only on as many)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -100,8 +101,12 @@ def prune(root: Path, keep_last: int, keep_every: int) -> None:
 
 
 def load(path: Path, engine) -> TrainState:
-    engine.load(path / "engine")
+    """Resume from ``path``. The torch engine resumes on any process count (its state is replicated);
+    a rank that did not exist when the checkpoint was written starts from its current RNG state."""
+    state = TrainState(**json.loads((path / "train_state.json").read_text()))
+    engine.load(path / "engine", saved_world=state.world_size)
     rng = path / f"rng_rank{dist.rank()}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
-    return TrainState(**json.loads((path / "train_state.json").read_text()))
+    state.world_size = dist.world_size()
+    return state

@@ -17,6 +17,7 @@ import torch
 
 from qwen3train import dist
 from qwen3train.data.batching import plan_epoch
+from qwen3train.precision import resolve_train_precision
 from qwen3train.train import checkpoint
 from qwen3train.train.checkpoint import TrainState
 from qwen3train.train.engine import build_engine
@@ -70,14 +71,17 @@ def run(cfg, hooks=None) -> Path:
     n_micro = cfg.engine.micro_steps(world)
     local = cfg.engine.local_batch(world)
 
-    task = build_task(cfg, run_dir)
+    precision = resolve_train_precision(cfg.engine.precision, cfg.model.dtype)
+    print0(f"compute precision {precision} (engine.precision={cfg.engine.precision}, model.dtype={cfg.model.dtype}); "
+           f"trainable weights and optimizer state float32, exports {cfg.model.dtype}")
+    task = build_task(cfg, run_dir, precision)
     source = task.source
     steps_per_epoch = len(plan_epoch(source, cfg.engine.global_batch_size, cfg.run.seed, 0)[0])
     if steps_per_epoch == 0:
         raise ValueError(f"{len(source)} usable records make no global batch of {cfg.engine.global_batch_size} "
                          f"(single-task batches, duplicates deferred): lower engine.global_batch_size")
     total = cfg.run.max_steps if cfg.run.max_steps > 0 else cfg.run.epochs * steps_per_epoch
-    engine = build_engine(task.module, cfg.engine, cfg.optim, total)
+    engine = build_engine(task.module, cfg.engine, cfg.optim, total, precision)
 
     state = TrainState()
     last = checkpoint.latest_checkpoint(run_dir) if cfg.run.resume else None
@@ -86,6 +90,8 @@ def run(cfg, hooks=None) -> Path:
         print0(f"resumed from {last} (step {state.step})")
     if dist.is_main():
         write_resolved_config(cfg, run_dir / "config.yaml")
+        if getattr(engine, "ds_config", None) is not None:  # what DeepSpeed ran with (derived + the user's file)
+            (run_dir / "deepspeed_config.json").write_text(json.dumps(engine.ds_config, indent=2))
         (run_dir / "data_summary.json").write_text(json.dumps(source.summary(), indent=2))
         if source.rejected:
             print0(f"skipped {sum(source.rejected.values())} bad records: {dict(source.rejected)} "
@@ -106,15 +112,17 @@ def run(cfg, hooks=None) -> Path:
             state.step += 1
             state.batch_in_epoch += 1
             state.samples += cfg.engine.global_batch_size
-            loss_all = dist.all_reduce_mean(loss.float()).item()
+            state.world_size = world
+            keys = sorted(stats)  # one collective for everything logged (dist.py puts it on the right device)
+            loss_all, tokens, *stat_vals = dist.mean_floats([loss.float().item(), batch.num_tokens,
+                                                             *(stats[k] for k in keys)])
+            tokens *= world
             if not math.isfinite(loss_all):
                 raise TrainingDiverged(
                     f"non-finite loss ({loss_all}) at step {state.step}; stopping. The last good checkpoint "
                     f"is {checkpoint.latest_checkpoint(run_dir)}; lower optim.lr or check the data.")
-            stat_t = dist.all_reduce_mean(torch.tensor([stats[k] for k in sorted(stats)], dtype=torch.float64))
-            tokens = dist.all_reduce_mean(torch.tensor(float(batch.num_tokens))).item() * world
             metrics = {"loss": loss_all, "lr": engine.lr(), "grad_norm": grad_norm, "epoch": state.epoch,
-                       **dict(zip(sorted(stats), stat_t.tolist()))}
+                       **dict(zip(keys, stat_vals))}
             tel.log(state.step, metrics, cfg.engine.global_batch_size, int(tokens))
             if cfg.run.save_every > 0 and state.step % cfg.run.save_every == 0 and state.step < total:
                 checkpoint.save(run_dir, state, engine, task, export_model=cfg.run.export_checkpoints,

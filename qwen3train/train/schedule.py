@@ -42,8 +42,11 @@ def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: 
     return min_ratio + (1.0 - min_ratio) * decay
 
 
-def build_optimizer(params, cfg: OptimConfig, total_steps: int):
-    """AdamW without weight decay on biases and norms; LambdaLR following ``lr_multiplier``."""
+def build_optimizer(params, cfg: OptimConfig, total_steps: int, make=None):
+    """AdamW without weight decay on biases and norms; LambdaLR following ``lr_multiplier``.
+
+    ``make(groups, lr, betas, eps)`` builds another AdamW implementation over the same groups
+    (DeepSpeed's CPU Adam under ZeRO-Offload); default ``torch.optim.AdamW``."""
     decay, no_decay = [], []
     for name, p in params:
         if not p.requires_grad:
@@ -51,7 +54,8 @@ def build_optimizer(params, cfg: OptimConfig, total_steps: int):
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    make = make or (lambda g, lr, betas, eps: torch.optim.AdamW(g, lr=lr, betas=betas, eps=eps))
+    opt = make(groups, cfg.lr, tuple(cfg.betas), cfg.eps)
     warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_multiplier(s, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio))

