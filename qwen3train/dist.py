@@ -68,11 +68,11 @@ def init(timeout_min: int = 30, *, single_process: bool = False) -> None:
         for key, val in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
                          ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(key, val)
-    kw = {}
     if torch.cuda.is_available():
+        # before the group exists: gloo initialises at once and NCCL (sub)groups must find the right GPU.
+        # No ``device_id``: it makes NCCL initialise eagerly, which DeepSpeed's own sub-groups do not expect.
         torch.cuda.set_device(local_rank())
-        kw["device_id"] = torch.device("cuda", local_rank())  # NCCL binds this rank to its GPU at once
-    dist.init_process_group(backend=backend_spec(), timeout=datetime.timedelta(minutes=timeout_min), **kw)
+    dist.init_process_group(backend=backend_spec(), timeout=datetime.timedelta(minutes=timeout_min))
 
 
 def _free_port() -> int:
@@ -92,12 +92,15 @@ def comm_device() -> torch.device:
 
 def barrier() -> None:
     if is_dist():
-        dist.barrier()
+        if comm_device().type == "cuda":  # name the GPU: NCCL would otherwise guess it from the rank
+            dist.barrier(device_ids=[comm_device().index])
+        else:
+            dist.barrier()
 
 
 def cleanup() -> None:
     if is_dist():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 

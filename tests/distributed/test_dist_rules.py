@@ -26,16 +26,16 @@ def test_cuda_process_group_has_a_cpu_backend(monkeypatch):
     counts and object broadcasts are CPU tensors, and a multi-GPU run stopped at its first step."""
     calls = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("set_device", i))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("set_device", (i, len(calls))))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: calls.setdefault("init", kw))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: calls.setdefault("init", (kw, len(calls))))
     monkeypatch.delenv("QWEN3TRAIN_DIST_BACKEND", raising=False)
     for key, val in (("WORLD_SIZE", "8"), ("RANK", "3"), ("LOCAL_RANK", "3")):
         monkeypatch.setenv(key, val)
     dist.init(timeout_min=5)
-    kw = calls["init"]
+    kw, order = calls["init"]
     assert _device_map(kw["backend"]) == {"cpu": "gloo", "cuda": "nccl"}
-    assert kw["device_id"] == torch.device("cuda", 3) and calls["set_device"] == 3
+    assert calls["set_device"] == (3, 0) and order == 1  # this rank's GPU chosen before the group exists
     assert kw["timeout"] == datetime.timedelta(minutes=5)
     # without CUDA: gloo for everything
     assert _device_map(dist.backend_spec(cuda=False))["cpu"] == "gloo"
