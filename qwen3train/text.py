@@ -4,9 +4,11 @@ Conventions (spec §1.2-1.4):
 - a query is ``Instruct: {instruction}\\nQuery:{query}`` (no space after ``Query:``; template
   configurable); with no instruction the query is used raw;
 - a document is raw text (asymmetric tasks); symmetric tasks give documents the same instruction;
-- the content is truncated to ``max_length - 1`` tokens and ``<|endoftext|>`` (id 151643, looked up
-  from the tokenizer by its text, never ``eos_token``, which is ``<|im_end|>``) is appended
-  explicitly, exactly once, whatever the tokenizer's own post-processor does;
+- the content is truncated to ``max_length - 1`` tokens and the end token is appended explicitly,
+  exactly once, whatever the tokenizer's own post-processor does. Which token (``resolve_end_token``):
+  the configured one (``model.end_token``), else the family's end-of-text token (Qwen and SmolLM2:
+  ``<|endoftext|>``, id 151643 for Qwen, never its ``eos_token`` ``<|im_end|>``; Llama 3:
+  ``<|end_of_text|>``), else the tokenizer's ``eos_token``;
 - pooling reads the attention mask, never token ids: the pad id is the same 151643.
 """
 
@@ -18,6 +20,8 @@ from typing import Sequence
 import torch
 
 ENDOFTEXT = "<|endoftext|>"
+# end-of-text markers by family, in order of preference: Qwen / GPT-2 / SmolLM2, then Llama 3
+END_OF_TEXT_TOKENS = (ENDOFTEXT, "<|end_of_text|>")
 DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{query}"
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
@@ -38,6 +42,24 @@ def query_prompt(instruction: str, template: str = DEFAULT_QUERY_TEMPLATE) -> st
     return text[: -len(marker)]
 
 
+def resolve_end_token(tokenizer, configured: str | None = None) -> str:
+    """The token every embedder input ends with: ``configured``, else the family's end-of-text token,
+    else ``eos_token``. A token counts when it is in the vocabulary (SmolLM2's ``<|endoftext|>`` is id 0
+    and also its unk token, and is still a real token)."""
+    vocab = tokenizer.get_vocab()
+    if configured:
+        if configured not in vocab:
+            raise ValueError(f"model.end_token={configured!r} is not a token of this tokenizer")
+        return configured
+    for token in END_OF_TEXT_TOKENS:
+        if token in vocab:
+            return token
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos and eos in vocab:
+        return eos
+    raise ValueError("the tokenizer has no end-of-text token and no eos_token: set model.end_token")
+
+
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
     """Pad id lists into ``input_ids``/``attention_mask`` tensors on the ``side`` given."""
     width = max(len(s) for s in seqs)
@@ -56,23 +78,21 @@ class EmbeddingTokenizer:
 
     Args:
         tokenizer: a Hugging Face tokenizer (fast or slow).
-        end_token: the token appended to every input (Qwen3: ``<|endoftext|>``).
+        end_token: the token appended to every input; None: ``resolve_end_token``'s rule
+            (Qwen3: ``<|endoftext|>``).
         padding_side: ``"right"`` (training default) or ``"left"`` (official inference default);
             pooling is correct for both.
     """
 
     tokenizer: object
-    end_token: str = ENDOFTEXT
+    end_token: str | None = None
     padding_side: str = "right"
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
-        end_id = self.tokenizer.convert_tokens_to_ids(self.end_token)
-        unk = getattr(self.tokenizer, "unk_token_id", None)
-        if end_id is None or (unk is not None and end_id == unk):
-            raise ValueError(f"tokenizer has no token {self.end_token!r} to append")
-        self.end_id = int(end_id)
+        self.end_token = resolve_end_token(self.tokenizer, self.end_token)
+        self.end_id = int(self.tokenizer.get_vocab()[self.end_token])
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.end_id
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwen3train.text import DEFAULT_INSTRUCTION, DEFAULT_QUERY_TEMPLATE, ENDOFTEXT
+from qwen3train.text import DEFAULT_INSTRUCTION, DEFAULT_QUERY_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ class ModelConfig:
     # Query format: the official inference string; the exact training string is UNCONFIRMED (spec §1.2).
     query_template: str = DEFAULT_QUERY_TEMPLATE
     default_instruction: str = DEFAULT_INSTRUCTION
-    end_token: str = ENDOFTEXT
+    # The token appended to every input. null: the one a qwen3train export records, else the rule in
+    # qwen3train.text.resolve_end_token (the family's end-of-text token, else eos_token).
+    end_token: str | None = None
     max_query_length: int = 512
     max_doc_length: int = 512
     # Right padding in training (spec §1.4 RECOMMENDATION); pooling reads the mask, so left works too.
@@ -94,6 +96,15 @@ def resolve_attn_implementation(name: str) -> str:
     return name
 
 
+def export_meta(path: str) -> dict:
+    """``qwen3train.json`` of an export (what it was trained with), or {} for any other checkpoint."""
+    import json
+    from pathlib import Path
+
+    meta = Path(path) / "qwen3train.json"
+    return json.loads(meta.read_text()) if meta.exists() else {}
+
+
 def load_dtype(cfg: ModelConfig, train_precision: str | None) -> torch.dtype:
     """The dtype weights are loaded in: ``model.dtype`` for inference; float32 for training (master
     weights, see ``qwen3train.precision``), except frozen LoRA base weights under bf16 compute,
@@ -137,7 +148,7 @@ def build_embedder(cfg: ModelConfig, path: str | None = None, train_precision: s
     tokenizer = load_tokenizer(cfg.tokenizer or path)
     emb = Embedder(backbone, tokenizer, query_template=cfg.query_template,
                    max_query_length=cfg.max_query_length, max_doc_length=cfg.max_doc_length,
-                   padding_side=cfg.padding_side, end_token=cfg.end_token)
+                   padding_side=cfg.padding_side, end_token=cfg.end_token or export_meta(path).get("end_token"))
     emb.export_dtype = DTYPES[cfg.dtype]
     return emb
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qwen3train.models.pooling import last_token_pool, normalize
-from qwen3train.text import DEFAULT_QUERY_TEMPLATE, ENDOFTEXT, EmbeddingTokenizer, format_query
+from qwen3train.text import DEFAULT_QUERY_TEMPLATE, EmbeddingTokenizer, format_query
 
 
 class Embedder(nn.Module):
@@ -24,7 +24,7 @@ class Embedder(nn.Module):
         query_template: how an instruction and a query are joined (spec §1.2).
         max_query_length / max_doc_length: token budgets including the appended end token.
         padding_side: batch padding side; pooling is correct for both.
-        end_token: the token appended to every input.
+        end_token: the token appended to every input (None: the family rule, ``text.resolve_end_token``).
     """
 
     def __init__(
@@ -36,7 +36,7 @@ class Embedder(nn.Module):
         max_query_length: int = 512,
         max_doc_length: int = 512,
         padding_side: str = "right",
-        end_token: str = ENDOFTEXT,
+        end_token: str | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone

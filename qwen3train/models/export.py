@@ -140,13 +140,23 @@ def export_embedder(embedder, out_dir: str | os.PathLike, *, instruction: str,
     return out
 
 
-RERANK_TEMPLATE = Path(__file__).resolve().parents[1] / "resources" / "reranker_chat_template.jinja"
+def _literal(text: str) -> str:
+    """``text`` as a Jinja expression (a string literal: no block tag, so trim_blocks cannot eat a newline)."""
+    return "{{ " + json.dumps(text) + " }}"
 
 
-def reranker_chat_template(original: str | None) -> str:
-    """The official reranker prompt when the messages carry ``query``/``document`` roles (how
+def reranker_chat_template(original: str | None, prefix: str, suffix: str, default_instruction: str) -> str:
+    """The reranker prompt (``prefix`` + ``<Instruct>/<Query>/<Document>`` body + ``suffix``, as
+    ``Reranker.token_ids`` builds it) when the messages carry ``query``/``document`` roles (how
     sentence-transformers' CrossEncoder passes a pair), the model's own template otherwise."""
-    pair = RERANK_TEMPLATE.read_text(encoding="utf-8")
+    def role(name: str) -> str:
+        return f'(messages | selectattr("role", "eq", "{name}") | map(attribute="content") | first)'
+
+    pair = ("{%- set query = " + role("query") + " -%}"
+            "{%- set document = " + role("document") + " -%}"
+            "{%- set instruction = " + role("instruction") + " or " + json.dumps(default_instruction) + " -%}"
+            + _literal(prefix + "<Instruct>: ") + "{{ instruction }}" + _literal("\n<Query>: ") + "{{ query }}"
+            + _literal("\n<Document>: ") + "{{ document }}" + _literal(suffix))
     if not original:
         return pair
     return ('{%- if messages | selectattr("role", "eq", "query") | list -%}' + pair +
@@ -183,7 +193,8 @@ def export_reranker(reranker, out_dir: str | os.PathLike, state_dict: dict | Non
     out.mkdir(parents=True, exist_ok=True)
     _save_weights(reranker.lm, out, state_dict, getattr(reranker, "export_dtype", None))
     tok = copy.deepcopy(reranker.tokenizer)
-    tok.chat_template = reranker_chat_template(reranker.tokenizer.chat_template)
+    tok.chat_template = reranker_chat_template(reranker.tokenizer.chat_template, reranker.prefix, reranker.suffix,
+                                               reranker.default_instruction)
     tok.save_pretrained(out)
     write_cross_encoder_files(out, reranker.yes_id, reranker.no_id)
     meta = {"kind": "reranker", "max_length": reranker.max_length,

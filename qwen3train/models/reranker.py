@@ -1,4 +1,10 @@
-"""The Qwen3 yes/no reranker: official prompt, document-only truncation, two-row LM head."""
+"""The Qwen3 yes/no reranker: official prompt, document-only truncation, two-row LM head.
+
+Other backbones: the prompt around the pair comes from the model's own chat template (system message
+= the official instruction to judge, user message = the pair, generation prompt, thinking off), which
+for a Qwen3 tokenizer reproduces the official strings exactly; the "yes"/"no" ids come from the
+model's own tokenizer (9693 / 2152 only for Qwen vocabularies) and must be single tokens.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,33 @@ RERANK_PREFIX = f"<|im_start|>system\n{RERANK_SYSTEM}<|im_end|>\n<|im_start|>use
 RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 RERANK_BODY = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
 DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def reranker_prompt(tokenizer) -> tuple[str, str]:
+    """(prefix, suffix) around the ``<Instruct>/<Query>/<Document>`` body, from the tokenizer's chat
+    template (the official Qwen3 strings for a tokenizer without one)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return RERANK_PREFIX, RERANK_SUFFIX
+    marker = "\u0000BODY\u0000"
+    text = tokenizer.apply_chat_template([{"role": "system", "content": RERANK_SYSTEM},
+                                          {"role": "user", "content": marker}],
+                                         tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    if text.count(marker) != 1:
+        raise ValueError("the tokenizer's chat template does not render the reranker's user message once")
+    prefix, suffix = text.split(marker)
+    return prefix, suffix
+
+
+def yes_no_ids(tokenizer) -> tuple[int, int]:
+    """Ids of "yes" and "no" in this tokenizer; each must be one token."""
+    out = []
+    for word in ("yes", "no"):
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"the reranker needs {word!r} to be one token; this tokenizer gives {ids}")
+        out.append(int(ids[0]))
+    return out[0], out[1]
 
 
 class Reranker(nn.Module):
@@ -42,10 +75,10 @@ class Reranker(nn.Module):
         self.max_length = max_length
         self.padding_side = padding_side
         self.default_instruction = default_instruction
-        self.prefix_ids = tokenizer.encode(RERANK_PREFIX, add_special_tokens=False)
-        self.suffix_ids = tokenizer.encode(RERANK_SUFFIX, add_special_tokens=False)
-        self.yes_id = int(tokenizer.convert_tokens_to_ids("yes"))
-        self.no_id = int(tokenizer.convert_tokens_to_ids("no"))
+        self.prefix, self.suffix = reranker_prompt(tokenizer)
+        self.prefix_ids = tokenizer.encode(self.prefix, add_special_tokens=False)
+        self.suffix_ids = tokenizer.encode(self.suffix, add_special_tokens=False)
+        self.yes_id, self.no_id = yes_no_ids(tokenizer)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         if self.max_length <= len(self.prefix_ids) + len(self.suffix_ids) + 8:
             raise ValueError(f"max_length {max_length} leaves no room for the query and document")
