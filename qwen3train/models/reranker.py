@@ -33,9 +33,13 @@ def reranker_prompt(tokenizer) -> tuple[str, str]:
     if not template:
         return RERANK_PREFIX, RERANK_SUFFIX
     marker = "\u0000BODY\u0000"
-    text = tokenizer.apply_chat_template([{"role": "system", "content": RERANK_SYSTEM},
-                                          {"role": "user", "content": marker}],
-                                         tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": RERANK_SYSTEM},
+                                              {"role": "user", "content": marker}],
+                                             tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    except Exception as e:  # noqa: BLE001 - a template's own error, reported with what the reranker needs
+        raise ValueError(f"the tokenizer's chat template cannot render a system + user conversation, which the "
+                         f"reranker prompt needs: {e}") from e
     if text.count(marker) != 1:
         raise ValueError("the tokenizer's chat template does not render the reranker's user message once")
     prefix, suffix = text.split(marker)
