@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from qwen3train.errors import ConfigError
+
 ENDOFTEXT = "<|endoftext|>"
 # end-of-text markers by family, in order of preference: Qwen / GPT-2 / SmolLM2, then Llama 3
 END_OF_TEXT_TOKENS = (ENDOFTEXT, "<|end_of_text|>")
@@ -49,7 +51,7 @@ def resolve_end_token(tokenizer, configured: str | None = None) -> str:
     vocab = tokenizer.get_vocab()
     if configured:
         if configured not in vocab:
-            raise ValueError(f"model.end_token={configured!r} is not a token of this tokenizer")
+            raise ConfigError(f"model.end_token={configured!r} is not a token of this tokenizer")
         return configured
     for token in END_OF_TEXT_TOKENS:
         if token in vocab:
@@ -57,7 +59,7 @@ def resolve_end_token(tokenizer, configured: str | None = None) -> str:
     eos = getattr(tokenizer, "eos_token", None)
     if eos and eos in vocab:
         return eos
-    raise ValueError("the tokenizer has no end-of-text token and no eos_token: set model.end_token")
+    raise ConfigError("the tokenizer has no end-of-text token and no eos_token: set model.end_token")
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
@@ -92,7 +94,7 @@ class EmbeddingTokenizer:
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         self.end_token = resolve_end_token(self.tokenizer, self.end_token)
-        self.end_id = int(self.tokenizer.get_vocab()[self.end_token])
+        self.end_id = int(self.tokenizer.convert_tokens_to_ids(self.end_token))
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.end_id
 

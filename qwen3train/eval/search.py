@@ -101,7 +101,7 @@ class FaissSearch:
             index = faiss.index_cpu_to_all_gpus(index)
         self.index, self.n = index, int(corpus.shape[0])
 
-    def topk(self, q, k: int, q_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, q, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         v, i = self.index.search(_rows(q, 0, q.shape[0], torch.device("cpu")).numpy(), min(k, self.n))
         return torch.from_numpy(v), torch.from_numpy(i).long()
 

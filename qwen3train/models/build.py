@@ -78,10 +78,8 @@ def load_tokenizer(path: str):
 
 
 def resolve_attn_implementation(name: str) -> str:
-    """``name`` if it can run here; ``flash_attention_2`` without the ``flash_attn`` package or
-    without CUDA falls back to ``sdpa`` (logged), any other unknown name is an error."""
-    if name not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"model.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {name!r}")
+    """``name`` if it can run here (``ModelConfig`` checked it is known); ``flash_attention_2``
+    without the ``flash_attn`` package or without CUDA falls back to ``sdpa``, logged."""
     if name == "flash_attention_2":
         import importlib.util
 

@@ -53,21 +53,15 @@ def _save_weights(model: nn.Module, out: Path, state_dict: dict | None = None, d
     """Save under the plain architecture. ``dtype``: the export dtype (``model.dtype``); training
     keeps float32 masters, exports are cast here so a bf16 model is written back in bf16."""
     plain, weights = plain_state_dict(model, state_dict)
-    if dtype is None:
-        if weights is None:
-            plain.save_pretrained(out, safe_serialization=True)
-        else:
-            plain.save_pretrained(out, safe_serialization=True, state_dict=weights)
-        return
-    if weights is None:
-        weights = plain.state_dict()
-    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    if dtype is not None:
+        weights = {k: v.to(dtype) if v.is_floating_point() else v
+                   for k, v in (weights if weights is not None else plain.state_dict()).items()}
     plain.save_pretrained(out, safe_serialization=True, state_dict=weights)
-    # save_pretrained names the in-memory dtype (float32 masters); config.json must name the file's
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["dtype"] = str(dtype).removeprefix("torch.")
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if dtype is not None:  # save_pretrained names the in-memory dtype (float32 masters), not the file's
+        cfg_path = out / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["dtype"] = str(dtype).removeprefix("torch.")
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def tokenizer_with_end_token(tokenizer, end_token: str):

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from qwen3train.errors import ConfigError
 from qwen3train.models.pooling import last_token_pool
 from qwen3train.text import pad_batch
 
@@ -38,10 +39,10 @@ def reranker_prompt(tokenizer) -> tuple[str, str]:
                                               {"role": "user", "content": marker}],
                                              tokenize=False, add_generation_prompt=True, enable_thinking=False)
     except Exception as e:  # noqa: BLE001 - a template's own error, reported with what the reranker needs
-        raise ValueError(f"the tokenizer's chat template cannot render a system + user conversation, which the "
+        raise ConfigError(f"the tokenizer's chat template cannot render a system + user conversation, which the "
                          f"reranker prompt needs: {e}") from e
     if text.count(marker) != 1:
-        raise ValueError("the tokenizer's chat template does not render the reranker's user message once")
+        raise ConfigError("the tokenizer's chat template does not render the reranker's user message once")
     prefix, suffix = text.split(marker)
     return prefix, suffix
 
@@ -52,7 +53,7 @@ def yes_no_ids(tokenizer) -> tuple[int, int]:
     for word in ("yes", "no"):
         ids = tokenizer.encode(word, add_special_tokens=False)
         if len(ids) != 1:
-            raise ValueError(f"the reranker needs {word!r} to be one token; this tokenizer gives {ids}")
+            raise ConfigError(f"the reranker needs {word!r} to be one token; this tokenizer gives {ids}")
         out.append(int(ids[0]))
     return out[0], out[1]
 

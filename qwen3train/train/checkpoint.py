@@ -108,5 +108,4 @@ def load(path: Path, engine) -> TrainState:
     rng = path / f"rng_rank{dist.rank()}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
-    state.world_size = dist.world_size()
     return state
