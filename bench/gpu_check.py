@@ -4,7 +4,8 @@
 
 Sections, each in its own subprocess (a failure is recorded and the others still run):
 
-  a. stage 1 in bf16 compute under ``engine=torch`` and ``engine=zero2`` on the tiny Qwen3, on a
+  a. stage 1 in bf16 compute under ``engine=torch`` and ``engine=zero2`` (and ``model.compile=true`` on
+     the real-size models) on the tiny Qwen3, on a
      random model of Qwen3-0.6B's exact shape (same cost per token as the released model: tokens/s and
      MFU hold for it) and on Qwen2.5-Coder-0.5B-Instruct when converted (``make qwen25-coder``): loss
      at the start and end, tokens/s, MFU, peak memory.
@@ -87,9 +88,12 @@ def section_train(out: Path, quick: bool) -> dict:
         big = name != "tiny-qwen3"
         batch = (64 if big else 128) if cuda else 16
         steps = (30 if big else 40) if cuda else 4
-        for engine in ("torch", "zero2"):
-            run_dir = out / "train" / f"{name.split()[0]}-{engine}"
+        # "+compile": model.compile=true (regional torch.compile), measured on the real-size models only
+        for variant in ("torch", "zero2") + (("torch+compile",) if big and cuda else ()):
+            engine = variant.split("+")[0]
+            run_dir = out / "train" / f"{name.split()[0]}-{variant.replace('+', '-')}"
             cmd = [sys.executable, "-m", "qwen3train.cli.main", "--config-name=stage1", f"engine={engine}",
+                   f"model.compile={'compile' in variant}",
                    "engine.precision=bf16", f"engine.micro_batch_size={batch}", f"engine.global_batch_size={batch}",
                    f"model.name_or_path={path}", f"model.dtype={dtype}", "model.gradient_checkpointing=false",
                    "model.max_query_length=64", f"model.max_doc_length={256 if cuda else 96}",
@@ -99,7 +103,7 @@ def section_train(out: Path, quick: bool) -> dict:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                                   env=dict(os.environ, PYTHONWARNINGS="ignore"))
             if proc.returncode != 0:
-                res[f"{name} / {engine}"] = {"error": proc.stderr[-1500:]}
+                res[f"{name} / {variant}"] = {"error": proc.stderr[-1500:]}
                 continue
             rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             steady = rows[2:] or rows
@@ -114,7 +118,7 @@ def section_train(out: Path, quick: bool) -> dict:
                 entry["mfu"] = round(statistics.median(r["mfu"] for r in steady), 4)
             if "gpu_mem_gib" in rows[-1]:
                 entry["peak_gpu_mem_gib"] = round(rows[-1]["gpu_mem_gib"], 2)
-            res[f"{name} / {engine}"] = entry
+            res[f"{name} / {variant}"] = entry
     return {"runs": res, "skipped": skipped}
 
 
@@ -247,11 +251,35 @@ def section_mine(out: Path, quick: bool) -> dict:
     res = {"queries": len(rows), "corpus": len(corpus), "device": dev, "precision": precision,
            "model": "qwen3-0.6b-shape (random)" if _cuda() else "tiny-qwen3 export"}
     sync = torch.cuda.synchronize if _cuda() else (lambda: None)
+    # the same query strings ours encodes: each record's instruction in the official query format
+    prompts = [format_query(r["query"], resolve_instruction(r.get("task", "default"), r.get("instruction"), {},
+                                                            DEFAULT_INSTRUCTION)) for r in rows]
+
+    def ours_mine(src: Path, dst: Path) -> None:
+        run_mine(MineConfig(inputs=[str(src)], corpus=[str(cfile)], embedder=str(model_dir), output=str(dst),
+                            cache_dir=None, num_negatives=3, range_min=0, range_max=50, max_score_ratio=None,
+                            max_length=256, batch_size=128, precision=precision))
+
+    def st_mine(n: int):
+        st = SentenceTransformer(str(model_dir), device=dev, model_kwargs={"dtype": getattr(torch, precision)})
+        st.max_seq_length = 256
+        ds = Dataset.from_dict({"query": prompts[:n], "pos": [r["pos"][0] for r in rows[:n]]})
+        # query_prompt="": the strings are already formatted; None would prepend the export's "query" prompt again
+        return mine_hard_negatives(ds, st, corpus=corpus, query_prompt="", corpus_prompt="", range_min=0,
+                                   range_max=50, num_negatives=3, sampling_strategy="top", batch_size=128,
+                                   output_format="n-tuple", verbose=False)
+
+    # warm-up, untimed, of both: the first CUDA work of a process pays for kernel loading and library
+    # set-up (seconds), which would otherwise be charged to whichever runs first
+    warm = out / "mine" / "warm.jsonl"
+    warm.write_text("".join(json.dumps(r) + "\n" for r in rows[:64]))
+    ours_mine(warm, out / "mine" / "warm_out.jsonl")
+    st_mine(64)
+    if _cuda():
+        torch.cuda.empty_cache()
     sync()
     t = time.perf_counter()
-    s = run_mine(MineConfig(inputs=[str(pairs)], corpus=[str(cfile)], embedder=str(model_dir),
-                            output=str(out / "mine" / "ours.jsonl"), cache_dir=None, num_negatives=3, range_min=0,
-                            range_max=50, max_score_ratio=None, max_length=256, batch_size=128, precision=precision))
+    ours_mine(pairs, out / "mine" / "ours.jsonl")
     sync()
     res["ours_s"] = round(time.perf_counter() - t, 2)
     ours = {json.loads(x)["query"]: sorted(json.loads(x).get("neg", []))
@@ -259,16 +287,7 @@ def section_mine(out: Path, quick: bool) -> dict:
     if _cuda():
         torch.cuda.empty_cache()
     t = time.perf_counter()
-    st = SentenceTransformer(str(model_dir), device=dev, model_kwargs={"dtype": getattr(torch, precision)})
-    st.max_seq_length = 256
-    # the same query strings ours encodes: each record's instruction in the official query format
-    prompts = [format_query(r["query"], resolve_instruction(r.get("task", "default"), r.get("instruction"), {},
-                                                            DEFAULT_INSTRUCTION)) for r in rows]
-    ds = Dataset.from_dict({"query": prompts, "pos": [r["pos"][0] for r in rows]})
-    # query_prompt="": the strings are already formatted; None would prepend the export's stored "query" prompt again
-    mined = mine_hard_negatives(ds, st, corpus=corpus, query_prompt="", corpus_prompt="", range_min=0, range_max=50,
-                                num_negatives=3,
-                                sampling_strategy="top", batch_size=128, output_format="n-tuple", verbose=False)
+    mined = st_mine(len(rows))
     sync()
     res["st_s"] = round(time.perf_counter() - t, 2)
     back = dict(zip(prompts, (r["query"] for r in rows)))

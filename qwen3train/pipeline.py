@@ -74,6 +74,7 @@ class PipelineConfig:
     rerank: TrainStage = field(default_factory=TrainStage)
     rerank_top_k: int = 20
     baseline: str | None = "auto"
+    eval_all_checkpoints: bool = True  # every stage-2 checkpoint in the table; false: the last one only
 
 
 SCHEMA = {TrainConfig: "train_schema", SynthConfig: "synth_schema", FilterConfig: "filter_schema",
@@ -164,7 +165,8 @@ class Pipeline:
         self.stage("merge", [o / "stage2" / "checkpoints"], [o / "merged"], lambda: self.launch("merge", mrg))
         rr = self.train_cfg(c.rerank, "rerank", [mine.output], None, base=c.reranker_model)
         self.stage("rerank", [mine.output], [o / "rerank" / "final"], lambda: self.launch("rerank", rr, c.ngpu))
-        rmrg = replace(c.merge, inputs=[], run_dir=str(o / "rerank"), output_dir=str(o / "rerank_merged"))
+        # dev selection scores embedders; the reranker's checkpoints are merged as configured
+        rmrg = replace(c.merge, inputs=[], run_dir=str(o / "rerank"), output_dir=str(o / "rerank_merged"), dev_file=None)
         self.stage("rerank_merge", [o / "rerank" / "checkpoints"], [o / "rerank_merged"],
                    lambda: self.launch("rerank_merge", rmrg))
         ev = self.eval_cfg()
@@ -180,7 +182,7 @@ class Pipeline:
         models = {"base": c.model.name_or_path, "stage1": str(o / "stage1" / "final")}
         from qwen3train.merge.apply import select_checkpoints
 
-        for p in select_checkpoints(o / "stage2", last=0, every=1):
+        for p in select_checkpoints(o / "stage2", last=0 if c.eval_all_checkpoints else 1, every=1):
             models[f"stage2@{int(p.parent.name.split('_')[1])}"] = str(p)
         models["merged"] = str(o / "merged")
         baseline = c.baseline
@@ -201,7 +203,8 @@ class Pipeline:
             else:
                 print(f"[pipeline] eval: collection {col} not found, left out", flush=True)
         rerankers = {"reranker(merged)": str(o / "rerank_merged")} if cols else {}
-        return replace(c.eval, models=models, pairs=pairs, collections=cols, output_dir=str(o / "eval"),
+        sts = [f for f in c.eval.sts if Path(f).exists()]
+        return replace(c.eval, models=models, pairs=pairs, collections=cols, sts=sts, output_dir=str(o / "eval"),
                        cache_dir=str(o / "cache"), rerankers=rerankers, rerank_retriever=str(o / "merged"),
                        rerank_top_k=c.rerank_top_k)
 

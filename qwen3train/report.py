@@ -94,6 +94,66 @@ def stage_deltas(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _avg(rows: list[dict], model: str, datasets: list[str]) -> float | None:
+    v = {r["dataset"]: r["ndcg@10"] for r in rows if r["model"] == model and r.get("dim") is None and "ndcg@10" in r}
+    if not datasets or any(d not in v for d in datasets):
+        return None
+    return sum(v[d] for d in datasets) / len(datasets)
+
+
+def summary(rows: list[dict], out: Path) -> list[str]:
+    """Average nDCG@10 per stage over the retrieval datasets every stage was scored on, the recipe's
+    targets checked one by one, where the model stands against BM25, STS, and the merge decision."""
+    models = {r["model"] for r in rows}
+    s2 = sorted((m for m in models if m.startswith("stage2@")), key=lambda m: int(m.split("@")[1]))
+    chain = [m for m in ["base", "stage1"] + s2[-1:] + ["merged"] if m in models]
+    if not chain:
+        return []
+    sets = sorted({r["dataset"] for r in rows if r["model"] == chain[0] and "ndcg@10" in r})
+    sets = [d for d in sets if all(any(r["model"] == m and r["dataset"] == d for r in rows) for m in chain)]
+    avg = {m: _avg(rows, m, sets) for m in models}
+    lines = [f"Average nDCG@10 over {len(sets)} retrieval sets ({', '.join(sets)}):", ""]
+    lines += ["| model | avg nDCG@10 |", "|---|---|"]
+    lines += [f"| {m} | {avg[m]:.4f} |" for m in sorted(models, key=lambda m: (m not in chain, m)) if avg.get(m) is not None]
+    lines.append("")
+    a = {m: avg.get(m) for m in chain}
+    checks = []
+    if s2 and all(a.get(m) is not None for m in ("base", "stage1", s2[-1])):
+        checks.append(("base < stage 1 < stage 2", a["base"] < a["stage1"] < a[s2[-1]]))
+    if s2 and a.get("merged") is not None and a.get(s2[-1]) is not None:
+        checks.append(("merged >= stage 2 (last checkpoint)", a["merged"] >= a[s2[-1]]))
+    rer = [r for r in rows if "ndcg@10_before" in r]
+    if rer:
+        gain = sum(r["ndcg@10"] - r["ndcg@10_before"] for r in rer) / len(rer)
+        checks.append((f"the reranker raises nDCG@10 over its first stage on average ({gain:+.4f})", gain > 0))
+    lines += [f"- target {name}: **{'met' if ok else 'NOT met'}**" for name, ok in checks]
+    bm25 = next((m for m in models if m.startswith("BM25")), None)
+    best = chain[-1]
+    if bm25:
+        b = {r["dataset"]: r["ndcg@10"] for r in rows if r["model"] == bm25 and "ndcg@10" in r}
+        v = {r["dataset"]: r["ndcg@10"] for r in rows if r["model"] == best and r.get("dim") is None and "ndcg@10" in r}
+        below = [d for d in sets if d in b and d in v and v[d] < b[d]]
+        common = [d for d in sets if d in b]
+        if common:
+            ours = sum(v[d] for d in common) / len(common)
+            theirs = sum(b[d] for d in common) / len(common)
+            verdict = "stays below" if ours < theirs else "is above"
+            lines.append(f"- against BM25: the {best} model {verdict} BM25 on average ({ours:.4f} vs {theirs:.4f}); "
+                         f"below it on {len(below)} of {len(common)} sets" + (f" ({', '.join(below)})" if below else ""))
+    sts = [r for r in rows if "spearman" in r and r.get("dim") is None]
+    if sts:
+        lines.append("- STS (Spearman): " + ", ".join(f"{r['model']} {r['spearman']:.4f}" for r in sts))
+    sel = out / "merged" / "merge_selection.json"
+    if sel.exists():
+        m = json.loads(sel.read_text())
+        if m.get("fallback"):
+            lines.append(f"- merge: merging did not pay on the dev pairs (best merge {m['metric']} "
+                         f"{m['best_merge_score']:.4f} < {m['score']:.4f}): 'merged' is the checkpoint {m['chosen']}")
+        else:
+            lines.append(f"- merge: kept {m['chosen']} ({m['metric']} {m['score']:.4f} on the dev pairs)")
+    return lines + [""]
+
+
 def write_report(out: Path, cfg=None) -> Path:
     from qwen3train.eval.run import table
 
@@ -129,6 +189,7 @@ def write_report(out: Path, cfg=None) -> Path:
     res = out / "eval" / "results.jsonl"
     if res.exists():
         rows = [json.loads(x) for x in res.read_text().splitlines() if x.strip()]
+        md += ["## Summary", ""] + summary(rows, out)
         md += ["## Evaluation", "", table(rows), "", "Per-stage nDCG@10 (full dimension):", ""] + stage_deltas(rows)
         md += ["", f"![results]({results_chart(rows, out)})", ""]
     path = out / "report.md"

@@ -113,3 +113,28 @@ def load_collection(spec: str | Path) -> Collection:
     if trec_docs and topics and (p / "qrels").exists():
         return load_trec(trec_docs[0], topics[0], p / "qrels", name=p.name)
     raise ValueError(f"{p}: neither a BEIR folder (corpus.jsonl, queries.jsonl, qrels/) nor a TREC folder")
+
+
+def cap_corpus(col: Collection, max_docs: int, seed: int = 0) -> Collection:
+    """A self-consistent sub-collection of at most ``max_docs`` documents, for CPU budgets: the relevant
+    documents (all of them when they fit in half the budget, else a seeded half-budget sample), then a
+    seeded sample of the other documents as distractors; judgments of dropped documents are dropped too,
+    so every kept query is scored against what it can find. Every system scored in one run sees the same
+    sub-collection; the figures are not comparable to full-corpus ones (the name says ``@<size>``).
+    0 keeps everything."""
+    if max_docs <= 0 or len(col.corpus) <= max_docs:
+        return col
+    import random
+
+    rng = random.Random(seed)
+    all_relevant = sorted({d for r in col.qrels.values() for d, v in r.items() if v > 0 and d in col.corpus})
+    relevant = all_relevant
+    if len(relevant) > max_docs // 2:
+        relevant = rng.sample(relevant, max_docs // 2)
+    keep = set(relevant)
+    others = sorted(set(col.corpus) - set(all_relevant))  # distractors: never a relevant document left out
+    keep |= set(rng.sample(others, min(len(others), max_docs - len(keep))))
+    corpus = {d: t for d, t in col.corpus.items() if d in keep}
+    qrels = {q: {d: v for d, v in r.items() if d in keep} for q, r in col.qrels.items()}
+    qrels = {q: r for q, r in qrels.items() if r}
+    return Collection(f"{col.name}@{len(corpus)}", corpus, col.queries, qrels, dict(col.missing))

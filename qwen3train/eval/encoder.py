@@ -36,13 +36,15 @@ def resolve_precision(precision: str) -> str:
 
 
 def is_decoder_export(path: Path) -> bool:
+    """A qwen3train export, a Qwen-family embedder, or any plain decoder LLM folder (no sentence-transformers
+    ``modules.json``: e.g. a base SmolLM2 scored with last-token pooling) -> our last-token embedder."""
     if (path / "qwen3train.json").exists():
         return True
     cfg = path / "config.json"
     if not cfg.exists():
         return False
     arch = json.loads(cfg.read_text()).get("model_type", "")
-    return arch.startswith("qwen")
+    return arch.startswith("qwen") or not (path / "modules.json").exists()
 
 
 class Encoder:

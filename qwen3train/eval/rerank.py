@@ -5,24 +5,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwen3train.data.collections import load_collection
+from qwen3train.data.collections import Collection, load_collection
 from qwen3train.data.instructions import REGISTRY
-from qwen3train.eval.encoder import Encoder
+from qwen3train.eval.encoder import Encoder, resolve_precision
 from qwen3train.eval.metrics import evaluate_run
 from qwen3train.eval.retrieval import retrieve
 from qwen3train.models.reranker import DEFAULT_RERANK_INSTRUCTION
 
 
-def evaluate_rerank(retriever: str | Path, reranker: str | Path, collection: str | Path, *, top_k: int = 100,
-                    batch_size: int = 16, cache_dir: str | None = None, max_length: int = 512) -> dict:
+def evaluate_rerank(retriever: str | Path, reranker: str | Path, collection, *, top_k: int = 100,
+                    batch_size: int = 16, cache_dir: str | None = None, max_length: int = 512,
+                    precision: str = "float32") -> dict:
     import torch
 
     from qwen3train.models.build import ModelConfig, build_reranker
 
-    col = load_collection(collection)
-    instr = REGISTRY.get(col.name.lower())
-    first = retrieve(Encoder(retriever, max_length=max_length), col, instr, top_k, cache_dir)
-    rr = build_reranker(ModelConfig(name_or_path=str(reranker), padding_side="left"), max_length=max_length)
+    col = collection if isinstance(collection, Collection) else load_collection(collection)
+    instr = REGISTRY.get(col.name.split("@")[0].lower())
+    first = retrieve(Encoder(retriever, max_length=max_length, precision=precision), col, instr, top_k, cache_dir)
+    rr = build_reranker(ModelConfig(name_or_path=str(reranker), padding_side="left", dtype=resolve_precision(precision)),
+                        max_length=max_length)
     if torch.cuda.is_available():
         rr.cuda()
     second = {}

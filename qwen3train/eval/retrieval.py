@@ -29,7 +29,7 @@ def evaluate_collection(model: str | Path, collection: str | Path | Collection, 
                         encoder: Encoder | None = None) -> dict:
     col = collection if isinstance(collection, Collection) else load_collection(collection)
     enc = encoder or Encoder(model, max_length=max_length, dim=dim)
-    instr = instruction or REGISTRY.get(col.name.lower(), DEFAULT_INSTRUCTION)
+    instr = instruction or REGISTRY.get(col.name.split("@")[0].lower(), DEFAULT_INSTRUCTION)
     res = evaluate_run(retrieve(enc, col, instr, 100, cache_dir), col.qrels)
     res.update(dataset=col.name, model=str(model), dim=dim, **col.missing)
     return res

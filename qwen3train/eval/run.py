@@ -1,5 +1,6 @@
 """EvalConfig and ``run``: every model on every dataset (and Matryoshka dim), one table.
 
+With ``bm25``, the lexical baseline is scored on the same collections and pair files.
 Datasets: BEIR/TREC folders (``collections``), held-out pair files (``pairs``: each query against
 the pool of the file's positives), STS files (``sts``: JSONL ``{"text1", "text2", "score"}``, Spearman
 of cosine against gold). Models: any qwen3train export or sentence-transformers folder, labelled.
@@ -31,6 +32,9 @@ class EvalConfig:
     output_dir: str = "outputs/eval"
     cache_dir: str | None = "outputs/cache/embeddings"
     max_length: int = 512
+    bm25: bool = False  # the lexical baseline (bm25s, qwen3train.eval.bm25) on the collections and pair files
+    max_docs: int = 0  # > 0: each collection cut to its judged documents plus random others up to this many
+    precision: str = "float32"  # embedders' compute dtype (Encoder): float32, bfloat16, float16 or auto
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -50,13 +54,17 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def evaluate_sts(encoder: Encoder, path: str | Path, instruction: str = "Retrieve semantically similar text") -> dict:
     rows = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").split("\n") if x.strip()]
-    a = encoder.encode_queries([r["text1"] for r in rows], instruction)
-    b = encoder.encode_queries([r["text2"] for r in rows], instruction)
+    texts = sorted({r["text1"] for r in rows} | {r["text2"] for r in rows})  # each text once (Lee: 50, not 2,450)
+    vec = encoder.encode_queries(texts, instruction)
+    at = {t: i for i, t in enumerate(texts)}
+    a = vec[[at[r["text1"]] for r in rows]]
+    b = vec[[at[r["text2"]] for r in rows]]
     cos = (a * b).sum(1).numpy()
     return {"spearman": spearman(cos, np.array([float(r["score"]) for r in rows])), "pairs": len(rows)}
 
 
 def run(cfg: EvalConfig) -> list[dict]:
+    from qwen3train.data.collections import cap_corpus, load_collection
     from qwen3train.eval.pairs import evaluate_pairs
     from qwen3train.eval.rerank import evaluate_rerank
     from qwen3train.eval.retrieval import evaluate_collection
@@ -64,10 +72,11 @@ def run(cfg: EvalConfig) -> list[dict]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    collections = [cap_corpus(load_collection(c), cfg.max_docs) for c in cfg.collections]
     for label, path in cfg.models.items():
         for dim in [None] + list(cfg.dims):
-            enc = Encoder(path, max_length=cfg.max_length, dim=dim)
-            for col in cfg.collections:
+            enc = Encoder(path, max_length=cfg.max_length, dim=dim, precision=cfg.precision)
+            for col in collections:
                 r = evaluate_collection(path, col, encoder=enc, cache_dir=cfg.cache_dir, dim=dim)
                 rows.append({"model": label, "dataset": r["dataset"], "dim": dim, **{k: r[k] for k in
                              ("ndcg@10", "recall@100", "mrr@10", "queries")}})
@@ -79,12 +88,21 @@ def run(cfg: EvalConfig) -> list[dict]:
             del enc
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+    if cfg.bm25:
+        from qwen3train.eval.bm25 import LABEL, evaluate_collection_bm25, evaluate_pairs_bm25
+
+        for col in collections:
+            r = evaluate_collection_bm25(col)
+            rows.append({"model": LABEL, "dataset": r["dataset"], "dim": None,
+                         **{k: r[k] for k in ("ndcg@10", "recall@100", "mrr@10", "queries")}})
+        for pf in cfg.pairs:
+            rows.append({"model": LABEL, "dataset": dataset_name(pf), "dim": None, **evaluate_pairs_bm25(pf)})
     for label, path in cfg.rerankers.items():
         if not cfg.rerank_retriever:
             raise ValueError("eval.rerankers needs eval.rerank_retriever (the first-stage embedder)")
-        for col in cfg.collections:
+        for col in collections:
             r = evaluate_rerank(cfg.rerank_retriever, path, col, top_k=cfg.rerank_top_k, cache_dir=cfg.cache_dir,
-                                max_length=cfg.max_length)
+                                max_length=cfg.max_length, precision=cfg.precision)
             rows.append({"model": f"{label} (rerank top-{cfg.rerank_top_k})", "dataset": r["dataset"], "dim": None,
                          **{k: r["after"][k] for k in ("ndcg@10", "recall@100", "mrr@10")},
                          "ndcg@10_before": r["before"]["ndcg@10"]})

@@ -49,11 +49,16 @@ class MergeConfig:
     lora_base: str | None = None
     output_dir: str = "outputs/merged"
     max_shard_size_mb: int = 2048
+    # selection on dev pairs (never an evaluation set): the merge at each t in candidates_t (else t)
+    # against each input checkpoint, by dev_metric; an input that beats every merge is the output
     dev_file: str | None = None
     candidates_t: list[float] = field(default_factory=list)
+    dev_metric: str = "ndcg@10"
 
     def __post_init__(self) -> None:
         get_method(self.method)
+        if self.dev_metric not in ("ndcg@10", "mrr@10", "recall@100"):
+            raise ValueError(f"merge.dev_metric must be ndcg@10, mrr@10 or recall@100, got {self.dev_metric!r}")
 
 
 def select_checkpoints(run_dir: str | Path, last: int, every: int) -> list[Path]:

@@ -78,3 +78,23 @@ def test_jsonl_import_keeps_prompt_after_a_rejected_line(tmp_path):
     rows, stats = import_jsonl(str(f), None, None)
     assert stats["rejected"] == 1 and rows == [
         {"query": "q", "pos": ["p"], "task": "default", "neg": ["n"], "instruction": "Represent this query"}]
+
+
+def test_cap_corpus_keeps_relevant_documents_and_consistent_qrels():
+    """The capped collection keeps every relevant document when they fit in half the budget, fills with
+    distractors up to the cap, and drops judgments of documents it removed. Catches a cap that drops
+    relevant documents first (scores collapse) or keeps qrels pointing at removed documents."""
+    from qwen3train.data.collections import Collection, cap_corpus
+
+    corpus = {f"d{i}": f"text {i}" for i in range(100)}
+    qrels = {"q1": {"d1": 2, "d2": 0}, "q2": {"d50": 1}, "q3": {"d99": 0}}
+    col = Collection("toy", corpus, {"q1": "a", "q2": "b", "q3": "c"}, qrels)
+    small = cap_corpus(col, 10)
+    assert small.name == "toy@10" and len(small.corpus) == 10
+    assert {"d1", "d50"} <= set(small.corpus)
+    assert all(d in small.corpus for r in small.qrels.values() for d in r)
+    assert cap_corpus(col, 10).corpus == small.corpus  # seeded
+    assert cap_corpus(col, 0) is col and cap_corpus(col, 500) is col
+    many = Collection("many", corpus, {"q": "x"}, {"q": {f"d{i}": 1 for i in range(60)}})
+    capped = cap_corpus(many, 20)  # 60 relevant > half the budget: 10 relevant + 10 distractors
+    assert sum(d in capped.qrels["q"] for d in capped.corpus) == 10 and len(capped.corpus) == 20

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -155,8 +156,36 @@ def test_merge_cli_with_selection_by_evaluation(stage2_run, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = json.loads((out / "merge_selection.json").read_text())
-    assert len(table) == 4 and all("mrr@10" in r for r in table)
-    best = max(r["mrr@10"] for r in table if r["candidate"].startswith("slerp"))
-    assert json.loads((out / "merge.json").read_text())["t"] in (0.3, 0.7)
-    assert best == max(r["mrr@10"] for r in table if r["candidate"].startswith("slerp"))
+    sel = json.loads((out / "merge_selection.json").read_text())
+    table = sel["candidates"]
+    assert len(table) == 4 and all("ndcg@10" in r for r in table)  # 2 merges + 2 inputs
+    top = max(table, key=lambda r: (r["ndcg@10"], r["kind"] == "merge"))
+    assert sel["chosen"] == top["candidate"] and sel["fallback"] == (top["kind"] == "input")
+    if not sel["fallback"]:
+        assert json.loads((out / "merge.json").read_text())["t"] in (0.3, 0.7)
+
+
+@pytest.mark.slow
+def test_merge_falls_back_to_the_best_checkpoint_when_merging_hurts(stage2_run, tmp_path):
+    """Merging the last checkpoint with a wrecked copy of itself (weights replaced by noise) scores below
+    that checkpoint on dev, so the output must be the checkpoint itself, bit for bit, and the selection
+    must say fallback. Without the fallback the output would be the damaged merge."""
+    from qwen3train.merge.apply import MergeConfig
+    from qwen3train.merge.run import run as merge_run
+
+    run_dir, data = stage2_run
+    good = select_checkpoints(run_dir, last=1, every=1)[0]
+    bad = tmp_path / "wrecked"
+    shutil.copytree(good, bad)
+    for f in bad.glob("*.safetensors"):
+        g = torch.Generator().manual_seed(0)
+        save_file({k: torch.randn(v.shape, generator=g).to(v.dtype) * v.float().std().to(v.dtype)
+                   for k, v in load_file(f).items()}, f)
+    out = merge_run(MergeConfig(inputs=[str(good), str(bad)], method="slerp", t=0.5, run_dir=None,
+                                output_dir=str(tmp_path / "merged"), dev_file=str(data)))
+    sel = json.loads((out / "merge_selection.json").read_text())
+    assert sel["fallback"] is True and sel["chosen"] == f"input {good}", sel
+    assert sel["score"] > sel["best_merge_score"]
+    want = {k: v for f in good.glob("*.safetensors") for k, v in load_file(f).items()}
+    got = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -99,3 +99,67 @@ def test_matryoshka_is_truncate_then_normalize(embedder, dim):
     assert (small - F.normalize(raw[:, :dim], dim=-1)).abs().max() <= 1e-5
     if dim == 64:
         assert (small - full).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_length_buckets_change_no_result_or_gradient(tiny_model_dir, side):
+    """Bucketed forward (rows sorted by length, groups cut to their longest row) gives the same pooled
+    vectors, in input order, and the same parameter gradients as one padded batch. Catches a wrong
+    inverse permutation (rows swapped), cutting the wrong side of a left-padded group (pooling reads
+    pads) and a group that loses its gradient path."""
+    from qwen3train.models.build import ModelConfig, build_embedder
+
+    torch.manual_seed(0)
+    words = ["alpha", "beta", "gamma", "delta"]
+    texts = [" ".join(words[i % 4] for i in range(3 + 7 * (k % 5) + k)) for k in range(24)]
+    results = []
+    for buckets in (1, 4):
+        emb = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), padding_side=side,
+                                         length_buckets=buckets, max_doc_length=128))
+        batch = emb.tok(texts, 128)
+        assert len(set(batch["attention_mask"].sum(1).tolist())) > 8  # lengths really differ
+        out = emb(**batch)
+        (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+        grads = {n: p.grad.clone() for n, p in emb.named_parameters() if p.grad is not None}
+        results.append((out.detach(), grads))
+    (ref, g_ref), (got, g_got) = results
+    assert torch.allclose(got, ref, atol=2e-5), (got - ref).abs().max()
+    assert set(g_got) == set(g_ref) and len(g_ref) > 10
+    for name in g_ref:
+        assert torch.allclose(g_got[name], g_ref[name], atol=1e-4, rtol=1e-3), name
+
+
+def test_length_buckets_remove_padding_work(tiny_model_dir):
+    """The backbone sees fewer padded positions with buckets: counts the tokens it actually runs on."""
+    from qwen3train.models.build import ModelConfig, build_embedder
+
+    emb = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), length_buckets=4, max_doc_length=128))
+    seen = []
+    emb.backbone.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
+    texts = ["word " * (120 if k == 0 else 5 + k) for k in range(32)]
+    batch = emb.tok(texts, 128)
+    with torch.no_grad():
+        emb(**batch)
+    assert len(seen) == 4 and sum(seen) < 0.5 * batch["input_ids"].numel()
+
+
+def test_compiled_layers_train_like_eager(tiny_model_dir):
+    """model.compile=true (regional torch.compile of the decoder layers) gives the eager vectors and
+    gradients and keeps the state-dict names that exports and checkpoints use. Catches a compiled
+    graph that drops the padding mask or a wrapper that renames parameters (``_orig_mod.``)."""
+    from qwen3train.models.build import ModelConfig, build_embedder
+
+    texts = ["short", "a somewhat longer text about rotary position embeddings", "x y z w"] * 4
+    results = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        emb = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), compile=compile_), train_precision="fp32")
+        out = emb(**emb.tok(texts, 64))
+        out.pow(2).sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in emb.named_parameters() if p.grad is not None},
+                        list(emb.state_dict())))
+    (ref, g_ref, k_ref), (got, g_got, k_got) = results
+    assert k_got == k_ref
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    for name in g_ref:
+        assert torch.allclose(g_got[name], g_ref[name], atol=1e-3, rtol=1e-3), name
