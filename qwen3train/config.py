@@ -34,10 +34,15 @@ class RunConfig:
     keep_last: int = 2
     keep_every: int = 0
     export_checkpoints: bool = True
-    resume: bool = True
+    resume: str = "auto"  # auto: resume a run of the same config, refuse another; force; never (true/false too)
     wandb: bool = False
     wandb_project: str = "qwen3train"
     export_instruction: str = DEFAULT_INSTRUCTION
+
+    def __post_init__(self) -> None:
+        from qwen3train.train.identity import normalize_resume
+
+        self.resume = normalize_resume(self.resume)
 
 
 @dataclass

@@ -39,16 +39,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
+class StageEngine:
+    """A stage's batch settings, spelled as under ``make stage1`` (``engine.global_batch_size``):
+    ``stage1.engine.global_batch_size``. Backend, ZeRO stage and precision are the pipeline's ``engine``."""
+
+    micro_batch_size: int = 16
+    global_batch_size: int = 32
+    grad_cache: bool = False
+
+
+BATCH_FIELDS = ("micro_batch_size", "global_batch_size", "grad_cache")
+
+
+@dataclass
 class TrainStage:
-    """The per-stage part of a training run; model and engine are the pipeline's."""
+    """The per-stage part of a training run; model and the rest of the engine are the pipeline's."""
 
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: Any = None
     optim: OptimConfig = field(default_factory=OptimConfig)
-    micro_batch_size: int = 16
-    global_batch_size: int = 32
-    grad_cache: bool = False
+    engine: StageEngine = field(default_factory=StageEngine)
 
 
 @dataclass
@@ -75,6 +86,15 @@ class PipelineConfig:
     rerank_top_k: int = 20
     baseline: str | None = "auto"
     eval_all_checkpoints: bool = True  # every stage-2 checkpoint in the table; false: the last one only
+
+    def __post_init__(self) -> None:
+        default = EngineConfig()
+        for key in BATCH_FIELDS:  # one place per knob: batch sizes belong to each stage
+            if getattr(self.engine, key) != getattr(default, key):
+                from qwen3train.errors import ConfigError
+
+                raise ConfigError(f"engine.{key} is set per stage in a pipeline: stage1.engine.{key}, "
+                                  f"stage2.engine.{key}, rerank.engine.{key}")
 
 
 SCHEMA = {TrainConfig: "train_schema", SynthConfig: "synth_schema", FilterConfig: "filter_schema",
@@ -136,8 +156,7 @@ class Pipeline:
             model.name_or_path = base
         model.init_from = init_from
         data = replace(stage.data, train_files=files)
-        engine = replace(self.cfg.engine, micro_batch_size=stage.micro_batch_size,
-                         global_batch_size=stage.global_batch_size, grad_cache=stage.grad_cache)
+        engine = replace(self.cfg.engine, **{k: getattr(stage.engine, k) for k in BATCH_FIELDS})
         run = replace(stage.run, name=name, output_dir=str(self.out / name))
         return TrainConfig(run=run, model=model, data=data, loss=stage.loss, engine=engine, optim=stage.optim)
 
@@ -204,7 +223,10 @@ class Pipeline:
                 print(f"[pipeline] eval: collection {col} not found, left out", flush=True)
         rerankers = {"reranker(merged)": str(o / "rerank_merged")} if cols else {}
         sts = [f for f in c.eval.sts if Path(f).exists()]
-        return replace(c.eval, models=models, pairs=pairs, collections=cols, sts=sts, output_dir=str(o / "eval"),
+        # the base model is scored with the end token training appends (an export records its own)
+        end_tokens = {"base": c.model.end_token} if c.model.end_token else {}
+        return replace(c.eval, models=models, pairs=pairs, collections=cols, sts=sts, end_tokens=end_tokens,
+                       output_dir=str(o / "eval"),
                        cache_dir=str(o / "cache"), rerankers=rerankers, rerank_retriever=str(o / "merged"),
                        rerank_top_k=c.rerank_top_k)
 

@@ -14,7 +14,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = REPO.parent / "shared"  # optional (evaluation and benchmarks); tests read FIXTURES
+FIXTURES = REPO / "tests" / "fixtures" / "collections"  # real cuts of ../shared/data (build_fixtures.py)
 
 
 @pytest.fixture(scope="session")

@@ -69,3 +69,24 @@ def test_post_init_validation(compose):
         compose("stage1", ["loss.temperature=-1"])
     with pytest.raises(ValueError, match="padding_side"):
         compose("stage1", ["model.padding_side=middle"])
+
+
+def test_pipeline_batch_sizes_have_one_spelling(compose, tmp_path):
+    """Batch sizes are per stage in a pipeline (``stage1.engine.global_batch_size``, the spelling of
+    ``make stage1``); the shared ``engine.global_batch_size`` would be silently ignored, so it is refused
+    through the entry point with one line and status 2 (a ConfigError raised while the config is converted)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "qwen3train.cli.main", "--config-name=pipeline",
+                           "engine.global_batch_size=64", f"output_dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: engine.global_batch_size is set per stage in a pipeline: stage1.engine.global_batch_size, "
+        "stage2.engine.global_batch_size, rerank.engine.global_batch_size")
+    from qwen3train.pipeline import Pipeline  # the per-stage spelling composes and reaches the stage's engine
+
+    pc = compose("pipeline", ["stage2.engine.global_batch_size=48", f"output_dir={tmp_path}"])
+    s2 = Pipeline(pc).train_cfg(pc.stage2, "stage2", ["x.jsonl"], None)
+    assert s2.engine.global_batch_size == 48 and s2.engine.backend == pc.engine.backend

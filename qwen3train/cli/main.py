@@ -8,6 +8,7 @@ typed object is converted once, and its schema type picks what runs.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import hydra
@@ -18,13 +19,42 @@ from qwen3train.config import register_configs, runner_for
 register_configs()
 
 
+def multirun_job_dir() -> str | None:
+    """Under ``-m`` (Hydra multirun): ``<job number>_<its overrides>``, the folder this job writes into
+    below the configured output folder, so that jobs of one sweep never share (and resume) a run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return f"{hc.job.num}_{re.sub(r'[^A-Za-z0-9._=,-]+', '_', hc.job.override_dirname or 'job')[:80]}"
+
+
+def place_job(cfg, job: str) -> None:
+    """Move every output location of a typed config one folder down, into ``job``."""
+    run = getattr(cfg, "run", None)
+    if run is not None and hasattr(run, "output_dir"):
+        run.output_dir = os.path.join(run.output_dir, job)
+    if isinstance(getattr(cfg, "output_dir", None), str):
+        cfg.output_dir = os.path.join(cfg.output_dir, job)
+    if isinstance(getattr(cfg, "output", None), str):  # a file (mining): same name, in the job's folder
+        cfg.output = os.path.join(os.path.dirname(cfg.output), job, os.path.basename(cfg.output))
+
+
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="stage1")
 def main(dict_cfg: DictConfig) -> None:
     from qwen3train.data.records import DataError
     from qwen3train.errors import ConfigError
 
-    cfg = OmegaConf.to_object(dict_cfg)
     try:
+        cfg = OmegaConf.to_object(dict_cfg)  # __post_init__ checks raise ConfigError here
+        job = multirun_job_dir()
+        if job:
+            place_job(cfg, job)
         runner_for(cfg)(cfg)
     except (ConfigError, DataError) as e:  # a user's mistake: one line, status 2; tracebacks are for bugs
         if os.environ.get("QWEN3TRAIN_DEBUG") == "1":

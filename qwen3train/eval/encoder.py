@@ -49,7 +49,7 @@ def is_decoder_export(path: Path) -> bool:
 
 class Encoder:
     def __init__(self, path: str | os.PathLike, *, max_length: int = 512, batch_size: int = 64,
-                 dim: int | None = None, precision: str = "float32") -> None:
+                 dim: int | None = None, precision: str = "float32", end_token: str | None = None) -> None:
         self.path = Path(path)
         self.precision = resolve_precision(precision)
         self.batch_size = batch_size
@@ -59,8 +59,10 @@ class Encoder:
         if self.kind == "qwen3train":
             from qwen3train.models.build import ModelConfig, build_embedder
 
+            # end_token: for a raw decoder (a base model), the token training appends; exports record theirs
             self.model = build_embedder(ModelConfig(name_or_path=str(self.path), max_query_length=max_length,
-                                                    max_doc_length=max_length, dtype=self.precision))
+                                                    max_doc_length=max_length, dtype=self.precision,
+                                                    end_token=end_token))
             if torch.cuda.is_available():
                 self.model.cuda()
         else:
@@ -95,6 +97,8 @@ class Encoder:
             st = f.stat()
             h.update(f"{f.relative_to(self.path)}:{st.st_size}:{st.st_mtime_ns}".encode())
         h.update(f"{self.kind}:{self.max_length}:{self.precision}".encode())
+        if self.kind == "qwen3train":  # the appended token changes every vector
+            h.update(self.model.tok.end_token.encode())
         return h.hexdigest()[:16]
 
     def cached_docs(self, texts: list[str], cache_dir: str | os.PathLike | None,

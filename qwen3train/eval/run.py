@@ -35,6 +35,7 @@ class EvalConfig:
     bm25: bool = False  # the lexical baseline (bm25s, qwen3train.eval.bm25) on the collections and pair files
     max_docs: int = 0  # > 0: each collection cut to its judged documents plus random others up to this many
     precision: str = "float32"  # embedders' compute dtype (Encoder): float32, bfloat16, float16 or auto
+    end_tokens: dict[str, str] = field(default_factory=dict)  # label -> token appended, for raw decoders (base)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -75,7 +76,8 @@ def run(cfg: EvalConfig) -> list[dict]:
     collections = [cap_corpus(load_collection(c), cfg.max_docs) for c in cfg.collections]
     for label, path in cfg.models.items():
         for dim in [None] + list(cfg.dims):
-            enc = Encoder(path, max_length=cfg.max_length, dim=dim, precision=cfg.precision)
+            enc = Encoder(path, max_length=cfg.max_length, dim=dim, precision=cfg.precision,
+                          end_token=cfg.end_tokens.get(label))
             for col in collections:
                 r = evaluate_collection(path, col, encoder=enc, cache_dir=cfg.cache_dir, dim=dim)
                 rows.append({"model": label, "dataset": r["dataset"], "dim": dim, **{k: r[k] for k in

@@ -18,7 +18,7 @@ import torch
 from qwen3train import dist
 from qwen3train.data.batching import plan_epoch
 from qwen3train.precision import resolve_train_precision
-from qwen3train.train import checkpoint
+from qwen3train.train import checkpoint, identity
 from qwen3train.train.checkpoint import TrainState
 from qwen3train.train.engine import build_engine
 from qwen3train.train.gradcache import grad_cache_step
@@ -84,12 +84,14 @@ def run(cfg, hooks=None) -> Path:
     engine = build_engine(task.module, cfg.engine, cfg.optim, total, precision)
 
     state = TrainState()
-    last = checkpoint.latest_checkpoint(run_dir) if cfg.run.resume else None
+    last = checkpoint.latest_checkpoint(run_dir) if cfg.run.resume != "never" else None
     if last is not None:
+        identity.check_resume(run_dir, cfg, cfg.run.resume)
         state = checkpoint.load(last, engine)
         print0(f"resumed from {last} (step {state.step})")
     if dist.is_main():
         write_resolved_config(cfg, run_dir / "config.yaml")
+        (run_dir / "run_meta.json").write_text(json.dumps(identity.meta(cfg), indent=2))
         if getattr(engine, "ds_config", None) is not None:  # what DeepSpeed ran with (derived + the user's file)
             (run_dir / "deepspeed_config.json").write_text(json.dumps(engine.ds_config, indent=2))
         (run_dir / "data_summary.json").write_text(json.dumps(source.summary(), indent=2))
@@ -97,7 +99,8 @@ def run(cfg, hooks=None) -> Path:
             print0(f"skipped {sum(source.rejected.values())} bad records: {dict(source.rejected)} "
                    f"(kept in {source.rejects_path})")
     tel = Telemetry(run_dir, total, state.step, use_wandb=cfg.run.wandb, project=cfg.run.wandb_project,
-                    run_name=cfg.run.name, config=asdict(cfg), flops_per_token=flops_per_token(task.module))
+                    run_name=cfg.run.name, config=asdict(cfg), flops_per_token=flops_per_token(task.module),
+                    config_hash=identity.config_hash(cfg))
     plan, plan_epoch_no = None, -1
     try:
         while state.step < total:

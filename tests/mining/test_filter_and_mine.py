@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHARED
+from conftest import FIXTURES
 from qwen3train.data.prepare import import_collection
 from qwen3train.eval.encoder import Encoder
 from qwen3train.mining.filter import FilterConfig, run_filter
@@ -26,7 +26,7 @@ def write(path, rows):
 
 @pytest.fixture(scope="module")
 def arcd_rows(tmp_path_factory):
-    rows, _ = import_collection(SHARED / "data" / "arcd", None, None, 1)
+    rows, _ = import_collection(FIXTURES / "arcd", None, None, 1)
     return write(tmp_path_factory.mktemp("arcd") / "arcd.jsonl", rows)
 
 
@@ -58,7 +58,7 @@ def test_negative_selection_rules():
 
 
 def test_mining_on_a_real_collection_then_stage2_trains(tmp_path, arcd_rows, tiny_model_dir):
-    cfg = MineConfig(inputs=[str(arcd_rows)], corpus=[str(SHARED / "data" / "arcd" / "corpus.jsonl")],
+    cfg = MineConfig(inputs=[str(arcd_rows)], corpus=[str(FIXTURES / "arcd" / "corpus.jsonl")],
                      embedder=str(MINILM), output=str(tmp_path / "mined.jsonl"), cache_dir=str(tmp_path / "cache"),
                      num_negatives=3, range_min=2, range_max=20, max_score_ratio=0.95, chunk_size=500,
                      query_block=300)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED
+from conftest import FIXTURES
 from qwen3train.eval.encoder import Encoder, resolve_precision
 from qwen3train.mining.store import encode_to_store
 
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def corpus_texts(n: int) -> list[str]:
-    lines = (SHARED / "data" / "arcd" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    lines = (FIXTURES / "arcd" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:n]
     return [json.loads(x)["text"] for x in lines]
 
 
@@ -75,14 +75,14 @@ def test_precision_resolution_and_bf16_agreement():
 def test_two_process_mining_equals_one_process(tmp_path):
     from qwen3train.data.prepare import import_collection
 
-    rows, _ = import_collection(SHARED / "data" / "dbpedia", None, None, 1)  # 40 queries, 880 positives
+    rows, _ = import_collection(FIXTURES / "dbpedia", None, None, 1)  # the queries with a positive in the cut
     data = tmp_path / "dbpedia.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    corpus = tmp_path / "corpus.jsonl"  # 600 passages: 5 chunks over 2 ranks
-    lines = (SHARED / "data" / "dbpedia" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:600]
+    corpus = tmp_path / "corpus.jsonl"  # 182 passages: 5 chunks over 2 ranks
+    lines = [x for x in (FIXTURES / "dbpedia" / "corpus.jsonl").read_text(encoding="utf-8").split("\n") if x]
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
     common = [f"inputs=[{data}]", f"corpus=[{corpus}]", f"embedder={MINILM}", "precision=float32", "num_negatives=3",
-              "range_min=1", "range_max=20", "chunk_size=128", "query_block=7", "max_length=128"]
+              "range_min=1", "range_max=20", "chunk_size=40", "query_block=7", "max_length=128"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     runs = {}
     for nproc in (1, 2):
@@ -107,7 +107,7 @@ def test_two_process_mining_equals_one_process(tmp_path):
 def test_two_process_filter_equals_one_process(tmp_path):
     from qwen3train.data.prepare import import_collection
 
-    rows, _ = import_collection(SHARED / "data" / "dbpedia", None, None, 1)
+    rows, _ = import_collection(FIXTURES / "dbpedia", None, None, 1)
     pairs = [{"query": r["query"], "pos": [p], "task": r["task"]} for r in rows[:20] for p in r["pos"][:3]]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in pairs) + "{broken\n")  # one bad line, counted

@@ -163,3 +163,18 @@ def test_compiled_layers_train_like_eager(tiny_model_dir):
     assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
     for name in g_ref:
         assert torch.allclose(g_got[name], g_ref[name], atol=1e-3, rtol=1e-3), name
+
+
+def test_encoder_appends_the_configured_end_token_to_a_raw_decoder(tiny_model_dir):
+    """The base row of an evaluation must append the token training appends: Encoder(end_token=...) on a
+    raw decoder folder gives the vectors of that token (not the family default) and a different cache
+    fingerprint, so cached vectors of one token never serve the other."""
+    from qwen3train.eval.encoder import Encoder
+    from qwen3train.models.build import ModelConfig, build_embedder
+
+    texts = ["what is rotary position embedding", "slerp merges checkpoints"]
+    default, im_end = Encoder(tiny_model_dir), Encoder(tiny_model_dir, end_token="<|im_end|>")
+    ref = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), end_token="<|im_end|>")).encode(texts)
+    assert torch.allclose(im_end.encode_docs(texts), ref, atol=1e-6)
+    assert not torch.allclose(default.encode_docs(texts), ref, atol=1e-3)
+    assert default.fingerprint() != im_end.fingerprint()

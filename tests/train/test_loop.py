@@ -47,6 +47,35 @@ def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     assert [x["loss"] for x in la] == [x["loss"] for x in lb]
 
 
+def test_resume_with_another_config_is_refused_unless_forced(tiny_model_dir, tmp_path):
+    """A rerun of a run folder with a changed setting that matters (the learning rate) stops with one
+    ConfigError naming the change and how to go on, instead of silently mixing two configs; a change that
+    only says how often to save is allowed; run.resume=force continues; run_meta.json records the hash."""
+    from qwen3train.errors import ConfigError
+
+    data = make_pairs(tmp_path / "d.jsonl", n=48, k=2)
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=6, save_every=2, keep_last=10)
+
+    def crash(step):
+        if step == 3:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run(cfg, hooks=crash)
+    first = json.loads((tmp_path / "r" / "run_meta.json").read_text())
+    assert len(first["config_hash"]) == 12
+    changed = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=6, save_every=2, keep_last=10, lr=5e-3)
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.001 -> 0.005.*run.resume=force"):
+        run(changed)
+    harmless = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=6, save_every=3, keep_last=10)
+    with pytest.raises(Crash):  # same hash: it resumes (and reaches the crash hook again at step 3)
+        run(harmless, hooks=lambda step: (_ for _ in ()).throw(Crash()) if step == 3 else None)
+    changed.run.resume = "force"
+    run(changed)
+    meta = json.loads((tmp_path / "r" / "run_meta.json").read_text())
+    assert meta["config_hash"] != first["config_hash"]
+
+
 def test_pruning_keeps_last_and_every(tiny_model_dir, tmp_path):
     from qwen3train.train.checkpoint import list_checkpoints
 
@@ -112,3 +141,40 @@ def test_wandb_offline_logging(tiny_model_dir, tmp_path, monkeypatch):
     run(cfg)
     runs = list((tmp_path / "r" / "wandb").glob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
+
+
+def test_wandb_goes_online_when_logged_in(tmp_path, monkeypatch):
+    """`wandb login` stores the key in ~/.netrc and no WANDB_API_KEY is set: the run must go online (the
+    old rule forced offline whenever WANDB_API_KEY was unset); no key anywhere: offline; WANDB_MODE wins.
+    The run id carries the config hash, so two configs of one run name never merge."""
+    from qwen3train.train.telemetry import wandb_mode, wandb_run_id
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    rc = tmp_path / "netrc"
+    rc.write_text("machine other.host login user password x\n")
+    rc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(rc))
+    assert wandb_mode() == "offline"
+    rc.write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode() == "offline"
+    assert wandb_run_id("stage1/a b", "0a1b2c3d4e5f") == "stage1-a-b-0a1b2c3d4e5f"
+
+
+def test_multirun_jobs_get_their_own_folders(tiny_model_dir, tmp_path):
+    """`-m optim.lr=a,b`: each job trains in <output_dir>/<num>_<overrides>, with its own config; before,
+    both jobs wrote one folder and the second resumed the first."""
+    data = make_pairs(tmp_path / "d.jsonl", n=24, k=0)
+    cmd = [sys.executable, "-m", "qwen3train.cli.main", "--config-name=stage1", "-m", "optim.lr=1e-3,2e-3",
+           f"model.name_or_path={tiny_model_dir}", f"data.train_files=[{data}]", "run.max_steps=2",
+           "engine.micro_batch_size=8", "engine.global_batch_size=8", f"run.output_dir={tmp_path}/sweep"]
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONWARNINGS="ignore"), capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if (p / "final").is_dir())
+    assert jobs == ["0_optim.lr=0.001", "1_optim.lr=0.002"], jobs
+    for name, lr in zip(jobs, ("0.001", "0.002")):
+        assert f"lr: {lr}" in (tmp_path / "sweep" / name / "config.yaml").read_text()
+        assert len((tmp_path / "sweep" / name / "metrics.jsonl").read_text().splitlines()) == 2  # not resumed
