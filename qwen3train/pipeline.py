@@ -35,8 +35,6 @@ from qwen3train.synth.pipeline import SynthConfig
 from qwen3train.train.engine import EngineConfig
 from qwen3train.train.schedule import OptimConfig
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @dataclass
 class StageEngine:
@@ -141,11 +139,16 @@ class Pipeline:
                          "job": {"chdir": False}}
         conf_name = f"resolved_{name}"  # never the name of a config in configs/ (search-path clash)
         (conf_dir / f"{conf_name}.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(body)))
-        env = dict(os.environ, NGPU=str(processes), PY=sys.executable, PYTHONWARNINGS="ignore",
+        env = dict(os.environ, PYTHONWARNINGS="ignore",
                    VLLM_ENABLE_V1_MULTIPROCESSING=os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"))
-        cmd = ["bash", str(REPO / "scripts" / "launch.sh"), f"--config-dir={conf_dir}", f"--config-name={conf_name}",
-               "hydra/job_logging=stdout"]
-        proc = subprocess.run(cmd, env=env, cwd=REPO)
+        args = ["-m", "qwen3train.cli.main", f"--config-dir={conf_dir}", f"--config-name={conf_name}",
+                "hydra/job_logging=stdout"]
+        nnodes = os.environ.get("NNODES", "1")
+        if processes > 1 or nnodes != "1":  # torchrun, as scripts/launch.sh does (never the deepspeed launcher)
+            args = ["-m", "torch.distributed.run", "--nnodes", nnodes, "--node_rank", os.environ.get("NODE_RANK", "0"),
+                    "--nproc_per_node", str(processes), "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                    "--master_port", os.environ.get("MASTER_PORT", "29511"), *args]
+        proc = subprocess.run([sys.executable, *args], env=env)  # in the caller's folder: relative paths hold
         if proc.returncode != 0:
             raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); rerun to resume it")
 

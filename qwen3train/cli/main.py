@@ -1,8 +1,12 @@
 """The one command-line entry point: Hydra composes the primary config (one per make target), the
 typed object is converted once, and its schema type picks what runs.
 
+    qwen3train stage1 engine.global_batch_size=64          (the console command of an installed package)
     python -m qwen3train.cli.main --config-name=stage1 engine.global_batch_size=64
     torchrun --nproc_per_node 8 -m qwen3train.cli.main --config-name=stage2 engine=zero3
+
+Configs are found through Hydra's ``pkg://qwen3train.configs`` (the repository's ``configs/``, shipped in
+the wheel); ``--config-dir=my_configs`` adds a folder of your own (its files win on a name clash).
 """
 
 from __future__ import annotations
@@ -11,12 +15,27 @@ import os
 import re
 import sys
 
+import importlib.util
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from qwen3train.config import register_configs, runner_for
 
 register_configs()
+PRIMARIES = ("synth", "stage1", "filter", "mine", "prepare", "stage2", "merge", "rerank", "eval", "pipeline",
+             "pipeline_real")
+
+
+def _config_path() -> str:
+    """``pkg://qwen3train.configs`` where the package ships its configs (a wheel, an editable install
+    that maps them); a source tree without that mapping falls back to the repository's folder."""
+    try:
+        if importlib.util.find_spec("qwen3train.configs") is not None:
+            return "pkg://qwen3train.configs"
+    except ModuleNotFoundError:
+        pass
+    return "../../configs"
 
 
 def multirun_job_dir() -> str | None:
@@ -45,7 +64,7 @@ def place_job(cfg, job: str) -> None:
         cfg.output = os.path.join(os.path.dirname(cfg.output), job, os.path.basename(cfg.output))
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="stage1")
+@hydra.main(version_base="1.3", config_path=_config_path(), config_name="stage1")
 def main(dict_cfg: DictConfig) -> None:
     from qwen3train.data.records import DataError
     from qwen3train.errors import ConfigError
@@ -63,6 +82,18 @@ def main(dict_cfg: DictConfig) -> None:
         print(f"error{f' (rank {rank})' if rank and os.environ.get('WORLD_SIZE', '1') != '1' else ''}: {e}",
               file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def cli() -> None:
+    """``qwen3train <command> [overrides]``: a command is a primary config's name (stage1, pipeline, ...)."""
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help", "help"):
+        print("usage: qwen3train <command> [key=value ...] [--config-dir=DIR] [-m]\n"
+              f"commands: {', '.join(PRIMARIES)} (or the name of a config in --config-dir)\n"
+              "example: qwen3train stage1 model=qwen3-0.6b engine=zero2 optim.lr=2e-5")
+        sys.exit(0 if args else 2)
+    sys.argv = [sys.argv[0], f"--config-name={args[0]}", *args[1:]]
+    main()
 
 
 if __name__ == "__main__":

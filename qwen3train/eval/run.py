@@ -33,7 +33,7 @@ class EvalConfig:
     cache_dir: str | None = "outputs/cache/embeddings"
     max_length: int = 512
     bm25: bool = False  # the lexical baseline (bm25s, qwen3train.eval.bm25) on the collections and pair files
-    max_docs: int = 0  # > 0: each collection cut to its judged documents plus random others up to this many
+    max_docs: int = 0  # > 0: each collection cut to its relevant documents plus random others (cap_corpus)
     precision: str = "float32"  # embedders' compute dtype (Encoder): float32, bfloat16, float16 or auto
     end_tokens: dict[str, str] = field(default_factory=dict)  # label -> token appended, for raw decoders (base)
 

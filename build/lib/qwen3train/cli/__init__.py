@@ -1,0 +1,1 @@
+"""Command-line entry points: Hydra at the edge, typed objects below."""

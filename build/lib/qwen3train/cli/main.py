@@ -1,0 +1,100 @@
+"""The one command-line entry point: Hydra composes the primary config (one per make target), the
+typed object is converted once, and its schema type picks what runs.
+
+    qwen3train stage1 engine.global_batch_size=64          (the console command of an installed package)
+    python -m qwen3train.cli.main --config-name=stage1 engine.global_batch_size=64
+    torchrun --nproc_per_node 8 -m qwen3train.cli.main --config-name=stage2 engine=zero3
+
+Configs are found through Hydra's ``pkg://qwen3train.configs`` (the repository's ``configs/``, shipped in
+the wheel); ``--config-dir=my_configs`` adds a folder of your own (its files win on a name clash).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import importlib.util
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from qwen3train.config import register_configs, runner_for
+
+register_configs()
+PRIMARIES = ("synth", "stage1", "filter", "mine", "prepare", "stage2", "merge", "rerank", "eval", "pipeline",
+             "pipeline_real")
+
+
+def _config_path() -> str:
+    """``pkg://qwen3train.configs`` where the package ships its configs (a wheel, an editable install
+    that maps them); a source tree without that mapping falls back to the repository's folder."""
+    try:
+        if importlib.util.find_spec("qwen3train.configs") is not None:
+            return "pkg://qwen3train.configs"
+    except ModuleNotFoundError:
+        pass
+    return "../../configs"
+
+
+def multirun_job_dir() -> str | None:
+    """Under ``-m`` (Hydra multirun): ``<job number>_<its overrides>``, the folder this job writes into
+    below the configured output folder, so that jobs of one sweep never share (and resume) a run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return f"{hc.job.num}_{re.sub(r'[^A-Za-z0-9._=,-]+', '_', hc.job.override_dirname or 'job')[:80]}"
+
+
+def place_job(cfg, job: str) -> None:
+    """Move every output location of a typed config one folder down, into ``job``."""
+    run = getattr(cfg, "run", None)
+    if run is not None and hasattr(run, "output_dir"):
+        run.output_dir = os.path.join(run.output_dir, job)
+    if isinstance(getattr(cfg, "output_dir", None), str):
+        cfg.output_dir = os.path.join(cfg.output_dir, job)
+    if isinstance(getattr(cfg, "output", None), str):  # a file (mining): same name, in the job's folder
+        cfg.output = os.path.join(os.path.dirname(cfg.output), job, os.path.basename(cfg.output))
+
+
+@hydra.main(version_base="1.3", config_path=_config_path(), config_name="stage1")
+def main(dict_cfg: DictConfig) -> None:
+    from qwen3train.data.records import DataError
+    from qwen3train.errors import ConfigError
+
+    try:
+        cfg = OmegaConf.to_object(dict_cfg)  # __post_init__ checks raise ConfigError here
+        job = multirun_job_dir()
+        if job:
+            place_job(cfg, job)
+        runner_for(cfg)(cfg)
+    except (ConfigError, DataError) as e:  # a user's mistake: one line, status 2; tracebacks are for bugs
+        if os.environ.get("QWEN3TRAIN_DEBUG") == "1":
+            raise
+        rank = os.environ.get("RANK")
+        print(f"error{f' (rank {rank})' if rank and os.environ.get('WORLD_SIZE', '1') != '1' else ''}: {e}",
+              file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def cli() -> None:
+    """``qwen3train <command> [overrides]``: a command is a primary config's name (stage1, pipeline, ...)."""
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help", "help"):
+        print("usage: qwen3train <command> [key=value ...] [--config-dir=DIR] [-m]\n"
+              f"commands: {', '.join(PRIMARIES)} (or the name of a config in --config-dir)\n"
+              "example: qwen3train stage1 model=qwen3-0.6b engine=zero2 optim.lr=2e-5")
+        sys.exit(0 if args else 2)
+    sys.argv = [sys.argv[0], f"--config-name={args[0]}", *args[1:]]
+    main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training data: records, indexed sources, batch plans, collation."""

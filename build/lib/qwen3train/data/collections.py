@@ -1,0 +1,140 @@
+"""Retrieval collections: BEIR folders and TREC files -> corpus, queries and graded qrels.
+
+BEIR: ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id``, ``text``),
+``qrels/<split>.tsv`` (``query-id corpus-id score``, header optional). TREC: documents
+``<DOC><DOCNO>id</DOCNO>text</DOC>``, topics ``<top><num>id</num><title>text</title></top>``, qrels
+``qid 0 docid rel``. JSONL is split on ``\\n`` only (texts may hold U+2028). qrels that name absent
+queries are counted and dropped; those naming absent documents are counted and kept (they belong to
+the ideal ranking, as in trec_eval); never an error. Malformed lines raise an error naming file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Collection:
+    name: str
+    corpus: dict[str, str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    missing: dict[str, int] = field(default_factory=dict)
+
+
+def _jsonl(path: Path):
+    with open(path, encoding="utf-8", newline="") as f:
+        data = f.read()
+    for lineno, line in enumerate(data.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+def _qrels(path: Path, trec: bool) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if not trec and lineno == 1 and not parts[-1].lstrip("-").isdigit():
+            continue  # BEIR header
+        if trec:
+            if len(parts) != 4:
+                raise ValueError(f"{path}:{lineno}: expected 'qid 0 docid rel', got {line!r}")
+            qid, did, rel = parts[0], parts[2], parts[3]
+        else:
+            if len(parts) != 3:
+                raise ValueError(f"{path}:{lineno}: expected 'query-id corpus-id score', got {line!r}")
+            qid, did, rel = parts
+        try:
+            out.setdefault(qid, {})[did] = int(rel)
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: relevance {rel!r} is not an integer") from None
+    return out
+
+
+def _prune(c: Collection) -> Collection:
+    mq = sum(1 for q in c.qrels if q not in c.queries)
+    md = sum(1 for q, r in c.qrels.items() for d in r if d not in c.corpus)
+    # judgments of absent documents stay (trec_eval counts them in the ideal ranking); importers skip them
+    c.qrels = {q: r for q, r in c.qrels.items() if q in c.queries}
+    c.missing = {"qrels_queries_absent": mq, "qrels_docs_absent": md}
+    return c
+
+
+def load_beir(folder: str | Path, split: str = "test") -> Collection:
+    folder = Path(folder)
+    corpus = {}
+    for lineno, obj in _jsonl(folder / "corpus.jsonl"):
+        if "_id" not in obj or not isinstance(obj.get("text"), str):
+            raise ValueError(f"{folder / 'corpus.jsonl'}:{lineno}: needs '_id' and a string 'text'")
+        corpus[str(obj["_id"])] = f"{obj['title']} {obj['text']}".strip() if obj.get("title") else obj["text"]
+    queries = {}
+    for lineno, obj in _jsonl(folder / "queries.jsonl"):
+        if "_id" not in obj or not isinstance(obj.get("text"), str):
+            raise ValueError(f"{folder / 'queries.jsonl'}:{lineno}: needs '_id' and a string 'text'")
+        queries[str(obj["_id"])] = obj["text"]
+    return _prune(Collection(folder.name, corpus, queries, _qrels(folder / "qrels" / f"{split}.tsv", trec=False)))
+
+
+def load_trec(docs: str | Path, topics: str | Path, qrels: str | Path, name: str | None = None) -> Collection:
+    docs, topics, qrels = Path(docs), Path(topics), Path(qrels)
+    text = docs.read_text(encoding="utf-8", errors="replace")
+    corpus = {m.group(1).strip(): " ".join(m.group(2).split())
+              for m in re.finditer(r"<DOC>\s*<DOCNO>(.*?)</DOCNO>(.*?)</DOC>", text, flags=re.S)}
+    if not corpus:
+        raise ValueError(f"{docs}: no <DOC><DOCNO>..</DOCNO>..</DOC> records")
+    ttext = topics.read_text(encoding="utf-8", errors="replace")
+    queries = {}
+    for m in re.finditer(r"<top>(.*?)</top>", ttext, flags=re.S):
+        num = re.search(r"<num>\s*(?:Number:)?\s*(.*?)\s*(?:</num>|\n)", m.group(1), flags=re.S)
+        title = re.search(r"<title>\s*(.*?)\s*(?:</title>|<desc>|$)", m.group(1), flags=re.S)
+        if not num or not title:
+            line = ttext[: m.start()].count("\n") + 1
+            raise ValueError(f"{topics}:{line}: topic without <num> or <title>")
+        queries[num.group(1).strip()] = " ".join(title.group(1).split())
+    return _prune(Collection(name or docs.parent.name, corpus, queries, _qrels(qrels, trec=True)))
+
+
+def load_collection(spec: str | Path) -> Collection:
+    """A BEIR folder, or a folder with the TREC layout of ../shared/data/vaswani."""
+    p = Path(spec)
+    if (p / "corpus.jsonl").exists():
+        return load_beir(p)
+    trec_docs = sorted((p / "corpus").glob("*.trec")) if (p / "corpus").is_dir() else []
+    topics = sorted(p.glob("*query*.trec")) or sorted(p.glob("*topics*"))
+    if trec_docs and topics and (p / "qrels").exists():
+        return load_trec(trec_docs[0], topics[0], p / "qrels", name=p.name)
+    raise ValueError(f"{p}: neither a BEIR folder (corpus.jsonl, queries.jsonl, qrels/) nor a TREC folder")
+
+
+def cap_corpus(col: Collection, max_docs: int, seed: int = 0) -> Collection:
+    """A self-consistent sub-collection of at most ``max_docs`` documents, for CPU budgets: the relevant
+    documents (all of them when they fit in half the budget, else a seeded half-budget sample), then a
+    seeded sample of the other documents as distractors; judgments of dropped documents are dropped too,
+    so every kept query is scored against what it can find. Every system scored in one run sees the same
+    sub-collection; the figures are not comparable to full-corpus ones (the name says ``@<size>``).
+    0 keeps everything."""
+    if max_docs <= 0 or len(col.corpus) <= max_docs:
+        return col
+    import random
+
+    rng = random.Random(seed)
+    all_relevant = sorted({d for r in col.qrels.values() for d, v in r.items() if v > 0 and d in col.corpus})
+    relevant = all_relevant
+    if len(relevant) > max_docs // 2:
+        relevant = rng.sample(relevant, max_docs // 2)
+    keep = set(relevant)
+    others = sorted(set(col.corpus) - set(all_relevant))  # distractors: never a relevant document left out
+    keep |= set(rng.sample(others, min(len(others), max_docs - len(keep))))
+    corpus = {d: t for d, t in col.corpus.items() if d in keep}
+    qrels = {q: {d: v for d, v in r.items() if d in keep} for q, r in col.qrels.items()}
+    qrels = {q: r for q, r in qrels.items() if r}
+    return Collection(f"{col.name}@{len(corpus)}", corpus, col.queries, qrels, dict(col.missing))

@@ -1,0 +1,84 @@
+"""Typed training records and their validation.
+
+Schema (FlagEmbedding-compatible): ``{"query": str, "pos": [str, ...], "neg": [str, ...]?,
+"instruction": str?, "task": str?, "type": str?}``. Extra keys (scores, provenance) are ignored.
+Every error names the file, the line (1-based) and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+
+class DataError(ValueError):
+    """A bad record: ``where`` is ``file:line``, ``field`` the offending key."""
+
+    def __init__(self, where: str, field_name: str, message: str) -> None:
+        super().__init__(f"{where}: field '{field_name}': {message}")
+        self.where, self.field, self.reason = where, field_name, message
+
+
+@dataclass
+class Record:
+    query: str
+    pos: list[str]
+    neg: list[str] = field(default_factory=list)
+    instruction: str | None = None
+    task: str = "default"
+    type: str | None = None
+
+
+def _str_list(obj: dict, key: str, where: str, required: bool) -> list[str]:
+    if key not in obj or obj[key] is None:
+        if required:
+            raise DataError(where, key, "missing (a list of strings is required)")
+        return []
+    val = obj[key]
+    if isinstance(val, str):  # the classic silent bug: a string iterated as characters
+        raise DataError(where, key, "must be a list of strings, got a single string")
+    if not isinstance(val, list):
+        raise DataError(where, key, f"must be a list of strings, got {type(val).__name__}")
+    for k, item in enumerate(val):
+        if not isinstance(item, str):
+            raise DataError(where, f"{key}[{k}]", f"must be a string, got {type(item).__name__}")
+        if not item.strip():
+            raise DataError(where, f"{key}[{k}]", "is empty")
+    if required and not val:
+        raise DataError(where, key, "is an empty list")
+    return val
+
+
+def _opt_str(obj: dict, key: str, where: str) -> str | None:
+    val = obj.get(key)
+    if val is not None and not isinstance(val, str):
+        raise DataError(where, key, f"must be a string, got {type(val).__name__}")
+    return val
+
+
+def parse_record(obj, where: str) -> Record:
+    """Validate one decoded JSON object / table row into a Record."""
+    if not isinstance(obj, dict):
+        raise DataError(where, "<record>", f"must be a JSON object, got {type(obj).__name__}")
+    query = obj.get("query")
+    if not isinstance(query, str):
+        raise DataError(where, "query", "missing" if query is None else f"must be a string, got {type(query).__name__}")
+    if not query.strip():
+        raise DataError(where, "query", "is empty")
+    return Record(query=query, pos=_str_list(obj, "pos", where, True), neg=_str_list(obj, "neg", where, False),
+                  instruction=_opt_str(obj, "instruction", where), task=_opt_str(obj, "task", where) or "default",
+                  type=_opt_str(obj, "type", where))
+
+
+def parse_json_line(line: bytes | str, where: str) -> Record:
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(where, "<json>", f"not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    return parse_record(obj, where)
+
+
+def text_hash(text: str) -> int:
+    """Stable signed 64-bit id of a text (identical-document rule, duplicate control)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)

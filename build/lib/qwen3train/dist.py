@@ -1,0 +1,154 @@
+"""Distributed helpers: rank/world, init, collectives. Identity on one process.
+
+This is the only module of the package that calls ``torch.distributed`` (a test enforces it), so
+the rules below hold for every collective the project issues:
+
+* **The process group serves both devices.** On a CUDA machine the group is created as
+  ``cpu:gloo,cuda:nccl``: CUDA tensors go through NCCL, CPU tensors through gloo. A plain ``nccl``
+  group has no CPU backend at all, so the first collective on a CPU tensor (a logged statistic, a
+  token count, an object broadcast) would stop a multi-GPU run.
+* **Our own collectives run on** ``comm_device()`` (the local GPU under NCCL, else the CPU): the
+  helpers here move their inputs there and hand results back on the caller's device, so callers
+  never decide where a collective's tensor lives.
+
+``QWEN3TRAIN_DIST_BACKEND`` overrides the backend string (e.g. ``nccl`` alone, or ``cpu:gloo`` for
+a CPU-only run on a GPU node).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def backend_spec(cuda: bool | None = None) -> str:
+    """The backend string ``init`` passes to ``init_process_group``."""
+    override = os.environ.get("QWEN3TRAIN_DIST_BACKEND")
+    if override:
+        return override
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+def init(timeout_min: int = 30, *, single_process: bool = False) -> None:
+    """Join the process group that torchrun describes in the environment.
+
+    No-op on one process, unless ``single_process`` (DeepSpeed needs a group even then: a one-rank
+    group is created from the environment, with defaults for a lone process).
+    """
+    if is_dist():
+        return
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        if not single_process:
+            return
+        for key, val in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+                         ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, val)
+    if torch.cuda.is_available():
+        # before the group exists: gloo initialises at once and NCCL (sub)groups must find the right GPU.
+        # No ``device_id``: it makes NCCL initialise eagerly, which DeepSpeed's own sub-groups do not expect.
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend_spec(), timeout=datetime.timedelta(minutes=timeout_min))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def comm_device() -> torch.device:
+    """Where the tensors of this module's collectives live: the local GPU when the group has NCCL."""
+    if torch.cuda.is_available() and is_dist() and "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_dist():
+        if comm_device().type == "cuda":  # name the GPU: NCCL would otherwise guess it from the rank
+            dist.barrier(device_ids=[comm_device().index])
+        else:
+            dist.barrier()
+
+
+def cleanup() -> None:
+    if is_dist():
+        barrier()
+        dist.destroy_process_group()
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0; gradient flows back to each rank's slice.
+
+    The backward of the autograd-aware all_gather is a reduce-scatter (sum), so rank r receives the
+    sum over ranks of d(loss_k)/d(x_r); with DDP/DeepSpeed averaging gradients over ranks this is the
+    gradient of the mean loss over the global batch. ``x`` lives where the model computes (the GPU
+    under NCCL), which is where it is gathered.
+    """
+    if not is_dist() or world_size() == 1:
+        return x
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+
+
+def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    if not is_dist() or world_size() == 1:
+        return x
+    y = x.detach().to(comm_device()).contiguous()
+    out = [torch.empty_like(y) for _ in range(world_size())]
+    dist.all_gather(out, y)
+    return torch.cat(out, dim=0).to(x.device)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks, on the caller's device (reduced on ``comm_device()``)."""
+    if not is_dist() or world_size() == 1:
+        return x
+    y = x.detach().to(comm_device(), copy=True)
+    dist.all_reduce(y)
+    return (y / world_size()).to(x.device)
+
+
+def mean_floats(values: Sequence[float]) -> list[float]:
+    """Means over ranks of a few Python numbers, in one float64 collective (the loop's statistics)."""
+    if not is_dist() or world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t)
+    return (t / world_size()).tolist()
+
+
+def broadcast_object(obj):
+    if not is_dist() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

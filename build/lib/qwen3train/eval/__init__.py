@@ -1,0 +1,1 @@
+"""Evaluation: metrics (pure), retrieval on pair files and BEIR/TREC collections."""

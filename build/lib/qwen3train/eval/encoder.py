@@ -1,0 +1,130 @@
+"""Any embedder behind one small interface: qwen3train / Qwen3-Embedding exports (last-token,
+instruction-aware) or any sentence-transformers folder (e.g. all-MiniLM-L6-v2, mean pooling).
+
+``encode_queries(texts, instruction)`` / ``encode_docs(texts)`` return L2-normalised float32
+tensors in input order. ``precision`` picks the compute dtype: ``float32`` (default here: evaluation
+figures must not depend on the machine), ``bfloat16`` / ``float16``, or ``auto`` = bfloat16 where the
+hardware computes it natively (CUDA with bf16, x86 CPUs with AVX512-BF16 or AMX, Arm CPUs with BF16),
+float32 elsewhere. Embeddings are always returned (and cached) in float32. ``cached_docs`` stores
+document embeddings on disk keyed by the model's weights, the texts and the settings (under the same
+name as mining's store), so a corpus is encoded once and reused by mining and evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qwen3train.precision import cpu_has_native_bf16
+
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def is_decoder_export(path: Path) -> bool:
+    """A qwen3train export, a Qwen-family embedder, or any plain decoder LLM folder (no sentence-transformers
+    ``modules.json``: e.g. a base SmolLM2 scored with last-token pooling) -> our last-token embedder."""
+    if (path / "qwen3train.json").exists():
+        return True
+    cfg = path / "config.json"
+    if not cfg.exists():
+        return False
+    arch = json.loads(cfg.read_text()).get("model_type", "")
+    return arch.startswith("qwen") or not (path / "modules.json").exists()
+
+
+class Encoder:
+    def __init__(self, path: str | os.PathLike, *, max_length: int = 512, batch_size: int = 64,
+                 dim: int | None = None, precision: str = "float32", end_token: str | None = None) -> None:
+        self.path = Path(path)
+        self.precision = resolve_precision(precision)
+        self.batch_size = batch_size
+        self.dim = dim
+        self.max_length = max_length
+        self.kind = "qwen3train" if is_decoder_export(self.path) else "sentence-transformers"
+        if self.kind == "qwen3train":
+            from qwen3train.models.build import ModelConfig, build_embedder
+
+            # end_token: for a raw decoder (a base model), the token training appends; exports record theirs
+            self.model = build_embedder(ModelConfig(name_or_path=str(self.path), max_query_length=max_length,
+                                                    max_doc_length=max_length, dtype=self.precision,
+                                                    end_token=end_token))
+            if torch.cuda.is_available():
+                self.model.cuda()
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            self.model = SentenceTransformer(str(self.path), device="cuda" if torch.cuda.is_available() else "cpu")
+            self.model.max_seq_length = min(max_length, self.model.max_seq_length or max_length)
+            if self.precision != "float32":
+                self.model.to(getattr(torch, self.precision))
+
+    def _full(self, texts: list[str], instruction: str | None) -> torch.Tensor:
+        """Full-dimension, normalised. Matryoshka dims are applied afterwards (``_dim``): since
+        normalize(normalize(x)[:d]) == normalize(x[:d]), one encoding (and one cache) serves every dim."""
+        if self.kind == "qwen3train":
+            return self.model.encode(texts, instruction=instruction, batch_size=self.batch_size)
+        v = torch.as_tensor(self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+                                              normalize_embeddings=False, show_progress_bar=False))
+        return torch.nn.functional.normalize(v.float(), dim=-1)  # instruction-unaware: raw text
+
+    def _dim(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(v[:, : self.dim], dim=-1) if self.dim else v
+
+    def encode_queries(self, texts: list[str], instruction: str | None) -> torch.Tensor:
+        return self._dim(self._full(texts, instruction))
+
+    def encode_docs(self, texts: list[str], instruction: str | None = None) -> torch.Tensor:
+        return self._dim(self._full(texts, instruction))
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for f in sorted(self.path.rglob("*.safetensors")) + sorted(self.path.rglob("*.bin")):
+            st = f.stat()
+            h.update(f"{f.relative_to(self.path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{self.kind}:{self.max_length}:{self.precision}".encode())
+        if self.kind == "qwen3train":  # the appended token changes every vector
+            h.update(self.model.tok.end_token.encode())
+        return h.hexdigest()[:16]
+
+    def cached_docs(self, texts: list[str], cache_dir: str | os.PathLike | None,
+                    instruction: str | None = None) -> torch.Tensor:
+        """``encode_docs`` with an on-disk cache (``<cache_dir>/<key>.npy``, written atomically)."""
+        if not cache_dir:
+            return self.encode_docs(texts, instruction)
+        return self._dim(self._cached_full(texts, cache_dir, instruction))
+
+    def cache_key(self, texts: list[str], instruction: str | None = None) -> str:
+        """Names the embeddings of ``texts`` by this model's weights, settings and the texts themselves."""
+        h = hashlib.sha256(self.fingerprint().encode())
+        h.update((instruction or "").encode())
+        for t in texts:
+            h.update(hashlib.blake2b(t.encode(), digest_size=8).digest())
+        return h.hexdigest()[:24]
+
+    def _cached_full(self, texts: list[str], cache_dir, instruction: str | None) -> torch.Tensor:
+        # the same name as mining's store (qwen3train.mining.store): one encoded corpus serves both
+        key = self.cache_key(texts, "doc:" + (instruction or ""))
+        path = Path(cache_dir) / f"{key}.npy"
+        if path.exists():
+            return torch.from_numpy(np.load(path))
+        vec = self._full(texts, instruction)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, vec.numpy())
+        tmp.replace(path)
+        return vec

@@ -1,0 +1,49 @@
+"""Ranking metrics as pure functions, with trec_eval's conventions (as BEIR and MTEB report them).
+
+``run``: query id -> list of (doc id, score); ``qrels``: query id -> {doc id: graded relevance}.
+Ties in score are broken by doc id (descending), as trec_eval does. nDCG uses linear gain and a
+log2 discount; the ideal ranking uses all judged relevant documents of the query. Queries without a
+positive judgment are skipped by the callers (as BEIR does).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def ranked(docs: list[tuple[str, float]]) -> list[str]:
+    return [d for d, _ in sorted(docs, key=lambda x: (x[1], x[0]), reverse=True)]
+
+
+def ndcg_at_k(ranking: list[str], rels: dict[str, int], k: int) -> float:
+    dcg = sum(rels.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranking[:k]) if rels.get(d, 0) > 0)
+    ideal = sorted((r for r in rels.values() if r > 0), reverse=True)[:k]
+    idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def recall_at_k(ranking: list[str], rels: dict[str, int], k: int) -> float:
+    relevant = {d for d, r in rels.items() if r > 0}
+    return len(relevant & set(ranking[:k])) / len(relevant) if relevant else 0.0
+
+
+def mrr_at_k(ranking: list[str], rels: dict[str, int], k: int) -> float:
+    for i, d in enumerate(ranking[:k]):
+        if rels.get(d, 0) > 0:
+            return 1.0 / (i + 1)
+    return 0.0
+
+
+def evaluate_run(run: dict[str, list[tuple[str, float]]], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Mean nDCG@10, Recall@100 and MRR@10 over the queries that have a positive judgment."""
+    scores = {"ndcg@10": [], "recall@100": [], "mrr@10": []}
+    for qid, rels in qrels.items():
+        if not any(r > 0 for r in rels.values()):
+            continue
+        ranking = ranked(run.get(qid, []))
+        scores["ndcg@10"].append(ndcg_at_k(ranking, rels, 10))
+        scores["recall@100"].append(recall_at_k(ranking, rels, 100))
+        scores["mrr@10"].append(mrr_at_k(ranking, rels, 10))
+    out = {k: sum(v) / len(v) if v else 0.0 for k, v in scores.items()}
+    out["queries"] = len(scores["ndcg@10"])
+    return out

@@ -1,0 +1,37 @@
+"""Reranking evaluation: a first-stage retriever's top-k on a BEIR/TREC collection, rescored by a
+reranker; metrics before and after (as the paper evaluates on the top-100 of Qwen3-Embedding-0.6B)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwen3train.data.collections import Collection, load_collection
+from qwen3train.data.instructions import REGISTRY
+from qwen3train.eval.encoder import Encoder, resolve_precision
+from qwen3train.eval.metrics import evaluate_run
+from qwen3train.eval.retrieval import retrieve
+from qwen3train.models.reranker import DEFAULT_RERANK_INSTRUCTION
+
+
+def evaluate_rerank(retriever: str | Path, reranker: str | Path, collection, *, top_k: int = 100,
+                    batch_size: int = 16, cache_dir: str | None = None, max_length: int = 512,
+                    precision: str = "float32") -> dict:
+    import torch
+
+    from qwen3train.models.build import ModelConfig, build_reranker
+
+    col = collection if isinstance(collection, Collection) else load_collection(collection)
+    instr = REGISTRY.get(col.name.split("@")[0].lower())
+    first = retrieve(Encoder(retriever, max_length=max_length, precision=precision), col, instr, top_k, cache_dir)
+    rr = build_reranker(ModelConfig(name_or_path=str(reranker), padding_side="left", dtype=resolve_precision(precision)),
+                        max_length=max_length)
+    if torch.cuda.is_available():
+        rr.cuda()
+    second = {}
+    for qid, cands in first.items():
+        probs = rr.score(col.queries[qid], [col.corpus[d] for d, _ in cands],
+                         instruction=instr or DEFAULT_RERANK_INSTRUCTION, batch_size=batch_size)
+        second[qid] = [(d, float(p)) for (d, _), p in zip(cands, probs.tolist())]
+    before, after = evaluate_run(first, col.qrels), evaluate_run(second, col.qrels)
+    return {"dataset": col.name, "top_k": top_k, "before": before, "after": after,
+            "delta_ndcg@10": after["ndcg@10"] - before["ndcg@10"]}

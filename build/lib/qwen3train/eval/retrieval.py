@@ -1,0 +1,35 @@
+"""Retrieval evaluation of any embedder on a BEIR/TREC collection: exact search over the whole
+corpus (chunked), scored with trec_eval's conventions (nDCG@10, Recall@100, MRR@10)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwen3train.data.collections import Collection, load_collection
+from qwen3train.data.instructions import REGISTRY
+from qwen3train.eval.encoder import Encoder
+from qwen3train.eval.metrics import evaluate_run
+from qwen3train.eval.search import topk
+from qwen3train.text import DEFAULT_INSTRUCTION
+
+
+def retrieve(encoder: Encoder, col: Collection, instruction: str | None, k: int = 100,
+             cache_dir: str | None = None):
+    """-> run: qid -> [(doc id, score)] for the queries that have a positive judgment."""
+    qids = [q for q, r in col.qrels.items() if any(v > 0 for v in r.values())]
+    dids = list(col.corpus)
+    dvec = encoder.cached_docs([col.corpus[d] for d in dids], cache_dir)
+    qvec = encoder.encode_queries([col.queries[q] for q in qids], instruction)
+    scores, idx = topk(qvec, dvec, k)
+    return {q: [(dids[j], float(s)) for s, j in zip(scores[i].tolist(), idx[i].tolist())] for i, q in enumerate(qids)}
+
+
+def evaluate_collection(model: str | Path, collection: str | Path | Collection, *, instruction: str | None = None,
+                        dim: int | None = None, max_length: int = 512, cache_dir: str | None = None,
+                        encoder: Encoder | None = None) -> dict:
+    col = collection if isinstance(collection, Collection) else load_collection(collection)
+    enc = encoder or Encoder(model, max_length=max_length, dim=dim)
+    instr = instruction or REGISTRY.get(col.name.split("@")[0].lower(), DEFAULT_INSTRUCTION)
+    res = evaluate_run(retrieve(enc, col, instr, 100, cache_dir), col.qrels)
+    res.update(dataset=col.name, model=str(model), dim=dim, **col.missing)
+    return res

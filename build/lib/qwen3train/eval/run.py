@@ -1,0 +1,129 @@
+"""EvalConfig and ``run``: every model on every dataset (and Matryoshka dim), one table.
+
+With ``bm25``, the lexical baseline is scored on the same collections and pair files.
+Datasets: BEIR/TREC folders (``collections``), held-out pair files (``pairs``: each query against
+the pool of the file's positives), STS files (``sts``: JSONL ``{"text1", "text2", "score"}``, Spearman
+of cosine against gold). Models: any qwen3train export or sentence-transformers folder, labelled.
+Outputs: ``results.jsonl`` (one row per model x dataset x dim) and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qwen3train.eval.encoder import Encoder
+
+
+@dataclass
+class EvalConfig:
+    models: dict[str, str] = field(default_factory=dict)
+    collections: list[str] = field(default_factory=list)
+    pairs: list[str] = field(default_factory=list)
+    sts: list[str] = field(default_factory=list)
+    dims: list[int] = field(default_factory=list)  # Matryoshka sweep; empty: full dim only
+    rerankers: dict[str, str] = field(default_factory=dict)  # label -> reranker folder
+    rerank_retriever: str | None = None  # first stage for reranking (an embedder folder)
+    rerank_top_k: int = 100
+    output_dir: str = "outputs/eval"
+    cache_dir: str | None = "outputs/cache/embeddings"
+    max_length: int = 512
+    bm25: bool = False  # the lexical baseline (bm25s, qwen3train.eval.bm25) on the collections and pair files
+    max_docs: int = 0  # > 0: each collection cut to its relevant documents plus random others (cap_corpus)
+    precision: str = "float32"  # embedders' compute dtype (Encoder): float32, bfloat16, float16 or auto
+    end_tokens: dict[str, str] = field(default_factory=dict)  # label -> token appended, for raw decoders (base)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho with average ranks for ties."""
+    def ranks(x):
+        order = np.argsort(x, kind="mergesort")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x), dtype=float)
+        for v in np.unique(x):
+            m = x == v
+            r[m] = r[m].mean()
+        return r
+    ra, rb = ranks(np.asarray(a, float)), ranks(np.asarray(b, float))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / np.sqrt((ra ** 2).sum() * (rb ** 2).sum()))
+
+
+def evaluate_sts(encoder: Encoder, path: str | Path, instruction: str = "Retrieve semantically similar text") -> dict:
+    rows = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").split("\n") if x.strip()]
+    texts = sorted({r["text1"] for r in rows} | {r["text2"] for r in rows})  # each text once (Lee: 50, not 2,450)
+    vec = encoder.encode_queries(texts, instruction)
+    at = {t: i for i, t in enumerate(texts)}
+    a = vec[[at[r["text1"]] for r in rows]]
+    b = vec[[at[r["text2"]] for r in rows]]
+    cos = (a * b).sum(1).numpy()
+    return {"spearman": spearman(cos, np.array([float(r["score"]) for r in rows])), "pairs": len(rows)}
+
+
+def run(cfg: EvalConfig) -> list[dict]:
+    from qwen3train.data.collections import cap_corpus, load_collection
+    from qwen3train.eval.pairs import evaluate_pairs
+    from qwen3train.eval.rerank import evaluate_rerank
+    from qwen3train.eval.retrieval import evaluate_collection
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    collections = [cap_corpus(load_collection(c), cfg.max_docs) for c in cfg.collections]
+    for label, path in cfg.models.items():
+        for dim in [None] + list(cfg.dims):
+            enc = Encoder(path, max_length=cfg.max_length, dim=dim, precision=cfg.precision,
+                          end_token=cfg.end_tokens.get(label))
+            for col in collections:
+                r = evaluate_collection(path, col, encoder=enc, cache_dir=cfg.cache_dir, dim=dim)
+                rows.append({"model": label, "dataset": r["dataset"], "dim": dim, **{k: r[k] for k in
+                             ("ndcg@10", "recall@100", "mrr@10", "queries")}})
+            for pf in cfg.pairs:
+                r = evaluate_pairs(path, pf, encoder=enc)
+                rows.append({"model": label, "dataset": dataset_name(pf), "dim": dim, **r})
+            for sf in cfg.sts:
+                rows.append({"model": label, "dataset": dataset_name(sf), "dim": dim, **evaluate_sts(enc, sf)})
+            del enc
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    if cfg.bm25:
+        from qwen3train.eval.bm25 import LABEL, evaluate_collection_bm25, evaluate_pairs_bm25
+
+        for col in collections:
+            r = evaluate_collection_bm25(col)
+            rows.append({"model": LABEL, "dataset": r["dataset"], "dim": None,
+                         **{k: r[k] for k in ("ndcg@10", "recall@100", "mrr@10", "queries")}})
+        for pf in cfg.pairs:
+            rows.append({"model": LABEL, "dataset": dataset_name(pf), "dim": None, **evaluate_pairs_bm25(pf)})
+    for label, path in cfg.rerankers.items():
+        if not cfg.rerank_retriever:
+            raise ValueError("eval.rerankers needs eval.rerank_retriever (the first-stage embedder)")
+        for col in collections:
+            r = evaluate_rerank(cfg.rerank_retriever, path, col, top_k=cfg.rerank_top_k, cache_dir=cfg.cache_dir,
+                                max_length=cfg.max_length, precision=cfg.precision)
+            rows.append({"model": f"{label} (rerank top-{cfg.rerank_top_k})", "dataset": r["dataset"], "dim": None,
+                         **{k: r["after"][k] for k in ("ndcg@10", "recall@100", "mrr@10")},
+                         "ndcg@10_before": r["before"]["ndcg@10"]})
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "results.md").write_text(table(rows))
+    print(table(rows))
+    return rows
+
+
+def dataset_name(path: str | Path) -> str:
+    """``<folder>/<file stem>``: pair files of different stages are often all called heldout.jsonl."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.stem}"
+
+
+def table(rows: list[dict]) -> str:
+    metrics = [m for m in ("ndcg@10", "ndcg@10_before", "recall@100", "mrr@10", "spearman")
+               if any(m in r for r in rows)]
+    head = "| model | dataset | dim | " + " | ".join(metrics) + " |\n|---|---|---|" + "---|" * len(metrics) + "\n"
+    body = "".join(f"| {r['model']} | {r['dataset']} | {r['dim'] or 'full'} | " +
+                   " | ".join(f"{r[m]:.4f}" if m in r else "" for m in metrics) + " |\n" for r in rows)
+    return head + body

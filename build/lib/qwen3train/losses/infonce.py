@@ -1,0 +1,200 @@
+"""The Qwen3-Embedding improved InfoNCE (paper Eq. 1, 5-term version; spec §2).
+
+For anchor query i, with the document pool D = every positive and every hard negative of the batch
+(gathered across ranks), the loss is -log(exp(s(q_i, d_i+)/tau) / Z_i) with
+
+    Z_i = exp(s(q_i, d_i+)/tau)
+        + sum_k  m_ik exp(s(q_i, d_ik-)/tau)     (2) own hard negatives          \\  the q-d block:
+        + sum_j  m_ij exp(s(q_i, d_j)/tau)       (5) other pool documents         /  q_i vs all of D
+        + sum_j!=i m_ij exp(s(q_i, q_j)/tau)     (3) other queries               -- the q-q block
+        + sum_j  m_ij exp(s(d_i+, d_j)/tau)      (4) pool documents vs d_i+       -- the d-d block
+
+and the false-negative mask m = 0 when
+  - (q-d and q-q) the candidate's cosine exceeds s(q_i, d_i+) + fn_margin (threshold detached;
+    margin on raw cosine, before dividing by tau); or
+  - (q-d and d-d) the pool document is identical to d_i+ (``doc_ids`` equal), other than d_i+ itself.
+The d-d block has no margin rule (spec §2.3, as ms-swift's "align with Qwen3-Embedding"), and
+excludes d_i+ itself. Implemented as one cross-entropy over the concatenated logits
+[S_qd | S_qq | S_dd] / tau with masked entries at -inf and the target at d_i+'s column (spec §2.4).
+
+Inputs (L2-normalised):
+
+    ====================  ==============  =============================================
+    q                     [B, D]          queries
+    pos                   [B, D]          one positive per query
+    neg                   [B, K, D]       K hard negatives per query (or None: K = 0)
+    doc_ids               [B*(1+K)]       ids in pool order: B positives, then row by row
+                                          the K negatives of each row (e.g. text hashes)
+    rows                  [R] LongTensor  anchors to compute the loss for (default: all).
+                                          Cross-device: the rank's own rows of the gathered
+                                          batch, so labels are offset by rank.
+    ====================  ==============  =============================================
+
+Relations: with ``qq=False, dd=False, fn_margin=None`` and no ``doc_ids`` this is the standard
+in-batch + hard-negative InfoNCE (sentence-transformers' MultipleNegativesRankingLoss with
+scale = 1/temperature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from qwen3train import dist
+from qwen3train.models.pooling import normalize
+
+NEG_INF = float("-inf")
+
+
+def info_nce(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, *,
+             temperature: float, fn_margin: float | None = 0.1, qq: bool = True, dd: bool = True,
+             doc_ids: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+             return_stats: bool = False):
+    """Mean loss over ``rows`` (see the module docstring); with ``return_stats`` also a dict of
+    detached telemetry: top-1 accuracy, mean positive cosine, mean hardest-negative cosine, margin
+    and the fraction of q-d/q-q candidates masked as false negatives."""
+    B, D = q.shape
+    K = 0 if neg is None else neg.shape[1]
+    pool = pos if K == 0 else torch.cat([pos, neg.reshape(B * K, D)])  # [P, D], P = B(1+K)
+    if rows is None:
+        rows = torch.arange(B, device=q.device)
+    R = rows.numel()
+    ar = torch.arange(R, device=q.device)
+    target = rows  # d_i+ sits in column i of the pool
+
+    s_qd = q[rows] @ pool.T  # [R, P]
+    s_pos = s_qd[ar, target]  # [R]
+    is_target = torch.zeros_like(s_qd, dtype=torch.bool)
+    is_target[ar, target] = True
+
+    drop_qd = torch.zeros_like(is_target)
+    if fn_margin is not None:
+        thr = (s_pos.detach() + fn_margin).unsqueeze(1)  # [R, 1]
+        drop_qd |= s_qd.detach() > thr
+    same_doc = None
+    if doc_ids is not None:
+        if doc_ids.numel() != pool.shape[0]:
+            raise ValueError(f"doc_ids has {doc_ids.numel()} ids, the pool has {pool.shape[0]} documents")
+        same_doc = doc_ids.unsqueeze(0) == doc_ids[target].unsqueeze(1)  # [R, P]
+        drop_qd |= same_doc
+    drop_qd &= ~is_target
+    blocks = [s_qd.masked_fill(drop_qd, NEG_INF)]
+    n_cand = is_target.numel() - R
+    n_drop = int(drop_qd.sum())
+
+    if qq:
+        s_qq = q[rows] @ q.T  # [R, B]
+        drop_qq = torch.zeros_like(s_qq, dtype=torch.bool)
+        drop_qq[ar, rows] = True  # self
+        n_cand += s_qq.numel() - R
+        if fn_margin is not None:
+            over = s_qq.detach() > thr
+            over[ar, rows] = False
+            n_drop += int(over.sum())
+            drop_qq |= over
+        blocks.append(s_qq.masked_fill(drop_qq, NEG_INF))
+    if dd:
+        s_dd = pos[rows] @ pool.T  # [R, P]
+        drop_dd = is_target.clone()  # d_i+ against itself
+        if same_doc is not None:
+            drop_dd |= same_doc
+        blocks.append(s_dd.masked_fill(drop_dd, NEG_INF))
+
+    logits = torch.cat(blocks, dim=1) / temperature
+    loss = F.cross_entropy(logits, target)
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        cand = s_qd.detach().masked_fill(drop_qd | is_target, NEG_INF)
+        hardest = cand.max(dim=1).values if cand.shape[1] > 1 else torch.full_like(s_pos, float("nan"))
+        acc = (s_qd.detach().masked_fill(drop_qd, NEG_INF).argmax(dim=1) == target).float().mean()
+        stats = {
+            "acc": acc.item(),
+            "pos_cos": s_pos.detach().mean().item(),
+            "hardest_neg_cos": hardest[torch.isfinite(hardest)].mean().item() if torch.isfinite(hardest).any() else float("nan"),
+            "fn_masked_frac": n_drop / max(n_cand, 1),
+        }
+        stats["margin"] = stats["pos_cos"] - stats["hardest_neg_cos"]
+    return loss, stats
+
+
+@dataclass
+class InfoNCEConfig:
+    """Hyper-parameters of the improved InfoNCE.
+
+    temperature: UNCONFIRMED in the paper (spec §2.3); 0.05 here for contrastive training from an LLM
+        (spec recommends 0.02-0.05), ms-swift uses 0.1 for fine-tuning released checkpoints.
+    fn_margin: the paper's 0.1 false-negative margin; null disables the margin rule.
+    matryoshka_dims: dims the loss is also computed at (truncate, then normalise); empty = full only.
+        The paper's MRL set is UNCONFIRMED (spec §1.6); the full dim is always included.
+    cross_device: gather embeddings from every rank (gradient kept on each rank's own slice).
+    """
+
+    name: str = "infonce"
+    temperature: float = 0.05
+    fn_margin: float | None = 0.1
+    qq: bool = True
+    dd: bool = True
+    mask_identical_docs: bool = True
+    matryoshka_dims: list[int] = field(default_factory=list)
+    matryoshka_weights: list[float] = field(default_factory=list)
+    cross_device: bool = True
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
+        if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims):
+            raise ValueError("loss.matryoshka_weights must be empty or as long as loss.matryoshka_dims")
+
+
+class InfoNCELoss:
+    """Applies ``info_nce`` to *un-normalised* pooled vectors: optional cross-device gather, then
+    the (weighted) sum over Matryoshka dims of the loss on truncated, re-normalised vectors."""
+
+    def __init__(self, temperature: float, fn_margin: float | None = 0.1, qq: bool = True, dd: bool = True,
+                 mask_identical_docs: bool = True, matryoshka_dims: list[int] | None = None,
+                 matryoshka_weights: list[float] | None = None, cross_device: bool = True) -> None:
+        self.temperature = temperature
+        self.fn_margin = fn_margin
+        self.qq, self.dd = qq, dd
+        self.mask_identical_docs = mask_identical_docs
+        dims = list(matryoshka_dims or [])
+        weights = list(matryoshka_weights or [1.0] * len(dims))
+        self.dims: list[tuple[int | None, float]] = [(None, 1.0)] + [
+            (d, w) for d, w in zip(dims, weights)]
+        self.cross_device = cross_device
+
+    def __call__(self, q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None,
+                 pos_ids: torch.Tensor | None = None, neg_ids: torch.Tensor | None = None):
+        """q, pos: [b, H]; neg: [b, K, H] (this rank's rows); ids: [b] and [b, K]. Returns
+        (loss for this rank's rows, stats at the full dim)."""
+        rows = None
+        if self.cross_device and dist.world_size() > 1:
+            b = q.shape[0]
+            q, pos = dist.all_gather_with_grad(q), dist.all_gather_with_grad(pos)
+            neg = dist.all_gather_with_grad(neg) if neg is not None else None
+            if pos_ids is not None:
+                pos_ids = dist.all_gather_nograd(pos_ids)
+                neg_ids = dist.all_gather_nograd(neg_ids) if neg_ids is not None else None
+            start = dist.rank() * b
+            rows = torch.arange(start, start + b, device=q.device)
+        doc_ids = None
+        if self.mask_identical_docs and pos_ids is not None:
+            doc_ids = pos_ids if neg_ids is None else torch.cat([pos_ids, neg_ids.reshape(-1)])
+        total, stats = 0.0, {}
+        for dim, weight in self.dims:
+            out = info_nce(normalize(q, dim), normalize(pos, dim),
+                           normalize(neg, dim) if neg is not None else None,
+                           temperature=self.temperature, fn_margin=self.fn_margin, qq=self.qq, dd=self.dd,
+                           doc_ids=doc_ids, rows=rows, return_stats=dim is None)
+            if dim is None:
+                out, stats = out
+            total = total + weight * out
+        return total, stats
+
+
+def build_infonce(cfg: InfoNCEConfig) -> InfoNCELoss:
+    return InfoNCELoss(cfg.temperature, cfg.fn_margin, cfg.qq, cfg.dd, cfg.mask_identical_docs,
+                       cfg.matryoshka_dims, cfg.matryoshka_weights, cfg.cross_device)

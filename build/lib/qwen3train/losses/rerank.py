@@ -1,0 +1,70 @@
+"""Reranker losses over a query's group (one positive, then n negatives), from the logits the
+scoring uses: ``z_no``, ``z_yes`` at the last position, and (``sft``) the full-vocabulary
+log-normaliser there. Inference scores ``sigmoid(z_yes - z_no)`` (spec §3.3) for all three.
+
+    sft       (paper Eq. 2)  -log p(label token | prompt) over the whole vocabulary:
+              lse - z_yes for the positive, lse - z_no for each negative; mean over rows
+    binary    BCE-with-logits on s = z_yes - z_no (= cross-entropy over the 2-way {no, yes} softmax)
+    listwise  cross-entropy over the group of s / temperature, the positive as target
+
+Inputs: ``z`` ``[Q, G, 2 or 3]`` (G = 1 + n, positive first). Which variant Qwen used is UNCONFIRMED
+(spec §3.4); ``sft`` is the default for paper fidelity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+OBJECTIVES = ("sft", "binary", "listwise")
+
+
+def rerank_loss(z: torch.Tensor, objective: str, temperature: float = 1.0) -> torch.Tensor:
+    q, g = z.shape[:2]
+    s = z[..., 1] - z[..., 0]  # [Q, G]
+    labels = torch.zeros((q, g), device=z.device)
+    labels[:, 0] = 1.0
+    if objective == "binary":
+        return F.binary_cross_entropy_with_logits(s, labels)
+    if objective == "listwise":
+        return F.cross_entropy(s / temperature, torch.zeros(q, dtype=torch.long, device=z.device))
+    if objective == "sft":
+        if z.shape[-1] < 3:
+            raise ValueError("the sft objective needs the full-vocabulary logsumexp column")
+        target = torch.where(labels.bool(), z[..., 1], z[..., 0])
+        return (z[..., 2] - target).mean()
+    raise ValueError(f"unknown reranker objective {objective!r}; known: {OBJECTIVES}")
+
+
+@dataclass
+class RerankLossConfig:
+    """objective: sft (paper), binary or listwise; temperature applies to listwise only."""
+
+    name: str = "rerank"
+    objective: str = "sft"
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"loss.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+
+
+class RerankLoss:
+    def __init__(self, objective: str, temperature: float = 1.0) -> None:
+        self.objective, self.temperature = objective, temperature
+        self.needs_logsumexp = objective == "sft"
+
+    def __call__(self, z: torch.Tensor):
+        loss = rerank_loss(z, self.objective, self.temperature)
+        with torch.no_grad():
+            s = z[..., 1] - z[..., 0]
+            stats = {"acc": (s[:, 0:1] > s[:, 1:]).all(dim=1).float().mean().item(),
+                     "pos_prob": torch.sigmoid(s[:, 0]).mean().item(),
+                     "neg_prob": torch.sigmoid(s[:, 1:]).mean().item() if s.shape[1] > 1 else float("nan")}
+        return loss, stats
+
+
+def build_rerank_loss(cfg: RerankLossConfig) -> RerankLoss:
+    return RerankLoss(cfg.objective, cfg.temperature)

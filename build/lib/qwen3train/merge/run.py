@@ -1,0 +1,71 @@
+"""Run a MergeConfig: resolve inputs, merge (optionally choosing t by a dev set), report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from qwen3train.merge.apply import MergeConfig, merge_folders, select_checkpoints
+
+
+def resolve_inputs(cfg: MergeConfig) -> list[Path]:
+    if cfg.inputs:
+        return [Path(p) for p in cfg.inputs]
+    if not cfg.run_dir:
+        raise ValueError("merge: set inputs=[...] or run_dir=<training run>")
+    return select_checkpoints(cfg.run_dir, cfg.select.last, cfg.select.every)
+
+
+def run(cfg: MergeConfig) -> Path:
+    inputs = resolve_inputs(cfg)
+    out = Path(cfg.output_dir)
+    kw = dict(method=cfg.method, weights=cfg.weights or None, base=cfg.base, lora_base=cfg.lora_base,
+              max_shard_size_mb=cfg.max_shard_size_mb)
+    if not cfg.dev_file:
+        merged = merge_folders(inputs, out, t=cfg.t, **kw)
+        print(f"merged {len(inputs)} checkpoints with {cfg.method} -> {merged}")
+        return merged
+    return _select_by_dev(cfg, inputs, out, kw)
+
+
+def _select_by_dev(cfg: MergeConfig, inputs: list[Path], out: Path, kw: dict) -> Path:
+    """Merge at each candidate t (``candidates_t``, else ``t``), score the merges and the inputs on the dev
+    pairs, keep the best by ``dev_metric``. Merging does not always pay (close checkpoints, a run that
+    kept improving): when an input checkpoint beats every merge, that checkpoint is the output, and
+    ``merge_selection.json`` says so (``fallback: true``). On a tie the merge is kept."""
+    from qwen3train.errors import ConfigError
+    from qwen3train.eval.pairs import evaluate_pairs
+    from qwen3train.models.build import export_meta
+
+    for p in inputs:
+        if export_meta(p).get("kind") == "reranker":
+            raise ConfigError(f"merge.dev_file scores embedders on dev pairs; {p} is a reranker: unset dev_file")
+    rows, cands = [], []
+    trial_root = out.with_name(f"{out.name}_trials")
+    for t in cfg.candidates_t or [cfg.t]:
+        cand = merge_folders(inputs, trial_root / f"t{t:g}", t=t, **kw)
+        score = evaluate_pairs(cand, cfg.dev_file)
+        rows.append({"candidate": f"{cfg.method} t={t:g}", "kind": "merge", **score})
+        cands.append((score[cfg.dev_metric], 1, cand, rows[-1]["candidate"]))
+    for p in inputs:
+        score = evaluate_pairs(p, cfg.dev_file)
+        rows.append({"candidate": f"input {p}", "kind": "input", **score})
+        cands.append((score[cfg.dev_metric], 0, p, rows[-1]["candidate"]))
+    value, is_merge, best, name = max(cands, key=lambda c: (c[0], c[1]))
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(best, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    shutil.rmtree(trial_root, ignore_errors=True)
+    best_merge = max(r[cfg.dev_metric] for r in rows if r["kind"] == "merge")
+    summary = {"metric": cfg.dev_metric, "dev_file": cfg.dev_file, "chosen": name, "score": value,
+               "fallback": not is_merge, "best_merge_score": best_merge, "candidates": rows}
+    (out / "merge_selection.json").write_text(json.dumps(summary, indent=2))
+    if is_merge:
+        print(f"[merge] kept {name}: {cfg.dev_metric} {value:.4f} on {cfg.dev_file}")
+    else:
+        print(f"[merge] merging did not pay on {cfg.dev_file}: best merge {cfg.dev_metric} {best_merge:.4f} < "
+              f"{value:.4f} of {name}; that checkpoint is the output (fallback)")
+    return out

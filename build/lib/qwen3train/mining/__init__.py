@@ -1,0 +1,1 @@
+"""Stage-2 data: cosine filtering of synthetic pairs and hard-negative mining."""

@@ -1,0 +1,238 @@
+"""Hard-negative mining: encode a corpus once (cached), exact top-k in chunks, sample negatives from
+a rank window, guard against false negatives, optionally rescore with a reranker.
+
+For each query: candidates = top ``range_max`` documents by cosine; drop ranks before ``range_min``,
+the query's positives (by text), and any candidate scoring above ``max_score_ratio * s(q, d+)``
+(NV-Retriever's relative rule) or above ``s(q, d+) - margin`` when ``margin`` is set; optionally a
+reranker drops candidates it judges relevant (probability > ``rerank_max_prob``). Then ``num_negatives``
+are taken (``top`` or seeded ``random``). Output: the input records with ``neg`` and ``neg_scores``
+(and ``pos_score``); records left with no negative are counted and written without ``neg`` to
+``no_negatives.jsonl``.
+
+Scale: the corpus, the queries and the positives missing from the corpus are encoded to an on-disk
+store (``qwen3train.mining.store``: chunked, resumable after a kill, sharded over the processes of
+``torchrun``/``make mine NGPU=n``, reused by later runs). Each process then searches a contiguous
+range of the queries, ``query_block`` at a time, against the memory-mapped corpus embeddings, and
+rank 0 joins the per-rank outputs in input order. Resident memory is the corpus texts plus one block
+of queries and one chunk of scores, not the embedding matrices. ``precision: auto`` encodes in bf16
+where the hardware has native bf16 (embeddings and scores stay float32).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qwen3train import dist
+from qwen3train.data.instructions import resolve_instruction
+from qwen3train.data.sources import IndexedSource, expand_files
+from qwen3train.eval.encoder import PRECISIONS, Encoder
+from qwen3train.eval.search import ExactSearch, FaissSearch
+from qwen3train.mining.store import encode_to_store, join_parts
+from qwen3train.text import DEFAULT_INSTRUCTION
+
+
+@dataclass
+class MineConfig:
+    inputs: list[str]
+    corpus: list[str] | None = None  # BEIR corpus.jsonl / JSONL with "text"; default: every positive of the inputs
+    embedder: str = "outputs/stage1/final"
+    output: str = "outputs/mine/mined.jsonl"
+    cache_dir: str | None = "outputs/cache/embeddings"
+    num_negatives: int = 7
+    range_min: int = 0
+    range_max: int = 50
+    max_score_ratio: float | None = 0.95
+    margin: float | None = None
+    sampling: str = "top"
+    reranker: str | None = None
+    rerank_max_prob: float = 0.5
+    use_faiss: bool = False
+    max_length: int = 512
+    batch_size: int = 64
+    precision: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 where native)
+    chunk_size: int = 16384  # texts per resumable encoding chunk (the unit of sharding)
+    query_block: int = 16384  # queries searched at a time (bounds the score and embedding memory)
+    seed: int = 0
+    dist_timeout_min: int = 720  # ranks wait for each other's encoding shards this long
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"mine.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.sampling not in ("top", "random"):
+            raise ValueError("mine.sampling must be top or random")
+        if not 0 <= self.range_min < self.range_max:
+            raise ValueError("mine needs 0 <= range_min < range_max")
+
+
+def load_corpus(paths: list[str]) -> list[str]:
+    """Document texts of JSONL / Parquet / text files (the stage-0 corpus reader; title prepended)."""
+    from qwen3train.synth.corpus import read_documents
+
+    return [text for _, text, _ in read_documents(expand_files(paths), "English")]
+
+
+def select_negatives(cands: list[tuple[int, float]], pos_texts: set[str], pos_score: float, docs: list[str],
+                     cfg: MineConfig) -> tuple[list[int], dict]:
+    """Apply the window and the false-negative guards to one query's ranked candidates."""
+    dropped = defaultdict(int)
+    keep = []
+    for rank, (j, s) in enumerate(cands):
+        if rank < cfg.range_min:
+            dropped["rank_window"] += 1
+        elif docs[j] in pos_texts:
+            dropped["is_positive"] += 1
+        elif cfg.max_score_ratio is not None and s > cfg.max_score_ratio * pos_score:
+            dropped["above_ratio"] += 1
+        elif cfg.margin is not None and s > pos_score - cfg.margin:
+            dropped["within_margin"] += 1
+        else:
+            keep.append(rank)
+    return keep, dropped
+
+
+def _log(msg: str) -> None:
+    if dist.is_main():
+        print(f"[mine] {msg}", flush=True)
+
+
+def run_mine(cfg: MineConfig) -> dict:
+    dist.init(timeout_min=cfg.dist_timeout_min)
+    rank, world = dist.rank(), dist.world_size()
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    source = IndexedSource(expand_files(cfg.inputs), on_error="skip",
+                           rejects_path=out.parent / "rejects.jsonl" if rank == 0 else None)
+    n = len(source)
+    if n == 0:
+        raise ValueError(f"mine: no valid records in {cfg.inputs} ({sum(source.rejected.values())} rejected, "
+                         f"see {out.parent / 'rejects.jsonl'})")
+    queries, first_pos, group_of, instrs = [], [], np.empty(n, dtype=np.int32), {}
+    for i in range(n):
+        r = source[i]
+        instr = resolve_instruction(r.task, r.instruction, {}, DEFAULT_INSTRUCTION)
+        group_of[i] = instrs.setdefault(instr, len(instrs))
+        queries.append(r.query)
+        first_pos.append(r.pos[0])
+    if cfg.corpus:
+        docs = load_corpus(cfg.corpus)
+    else:
+        docs = sorted({p for i in range(n) for p in source[i].pos})
+    docs = list(dict.fromkeys(docs))  # identical texts once
+    enc = Encoder(cfg.embedder, max_length=cfg.max_length, batch_size=cfg.batch_size, precision=cfg.precision)
+    _log(f"{n} queries, {len(docs)} documents, {world} process(es), precision {enc.precision}")
+    store = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / f".{out.name}.store"
+
+    def encode(texts, **kw):
+        return encode_to_store(enc, texts, store, chunk_size=cfg.chunk_size, log=_log, **kw)
+
+    dvec = encode(docs)
+    # queries grouped by instruction; row_of[i] = row of query i inside its group's store
+    row_of = np.empty(n, dtype=np.int64)
+    qstores = []
+    for instr, g in instrs.items():
+        ids = np.flatnonzero(group_of == g)
+        row_of[ids] = np.arange(len(ids))
+        qstores.append(encode([queries[i] for i in ids], instruction=instr, query=True))
+    # positives already in the corpus reuse its embeddings; only the others are encoded
+    where = {t: j for j, t in enumerate(docs)}
+    missing = sorted({p for p in first_pos if p not in where})
+    extra = encode(missing) if missing else None
+    where.update({t: len(docs) + j for j, t in enumerate(missing)})
+    del queries
+
+    reranker = None
+    if cfg.reranker:
+        from qwen3train.models.build import ModelConfig, build_reranker
+
+        reranker = build_reranker(ModelConfig(name_or_path=cfg.reranker, padding_side="left"))
+        if torch.cuda.is_available():
+            reranker.cuda()
+    # the corpus embeddings go to the GPU once (when they fit) and serve every block of queries
+    searcher = FaissSearch(dvec) if cfg.use_faiss else ExactSearch(dvec)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    part, part_none = out.with_name(f".{out.name}.rank{rank}.tmp"), out.with_name(f".no_negatives.rank{rank}.tmp")
+    stats = defaultdict(int)
+    with open(part, "w", encoding="utf-8") as f, open(part_none, "w", encoding="utf-8") as fnone:
+        for b0 in range(lo, hi, cfg.query_block):
+            b1 = min(hi, b0 + cfg.query_block)
+            qvec = _gather_queries(qstores, group_of[b0:b1], row_of[b0:b1])
+            pidx = np.array([where[p] for p in first_pos[b0:b1]])
+            pvec = np.empty_like(qvec)
+            in_corpus = pidx < len(docs)
+            pvec[in_corpus] = dvec[np.sort(pidx[in_corpus])][np.argsort(np.argsort(pidx[in_corpus]))]
+            if extra is not None and (~in_corpus).any():
+                rows = pidx[~in_corpus] - len(docs)
+                pvec[~in_corpus] = extra[np.sort(rows)][np.argsort(np.argsort(rows))]
+            pos_scores = (qvec * pvec).sum(1)
+            scores, idx = searcher.topk(torch.from_numpy(qvec), cfg.range_max)
+            for bi, i in enumerate(range(b0, b1)):
+                row = _mine_one(source[i], idx[bi].tolist(), scores[bi].tolist(), float(pos_scores[bi]), docs, cfg,
+                                reranker, stats, seed=(cfg.seed, i))
+                (f if "neg" in row else fnone).write(json.dumps(row, ensure_ascii=False) + "\n")
+    out.with_name(f".mine_stats.rank{rank}.json").write_text(json.dumps(stats))
+    dist.barrier()
+    summary = {}
+    if rank == 0:
+        total = defaultdict(int)
+        for final, name in ((out, out.name), (out.with_name("no_negatives.jsonl"), "no_negatives")):
+            join_parts([out.with_name(f".{name}.rank{r}.tmp") for r in range(world)], final)
+        for r in range(world):
+            p = out.with_name(f".mine_stats.rank{r}.json")
+            for k, v in json.loads(p.read_text()).items():
+                total[k] += v
+            p.unlink()
+        summary = {"records": n, "corpus": len(docs), "embedder": cfg.embedder, "precision": enc.precision,
+                   "processes": world, **total, "skipped_bad_records": sum(source.rejected.values())}
+        out.with_name("mine_summary.json").write_text(json.dumps(summary, indent=2))
+        if not cfg.cache_dir:
+            shutil.rmtree(store, ignore_errors=True)
+        _log(json.dumps(summary))
+    summary = dist.broadcast_object(summary)
+    dist.cleanup()
+    return summary
+
+
+def _gather_queries(qstores: list[np.ndarray], groups: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Embeddings of a block of queries from their instruction groups' memory-mapped stores."""
+    out = np.empty((len(groups), qstores[0].shape[1]), dtype=np.float32)
+    for g, mem in enumerate(qstores):
+        sel = groups == g
+        if sel.any():
+            out[sel] = mem[rows[sel]]  # rows ascend within a group: a sequential read
+    return out
+
+
+def _mine_one(r, idx: list[int], scores: list[float], pos_score: float, docs: list[str], cfg: MineConfig,
+              reranker, stats, seed: tuple[int, int]) -> dict:
+    cands = list(zip(idx, scores))
+    keep, dropped = select_negatives(cands, set(r.pos), pos_score, docs, cfg)
+    for k, v in dropped.items():
+        stats[f"dropped_{k}"] += v
+    if reranker is not None and keep:
+        probs = reranker.score(r.query, [docs[cands[k][0]] for k in keep], instruction=r.instruction)
+        stats["dropped_reranker"] += int((probs > cfg.rerank_max_prob).sum())
+        keep = [k for k, p in zip(keep, probs.tolist()) if p <= cfg.rerank_max_prob]
+    if cfg.sampling == "random" and len(keep) > cfg.num_negatives:
+        # seeded per record: the same negatives whatever the number of processes
+        keep = sorted(np.random.default_rng(seed).choice(keep, cfg.num_negatives, replace=False).tolist())
+    keep = keep[:cfg.num_negatives]
+    row = {"query": r.query, "pos": r.pos, "task": r.task, "instruction": r.instruction,
+           "pos_score": round(pos_score, 6)}
+    if r.type:
+        row["type"] = r.type
+    if not keep:
+        stats["no_negatives"] += 1
+        return row
+    row["neg"] = [docs[cands[k][0]] for k in keep]
+    row["neg_scores"] = [round(cands[k][1], 6) for k in keep]
+    row["neg_ranks"] = keep
+    stats["records_with_negatives"] += 1
+    stats["negatives"] += len(keep)
+    return row

@@ -1,0 +1,79 @@
+"""Encode a large text list to an on-disk embedding store: chunked, sharded across processes,
+resumable, memory-mapped on read.
+
+The texts are cut into chunks of ``chunk_size``; chunk ``c`` is encoded by rank ``c % world`` (each
+chunk sorted by length inside the encoder, so batches pad little) and saved atomically as
+``<store>/<key>.parts/<c>.npy``. A killed run keeps every finished chunk and a rerun encodes only the
+missing ones. When all chunks exist, rank 0 streams them into ``<store>/<key>.npy`` (float32,
+``[N, D]``) and removes the parts; every rank then reads the result memory-mapped, so the resident
+memory of a caller is one chunk of embeddings, not the corpus. ``key`` is ``Encoder.cache_key``
+(weights, settings, instruction, texts): a store is reused by later mining runs and by evaluation
+(``Encoder.cached_docs``) with the same model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from qwen3train import dist
+from qwen3train.eval.encoder import Encoder
+
+
+def encode_to_store(enc: Encoder, texts: list[str], store: str | Path, *, instruction: str | None = None,
+                    query: bool = False, chunk_size: int = 16384, log=None) -> np.ndarray:
+    """-> read-only memory map ``[len(texts), D]`` of normalised float32 embeddings in input order."""
+    store = Path(store)
+    key = enc.cache_key(texts, instruction if query else "doc:" + (instruction or ""))
+    final = store / f"{key}.npy"
+    if not final.exists():
+        parts = store / f"{key}.parts"
+        parts.mkdir(parents=True, exist_ok=True)
+        n_chunks = max(1, -(-len(texts) // chunk_size))
+        for c in range(dist.rank(), n_chunks, dist.world_size()):
+            path = parts / f"{c:06d}.npy"
+            if path.exists():
+                continue  # finished before an interruption
+            chunk = texts[c * chunk_size:(c + 1) * chunk_size]
+            vec = enc.encode_queries(chunk, instruction) if query else enc.encode_docs(chunk, instruction)
+            tmp = parts / f".{c:06d}.tmp.npy"
+            np.save(tmp, vec.numpy().astype(np.float32, copy=False))
+            tmp.replace(path)
+            if log:
+                log(f"encoded chunk {c + 1}/{n_chunks} ({len(chunk)} texts) on rank {dist.rank()}")
+        dist.barrier()
+        if dist.is_main() and not final.exists():
+            _assemble(parts, n_chunks, len(texts), final)
+        dist.barrier()
+    return np.load(final, mmap_mode="r")
+
+
+def _assemble(parts: Path, n_chunks: int, n: int, final: Path) -> None:
+    first = np.load(parts / f"{0:06d}.npy", mmap_mode="r")
+    tmp = final.with_name(f".{final.stem}.tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, first.shape[1]))
+    row = 0
+    for c in range(n_chunks):
+        part = np.load(parts / f"{c:06d}.npy", mmap_mode="r")
+        out[row:row + len(part)] = part
+        row += len(part)
+    if row != n:
+        raise RuntimeError(f"embedding store {parts}: chunks hold {row} rows, expected {n}")
+    out.flush()
+    del out
+    tmp.replace(final)
+    shutil.rmtree(parts)
+
+
+def join_parts(parts: list[Path], final: Path) -> None:
+    """Concatenate per-rank part files in order into ``final`` (atomically), removing the parts."""
+    tmp = final.with_name(f".{final.name}.joining")
+    with open(tmp, "wb") as w:
+        for p in parts:
+            with open(p, "rb") as src:
+                shutil.copyfileobj(src, w)
+    tmp.replace(final)
+    for p in parts:
+        p.unlink()

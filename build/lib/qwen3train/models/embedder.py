@@ -1,0 +1,159 @@
+"""The Qwen3 embedder: causal decoder -> last-token pooling -> (Matryoshka) -> L2 normalise."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from qwen3train.models.pooling import last_token_pool, normalize
+from qwen3train.text import DEFAULT_QUERY_TEMPLATE, EmbeddingTokenizer, format_query
+
+MIN_BUCKET_ROWS = 8  # a smaller group costs more in kernel launches than its padding saves
+
+
+class Embedder(nn.Module):
+    """Wraps any Hugging Face decoder (``AutoModel``) as a text embedder.
+
+    ``forward`` returns the *un-normalised* pooled vector, so that Matryoshka truncation can happen
+    before normalisation (the loss and ``encode`` normalise); ``encode`` is the user-facing API.
+
+    Args:
+        backbone: a decoder returning ``last_hidden_state`` (e.g. ``Qwen3Model``), optionally a PEFT
+            model wrapping one.
+        tokenizer: its Hugging Face tokenizer.
+        query_template: how an instruction and a query are joined (spec §1.2).
+        max_query_length / max_doc_length: token budgets including the appended end token.
+        padding_side: batch padding side; pooling is correct for both.
+        end_token: the token appended to every input (None: the family rule, ``text.resolve_end_token``).
+        length_buckets: in ``forward``, rows are sorted by length and run in up to this many groups,
+            each cut to its own longest row (1: one padded batch; None: 4 on the CPU, 1 on CUDA).
+            A row's result does not depend on the padding around it (causal attention, masked
+            pads), so this only removes work.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer,
+        *,
+        query_template: str = DEFAULT_QUERY_TEMPLATE,
+        max_query_length: int = 512,
+        max_doc_length: int = 512,
+        padding_side: str = "right",
+        end_token: str | None = None,
+        length_buckets: int | None = 1,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.query_template = query_template
+        self.max_query_length = max_query_length
+        self.max_doc_length = max_doc_length
+        self.tok = EmbeddingTokenizer(tokenizer, end_token=end_token, padding_side=padding_side)
+        if length_buckets is not None and length_buckets < 1:
+            raise ValueError(f"length_buckets must be >= 1, got {length_buckets}")
+        self.length_buckets = length_buckets
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                doc_input_ids: torch.Tensor | None = None, doc_attention_mask: torch.Tensor | None = None):
+        """``[B, L]`` token ids and mask -> ``[B, D]`` pooled hidden state (not normalised).
+
+        With ``doc_*`` also given, both towers run in this one call and a pair is returned: DDP and
+        DeepSpeed then see a single forward per backward, and each tower pads to its own length.
+        """
+        pooled = self._pool_bucketed(input_ids, attention_mask)
+        if doc_input_ids is None:
+            return pooled
+        return pooled, self._pool_bucketed(doc_input_ids, doc_attention_mask)
+
+    def _pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        # similarities, the temperature and the loss in float32 whatever the compute dtype (bf16 autocast)
+        return last_token_pool(out.last_hidden_state, attention_mask).float()
+
+    def _pool_bucketed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``_pool`` over groups of rows of similar length, each cut to its longest row.
+
+        A contrastive batch cannot be sorted by length (its rows are its negatives), but within one
+        forward the rows are independent: sorted and split into ``length_buckets`` equal groups
+        (never under ``MIN_BUCKET_ROWS`` rows), each group drops the pad columns it does not need.
+        On typical retrieval batches (short queries, a long tail of passages) this removes about
+        half of the padded tokens. Results come back in input order; gradients flow through the
+        index operations unchanged."""
+        n, width = input_ids.shape
+        buckets = self.length_buckets or (1 if input_ids.is_cuda else 4)
+        k = min(buckets, n // MIN_BUCKET_ROWS)
+        if k <= 1:
+            return self._pool(input_ids, attention_mask)
+        lengths = attention_mask.sum(1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        sorted_len = lengths[order].tolist()
+        left = self.tok.padding_side == "left"
+        bounds = [n * g // k for g in range(k + 1)]
+        parts = []
+        for a, b in zip(bounds, bounds[1:]):
+            sel = order[a:b]
+            w = max(int(sorted_len[a]), 1)
+            cols = slice(width - w, width) if left else slice(0, w)
+            parts.append(self._pool(input_ids[sel][:, cols], attention_mask[sel][:, cols]))
+        pooled = torch.cat(parts)
+        return pooled[torch.argsort(order)]
+
+    # ---- tokenization -------------------------------------------------------------------------
+    def tokenize_queries(
+        self, queries: Sequence[str], instructions: Sequence[str | None]
+    ) -> dict[str, torch.Tensor]:
+        texts = [format_query(q, i, self.query_template) for q, i in zip(queries, instructions)]
+        return self.tok(texts, self.max_query_length)
+
+    def tokenize_docs(
+        self, docs: Sequence[str], instructions: Sequence[str | None] | None = None
+    ) -> dict[str, torch.Tensor]:
+        if instructions is not None:  # symmetric tasks: documents get the instruction too
+            docs = [format_query(d, i, self.query_template) for d, i in zip(docs, instructions)]
+        return self.tok(list(docs), self.max_doc_length)
+
+    # ---- inference ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(
+        self,
+        texts: Sequence[str],
+        instruction: str | None = None,
+        dim: int | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        block_size: int = 8192,
+    ) -> torch.Tensor:
+        """Embed texts; returns ``[N, dim or D]`` float32, L2-normalised, in input order.
+
+        With ``instruction`` the texts are queries (``Instruct: ...\\nQuery:...``), otherwise they
+        are encoded raw (documents). Inputs are sorted by length within blocks of ``block_size``
+        texts so each batch pads little; results are put back in input order.
+        """
+        was_training = self.training
+        self.eval()
+        if max_length is None:
+            max_length = self.max_query_length if instruction else self.max_doc_length
+        texts = [format_query(t, instruction, self.query_template) for t in texts]
+        out = torch.empty((len(texts), dim or self.hidden_size), dtype=torch.float32)
+        for start in range(0, len(texts), block_size):
+            ids = self.tok.token_ids(texts[start : start + block_size], max_length)
+            order = sorted(range(len(ids)), key=lambda k: -len(ids[k]))
+            for b in range(0, len(order), batch_size):
+                sel = order[b : b + batch_size]
+                batch = self.tok.pad([ids[k] for k in sel])
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                vec = normalize(self._pool(**batch), dim).cpu()  # already sorted by length
+                out[torch.tensor(sel) + start] = vec
+        self.train(was_training)
+        return out

@@ -1,0 +1,154 @@
+"""The Qwen3 yes/no reranker: official prompt, document-only truncation, two-row LM head.
+
+Other backbones: the prompt around the pair comes from the model's own chat template (system message
+= the official instruction to judge, user message = the pair, generation prompt, thinking off), which
+for a Qwen3 tokenizer reproduces the official strings exactly; the "yes"/"no" ids come from the
+model's own tokenizer (9693 / 2152 only for Qwen vocabularies) and must be single tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from qwen3train.errors import ConfigError
+from qwen3train.models.pooling import last_token_pool
+from qwen3train.text import pad_batch
+
+RERANK_SYSTEM = (
+    'Judge whether the Document meets the requirements based on the Query and the Instruct '
+    'provided. Note that the answer can only be "yes" or "no".'
+)
+RERANK_PREFIX = f"<|im_start|>system\n{RERANK_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+RERANK_BODY = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def reranker_prompt(tokenizer) -> tuple[str, str]:
+    """(prefix, suffix) around the ``<Instruct>/<Query>/<Document>`` body, from the tokenizer's chat
+    template (the official Qwen3 strings for a tokenizer without one)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return RERANK_PREFIX, RERANK_SUFFIX
+    marker = "\u0000BODY\u0000"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": RERANK_SYSTEM},
+                                              {"role": "user", "content": marker}],
+                                             tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    except Exception as e:  # noqa: BLE001 - a template's own error, reported with what the reranker needs
+        raise ConfigError(f"the tokenizer's chat template cannot render a system + user conversation, which the "
+                         f"reranker prompt needs: {e}") from e
+    if text.count(marker) != 1:
+        raise ConfigError("the tokenizer's chat template does not render the reranker's user message once")
+    prefix, suffix = text.split(marker)
+    return prefix, suffix
+
+
+def yes_no_ids(tokenizer) -> tuple[int, int]:
+    """Ids of "yes" and "no" in this tokenizer; each must be one token."""
+    out = []
+    for word in ("yes", "no"):
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ConfigError(f"the reranker needs {word!r} to be one token; this tokenizer gives {ids}")
+        out.append(int(ids[0]))
+    return out[0], out[1]
+
+
+class Reranker(nn.Module):
+    """Qwen3 causal LM scored as a yes/no classifier (spec §3).
+
+    ``score = sigmoid(z_yes - z_no)`` at the last position, which equals the official recipe's
+    softmax over the full-vocabulary logits restricted to ``[no, yes]``. Only the two LM-head rows
+    are computed (``h @ W[[no, yes]].T``), never the 151,936-row projection.
+
+    Args:
+        lm: ``AutoModelForCausalLM`` (optionally PEFT-wrapped).
+        tokenizer: its tokenizer.
+        max_length: total token budget; prefix and suffix are always kept, the document is cut.
+        padding_side: batch padding side (the official recipe uses left).
+    """
+
+    def __init__(self, lm: nn.Module, tokenizer, *, max_length: int = 8192, padding_side: str = "left",
+                 default_instruction: str = DEFAULT_RERANK_INSTRUCTION) -> None:
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.padding_side = padding_side
+        self.default_instruction = default_instruction
+        self.prefix, self.suffix = reranker_prompt(tokenizer)
+        self.prefix_ids = tokenizer.encode(self.prefix, add_special_tokens=False)
+        self.suffix_ids = tokenizer.encode(self.suffix, add_special_tokens=False)
+        self.yes_id, self.no_id = yes_no_ids(tokenizer)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        if self.max_length <= len(self.prefix_ids) + len(self.suffix_ids) + 8:
+            raise ValueError(f"max_length {max_length} leaves no room for the query and document")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    def token_ids(self, queries: Sequence[str], docs: Sequence[str],
+                  instructions: Sequence[str | None] | None = None) -> list[list[int]]:
+        """``prefix + body + suffix`` per pair; only the tail of the body (the document) is cut.
+
+        The body is tokenized whole (as the official recipe does), so tokens at the
+        ``<Document>: `` boundary match it exactly; if even the instruction and query overflow the
+        budget, the query's tail is cut and the document is dropped rather than the prompt.
+        """
+        if instructions is None:
+            instructions = [None] * len(queries)
+        budget = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        bodies = [
+            RERANK_BODY.format(instruction=i or self.default_instruction, query=q, document=d)
+            for q, d, i in zip(queries, docs, instructions)
+        ]
+        enc = self.tokenizer(bodies, add_special_tokens=False, truncation=True, max_length=budget)
+        return [self.prefix_ids + list(ids) + self.suffix_ids for ids in enc["input_ids"]]
+
+    def pad(self, seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        return pad_batch(seqs, self.pad_id, self.padding_side)
+
+    def yes_no_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      with_logsumexp: bool = False) -> torch.Tensor:
+        """``[B, 2]`` logits ``(z_no, z_yes)`` at the last valid position, from two LM-head rows.
+
+        ``with_logsumexp`` appends a third column, ``log sum_v exp(z_v)`` over the whole vocabulary at
+        that position only (what the paper's SFT cross-entropy needs): one ``[B, V]`` product for the
+        batch, never the ``[B, L, V]`` projection of every position.
+        """
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state
+        h = last_token_pool(hidden, attention_mask)  # [B, D]
+        head = self.lm.get_output_embeddings()
+        rows = torch.tensor([self.no_id, self.yes_id], device=h.device)
+        logits = h @ head.weight[rows].T  # [B, 2]
+        if head.bias is not None:
+            logits = logits + head.bias[rows]
+        if not with_logsumexp:
+            return logits.float()
+        full = head(h).float()  # [B, V] at the last position only
+        return torch.cat([logits.float(), torch.logsumexp(full, dim=-1, keepdim=True)], dim=1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_logsumexp: bool = False):
+        """``[B, 2]`` (or ``[B, 3]``) as ``yes_no_logits``; the relevance logit is ``z_yes - z_no``."""
+        return self.yes_no_logits(input_ids, attention_mask, with_logsumexp)
+
+    @torch.inference_mode()
+    def score(self, query: str, docs: Sequence[str], instruction: str | None = None,
+              batch_size: int = 16) -> torch.Tensor:
+        """Probability of "yes" for each document: ``[len(docs)]`` float32 in ``[0, 1]``."""
+        was_training = self.training
+        self.eval()
+        ids = self.token_ids([query] * len(docs), docs, [instruction] * len(docs))
+        out = []
+        for b in range(0, len(ids), batch_size):
+            batch = {k: v.to(self.device) for k, v in self.pad(ids[b : b + batch_size]).items()}
+            z = self(**batch)
+            out.append(torch.sigmoid(z[:, 1] - z[:, 0]).cpu())
+        self.train(was_training)
+        return torch.cat(out) if out else torch.empty(0)

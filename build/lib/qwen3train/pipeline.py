@@ -1,0 +1,238 @@
+"""``make pipeline``: stage 0 -> stage 1 -> filter -> mine -> stage 2 -> merge -> evaluation ->
+reranker (+ merge) -> report, from one Hydra config (``configs/pipeline.yaml``).
+
+Every stage runs as a subprocess of the one entry point on a resolved config written to
+``<out>/configs/<stage>.yaml`` (training, filtering and mining through ``scripts/launch.sh``, so ``ngpu`` processes
+with torchrun). A stage that finishes writes ``<out>/<stage>/.done.json`` (inputs, outputs, time);
+a rerun skips finished stages, and an interrupted one resumes from its own checkpoints or shards.
+``<out>/lineage.json`` records which inputs produced which outputs. The shared ``model`` and
+``engine`` scale the whole run by overrides: ``model=qwen3-0.6b engine=zero2 ngpu=8
+synth.backend=vllm synth.corpus=[...]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from qwen3train.config import RunConfig, TrainConfig
+from qwen3train.data.sources import DataConfig
+from qwen3train.eval.run import EvalConfig
+from qwen3train.merge.apply import MergeConfig
+from qwen3train.mining.filter import FilterConfig
+from qwen3train.mining.mine import MineConfig
+from qwen3train.models.build import ModelConfig
+from qwen3train.synth.pipeline import SynthConfig
+from qwen3train.train.engine import EngineConfig
+from qwen3train.train.schedule import OptimConfig
+
+
+@dataclass
+class StageEngine:
+    """A stage's batch settings, spelled as under ``make stage1`` (``engine.global_batch_size``):
+    ``stage1.engine.global_batch_size``. Backend, ZeRO stage and precision are the pipeline's ``engine``."""
+
+    micro_batch_size: int = 16
+    global_batch_size: int = 32
+    grad_cache: bool = False
+
+
+BATCH_FIELDS = ("micro_batch_size", "global_batch_size", "grad_cache")
+
+
+@dataclass
+class TrainStage:
+    """The per-stage part of a training run; model and the rest of the engine are the pipeline's."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: Any = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: StageEngine = field(default_factory=StageEngine)
+
+
+@dataclass
+class PipelineConfig:
+    """extra_stage1_data / extra_stage2_data: labelled or weak pairs added to the synthetic ones
+    (the embedded default adds the stdlib-docstring pairs). baseline: an embedder evaluated beside
+    ours (default: all-MiniLM-L6-v2 when its package is installed)."""
+
+    output_dir: str = "outputs/pipeline"
+    ngpu: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reranker_model: str | None = None  # the LLM the reranker starts from (default: model.name_or_path)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    extra_stage1_data: list[str] = field(default_factory=list)
+    extra_stage2_data: list[str] = field(default_factory=list)
+    stage1: TrainStage = field(default_factory=TrainStage)
+    filter: FilterConfig = field(default_factory=lambda: FilterConfig(inputs=[]))
+    mine: MineConfig = field(default_factory=lambda: MineConfig(inputs=[]))
+    stage2: TrainStage = field(default_factory=TrainStage)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    rerank: TrainStage = field(default_factory=TrainStage)
+    rerank_top_k: int = 20
+    baseline: str | None = "auto"
+    eval_all_checkpoints: bool = True  # every stage-2 checkpoint in the table; false: the last one only
+
+    def __post_init__(self) -> None:
+        default = EngineConfig()
+        for key in BATCH_FIELDS:  # one place per knob: batch sizes belong to each stage
+            if getattr(self.engine, key) != getattr(default, key):
+                from qwen3train.errors import ConfigError
+
+                raise ConfigError(f"engine.{key} is set per stage in a pipeline: stage1.engine.{key}, "
+                                  f"stage2.engine.{key}, rerank.engine.{key}")
+
+
+SCHEMA = {TrainConfig: "train_schema", SynthConfig: "synth_schema", FilterConfig: "filter_schema",
+          MineConfig: "mine_schema", MergeConfig: "merge_schema", EvalConfig: "eval_schema"}
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir).resolve()
+        self.lineage_path = self.out / "lineage.json"
+        self.lineage = json.loads(self.lineage_path.read_text()) if self.lineage_path.exists() else {}
+
+    # ---- plumbing -------------------------------------------------------------------------------
+    def stage(self, name: str, inputs: list, outputs: list, fn) -> None:
+        marker = self.out / name / ".done.json"
+        if marker.exists():
+            print(f"[pipeline] {name}: done, skipped", flush=True)
+            return
+        print(f"[pipeline] {name}: running", flush=True)
+        t = time.time()
+        fn()
+        missing = [str(o) for o in outputs if not Path(o).exists()]
+        if missing:
+            raise RuntimeError(f"stage {name} finished without its outputs: {missing}")
+        rec = {"inputs": [str(i) for i in inputs], "outputs": [str(o) for o in outputs],
+               "seconds": round(time.time() - t, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(rec, indent=2))
+        self.lineage[name] = rec
+        self.lineage_path.write_text(json.dumps(self.lineage, indent=2))
+
+    def launch(self, name: str, cfg, processes: int = 1) -> None:
+        """Write the resolved config and run it with the one entry point (torchrun when processes > 1)."""
+        conf_dir = self.out / "configs"
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        node = OmegaConf.structured(cfg)
+        defaults = [SCHEMA[type(cfg)]]
+        if isinstance(cfg, TrainConfig):
+            defaults.append({"loss": cfg.loss.name})
+        body = OmegaConf.to_container(node)
+        body["defaults"] = defaults + ["_self_"]
+        body["hydra"] = {"run": {"dir": str(self.out / "logs" / name)}, "output_subdir": None,
+                         "job": {"chdir": False}}
+        conf_name = f"resolved_{name}"  # never the name of a config in configs/ (search-path clash)
+        (conf_dir / f"{conf_name}.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(body)))
+        env = dict(os.environ, PYTHONWARNINGS="ignore",
+                   VLLM_ENABLE_V1_MULTIPROCESSING=os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"))
+        args = ["-m", "qwen3train.cli.main", f"--config-dir={conf_dir}", f"--config-name={conf_name}",
+                "hydra/job_logging=stdout"]
+        nnodes = os.environ.get("NNODES", "1")
+        if processes > 1 or nnodes != "1":  # torchrun, as scripts/launch.sh does (never the deepspeed launcher)
+            args = ["-m", "torch.distributed.run", "--nnodes", nnodes, "--node_rank", os.environ.get("NODE_RANK", "0"),
+                    "--nproc_per_node", str(processes), "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                    "--master_port", os.environ.get("MASTER_PORT", "29511"), *args]
+        proc = subprocess.run([sys.executable, *args], env=env)  # in the caller's folder: relative paths hold
+        if proc.returncode != 0:
+            raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); rerun to resume it")
+
+    def train_cfg(self, stage: TrainStage, name: str, files: list[str], init_from: str | None,
+                  base: str | None = None) -> TrainConfig:
+        model = copy.deepcopy(self.cfg.model)
+        if base:
+            model.name_or_path = base
+        model.init_from = init_from
+        data = replace(stage.data, train_files=files)
+        engine = replace(self.cfg.engine, **{k: getattr(stage.engine, k) for k in BATCH_FIELDS})
+        run = replace(stage.run, name=name, output_dir=str(self.out / name))
+        return TrainConfig(run=run, model=model, data=data, loss=stage.loss, engine=engine, optim=stage.optim)
+
+    # ---- the method -----------------------------------------------------------------------------
+    def run(self) -> Path:
+        c, o = self.cfg, self.out
+        synth = replace(c.synth, output_dir=str(o / "synth"))
+        self.stage("synth", synth.corpus, [o / "synth" / "pairs.jsonl", o / "synth" / "stats.json"],
+                   lambda: self.launch("synth", synth))
+        s1_files = [str(o / "synth" / "pairs.jsonl")] + list(c.extra_stage1_data)
+        s1 = self.train_cfg(c.stage1, "stage1", s1_files, None)
+        self.stage("stage1", s1_files, [o / "stage1" / "final"], lambda: self.launch("stage1", s1, c.ngpu))
+        flt = replace(c.filter, inputs=[str(o / "synth" / "pairs.jsonl")], embedder=str(o / "stage1" / "final"),
+                      output_dir=str(o / "filter"))
+        self.stage("filter", flt.inputs + [flt.embedder], [o / "filter" / "kept.jsonl"],
+                   lambda: self.launch("filter", flt, c.ngpu))
+        mine_in = [str(o / "filter" / "kept.jsonl")] + list(c.extra_stage2_data)
+        mine = replace(c.mine, inputs=mine_in, embedder=str(o / "stage1" / "final"), output=str(o / "mine" / "mined.jsonl"),
+                       cache_dir=str(o / "cache"))
+        self.stage("mine", mine_in + [mine.embedder], [o / "mine" / "mined.jsonl"], lambda: self.launch("mine", mine, c.ngpu))
+        s2 = self.train_cfg(c.stage2, "stage2", [mine.output], str(o / "stage1" / "final"))
+        self.stage("stage2", [mine.output, o / "stage1" / "final"], [o / "stage2" / "final"],
+                   lambda: self.launch("stage2", s2, c.ngpu))
+        mrg = replace(c.merge, inputs=[], run_dir=str(o / "stage2"), output_dir=str(o / "merged"))
+        self.stage("merge", [o / "stage2" / "checkpoints"], [o / "merged"], lambda: self.launch("merge", mrg))
+        rr = self.train_cfg(c.rerank, "rerank", [mine.output], None, base=c.reranker_model)
+        self.stage("rerank", [mine.output], [o / "rerank" / "final"], lambda: self.launch("rerank", rr, c.ngpu))
+        # dev selection scores embedders; the reranker's checkpoints are merged as configured
+        rmrg = replace(c.merge, inputs=[], run_dir=str(o / "rerank"), output_dir=str(o / "rerank_merged"), dev_file=None)
+        self.stage("rerank_merge", [o / "rerank" / "checkpoints"], [o / "rerank_merged"],
+                   lambda: self.launch("rerank_merge", rmrg))
+        ev = self.eval_cfg()
+        self.stage("eval", list(ev.models.values()), [o / "eval" / "results.jsonl"], lambda: self.launch("eval", ev))
+        from qwen3train.report import write_report
+
+        self.stage("report", [o / "eval" / "results.jsonl"], [o / "report.md"], lambda: write_report(o, self.cfg))
+        print(f"[pipeline] done: {o / 'report.md'}", flush=True)
+        return o / "report.md"
+
+    def eval_cfg(self) -> EvalConfig:
+        c, o = self.cfg, self.out
+        models = {"base": c.model.name_or_path, "stage1": str(o / "stage1" / "final")}
+        from qwen3train.merge.apply import select_checkpoints
+
+        for p in select_checkpoints(o / "stage2", last=0 if c.eval_all_checkpoints else 1, every=1):
+            models[f"stage2@{int(p.parent.name.split('_')[1])}"] = str(p)
+        models["merged"] = str(o / "merged")
+        baseline = c.baseline
+        if baseline == "auto":
+            from qwen3train.synth.personas import default_embedder
+
+            baseline = default_embedder()
+        if baseline:
+            models["baseline:" + Path(baseline).parent.name if Path(baseline).name == "model" else "baseline"] = baseline
+        pairs = [p for p in c.eval.pairs if Path(p).exists()]
+        held = o / "synth" / "heldout.jsonl"
+        if held.exists() and held.stat().st_size > 0:
+            pairs.append(str(held))
+        cols = []
+        for col in c.eval.collections:
+            if Path(col).exists():
+                cols.append(col)
+            else:
+                print(f"[pipeline] eval: collection {col} not found, left out", flush=True)
+        rerankers = {"reranker(merged)": str(o / "rerank_merged")} if cols else {}
+        sts = [f for f in c.eval.sts if Path(f).exists()]
+        # the base model is scored with the end token training appends (an export records its own)
+        end_tokens = {"base": c.model.end_token} if c.model.end_token else {}
+        return replace(c.eval, models=models, pairs=pairs, collections=cols, sts=sts, end_tokens=end_tokens,
+                       output_dir=str(o / "eval"),
+                       cache_dir=str(o / "cache"), rerankers=rerankers, rerank_retriever=str(o / "merged"),
+                       rerank_top_k=c.rerank_top_k)
+
+
+def run(cfg: PipelineConfig) -> Path:
+    return Pipeline(cfg).run()

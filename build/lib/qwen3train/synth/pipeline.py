@@ -1,0 +1,334 @@
+"""SynthConfig and ``run``: passages -> personas -> LLM (two steps for retrieval) -> validated pairs.
+
+Work is split into shards of ``shard_size`` passages; a job takes the shards with
+``index % num_shards == shard_index`` (SLURM arrays: one job per index). A shard's pairs, rejects and
+stats are written to temporary files and renamed into place, pairs last, so a finished shard is one
+whose ``shard_*.jsonl`` exists; a rerun skips it, and a kill loses at most the shard in progress.
+When every shard exists, ``pairs.jsonl`` is assembled with exact and normalised de-duplication,
+a held-out share is split off, and ``stats.json`` summarises counts, rejections and throughput.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from qwen3train.data.records import text_hash
+from qwen3train.synth.backend import SamplingConfig, build_backend, chat_prompts, json_prefill
+from qwen3train.synth.corpus import Passage, passages
+from qwen3train.synth.parse import ParseError, check_text, normalize, parse_output
+from qwen3train.synth.personas import load_personas, top_personas
+from qwen3train.synth.prompts import SCHEMAS, PromptSet, copies_example
+
+TASK_INSTRUCTIONS = {
+    "retrieval": "Given a web search query, retrieve relevant passages that answer the query",
+    "bitext": "Retrieve parallel sentences",
+    "sts": "Retrieve semantically similar text",
+    "classification": "Classify the topic category of the given text",
+}
+SYMMETRIC = {"bitext", "sts"}
+
+
+@dataclass
+class SynthConfig:
+    """Stage-0 generation. UNCONFIRMED in the paper (spec §4): prompts other than retrieval, length
+    buckets, language mix, the persona retriever; all are configurable, defaults documented here.
+
+    task_mix: task -> weight (retrieval, bitext, sts, classification); each passage gets one task.
+    query_lengths: word counts sampled for step 2. shard_index/num_shards: this job's share.
+    """
+
+    corpus: list[str] = field(default_factory=list)
+    output_dir: str = "outputs/synth"
+    default_language: str = "English"
+    passage_words: int = 120
+    passage_overlap: int = 0
+    min_passage_words: int = 20
+    max_passages: int = 0
+    personas: str | None = None
+    persona_retriever: str = "lexical"
+    persona_embedder: str | None = None
+    num_personas: int = 5
+    task_mix: dict[str, float] = field(default_factory=lambda: {"retrieval": 1.0})
+    query_languages: list[str] = field(default_factory=lambda: ["English"])
+    bitext_languages: list[str] = field(default_factory=lambda: ["French", "German", "Spanish"])
+    query_lengths: list[int] = field(default_factory=lambda: [5, 10, 15, 25])
+    max_query_words: int = 64
+    backend: str = "transformers"
+    generator: str = "outputs/models/smollm2-135m-instruct"
+    dtype: str = "auto"
+    batch_size: int = 16
+    tensor_parallel_size: int = 1
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    structured_output: bool = True
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_retries: int = 2
+    shard_size: int = 256
+    shard_index: int = 0
+    num_shards: int = 1
+    prompt_version: str = "v1"
+    heldout_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.task_mix) - set(TASK_INSTRUCTIONS)
+        if unknown:
+            raise ValueError(f"synth.task_mix has unknown tasks {sorted(unknown)}; known: {sorted(TASK_INSTRUCTIONS)}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"synth.shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
+        if self.persona_retriever not in ("lexical", "embedder"):
+            raise ValueError("synth.persona_retriever must be lexical or embedder")
+
+
+@dataclass
+class Item:
+    """One passage's journey: the task, the fields chosen so far, the final pair or its rejection."""
+
+    passage: Passage
+    task: str
+    fields: dict = field(default_factory=dict)
+    source: str = ""
+
+
+class ShardRunner:
+    def __init__(self, cfg: SynthConfig, backend, prompts: PromptSet, personas: list[str]) -> None:
+        self.cfg, self.backend, self.prompts, self.personas = cfg, backend, prompts, personas
+        self.rejects: list[dict] = []
+        self.reasons: Counter = Counter()
+        self.tokens = Counter()
+        self.calls = 0
+
+    def ask(self, items: list[Item], template: str, render, accept, seed: int) -> list[tuple[Item, dict]]:
+        """Render, generate, parse and validate, retrying failures up to ``max_retries`` times."""
+        pending, done = list(items), []
+        for attempt in range(self.cfg.max_retries + 1):
+            if not pending:
+                break
+            # unconstrained backends: start the answer with the JSON opening and stop at its end
+            prefill = "" if self.backend.constrained else json_prefill(SCHEMAS[template])
+            sampling = self.cfg.sampling if self.backend.constrained else \
+                replace(self.cfg.sampling, stop=list(self.cfg.sampling.stop) or ["}"])
+            texts = chat_prompts(self.backend.tokenizer, [self.prompts.render(template, **render(it)) for it in pending],
+                                 prefill)
+            gens = self.backend.generate(texts, sampling, seed=seed * 1000 + attempt * 100_003,
+                                         json_schemas=[SCHEMAS[template]] * len(texts))
+            self.calls += len(texts)
+            failed = []
+            for it, gen in zip(pending, gens):
+                self.tokens["prompt"] += gen.prompt_tokens
+                self.tokens["output"] += gen.output_tokens
+                try:
+                    parsed = parse_output(prefill + gen.text, SCHEMAS[template])
+                    if any(copies_example(self.prompts, template, v) for v in parsed.values()):
+                        raise ParseError("copies_example")
+                    done.append((it, accept(it, parsed)))
+                except ParseError as e:
+                    failed.append(it)
+                    self.reasons[f"{template}:{e.reason}"] += 1
+                    self.rejects.append({"passage_id": it.passage.pid, "template": template, "attempt": attempt,
+                                         "reason": e.reason, "output": prefill + gen.text})
+            pending = failed
+        return done
+
+    def run(self, shard: list[Passage], k: int) -> list[dict]:
+        cfg = self.cfg
+        rng = random.Random(f"{cfg.seed}-{k}")
+        tasks, weights = zip(*sorted(cfg.task_mix.items()))
+        items = [Item(p, rng.choices(tasks, weights)[0]) for p in shard]
+        pairs: list[dict] = []
+        by_task = {t: [it for it in items if it.task == t] for t in tasks}
+        if by_task.get("retrieval"):
+            pairs += self.retrieval(by_task["retrieval"], rng, k)
+        for task in ("bitext", "sts", "classification"):
+            if by_task.get(task):
+                pairs += self.single_step(task, by_task[task], rng, k)
+        return pairs
+
+    def retrieval(self, items: list[Item], rng: random.Random, k: int) -> list[dict]:
+        cfg = self.cfg
+        cands = top_personas([it.passage.text for it in items], self.personas, cfg.num_personas,
+                             cfg.persona_retriever, cfg.persona_embedder)
+        for it, idx in zip(items, cands):
+            it.fields["candidates"] = [self.personas[i] for i in idx]
+        step1 = self.ask(items, "retrieval_config",
+                         lambda it: {"passage": it.passage.text, "language": it.passage.language,
+                                     "character": json.dumps(it.fields["candidates"])},
+                         lambda it, out: out, seed=k * 2)
+        chosen = []
+        for it, out in step1:
+            it.fields.update(persona=out["Character"], question_type=out["Question_Type"], difficulty=out["Difficulty"],
+                             length=rng.choice(cfg.query_lengths), language=rng.choice(cfg.query_languages))
+            chosen.append(it)
+
+        def accept(it, out):
+            return check_text(out["Query"], it.passage.text, min_words=1,
+                              max_words=min(cfg.max_query_words, 3 * it.fields["length"] + 10))
+
+        step2 = self.ask(chosen, "retrieval_query",
+                         lambda it: {"character": it.fields["persona"], "passage": it.passage.text,
+                                     "type": it.fields["question_type"], "difficulty": it.fields["difficulty"],
+                                     "length": it.fields["length"], "language": it.fields["language"],
+                                     "corpus_language": it.passage.language, "queries_language": it.fields["language"]},
+                         accept, seed=k * 2 + 1)
+        return [self.pair(it, query, it.passage.text, k) for it, query in step2]
+
+    def single_step(self, task: str, items: list[Item], rng: random.Random, k: int) -> list[dict]:
+        key = {"bitext": "Translation", "sts": "Paraphrase", "classification": "Category"}[task]
+        for it in items:
+            words = it.passage.text.split()
+            first = it.passage.text.split(". ")[0]
+            it.source = " ".join(first.split()[:40]) if task in ("sts", "bitext") else " ".join(words[:80])
+            langs = [lang for lang in self.cfg.bitext_languages if lang != it.passage.language] or \
+                self.cfg.bitext_languages
+            it.fields["language"] = rng.choice(langs) if task == "bitext" else it.passage.language
+
+        def accept(it, out):
+            text = out[key]
+            if task == "classification":
+                return check_text(text, "", min_words=1, max_words=4)
+            n = len(it.source.split())
+            return check_text(text, it.source if task == "sts" else "", min_words=max(1, n // 4), max_words=3 * n + 10)
+
+        seed = {"bitext": 101, "sts": 202, "classification": 303}[task] + k * 7
+        got = self.ask(items, task, lambda it: {"passage": it.source, "language": it.fields["language"],
+                                                "corpus_language": it.passage.language}, accept, seed=seed)
+        return [self.pair(it, it.source, text, k) for it, text in got]
+
+    def pair(self, it: Item, query: str, pos: str, k: int) -> dict:
+        prov = {"passage_id": it.passage.pid, "doc_id": it.passage.doc_id, "shard": k, "task": it.task,
+                "language": it.fields.get("language", it.passage.language), "corpus_language": it.passage.language,
+                "generator": self.cfg.generator, "backend": self.backend.name, "prompt_version": self.prompts.version}
+        for f in ("persona", "question_type", "difficulty", "length"):
+            if f in it.fields:
+                prov[f] = it.fields[f]
+        row = {"query": query, "pos": [pos], "task": it.task, "instruction": TASK_INSTRUCTIONS[it.task],
+               "provenance": prov}
+        if it.task in SYMMETRIC:
+            row["type"] = f"symmetric_{it.task}"
+        return row
+
+
+def dedupe(rows: list[dict], seen_exact: set, seen_norm: set) -> tuple[list[dict], int]:
+    out, dropped = [], 0
+    for r in rows:
+        ex = text_hash(r["query"] + "\u0000" + r["pos"][0])
+        nm = text_hash(normalize(r["query"]) + "\u0000" + normalize(r["pos"][0]))
+        if ex in seen_exact or nm in seen_norm:
+            dropped += 1
+            continue
+        seen_exact.add(ex)
+        seen_norm.add(nm)
+        out.append(r)
+    return out, dropped
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def jsonl(rows) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def run(cfg: SynthConfig, backend=None) -> Path:
+    """Generate this job's shards, then assemble the outputs if every shard is done.
+
+    ``backend``: an already built backend (tests, notebooks); built from ``cfg`` otherwise.
+    """
+    from tqdm import tqdm
+
+    out = Path(cfg.output_dir)
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    files = [Path(p) for pat in cfg.corpus for p in (sorted(glob.glob(pat)) or [pat])]
+    missing = [str(p) for p in files if not p.exists()]
+    if missing or not files:
+        raise FileNotFoundError(f"synth.corpus: not found {missing or cfg.corpus}")
+    psg, corpus_stats = passages(files, max_words=cfg.passage_words, overlap=cfg.passage_overlap,
+                                 min_words=cfg.min_passage_words, default_language=cfg.default_language,
+                                 limit=cfg.max_passages)
+    n_shards = math.ceil(len(psg) / cfg.shard_size)
+    mine = [k for k in range(n_shards) if k % cfg.num_shards == cfg.shard_index]
+    todo = [k for k in mine if not (shard_dir / f"shard_{k:05d}.jsonl").exists()]
+    print(f"synth: {len(psg)} passages in {n_shards} shards; this job: {len(mine)} shards, {len(todo)} to do")
+    if todo:
+        prompts = PromptSet(cfg.prompt_version)
+        personas = load_personas(cfg.personas)
+        own = backend is None
+        if own:
+            backend = build_backend(cfg.backend, cfg.generator, dtype=cfg.dtype, batch_size=cfg.batch_size,
+                                    tensor_parallel_size=cfg.tensor_parallel_size, max_model_len=cfg.max_model_len,
+                                    structured_output=cfg.structured_output,
+                                    gpu_memory_utilization=cfg.gpu_memory_utilization)
+        bar = tqdm(total=sum(len(psg[k * cfg.shard_size:(k + 1) * cfg.shard_size]) for k in todo), desc="synth",
+                   unit="passage", dynamic_ncols=True)
+        try:
+            for k in todo:
+                shard = psg[k * cfg.shard_size:(k + 1) * cfg.shard_size]
+                runner = ShardRunner(cfg, backend, prompts, personas)
+                t0 = time.perf_counter()
+                rows = runner.run(shard, k)
+                rows, dup = dedupe(rows, set(), set())
+                dt = time.perf_counter() - t0
+                stats = {"shard": k, "passages": len(shard), "pairs": len(rows), "duplicates": dup,
+                         "generations": runner.calls, "rejected_by_reason": dict(runner.reasons),
+                         "prompt_tokens": runner.tokens["prompt"], "output_tokens": runner.tokens["output"],
+                         "seconds": dt, "output_tokens_per_s": runner.tokens["output"] / max(dt, 1e-9)}
+                write_atomic(shard_dir / f"shard_{k:05d}.rejects.jsonl", jsonl(runner.rejects))
+                write_atomic(shard_dir / f"shard_{k:05d}.stats.json", json.dumps(stats, indent=2))
+                write_atomic(shard_dir / f"shard_{k:05d}.jsonl", jsonl(rows))  # last: marks the shard done
+                bar.update(len(shard))
+                bar.set_postfix(pairs=len(rows), tok_s=f"{stats['output_tokens_per_s']:.0f}")
+        finally:
+            bar.close()
+            if own:
+                backend.close()
+    if all((shard_dir / f"shard_{k:05d}.jsonl").exists() for k in range(n_shards)):
+        finalize(cfg, out, n_shards, corpus_stats, len(psg))
+    return out
+
+
+def finalize(cfg: SynthConfig, out: Path, n_shards: int, corpus_stats: dict, n_passages: int) -> None:
+    shard_dir = out / "shards"
+    rows, shard_stats, rejects = [], [], []
+    for k in range(n_shards):
+        rows += [json.loads(x) for x in (shard_dir / f"shard_{k:05d}.jsonl").read_text(encoding="utf-8").splitlines() if x]
+        shard_stats.append(json.loads((shard_dir / f"shard_{k:05d}.stats.json").read_text()))
+        rejects.append((shard_dir / f"shard_{k:05d}.rejects.jsonl").read_text(encoding="utf-8"))
+    rows, dup = dedupe(rows, set(), set())
+    held = [r for r in rows if (text_hash(r["query"]) % 10_000) < cfg.heldout_fraction * 10_000]
+    train = [r for r in rows if (text_hash(r["query"]) % 10_000) >= cfg.heldout_fraction * 10_000]
+    write_atomic(out / "pairs.jsonl", jsonl(train))
+    write_atomic(out / "heldout.jsonl", jsonl(held))
+    write_atomic(out / "rejects.jsonl", "".join(rejects))
+    reasons: Counter = Counter()
+    for s in shard_stats:
+        reasons.update(s["rejected_by_reason"])
+    count = lambda key: dict(Counter(r["provenance"].get(key, "-") for r in rows))  # noqa: E731
+    secs = sum(s["seconds"] for s in shard_stats)
+    stats = {
+        "passages": n_passages, "corpus": corpus_stats, "shards": n_shards,
+        "pairs": len(rows), "train_pairs": len(train), "heldout_pairs": len(held), "duplicates_removed":
+            dup + sum(s["duplicates"] for s in shard_stats),
+        "generations": sum(s["generations"] for s in shard_stats),
+        "yield_pairs_per_passage": len(rows) / max(n_passages, 1),
+        "by_task": count("task"), "by_question_type": count("question_type"), "by_difficulty": count("difficulty"),
+        "by_language": count("language"), "rejected_by_reason": dict(reasons),
+        "prompt_tokens": sum(s["prompt_tokens"] for s in shard_stats),
+        "output_tokens": sum(s["output_tokens"] for s in shard_stats), "generation_seconds": secs,
+        "output_tokens_per_s": sum(s["output_tokens"] for s in shard_stats) / max(secs, 1e-9),
+        "generator": cfg.generator, "backend": rows[0]["provenance"]["backend"] if rows else cfg.backend, "prompt_version": cfg.prompt_version,
+        "config": asdict(cfg),
+    }
+    write_atomic(out / "stats.json", json.dumps(stats, indent=2))
+    print(f"synth: {len(rows)} pairs ({len(held)} held out) from {n_passages} passages; "
+          f"yield {stats['yield_pairs_per_passage']:.2f}; rejected {sum(reasons.values())}; -> {out / 'pairs.jsonl'}")

@@ -1,0 +1,121 @@
+"""Text formatting and tokenization for Qwen3 embedders: the one place these conventions live.
+
+Conventions (spec §1.2-1.4):
+- a query is ``Instruct: {instruction}\\nQuery:{query}`` (no space after ``Query:``; template
+  configurable); with no instruction the query is used raw;
+- a document is raw text (asymmetric tasks); symmetric tasks give documents the same instruction;
+- the content is truncated to ``max_length - 1`` tokens and the end token is appended explicitly,
+  exactly once, whatever the tokenizer's own post-processor does. Which token (``resolve_end_token``):
+  the configured one (``model.end_token``), else the family's end-of-text token (Qwen and SmolLM2:
+  ``<|endoftext|>``, id 151643 for Qwen, never its ``eos_token`` ``<|im_end|>``; Llama 3:
+  ``<|end_of_text|>``), else the tokenizer's ``eos_token``;
+- pooling reads the attention mask, never token ids: the pad id is the same 151643.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from qwen3train.errors import ConfigError
+
+ENDOFTEXT = "<|endoftext|>"
+# end-of-text markers by family, in order of preference: Qwen / GPT-2 / SmolLM2, then Llama 3
+END_OF_TEXT_TOKENS = (ENDOFTEXT, "<|end_of_text|>")
+DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{query}"
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def format_query(query: str, instruction: str | None, template: str = DEFAULT_QUERY_TEMPLATE) -> str:
+    """Apply the instruction template to a query; an empty or missing instruction leaves it raw."""
+    if not instruction:
+        return query
+    return template.format(instruction=instruction, query=query)
+
+
+def query_prompt(instruction: str, template: str = DEFAULT_QUERY_TEMPLATE) -> str:
+    """The prefix a query gets (what sentence-transformers stores as the ``query`` prompt)."""
+    marker = "\u0000QUERY\u0000"
+    text = template.format(instruction=instruction, query=marker)
+    if not text.endswith(marker):
+        raise ValueError(f"query template must end with {{query}} to be used as a prompt: {template!r}")
+    return text[: -len(marker)]
+
+
+def resolve_end_token(tokenizer, configured: str | None = None) -> str:
+    """The token every embedder input ends with: ``configured``, else the family's end-of-text token,
+    else ``eos_token``. A token counts when it is in the vocabulary (SmolLM2's ``<|endoftext|>`` is id 0
+    and also its unk token, and is still a real token)."""
+    vocab = tokenizer.get_vocab()
+    if configured:
+        if configured not in vocab:
+            raise ConfigError(f"model.end_token={configured!r} is not a token of this tokenizer")
+        return configured
+    for token in END_OF_TEXT_TOKENS:
+        if token in vocab:
+            return token
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos and eos in vocab:
+        return eos
+    raise ConfigError("the tokenizer has no end-of-text token and no eos_token: set model.end_token")
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
+    """Pad id lists into ``input_ids``/``attention_mask`` tensors on the ``side`` given."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@dataclass
+class EmbeddingTokenizer:
+    """Turns texts into padded ``input_ids``/``attention_mask`` with exactly one trailing end token.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (fast or slow).
+        end_token: the token appended to every input; None: ``resolve_end_token``'s rule
+            (Qwen3: ``<|endoftext|>``).
+        padding_side: ``"right"`` (training default) or ``"left"`` (official inference default);
+            pooling is correct for both.
+    """
+
+    tokenizer: object
+    end_token: str | None = None
+    padding_side: str = "right"
+
+    def __post_init__(self) -> None:
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        self.end_token = resolve_end_token(self.tokenizer, self.end_token)
+        self.end_id = int(self.tokenizer.convert_tokens_to_ids(self.end_token))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.end_id
+
+    def token_ids(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
+        """Content tokens truncated to ``max_length - 1``, then the end token, once."""
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (content + end token), got {max_length}")
+        enc = self.tokenizer(
+            list(texts), add_special_tokens=False, truncation=True, max_length=max_length - 1
+        )["input_ids"]
+        out = []
+        for ids in enc:
+            ids = list(ids)
+            while ids and ids[-1] == self.end_id:  # content that already ends in the marker
+                ids.pop()
+            out.append(ids + [self.end_id])
+        return out
+
+    def pad(self, seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Pad id lists to a batch on the configured side."""
+        return pad_batch(seqs, self.pad_id, self.padding_side)
+
+    def __call__(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+        return self.pad(self.token_ids(texts, max_length))

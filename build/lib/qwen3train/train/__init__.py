@@ -1,0 +1,1 @@
+"""Training: the one loop for stage 1, stage 2 and the reranker."""

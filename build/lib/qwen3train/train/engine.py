@@ -1,0 +1,347 @@
+"""EngineConfig and the two engines: plain torch (single process or DDP) and DeepSpeed ZeRO-1/2/3.
+
+This is the only module that imports deepspeed, and only when ``engine.backend=deepspeed``.
+
+Both engines expose the same small surface used by the loop:
+  ``forward(**batch)``, ``micro(last)`` (context for one forward+backward), ``backward(loss)``,
+  ``step() -> grad norm``, ``save(dir)`` / ``load(dir, saved_world)``, ``full_state_dict()`` (rank 0), ``module``.
+The loop calls ``backward`` once per micro-step (or per GradCache chunk) and ``step`` once per
+optimizer step. Gradients from several backward calls add up; the loop scales the losses.
+
+Precision is one rule for both engines (``qwen3train.precision``): float32 trainable weights and
+optimizer state, bf16 compute through autocast when the run's precision is bf16. The torch engine
+wraps its forward in ``torch.autocast``; DeepSpeed gets the same through its ``torch_autocast``
+section (its ``bf16`` mode, which trains bf16 weights against fp32 copies, is not used).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qwen3train import dist
+from qwen3train.errors import ConfigError
+from qwen3train.precision import TRAIN_PRECISIONS
+from qwen3train.train.schedule import OptimConfig, build_optimizer
+
+
+@dataclass
+class EngineConfig:
+    """How a step is executed.
+
+    global_batch_size: queries per optimizer step over all ranks. micro_batch_size: queries per rank
+    in one forward/backward (or per GradCache chunk). Derived and checked: local batch =
+    global / world, accumulation (or GradCache chunks) = local / micro.
+    grad_cache: compute the loss over the whole global batch (all its in-batch negatives) while
+    holding activations for one micro batch at a time; without it each micro step is its own batch.
+    precision: compute precision, ``auto`` (bf16 for a bf16 model on hardware with native bf16,
+    else fp32), ``bf16`` or ``fp32``; weights and optimizer state are float32 in every case.
+    offload_optimizer: ZeRO-Offload (DeepSpeed only): optimizer state and step on the CPU, with
+    DeepSpeed's CPU Adam (JIT-compiled on first use, ~1 min).
+    deepspeed_config: a DeepSpeed JSON of your own, merged with the fields derived here (batch
+    sizes, accumulation, clipping, ZeRO stage, precision); a conflicting value is an error naming
+    both, ``"auto"`` takes ours.
+    """
+
+    backend: str = "torch"
+    zero_stage: int = 2
+    micro_batch_size: int = 8
+    global_batch_size: int = 32
+    grad_cache: bool = False
+    precision: str = "auto"
+    grad_clip: float = 1.0
+    offload_optimizer: bool = False
+    deepspeed_config: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("torch", "deepspeed"):
+            raise ValueError(f"engine.backend must be torch or deepspeed, got {self.backend!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"engine.zero_stage must be 0-3, got {self.zero_stage}")
+        if self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ValueError("engine batch sizes must be >= 1")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise ValueError(f"engine.precision must be one of {TRAIN_PRECISIONS}, got {self.precision!r}")
+        if self.backend != "deepspeed" and (self.offload_optimizer or self.deepspeed_config):
+            key = "engine.offload_optimizer" if self.offload_optimizer else "engine.deepspeed_config"
+            raise ValueError(f"{key} needs a DeepSpeed engine (engine=zero1|zero2|zero3), got engine.backend=torch")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("engine.offload_optimizer needs ZeRO stage 1, 2 or 3")
+
+    def local_batch(self, world: int) -> int:
+        if self.global_batch_size % world:
+            raise ValueError(f"engine.global_batch_size={self.global_batch_size} is not divisible by "
+                             f"the {world} processes")
+        return self.global_batch_size // world
+
+    def micro_steps(self, world: int) -> int:
+        local = self.local_batch(world)
+        if local % self.micro_batch_size:
+            raise ValueError(f"per-process batch {local} (engine.global_batch_size / {world} processes) is "
+                             f"not divisible by engine.micro_batch_size={self.micro_batch_size}")
+        return local // self.micro_batch_size
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank())
+    return torch.device("cpu")
+
+
+class TorchEngine:
+    """Single process or DDP; AdamW + LambdaLR; gradient clipping; bf16 autocast (CUDA or CPU)."""
+
+    def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig, total_steps: int,
+                 precision: str = "fp32") -> None:
+        self.cfg = cfg
+        self.device = device()
+        self.model = model.to(self.device)
+        self.optimizer, self.scheduler = build_optimizer(model.named_parameters(), optim, total_steps)
+        self.wrapped = model
+        if dist.world_size() > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.precision = precision
+        self.autocast = precision == "bf16"
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    def forward(self, **batch):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.wrapped(**batch)
+
+    def micro(self, last: bool):
+        if isinstance(self.wrapped, nn.parallel.DistributedDataParallel) and not last:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        if dist.is_main():
+            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, path / "engine.pt")
+
+    def load(self, path: Path, saved_world: int | None = None) -> None:
+        """Model, optimizer and schedule are replicated, so any process count can resume them."""
+        state = torch.load(path / "engine.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_state_dict(self):
+        return None  # the module's own state dict is complete
+
+
+# ---- DeepSpeed -------------------------------------------------------------------------------------
+
+# fields derived from EngineConfig: key -> the setting it comes from (named in conflict errors)
+_DERIVED = {
+    "train_batch_size": "engine.global_batch_size",
+    "train_micro_batch_size_per_gpu": "engine.micro_batch_size",
+    "gradient_accumulation_steps": "engine.global_batch_size / (processes x engine.micro_batch_size)",
+    "gradient_clipping": "engine.grad_clip",
+}
+
+
+def _is_auto(value) -> bool:
+    if isinstance(value, dict):
+        return all(_is_auto(v) for k, v in value.items() if k != "type")
+    return value == "auto"
+
+
+def merge_deepspeed_config(ours: dict, user: dict, source: str, precision: str) -> dict:
+    """``user`` (a DeepSpeed JSON) merged into ``ours``: user keys win except the derived ones,
+    which must agree (or say ``"auto"``); precision and the optimizer are ours (one rule for both
+    engines, a client optimizer and schedule), so a file that sets them differently is refused."""
+
+    def conflict(key: str, theirs, setting: str, mine) -> ConfigError:
+        return ConfigError(f"engine.deepspeed_config={source}: \"{key}\": {json.dumps(theirs)} conflicts with "
+                           f"{setting} (= {json.dumps(mine)}); remove it, set it to \"auto\", or change {setting}")
+
+    merged = copy.deepcopy(ours)
+    for key, value in user.items():
+        if key in _DERIVED:
+            if value != "auto" and value != ours[key]:
+                raise conflict(key, value, _DERIVED[key], ours[key])
+        elif key in ("optimizer", "scheduler"):
+            if not _is_auto(value.get("params", {})):
+                raise ConfigError(f"engine.deepspeed_config={source}: \"{key}\" is set by optim.* (AdamW and its "
+                                  f"schedule are handed to DeepSpeed); remove \"{key}\" or make its params \"auto\"")
+        elif key in ("bf16", "fp16", "torch_autocast"):
+            enabled = value.get("enabled", False) if isinstance(value, dict) else value
+            if enabled == "auto" or enabled is False:
+                continue
+            wants = "bf16" if key in ("bf16", "torch_autocast") and value.get("dtype", "bfloat16") in (
+                "bfloat16", "bf16", "torch.bfloat16") else "fp16"
+            if wants != precision:
+                raise conflict(f"{key}.enabled", enabled, "engine.precision (resolved)", precision)
+        elif key == "zero_optimization":
+            zero = merged.setdefault("zero_optimization", {})
+            for zkey, zval in value.items():
+                if zkey == "stage" and zval != "auto" and zval != ours["zero_optimization"]["stage"]:
+                    raise conflict("zero_optimization.stage", zval, "engine.zero_stage",
+                                   ours["zero_optimization"]["stage"])
+                if zkey == "offload_optimizer" and "offload_optimizer" in zero:
+                    device_ = zval.get("device", "none") if isinstance(zval, dict) else zval
+                    if device_ in (None, "none"):
+                        raise conflict("zero_optimization.offload_optimizer.device", device_,
+                                       "engine.offload_optimizer", True)
+                if zkey != "stage" and zval != "auto":
+                    zero[zkey] = zval
+        else:
+            merged[key] = value
+    return merged
+
+
+def deepspeed_config(cfg: EngineConfig, world: int, precision: str) -> dict:
+    """The DeepSpeed config of a run: generated from EngineConfig, merged with the user's file."""
+    gas = cfg.micro_steps(world)
+    zero = {"stage": cfg.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    ours = {
+        "train_batch_size": cfg.micro_batch_size * gas * world,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        ours["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if not cfg.deepspeed_config:
+        return ours
+    path = Path(cfg.deepspeed_config)
+    try:
+        user = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"engine.deepspeed_config={path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"engine.deepspeed_config={path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"engine.deepspeed_config={path}: must hold a JSON object")
+    return merge_deepspeed_config(ours, user, str(path), precision)
+
+
+def _offloads_optimizer(ds_config: dict) -> bool:
+    off = ds_config.get("zero_optimization", {}).get("offload_optimizer")
+    return isinstance(off, dict) and off.get("device", "none") in ("cpu", "nvme")
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO-1/2/3 with a config generated from EngineConfig (merged with the user's JSON).
+
+    The optimizer is handed in: torch AdamW, or DeepSpeed's CPU Adam under ZeRO-Offload (DeepSpeed
+    refuses a client torch optimizer there). ``gradient_accumulation_steps`` = micro steps per
+    optimizer step, so DeepSpeed reduces gradients and steps exactly at our boundary; losses reach
+    ``backward`` already scaled (``scale_wrt_gas=False``), which is what GradCache needs."""
+
+    def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig, total_steps: int,
+                 precision: str = "fp32") -> None:
+        import importlib
+
+        import deepspeed
+
+        if not torch.cuda.is_available():
+            # the shm all-reduce op JIT-compiles for ~1 min on first use and gloo does not need it
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        dist.init(single_process=True)  # DeepSpeed needs a process group even for one process
+        self.cfg = cfg
+        self.precision = precision
+        world = dist.world_size()
+        self.gas = cfg.micro_steps(world)
+        self.ds_config = deepspeed_config(cfg, world, precision)
+        make = None
+        if _offloads_optimizer(self.ds_config):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            def make(groups, lr, betas, eps):
+                return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
+        opt, sched = build_optimizer(model.named_parameters(), optim, total_steps, make=make)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=sched, config=self.ds_config)
+        self._zero3 = cfg.zero_stage == 3
+        self._deepspeed = deepspeed
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def forward(self, **batch):
+        return self.engine(**batch)  # DeepSpeed applies the torch_autocast section here
+
+    def micro(self, last: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+
+    def step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def save(self, path: Path) -> None:
+        self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
+
+    def load(self, path: Path, saved_world: int | None = None) -> None:
+        """ZeRO partitions the optimizer state by rank: a checkpoint resumes on the process count that
+        wrote it (checked here, so a mismatch is a clear error rather than a failure deep inside
+        DeepSpeed)."""
+        world = dist.world_size()
+        if saved_world is not None and saved_world != world and self.cfg.zero_stage > 0:
+            raise ConfigError(
+                f"{path.parent}: this ZeRO-{self.cfg.zero_stage} checkpoint was written by {saved_world} "
+                f"processes and cannot resume on {world}: its optimizer state is partitioned per rank. "
+                f"Resume with NGPU={saved_world} (x nodes), or start a new run from its weights with "
+                f"model.init_from={path.parent / 'model'} run.output_dir=<new folder>")
+        self.engine.load_checkpoint(str(path), tag="deepspeed")
+
+    def full_state_dict(self):
+        """Consolidated weights on rank 0 (ZeRO-3 partitions are gathered); None elsewhere."""
+        if not self._zero3:
+            return None
+        params = list(self.engine.module.parameters())
+        with self._deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if dist.is_main():
+                return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+        return None
+
+
+def build_engine(model: nn.Module, cfg: EngineConfig, optim: OptimConfig, total_steps: int, precision: str = "fp32"):
+    if cfg.backend == "deepspeed":
+        return DeepSpeedEngine(model, cfg, optim, total_steps, precision)
+    return TorchEngine(model, cfg, optim, total_steps, precision)

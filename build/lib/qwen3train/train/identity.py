@@ -1,0 +1,117 @@
+"""What a run folder is: the hash of its resolved config, the package version, the git commit and the
+command-line overrides (``<run>/run_meta.json``), and the rule that a run resumes only with the config
+it was started with.
+
+The hash covers everything that changes the result; settings that only say where and how often to
+write (``run.name``, ``run.output_dir``, ``run.save_every``, ``run.keep_*``, ``run.resume``,
+``run.wandb*``) are left out, so a resumed run may keep fewer checkpoints or log elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+NEUTRAL = {"run": {"name", "output_dir", "save_every", "keep_last", "keep_every", "export_checkpoints", "resume",
+                   "wandb", "wandb_project"}}
+RESUME_MODES = ("auto", "force", "never")
+
+
+def normalize_resume(value) -> str:
+    """``run.resume``: auto (resume a run of the same config, refuse another), force, never; true/false
+    (the former spellings) mean auto/never."""
+    v = str(value).strip().lower()
+    v = {"true": "auto", "false": "never", "yes": "auto", "no": "never"}.get(v, v)
+    if v not in RESUME_MODES:
+        raise ValueError(f"run.resume must be one of {RESUME_MODES} (or true/false), got {value!r}")
+    return v
+
+
+def config_dict(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def _strip(d: dict) -> dict:
+    out = json.loads(json.dumps(d, default=str))
+    for section, keys in NEUTRAL.items():
+        for k in keys:
+            out.get(section, {}).pop(k, None)
+    return out
+
+
+def config_hash(cfg_or_dict) -> str:
+    d = cfg_or_dict if isinstance(cfg_or_dict, dict) else config_dict(cfg_or_dict)
+    return hashlib.sha256(json.dumps(_strip(d), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def changed_keys(old: dict, new: dict, limit: int = 4) -> str:
+    a, b = _flatten(_strip(old)), _flatten(_strip(new))
+    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    more = f" (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more
+
+
+def git_commit(repo: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):  # not under @hydra.main (tests, library use)
+        return []
+
+
+def meta(cfg) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("qwen3train")
+    except PackageNotFoundError:
+        ver = None
+    return {"config_hash": config_hash(cfg), "version": ver,
+            "git_commit": git_commit(Path(__file__).resolve().parents[2]), "overrides": overrides()}
+
+
+def check_resume(run_dir: Path, cfg, mode: str) -> None:
+    """Refuse to resume a run folder whose recorded config differs from this one (unless ``force``)."""
+    from qwen3train.errors import ConfigError
+
+    recorded = run_dir / "run_meta.json"
+    if mode == "force" or not recorded.exists():
+        return
+    old = json.loads(recorded.read_text())
+    new_hash = config_hash(cfg)
+    if old.get("config_hash") == new_hash:
+        return
+    diff = ""
+    old_cfg = run_dir / "config.yaml"
+    if old_cfg.exists():
+        from omegaconf import OmegaConf
+
+        diff = f" (changed: {changed_keys(OmegaConf.to_container(OmegaConf.load(old_cfg)), config_dict(cfg))})"
+    raise ConfigError(
+        f"{run_dir} holds a run of another config (hash {old.get('config_hash')}, now {new_hash}){diff}: "
+        f"continue it with this config with run.resume=force, start over with run.resume=never, "
+        f"or write elsewhere with run.output_dir=...")

@@ -1,0 +1,164 @@
+"""The one training loop, for stage 1, stage 2 (and the reranker): the stage is data and
+hyper-parameters, not code.
+
+    make stage1 ARGS="..."   ->  cli/train.py  ->  run(cfg)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qwen3train import dist
+from qwen3train.data.batching import plan_epoch
+from qwen3train.precision import resolve_train_precision
+from qwen3train.train import checkpoint, identity
+from qwen3train.train.checkpoint import TrainState
+from qwen3train.train.engine import build_engine
+from qwen3train.train.gradcache import grad_cache_step
+from qwen3train.train.telemetry import Telemetry
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_step(engine, task, batch, n_micro: int, grad_cache: bool):
+    """forward -> loss -> backward over the micro steps, then one optimizer step."""
+    if grad_cache:  # one loss over the whole batch, backward chunk by chunk
+        loss, stats = grad_cache_step(engine, task, batch, n_micro)
+    else:  # each micro batch is its own contrastive batch; gradients accumulate
+        losses, per = [], []
+        for i, mb in enumerate(task.split(batch, n_micro)):
+            with engine.micro(last=i == n_micro - 1):
+                loss, stats = task.loss(task.forward(engine, mb), mb)
+                engine.backward(loss / n_micro)
+            losses.append(loss.detach())
+            per.append(stats)
+        loss = torch.stack(losses).mean()
+        stats = {k: float(np.nanmean([s[k] for s in per])) for k in per[0]}
+    grad_norm = engine.step()
+    return loss, stats, grad_norm
+
+
+def run(cfg, hooks=None) -> Path:
+    """Train as configured; returns the exported final model folder.
+
+    ``hooks``: optional callable ``hooks(step)`` after every optimizer step (tests use it to
+    simulate a crash).
+    """
+    from qwen3train.train.build import build_task, flops_per_token
+
+    dist.init()
+    seed_everything(cfg.run.seed)
+    run_dir = Path(cfg.run.output_dir)
+    final_dir = run_dir / "final"
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    world = dist.world_size()
+    n_micro = cfg.engine.micro_steps(world)
+    local = cfg.engine.local_batch(world)
+
+    precision = resolve_train_precision(cfg.engine.precision, cfg.model.dtype)
+    print0(f"compute precision {precision} (engine.precision={cfg.engine.precision}, model.dtype={cfg.model.dtype}); "
+           f"trainable weights and optimizer state float32, exports {cfg.model.dtype}")
+    task = build_task(cfg, run_dir, precision)
+    source = task.source
+    steps_per_epoch = len(plan_epoch(source, cfg.engine.global_batch_size, cfg.run.seed, 0)[0])
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(source)} usable records make no global batch of {cfg.engine.global_batch_size} "
+                         f"(single-task batches, duplicates deferred): lower engine.global_batch_size")
+    total = cfg.run.max_steps if cfg.run.max_steps > 0 else cfg.run.epochs * steps_per_epoch
+    engine = build_engine(task.module, cfg.engine, cfg.optim, total, precision)
+
+    state = TrainState()
+    last = checkpoint.latest_checkpoint(run_dir) if cfg.run.resume != "never" else None
+    if last is not None:
+        identity.check_resume(run_dir, cfg, cfg.run.resume)
+        state = checkpoint.load(last, engine)
+        print0(f"resumed from {last} (step {state.step})")
+    if dist.is_main():
+        write_resolved_config(cfg, run_dir / "config.yaml")
+        (run_dir / "run_meta.json").write_text(json.dumps(identity.meta(cfg), indent=2))
+        if getattr(engine, "ds_config", None) is not None:  # what DeepSpeed ran with (derived + the user's file)
+            (run_dir / "deepspeed_config.json").write_text(json.dumps(engine.ds_config, indent=2))
+        (run_dir / "data_summary.json").write_text(json.dumps(source.summary(), indent=2))
+        if source.rejected:
+            print0(f"skipped {sum(source.rejected.values())} bad records: {dict(source.rejected)} "
+                   f"(kept in {source.rejects_path})")
+    tel = Telemetry(run_dir, total, state.step, use_wandb=cfg.run.wandb, project=cfg.run.wandb_project,
+                    run_name=cfg.run.name, config=asdict(cfg), flops_per_token=flops_per_token(task.module),
+                    config_hash=identity.config_hash(cfg))
+    plan, plan_epoch_no = None, -1
+    try:
+        while state.step < total:
+            if plan_epoch_no != state.epoch:
+                plan, plan_epoch_no = plan_epoch(source, cfg.engine.global_batch_size, cfg.run.seed, state.epoch)[0], state.epoch
+            if state.batch_in_epoch >= len(plan):
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                continue
+            items = plan[state.batch_in_epoch][dist.rank() * local:(dist.rank() + 1) * local]
+            batch = task.prepare(items, state.epoch)
+            loss, stats, grad_norm = train_step(engine, task, batch, n_micro, cfg.engine.grad_cache)
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.samples += cfg.engine.global_batch_size
+            state.world_size = world
+            keys = sorted(stats)  # one collective for everything logged (dist.py puts it on the right device)
+            loss_all, tokens, *stat_vals = dist.mean_floats([loss.float().item(), batch.num_tokens,
+                                                             *(stats[k] for k in keys)])
+            tokens *= world
+            if not math.isfinite(loss_all):
+                raise TrainingDiverged(
+                    f"non-finite loss ({loss_all}) at step {state.step}; stopping. The last good checkpoint "
+                    f"is {checkpoint.latest_checkpoint(run_dir)}; lower optim.lr or check the data.")
+            metrics = {"loss": loss_all, "lr": engine.lr(), "grad_norm": grad_norm, "epoch": state.epoch,
+                       **dict(zip(keys, stat_vals))}
+            tel.log(state.step, metrics, cfg.engine.global_batch_size, int(tokens))
+            if cfg.run.save_every > 0 and state.step % cfg.run.save_every == 0 and state.step < total:
+                checkpoint.save(run_dir, state, engine, task, export_model=cfg.run.export_checkpoints,
+                                keep_last=cfg.run.keep_last, keep_every=cfg.run.keep_every)
+            if hooks is not None:
+                hooks(state.step)
+        checkpoint.save(run_dir, state, engine, task, export_model=True, keep_last=cfg.run.keep_last,
+                        keep_every=cfg.run.keep_every)
+        if dist.is_main():
+            src = checkpoint.step_dir(run_dir, state.step) / "model"
+            tmp = final_dir.with_name(".final.tmp")
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            shutil.rmtree(final_dir, ignore_errors=True)
+            tmp.rename(final_dir)
+        dist.barrier()
+    finally:
+        tel.close()
+    print0(f"done: {state.step} steps; final model at {final_dir}")
+    return final_dir
+
+
+def write_resolved_config(cfg, path: Path) -> None:
+    """The exact configuration of the run, so every checkpoint can be traced to it."""
+    from omegaconf import OmegaConf
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tmp.replace(path)
+
+
+def print0(msg: str) -> None:
+    if dist.is_main():
+        print(msg, flush=True)

@@ -1,0 +1,62 @@
+"""OptimConfig, AdamW and the learning-rate multiplier as a pure function of the step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine / linear decay (or constant) to ``min_lr_ratio * lr``."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"optim.schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+
+
+def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based) of ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        decay = 1.0 - progress
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def build_optimizer(params, cfg: OptimConfig, total_steps: int, make=None):
+    """AdamW without weight decay on biases and norms; LambdaLR following ``lr_multiplier``.
+
+    ``make(groups, lr, betas, eps)`` builds another AdamW implementation over the same groups
+    (DeepSpeed's CPU Adam under ZeRO-Offload); default ``torch.optim.AdamW``."""
+    decay, no_decay = [], []
+    for name, p in params:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    make = make or (lambda g, lr, betas, eps: torch.optim.AdamW(g, lr=lr, betas=betas, eps=eps))
+    opt = make(groups, cfg.lr, tuple(cfg.betas), cfg.eps)
+    warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_multiplier(s, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio))
+    return opt, sched

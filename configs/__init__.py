@@ -1,0 +1,1 @@
+"""The configs, shipped in the wheel as qwen3train.configs (see pyproject.toml)."""
