@@ -20,7 +20,12 @@ LABEL = "BM25 (bm25s, lucene k1=1.5 b=0.75)"
 
 def bm25_run(doc_ids: list[str], docs: list[str], queries: dict[str, str], k: int = 100):
     """-> run: qid -> [(doc id, score)], best first, at most ``k`` documents with a positive score."""
-    import bm25s
+    try:
+        import bm25s
+    except ModuleNotFoundError:
+        from qwen3train.errors import ConfigError
+
+        raise ConfigError("eval.bm25=true needs the bm25s package: pip install 'qwen3train[eval]'") from None
 
     retriever = bm25s.BM25(method=SETTINGS["method"], k1=SETTINGS["k1"], b=SETTINGS["b"])
     retriever.index(bm25s.tokenize(docs, stopwords=SETTINGS["stopwords"], show_progress=False), show_progress=False)
