@@ -64,24 +64,85 @@ def place_job(cfg, job: str) -> None:
         cfg.output = os.path.join(os.path.dirname(cfg.output), job, os.path.basename(cfg.output))
 
 
-@hydra.main(version_base="1.3", config_path=_config_path(), config_name="stage1")
-def main(dict_cfg: DictConfig) -> None:
+def user_error(e: BaseException) -> str | None:
+    """The one-line message of a user's mistake, or None for a bug (which keeps its traceback)."""
     from qwen3train.data.records import DataError
     from qwen3train.errors import ConfigError
+    from qwen3train.merge.io import MergeError
 
+    if isinstance(e, (ConfigError, DataError, MergeError)):
+        return str(e)
+    if isinstance(e, FileNotFoundError):
+        return f"no such file or folder: {e.filename}" if e.filename else str(e)
+    return None
+
+
+def report(message: str) -> None:
+    rank = os.environ.get("RANK")
+    print(f"error{f' (rank {rank})' if rank and os.environ.get('WORLD_SIZE', '1') != '1' else ''}: {message}",
+          file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=_config_path(), config_name="stage1")
+def main(dict_cfg: DictConfig) -> None:
+    debug = os.environ.get("QWEN3TRAIN_DEBUG") == "1"
     try:
-        cfg = OmegaConf.to_object(dict_cfg)  # __post_init__ checks raise ConfigError here
-        job = multirun_job_dir()
-        if job:
-            place_job(cfg, job)
+        cfg = OmegaConf.to_object(dict_cfg)  # the schemas' __post_init__ checks run here
+    except Exception as e:  # noqa: BLE001 - a value the schema refuses is the user's mistake
+        if debug:
+            raise
+        report(str(e).strip().splitlines()[0])
+    job = multirun_job_dir()
+    if job:
+        place_job(cfg, job)
+    try:
         runner_for(cfg)(cfg)
-    except (ConfigError, DataError) as e:  # a user's mistake: one line, status 2; tracebacks are for bugs
+    except Exception as e:  # a user's mistake: one line, status 2; tracebacks are for bugs
+        msg = user_error(e)
+        if msg is None or debug:
+            raise
+        report(msg)
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose the config once before Hydra runs, so that a wrong key, type or value in the overrides is
+    one line and status 2 (Hydra itself prints several lines and exits 1). Sweeps (-m) are left to Hydra."""
+    if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith(("--help", "-h", "--info", "--cfg"))
+                                                             for a in argv):
+        return
+    from hydra import compose, initialize_config_dir, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    name, extra, overrides = "stage1", [], []
+    for a in argv:
+        if a.startswith("--config-name="):
+            name = a.split("=", 1)[1]
+        elif a.startswith("--config-dir="):
+            extra.append("file://" + os.path.abspath(a.split("=", 1)[1]))
+        elif a.startswith("--"):
+            return  # another Hydra flag: let Hydra handle the whole command line
+        elif not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
+            overrides.append(a)
+    if extra:
+        overrides.append(f"hydra.searchpath=[{','.join(extra)}]")
+    path = _config_path()
+    init = (initialize_config_module(path[len("pkg://"):], version_base="1.3") if path.startswith("pkg://")
+            else initialize_config_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), path),
+                                       version_base="1.3"))
+    try:
+        with init:
+            cfg = compose(config_name=name, overrides=overrides)
+            OmegaConf.to_object(cfg)
+    except Exception as e:  # noqa: BLE001 - composition failures are the command line's mistakes
         if os.environ.get("QWEN3TRAIN_DEBUG") == "1":
             raise
-        rank = os.environ.get("RANK")
-        print(f"error{f' (rank {rank})' if rank and os.environ.get('WORLD_SIZE', '1') != '1' else ''}: {e}",
-              file=sys.stderr, flush=True)
-        sys.exit(2)
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()][:2]
+        if e.__cause__ is not None and str(e.__cause__).strip():  # Hydra puts the reason in the cause
+            lines.append(str(e.__cause__).strip().splitlines()[0])
+        report(" ".join(lines) if lines else type(e).__name__)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def cli() -> None:
@@ -93,8 +154,10 @@ def cli() -> None:
               "example: qwen3train stage1 model=qwen3-0.6b engine=zero2 optim.lr=2e-5")
         sys.exit(0 if args else 2)
     sys.argv = [sys.argv[0], f"--config-name={args[0]}", *args[1:]]
+    precheck(sys.argv[1:])
     main()
 
 
 if __name__ == "__main__":
+    precheck(sys.argv[1:])
     main()

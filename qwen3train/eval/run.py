@@ -101,7 +101,9 @@ def run(cfg: EvalConfig) -> list[dict]:
             rows.append({"model": LABEL, "dataset": dataset_name(pf), "dim": None, **evaluate_pairs_bm25(pf)})
     for label, path in cfg.rerankers.items():
         if not cfg.rerank_retriever:
-            raise ValueError("eval.rerankers needs eval.rerank_retriever (the first-stage embedder)")
+            from qwen3train.errors import ConfigError
+
+            raise ConfigError("eval.rerankers needs eval.rerank_retriever (the first-stage embedder)")
         for col in collections:
             r = evaluate_rerank(cfg.rerank_retriever, path, col, top_k=cfg.rerank_top_k, cache_dir=cfg.cache_dir,
                                 max_length=cfg.max_length, precision=cfg.precision)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from qwen3train import dist
+from qwen3train.errors import ConfigError
 from qwen3train.data.instructions import resolve_instruction
 from qwen3train.data.sources import IndexedSource, expand_files
 from qwen3train.eval.encoder import PRECISIONS, Encoder
@@ -111,7 +112,7 @@ def run_mine(cfg: MineConfig) -> dict:
                            rejects_path=out.parent / "rejects.jsonl" if rank == 0 else None)
     n = len(source)
     if n == 0:
-        raise ValueError(f"mine: no valid records in {cfg.inputs} ({sum(source.rejected.values())} rejected, "
+        raise ConfigError(f"mine: no valid records in {cfg.inputs} ({sum(source.rejected.values())} rejected, "
                          f"see {out.parent / 'rejects.jsonl'})")
     queries, first_pos, group_of, instrs = [], [], np.empty(n, dtype=np.int32), {}
     for i in range(n):

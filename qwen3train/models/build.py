@@ -82,10 +82,23 @@ class ModelConfig:
         return self.init_from or self.name_or_path
 
 
+def pretrained(loader, path: str, **kw):
+    """``loader.from_pretrained(path)``, with a folder or hub name that cannot be loaded reported as a
+    user's mistake (ConfigError, one line) rather than a traceback from deep inside transformers."""
+    try:
+        return loader.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        from pathlib import Path
+
+        local = path.startswith(("/", ".", "~")) or path.count("/") != 1  # a hub name is owner/name
+        where = "no such folder" if local and not Path(path).expanduser().exists() else str(e).strip().splitlines()[0]
+        raise ConfigError(f"cannot load {loader.__name__} from {path!r}: {where}") from e
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return pretrained(AutoTokenizer, path)
 
 
 def resolve_attn_implementation(name: str) -> str:
@@ -157,7 +170,7 @@ def build_embedder(cfg: ModelConfig, path: str | None = None, train_precision: s
     from qwen3train.models.embedder import Embedder
 
     path = path or cfg.weights_path
-    backbone = AutoModel.from_pretrained(path, dtype=load_dtype(cfg, train_precision),
+    backbone = pretrained(AutoModel, path, dtype=load_dtype(cfg, train_precision),
                                          attn_implementation=resolve_attn_implementation(cfg.attn_implementation))
     backbone = _apply_common(backbone, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)
@@ -177,7 +190,7 @@ def build_reranker(cfg: ModelConfig, path: str | None = None, max_length: int | 
     from qwen3train.models.reranker import Reranker
 
     path = path or cfg.weights_path
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype(cfg, train_precision),
+    lm = pretrained(AutoModelForCausalLM, path, dtype=load_dtype(cfg, train_precision),
                                               attn_implementation=resolve_attn_implementation(cfg.attn_implementation))
     lm = _apply_common(lm, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)

@@ -1,0 +1,47 @@
+"""Every class of user mistake through the real entry point: one line naming what and where, status 2,
+no traceback (QWEN3TRAIN_DEBUG=1 shows it). A bug would still print its traceback and exit 1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+CASES = {
+    # name: (arguments, text the one line must contain)
+    "bad record": (["--config-name=stage1", "data.train_files=[{bad}]"], "bad.jsonl:1: field 'pos'"),
+    "missing data file": (["--config-name=stage1", "data.train_files=[{tmp}/absent.jsonl]"], "absent.jsonl"),
+    "unknown key": (["--config-name=stage1", "optim.lrr=1"], "optim.lrr"),
+    "wrong type": (["--config-name=stage1", "optim.lr=abc"], "could not be converted to Float"),
+    "refused value": (["--config-name=stage1", "model.padding_side=up"], "model.padding_side must be"),
+    "not a model folder to merge": (["--config-name=merge", "inputs=[{model},{tmp}]", "run_dir=null",
+                                     "output_dir={tmp}/m"], "no model.safetensors"),
+    "unreadable model folder": (["--config-name=stage1", "model.name_or_path={tmp}/nomodel",
+                                 "data.train_files=[{good}]"], "no such folder"),
+    "no usable records to mine": (["--config-name=mine", "inputs=[{bad}]", "embedder={model}",
+                                   "output={tmp}/mined/m.jsonl"], "no valid records"),
+    "unknown command": (["--config-name=stage7"], "Cannot find primary config 'stage7'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_user_mistake_is_one_line_and_status_2(case, tiny_model_dir, tmp_path):
+    args, needle = CASES[case]
+    (tmp_path / "bad.jsonl").write_text('{"query": "q", "pos": "not a list"}\n')
+    (tmp_path / "good.jsonl").write_text('{"query": "q", "pos": ["p"]}\n')
+    fill = {"bad": tmp_path / "bad.jsonl", "good": tmp_path / "good.jsonl", "tmp": tmp_path, "model": tiny_model_dir}
+    argv = [a.format(**fill) for a in args] + [f"model.name_or_path={tiny_model_dir}"] * (
+        args[0] == "--config-name=stage1" and not any(a.startswith("model.name_or_path") for a in args))
+    argv += [f"run.output_dir={tmp_path}/run"] if args[0] == "--config-name=stage1" else []
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("QWEN3TRAIN_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "qwen3train.cli.main", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last, last
