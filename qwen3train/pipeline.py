@@ -13,8 +13,10 @@ synth.backend=vllm synth.corpus=[...]``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -99,6 +101,27 @@ SCHEMA = {TrainConfig: "train_schema", SynthConfig: "synth_schema", FilterConfig
           MineConfig: "mine_schema", MergeConfig: "merge_schema", EvalConfig: "eval_schema"}
 
 
+def config_hash(cfg) -> str | None:
+    if cfg is None:
+        return None
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def path_fingerprint(path: Path) -> str:
+    """Size and modification time of a file, or of every file under a folder (hidden ones excepted)."""
+    if path.is_file():
+        st = path.stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    if not path.is_dir():
+        return "absent"
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        st = f.stat()
+        h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 class Pipeline:
     def __init__(self, cfg: PipelineConfig) -> None:
         self.cfg = cfg
@@ -107,11 +130,26 @@ class Pipeline:
         self.lineage = json.loads(self.lineage_path.read_text()) if self.lineage_path.exists() else {}
 
     # ---- plumbing -------------------------------------------------------------------------------
-    def stage(self, name: str, inputs: list, outputs: list, fn) -> None:
+    def stage(self, name: str, inputs: list, outputs: list, fn, cfg=None) -> None:
+        """Run a stage unless it finished with the same config and the same inputs. ``.done.json`` keeps
+        the hash of the stage's resolved config and a fingerprint of each input (size and time of every
+        file); when either changed, the stage's old outputs are removed and it runs again, and so do the
+        stages after it (their inputs, its outputs, change in turn)."""
         marker = self.out / name / ".done.json"
+        finger = {"config_hash": config_hash(cfg), "inputs": {str(i): path_fingerprint(Path(i)) for i in inputs}}
         if marker.exists():
-            print(f"[pipeline] {name}: done, skipped", flush=True)
-            return
+            old = json.loads(marker.read_text())
+            if "fingerprint" not in old or old["fingerprint"] == finger:  # (markers of older versions: trusted)
+                print(f"[pipeline] {name}: done, skipped", flush=True)
+                return
+            why = "its config" if old["fingerprint"]["config_hash"] != finger["config_hash"] else "its inputs"
+            print(f"[pipeline] {name}: {why} changed since it ran: removing its outputs and running it again",
+                  flush=True)
+            for path in {self.out / name, *map(Path, outputs)}:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
         print(f"[pipeline] {name}: running", flush=True)
         t = time.time()
         fn()
@@ -119,7 +157,8 @@ class Pipeline:
         if missing:
             raise RuntimeError(f"stage {name} finished without its outputs: {missing}")
         rec = {"inputs": [str(i) for i in inputs], "outputs": [str(o) for o in outputs],
-               "seconds": round(time.time() - t, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+               "seconds": round(time.time() - t, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "fingerprint": finger}
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(rec, indent=2))
         self.lineage[name] = rec
@@ -168,31 +207,31 @@ class Pipeline:
         c, o = self.cfg, self.out
         synth = replace(c.synth, output_dir=str(o / "synth"))
         self.stage("synth", synth.corpus, [o / "synth" / "pairs.jsonl", o / "synth" / "stats.json"],
-                   lambda: self.launch("synth", synth))
+                   lambda: self.launch("synth", synth), synth)
         s1_files = [str(o / "synth" / "pairs.jsonl")] + list(c.extra_stage1_data)
         s1 = self.train_cfg(c.stage1, "stage1", s1_files, None)
-        self.stage("stage1", s1_files, [o / "stage1" / "final"], lambda: self.launch("stage1", s1, c.ngpu))
+        self.stage("stage1", s1_files, [o / "stage1" / "final"], lambda: self.launch("stage1", s1, c.ngpu), s1)
         flt = replace(c.filter, inputs=[str(o / "synth" / "pairs.jsonl")], embedder=str(o / "stage1" / "final"),
                       output_dir=str(o / "filter"))
         self.stage("filter", flt.inputs + [flt.embedder], [o / "filter" / "kept.jsonl"],
-                   lambda: self.launch("filter", flt, c.ngpu))
+                   lambda: self.launch("filter", flt, c.ngpu), flt)
         mine_in = [str(o / "filter" / "kept.jsonl")] + list(c.extra_stage2_data)
         mine = replace(c.mine, inputs=mine_in, embedder=str(o / "stage1" / "final"), output=str(o / "mine" / "mined.jsonl"),
                        cache_dir=str(o / "cache"))
-        self.stage("mine", mine_in + [mine.embedder], [o / "mine" / "mined.jsonl"], lambda: self.launch("mine", mine, c.ngpu))
+        self.stage("mine", mine_in + [mine.embedder], [o / "mine" / "mined.jsonl"], lambda: self.launch("mine", mine, c.ngpu), mine)
         s2 = self.train_cfg(c.stage2, "stage2", [mine.output], str(o / "stage1" / "final"))
         self.stage("stage2", [mine.output, o / "stage1" / "final"], [o / "stage2" / "final"],
-                   lambda: self.launch("stage2", s2, c.ngpu))
+                   lambda: self.launch("stage2", s2, c.ngpu), s2)
         mrg = replace(c.merge, inputs=[], run_dir=str(o / "stage2"), output_dir=str(o / "merged"))
-        self.stage("merge", [o / "stage2" / "checkpoints"], [o / "merged"], lambda: self.launch("merge", mrg))
+        self.stage("merge", [o / "stage2" / "checkpoints"], [o / "merged"], lambda: self.launch("merge", mrg), mrg)
         rr = self.train_cfg(c.rerank, "rerank", [mine.output], None, base=c.reranker_model)
-        self.stage("rerank", [mine.output], [o / "rerank" / "final"], lambda: self.launch("rerank", rr, c.ngpu))
+        self.stage("rerank", [mine.output], [o / "rerank" / "final"], lambda: self.launch("rerank", rr, c.ngpu), rr)
         # dev selection scores embedders; the reranker's checkpoints are merged as configured
         rmrg = replace(c.merge, inputs=[], run_dir=str(o / "rerank"), output_dir=str(o / "rerank_merged"), dev_file=None)
         self.stage("rerank_merge", [o / "rerank" / "checkpoints"], [o / "rerank_merged"],
-                   lambda: self.launch("rerank_merge", rmrg))
+                   lambda: self.launch("rerank_merge", rmrg), rmrg)
         ev = self.eval_cfg()
-        self.stage("eval", list(ev.models.values()), [o / "eval" / "results.jsonl"], lambda: self.launch("eval", ev))
+        self.stage("eval", list(ev.models.values()), [o / "eval" / "results.jsonl"], lambda: self.launch("eval", ev), ev)
         from qwen3train.report import write_report
 
         self.stage("report", [o / "eval" / "results.jsonl"], [o / "report.md"], lambda: write_report(o, self.cfg))
