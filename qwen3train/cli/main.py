@@ -39,8 +39,9 @@ def _config_path() -> str:
 
 
 def multirun_job_dir() -> str | None:
-    """Under ``-m`` (Hydra multirun): ``<job number>_<its overrides>``, the folder this job writes into
-    below the configured output folder, so that jobs of one sweep never share (and resume) a run."""
+    """Under ``-m`` (Hydra multirun): ``<job number>_<the swept settings of this job>`` (e.g.
+    ``1_optim.lr=0.002``), the folder this job writes into below the configured output folder, so that
+    jobs of one sweep never share (and resume) a run."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -50,7 +51,14 @@ def multirun_job_dir() -> str | None:
         return None
     if hc.mode != RunMode.MULTIRUN:
         return None
-    return f"{hc.job.num}_{re.sub(r'[^A-Za-z0-9._=,-]+', '_', hc.job.override_dirname or 'job')[:80]}"
+    swept = set()  # keys given several values on the command line (a,b / range(...) / choice(...) / glob(...))
+    for a in sys.argv[1:]:
+        key, _, value = a.partition("=")
+        if value and not a.startswith("-") and ("," in value or value.startswith(("range(", "choice(", "glob("))):
+            swept.add(key.lstrip("+~"))
+    parts = [o for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in swept] or [hc.job.override_dirname]
+    name = re.sub(r"[^A-Za-z0-9._=,-]+", "_", ",".join(p for p in parts if p) or "job")[:80]
+    return f"{hc.job.num}_{name}"
 
 
 def place_job(cfg, job: str) -> None:
