@@ -115,25 +115,22 @@ def main(dict_cfg: DictConfig) -> None:
 
 def precheck(argv: list[str]) -> None:
     """Compose the config once before Hydra runs, so that a wrong key, type or value in the overrides is
-    one line and status 2 (Hydra itself prints several lines and exits 1). Sweeps (-m) are left to Hydra."""
-    if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith(("--help", "-h", "--info", "--cfg"))
-                                                             for a in argv):
+    one line and status 2 (Hydra itself prints several lines and exits 1). Sweeps (-m) and commands with
+    a --config-dir of their own (whose primary Hydra's compose API cannot look up) are left to Hydra."""
+    if any(a in ("-m", "--multirun") or a.startswith(("--help", "-h", "--info", "--cfg", "--config-dir"))
+           for a in argv):
         return
     from hydra import compose, initialize_config_dir, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    name, extra, overrides = "stage1", [], []
+    name, overrides = "stage1", []
     for a in argv:
         if a.startswith("--config-name="):
             name = a.split("=", 1)[1]
-        elif a.startswith("--config-dir="):
-            extra.append("file://" + os.path.abspath(a.split("=", 1)[1]))
         elif a.startswith("--"):
             return  # another Hydra flag: let Hydra handle the whole command line
         elif not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
             overrides.append(a)
-    if extra:
-        overrides.append(f"hydra.searchpath=[{','.join(extra)}]")
     path = _config_path()
     init = (initialize_config_module(path[len("pkg://"):], version_base="1.3") if path.startswith("pkg://")
             else initialize_config_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), path),
