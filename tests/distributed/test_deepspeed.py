@@ -119,7 +119,8 @@ def test_zero_checkpoint_refuses_another_process_count(runs, tiny_model_dir):
     no traceback, and the checkpoint left as it was."""
     out, _ = runs["zero2"]
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    cmd = command(out, tiny_model_dir, runs["_data"], RUNS["zero2"], nproc=1, steps=5)
+    # the same config (a changed one would be refused first, by the config check), one process instead of two
+    cmd = command(out, tiny_model_dir, runs["_data"], RUNS["zero2"], nproc=1, steps=3)
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
