@@ -68,20 +68,20 @@ def test_torch_engine_resumes_on_another_process_count(tiny_model_dir, tmp_path)
     data = make_pairs(tmp_path / "d.jsonl", n=64, k=2)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
-    def cli(out, steps, nproc):
+    def cli(out, steps, nproc, *extra):
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
         cmd = [sys.executable, *launcher, "-m", "qwen3train.cli.main", "--config-name=stage2", "engine=torch",
                "engine.precision=fp32", "engine.grad_cache=true", "engine.micro_batch_size=2",
                "engine.global_batch_size=8", f"run.max_steps={steps}", "run.save_every=2", f"run.output_dir={out}",
                f"model.name_or_path={tiny_model_dir}", "model.init_from=null", f"data.train_files=[{data}]",
-               "data.num_hard_negatives=2", "optim.schedule=constant", "optim.warmup_ratio=0", "optim.lr=1e-3"]
+               "data.num_hard_negatives=2", "optim.schedule=constant", "optim.warmup_ratio=0", "optim.lr=1e-3", *extra]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
     ref = cli(tmp_path / "a", 4, 1)
     cli(tmp_path / "b", 2, 2)
-    got = cli(tmp_path / "b", 4, 1)
+    got = cli(tmp_path / "b", 4, 1, "run.resume=force")  # a longer run is another config: resumed on purpose
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(ref, got):
         assert abs(a["loss"] - b["loss"]) <= 1e-4, (a["step"], a["loss"], b["loss"])
