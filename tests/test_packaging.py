@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -30,11 +31,14 @@ def test_installed_wheel_runs_a_stage_from_another_folder(tiny_model_dir, tmp_pa
     sys.path.insert(0, str(REPO / "tests" / "train"))
     from helpers import make_pairs
 
-    dist, site, work = tmp_path / "dist", tmp_path / "site", tmp_path / "work"
+    dist, site, work, src = tmp_path / "dist", tmp_path / "site", tmp_path / "work", tmp_path / "src"
     work.mkdir()
+    # build from a copy: setuptools writes build/ and *.egg-info beside the sources it builds
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "build", "dist", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", ".whl", "tests"))
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
-                    str(REPO)], check=True, env=env, timeout=600, capture_output=True)
+                    str(src)], check=True, env=env, timeout=600, capture_output=True)
     wheel = next(dist.glob("qwen3train-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, env=env, timeout=600, capture_output=True)

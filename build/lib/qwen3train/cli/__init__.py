@@ -1,1 +1,0 @@
-"""Command-line entry points: Hydra at the edge, typed objects below."""

@@ -1,1 +1,0 @@
-"""Training data: records, indexed sources, batch plans, collation."""

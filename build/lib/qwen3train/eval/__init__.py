@@ -1,1 +1,0 @@
-"""Evaluation: metrics (pure), retrieval on pair files and BEIR/TREC collections."""

@@ -1,1 +1,0 @@
-"""Stage-2 data: cosine filtering of synthetic pairs and hard-negative mining."""

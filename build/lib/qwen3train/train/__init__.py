@@ -1,1 +1,0 @@
-"""Training: the one loop for stage 1, stage 2 and the reranker."""
