@@ -11,11 +11,10 @@ the wheel); ``--config-dir=my_configs`` adds a folder of your own (its files win
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
-
-import importlib.util
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -23,8 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 from qwen3train.config import register_configs, runner_for
 
 register_configs()
-PRIMARIES = ("synth", "stage1", "filter", "mine", "prepare", "stage2", "merge", "rerank", "eval", "pipeline",
-             "pipeline_real")
 
 
 def _config_path() -> str:
@@ -154,8 +151,18 @@ def cli() -> None:
     """``qwen3train <command> [overrides]``: a command is a primary config's name (stage1, pipeline, ...)."""
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
+        path = _config_path()
+        if path.startswith("pkg://"):
+            from importlib.resources import files
+
+            folder = files(path[len("pkg://"):])
+        else:
+            from pathlib import Path
+
+            folder = Path(__file__).resolve().parent / path
+        commands = sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml"))
         print("usage: qwen3train <command> [key=value ...] [--config-dir=DIR] [-m]\n"
-              f"commands: {', '.join(PRIMARIES)} (or the name of a config in --config-dir)\n"
+              f"commands: {', '.join(commands)} (or the name of a config in --config-dir)\n"
               "example: qwen3train stage1 model=qwen3-0.6b engine=zero2 optim.lr=2e-5")
         sys.exit(0 if args else 2)
     sys.argv = [sys.argv[0], f"--config-name={args[0]}", *args[1:]]

@@ -18,6 +18,8 @@ import sysconfig
 from collections import defaultdict
 from pathlib import Path
 
+from qwen3train.data.jsonl import write_jsonl
+
 INSTRUCTION = "Given a one-line summary of a Python function or class, retrieve its documentation"
 SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "__pycache__", "ensurepip"}
 
@@ -74,11 +76,7 @@ def build(out_dir: str | Path, seed: int = 0, holdout: float = 0.1, num_neg: int
         by_module[p["module"].split(".")[0]].append(p["pos"][0])
 
     def write(name: str, rows: list[dict]) -> None:
-        tmp = out / f".{name}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        tmp.rename(out / name)
+        write_jsonl(out / name, rows)
 
     base = lambda p: {"query": p["query"], "pos": p["pos"], "task": "pydoc", "instruction": INSTRUCTION}
     write("train_pairs.jsonl", [base(p) for p in train])

@@ -28,6 +28,7 @@ import re
 import sys
 from pathlib import Path
 
+from qwen3train.data.jsonl import read_jsonl, write_jsonl
 from qwen3train.data.records import DataError
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -109,14 +110,6 @@ def lee_sts(folder: Path | None = None) -> list[dict]:
             for i in range(50) for j in range(i + 1, 50)]
 
 
-def _write(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 def build(out_dir: str | Path, demo_dir: str | Path = "outputs/data", seed: int = 0, dev_fraction: float = 0.1) -> dict:
     out, demo = Path(out_dir), Path(demo_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +119,7 @@ def build(out_dir: str | Path, demo_dir: str | Path = "outputs/data", seed: int 
         demo_mod.build(demo)
     rng = random.Random(seed)
     # docstrings: the demo's training pairs, split into train and dev (its heldout.jsonl is evaluation)
-    docs = [json.loads(x) for x in (demo / "train_pairs.jsonl").read_text(encoding="utf-8").split("\n") if x.strip()]
+    docs = read_jsonl(demo / "train_pairs.jsonl")
     rng.shuffle(docs)
     n_dev = int(len(docs) * dev_fraction)
     docs_dev, docs_train = docs[:n_dev], docs[n_dev:]
@@ -151,13 +144,13 @@ def build(out_dir: str | Path, demo_dir: str | Path = "outputs/data", seed: int 
     corpus += [{"_id": f"pydoc#{i}", "text": f"{d['query']} {d['pos'][0]}", "language": "English"}
                for i, d in enumerate(docs_train)]
     rng.shuffle(corpus)
-    _write(out / "train.jsonl", docs_train + wiki_train)
-    _write(out / "dev.jsonl", docs_dev + wiki_dev)
-    _write(out / "corpus.jsonl", corpus)
-    _write(out / "lee_sts.jsonl", lee_sts())
+    write_jsonl(out / "train.jsonl", docs_train + wiki_train)
+    write_jsonl(out / "dev.jsonl", docs_dev + wiki_dev)
+    write_jsonl(out / "corpus.jsonl", corpus)
+    write_jsonl(out / "lee_sts.jsonl", lee_sts())
     # a small dev sample for choices that score several models (the merge's fallback): half per source
     sel = rng.sample(docs_dev, min(60, len(docs_dev))) + rng.sample(wiki_dev, min(60, len(wiki_dev)))
-    _write(out / "dev_select.jsonl", sel)
+    write_jsonl(out / "dev_select.jsonl", sel)
     stats = {"docstring_train": len(docs_train), "docstring_dev": len(docs_dev), "wiki_articles": len(articles),
              "wiki_train": len(wiki_train), "wiki_dev": len(wiki_dev), "corpus": len(corpus), "lee_sts_pairs": 1225,
              "dev_select": len(sel)}

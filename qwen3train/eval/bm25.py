@@ -9,9 +9,9 @@ same settings serve the Arabic collection). The run is scored exactly as the emb
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from qwen3train.data.jsonl import read_jsonl
 from qwen3train.eval.metrics import evaluate_run
 
 SETTINGS = {"method": "lucene", "k1": 1.5, "b": 0.75, "stopwords": "en", "stemmer": None}
@@ -53,7 +53,7 @@ def evaluate_collection_bm25(collection) -> dict:
 
 def evaluate_pairs_bm25(pairs_file: str | Path) -> dict:
     """Held-out pairs as ``eval.pairs`` scores them: each query against the pool of the file's positives."""
-    rows = [json.loads(x) for x in Path(pairs_file).read_text(encoding="utf-8").split("\n") if x.strip()]
+    rows = read_jsonl(pairs_file)
     docs = sorted({p for r in rows for p in r["pos"]})
     doc_id = {d: str(i) for i, d in enumerate(docs)}
     run = bm25_run([doc_id[d] for d in docs], docs, {str(i): r["query"] for i, r in enumerate(rows)})

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from qwen3train.data.jsonl import read_jsonl
 from qwen3train.eval.metrics import evaluate_run
 from qwen3train.eval.search import topk
 from qwen3train.text import DEFAULT_INSTRUCTION
@@ -17,7 +17,7 @@ def evaluate_pairs(model_dir: str | Path, pairs_file: str | Path, batch_size: in
                    encoder=None) -> dict[str, float]:
     from qwen3train.eval.encoder import Encoder
 
-    rows = [json.loads(x) for x in Path(pairs_file).read_text(encoding="utf-8").split("\n") if x.strip()]
+    rows = read_jsonl(pairs_file)
     docs = sorted({p for r in rows for p in r["pos"]})
     doc_id = {d: str(i) for i, d in enumerate(docs)}
     enc = encoder or Encoder(model_dir, max_length=256, batch_size=batch_size)

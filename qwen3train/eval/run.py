@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qwen3train.data.jsonl import read_jsonl
 from qwen3train.eval.encoder import Encoder
 
 
@@ -54,7 +55,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def evaluate_sts(encoder: Encoder, path: str | Path, instruction: str = "Retrieve semantically similar text") -> dict:
-    rows = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").split("\n") if x.strip()]
+    rows = read_jsonl(path)
     texts = sorted({r["text1"] for r in rows} | {r["text2"] for r in rows})  # each text once (Lee: 50, not 2,450)
     vec = encoder.encode_queries(texts, instruction)
     at = {t: i for i, t in enumerate(texts)}
