@@ -110,6 +110,10 @@ def lee_sts(folder: Path | None = None) -> list[dict]:
             for i in range(50) for j in range(i + 1, 50)]
 
 
+def _first(pos) -> str:
+    return pos if isinstance(pos, str) else pos[0]
+
+
 def build(out_dir: str | Path, demo_dir: str | Path = "outputs/data", seed: int = 0, dev_fraction: float = 0.1) -> dict:
     out, demo = Path(out_dir), Path(demo_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +124,12 @@ def build(out_dir: str | Path, demo_dir: str | Path = "outputs/data", seed: int 
     rng = random.Random(seed)
     # docstrings: the demo's training pairs, split into train and dev (its heldout.jsonl is evaluation)
     docs = read_jsonl(demo / "train_pairs.jsonl")
+    # a method's docstring can repeat in another class (connection_lost, close, ...): the same passage
+    # under another query would put a held-out evaluation passage into training, so drop those pairs
+    held = {_first(d["pos"]) for d in read_jsonl(demo / "heldout.jsonl")} if (demo / "heldout.jsonl").exists() else set()
+    n_docs = len(docs)
+    docs = [d for d in docs if _first(d["pos"]) not in held]
+    dropped_heldout = n_docs - len(docs)
     rng.shuffle(docs)
     n_dev = int(len(docs) * dev_fraction)
     docs_dev, docs_train = docs[:n_dev], docs[n_dev:]
@@ -151,7 +161,7 @@ def build(out_dir: str | Path, demo_dir: str | Path = "outputs/data", seed: int 
     # a small dev sample for choices that score several models (the merge's fallback): half per source
     sel = rng.sample(docs_dev, min(60, len(docs_dev))) + rng.sample(wiki_dev, min(60, len(wiki_dev)))
     write_jsonl(out / "dev_select.jsonl", sel)
-    stats = {"docstring_train": len(docs_train), "docstring_dev": len(docs_dev), "wiki_articles": len(articles),
+    stats = {"docstring_dropped_heldout_passage": dropped_heldout, "docstring_train": len(docs_train), "docstring_dev": len(docs_dev), "wiki_articles": len(articles),
              "wiki_train": len(wiki_train), "wiki_dev": len(wiki_dev), "corpus": len(corpus), "lee_sts_pairs": 1225,
              "dev_select": len(sel)}
     (out / "stats.json").write_text(json.dumps(stats, indent=2))

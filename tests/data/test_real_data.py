@@ -36,8 +36,13 @@ def test_build_splits_by_article_and_keeps_sources_apart(tmp_path):
     assert dev_articles and not dev_articles & {r["article"] for r in train if r.get("task") == "wiki"}
     assert not any(c["_id"].split("#")[0] in {f"wiki:{a}" for a in dev_articles} for c in corpus)
     assert not {r["query"] for r in dev if r.get("task") != "wiki"} & {r["query"] for r in train}
-    heldout = {json.loads(x)["query"] for x in (tmp_path / "demo" / "heldout.jsonl").read_text().split("\n") if x}
-    assert not heldout & {r["query"] for r in train + dev if r.get("task") != "wiki"}
+    held_rows = [json.loads(x) for x in (tmp_path / "demo" / "heldout.jsonl").read_text().split("\n") if x]
+    assert not {r["query"] for r in held_rows} & {r["query"] for r in train + dev if r.get("task") != "wiki"}
+    # nor is a held-out passage, under another query (the same docstring in two classes): 4 such pairs
+    # in the demo data were trained on before the filter
+    assert not {r["pos"][0] for r in held_rows} & {r["pos"][0] for r in train + dev + corpus if "pos" in r}
+    assert not any(c["text"].endswith(" " + r["pos"][0]) for c in corpus for r in held_rows)  # stage-0 corpus
+    assert stats["docstring_dropped_heldout_passage"] > 0
     assert stats["wiki_articles"] == 106 and stats["wiki_train"] > 1000
     lead = next(r for r in train if r["query"] == "Anarchism")
     assert lead["pos"][0].startswith("Anarchism is a political philosophy")  # markup stripped, lead chosen
