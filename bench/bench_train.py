@@ -63,7 +63,10 @@ def worker(impl: str, global_batch: int, micro: int, steps: int, model: str, dat
     from qwen3train.text import format_query
 
     if impl.startswith("ours"):
-        from qwen3train.data.sources import DataConfig, IndexedSource
+        from qwen3train.data.collate import EmbeddingCollator
+        from qwen3train.data.instructions import Instructions
+        from qwen3train.data.loader import Loader
+        from qwen3train.data.sources import IndexedSource
         from qwen3train.losses.infonce import InfoNCELoss
         from qwen3train.models.build import ModelConfig, build_embedder
         from qwen3train.train.engine import EngineConfig, TorchEngine
@@ -75,7 +78,10 @@ def worker(impl: str, global_batch: int, micro: int, steps: int, model: str, dat
         full = impl == "ours_paper_loss"
         loss = InfoNCELoss(0.05, fn_margin=0.1 if full else None, qq=full, dd=full, mask_identical_docs=full)
         source = IndexedSource([Path(data)])
-        task = EmbeddingTask(emb, loss, source, DataConfig(), "x", 0)
+        collate = EmbeddingCollator(emb.tok, Instructions(default="x"), k=0, seed=0, max_query_length=MAXLEN,
+                                    max_doc_length=MAXLEN)
+        loader = Loader(source, collate, global_batch=global_batch, seed=0)
+        task = EmbeddingTask(emb, loss, "x")
         gc = impl == "ours_gradcache"
         ecfg = EngineConfig(micro_batch_size=micro if gc else global_batch, global_batch_size=global_batch,
                             grad_cache=gc, grad_clip=0.0)
@@ -84,7 +90,7 @@ def worker(impl: str, global_batch: int, micro: int, steps: int, model: str, dat
 
         def step(i):
             items = [(k, 0) for k in range(i * global_batch, (i + 1) * global_batch)]
-            train_step(engine, task, task.prepare(items, 0), n_micro, gc)
+            train_step(engine, task, loader.collate_items(items, 0), n_micro, gc)
     else:
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.losses import (

@@ -58,8 +58,10 @@ def main() -> int:
         return wrapper
 
     # phases: patch the task and the engine classes the loop uses
+    from qwen3train.data import collate as collate_mod
+
+    collate_mod.EmbeddingCollator.__call__ = timed("prepare", collate_mod.EmbeddingCollator.__call__)
     cls = task_mod.EmbeddingTask
-    cls.prepare = timed("prepare", cls.prepare)
     cls.forward = timed("forward", cls.forward)
     cls.loss = timed("loss", cls.loss)
     from qwen3train.train import engine as engine_mod

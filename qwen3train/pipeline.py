@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from qwen3train.config import RunConfig, TrainConfig
+from qwen3train.train.config import RunConfig, TrainConfig
 from qwen3train.data.sources import DataConfig
 from qwen3train.eval.run import EvalConfig
 from qwen3train.merge.apply import MergeConfig
@@ -211,13 +211,17 @@ class Pipeline:
         s1_files = [str(o / "synth" / "pairs.jsonl")] + list(c.extra_stage1_data)
         s1 = self.train_cfg(c.stage1, "stage1", s1_files, None)
         self.stage("stage1", s1_files, [o / "stage1" / "final"], lambda: self.launch("stage1", s1, c.ngpu), s1)
+        # filter and mine format texts as stage 1 trained the embedder they use (one instruction rule)
         flt = replace(c.filter, inputs=[str(o / "synth" / "pairs.jsonl")], embedder=str(o / "stage1" / "final"),
-                      output_dir=str(o / "filter"))
+                      output_dir=str(o / "filter"), task_instructions=dict(c.stage1.data.task_instructions),
+                      default_instruction=c.model.default_instruction,
+                      symmetric_tasks=list(c.stage1.data.symmetric_tasks))
         self.stage("filter", flt.inputs + [flt.embedder], [o / "filter" / "kept.jsonl"],
                    lambda: self.launch("filter", flt, c.ngpu), flt)
         mine_in = [str(o / "filter" / "kept.jsonl")] + list(c.extra_stage2_data)
         mine = replace(c.mine, inputs=mine_in, embedder=str(o / "stage1" / "final"), output=str(o / "mine" / "mined.jsonl"),
-                       cache_dir=str(o / "cache"))
+                       cache_dir=str(o / "cache"), task_instructions=dict(c.stage1.data.task_instructions),
+                       default_instruction=c.model.default_instruction)
         self.stage("mine", mine_in + [mine.embedder], [o / "mine" / "mined.jsonl"], lambda: self.launch("mine", mine, c.ngpu), mine)
         s2 = self.train_cfg(c.stage2, "stage2", [mine.output], str(o / "stage1" / "final"))
         self.stage("stage2", [mine.output, o / "stage1" / "final"], [o / "stage2" / "final"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# record indexes of test data go to a folder of this session (subprocesses inherit it), not ~/.cache
+os.environ.setdefault("QWEN3TRAIN_INDEX_DIR", tempfile.mkdtemp(prefix="qwen3train-index-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # optional (evaluation and benchmarks); tests read FIXTURES

@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import REPO
-from qwen3train.config import TrainConfig
+from qwen3train.train.config import TrainConfig
 from qwen3train.losses.infonce import InfoNCEConfig
 
 PRIMARY = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))

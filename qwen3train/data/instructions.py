@@ -1,10 +1,18 @@
-"""Task -> instruction registry (Qwen3-style, spec §8; strings kept verbatim, typos included).
+"""Instructions: the one place that decides which instruction a text gets.
 
-Resolution order for a record: its own ``instruction`` > ``data.task_instructions[task]`` >
-this registry > ``model.default_instruction``. Symmetric tasks give documents the instruction too.
+Resolution order for a record (training, mining, filtering, evaluation and export all use
+``Instructions``): its own ``instruction`` (FlagEmbedding's ``prompt`` field is read as the same
+thing) > ``data.task_instructions[task]`` > the task registry below (Qwen3-style, spec §8; strings
+kept verbatim, typos included) > ``model.default_instruction``. A record without a task therefore
+trains with exactly the instruction that the export serves as its ``query`` prompt. Symmetric tasks
+give documents the instruction too.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qwen3train.text import DEFAULT_INSTRUCTION
 
 REGISTRY: dict[str, str] = {
     "msmarco": "Given a web search query, retrieve relevant passages that answer the query",
@@ -23,19 +31,46 @@ REGISTRY: dict[str, str] = {
     "sts": "Retrieve semantically similar text",
     "bitext": "Retrieve parallel sentences",
     "retrieval": "Given a query, retrieve the most relevant passage from the given passage",
-    "default": "Given a query, retrieve the most relevant passage from the given passage",
 }
+NO_TASK = "default"  # the task of a record that names none: resolves to the default instruction
 
 SYMMETRIC = {"sts", "bitext", "quora", "classification"}
 
 
 def resolve_instruction(task: str, record_instruction: str | None, overrides: dict[str, str],
-                        fallback: str) -> str:
+                        fallback: str = DEFAULT_INSTRUCTION) -> str:
     if record_instruction:
         return record_instruction
     if task in overrides:
         return overrides[task]
+    if task == NO_TASK:
+        return fallback
     return REGISTRY.get(task.lower(), fallback)
+
+
+@dataclass
+class Instructions:
+    """``data.task_instructions`` + registry + ``model.default_instruction``, applied one way everywhere."""
+
+    overrides: dict[str, str] = field(default_factory=dict)
+    default: str = DEFAULT_INSTRUCTION
+    symmetric_tasks: list[str] = field(default_factory=list)
+
+    def query(self, task: str, record_instruction: str | None = None) -> str:
+        return resolve_instruction(task, record_instruction, self.overrides, self.default)
+
+    def document(self, task: str, record_type: str | None, record_instruction: str | None = None) -> str | None:
+        """The instruction a document gets: the query's for symmetric tasks, none otherwise."""
+        if is_symmetric(task, record_type, self.symmetric_tasks):
+            return self.query(task, record_instruction)
+        return None
+
+    def of(self, rec) -> str:
+        return self.query(rec.task, rec.instruction)
+
+    def named(self, tasks) -> dict[str, str]:
+        """task -> instruction for the tasks seen in training (the export's named prompts)."""
+        return {t: self.query(t) for t in tasks if t != NO_TASK}
 
 
 def is_symmetric(task: str, record_type: str | None, symmetric_tasks: list[str]) -> bool:

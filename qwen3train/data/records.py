@@ -1,7 +1,8 @@
 """Typed training records and their validation.
 
 Schema (FlagEmbedding-compatible): ``{"query": str, "pos": [str, ...], "neg": [str, ...]?,
-"instruction": str?, "task": str?, "type": str?}``. Extra keys (scores, provenance) are ignored.
+"instruction": str?, "task": str?, "type": str?}``; FlagEmbedding's ``prompt`` is read as ``instruction``
+when that is absent. Extra keys (scores, provenance) are ignored.
 Every error names the file, the line (1-based) and the field.
 """
 
@@ -67,7 +68,7 @@ def parse_record(obj, where: str) -> Record:
     if not query.strip():
         raise DataError(where, "query", "is empty")
     return Record(query=query, pos=_str_list(obj, "pos", where, True), neg=_str_list(obj, "neg", where, False),
-                  instruction=_opt_str(obj, "instruction", where), task=_opt_str(obj, "task", where) or "default",
+                  instruction=_opt_str(obj, "instruction", where) or _opt_str(obj, "prompt", where), task=_opt_str(obj, "task", where) or "default",
                   type=_opt_str(obj, "type", where))
 
 

@@ -1,22 +1,47 @@
 """Indexed record sources: JSONL, Parquet and Hugging Face datasets saved to disk.
 
-A source scans its files once, validating every record, and keeps only a compact index (file,
-byte offset or row, task id, hashes of the positives): record texts stay on disk and are read back
-on demand, so a corpus larger than memory trains with memory bounded by the index (~30 bytes per
-record). Bad records raise a DataError naming file, line and field; with ``on_error="skip"`` they
-are counted by reason and written, with the raw line, to a rejects file.
+Each file is scanned and validated once into a shared on-disk index (``qwen3train.data.index``: byte
+offset or row, task id, hashes of the positives), memory-mapped by every rank: record texts stay on
+disk and are read back on demand, and the index sits once in the page cache whatever the number of
+ranks. Bad records raise a DataError naming file, line and field; with ``on_error="skip"`` they are
+counted by reason and written, with the raw line, to a rejects file (once, by rank 0).
 """
 
 from __future__ import annotations
 
-import json
 import os
-from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen3train.data.records import DataError, Record, parse_json_line, parse_record, text_hash
+import numpy as np
+
+from qwen3train.data import index
+from qwen3train.data.hf import DatasetRef
+from qwen3train.data.records import Record, parse_json_line, parse_record
+
+
+@dataclass
+class MixtureSource:
+    """One source of a mixture: its share of the global batches, and either ``files`` (as
+    ``train_files``) or a ``datasets`` source: ``dataset`` (a hub name, or a builder such as ``json``
+    / ``parquet`` with ``data_files``), ``dataset_config``, ``split``; ``streaming: true`` streams it
+    (corpora larger than the disk; ``task`` names its one task, ``shuffle_buffer`` its shuffling),
+    ``false`` loads it into the Arrow cache and indexes it like a file (``qwen3train.data.hf``)."""
+
+    files: list[str] = field(default_factory=list)
+    weight: float = 1.0
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "train"
+    data_files: list[str] | None = None
+    streaming: bool = False
+    task: str | None = None
+    shuffle_buffer: int = 10_000
+
+    def __post_init__(self) -> None:
+        if bool(self.files) == bool(self.dataset):
+            raise ValueError("a data.mixture source needs files or dataset (one of the two)")
 
 
 @dataclass
@@ -25,24 +50,33 @@ class DataConfig:
 
     train_files: JSONL (``.jsonl``/``.json``), Parquet (``.parquet``) files, or folders written by
         ``datasets.Dataset.save_to_disk``; globs allowed.
+    mixture: instead of ``train_files``, several sources with weights (``[{files: [...], weight: 3},
+        {files: [...], weight: 1}]``): each global batch comes from one source, drawn by weight
+        (``qwen3train.data.loader``); e.g. tasks or languages mixed at chosen rates.
     num_hard_negatives: K negatives per query (sampled from ``neg``; resampled with replacement when
         a record has fewer; a record with none is an error when K > 0).
     on_error: ``raise`` (default: stop at the first bad record, naming file:line and field) or
         ``skip`` (count, report, write to ``rejects_file``; default ``<run dir>/rejects.jsonl``).
     task_instructions: task -> instruction, over the built-in registry.
     symmetric_tasks: tasks whose documents get the instruction too (STS, bitext, ...).
+    index_dir: where the shared record indexes live (default ``$QWEN3TRAIN_CACHE/index``, i.e.
+        ``~/.cache/qwen3train/index``); on a cluster, a folder every node sees.
     """
 
     train_files: list[str] = field(default_factory=list)
+    mixture: list[MixtureSource] = field(default_factory=list)
     num_hard_negatives: int = 0
     on_error: str = "raise"
     rejects_file: str | None = None
     task_instructions: dict[str, str] = field(default_factory=dict)
     symmetric_tasks: list[str] = field(default_factory=list)
+    index_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.mixture and self.train_files:
+            raise ValueError("set data.train_files or data.mixture, not both")
         if self.num_hard_negatives < 0:
             raise ValueError("data.num_hard_negatives must be >= 0")
 
@@ -62,117 +96,92 @@ def expand_files(patterns: list[str]) -> list[Path]:
 
 
 class IndexedSource:
-    """Random access to validated records by index; see the module docstring."""
+    """Random access to validated records by global index, over the shared on-disk index of each file
+    (``qwen3train.data.index``: built once, memory-mapped by every rank and every restart)."""
 
     def __init__(self, paths: list[Path], *, num_hard_negatives: int = 0, on_error: str = "raise",
-                 rejects_path: str | os.PathLike | None = None) -> None:
-        self.paths = [Path(p) for p in paths]
+                 rejects_path: str | os.PathLike | None = None, index_dir: str | os.PathLike | None = None,
+                 unit_bytes: int = index.UNIT_BYTES) -> None:
+        from qwen3train import dist
+
+        self.paths = [p if isinstance(p, DatasetRef) else Path(p) for p in paths]
         self.k = num_hard_negatives
         self.on_error = on_error
-        self.rejects_path = Path(rejects_path) if rejects_path else None
-        self.file_idx = array("i")
-        self.offset = array("q")  # byte offset (JSONL) or row number (Arrow)
-        self.task_idx = array("i")
-        self.pos_hash = array("q")  # hashes of all positives, CSR by pos_ptr
-        self.pos_ptr = array("q", [0])
-        self.task_names: list[str] = []
+        self.files, self.index_stats = index.open_indexes(self.paths, require_neg=self.k > 0, on_error=on_error,
+                                                          index_dir=index_dir, unit_bytes=unit_bytes)
+        self.starts = np.cumsum([0] + [len(f) for f in self.files]).astype(np.int64)
+        names: dict[str, int] = {}  # global task ids, in order of first appearance
+        self._remap = [np.asarray([names.setdefault(t, len(names)) for t in f.tasks] or [0], dtype=np.int32)
+                       for f in self.files]
+        self.task_names: list[str] = list(names)
         self.rejected: Counter = Counter()
-        self._tasks: dict[str, int] = {}
+        for f in self.files:
+            self.rejected.update(f.rejected)
+        self.rejects_path = Path(rejects_path) if rejects_path else None
+        if self.rejected and self.rejects_path is not None and dist.is_main():  # one copy, by one rank
+            self.rejects_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.rejects_path, "wb") as out:
+                for f in self.files:
+                    if f.rejects is not None:
+                        out.write(f.rejects.read_bytes())
+        elif self.rejected and self.rejects_path is None:
+            self.rejects_path = next(f.rejects for f in self.files if f.rejects is not None)
+        self._task_idx: np.ndarray | None = None
         self._arrow: dict[int, object] = {}
         self._handles: dict[int, object] = {}
-        self._rejects = None
-        try:
-            for fi, path in enumerate(self.paths):
-                self._scan(fi, path)
-        finally:
-            if self._rejects is not None:
-                self._rejects.close()
 
-    # ---- scanning -----------------------------------------------------------------------------
-    @staticmethod
-    def kind(path: Path) -> str:
-        if path.is_dir():
-            return "hf_disk"
-        if path.suffix == ".parquet":
-            return "parquet"
-        return "jsonl"
+    kind = staticmethod(index.kind)
 
-    def _scan(self, fi: int, path: Path) -> None:
-        if self.kind(path) == "jsonl":
-            with open(path, "rb") as f:
-                pos, lineno = 0, 0
-                for line in f:  # splits on b"\n" only: texts may hold U+2028
-                    lineno += 1
-                    start, pos = pos, pos + len(line)
-                    if not line.strip():
-                        continue
-                    where = f"{path}:{lineno}"
-                    self._add(fi, start, where, lambda: parse_json_line(line, where), line)
-        else:
-            ds = self._arrow_ds(fi)
-            for row in range(len(ds)):
-                obj, where = ds[row], f"{path}:row {row + 1}"
-                self._add(fi, row, where, lambda: parse_record(obj, where), obj)
+    # ---- vectorised views (batch planning) -------------------------------------------------------
+    @property
+    def task_idx(self) -> np.ndarray:
+        """Global task id of every record (int32; built on first use, 4 bytes per record)."""
+        if self._task_idx is None:
+            self._task_idx = np.concatenate([r[np.asarray(f.task)] for r, f in zip(self._remap, self.files)]
+                                            or [np.zeros(0, np.int32)])
+        return self._task_idx
 
-    def _add(self, fi: int, off: int, where: str, parse, raw) -> None:
-        try:
-            rec = parse()
-            if self.k > 0 and not rec.neg:
-                raise DataError(where, "neg", f"no hard negatives, but data.num_hard_negatives={self.k}")
-        except DataError as e:
-            if self.on_error == "raise":
-                raise
-            self._reject(e, raw)
-            return
-        self.file_idx.append(fi)
-        self.offset.append(off)
-        if rec.task not in self._tasks:
-            self._tasks[rec.task] = len(self.task_names)
-            self.task_names.append(rec.task)
-        self.task_idx.append(self._tasks[rec.task])
-        for p in rec.pos:
-            self.pos_hash.append(text_hash(p))
-        self.pos_ptr.append(len(self.pos_hash))
+    def num_pos_of(self, idx: np.ndarray) -> np.ndarray:
+        fi, loc = self._locate(idx)
+        out = np.empty(len(idx), dtype=np.int64)
+        for k, f in enumerate(self.files):
+            m = fi == k
+            if m.any():
+                out[m] = f.pos_ptr[loc[m] + 1] - f.pos_ptr[loc[m]]
+        return out
 
-    def _reject(self, err: DataError, raw) -> None:
-        self.rejected[f"{err.field}: {err.reason}"] += 1
-        if self.rejects_path is None:
-            return
-        if self._rejects is None:
-            self.rejects_path.parent.mkdir(parents=True, exist_ok=True)
-            self._rejects = open(self.rejects_path, "w", encoding="utf-8")
-        if isinstance(raw, bytes):
-            raw = raw.decode("utf-8", errors="replace").rstrip("\n")
-        self._rejects.write(json.dumps({"where": err.where, "field": err.field, "error": err.reason,
-                                        "raw": raw}, ensure_ascii=False, default=str) + "\n")
+    def positive_hashes(self, idx: np.ndarray, j: np.ndarray) -> np.ndarray:
+        fi, loc = self._locate(idx)
+        out = np.empty(len(idx), dtype=np.int64)
+        for k, f in enumerate(self.files):
+            m = fi == k
+            if m.any():
+                out[m] = f.pos_hash[f.pos_ptr[loc[m]] + j[m]]
+        return out
 
-    def _arrow_ds(self, fi: int):
-        if fi not in self._arrow:
-            import datasets
-
-            path = self.paths[fi]
-            if self.kind(path) == "hf_disk":
-                ds = datasets.load_from_disk(str(path))
-            else:
-                ds = datasets.Dataset.from_parquet(str(path))
-            self._arrow[fi] = ds
-        return self._arrow[fi]
+    def _locate(self, idx):
+        idx = np.asarray(idx, dtype=np.int64)
+        fi = np.searchsorted(self.starts, idx, side="right") - 1
+        return fi, idx - self.starts[fi]
 
     # ---- access -------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.offset)
+        return int(self.starts[-1])
 
     def num_pos(self, i: int) -> int:
-        return self.pos_ptr[i + 1] - self.pos_ptr[i]
+        return int(self.num_pos_of(np.asarray([i]))[0])
 
     def positive_hash(self, i: int, j: int) -> int:
-        return self.pos_hash[self.pos_ptr[i] + j]
+        return int(self.positive_hashes(np.asarray([i]), np.asarray([j]))[0])
 
     def __getitem__(self, i: int) -> Record:
-        fi, off = self.file_idx[i], self.offset[i]
+        fi, loc = self._locate(np.asarray([i]))
+        fi, off = int(fi[0]), int(self.files[int(fi[0])].offset[int(loc[0])])
         path = self.paths[fi]
         if self.kind(path) != "jsonl":
-            return parse_record(self._arrow_ds(fi)[off], f"{path}:row {off + 1}")
+            if fi not in self._arrow:
+                self._arrow[fi] = index._arrow(path)
+            return parse_record(self._arrow[fi][off], f"{path}:row {off + 1}")
         if fi not in self._handles:
             self._handles[fi] = open(path, "rb")
         h = self._handles[fi]
@@ -182,4 +191,5 @@ class IndexedSource:
     def summary(self) -> dict:
         return {"records": len(self), "files": [str(p) for p in self.paths], "tasks": self.task_names,
                 "rejected": sum(self.rejected.values()), "rejected_by_reason": dict(self.rejected),
-                "rejects_file": str(self.rejects_path) if self.rejected and self.rejects_path else None}
+                "rejects_file": str(self.rejects_path) if self.rejected and self.rejects_path else None,
+                "index": {**self.index_stats, "folders": [str(f.folder) for f in self.files]}}

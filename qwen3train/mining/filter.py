@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from qwen3train import dist
-from qwen3train.data.instructions import resolve_instruction
+from qwen3train.data.instructions import Instructions
 from qwen3train.data.sources import IndexedSource, expand_files
 from qwen3train.eval.encoder import Encoder
 from qwen3train.mining.store import join_parts
@@ -39,13 +39,18 @@ class FilterConfig:
     seed: int = 0
     precision: str = "auto"  # auto | float32 | bfloat16 | float16
     block: int = 16384  # pairs scored and written at a time
+    # the instructions training uses (data.instructions.Instructions; the pipeline passes stage 2's)
+    task_instructions: dict[str, str] = field(default_factory=dict)
+    default_instruction: str = DEFAULT_INSTRUCTION
+    symmetric_tasks: list[str] = field(default_factory=list)
 
 
-def score_pairs(encoder: Encoder, records) -> torch.Tensor:
-    """Cosine of each record's query (with its instruction) and first positive."""
+def score_pairs(encoder: Encoder, records, instructions: Instructions | None = None) -> torch.Tensor:
+    """Cosine of each record's query and first positive, each formatted as training formats them."""
+    instructions = instructions or Instructions()
     by_instr: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
-        by_instr[resolve_instruction(r.task, r.instruction, {}, DEFAULT_INSTRUCTION)].append(i)
+        by_instr[instructions.of(r)].append(i)
     parts = {}
     for instr, ids in by_instr.items():
         parts[instr] = (ids, encoder.encode_queries([records[i].query for i in ids], instr))
@@ -53,7 +58,12 @@ def score_pairs(encoder: Encoder, records) -> torch.Tensor:
     q = torch.empty((len(records), dim))
     for ids, vec in parts.values():
         q[ids] = vec
-    d = encoder.encode_docs([r.pos[0] for r in records])
+    d = torch.empty_like(q)
+    by_doc: dict[str | None, list[int]] = defaultdict(list)  # symmetric tasks: documents get it too
+    for i, r in enumerate(records):
+        by_doc[instructions.document(r.task, r.type, r.instruction)].append(i)
+    for instr, ids in by_doc.items():
+        d[ids] = encoder.encode_docs([records[i].pos[0] for i in ids], instr)
     return (q * d).sum(dim=1)
 
 
@@ -71,12 +81,13 @@ def run_filter(cfg: FilterConfig) -> dict:
         idx = sorted(np.random.default_rng(cfg.seed).choice(len(idx), cfg.sample, replace=False).tolist())
     mine = idx[rank * len(idx) // world:(rank + 1) * len(idx) // world]
     encoder = Encoder(cfg.embedder, max_length=cfg.max_length, batch_size=cfg.batch_size, precision=cfg.precision)
+    instructions = Instructions(cfg.task_instructions, cfg.default_instruction, cfg.symmetric_tasks)
     part = {name: out / f".{name}.rank{rank}.tmp" for name in ("kept", "dropped", "scores")}
     blocks = []
     with open(part["kept"], "w", encoding="utf-8") as fk, open(part["dropped"], "w", encoding="utf-8") as fd:
         for b in range(0, len(mine), cfg.block):
             records = [source[i] for i in mine[b:b + cfg.block]]
-            block_scores = score_pairs(encoder, records)
+            block_scores = score_pairs(encoder, records, instructions)
             blocks.append(block_scores.numpy())
             for r, s in zip(records, block_scores.tolist()):
                 row = {"query": r.query, "pos": r.pos, "neg": r.neg, "task": r.task, "instruction": r.instruction,

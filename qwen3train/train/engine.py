@@ -2,11 +2,13 @@
 
 This is the only module that imports deepspeed, and only when ``engine.backend=deepspeed``.
 
-Both engines expose the same small surface used by the loop:
-  ``forward(**batch)``, ``micro(last)`` (context for one forward+backward), ``backward(loss)``,
-  ``step() -> grad norm``, ``save(dir)`` / ``load(dir, saved_world)``, ``full_state_dict()`` (rank 0), ``module``.
-The loop calls ``backward`` once per micro-step (or per GradCache chunk) and ``step`` once per
-optimizer step. Gradients from several backward calls add up; the loop scales the losses.
+Both engines implement ``Engine`` (below), the surface the loop uses: ``forward(**batch)``;
+``micro(last)``, the context of one micro-step (forward + backward; ``last`` marks the accumulation
+boundary); ``backward(loss)``, which only back-propagates; ``step() -> grad norm``, the one optimizer
+step per global batch; ``save(dir)`` / ``load(dir, saved_world)``; ``full_state_dict()`` (rank 0);
+``module``. The loop calls ``backward`` once per micro-step (or per GradCache chunk), each inside its
+``micro`` context, and ``step`` once per global batch. Gradients from several backward calls add up;
+the loop scales the losses.
 
 Precision is one rule for both engines (``qwen3train.precision``): float32 trainable weights and
 optimizer state, bf16 compute through autocast when the run's precision is bf16. The torch engine
@@ -22,6 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ContextManager, Protocol
 
 import torch
 from torch import nn
@@ -93,6 +96,27 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", dist.local_rank())
     return torch.device("cpu")
+
+
+class Engine(Protocol):
+    @property
+    def module(self) -> nn.Module: ...
+
+    def forward(self, **batch) -> Any: ...
+
+    def micro(self, last: bool) -> ContextManager: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float: ...
+
+    def lr(self) -> float: ...
+
+    def save(self, path: Path) -> None: ...
+
+    def load(self, path: Path, saved_world: int | None = None) -> None: ...
+
+    def full_state_dict(self) -> dict | None: ...
 
 
 class TorchEngine:
@@ -300,14 +324,23 @@ class DeepSpeedEngine:
     def forward(self, **batch):
         return self.engine(**batch)  # DeepSpeed applies the torch_autocast section here
 
+    @contextlib.contextmanager
     def micro(self, last: bool):
-        return contextlib.nullcontext()
+        """DeepSpeed tells the accumulation boundary by counting micro-steps, and counts them in its
+        ``step()``; so a micro-step that is not the last ends with that call, which before the boundary
+        only advances the counter (no reduction, no optimizer step). The boundary's call is ``step``."""
+        yield
+        if not last:
+            self.engine.step()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
-        self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
 
     def step(self) -> float:
+        """The optimizer step at the accumulation boundary (reduce, clip, update, schedule)."""
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeedEngine.step() called before the last micro-step of the batch")
+        self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

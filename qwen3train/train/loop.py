@@ -6,6 +6,7 @@ hyper-parameters, not code.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -16,7 +17,6 @@ import numpy as np
 import torch
 
 from qwen3train import dist
-from qwen3train.data.batching import plan_epoch
 from qwen3train.precision import resolve_train_precision
 from qwen3train.train import checkpoint, identity
 from qwen3train.train.checkpoint import TrainState
@@ -69,18 +69,14 @@ def run(cfg, hooks=None) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     world = dist.world_size()
     n_micro = cfg.engine.micro_steps(world)
-    local = cfg.engine.local_batch(world)
 
     precision = resolve_train_precision(cfg.engine.precision, cfg.model.dtype)
     print0(f"compute precision {precision} (engine.precision={cfg.engine.precision}, model.dtype={cfg.model.dtype}); "
            f"trainable weights and optimizer state float32, exports {cfg.model.dtype}")
-    task = build_task(cfg, run_dir, precision)
-    source = task.source
-    steps_per_epoch = len(plan_epoch(source, cfg.engine.global_batch_size, cfg.run.seed, 0)[0])
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(source)} usable records make no global batch of {cfg.engine.global_batch_size} "
-                         f"(single-task batches, duplicates deferred): lower engine.global_batch_size")
-    total = cfg.run.max_steps if cfg.run.max_steps > 0 else cfg.run.epochs * steps_per_epoch
+    task, batches = build_task(cfg, run_dir, precision)
+    sources = [s.source for s in batches.streams]
+    batches.check()  # an indexed source that makes no global batch is an error now, not mid-run
+    total = cfg.run.max_steps if cfg.run.max_steps > 0 else cfg.run.epochs * batches.steps_per_epoch()
     engine = build_engine(task.module, cfg.engine, cfg.optim, total, precision)
 
     state = TrainState()
@@ -89,31 +85,27 @@ def run(cfg, hooks=None) -> Path:
         identity.check_resume(run_dir, cfg, cfg.run.resume)
         state = checkpoint.load(last, engine)
         print0(f"resumed from {last} (step {state.step})")
+    batches.seek({"step": state.step, "cursors": state.cursors, "epoch": state.epoch,
+                  "batch_in_epoch": state.batch_in_epoch})
     if dist.is_main():
         write_resolved_config(cfg, run_dir / "config.yaml")
         (run_dir / "run_meta.json").write_text(json.dumps(identity.meta(cfg), indent=2))
         if getattr(engine, "ds_config", None) is not None:  # what DeepSpeed ran with (derived + the user's file)
             (run_dir / "deepspeed_config.json").write_text(json.dumps(engine.ds_config, indent=2))
-        (run_dir / "data_summary.json").write_text(json.dumps(source.summary(), indent=2))
-        if source.rejected:
-            print0(f"skipped {sum(source.rejected.values())} bad records: {dict(source.rejected)} "
-                   f"(kept in {source.rejects_path})")
+        summary = [{**s.source.summary(), "weight": s.weight, "plan": s.stats} for s in batches.streams]
+        (run_dir / "data_summary.json").write_text(json.dumps(summary[0] if len(summary) == 1 else summary, indent=2))
+        for source in sources:
+            if source.rejected:
+                print0(f"skipped {sum(source.rejected.values())} bad records: {dict(source.rejected)} "
+                       f"(kept in {source.rejects_path})")
     tel = Telemetry(run_dir, total, state.step, use_wandb=cfg.run.wandb, project=cfg.run.wandb_project,
                     run_name=cfg.run.name, config=asdict(cfg), flops_per_token=flops_per_token(task.module),
                     config_hash=identity.config_hash(cfg))
-    plan, plan_epoch_no = None, -1
     try:
-        while state.step < total:
-            if plan_epoch_no != state.epoch:
-                plan, plan_epoch_no = plan_epoch(source, cfg.engine.global_batch_size, cfg.run.seed, state.epoch)[0], state.epoch
-            if state.batch_in_epoch >= len(plan):
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                continue
-            items = plan[state.batch_in_epoch][dist.rank() * local:(dist.rank() + 1) * local]
-            batch = task.prepare(items, state.epoch)
+        for batch in itertools.islice(batches, max(0, total - state.step)):  # this rank's share, in plan order
             loss, stats, grad_norm = train_step(engine, task, batch, n_micro, cfg.engine.grad_cache)
             state.step += 1
-            state.batch_in_epoch += 1
+            state.epoch, state.batch_in_epoch = batches.epoch, batches.position
             state.samples += cfg.engine.global_batch_size
             state.world_size = world
             keys = sorted(stats)  # one collective for everything logged (dist.py puts it on the right device)
@@ -128,10 +120,12 @@ def run(cfg, hooks=None) -> Path:
                        **dict(zip(keys, stat_vals))}
             tel.log(state.step, metrics, cfg.engine.global_batch_size, int(tokens))
             if cfg.run.save_every > 0 and state.step % cfg.run.save_every == 0 and state.step < total:
+                state.cursors = batches.state()["cursors"]  # collective with streamed sources: all ranks
                 checkpoint.save(run_dir, state, engine, task, export_model=cfg.run.export_checkpoints,
                                 keep_last=cfg.run.keep_last, keep_every=cfg.run.keep_every)
             if hooks is not None:
                 hooks(state.step)
+        state.cursors = batches.state()["cursors"]
         checkpoint.save(run_dir, state, engine, task, export_model=True, keep_last=cfg.run.keep_last,
                         keep_every=cfg.run.keep_every)
         if dist.is_main():

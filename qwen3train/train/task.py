@@ -1,88 +1,49 @@
-"""The embedding task: records -> token ids -> (q, pos, neg) representations -> InfoNCE.
+"""Tasks: the model, its forward pass, its loss and its export; the loop is the same for every stage.
 
-A task owns the model and the loss and exposes what the loop needs, so the loop is the same for
-every stage (and for the reranker's task):
-  ``prepare(items, epoch) -> batch``; ``split(batch, n)``; ``forward(engine, batch) -> reps``;
-  ``join([reps, ...]) -> reps``; ``loss(reps, batch) -> (loss, stats)``; ``export(dir, state_dict)``.
+A task is what the loop needs besides the batches (``data.loader.Loader`` owns the data path and
+``data.collate`` the formatting and tokens):
+  ``split(batch, n)``; ``forward(engine, batch) -> reps``; ``join([reps, ...]) -> reps``;
+  ``loss(reps, batch) -> (loss, stats)``; ``export(dir, state_dict)``; ``module``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 
-from qwen3train.data.instructions import is_symmetric, resolve_instruction
-from qwen3train.data.records import text_hash
-from qwen3train.data.sources import DataConfig, IndexedSource
-from qwen3train.text import format_query
+from qwen3train.data.collate import EmbeddingBatch
 
 
-@dataclass
-class EmbeddingBatch:
-    """Token ids per row: one query, one positive, K negatives; text hashes for the identical rule."""
-
-    q: list[list[int]]
-    pos: list[list[int]]
-    neg: list[list[list[int]]]  # [b][K]
-    pos_hash: torch.Tensor  # [b] int64
-    neg_hash: torch.Tensor  # [b, K] int64
-
-    def __len__(self) -> int:
-        return len(self.q)
-
+class Task(Protocol):
     @property
-    def num_tokens(self) -> int:
-        return sum(map(len, self.q)) + sum(map(len, self.pos)) + sum(len(n) for row in self.neg for n in row)
+    def module(self) -> torch.nn.Module: ...
 
-    def rows(self, sl: slice) -> "EmbeddingBatch":
-        return EmbeddingBatch(self.q[sl], self.pos[sl], self.neg[sl], self.pos_hash[sl], self.neg_hash[sl])
+    def split(self, batch: Any, n: int) -> list[Any]: ...
+
+    def forward(self, engine: Any, batch: Any) -> Any: ...
+
+    def join(self, parts: list[Any]) -> Any: ...
+
+    def loss(self, reps: Any, batch: Any) -> tuple[torch.Tensor, dict]: ...
+
+    def export(self, out_dir: Any, state_dict: dict | None = None) -> Any: ...
 
 
 class EmbeddingTask:
-    def __init__(self, embedder, loss_fn, source: IndexedSource, data: DataConfig, default_instruction: str,
-                 seed: int) -> None:
+    """Embedder + InfoNCE. ``instruction``: the export's ``query`` prompt (``model.default_instruction``,
+    which task-less records also train with); ``prompts``: task -> instruction of the tasks trained on,
+    exported as named prompts."""
+
+    def __init__(self, embedder, loss_fn, instruction: str, prompts: dict[str, str] | None = None) -> None:
         self.embedder = embedder
         self.loss_fn = loss_fn
-        self.source = source
-        self.data = data
-        self.k = data.num_hard_negatives
-        self.default_instruction = default_instruction
-        self.seed = seed
+        self.instruction = instruction
+        self.prompts = dict(prompts or {})
 
     @property
     def module(self):
         return self.embedder
-
-    def prepare(self, items: list[tuple[int, int]], epoch: int) -> EmbeddingBatch:
-        """Read this rank's records; sample K negatives per record with a per-(epoch, record) seed."""
-        queries, pos, negs, q_instr, d_instr = [], [], [], [], []
-        for idx, j in items:
-            rec = self.source[idx]
-            instr = resolve_instruction(rec.task, rec.instruction, self.data.task_instructions,
-                                        self.default_instruction)
-            queries.append(rec.query)
-            q_instr.append(instr)
-            d_instr.append(instr if is_symmetric(rec.task, rec.type, self.data.symmetric_tasks) else None)
-            pos.append(rec.pos[j])
-            if self.k:
-                rng = np.random.default_rng([self.seed, epoch, idx])
-                pick = rng.choice(len(rec.neg), size=self.k, replace=len(rec.neg) < self.k)
-                negs.append([rec.neg[int(t)] for t in pick])
-            else:
-                negs.append([])
-        emb, tok = self.embedder, self.embedder.tok
-        q_ids = tok.token_ids([format_query(q, i, emb.query_template) for q, i in zip(queries, q_instr)],
-                              emb.max_query_length)
-        docs = [format_query(d, i, emb.query_template) for d, i in zip(pos, d_instr)]
-        docs += [format_query(n, i, emb.query_template) for row, i in zip(negs, d_instr) for n in row]
-        d_ids = tok.token_ids(docs, emb.max_doc_length)
-        b = len(items)
-        neg_ids = [d_ids[b + r * self.k: b + (r + 1) * self.k] for r in range(b)]
-        pos_hash = torch.tensor([text_hash(p) for p in pos], dtype=torch.long)
-        neg_hash = torch.tensor([[text_hash(n) for n in row] for row in negs], dtype=torch.long).view(b, self.k)
-        return EmbeddingBatch(q_ids, d_ids[:b], neg_ids, pos_hash, neg_hash)
 
     @staticmethod
     def split(batch: EmbeddingBatch, n: int) -> list[EmbeddingBatch]:
@@ -98,8 +59,8 @@ class EmbeddingTask:
         q, d = engine.forward(input_ids=q_in["input_ids"].to(dev), attention_mask=q_in["attention_mask"].to(dev),
                               doc_input_ids=d_in["input_ids"].to(dev),
                               doc_attention_mask=d_in["attention_mask"].to(dev))
-        b = len(batch)
-        neg = d[b:].view(b, self.k, -1) if self.k else None
+        b, k = len(batch), len(batch.neg[0]) if len(batch) else 0
+        neg = d[b:].view(b, k, -1) if k else None
         return q, d[:b], neg
 
     @staticmethod
@@ -112,13 +73,13 @@ class EmbeddingTask:
     def loss(self, reps, batch: EmbeddingBatch):
         q, pos, neg = reps
         dev = q.device
-        return self.loss_fn(q, pos, neg, batch.pos_hash.to(dev), batch.neg_hash.to(dev) if self.k else None)
+        return self.loss_fn(q, pos, neg, batch.pos_hash.to(dev), batch.neg_hash.to(dev) if neg is not None else None)
 
-    def export(self, out_dir, state_dict=None, instruction: str | None = None):
+    def export(self, out_dir, state_dict=None):
         from qwen3train.models.export import export_embedder
 
         if state_dict is not None:  # consolidated ZeRO-3 weights of the Embedder; keep the backbone's
             state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
-        return export_embedder(self.embedder, out_dir, instruction=instruction or self.default_instruction,
+        return export_embedder(self.embedder, out_dir, instruction=self.instruction, prompts=self.prompts,
                                state_dict=state_dict)
 

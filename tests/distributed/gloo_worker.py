@@ -18,12 +18,12 @@ from helpers import rerank_cfg, train_cfg  # noqa: E402
 def main(tests_dir, model_dir, data_file, out_file):
     dist.init()
     cfg = train_cfg(model_dir, data_file, out_file + ".run", k=2, global_batch=8, micro=2)
-    task = build_task(cfg, cfg.run.output_dir)
+    task, loader = build_task(cfg, cfg.run.output_dir)
     engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
     r, w = dist.rank(), dist.world_size()
     local = 8 // w
     items = [(i, 0) for i in range(8)][r * local:(r + 1) * local]
-    batch = task.prepare(items, epoch=0)
+    batch = loader.collate_items(items, 0)
     result = {}
     # plain: the whole local batch in one micro step (negatives = the 8 gathered rows)
     engine.optimizer.zero_grad()
@@ -39,9 +39,9 @@ def main(tests_dir, model_dir, data_file, out_file):
                            {n: p.grad.clone() for n, p in engine.module.named_parameters()})
     # reranker (sft loss, groups of 4): 2 queries per rank
     rcfg = rerank_cfg(model_dir, data_file, out_file + ".rr", global_batch=4, micro=2)
-    rtask = build_task(rcfg, rcfg.run.output_dir)
+    rtask, rloader = build_task(rcfg, rcfg.run.output_dir)
     rengine = TorchEngine(rtask.module, rcfg.engine, rcfg.optim, 10)
-    rbatch = rtask.prepare([(i, 0) for i in range(4)][r * 2:(r + 1) * 2], epoch=0)
+    rbatch = rloader.collate_items([(i, 0) for i in range(4)][r * 2:(r + 1) * 2], 0)
     rengine.optimizer.zero_grad()
     with rengine.micro(last=True):
         loss, _ = rtask.loss(rtask.forward(rengine, rbatch), rbatch)

@@ -30,9 +30,9 @@ def test_two_process_gloo_equals_one_process(tiny_model_dir, tmp_path):
     two = torch.load(out, weights_only=False)
 
     cfg = train_cfg(tiny_model_dir, data, tmp_path / "run1", k=2, global_batch=8, micro=8)
-    task = build_task(cfg, tmp_path / "run1")
+    task, loader = build_task(cfg, tmp_path / "run1")
     engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
-    batch = task.prepare([(i, 0) for i in range(8)], epoch=0)
+    batch = loader.collate_items([(i, 0) for i in range(8)], 0)
     loss, _ = task.loss(task.forward(engine, batch), batch)
     loss.backward()
     ref = {n: p.grad for n, p in engine.module.named_parameters()}
@@ -44,9 +44,9 @@ def test_two_process_gloo_equals_one_process(tiny_model_dir, tmp_path):
 
     # reranker: one process on the 4 queries == 2 processes with 2 each (DDP averages the gradients)
     rcfg = rerank_cfg(tiny_model_dir, data, tmp_path / "rr1", global_batch=4, micro=4)
-    rtask = build_task(rcfg, tmp_path / "rr1")
+    rtask, rloader = build_task(rcfg, tmp_path / "rr1")
     rengine = TorchEngine(rtask.module, rcfg.engine, rcfg.optim, 10)
-    rbatch = rtask.prepare([(i, 0) for i in range(4)], epoch=0)
+    rbatch = rloader.collate_items([(i, 0) for i in range(4)], 0)
     rloss, _ = rtask.loss(rtask.forward(rengine, rbatch), rbatch)
     rloss.backward()
     loss2, grads2 = two["rerank"]
@@ -89,3 +89,11 @@ def test_torch_engine_resumes_on_another_process_count(tiny_model_dir, tmp_path)
 
     wa, wb = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(tmp_path / "b" / "final" / "model.safetensors")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-4
+
+    # 2 processes resuming 2 processes, from the record index the first run built (no rank scans again)
+    cli(tmp_path / "c", 2, 2)
+    got = cli(tmp_path / "c", 4, 2, "run.resume=force")
+    for a, b in zip(ref, got):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a["step"], a["loss"], b["loss"])
+    summary = json.loads((tmp_path / "c" / "data_summary.json").read_text())
+    assert summary["index"]["built"] == [] and summary["records"] == 64

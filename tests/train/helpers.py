@@ -21,7 +21,7 @@ def make_pairs(path: Path, n: int = 48, k: int = 2, tasks=("alpha",)) -> Path:
 
 def train_cfg(model_dir, data_file, out_dir, **over):
     """A TrainConfig for the tiny model (typed objects, as the CLI would produce)."""
-    from qwen3train.config import RunConfig, TrainConfig
+    from qwen3train.train.config import RunConfig, TrainConfig
     from qwen3train.data.sources import DataConfig
     from qwen3train.losses.infonce import InfoNCEConfig
     from qwen3train.models.build import ModelConfig

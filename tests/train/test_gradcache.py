@@ -17,10 +17,10 @@ def grads_of(engine):
 @pytest.mark.parametrize("k", [0, 2])
 def test_gradcache_equals_uncached(tiny_model_dir, tmp_path, k):
     cfg = train_cfg(tiny_model_dir, make_pairs(tmp_path / "d.jsonl", k=max(k, 1)), tmp_path / "run", k=k)
-    task = build_task(cfg, tmp_path / "run")
+    task, loader = build_task(cfg, tmp_path / "run")
     engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
     items = [(i, 0) for i in range(8)]
-    batch = task.prepare(items, epoch=0)
+    batch = loader.collate_items(items, 0)
 
     engine.optimizer.zero_grad()
     loss_ref, stats_ref = task.loss(task.forward(engine, batch), batch)

@@ -20,11 +20,30 @@ class Crash(Exception):
     pass
 
 
-def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
-    data = make_pairs(tmp_path / "d.jsonl", n=48, k=2)
-    full = run(train_cfg(tiny_model_dir, data, tmp_path / "a", max_steps=8, save_every=2, keep_last=10))
+def _cfg(tiny_model_dir, tmp_path, out, mixture):
+    from qwen3train.data.sources import MixtureSource
 
-    cfg = train_cfg(tiny_model_dir, data, tmp_path / "b", max_steps=8, save_every=2, keep_last=10)
+    if not mixture:
+        return train_cfg(tiny_model_dir, make_pairs(tmp_path / "d.jsonl", n=48, k=2), out, max_steps=8, save_every=2,
+                         keep_last=10)
+    a = make_pairs(tmp_path / "a.jsonl", n=24, k=2, tasks=("alpha",))
+    b = make_pairs(tmp_path / "b.jsonl", n=24, k=2, tasks=("beta",))
+    cfg = train_cfg(tiny_model_dir, a, out, max_steps=8, save_every=2, keep_last=10)
+    cfg.data.train_files = []
+    first = MixtureSource([str(a)], 2.0)
+    if mixture == "streaming":  # the first source read through `datasets` streaming instead
+        first = MixtureSource(weight=2.0, dataset="json", data_files=[str(a)], streaming=True, shuffle_buffer=8)
+    cfg.data.mixture = [first, MixtureSource([str(b)], 1.0)]
+    return cfg
+
+
+@pytest.mark.parametrize("mixture", [False, "mixture", "streaming"])
+def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, mixture):
+    """With a mixture, each source's cursor and the step's draw resume too (3 batches per source per
+    epoch: 8 steps cross epochs); a streamed source resumes at the same row of its shuffled stream."""
+    full = run(_cfg(tiny_model_dir, tmp_path, tmp_path / "a", mixture))
+
+    cfg = _cfg(tiny_model_dir, tmp_path, tmp_path / "b", mixture)
 
     def crash(step):
         if step == 5:

@@ -34,10 +34,10 @@ def test_gradient_checkpointing_same_gradients(tiny_model_dir, tmp_path):
     for ckpt in (False, True):
         cfg = train_cfg(tiny_model_dir, data, tmp_path / f"r{ckpt}")
         cfg.model.gradient_checkpointing = ckpt
-        task = build_task(cfg, tmp_path / f"r{ckpt}")
+        task, loader = build_task(cfg, tmp_path / f"r{ckpt}")
         task.module.train()
         engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
-        batch = task.prepare([(i, 0) for i in range(8)], 0)
+        batch = loader.collate_items([(i, 0) for i in range(8)], 0)
         loss, _ = task.loss(task.forward(engine, batch), batch)
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in task.module.named_parameters()})

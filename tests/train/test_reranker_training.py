@@ -56,14 +56,14 @@ def rerank_cfg(tiny_model_dir, tmp_path, objective="sft", **kw):
 
 def test_training_score_equals_score(tiny_model_dir, tmp_path):
     cfg = rerank_cfg(tiny_model_dir, tmp_path)
-    task = build_task(cfg, tmp_path / "r")
+    task, loader = build_task(cfg, tmp_path / "r")
     engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
     items = [(i, 0) for i in range(2)]
-    batch = task.prepare(items, epoch=0)
+    batch = loader.collate_items(items, 0)
     with torch.no_grad():
         z = task.forward(engine, batch)  # [2, 4, 3]
     train_scores = torch.sigmoid(z[..., 1] - z[..., 0]).reshape(-1)
-    rec = [task.source[i] for i, _ in items]
+    rec = [loader.source[i] for i, _ in items]
     inference = []
     for r in rec:
         rng = np.random.default_rng([cfg.run.seed, 0, rec.index(r)])

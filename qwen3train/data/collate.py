@@ -1,0 +1,110 @@
+"""Collators: records -> formatted, tokenized batches. The tokenizer is their argument; the model is not.
+
+One collator per task kind (embedding: query / positive / K negatives; reranker: groups of one
+positive and K negatives), sharing the one negative sampler and the one instruction resolver
+(``data.instructions.Instructions``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from qwen3train.data.instructions import Instructions
+from qwen3train.data.records import Record, text_hash
+from qwen3train.text import DEFAULT_QUERY_TEMPLATE, format_query
+
+Row = tuple[int, Record, int]  # (record index, record, which positive)
+
+
+def sample_negatives(rec: Record, k: int, seed: int, epoch: int, idx: int) -> list[str]:
+    """K of the record's negatives, fixed by (seed, epoch, record): the same on every rank and resume;
+    drawn with replacement only when the record has fewer than K."""
+    if k == 0:
+        return []
+    rng = np.random.default_rng([seed, epoch, idx])
+    pick = rng.choice(len(rec.neg), size=k, replace=len(rec.neg) < k)
+    return [rec.neg[int(t)] for t in pick]
+
+
+@dataclass
+class EmbeddingBatch:
+    """Token ids per row: one query, one positive, K negatives; text hashes for the identical rule."""
+
+    q: list[list[int]]
+    pos: list[list[int]]
+    neg: list[list[list[int]]]  # [b][K]
+    pos_hash: torch.Tensor  # [b] int64
+    neg_hash: torch.Tensor  # [b, K] int64
+
+    def __len__(self) -> int:
+        return len(self.q)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(map(len, self.q)) + sum(map(len, self.pos)) + sum(len(n) for row in self.neg for n in row)
+
+    def rows(self, sl: slice) -> "EmbeddingBatch":
+        return EmbeddingBatch(self.q[sl], self.pos[sl], self.neg[sl], self.pos_hash[sl], self.neg_hash[sl])
+
+
+@dataclass
+class RerankBatch:
+    ids: list[list[int]]  # [b * G] token ids, group by group (positive first)
+    group: int
+
+    def __len__(self) -> int:
+        return len(self.ids) // self.group
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(map(len, self.ids))
+
+
+class EmbeddingCollator:
+    """``tokenizer.token_ids(texts, max_length)`` (``qwen3train.text.EmbeddingTokenizer``) does the tokens."""
+
+    def __init__(self, tokenizer, instructions: Instructions, *, k: int, seed: int, max_query_length: int,
+                 max_doc_length: int, query_template: str = DEFAULT_QUERY_TEMPLATE) -> None:
+        self.tok, self.instructions, self.k, self.seed = tokenizer, instructions, k, seed
+        self.max_query_length, self.max_doc_length, self.template = max_query_length, max_doc_length, query_template
+
+    def __call__(self, rows: Sequence[Row], epoch: int) -> EmbeddingBatch:
+        queries, pos, negs, d_instr = [], [], [], []
+        for idx, rec, j in rows:
+            queries.append(format_query(rec.query, self.instructions.of(rec), self.template))
+            d_instr.append(self.instructions.document(rec.task, rec.type, rec.instruction))
+            pos.append(rec.pos[j])
+            negs.append(sample_negatives(rec, self.k, self.seed, epoch, idx))
+        q_ids = self.tok.token_ids(queries, self.max_query_length)
+        docs = [format_query(d, i, self.template) for d, i in zip(pos, d_instr)]
+        docs += [format_query(n, i, self.template) for row, i in zip(negs, d_instr) for n in row]
+        d_ids = self.tok.token_ids(docs, self.max_doc_length)
+        b = len(rows)
+        neg_ids = [d_ids[b + r * self.k: b + (r + 1) * self.k] for r in range(b)]
+        pos_hash = torch.tensor([text_hash(p) for p in pos], dtype=torch.long)
+        neg_hash = torch.tensor([[text_hash(n) for n in row] for row in negs], dtype=torch.long).view(b, self.k)
+        return EmbeddingBatch(q_ids, d_ids[:b], neg_ids, pos_hash, neg_hash)
+
+
+class RerankCollator:
+    """``encode(queries, docs, instructions) -> token ids`` builds the yes/no prompt (the reranker's own
+    ``token_ids``: the same prompt and truncation as ``Reranker.score``)."""
+
+    def __init__(self, encode: Callable[..., list[list[int]]], instructions: Instructions, *, k: int,
+                 seed: int) -> None:
+        if k < 1:
+            raise ValueError("the reranker needs data.num_hard_negatives >= 1 (groups of 1 positive + n negatives)")
+        self.encode, self.instructions, self.k, self.seed = encode, instructions, k, seed
+
+    def __call__(self, rows: Sequence[Row], epoch: int) -> RerankBatch:
+        queries, docs, instr = [], [], []
+        for idx, rec, j in rows:
+            group = [rec.pos[j]] + sample_negatives(rec, self.k, self.seed, epoch, idx)
+            queries += [rec.query] * len(group)
+            docs += group
+            instr += [self.instructions.of(rec)] * len(group)
+        return RerankBatch(self.encode(queries, docs, instr), 1 + self.k)

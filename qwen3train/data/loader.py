@@ -1,0 +1,192 @@
+"""The loader: sources, epoch plans, this rank's share of each batch, and the resume cursor.
+
+``for batch in loader:`` yields this rank's collated share of the next global batch, forever.
+
+* **One source** (``data.train_files``): batches follow the source's epoch plans, epoch after epoch.
+* **Streamed sources** (``datasets`` with ``streaming: true``, ``data.hf``): each rank reads its own
+  shard in order; see that module for what is kept exact.
+* **A mixture** (``data.mixture``: several sources with weights, e.g. tasks or languages): each global
+  step draws one source with probability ``weight / sum(weights)`` (a pure function of the seed and
+  the step, so every rank draws the same and a resumed run draws on), and takes that source's next
+  batch; every source walks through its own epoch plans. Batches stay single-task, as the loss needs.
+
+A plan is computed once per epoch per source (all ranks compute the same one, ``data.batching``) and
+only this rank's columns are kept. ``state()`` / ``seek(state)`` carry the cursor through a checkpoint:
+the step and, per source, the epoch and the next batch of that epoch's plan.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+
+from qwen3train.data.batching import Plan, plan
+from qwen3train.errors import ConfigError
+
+
+class _Stream:
+    """One source's walk through its epoch plans (this rank's columns)."""
+
+    def __init__(self, source, weight: float, base: int, loader: "Loader") -> None:
+        self.source, self.weight, self.base, self.loader = source, weight, base, loader
+        self.epoch, self.position = 0, 0
+        self._plans: dict[int, Plan] = {}
+        self.stats: dict = {}
+
+    def plan(self, epoch: int) -> Plan:
+        if epoch not in self._plans:
+            ld = self.loader
+            full = plan(self.source, ld.global_batch, ld.seed, epoch)
+            self.stats = {"epoch": epoch, "batches": len(full), **full.stats}
+            self._plans = {epoch: full.columns(ld.lo, ld.lo + ld.local)}
+        return self._plans[epoch]
+
+    def steps_per_epoch(self) -> int:
+        n = len(self.plan(0))
+        if n == 0:
+            raise ConfigError(f"{len(self.source)} usable records of {[str(p) for p in self.source.paths]} make no "
+                              f"global batch of {self.loader.global_batch} (single-task batches, duplicates "
+                              f"deferred): lower engine.global_batch_size")
+        return n
+
+    def check(self) -> None:
+        self.steps_per_epoch()
+
+    def next_rows(self) -> tuple[list, int]:
+        while True:
+            p = self.plan(self.epoch)
+            if len(p) == 0:
+                self.steps_per_epoch()  # the error
+            if self.position < len(p):
+                items = p.batch(self.position)
+                self.position += 1
+                return [(self.base + i, self.source[i], j) for i, j in items], self.epoch
+            self.epoch, self.position = self.epoch + 1, 0
+
+
+class _StreamingStream:
+    """A streaming source (``data.hf.StreamingSource``): this rank's shard, read in order."""
+
+    def __init__(self, source, weight: float, loader: "Loader") -> None:
+        self.source, self.weight, self.loader = source, weight, loader
+        self.stats: dict = {"streaming": True}
+
+    @property
+    def epoch(self) -> int:
+        return self.source.epoch
+
+    @property
+    def position(self) -> int:
+        return self.source.rows_read
+
+    def steps_per_epoch(self) -> int:
+        raise ConfigError(f"{self.source.name} is streamed (its length is unknown): set run.max_steps")
+
+    def check(self) -> None:
+        pass
+
+    def next_rows(self) -> tuple[list, int]:
+        epoch = self.source.epoch
+        rows = self.source.take(self.loader.local)
+        base = (self.source.rank + 1) << 40  # a record id for negative sampling, distinct across ranks
+        return [(base + row, rec, 0) for row, rec in rows], epoch
+
+
+class Loader:
+    def __init__(self, sources, collate: Callable, *, global_batch: int, seed: int, rank: int = 0, world: int = 1,
+                 weights: list[float] | None = None) -> None:
+        """``sources``: one source or a list (a mixture, with ``weights``; equal weights by default)."""
+        sources = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+        weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(sources) or any(w <= 0 for w in weights):
+            raise ConfigError(f"data.mixture: one positive weight per source, got {weights} for {len(sources)}")
+        if global_batch % world:
+            raise ConfigError(f"global batch {global_batch} does not split over {world} processes")
+        self.collate, self.global_batch, self.seed = collate, global_batch, seed
+        self.local = global_batch // world
+        self.lo = rank * self.local
+        bases = np.cumsum([0] + [len(s) for s in sources])
+        self.streams = [_StreamingStream(s, w, self) if getattr(s, "streaming", False) else _Stream(s, w, int(b), self)
+                        for s, w, b in zip(sources, weights, bases)]
+        self.p = np.asarray(weights) / sum(weights)
+        self.step = 0
+
+    # ---- the single-source view (and what tests read) -------------------------------------------
+    @property
+    def source(self):
+        return self.streams[0].source
+
+    @property
+    def epoch(self) -> int:
+        return self.streams[0].epoch
+
+    @property
+    def position(self) -> int:
+        return self.streams[0].position
+
+    @property
+    def stats(self) -> dict | list[dict]:
+        return self.streams[0].stats if len(self.streams) == 1 else [s.stats for s in self.streams]
+
+    def steps_per_epoch(self) -> int:
+        """Global batches in one pass over every source (epoch 0's plans); an error when one has none
+        or is streamed (unknown length)."""
+        return sum(s.steps_per_epoch() for s in self.streams)
+
+    def check(self) -> None:
+        """An error now, rather than mid-run, when an indexed source makes no global batch."""
+        for s in self.streams:
+            s.check()
+
+    # ---- the cursor -----------------------------------------------------------------------------
+    def state(self) -> dict:
+        """The cursor (JSON). Collective when a source is streamed (each rank's shard position is
+        gathered), so every rank calls it at the same point."""
+        from qwen3train import dist
+
+        cursors = []
+        for s in self.streams:
+            if isinstance(s, _StreamingStream):
+                cursors.append(dist.all_gather_object(s.source.cursor()))
+            else:
+                cursors.append([s.epoch, s.position])
+        return {"step": self.step, "cursors": cursors}
+
+    def seek(self, state: dict) -> None:
+        self.step = state.get("step", 0)
+        cursors = state.get("cursors")
+        if cursors is None:  # a fresh start, or a checkpoint of a single-source run written before mixtures
+            old = [state.get("epoch") or 0, state.get("batch_in_epoch") or 0]
+            if self.step == 0 and old == [0, 0]:
+                return  # a fresh start: every source at its beginning
+            cursors = [old]
+        if len(cursors) != len(self.streams):
+            raise ConfigError(f"the checkpoint was written for {len(cursors)} data sources, this run has "
+                              f"{len(self.streams)}: resume with the same data.mixture, or start a new run")
+        for s, c in zip(self.streams, cursors):
+            if isinstance(s, _StreamingStream):
+                if len(c) != s.source.world:
+                    raise ConfigError(f"{s.source.name}: the checkpoint was written by {len(c)} processes; a "
+                                      f"streamed source resumes only on as many (this run has {s.source.world})")
+                s.source.seek(c[s.source.rank])
+            else:
+                s.epoch, s.position = int(c[0]), int(c[1])
+
+    def _pick(self, step: int) -> int:
+        if len(self.streams) == 1:
+            return 0
+        return int(np.random.default_rng([self.seed, 0x6D6978, step]).choice(len(self.streams), p=self.p))
+
+    # ---- batches --------------------------------------------------------------------------------
+    def collate_items(self, items: list[tuple[int, int]], epoch: int = 0, stream: int = 0):
+        """Collate given (record, positive) pairs of an indexed source (tests, tools that pick rows)."""
+        s = self.streams[stream]
+        return self.collate([(s.base + i, s.source[i], j) for i, j in items], epoch)
+
+    def __iter__(self) -> Iterator:
+        while True:
+            rows, epoch = self.streams[self._pick(self.step)].next_rows()
+            batch = self.collate(rows, epoch)
+            self.step += 1
+            yield batch

@@ -1,0 +1,55 @@
+"""The training stages' root schema: a run (where, how long, checkpoints) plus the component schemas
+that live beside their code (model, data, loss, engine, optimizer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen3train.data.sources import DataConfig
+from qwen3train.losses.infonce import InfoNCEConfig
+from qwen3train.losses.rerank import RerankLossConfig
+from qwen3train.models.build import ModelConfig
+from qwen3train.train.engine import EngineConfig
+from qwen3train.train.schedule import OptimConfig
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how long it lasts.
+
+    save_every: optimizer steps between checkpoints (0: only the final one). keep_last: how many
+    recent checkpoints to keep; keep_every: also keep every n-th step's (the merge stage samples them).
+    """
+
+    name: str = "stage1"
+    output_dir: str = "outputs/stage1"
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    keep_every: int = 0
+    export_checkpoints: bool = True
+    resume: str = "auto"  # auto: resume a run of the same config, refuse another; force; never (true/false too)
+    wandb: bool = False
+    wandb_project: str = "qwen3train"
+
+    def __post_init__(self) -> None:
+        from qwen3train.train.identity import normalize_resume
+
+        self.resume = normalize_resume(self.resume)
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: Any = None  # a loss group option (InfoNCEConfig, RerankLossConfig): the type picks the task
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.loss, (InfoNCEConfig, RerankLossConfig)):
+            raise ValueError("loss must be chosen from the loss group (loss=infonce or loss=rerank)")

@@ -1,0 +1,133 @@
+"""The shared record index: built once, reused by restarts and ranks, rebuilt when the data or the
+validation settings change, cut into units whose join equals a one-unit scan."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwen3train.data import index
+from qwen3train.data.records import DataError
+from qwen3train.data.sources import IndexedSource
+
+GOOD = {"query": "q", "pos": ["p"], "neg": ["n1"]}
+
+
+def write(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def rows(n, bad_every=0):
+    out = []
+    for i in range(n):
+        if bad_every and i % bad_every == bad_every - 1:
+            out.append("not json" if i % 2 else {"query": f"q{i}", "pos": "a string"})
+        else:
+            out.append({"query": f"q{i}", "pos": [f"p{i}", f"p{i}b"][: 1 + i % 2], "task": "ab"[i % 2]})
+    return out
+
+
+def dump(src):
+    ids = np.arange(len(src))
+    return (len(src), src.task_names, src.task_idx.tolist(), src.num_pos_of(ids).tolist(),
+            src.positive_hashes(ids, np.zeros(len(src), np.int64)).tolist(), [src[i].query for i in ids])
+
+
+def test_restart_reads_no_record(tmp_path, monkeypatch):
+    """A second open memory-maps the index: scanning again (the 19-minute restart at 150M records) fails."""
+    f = write(tmp_path / "d.jsonl", rows(50))
+    first = IndexedSource([f], index_dir=tmp_path / "ix")
+    assert first.index_stats["built"] == [str(f)]
+    monkeypatch.setattr(index, "scan_unit", lambda *a, **k: pytest.fail("rescanned on restart"))
+    again = IndexedSource([f], index_dir=tmp_path / "ix")
+    assert again.index_stats["built"] == [] and dump(again) == dump(first)
+    assert isinstance(again.files[0].offset, np.memmap)  # mapped, not loaded into this process
+
+
+def test_changed_file_or_settings_get_a_new_index(tmp_path):
+    f = write(tmp_path / "d.jsonl", rows(20))
+    assert len(IndexedSource([f], index_dir=tmp_path / "ix")) == 20
+    with open(f, "a") as h:
+        h.write(json.dumps({"query": "new", "pos": ["x"]}) + "\n")
+    src = IndexedSource([f], index_dir=tmp_path / "ix")
+    assert len(src) == 21 and src[20].query == "new" and src.index_stats["built"]
+    # an index built in skip mode (bad records left out) is never used to train in raise mode
+    g = write(tmp_path / "g.jsonl", rows(12, bad_every=4))
+    assert len(IndexedSource([g], on_error="skip", index_dir=tmp_path / "ix")) == 9
+    with pytest.raises(DataError, match=r"g.jsonl:4: field '<json>'"):
+        IndexedSource([g], index_dir=tmp_path / "ix")
+    # nor an index without negatives checked for a stage that needs them
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'neg'"):
+        IndexedSource([f], num_hard_negatives=1, index_dir=tmp_path / "ix")
+
+
+def test_units_join_to_the_one_unit_index_with_global_line_numbers(tmp_path):
+    """Cut into ~10 units (byte ranges at line starts): same records, tasks, hashes; rejects and the
+    first error carry the line in the whole file, not in the unit."""
+    f = write(tmp_path / "d.jsonl", rows(60, bad_every=7) + ["", json.dumps(GOOD)])
+    one = IndexedSource([f], on_error="skip", rejects_path=tmp_path / "r1.jsonl", index_dir=tmp_path / "a")
+    cut = IndexedSource([f], on_error="skip", rejects_path=tmp_path / "r2.jsonl", index_dir=tmp_path / "b",
+                        unit_bytes=200)
+    assert len(index.units(f, 200)) >= 10
+    assert dump(cut) == dump(one) and cut.rejected == one.rejected and sum(one.rejected.values()) == 8
+    rej = [json.loads(x)["where"] for x in (tmp_path / "r2.jsonl").read_text().splitlines()]
+    assert rej == [f"{f}:{n}" for n in range(7, 61, 7)]
+    assert (tmp_path / "r1.jsonl").read_bytes() == (tmp_path / "r2.jsonl").read_bytes()
+    with pytest.raises(DataError) as err:
+        IndexedSource([f], index_dir=tmp_path / "c", unit_bytes=200)
+    assert err.value.where == f"{f}:7"
+
+
+def test_interrupted_build_is_ignored_and_rebuilt(tmp_path):
+    f = write(tmp_path / "d.jsonl", rows(10))
+    key = index.file_key(f, False, "raise")
+    stale = tmp_path / "ix" / f"{key}.build-dead" / "part-000000"
+    stale.mkdir(parents=True)
+    (stale / "part.json").write_text("{truncated")
+    half = tmp_path / "ix" / key  # a folder without meta.json: never published
+    half.mkdir()
+    src = IndexedSource([f], index_dir=tmp_path / "ix")
+    assert len(src) == 10 and src.index_stats["built"]
+
+
+def test_arrow_sources_are_indexed_by_row(tmp_path):
+    import datasets
+
+    recs = [{"query": f"q{i}", "pos": [f"p{i}"], "neg": [f"n{i}"], "task": "t"} for i in range(7)]
+    datasets.Dataset.from_list(recs).to_parquet(str(tmp_path / "d.parquet"))
+    src = IndexedSource([tmp_path / "d.parquet"], num_hard_negatives=1, index_dir=tmp_path / "ix")
+    assert [src[i].query for i in range(7)] == [r["query"] for r in recs]
+    assert [u for u in index.units(tmp_path / "d.parquet", unit_rows=3)] == [(0, 3), (3, 6), (6, 7)]
+
+
+@pytest.mark.slow
+def test_two_ranks_build_one_index_and_write_rejects_once(tmp_path):
+    """2 gloo processes share the units of one file; the index and the rejects equal a 1-process build."""
+    f = write(tmp_path / "d.jsonl", rows(80, bad_every=9))
+    out = tmp_path / "out"
+    out.mkdir()
+    worker = Path(__file__).with_name("index_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(worker), str(f), str(tmp_path / "ix"), str(out), "300"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    one = IndexedSource([f], on_error="skip", rejects_path=tmp_path / "r1.jsonl", index_dir=tmp_path / "solo",
+                        unit_bytes=300)
+    for r in (r0, r1):
+        assert (r["n"], r["tasks"], r["task_idx"], r["queries"]) == (len(one), one.task_names, one.task_idx.tolist(),
+                                                                      [one[i].query for i in range(len(one))])
+        assert r["rejected"] == dict(one.rejected)
+    assert r0["scanned"] > 0 and r1["scanned"] > 0  # both ranks scanned units of the one file
+    assert (out / "rejects.jsonl").read_bytes() == (tmp_path / "r1.jsonl").read_bytes()
+    assert len([p for p in (tmp_path / "ix").iterdir()]) == 1  # one published index, no leftovers
