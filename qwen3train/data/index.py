@@ -36,6 +36,7 @@ import numpy as np
 
 from qwen3train.data.hf import DatasetRef
 from qwen3train.data.records import DataError, parse_json_line, parse_record, text_hash
+from qwen3train.errors import ConfigError
 
 INDEX_VERSION = 1
 UNIT_BYTES = 64 << 20
@@ -307,5 +308,9 @@ def open_indexes(paths: list[Path], *, require_neg: bool, on_error: str, index_d
                 shutil.rmtree(root / f"{keys[i]}.build-{token}", ignore_errors=True)
         if err is not None:
             raise err
+    for p, k in zip(paths, keys):
+        if not (root / k / "meta.json").exists():
+            raise ConfigError(f"the record index of {p} ({root / k}) is not visible to this process: on a "
+                              f"multi-node run data.index_dir must be a folder every node sees")
     indexes = [FileIndex.load(p, root / k) for p, k in zip(paths, keys)]
     return indexes, {"built": built, "units_scanned_here": scanned, "seconds": round(time.perf_counter() - t0, 3), "index_dir": str(root)}

@@ -126,7 +126,6 @@ class IndexedSource:
                         out.write(f.rejects.read_bytes())
         elif self.rejected and self.rejects_path is None:
             self.rejects_path = next(f.rejects for f in self.files if f.rejects is not None)
-        self._task_idx: np.ndarray | None = None
         self._arrow: dict[int, object] = {}
         self._handles: dict[int, object] = {}
 
@@ -135,11 +134,12 @@ class IndexedSource:
     # ---- vectorised views (batch planning) -------------------------------------------------------
     @property
     def task_idx(self) -> np.ndarray:
-        """Global task id of every record (int32; built on first use, 4 bytes per record)."""
-        if self._task_idx is None:
-            self._task_idx = np.concatenate([r[np.asarray(f.task)] for r, f in zip(self._remap, self.files)]
-                                            or [np.zeros(0, np.int32)])
-        return self._task_idx
+        """Global task id of every record (int32, 4 bytes per record, computed on each call and not kept:
+        planning needs it once per epoch, and a kept copy would be private to each rank)."""
+        if len(self.files) == 1 and np.array_equal(self._remap[0], np.arange(len(self._remap[0]))):
+            return self.files[0].task  # ids already global: the memory-mapped array itself
+        return np.concatenate([r[np.asarray(f.task)] for r, f in zip(self._remap, self.files)]
+                              or [np.zeros(0, np.int32)])
 
     def num_pos_of(self, idx: np.ndarray) -> np.ndarray:
         fi, loc = self._locate(idx)
