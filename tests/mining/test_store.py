@@ -131,3 +131,25 @@ def test_two_process_filter_equals_one_process(tmp_path):
         got[nproc] = (kept, dropped)
     for a, b in zip(got[1][0] + got[1][1], got[2][0] + got[2][1]):
         assert a["query"] == b["query"] and a["pos"] == b["pos"] and abs(a["score"] - b["score"]) < 1e-5
+
+
+def test_cache_names_weights_by_content(tmp_path):
+    """A copy of a model folder (the merge's fallback output) hits the cache of the original; a copy
+    with one weight changed does not (the key used to include paths' modification times: the copy
+    re-encoded everything, and a same-size same-time edit would have reused stale vectors)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy, edited = tmp_path / "copy", tmp_path / "edited"
+    shutil.copytree(MINILM, copy)
+    shutil.copytree(MINILM, edited)
+    f = next(edited.rglob("*.safetensors"))
+    w = load_file(f)
+    name = sorted(w)[len(w) // 2]
+    w[name] = w[name].clone()
+    w[name].view(-1)[0] += 1.0
+    save_file(w, f, metadata={"format": "pt"})
+    texts = corpus_texts(5)
+    keys = [Encoder(p, max_length=128).cache_key(texts) for p in (MINILM, copy, edited)]
+    assert keys[0] == keys[1] and keys[2] != keys[0]
