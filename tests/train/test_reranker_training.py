@@ -69,8 +69,7 @@ def test_training_score_equals_score(tiny_model_dir, tmp_path):
         rng = np.random.default_rng([cfg.run.seed, 0, rec.index(r)])
         pick = rng.choice(len(r.neg), size=3, replace=len(r.neg) < 3)
         docs = [r.pos[0]] + [r.neg[int(t)] for t in pick]
-        inference.append(task.reranker.score(r.query, docs, instruction=r.instruction or
-                                             task.default_instruction))
+        inference.append(task.reranker.score(r.query, docs, instruction=loader.collate.instructions.of(r)))
     assert (train_scores - torch.cat(inference)).abs().max() <= 1e-5
 
 
