@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen3train.data.hf import DatasetRef
-from qwen3train.data.records import DataError, parse_json_line, parse_record, text_hash
+from qwen3train.data.records import DataError, fast_line_parser, parse_json_line, parse_record, text_hash
 from qwen3train.errors import ConfigError
 
 INDEX_VERSION = 1
@@ -125,11 +125,11 @@ class _Part:
         self.error: dict | None = None
         self.lines = 0
 
-    def add(self, off: int, rec) -> None:
+    def add(self, off: int, task: str, pos: list[str]) -> None:
         self.offset.append(off)
-        self.task.append(self.tasks.setdefault(rec.task, len(self.tasks)))
-        self.pos_count.append(len(rec.pos))
-        self.pos_hash.extend(text_hash(p) for p in rec.pos)
+        self.task.append(self.tasks.setdefault(task, len(self.tasks)))
+        self.pos_count.append(len(pos))
+        self.pos_hash.extend(text_hash(p) for p in pos)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -158,10 +158,11 @@ def scan_unit(path: Path, start: int, end: int, require_neg: bool, on_error: str
                 raw = raw.decode("utf-8", errors="replace").rstrip("\n")
             part.rejects.append({"local": local, "field": e.field, "error": e.reason, "raw": raw})
             return True
-        part.add(off, rec)
+        part.add(off, rec.task, rec.pos)
         return True
 
     if kind(path) == "jsonl":
+        fast = fast_line_parser()
         with open(path, "rb") as f:
             f.seek(start)
             pos = start
@@ -171,7 +172,12 @@ def scan_unit(path: Path, start: int, end: int, require_neg: bool, on_error: str
                     break
                 part.lines += 1
                 off, pos = pos, pos + len(line)
-                if line.strip() and not take(off, part.lines, lambda: parse_json_line(line, ""), line):
+                if not line.strip():
+                    continue
+                hit = fast(line) if fast is not None else None
+                if hit is not None and (hit[2] or not require_neg):  # valid: no Record built
+                    part.add(off, hit[0], hit[1])
+                elif not take(off, part.lines, lambda: parse_json_line(line, ""), line):
                     break
     else:
         ds = _arrow(path)

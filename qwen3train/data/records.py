@@ -83,3 +83,38 @@ def parse_json_line(line: bytes | str, where: str) -> Record:
 def text_hash(text: str) -> int:
     """Stable signed 64-bit id of a text (identical-document rule, duplicate control)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+# ---- the fast path of the index build ---------------------------------------------------------------
+def fast_line_parser():
+    """``parse(line: bytes) -> (task, positives, has_negatives) | None`` for the index build: a typed
+    msgspec decode (C) plus the checks of ``parse_record``; ``None`` sends the line to ``parse_json_line``,
+    which accepts it the same way or raises the precise error. So the fast path only ever accepts what
+    the slow one accepts (a test runs both over good and bad records). ``None`` without msgspec."""
+    try:
+        import msgspec
+    except ImportError:
+        return None
+
+    class _Row(msgspec.Struct):
+        query: str
+        pos: list[str]
+        neg: list[str] | None = None
+        task: str | None = None
+        instruction: str | None = None
+        prompt: str | None = None
+        type: str | None = None
+
+    decode = msgspec.json.Decoder(_Row).decode
+    errors = (msgspec.DecodeError, msgspec.ValidationError)
+
+    def parse(line: bytes):
+        try:
+            r = decode(line)
+        except errors:
+            return None
+        if not r.query.strip() or not r.pos or not all(p.strip() for p in r.pos) or not all(n.strip() for n in r.neg or ()):
+            return None
+        return r.task or "default", r.pos, bool(r.neg)
+
+    return parse

@@ -131,3 +131,36 @@ def test_two_ranks_build_one_index_and_write_rejects_once(tmp_path):
     assert r0["scanned"] > 0 and r1["scanned"] > 0  # both ranks scanned units of the one file
     assert (out / "rejects.jsonl").read_bytes() == (tmp_path / "r1.jsonl").read_bytes()
     assert len([p for p in (tmp_path / "ix").iterdir()]) == 1  # one published index, no leftovers
+
+
+LINES = [
+    {"query": "q", "pos": ["p"]}, {"query": "q", "pos": ["p", "p2"], "neg": ["n"], "task": "t", "type": "symmetric"},
+    {"query": "q", "pos": ["p"], "task": ""}, {"query": "q", "pos": ["p"], "task": None, "neg": None},
+    {"query": "q", "pos": ["p"], "prompt": "flag", "extra": {"score": 1}}, {"query": " ", "pos": ["p"]},
+    {"query": "q", "pos": []}, {"query": "q", "pos": "p"}, {"query": "q", "pos": ["p", " "]},
+    {"query": "q", "pos": ["p"], "neg": ["  "]}, {"query": "q", "pos": ["p"], "task": 3}, {"pos": ["p"]},
+    {"query": 1, "pos": ["p"]}, {"query": "q", "pos": ["p"], "instruction": ["x"]}, [1, 2], "just a string",
+    '{"query": "q", "pos": ["p"]', '{"query": "q\\u2028", "pos": ["\\u00e9"]}', '\xff\xfe',
+]
+
+
+def test_fast_path_accepts_exactly_what_the_record_parser_accepts():
+    """The index validates with a typed msgspec decode; anything it accepts must parse the same way
+    with the full parser (task, positives, negatives present), and anything the full parser rejects
+    must not be accepted by it (it would enter training unchecked)."""
+    from qwen3train.data.records import fast_line_parser, parse_json_line
+
+    fast = fast_line_parser()
+    assert fast is not None  # msgspec is a dependency
+    accepted = 0
+    for row in LINES:
+        line = (row if isinstance(row, str) else json.dumps(row)).encode("utf-8", errors="surrogateescape")
+        try:
+            rec = parse_json_line(line, "x")
+        except DataError:
+            rec = None
+        hit = fast(line)
+        if hit is not None:
+            accepted += 1
+            assert rec is not None and hit == (rec.task, rec.pos, bool(rec.neg)), row
+    assert accepted == 6  # the fast path is used for the ordinary good records, not only avoided
