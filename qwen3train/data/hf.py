@@ -68,7 +68,6 @@ class StreamingSource:
         from datasets.distributed import split_dataset_by_node
 
         self.name = label(spec)
-        self.paths = [self.name]
         self.k, self.on_error, self.seed = num_hard_negatives, on_error, seed
         self.rank, self.world = rank, world
         self.shuffle_buffer = shuffle_buffer

@@ -74,7 +74,6 @@ def run(cfg, hooks=None) -> Path:
     print0(f"compute precision {precision} (engine.precision={cfg.engine.precision}, model.dtype={cfg.model.dtype}); "
            f"trainable weights and optimizer state float32, exports {cfg.model.dtype}")
     task, batches = build_task(cfg, run_dir, precision)
-    sources = [s.source for s in batches.streams]
     batches.check()  # an indexed source that makes no global batch is an error now, not mid-run
     total = cfg.run.max_steps if cfg.run.max_steps > 0 else cfg.run.epochs * batches.steps_per_epoch()
     engine = build_engine(task.module, cfg.engine, cfg.optim, total, precision)
@@ -94,7 +93,7 @@ def run(cfg, hooks=None) -> Path:
             (run_dir / "deepspeed_config.json").write_text(json.dumps(engine.ds_config, indent=2))
         summary = [{**s.source.summary(), "weight": s.weight, "plan": s.stats} for s in batches.streams]
         (run_dir / "data_summary.json").write_text(json.dumps(summary[0] if len(summary) == 1 else summary, indent=2))
-        for source in sources:
+        for source in (s.source for s in batches.streams):
             if source.rejected:
                 print0(f"skipped {sum(source.rejected.values())} bad records: {dict(source.rejected)} "
                        f"(kept in {source.rejects_path})")
