@@ -14,6 +14,8 @@ Sections, each in its own subprocess (a failure is recorded and the others still
      ``AutoModel``, last token, normalised): max |difference| and min cosine.
   d. hard-negative mining on the GPU: ``make mine`` vs sentence-transformers ``mine_hard_negatives``
      (same model, corpus, queries, window): wall time and how often the negatives agree.
+  e. stage 2 with hard negatives, plain vs GradCache (``engine=torch`` and ``zero2``): the per-step losses
+     agree; the reranker track on the tiny model and on the 0.6B shape (tokens/s, peak memory).
 
 On a machine without CUDA, (a) runs on the tiny model only (small batches, a few steps: it keeps the
 script working in CI) and the rest is reported as skipped. Results go to ``<out>/results.json``; with
@@ -300,8 +302,75 @@ def section_mine(out: Path, quick: bool) -> dict:
     return res
 
 
+def _train_run(out: Path, name: str, config: str, args: list[str]) -> dict:
+    """One training run of the CLI; its metrics summarised (per-step losses kept for comparisons)."""
+    run_dir = out / "stages" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "qwen3train.cli.main", f"--config-name={config}", "engine.precision=bf16",
+           "model.gradient_checkpointing=false", "run.save_every=0", "run.resume=false", f"run.output_dir={run_dir}",
+           "optim.warmup_ratio=0.1", *args]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-1500:]}
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steady = rows[2:] or rows
+    k = max(1, min(5, len(rows) // 3))
+    entry = {"steps": len(rows), "wall_s": round(time.perf_counter() - t, 1), "losses": [r["loss"] for r in rows],
+             "loss_first": round(statistics.mean(r["loss"] for r in rows[:k]), 4),
+             "loss_last": round(statistics.mean(r["loss"] for r in rows[-k:]), 4),
+             "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in steady)),
+             "step_s": round(statistics.median(r["step_time_s"] for r in steady), 4)}
+    if "gpu_mem_gib" in rows[-1]:
+        entry["peak_gpu_mem_gib"] = round(rows[-1]["gpu_mem_gib"], 2)
+    return entry
+
+
+def section_stages(out: Path, quick: bool) -> dict:
+    """Stage 2 with hard negatives, plain vs GradCache (same global batch: the same loss per step up to bf16
+    rounding), under both engines, and the reranker track, on the device users train on."""
+    if not _run_here():
+        return {"skipped": "needs CUDA (the CPU equivalence of GradCache and plain steps is a test)"}
+    from qwen3train.models.tiny import QWEN3_0_6B_SHAPE, make_tiny_qwen3
+
+    cuda = _cuda()
+    data = _demo_data()
+    hn = [f"data.train_files=[{data / 'train_hn.jsonl'}]", "data.num_hard_negatives=3"]
+    init = _export_for_checks(out)
+    steps, batch = (12, 64) if cuda else (3, 8)
+    res: dict = {"runs": {}}
+    base = ["model=tiny", f"model.init_from={init}", "model.dtype=float32", "model.max_query_length=64",
+            f"model.max_doc_length={256 if cuda else 64}", f"run.max_steps={steps}", "optim.lr=5e-4",
+            f"engine.global_batch_size={batch}", *hn]
+    for name, extra in (("stage2 tiny / torch", ["engine=torch", f"engine.micro_batch_size={batch}"]),
+                        ("stage2 tiny / torch+grad_cache", ["engine=torch", f"engine.micro_batch_size={batch // 4}",
+                                                            "engine.grad_cache=true"]),
+                        ("stage2 tiny / zero2+grad_cache", ["engine=zero2", f"engine.micro_batch_size={batch // 4}",
+                                                            "engine.grad_cache=true"])):
+        res["runs"][name] = _train_run(out, name.replace(" / ", "-").replace(" ", "-").replace("+", "-"), "stage2",
+                                       base + extra)
+    plain = res["runs"]["stage2 tiny / torch"].get("losses")
+    for name in ("stage2 tiny / torch+grad_cache", "stage2 tiny / zero2+grad_cache"):
+        other = res["runs"][name].get("losses")
+        if plain and other:
+            res[f"max_loss_diff plain vs {name.split(' / ')[1]}"] = round(max(abs(a - b) for a, b in zip(plain, other)), 5)
+    rerankers = {"tiny": (make_tiny_qwen3(out / "models" / "tiny-qwen3"), "float32", 3e-4, 16 if cuda else 4)}
+    if cuda and not quick:
+        rerankers["qwen3-0.6b-shape (random)"] = (
+            make_tiny_qwen3(out / "models" / "qwen3-0.6b-random", dtype="bfloat16", **QWEN3_0_6B_SHAPE), "bfloat16",
+            2e-5, 16)
+    for name, (path, dtype, lr, queries) in rerankers.items():
+        res["runs"][f"rerank {name} / torch"] = _train_run(
+            out, f"rerank-{name.split()[0]}", "rerank",
+            [f"model.name_or_path={path}", f"model.dtype={dtype}", f"optim.lr={lr}", f"run.max_steps={steps + 8}",
+             f"engine.micro_batch_size={queries}", f"engine.global_batch_size={queries}", *hn])
+    for r in res["runs"].values():
+        r.pop("losses", None)
+    return res
+
+
 SECTIONS = {"a_train": section_train, "b_synth": section_synth, "c_vllm_embed": section_vllm_embed,
-            "d_mine": section_mine}
+            "d_mine": section_mine, "e_stages": section_stages}
 
 
 # ---- driver ---------------------------------------------------------------------------------------------
@@ -344,7 +413,20 @@ def markdown(results: dict) -> str:
                 continue
             lines.append(f"| {name} | {r['steps']} | {r['batch']} | {r['loss_first']} -> {r['loss_last']} | "
                          f"{r['tokens_per_s']:,} | {r.get('mfu', '-')} | {r.get('peak_gpu_mem_gib', '-')} |")
+    e = results["sections"].get("e_stages", {})
+    if e.get("runs"):
+        lines += ["", "| stage 2 / reranker, bf16 compute | steps | loss first -> last | tokens/s | step s | peak GiB |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in e["runs"].items():
+            if "error" in r:
+                lines.append(f"| {name} | failed | | | | |")
+                continue
+            lines.append(f"| {name} | {r['steps']} | {r['loss_first']} -> {r['loss_last']} | {r['tokens_per_s']:,} | "
+                         f"{r['step_s']} | {r.get('peak_gpu_mem_gib', '-')} |")
+        lines += [f"\n- e. {k}: {v}" for k, v in e.items() if k.startswith("max_loss_diff")]
     for key, sec in results["sections"].items():
+        if key == "e_stages" and "runs" in sec:
+            continue
         if key == "a_train":
             for what, why in sec.get("skipped", {}).items():
                 lines.append(f"\n- a. {what}: skipped ({why})")
@@ -362,7 +444,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "outputs" / "gpu_check"))
     ap.add_argument("--doc", default=None, help="append a dated section of figures to this markdown file")
     ap.add_argument("--quick", action="store_true", help="fewer models and passages")
-    ap.add_argument("--only", default=None, help="comma-separated sections (a_train,b_synth,c_vllm_embed,d_mine)")
+    ap.add_argument("--only", default=None, help="comma-separated sections (a_train,b_synth,c_vllm_embed,d_mine,e_stages)")
     ap.add_argument("--section", nargs=3, metavar=("NAME", "OUT", "QUICK"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.section:
@@ -389,7 +471,8 @@ def main() -> int:
             failed |= bool(errors)
         print(f"[gpu-check] {name}: {time.perf_counter() - t:.0f} s: "
               f"{json.dumps(results['sections'][name])[:600]}", flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        # after every section: a run stopped at a time limit keeps what it measured
+        (out / "results.json").write_text(json.dumps(results, indent=2))
     text = markdown(results)
     print(text)
     if args.doc:
