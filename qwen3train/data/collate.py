@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from qwen3train.data.instructions import Instructions
-from qwen3train.data.records import Record, text_hash
+from qwen3train.data.records import Record, doc_hash
 from qwen3train.text import DEFAULT_QUERY_TEMPLATE, format_query
 
 Row = tuple[int, Record, int]  # (record index, record, which positive)
@@ -85,8 +85,8 @@ class EmbeddingCollator:
         d_ids = self.tok.token_ids(docs, self.max_doc_length)
         b = len(rows)
         neg_ids = [d_ids[b + r * self.k: b + (r + 1) * self.k] for r in range(b)]
-        pos_hash = torch.tensor([text_hash(p) for p in pos], dtype=torch.long)
-        neg_hash = torch.tensor([[text_hash(n) for n in row] for row in negs], dtype=torch.long).view(b, self.k)
+        pos_hash = torch.tensor([doc_hash(p) for p in pos], dtype=torch.long)
+        neg_hash = torch.tensor([[doc_hash(n) for n in row] for row in negs], dtype=torch.long).view(b, self.k)
         return EmbeddingBatch(q_ids, d_ids[:b], neg_ids, pos_hash, neg_hash)
 
 

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3train.data.records import DataError, parse_record, text_hash
+from qwen3train.data.records import DataError, parse_record, doc_hash
 from qwen3train.errors import ConfigError
 
 
@@ -146,7 +146,7 @@ class StreamingSource:
         waiting, self._carry = self._carry, []
         while len(out) < n:
             row, rec = waiting.pop(0) if waiting else self._next_valid()
-            h = text_hash(rec.pos[0])
+            h = doc_hash(rec.pos[0])
             if h in seen:
                 self._carry.append((row, rec))
                 continue

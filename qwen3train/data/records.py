@@ -81,8 +81,18 @@ def parse_json_line(line: bytes | str, where: str) -> Record:
 
 
 def text_hash(text: str) -> int:
-    """Stable signed 64-bit id of a text (identical-document rule, duplicate control)."""
+    """Stable signed 64-bit id of a text (held-out splits and de-duplication of synthetic pairs)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def doc_hash(text: str | bytes) -> int:
+    """Identity of a document in training (the identical-document rule of the loss, duplicate control in
+    batch plans and streams): signed 64-bit XXH3 of its UTF-8 bytes. The record index hashes the bytes of
+    Arrow's string buffers directly (``data/index.py``): the same value for the same text."""
+    from xxhash import xxh3_64_intdigest
+
+    v = xxh3_64_intdigest(text.encode("utf-8") if isinstance(text, str) else text)
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 # ---- the fast path of the index build ---------------------------------------------------------------

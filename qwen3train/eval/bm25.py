@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qwen3train.data.jsonl import read_jsonl
-from qwen3train.eval.metrics import evaluate_run
+from qwen3train.eval.metrics import drop_identical_ids, evaluate_run, shares_ids
 
 SETTINGS = {"method": "lucene", "k1": 1.5, "b": 0.75, "stopwords": "en", "stemmer": None}
 LABEL = "BM25 (bm25s, lucene k1=1.5 b=0.75)"
@@ -39,15 +39,18 @@ def bm25_run(doc_ids: list[str], docs: list[str], queries: dict[str, str], k: in
     return run
 
 
-def evaluate_collection_bm25(collection) -> dict:
+def evaluate_collection_bm25(collection, ignore_identical_ids: bool | None = None) -> dict:
     from qwen3train.data.collections import Collection, load_collection
 
     col = collection if isinstance(collection, Collection) else load_collection(collection)
     qids = [q for q, r in col.qrels.items() if any(v > 0 for v in r.values())]
     dids = list(col.corpus)
-    run = bm25_run(dids, [col.corpus[d] for d in dids], {q: col.queries[q] for q in qids})
+    ignore = shares_ids(col.queries, col.corpus) if ignore_identical_ids is None else ignore_identical_ids
+    run = bm25_run(dids, [col.corpus[d] for d in dids], {q: col.queries[q] for q in qids}, k=100 + int(ignore))
+    if ignore:
+        run = drop_identical_ids(run, 100)
     res = evaluate_run(run, col.qrels)
-    res.update(dataset=col.name, model=LABEL)
+    res.update(dataset=col.name, model=LABEL, run=run)
     return res
 
 

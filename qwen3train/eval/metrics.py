@@ -47,3 +47,29 @@ def evaluate_run(run: dict[str, list[tuple[str, float]]], qrels: dict[str, dict[
     out = {k: sum(v) / len(v) if v else 0.0 for k, v in scores.items()}
     out["queries"] = len(scores["ndcg@10"])
     return out
+
+
+def drop_identical_ids(run: dict[str, list[tuple[str, float]]], k: int | None = None) -> dict[str, list[tuple[str, float]]]:
+    """BEIR's ``ignore_identical_ids``: a document whose id is the query's own id is not a result (ArguAna,
+    Quora, CQADupStack hold each query in the corpus under the same id); ``k`` cuts each list after."""
+    return {q: [x for x in docs if x[0] != q][:k] for q, docs in run.items()}
+
+
+def shares_ids(queries, corpus) -> bool:
+    """Whether any query id is also a document id (where ``ignore_identical_ids`` matters)."""
+    return not set(queries).isdisjoint(corpus)
+
+
+def write_trec_run(run: dict[str, list[tuple[str, float]]], path, tag: str) -> None:
+    """A run file in TREC format (``qid Q0 docid rank score tag``), each query's documents in the order the
+    metrics rank them (score, then doc id, both descending): usable with trec_eval, ranx, ir_measures."""
+    from pathlib import Path
+
+    tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in tag) or "run"
+    lines = []
+    for qid, docs in run.items():
+        scores = dict(docs)
+        for rank, d in enumerate(ranked(docs), 1):
+            lines.append(f"{qid} Q0 {d} {rank} {scores[d]:.8g} {tag}\n")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(lines))

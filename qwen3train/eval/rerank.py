@@ -15,14 +15,15 @@ from qwen3train.models.reranker import DEFAULT_RERANK_INSTRUCTION
 
 def evaluate_rerank(retriever: str | Path, reranker: str | Path, collection, *, top_k: int = 100,
                     batch_size: int = 16, cache_dir: str | None = None, max_length: int = 512,
-                    precision: str = "float32") -> dict:
+                    precision: str = "float32", ignore_identical_ids: bool | None = None) -> dict:
     import torch
 
     from qwen3train.models.build import ModelConfig, build_reranker
 
     col = collection if isinstance(collection, Collection) else load_collection(collection)
     instr = REGISTRY.get(col.name.split("@")[0].lower())
-    first = retrieve(Encoder(retriever, max_length=max_length, precision=precision), col, instr, top_k, cache_dir)
+    first = retrieve(Encoder(retriever, max_length=max_length, precision=precision), col, instr, top_k, cache_dir,
+                     ignore_identical_ids)
     rr = build_reranker(ModelConfig(name_or_path=str(reranker), padding_side="left", dtype=resolve_precision(precision)),
                         max_length=max_length)
     if torch.cuda.is_available():
@@ -34,4 +35,4 @@ def evaluate_rerank(retriever: str | Path, reranker: str | Path, collection, *, 
         second[qid] = [(d, float(p)) for (d, _), p in zip(cands, probs.tolist())]
     before, after = evaluate_run(first, col.qrels), evaluate_run(second, col.qrels)
     return {"dataset": col.name, "top_k": top_k, "before": before, "after": after,
-            "delta_ndcg@10": after["ndcg@10"] - before["ndcg@10"]}
+            "delta_ndcg@10": after["ndcg@10"] - before["ndcg@10"], "run": second}

@@ -4,7 +4,10 @@ With ``bm25``, the lexical baseline is scored on the same collections and pair f
 Datasets: BEIR/TREC folders (``collections``), held-out pair files (``pairs``: each query against
 the pool of the file's positives), STS files (``sts``: JSONL ``{"text1", "text2", "score"}``, Spearman
 of cosine against gold). Models: any qwen3train export or sentence-transformers folder, labelled.
-Outputs: ``results.jsonl`` (one row per model x dataset x dim) and ``results.md``.
+Outputs: ``results.jsonl`` (one row per model x dataset x dim), ``results.md`` and, per model (BM25 and
+rerankers included) and collection, a TREC run file ``runs/<model>__<collection>[__dim<d>].trec``
+(trec_eval, ranx, ir_measures read it; tests/eval/test_trec.py checks our metrics against pytrec_eval
+on these files).
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ class EvalConfig:
     max_docs: int = 0  # > 0: each collection cut to its relevant documents plus random others (cap_corpus)
     precision: str = "float32"  # embedders' compute dtype (Encoder): float32, bfloat16, float16 or auto
     end_tokens: dict[str, str] = field(default_factory=dict)  # label -> token appended, for raw decoders (base)
+    # BEIR's ignore_identical_ids: a document with the query's own id is not a result; null = on where a
+    # collection shares ids between queries and documents (ArguAna, Quora, CQADupStack), off elsewhere
+    ignore_identical_ids: bool | None = None
+    write_runs: bool = True  # TREC run files of every model x collection under <output_dir>/runs
+    update_cards: bool = True  # add each qwen3train export's results to its model card (README.md)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -80,7 +88,9 @@ def run(cfg: EvalConfig) -> list[dict]:
             enc = Encoder(path, max_length=cfg.max_length, dim=dim, precision=cfg.precision,
                           end_token=cfg.end_tokens.get(label))
             for col in collections:
-                r = evaluate_collection(path, col, encoder=enc, cache_dir=cfg.cache_dir, dim=dim)
+                r = evaluate_collection(path, col, encoder=enc, cache_dir=cfg.cache_dir, dim=dim,
+                                        ignore_identical_ids=cfg.ignore_identical_ids)
+                save_run(cfg, r.pop("run"), label, col.name, dim)
                 rows.append({"model": label, "dataset": r["dataset"], "dim": dim, **{k: r[k] for k in
                              ("ndcg@10", "recall@100", "mrr@10", "queries")}})
             for pf in cfg.pairs:
@@ -95,7 +105,8 @@ def run(cfg: EvalConfig) -> list[dict]:
         from qwen3train.eval.bm25 import LABEL, evaluate_collection_bm25, evaluate_pairs_bm25
 
         for col in collections:
-            r = evaluate_collection_bm25(col)
+            r = evaluate_collection_bm25(col, cfg.ignore_identical_ids)
+            save_run(cfg, r.pop("run"), "bm25", col.name, None)
             rows.append({"model": LABEL, "dataset": r["dataset"], "dim": None,
                          **{k: r[k] for k in ("ndcg@10", "recall@100", "mrr@10", "queries")}})
         for pf in cfg.pairs:
@@ -107,14 +118,32 @@ def run(cfg: EvalConfig) -> list[dict]:
             raise ConfigError("eval.rerankers needs eval.rerank_retriever (the first-stage embedder)")
         for col in collections:
             r = evaluate_rerank(cfg.rerank_retriever, path, col, top_k=cfg.rerank_top_k, cache_dir=cfg.cache_dir,
-                                max_length=cfg.max_length, precision=cfg.precision)
+                                max_length=cfg.max_length, precision=cfg.precision,
+                                ignore_identical_ids=cfg.ignore_identical_ids)
+            save_run(cfg, r.pop("run"), f"{label}-rerank-top{cfg.rerank_top_k}", col.name, None)
             rows.append({"model": f"{label} (rerank top-{cfg.rerank_top_k})", "dataset": r["dataset"], "dim": None,
                          **{k: r["after"][k] for k in ("ndcg@10", "recall@100", "mrr@10")},
                          "ndcg@10_before": r["before"]["ndcg@10"]})
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "results.md").write_text(table(rows))
+    if cfg.update_cards:
+        from qwen3train.models.card import add_evaluation
+
+        for label, path in list(cfg.models.items()) + list(cfg.rerankers.items()):
+            mine = [r for r in rows if r["model"] == label or r["model"].startswith(f"{label} (rerank")]
+            if mine and Path(path).is_dir():
+                add_evaluation(path, mine)
     print(table(rows))
     return rows
+
+
+def save_run(cfg: EvalConfig, run: dict, label: str, dataset: str, dim: int | None) -> None:
+    from qwen3train.eval.metrics import write_trec_run
+
+    if cfg.write_runs:
+        name = f"{label}__{dataset}" + (f"__dim{dim}" if dim else "")
+        safe = "".join(c if c.isalnum() or c in "._-@" else "_" for c in name)
+        write_trec_run(run, Path(cfg.output_dir) / "runs" / f"{safe}.trec", tag=label)
 
 
 def dataset_name(path: str | Path) -> str:

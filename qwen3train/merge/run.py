@@ -25,8 +25,29 @@ def run(cfg: MergeConfig) -> Path:
     if not cfg.dev_file:
         merged = merge_folders(inputs, out, t=cfg.t, **kw)
         print(f"merged {len(inputs)} checkpoints with {cfg.method} -> {merged}")
+        write_card(merged, inputs, f"{cfg.method} t={cfg.t:g}", None)
         return merged
     return _select_by_dev(cfg, inputs, out, kw)
+
+
+def _source_name(p: Path) -> str:
+    """``stage2/step_0000016`` for ``.../stage2/checkpoints/step_0000016/model``."""
+    parts = [x for x in p.parts if x not in ("model", "checkpoints")]
+    return "/".join(parts[-2:])
+
+
+def write_card(out: Path, inputs: list[Path], method: str, note: str | None, record_sources: bool = True) -> None:
+    """The merged export's model card: the lineage of the first input, then this merge."""
+    from qwen3train.models.card import inherited, read_meta, set_card
+
+    if "card" not in read_meta(inputs[0]):
+        return  # inputs not exported by qwen3train (no facts to carry)
+    base, lineage = inherited(inputs[0])
+    entry = {"stage": "merge", "method": method, "sources": [_source_name(p) for p in inputs] if record_sources else []}
+    if note:
+        entry["note"] = note
+    set_card(out, base_model=base, lineage=lineage + [entry], license=read_meta(inputs[0])["card"].get("license", "apache-2.0"),
+             evaluation=[])
 
 
 def _select_by_dev(cfg: MergeConfig, inputs: list[Path], out: Path, kw: dict) -> Path:
@@ -63,6 +84,13 @@ def _select_by_dev(cfg: MergeConfig, inputs: list[Path], out: Path, kw: dict) ->
     summary = {"metric": cfg.dev_metric, "dev_file": cfg.dev_file, "chosen": name, "score": value,
                "fallback": not is_merge, "best_merge_score": best_merge, "candidates": rows}
     (out / "merge_selection.json").write_text(json.dumps(summary, indent=2))
+    note = (f"kept by {cfg.dev_metric} on the dev file ({value:.4f})" if is_merge else
+            f"merging did not pay on the dev file (best merge {best_merge:.4f} < {value:.4f}): this is {name[6:]}")
+    if is_merge:
+        write_card(out, inputs, name, note)
+    else:  # the output is a checkpoint: its own card, plus the merge that was tried and not applied
+        write_card(out, [out], f"{cfg.method} (not applied; tried on {', '.join(_source_name(p) for p in inputs)})", note,
+                   record_sources=False)
     if is_merge:
         print(f"[merge] kept {name}: {cfg.dev_metric} {value:.4f} on {cfg.dev_file}")
     else:

@@ -42,6 +42,19 @@ class RunConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The model card every export carries (models/card.py) and the upload of the final export.
+
+    license: the card's licence (keep it compatible with the base model's). push_to_hub: a hub repo id
+    (``user/name``) that the final export is uploaded to at the end of the run (rank 0; needs a token,
+    ``HF_TOKEN`` or ``huggingface-cli login``); hub_private: create the repo private."""
+
+    license: str = "apache-2.0"
+    push_to_hub: str | None = None
+    hub_private: bool = True
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -49,6 +62,7 @@ class TrainConfig:
     loss: Any = None  # a loss group option (InfoNCEConfig, RerankLossConfig): the type picks the task
     engine: EngineConfig = field(default_factory=EngineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.loss, (InfoNCEConfig, RerankLossConfig)):

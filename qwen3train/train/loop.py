@@ -53,6 +53,16 @@ def train_step(engine, task, batch, n_micro: int, grad_cache: bool):
     return loss, stats, grad_norm
 
 
+def write_card(cfg, run_dir: Path, model_dir: Path, step: int) -> None:
+    """The export's model card: the lineage of the export this run started from, then this stage."""
+    from qwen3train.models.card import inherited, set_card, stage_entry
+
+    base, lineage = inherited(cfg.model.init_from) if cfg.model.init_from else (cfg.model.name_or_path, [])
+    entry = stage_entry(cfg, json.loads((run_dir / "data_summary.json").read_text()))
+    entry["steps"] = step
+    set_card(model_dir, base_model=base, lineage=lineage + [entry], license=cfg.export.license)
+
+
 def run(cfg, hooks=None) -> Path:
     """Train as configured; returns the exported final model folder.
 
@@ -122,6 +132,8 @@ def run(cfg, hooks=None) -> Path:
                 state.cursors = batches.state()["cursors"]  # collective with streamed sources: all ranks
                 checkpoint.save(run_dir, state, engine, task, export_model=cfg.run.export_checkpoints,
                                 keep_last=cfg.run.keep_last, keep_every=cfg.run.keep_every)
+                if cfg.run.export_checkpoints and dist.is_main():
+                    write_card(cfg, run_dir, checkpoint.step_dir(run_dir, state.step) / "model", state.step)
             if hooks is not None:
                 hooks(state.step)
         state.cursors = batches.state()["cursors"]
@@ -129,6 +141,7 @@ def run(cfg, hooks=None) -> Path:
                         keep_every=cfg.run.keep_every)
         if dist.is_main():
             src = checkpoint.step_dir(run_dir, state.step) / "model"
+            write_card(cfg, run_dir, src, state.step)
             tmp = final_dir.with_name(".final.tmp")
             import shutil
 
@@ -136,6 +149,10 @@ def run(cfg, hooks=None) -> Path:
             shutil.copytree(src, tmp)
             shutil.rmtree(final_dir, ignore_errors=True)
             tmp.rename(final_dir)
+            if cfg.export.push_to_hub:
+                from qwen3train.models.card import push_to_hub
+
+                print0(f"uploaded to the hub: {push_to_hub(final_dir, cfg.export.push_to_hub, private=cfg.export.hub_private)}")
         dist.barrier()
     finally:
         tel.close()

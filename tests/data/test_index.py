@@ -164,3 +164,82 @@ def test_fast_path_accepts_exactly_what_the_record_parser_accepts():
             accepted += 1
             assert rec is not None and hit == (rec.task, rec.pos, bool(rec.neg)), row
     assert accepted == 6  # the fast path is used for the ordinary good records, not only avoided
+
+
+EXTRA = ["", "   ", "null", '{"query": "q", "pos": ["p"]} {"query": "r", "pos": ["s"]}', '{"query": "\\ud800", "pos": ["p"]}',
+         '{"query": "q", "pos": [null]}', '{"query": "q", "pos": ["p"], "x": NaN}', '{"query": "q", "pos": ["p"], "x": 1e999}',
+         '{"query": "\\u3000\\u2028", "pos": ["p"]}', '{"query": "\\u001c", "pos": ["p"]}', '{"query": "q", "pos": ["p"], "neg": []}',
+         '{"query": "q", "query": "r", "pos": ["p"]}', '  {"query": "q", "pos": ["p"]}', '{"query": "q", "pos": ["p"]}\r',
+         '{"query": "x\\u00a0", "pos": ["\\u0085"]}']
+
+
+def _both_paths(f, monkeypatch, **kw):
+    """scan_unit over the whole file with the vectorised block path (small blocks) and without it."""
+    used = []
+    real = index._scan_block
+
+    def spy(*a, **k):
+        used.append(real(*a, **k))
+        return used[-1]
+
+    monkeypatch.setattr(index, "_scan_block", spy)
+    size = f.stat().st_size
+    fast = index.scan_unit(f, 0, size, block_bytes=120, **kw)
+    monkeypatch.setattr(index, "_scan_block", lambda *a, **k: False)
+    slow = index.scan_unit(f, 0, size, **kw)
+    for p in (fast, slow):
+        p._flush()
+    arrays = [{k: np.concatenate(p.chunks[k]).tolist() if p.chunks[k] else [] for k in p.FIELDS} for p in (fast, slow)]
+    tasks = [[list(p.tasks)[i] for i in a["task"]] for p, a in zip((fast, slow), arrays)]
+    return used, (arrays[0] | {"task": tasks[0]}, fast.rejects, fast.error), (arrays[1] | {"task": tasks[1]}, slow.rejects, slow.error)
+
+
+@pytest.mark.parametrize("require_neg", [False, True])
+def test_block_path_equals_the_line_by_line_scan(tmp_path, monkeypatch, require_neg):
+    """pyarrow's JSON reader + array checks (the fast path of a first build) give the records, tasks,
+    positive hashes, rejects (with their lines) and first error of the record parser line by line:
+    each odd line (bad records, blank lines, two objects on a line, lone surrogates, null elements,
+    Unicode spaces, CRLF) sits between good ones. Would catch the block path accepting a record the
+    parser rejects, shifting a line number, or hashing a different text."""
+    lines = []
+    for k, odd in enumerate(LINES + EXTRA):
+        lines += [json.dumps({"query": f"good {k}", "pos": [f"p{k}", f"p{k} é"], "neg": ["n"], "task": "ab"[k % 2]}),
+                  odd if isinstance(odd, str) else json.dumps(odd)]
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(("\n".join(lines) + "\n").encode("utf-8", errors="surrogateescape"))
+    used, fast, slow = _both_paths(f, monkeypatch, require_neg=require_neg, on_error="skip")
+    assert fast == slow
+    assert sum(used) >= 10 and not all(used)  # blocks of both kinds were exercised
+    assert len(fast[1]) >= 15  # the bad records were rejected, not silently dropped
+    _, fast, slow = _both_paths(f, monkeypatch, require_neg=require_neg, on_error="raise")
+    assert fast[2] == slow[2] is not None
+
+
+def test_block_path_on_a_clean_file_keeps_every_record(tmp_path, monkeypatch):
+    f = write(tmp_path / "d.jsonl", rows(300))
+    used, fast, slow = _both_paths(f, monkeypatch, require_neg=False, on_error="raise")
+    assert all(used) and fast == slow and len(fast[0]["offset"]) == 300 and fast[1] == []
+
+
+def test_arrow_whitespace_is_python_whitespace():
+    """The block path finds blank strings with Arrow's utf8_is_space; the record parser uses str.strip.
+    They must agree on every code point, or the block path would accept a query the parser rejects."""
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chars = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c < 0xE000]
+    arrow = pc.utf8_is_space(pa.array(chars)).to_numpy(zero_copy_only=False)
+    assert [c for c, a in zip(chars, arrow) if bool(a) != c.isspace()] == []
+
+
+def test_doc_hash_of_arrow_buffers_equals_doc_hash_of_the_text():
+    import pyarrow as pa
+
+    from qwen3train.data.records import doc_hash
+
+    texts = ["a", "", "é\u2028x", "text " * 50]
+    arr = pa.array(["skip"] + texts).slice(1)  # a sliced array: offsets do not start at 0
+    assert index._hash_strings(arr).tolist() == [doc_hash(t) for t in texts]
+    assert len({doc_hash(t) for t in texts}) == 4
