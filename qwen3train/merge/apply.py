@@ -22,10 +22,13 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 
 @dataclass
 class SelectConfig:
-    """Which checkpoints of ``run_dir`` to merge: the last ``last`` (0: all) of every ``every``-th."""
+    """Which checkpoints of ``run_dir`` to merge: the last ``last`` (0: all) of every ``every``-th; or,
+    with ``best > 0``, the ``best`` checkpoints by the dev score recorded during training
+    (``run.eval_every``, ``dev_eval.jsonl``), merged in step order."""
 
     last: int = 3
     every: int = 1
+    best: int = 0
 
 
 @dataclass

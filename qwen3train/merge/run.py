@@ -14,6 +14,19 @@ def resolve_inputs(cfg: MergeConfig) -> list[Path]:
         return [Path(p) for p in cfg.inputs]
     if not cfg.run_dir:
         raise ValueError("merge: set inputs=[...] or run_dir=<training run>")
+    if cfg.select.best > 0:
+        from qwen3train.errors import ConfigError
+        from qwen3train.train.checkpoint import step_dir
+        from qwen3train.train.dev_eval import ranked_checkpoints
+
+        ranked = ranked_checkpoints(Path(cfg.run_dir))
+        if not ranked:
+            raise ConfigError(f"merge.select.best: {cfg.run_dir} has no dev scores of saved checkpoints "
+                              f"(train it with run.eval_every and run.eval_file)")
+        steps = sorted(s for s, _ in ranked[:cfg.select.best])
+        print(f"[merge] the {len(steps)} best checkpoints by dev score: steps {steps} "
+              f"({', '.join(f'{s}: {v:.4f}' for s, v in ranked[:cfg.select.best])})")
+        return [step_dir(Path(cfg.run_dir), s) / "model" for s in steps]
     return select_checkpoints(cfg.run_dir, cfg.select.last, cfg.select.every)
 
 

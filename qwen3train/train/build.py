@@ -53,7 +53,9 @@ def build_task(cfg, run_dir, train_precision: str = "fp32"):
         reranker = build_reranker(cfg.model, max_length=cfg.model.max_doc_length, train_precision=train_precision)
         instructions = Instructions(data.task_instructions, DEFAULT_RERANK_INSTRUCTION, data.symmetric_tasks)
         collate = RerankCollator(reranker.token_ids, instructions, k=data.num_hard_negatives, seed=seed)
-        return RerankTask(reranker, build_loss(cfg.loss)), Loader(sources, collate, **loader_kw)
+        task = RerankTask(reranker, build_loss(cfg.loss))
+        task.instructions = instructions  # the dev evaluation's instruction rule (train/dev_eval.py)
+        return task, Loader(sources, collate, **loader_kw)
     embedder = build_embedder(cfg.model, train_precision=train_precision)
     instructions = Instructions(data.task_instructions, cfg.model.default_instruction, data.symmetric_tasks)
     collate = EmbeddingCollator(embedder.tok, instructions, k=data.num_hard_negatives, seed=seed,
@@ -61,6 +63,7 @@ def build_task(cfg, run_dir, train_precision: str = "fp32"):
                                 query_template=embedder.query_template)
     task = EmbeddingTask(embedder, build_loss(cfg.loss), cfg.model.default_instruction,
                          instructions.named([t for s in sources for t in s.task_names]))
+    task.instructions = instructions
     return task, Loader(sources, collate, **loader_kw)
 
 

@@ -66,7 +66,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save(root: Path, state: TrainState, engine, task, *, export_model: bool, keep_last: int,
-         keep_every: int) -> Path:
+         keep_every: int, keep_steps: tuple[int, ...] = ()) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
     final = step_dir(root, state.step)
     tmp = final.with_name(f".{final.name}.tmp")
@@ -86,18 +86,19 @@ def save(root: Path, state: TrainState, engine, task, *, export_model: bool, kee
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        prune(root, keep_last, keep_every)
+        prune(root, keep_last, keep_every, keep_steps)
     dist.barrier()
     return final
 
 
-def prune(root: Path, keep_last: int, keep_every: int) -> None:
-    """Keep the last ``keep_last`` checkpoints and every one whose step is a multiple of ``keep_every``."""
+def prune(root: Path, keep_last: int, keep_every: int, keep_steps: tuple[int, ...] = ()) -> None:
+    """Keep the last ``keep_last`` checkpoints, every one whose step is a multiple of ``keep_every`` and
+    the steps in ``keep_steps`` (the best by dev score)."""
     found = list_checkpoints(root)
     keep = set(found[-keep_last:]) if keep_last > 0 else set(found)
     for p in found:
         step = int(p.name.split("_")[1])
-        if p not in keep and not (keep_every > 0 and step % keep_every == 0):
+        if p not in keep and step not in keep_steps and not (keep_every > 0 and step % keep_every == 0):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -34,8 +34,16 @@ class RunConfig:
     resume: str = "auto"  # auto: resume a run of the same config, refuse another; force; never (true/false too)
     wandb: bool = False
     wandb_project: str = "qwen3train"
+    # evaluation during training (train/dev_eval.py): every eval_every steps and at the end, the model
+    # scores eval_file (a dev pair file or, for embedders, a BEIR/TREC folder; never an evaluation set);
+    # logged as dev_<metric>, the best step in best.json, its checkpoint kept by the pruning
+    eval_every: int = 0
+    eval_file: str | None = None
+    eval_metric: str = "ndcg@10"
 
     def __post_init__(self) -> None:
+        if self.eval_every > 0 and not self.eval_file:
+            raise ValueError("run.eval_every > 0 needs run.eval_file (a dev pair file or collection folder)")
         from qwen3train.train.identity import normalize_resume
 
         self.resume = normalize_resume(self.resume)

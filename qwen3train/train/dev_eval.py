@@ -1,0 +1,137 @@
+"""Evaluation during training (``run.eval_every``): the model being trained scores a dev set every N
+steps and at the end; the scores go to metrics.jsonl (``dev_<metric>``), wandb and ``dev_eval.jsonl``,
+and ``best.json`` names the best step (its checkpoint is kept by the pruning, and ``make merge``
+can select checkpoints by it: ``select.best``).
+
+Dev sets: a pair file (each query against the pool of the file's positives, as ``make eval`` scores
+held-out pairs; the reranker ranks each query's positives and negatives, or, where a row has none, its
+positives among the next 9 rows' positives) or, for embedders, a BEIR/TREC folder. Every rank runs the
+same evaluation on the unwrapped model (no collective but ZeRO-3's parameter gathering, which all ranks
+then do together), so the loop needs no rank-0-only branch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qwen3train.errors import ConfigError
+from qwen3train.eval.metrics import evaluate_run
+
+
+class DevEval:
+    def __init__(self, path: str, task, metric: str = "ndcg@10", top_k: int = 100) -> None:
+        self.path, self.task, self.metric, self.top_k = Path(path), task, metric, top_k
+        if not self.path.exists():
+            raise ConfigError(f"run.eval_file: {path} does not exist")
+        self.kind = "reranker" if hasattr(task, "reranker") else "embedder"
+        if self.path.is_dir():
+            if self.kind == "reranker":
+                raise ConfigError("run.eval_file: the reranker scores a pair file (query, pos, neg), not a collection")
+            from qwen3train.data.collections import load_collection
+
+            self.collection = load_collection(self.path)
+            self.rows = None
+        else:
+            from qwen3train.data.jsonl import read_jsonl
+
+            self.rows, self.collection = read_jsonl(self.path), None
+            if not self.rows:
+                raise ConfigError(f"run.eval_file: {path} holds no pairs")
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, float]:
+        module = self.task.module
+        was = module.training
+        module.eval()
+        try:
+            res = self._reranker() if self.kind == "reranker" else self._embedder()
+        finally:
+            module.train(was)
+        if self.metric not in res:
+            raise ConfigError(f"run.eval_metric: {self.metric} is not one of {sorted(k for k in res if k != 'queries')}")
+        return {k: float(v) for k, v in res.items() if k != "queries"}
+
+    def _embedder(self) -> dict:
+        from qwen3train.data.instructions import NO_TASK, REGISTRY
+        from qwen3train.eval.search import topk
+
+        emb = self.task.embedder
+        instructions = getattr(self.task, "instructions", None)
+        if self.collection is not None:
+            col = self.collection
+            qids = [q for q, r in col.qrels.items() if any(v > 0 for v in r.values())]
+            dids = list(col.corpus)
+            instr = REGISTRY.get(col.name.split("@")[0].lower(), self.task.instruction)
+            qv = emb.encode([col.queries[q] for q in qids], instruction=instr)
+            dv = emb.encode([col.corpus[d] for d in dids])
+            vals, idx = topk(qv, dv, min(self.top_k, len(dids)))
+            run = {q: [(dids[j], float(s)) for s, j in zip(vals[i].tolist(), idx[i].tolist())] for i, q in enumerate(qids)}
+            return evaluate_run(run, col.qrels)
+        rows = self.rows
+        docs = sorted({p for r in rows for p in r["pos"]})
+        doc_id = {d: str(i) for i, d in enumerate(docs)}
+        qv = torch.empty((len(rows), emb.hidden_size))
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):  # the training rule for each record's instruction
+            task = r.get("task") or NO_TASK
+            own = r.get("instruction") or r.get("prompt")
+            instr = instructions.query(task, own) if instructions is not None else (own or self.task.instruction)
+            groups.setdefault(instr, []).append(i)
+        for instr, ids in groups.items():
+            qv[ids] = emb.encode([rows[i]["query"] for i in ids], instruction=instr)
+        dv = emb.encode(docs)
+        vals, idx = topk(qv, dv, min(self.top_k, len(docs)))
+        run = {str(i): [(str(j), float(s)) for s, j in zip(vals[i].tolist(), idx[i].tolist())] for i in range(len(rows))}
+        return evaluate_run(run, {str(i): {doc_id[p]: 1 for p in r["pos"]} for i, r in enumerate(rows)})
+
+    def _reranker(self) -> dict:
+        rr = self.task.reranker
+        rows, run, qrels = self.rows, {}, {}
+        for i, r in enumerate(rows):
+            cands = list(dict.fromkeys(r["pos"] + list(r.get("neg") or [])))
+            if len(cands) == len(r["pos"]):  # no negatives: the next rows' positives
+                others = [p for k in range(1, len(rows)) for p in rows[(i + k) % len(rows)]["pos"]]
+                cands += [p for p in dict.fromkeys(others) if p not in r["pos"]][:9]
+            own = r.get("instruction") or r.get("prompt")
+            instructions = getattr(self.task, "instructions", None)
+            instr = instructions.query(r.get("task") or "default", own) if instructions is not None else own
+            probs = rr.score(r["query"], cands, instruction=instr)
+            run[str(i)] = [(str(j), float(p)) for j, p in enumerate(probs.tolist())]
+            qrels[str(i)] = {str(j): 1 for j, c in enumerate(cands) if c in r["pos"]}
+        return evaluate_run(run, qrels)
+
+
+def record(run_dir: Path, step: int, scores: dict, metric: str, checkpoint: str | None) -> dict:
+    """Append to dev_eval.jsonl; update best.json when this step is the best so far. Returns best."""
+    with open(run_dir / "dev_eval.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **scores, "checkpoint": checkpoint}) + "\n")
+    best_path = run_dir / "best.json"
+    best = json.loads(best_path.read_text()) if best_path.exists() else None
+    if best is None or scores[metric] > best["score"]:
+        best = {"step": step, "metric": metric, "score": scores[metric], "checkpoint": checkpoint}
+        best_path.write_text(json.dumps(best, indent=2))
+    return best
+
+
+def best_step(run_dir: Path) -> int | None:
+    p = Path(run_dir) / "best.json"
+    return json.loads(p.read_text())["step"] if p.exists() else None
+
+
+def ranked_checkpoints(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, score) of the evaluated steps that still have a checkpoint, best first."""
+    from qwen3train.train.checkpoint import step_dir
+
+    p = Path(run_dir) / "dev_eval.jsonl"
+    if not p.exists():
+        return []
+    metric = json.loads((Path(run_dir) / "best.json").read_text())["metric"]
+    last = {}
+    for line in p.read_text().splitlines():
+        r = json.loads(line)
+        last[r["step"]] = r[metric]  # a resumed run re-evaluates a step: keep the latest
+    return sorted(((s, v) for s, v in last.items() if (step_dir(Path(run_dir), s) / "model").exists()),
+                  key=lambda x: (-x[1], -x[0]))

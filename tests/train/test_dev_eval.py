@@ -1,0 +1,79 @@
+"""Evaluation during training (run.eval_every): the dev score logged at a step is the score an
+independent evaluation of that step's export gives; the best step is recorded and its checkpoint
+survives the pruning; merge can pick checkpoints by it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import make_pairs, rerank_cfg, train_cfg
+from qwen3train.train.loop import run
+
+
+def rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_embedder_dev_score_equals_evaluating_the_export(tiny_model_dir, tmp_path):
+    data = make_pairs(tmp_path / "train.jsonl", n=48, k=1)
+    dev = make_pairs(tmp_path / "dev.jsonl", n=16, k=0)
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "run", max_steps=6, save_every=2, keep_last=0)
+    cfg.run.eval_every, cfg.run.eval_file = 2, str(dev)
+    final = run(cfg)
+    m = rows(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in m if "dev_ndcg@10" in r] == [2, 4, 6]  # every 2 steps, the end included
+    evals = rows(tmp_path / "run" / "dev_eval.jsonl")
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert best["score"] == max(e["ndcg@10"] for e in evals) and best["checkpoint"].endswith(f"step_{best['step']:07d}")
+    from qwen3train.eval.pairs import evaluate_pairs
+
+    ref = evaluate_pairs(final, dev)  # the export, loaded and scored by `make eval`'s code
+    assert abs(ref["ndcg@10"] - evals[-1]["ndcg@10"]) < 1e-4 and abs(ref["mrr@10"] - evals[-1]["mrr@10"]) < 1e-4
+
+    from qwen3train.merge.apply import MergeConfig, SelectConfig
+    from qwen3train.merge.run import resolve_inputs
+
+    ranked = sorted(evals, key=lambda e: (-e["ndcg@10"], -e["step"]))
+    picked = resolve_inputs(MergeConfig(run_dir=str(tmp_path / "run"), select=SelectConfig(best=2)))
+    assert [int(p.parent.name.split("_")[1]) for p in picked] == sorted(e["step"] for e in ranked[:2])
+
+
+def test_best_checkpoint_survives_pruning(tmp_path):
+    from qwen3train.train import checkpoint
+
+    for step in (2, 4, 6, 8):
+        (checkpoint.step_dir(tmp_path, step) / "model").mkdir(parents=True)
+        (checkpoint.step_dir(tmp_path, step) / "train_state.json").write_text("{}")
+    checkpoint.prune(tmp_path, keep_last=1, keep_every=0, keep_steps=(4,))
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_0000004", "step_0000008"]
+
+
+def test_reranker_dev_score_equals_scoring_the_export(tiny_model_dir, tmp_path):
+    data = make_pairs(tmp_path / "train.jsonl", n=24, k=3)
+    dev = make_pairs(tmp_path / "dev.jsonl", n=6, k=3)
+    cfg = rerank_cfg(tiny_model_dir, data, tmp_path / "rr", max_steps=2)
+    cfg.run.eval_every, cfg.run.eval_file = 2, str(dev)
+    final = run(cfg)
+    got = rows(tmp_path / "rr" / "dev_eval.jsonl")[-1]
+    from qwen3train.eval.metrics import evaluate_run
+    from qwen3train.models.build import ModelConfig, build_reranker
+    from qwen3train.models.reranker import DEFAULT_RERANK_INSTRUCTION
+
+    rr = build_reranker(ModelConfig(name_or_path=str(final), padding_side="left"), max_length=160)
+    run_, qrels = {}, {}
+    for i, r in enumerate(rows(dev)):
+        cands = r["pos"] + r["neg"]
+        probs = rr.score(r["query"], cands, instruction=DEFAULT_RERANK_INSTRUCTION)
+        run_[str(i)] = [(str(j), float(p)) for j, p in enumerate(probs.tolist())]
+        qrels[str(i)] = {"0": 1}
+    ref = evaluate_run(run_, qrels)
+    assert abs(ref["ndcg@10"] - got["ndcg@10"]) < 1e-4
+
+
+def test_eval_every_needs_a_dev_file():
+    from qwen3train.train.config import RunConfig
+
+    with pytest.raises(ValueError, match="run.eval_file"):
+        RunConfig(eval_every=10)
