@@ -175,6 +175,7 @@ def write_report(out: Path, cfg=None) -> Path:
     curves = training_curves(out, ["stage1", "stage2", "rerank"])
     if curves:
         md += ["## Training", "", f"![training]({curves})", ""]
+    md += dev_section(out, ["stage1", "stage2", "rerank"])
     fsum = out / "filter" / "summary.json"
     if fsum.exists():
         f = json.loads(fsum.read_text())
@@ -192,6 +193,33 @@ def write_report(out: Path, cfg=None) -> Path:
         md += ["## Summary", ""] + summary(rows, out)
         md += ["## Evaluation", "", table(rows), "", "Per-stage nDCG@10 (full dimension):", ""] + stage_deltas(rows)
         md += ["", f"![results]({results_chart(rows, out)})", ""]
+    mteb = out / "mteb" / "results.jsonl"
+    if mteb.exists():
+        from qwen3train.eval.mteb_eval import table as mteb_table
+
+        md += ["## MTEB", "", mteb_table([json.loads(x) for x in mteb.read_text().splitlines() if x.strip()]), ""]
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path
+
+
+def dev_section(out: Path, stages: list[str]) -> list[str]:
+    """The dev scores recorded during training (run.eval_every): one row per evaluated step, best marked."""
+    md = []
+    for st in stages:
+        path = out / st / "dev_eval.jsonl"
+        if not path.exists():
+            continue
+        best = json.loads((out / st / "best.json").read_text())
+        metric = best["metric"]
+        evals = {}
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            evals[r["step"]] = r  # a resumed run re-evaluates a step: the latest counts
+        if not md:
+            md += ["## Dev evaluation during training", ""]
+        md += [f"{st}: {metric} by step (best {best['score']:.4f} at step {best['step']})", "",
+               "| step | " + metric + " |", "|---|---|"]
+        md += [f"| {k}{' (best)' if k == best['step'] else ''} | {evals[k][metric]:.4f} |" for k in sorted(evals)]
+        md.append("")
+    return md

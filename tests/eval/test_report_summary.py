@@ -28,3 +28,24 @@ def test_targets_and_bm25_verdict_follow_the_numbers(tmp_path):
     assert "raises nDCG@10 over its first stage on average (+0.0200): **met**" in text
     assert "stays below BM25 on average (0.3350 vs 0.3500); below it on 1 of 2 sets (b)" in text
     assert "merging did not pay" in text and "input step_20" in text
+
+
+def test_report_shows_dev_scores_during_training_and_mteb(tmp_path):
+    """A stage trained with run.eval_every and an MTEB run of the pipeline's output appear in the report:
+    the dev table marks the best step (the latest value of a re-evaluated step counts)."""
+    from qwen3train.report import write_report
+
+    st = tmp_path / "stage2"
+    st.mkdir()
+    evals = [{"step": 8, "ndcg@10": 0.31}, {"step": 16, "ndcg@10": 0.30}, {"step": 16, "ndcg@10": 0.36},
+             {"step": 24, "ndcg@10": 0.33}]
+    (st / "dev_eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    (st / "best.json").write_text(json.dumps({"step": 16, "metric": "ndcg@10", "score": 0.36}))
+    (tmp_path / "mteb").mkdir()
+    (tmp_path / "mteb" / "results.jsonl").write_text(json.dumps(
+        {"model": "merged", "task": "arcd", "split": "test", "subset": "default", "main_score": 0.25,
+         "ndcg@10": 0.25, "recall@100": 0.7}) + "\n")
+    text = write_report(tmp_path).read_text()
+    assert "stage2: ndcg@10 by step (best 0.3600 at step 16)" in text
+    assert "| 16 (best) | 0.3600 |" in text and "| 24 | 0.3300 |" in text and "0.3000" not in text
+    assert "## MTEB" in text and "| merged | arcd | test | default | 0.2500 | 0.2500 | 0.7000 |" in text
