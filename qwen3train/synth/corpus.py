@@ -2,13 +2,21 @@
 
 Inputs: JSONL (``text`` or ``contents``, optional ``title``, ``language``, ``_id``/``id``), Parquet
 with the same columns, or plain ``.txt`` files (one document per blank-line-separated block). Each
-document is split into passages of at most ``max_words`` words (``overlap`` words shared between
-neighbours); passages shorter than ``min_words`` are dropped and counted.
+document is split into passages of at most ``max_words`` units (``overlap`` units shared between
+neighbours); passages shorter than ``min_words`` units are dropped and counted.
+
+A unit is a whitespace-separated word in scripts written with spaces and a single character in scripts
+written without them (Han, kana, Thai, Lao, Khmer, Myanmar, Tibetan): a Chinese or Japanese document is
+no longer one 2,000-character "word". With a tokenizer (``synth.passage_tokens``: the generator's),
+units are its tokens. Passages are cut from the original text (whitespace runs collapsed to one space),
+so no space is inserted between CJK characters. ``sentences`` splits after sentence punctuation of
+Latin, CJK (。！？), Arabic (؟ ۔), Devanagari (। ॥), Thai-script-neutral ellipses and line breaks.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,21 +65,73 @@ def read_documents(paths: list[Path], default_language: str):
                     yield f"{path.name}:{i}", block, default_language
 
 
-def chunk(text: str, max_words: int, overlap: int) -> list[str]:
-    words = text.split()
-    if len(words) <= max_words:
-        return [" ".join(words)]
+# scripts written without spaces between words: each character is a unit
+_NO_SPACE = ("\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff"
+             "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f")
+_UNIT = re.compile(f"[{_NO_SPACE}]|[^\\s{_NO_SPACE}]+")
+_SENT_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？؟۔।॥…])\s*|\n\s*\n")
+_CJK_GAP = re.compile(f"(?<=[{_NO_SPACE}\u3000-\u303f\uff00-\uffef])[^\\S\\n]*\\n\\s*(?=[{_NO_SPACE}\u3000-\u303f\uff00-\uffef])")
+
+
+def _clean(text: str) -> str:
+    """Whitespace runs to one space; a line break between two characters of scripts without spaces
+    goes (hard-wrapped Chinese or Japanese text: not a word boundary), a space there stays."""
+    return re.sub(r"\s+", " ", _CJK_GAP.sub("", text)).strip()
+
+
+def unit_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each unit: a word, or one character of a script written without spaces."""
+    return [m.span() for m in _UNIT.finditer(text)]
+
+
+def count_units(text: str) -> int:
+    return sum(1 for _ in _UNIT.finditer(text))
+
+
+def _cut(text: str, start: int, end: int) -> str:
+    return _clean(text[start:end])
+
+
+def head(text: str, n: int) -> str:
+    """The first ``n`` units of ``text``."""
+    spans = unit_spans(text)
+    return _cut(text, 0, spans[min(n, len(spans)) - 1][1]) if spans else ""
+
+
+def sentences(text: str) -> list[str]:
+    return [x for x in (_clean(p) for p in _SENT_END.split(text)) if x]
+
+
+def chunk(text: str, max_words: int, overlap: int, tokenizer=None) -> list[str]:
+    """Passages of at most ``max_words`` units (tokens of ``tokenizer`` when given), ``overlap`` shared."""
+    if tokenizer is not None:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = [tuple(o) for o in enc["offset_mapping"] if o[1] > o[0]]
+    else:
+        spans = unit_spans(text)
+    if not spans:
+        return []
+    if len(spans) <= max_words:
+        return [_cut(text, spans[0][0], spans[-1][1])]
     step = max(1, max_words - overlap)
-    return [" ".join(words[s:s + max_words]) for s in range(0, max(1, len(words) - overlap), step)]
+    return [_cut(text, spans[s][0], spans[min(s + max_words, len(spans)) - 1][1])
+            for s in range(0, max(1, len(spans) - overlap), step)]
 
 
 def passages(paths: list[Path], *, max_words: int, overlap: int, min_words: int, default_language: str,
-             limit: int = 0) -> tuple[list[Passage], dict]:
+             limit: int = 0, tokenizer=None) -> tuple[list[Passage], dict]:
+    """Passages of every document (``tokenizer``: sizes in its tokens, else in units, see above)."""
     out, seen, stats = [], set(), {"documents": 0, "too_short": 0, "duplicate": 0}
+
+    def size(piece: str) -> int:
+        if tokenizer is not None:
+            return len(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        return count_units(piece)
+
     for doc_id, text, lang in read_documents(paths, default_language):
         stats["documents"] += 1
-        for piece in chunk(text, max_words, overlap):
-            if len(piece.split()) < min_words:
+        for piece in chunk(text, max_words, overlap, tokenizer):
+            if size(piece) < min_words:
                 stats["too_short"] += 1
                 continue
             h = text_hash(piece)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from qwen3train.data.records import text_hash
 from qwen3train.synth.backend import SamplingConfig, TransformersBackend, chat_prompts, json_prefill
-from qwen3train.synth.corpus import Passage, passages
+from qwen3train.synth.corpus import Passage, head, passages, sentences
 from qwen3train.synth.parse import ParseError, check_text, normalize, parse_output
 from qwen3train.synth.personas import load_personas, top_personas
 from qwen3train.synth.prompts import SCHEMAS, PromptSet, copies_example
@@ -64,9 +64,12 @@ class SynthConfig:
     corpus: list[str] = field(default_factory=list)
     output_dir: str = "outputs/synth"
     default_language: str = "English"
-    passage_words: int = 120
+    passage_words: int = 120      # units: words, or characters of scripts without spaces (synth/corpus.py)
     passage_overlap: int = 0
     min_passage_words: int = 20
+    # > 0: passages measured in the generator's tokens instead (overrides the two above; overlap in tokens)
+    passage_tokens: int = 0
+    min_passage_tokens: int = 0
     max_passages: int = 0
     personas: str | None = None
     persona_retriever: str = "lexical"
@@ -199,9 +202,8 @@ class ShardRunner:
     def single_step(self, task: str, items: list[Item], rng: random.Random, k: int) -> list[dict]:
         key = {"bitext": "Translation", "sts": "Paraphrase", "classification": "Category"}[task]
         for it in items:
-            words = it.passage.text.split()
-            first = it.passage.text.split(". ")[0]
-            it.source = " ".join(first.split()[:40]) if task in ("sts", "bitext") else " ".join(words[:80])
+            first = (sentences(it.passage.text) or [it.passage.text])[0]
+            it.source = head(first, 40) if task in ("sts", "bitext") else head(it.passage.text, 80)
             langs = [lang for lang in self.cfg.bitext_languages if lang != it.passage.language] or \
                 self.cfg.bitext_languages
             it.fields["language"] = rng.choice(langs) if task == "bitext" else it.passage.language
@@ -270,9 +272,14 @@ def run(cfg: SynthConfig, backend=None) -> Path:
     missing = [str(p) for p in files if not p.exists()]
     if missing or not files:
         raise FileNotFoundError(f"synth.corpus: not found {missing or cfg.corpus}")
-    psg, corpus_stats = passages(files, max_words=cfg.passage_words, overlap=cfg.passage_overlap,
-                                 min_words=cfg.min_passage_words, default_language=cfg.default_language,
-                                 limit=cfg.max_passages)
+    tokenizer = None
+    if cfg.passage_tokens > 0:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.generator)
+    psg, corpus_stats = passages(files, max_words=cfg.passage_tokens or cfg.passage_words, overlap=cfg.passage_overlap,
+                                 min_words=cfg.min_passage_tokens if tokenizer is not None else cfg.min_passage_words,
+                                 default_language=cfg.default_language, limit=cfg.max_passages, tokenizer=tokenizer)
     n_shards = math.ceil(len(psg) / cfg.shard_size)
     mine = [k for k in range(n_shards) if k % cfg.num_shards == cfg.shard_index]
     todo = [k for k in mine if not (shard_dir / f"shard_{k:05d}.jsonl").exists()]
