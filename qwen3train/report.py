@@ -172,6 +172,13 @@ def write_report(out: Path, cfg=None) -> Path:
                f"{s['generations']} generations, {sum(s['rejected_by_reason'].values())} rejected), generator "
                f"`{Path(s['generator']).name}` on {s['backend']}, {s['output_tokens_per_s']:.0f} output tokens/s.", "",
                f"![generation]({generation_chart(s, out)})", ""]
+        if s.get("by_task_language"):
+            md += ["Pairs kept and passages given up (after every retry) by task and query language "
+                   f"({s.get('cross_lingual_retrieval_pairs', 0)} cross-lingual retrieval pairs):", "",
+                   "| task | language | kept | gave up |", "|---|---|---|---|"]
+            md += [f"| {k.split('|')[0]} | {k.split('|')[1]} | {v['kept']} | {v['gave_up']} |"
+                   for k, v in s["by_task_language"].items()]
+            md.append("")
     curves = training_curves(out, ["stage1", "stage2", "rerank"])
     if curves:
         md += ["## Training", "", f"![training]({curves})", ""]

@@ -76,7 +76,10 @@ class SynthConfig:
     persona_embedder: str | None = None
     num_personas: int = 5
     task_mix: dict[str, float] = field(default_factory=lambda: {"retrieval": 1.0})
-    query_languages: list[str] = field(default_factory=lambda: ["English"])
+    # language of each retrieval query, drawn per passage by weight; "same" = the passage's own language
+    # (the default: mostly same-language queries, a share of English ones, i.e. cross-lingual pairs for
+    # non-English passages); each pair records both languages (provenance.language / corpus_language)
+    query_languages: dict[str, float] = field(default_factory=lambda: {"same": 0.8, "English": 0.2})
     bitext_languages: list[str] = field(default_factory=lambda: ["French", "German", "Spanish"])
     query_lengths: list[int] = field(default_factory=lambda: [5, 10, 15, 25])
     max_query_words: int = 64
@@ -98,6 +101,9 @@ class SynthConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not self.query_languages or any(w < 0 for w in self.query_languages.values()) or \
+                sum(self.query_languages.values()) <= 0:
+            raise ValueError(f"synth.query_languages: positive weights needed, got {dict(self.query_languages)}")
         unknown = set(self.task_mix) - set(TASK_INSTRUCTIONS)
         if unknown:
             raise ValueError(f"synth.task_mix has unknown tasks {sorted(unknown)}; known: {sorted(TASK_INSTRUCTIONS)}")
@@ -122,6 +128,7 @@ class ShardRunner:
         self.cfg, self.backend, self.prompts, self.personas = cfg, backend, prompts, personas
         self.rejects: list[dict] = []
         self.reasons: Counter = Counter()
+        self.gave_up: Counter = Counter()  # "task|language" -> items dropped after all retries
         self.tokens = Counter()
         self.calls = 0
 
@@ -155,6 +162,8 @@ class ShardRunner:
                     self.rejects.append({"passage_id": it.passage.pid, "template": template, "attempt": attempt,
                                          "reason": e.reason, "output": prefill + gen.text})
             pending = failed
+        for it in pending:  # still failing after every retry: this passage gives no pair for this step
+            self.gave_up[f"{it.task}|{it.fields.get('language', it.passage.language)}"] += 1
         return done
 
     def run(self, shard: list[Passage], k: int) -> list[dict]:
@@ -184,7 +193,8 @@ class ShardRunner:
         chosen = []
         for it, out in step1:
             it.fields.update(persona=out["Character"], question_type=out["Question_Type"], difficulty=out["Difficulty"],
-                             length=rng.choice(cfg.query_lengths), language=rng.choice(cfg.query_languages))
+                             length=rng.choice(cfg.query_lengths),
+                             language=query_language(cfg.query_languages, it.passage.language, rng))
             chosen.append(it)
 
         def accept(it, out):
@@ -232,6 +242,12 @@ class ShardRunner:
         if it.task in SYMMETRIC:
             row["type"] = f"symmetric_{it.task}"
         return row
+
+
+def query_language(weights: dict[str, float], passage_language: str, rng: random.Random) -> str:
+    names, w = zip(*sorted(weights.items()))
+    pick = rng.choices(names, w)[0]
+    return passage_language if pick == "same" else pick
 
 
 def dedupe(rows: list[dict], seen_exact: set, seen_norm: set) -> tuple[list[dict], int]:
@@ -305,6 +321,7 @@ def run(cfg: SynthConfig, backend=None) -> Path:
                 dt = time.perf_counter() - t0
                 stats = {"shard": k, "passages": len(shard), "pairs": len(rows), "duplicates": dup,
                          "generations": runner.calls, "rejected_by_reason": dict(runner.reasons),
+                         "gave_up_by_task_language": dict(runner.gave_up),
                          "prompt_tokens": runner.tokens["prompt"], "output_tokens": runner.tokens["output"],
                          "seconds": dt, "output_tokens_per_s": runner.tokens["output"] / max(dt, 1e-9)}
                 write_atomic(shard_dir / f"shard_{k:05d}.rejects.jsonl", jsonl(runner.rejects))
@@ -338,6 +355,15 @@ def finalize(cfg: SynthConfig, out: Path, n_shards: int, corpus_stats: dict, n_p
     for s in shard_stats:
         reasons.update(s["rejected_by_reason"])
     count = lambda key: dict(Counter(r["provenance"].get(key, "-") for r in rows))  # noqa: E731
+    by_tl: dict[str, dict[str, int]] = {}
+    for r in rows:
+        key = f"{r['provenance'].get('task', '-')}|{r['provenance'].get('language', '-')}"
+        by_tl.setdefault(key, {"kept": 0, "gave_up": 0})["kept"] += 1
+    for s in shard_stats:
+        for key, n in s.get("gave_up_by_task_language", {}).items():
+            by_tl.setdefault(key, {"kept": 0, "gave_up": 0})["gave_up"] += n
+    cross = sum(r["provenance"].get("language") != r["provenance"].get("corpus_language") for r in rows
+                if r["provenance"].get("task") == "retrieval")
     secs = sum(s["seconds"] for s in shard_stats)
     stats = {
         "passages": n_passages, "corpus": corpus_stats, "shards": n_shards,
@@ -346,7 +372,9 @@ def finalize(cfg: SynthConfig, out: Path, n_shards: int, corpus_stats: dict, n_p
         "generations": sum(s["generations"] for s in shard_stats),
         "yield_pairs_per_passage": len(rows) / max(n_passages, 1),
         "by_task": count("task"), "by_question_type": count("question_type"), "by_difficulty": count("difficulty"),
-        "by_language": count("language"), "rejected_by_reason": dict(reasons),
+        "by_language": count("language"), "by_corpus_language": count("corpus_language"),
+        "cross_lingual_retrieval_pairs": cross, "rejected_by_reason": dict(reasons),
+        "by_task_language": dict(sorted(by_tl.items())),
         "prompt_tokens": sum(s["prompt_tokens"] for s in shard_stats),
         "output_tokens": sum(s["output_tokens"] for s in shard_stats), "generation_seconds": secs,
         "output_tokens_per_s": sum(s["output_tokens"] for s in shard_stats) / max(secs, 1e-9),

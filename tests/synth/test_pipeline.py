@@ -124,3 +124,36 @@ def test_transformers_backend_on_tiny_model_rejects_garbage_cleanly(tmp_path, ti
     stats = json.loads((out / "stats.json").read_text())
     assert stats["generations"] >= 6 and sum(stats["rejected_by_reason"].values()) >= 6
     assert stats["output_tokens"] > 0
+
+
+def test_language_mix_and_stats_by_task_and_language(tmp_path, tokenizer):
+    """Queries of a Russian corpus: mostly Russian, a configured share English (cross-lingual pairs),
+    each pair recording both languages; stats count kept pairs and passages given up per task and
+    language. Would catch the old behaviour (every query English whatever the passage) and a stats
+    table that does not add up to the pairs written."""
+    import random
+
+    from qwen3train.synth.pipeline import query_language
+
+    rng = random.Random(0)
+    draws = [query_language({"same": 0.75, "English": 0.25}, "Russian", rng) for _ in range(2000)]
+    assert set(draws) == {"Russian", "English"} and 0.70 < draws.count("Russian") / 2000 < 0.80
+    with pytest.raises(ValueError, match="query_languages"):
+        SynthConfig(query_languages={"same": 0.0})
+
+    path = corpus(tmp_path / "c.jsonl")
+    rows = [json.loads(x) | {"language": "Russian"} for x in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = SynthConfig(corpus=[str(path)], output_dir=str(tmp_path / "out"), shard_size=6, passage_words=60,
+                      min_passage_words=5, heldout_fraction=0.0, task_mix={"retrieval": 1.0},
+                      query_languages={"same": 0.5, "English": 0.5})
+    out = run(cfg, backend=ScriptedBackend(tokenizer))
+    pairs = read(out / "pairs.jsonl")
+    langs = [r["provenance"]["language"] for r in pairs]
+    assert {r["provenance"]["corpus_language"] for r in pairs} == {"Russian"} and set(langs) == {"Russian", "English"}
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["cross_lingual_retrieval_pairs"] == langs.count("English")
+    table = stats["by_task_language"]
+    assert sum(v["kept"] for v in table.values()) == len(pairs)
+    assert table["retrieval|English"]["kept"] == langs.count("English")
+    assert set(table) <= {"retrieval|English", "retrieval|Russian"}
