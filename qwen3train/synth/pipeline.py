@@ -80,6 +80,10 @@ class SynthConfig:
     # (the default: mostly same-language queries, a share of English ones, i.e. cross-lingual pairs for
     # non-English passages); each pair records both languages (provenance.language / corpus_language)
     query_languages: dict[str, float] = field(default_factory=lambda: {"same": 0.8, "English": 0.2})
+    # source files (globs) for the code tasks text2code / code2text (docstring or comment <-> function),
+    # extracted, not generated (synth/code.py); max_code_functions: 0 = all
+    code_corpus: list[str] = field(default_factory=list)
+    max_code_functions: int = 0
     bitext_languages: list[str] = field(default_factory=lambda: ["French", "German", "Spanish"])
     query_lengths: list[int] = field(default_factory=lambda: [5, 10, 15, 25])
     max_query_words: int = 64
@@ -345,9 +349,19 @@ def finalize(cfg: SynthConfig, out: Path, n_shards: int, corpus_stats: dict, n_p
         rows += [json.loads(x) for x in (shard_dir / f"shard_{k:05d}.jsonl").read_text(encoding="utf-8").splitlines() if x]
         shard_stats.append(json.loads((shard_dir / f"shard_{k:05d}.stats.json").read_text()))
         rejects.append((shard_dir / f"shard_{k:05d}.rejects.jsonl").read_text(encoding="utf-8"))
+    code_stats = None
+    if cfg.code_corpus:
+        from qwen3train.synth.code import code_pairs
+
+        code_rows, code_stats = code_pairs(cfg.code_corpus, limit=cfg.max_code_functions)
+        rows += code_rows
     rows, dup = dedupe(rows, set(), set())
-    held = [r for r in rows if (text_hash(r["query"]) % 10_000) < cfg.heldout_fraction * 10_000]
-    train = [r for r in rows if (text_hash(r["query"]) % 10_000) >= cfg.heldout_fraction * 10_000]
+
+    def split_key(r: dict) -> str:  # both directions of one function fall on the same side
+        return r["provenance"].get("source") or r["query"]
+
+    held = [r for r in rows if (text_hash(split_key(r)) % 10_000) < cfg.heldout_fraction * 10_000]
+    train = [r for r in rows if (text_hash(split_key(r)) % 10_000) >= cfg.heldout_fraction * 10_000]
     write_atomic(out / "pairs.jsonl", jsonl(train))
     write_atomic(out / "heldout.jsonl", jsonl(held))
     write_atomic(out / "rejects.jsonl", "".join(rejects))
@@ -374,7 +388,7 @@ def finalize(cfg: SynthConfig, out: Path, n_shards: int, corpus_stats: dict, n_p
         "by_task": count("task"), "by_question_type": count("question_type"), "by_difficulty": count("difficulty"),
         "by_language": count("language"), "by_corpus_language": count("corpus_language"),
         "cross_lingual_retrieval_pairs": cross, "rejected_by_reason": dict(reasons),
-        "by_task_language": dict(sorted(by_tl.items())),
+        "by_task_language": dict(sorted(by_tl.items())), "code": code_stats,
         "prompt_tokens": sum(s["prompt_tokens"] for s in shard_stats),
         "output_tokens": sum(s["output_tokens"] for s in shard_stats), "generation_seconds": secs,
         "output_tokens_per_s": sum(s["output_tokens"] for s in shard_stats) / max(secs, 1e-9),
