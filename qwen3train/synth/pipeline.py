@@ -23,7 +23,7 @@ from qwen3train.data.records import text_hash
 from qwen3train.synth.backend import SamplingConfig, TransformersBackend, chat_prompts, json_prefill
 from qwen3train.synth.corpus import Passage, head, passages, sentences
 from qwen3train.synth.parse import ParseError, check_text, normalize, parse_output
-from qwen3train.synth.personas import load_personas, top_personas
+from qwen3train.synth.personas import load_personas, persona_index
 from qwen3train.synth.prompts import SCHEMAS, PromptSet, copies_example
 
 TASK_INSTRUCTIONS = {
@@ -74,6 +74,7 @@ class SynthConfig:
     personas: str | None = None
     persona_retriever: str = "lexical"
     persona_embedder: str | None = None
+    persona_cache: str | None = "outputs/cache/embeddings"  # persona vectors of the embedder route, once per file
     num_personas: int = 5
     task_mix: dict[str, float] = field(default_factory=lambda: {"retrieval": 1.0})
     # language of each retrieval query, drawn per passage by weight; "same" = the passage's own language
@@ -128,8 +129,9 @@ class Item:
 
 
 class ShardRunner:
-    def __init__(self, cfg: SynthConfig, backend, prompts: PromptSet, personas: list[str]) -> None:
+    def __init__(self, cfg: SynthConfig, backend, prompts: PromptSet, personas: list[str], index=None) -> None:
         self.cfg, self.backend, self.prompts, self.personas = cfg, backend, prompts, personas
+        self.index = index  # the persona index, built once per run and shared by the shards
         self.rejects: list[dict] = []
         self.reasons: Counter = Counter()
         self.gave_up: Counter = Counter()  # "task|language" -> items dropped after all retries
@@ -186,8 +188,9 @@ class ShardRunner:
 
     def retrieval(self, items: list[Item], rng: random.Random, k: int) -> list[dict]:
         cfg = self.cfg
-        cands = top_personas([it.passage.text for it in items], self.personas, cfg.num_personas,
-                             cfg.persona_retriever, cfg.persona_embedder)
+        if self.index is None:
+            self.index = persona_index(self.personas, cfg.persona_retriever, cfg.persona_embedder, cfg.persona_cache)
+        cands = self.index.topk([it.passage.text for it in items], cfg.num_personas)
         for it, idx in zip(items, cands):
             it.fields["candidates"] = [self.personas[i] for i in idx]
         step1 = self.ask(items, "retrieval_config",
@@ -307,6 +310,7 @@ def run(cfg: SynthConfig, backend=None) -> Path:
     if todo:
         prompts = PromptSet(cfg.prompt_version)
         personas = load_personas(cfg.personas)
+        index = None
         own = backend is None
         if own:
             backend = build_backend(cfg.backend, cfg.generator, dtype=cfg.dtype, batch_size=cfg.batch_size,
@@ -318,9 +322,10 @@ def run(cfg: SynthConfig, backend=None) -> Path:
         try:
             for k in todo:
                 shard = psg[k * cfg.shard_size:(k + 1) * cfg.shard_size]
-                runner = ShardRunner(cfg, backend, prompts, personas)
+                runner = ShardRunner(cfg, backend, prompts, personas, index)
                 t0 = time.perf_counter()
                 rows = runner.run(shard, k)
+                index = runner.index  # built by the first shard that needed it
                 rows, dup = dedupe(rows, set(), set())
                 dt = time.perf_counter() - t0
                 stats = {"shard": k, "passages": len(shard), "pairs": len(rows), "duplicates": dup,
