@@ -10,10 +10,11 @@ the ideal ranking, as in trec_eval); never an error. Malformed lines raise an er
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from qwen3train.data.jsonl import iter_json_lines
 
 
 @dataclass
@@ -23,18 +24,6 @@ class Collection:
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
     missing: dict[str, int] = field(default_factory=dict)
-
-
-def _jsonl(path: Path):
-    with open(path, encoding="utf-8", newline="") as f:
-        data = f.read()
-    for lineno, line in enumerate(data.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
 
 
 def _qrels(path: Path, trec: bool) -> dict[str, dict[str, int]]:
@@ -72,12 +61,12 @@ def _prune(c: Collection) -> Collection:
 def load_beir(folder: str | Path, split: str = "test") -> Collection:
     folder = Path(folder)
     corpus = {}
-    for lineno, obj in _jsonl(folder / "corpus.jsonl"):
+    for lineno, obj in iter_json_lines(folder / "corpus.jsonl"):
         if "_id" not in obj or not isinstance(obj.get("text"), str):
             raise ValueError(f"{folder / 'corpus.jsonl'}:{lineno}: needs '_id' and a string 'text'")
         corpus[str(obj["_id"])] = f"{obj['title']} {obj['text']}".strip() if obj.get("title") else obj["text"]
     queries = {}
-    for lineno, obj in _jsonl(folder / "queries.jsonl"):
+    for lineno, obj in iter_json_lines(folder / "queries.jsonl"):
         if "_id" not in obj or not isinstance(obj.get("text"), str):
             raise ValueError(f"{folder / 'queries.jsonl'}:{lineno}: needs '_id' and a string 'text'")
         queries[str(obj["_id"])] = obj["text"]

@@ -11,6 +11,19 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").split("\n") if x.strip()]
 
 
+def iter_json_lines(path: str | Path):
+    """``(line number, object)`` of each non-blank line; a line that is not JSON raises ValueError
+    naming ``file:line``. Splits on ``\n`` only (texts may hold U+2028)."""
+    with open(path, encoding="utf-8", newline="\n") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
 def write_jsonl(path: str | Path, rows) -> Path:
     """Write rows atomically: a hidden temporary file renamed into place, so a kill never leaves half a file."""
     path = Path(path)

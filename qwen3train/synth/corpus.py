@@ -15,11 +15,11 @@ Latin, CJK (。！？), Arabic (؟ ۔), Devanagari (। ॥), Thai-script-neutra
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwen3train.data.jsonl import iter_json_lines
 from qwen3train.data.records import text_hash
 
 
@@ -35,21 +35,14 @@ def read_documents(paths: list[Path], default_language: str):
     """Yield (doc_id, text, language) in a deterministic order; bad JSON lines name file:line."""
     for path in paths:
         if path.suffix in (".jsonl", ".json"):
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                    text = obj.get("text") or obj.get("contents")
-                    if not isinstance(text, str):
-                        raise ValueError(f"{path}:{lineno}: field 'text': missing or not a string")
-                    if obj.get("title"):
-                        text = f"{obj['title']}. {text}"
-                    yield str(obj.get("_id") or obj.get("id") or f"{path.name}:{lineno}"), text, \
-                        obj.get("language") or default_language
+            for lineno, obj in iter_json_lines(path):
+                text = obj.get("text") or obj.get("contents") if isinstance(obj, dict) else None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{lineno}: field 'text': missing or not a string")
+                if obj.get("title"):
+                    text = f"{obj['title']}. {text}"
+                yield str(obj.get("_id") or obj.get("id") or f"{path.name}:{lineno}"), text, \
+                    obj.get("language") or default_language
         elif path.suffix == ".parquet":
             import datasets
 

@@ -19,12 +19,12 @@ Retrievers, both bounded in memory by a block of passages:
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
+from qwen3train.data.jsonl import iter_json_lines
 from qwen3train.synth.corpus import NO_SPACE_CHARS
 
 DEFAULT_PERSONAS = Path(__file__).resolve().parents[1] / "resources" / "personas.txt"
@@ -35,19 +35,12 @@ def load_personas(path: str | Path | None) -> list[str]:
     p = Path(path) if path else DEFAULT_PERSONAS
     if p.suffix == ".jsonl":
         personas = []
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-                text = next((obj[k] for k in PERSONA_FIELDS if isinstance(obj, dict) and isinstance(obj.get(k), str)), None)
-                if text is None:
-                    raise ValueError(f"{p}:{lineno}: field 'persona': missing (one of {', '.join(PERSONA_FIELDS)})")
-                if text.strip():
-                    personas.append(text.strip())
+        for lineno, obj in iter_json_lines(p):
+            text = next((obj[k] for k in PERSONA_FIELDS if isinstance(obj, dict) and isinstance(obj.get(k), str)), None)
+            if text is None:
+                raise ValueError(f"{p}:{lineno}: field 'persona': missing (one of {', '.join(PERSONA_FIELDS)})")
+            if text.strip():
+                personas.append(text.strip())
     elif p.suffix == ".parquet":
         import pyarrow.parquet as pq
 
