@@ -70,3 +70,18 @@ def test_mteb_bad_task_name_is_one_line(tmp_path):
                           env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "mteb.tasks" in proc.stderr and "NoSuchTask123" in proc.stderr
+
+
+def test_benchmark_and_task_names_resolve_offline():
+    """`benchmark=` expands to the benchmark's tasks (MTEB(eng, v2): the 41 of the paper's Table 3) and
+    every task gets the instruction the released evaluation gives it; no data is downloaded here."""
+    from qwen3train.eval.mteb_eval import MtebConfig, get_tasks
+
+    tasks = get_tasks(MtebConfig(benchmark="MTEB(eng, v2)"))
+    assert len(tasks) == 41
+    t = instruction_table()
+    arguana = next(x for x in tasks if x.metadata.name == "ArguAna")
+    assert select_instruction(t, "ArguAna", arguana.metadata.type, arguana.metadata.prompt, "document") == \
+        "Given a claim, find documents that refute the claim"
+    names = [x.metadata.name for x in get_tasks(MtebConfig(tasks=["SciFact", "STS12"]))]
+    assert names == ["SciFact", "STS12"]
