@@ -83,7 +83,11 @@ def _yaml_str(s: str) -> str:
 def render(folder: Path, meta: dict) -> str:
     card = meta.get("card", {})
     kind = meta.get("kind", "embedder")
-    name = folder.name if folder.name not in ("model", "final") else f"{folder.parent.name}/{folder.name}"
+    lineage = card.get("lineage", [])
+    name = folder.name
+    if name in ("model", "final") and lineage:  # a checkpoint's export or a run's final: say which stage
+        last = lineage[-1]
+        name = f"{last.get('stage')}" + (f" (step {last['steps']})" if last.get("stage") != "merge" else "")
     tags = ["qwen3train", "sentence-transformers"] + (["feature-extraction", "sentence-similarity"] if kind == "embedder"
                                                       else ["text-ranking", "reranker"])
     front = ["---", f"license: {card.get('license', 'apache-2.0')}", "library_name: sentence-transformers",
@@ -109,7 +113,6 @@ def render(folder: Path, meta: dict) -> str:
         out += [f"- Score: P(yes) = sigmoid(z_yes - z_no) at the last position; max length {meta.get('max_length')}",
                 f"- Default instruction: {meta.get('default_instruction')!r}"]
     out += ["", "## Training", ""]
-    lineage = card.get("lineage", [])
     if not lineage:
         out.append("No training recorded (an export of the base model).")
     for i, st in enumerate(lineage, 1):
