@@ -50,16 +50,16 @@ def _source_name(p: Path) -> str:
 
 
 def write_card(out: Path, inputs: list[Path], method: str, note: str | None, record_sources: bool = True) -> None:
-    """The merged export's model card: the lineage of the first input, then this merge."""
+    """The merged export's model card: the lineage of the last (most trained) input, then this merge."""
     from qwen3train.models.card import inherited, read_meta, set_card
 
-    if "card" not in read_meta(inputs[0]):
+    if "card" not in read_meta(inputs[-1]):
         return  # inputs not exported by qwen3train (no facts to carry)
-    base, lineage = inherited(inputs[0])
+    base, lineage = inherited(inputs[-1])
     entry = {"stage": "merge", "method": method, "sources": [_source_name(p) for p in inputs] if record_sources else []}
     if note:
         entry["note"] = note
-    set_card(out, base_model=base, lineage=lineage + [entry], license=read_meta(inputs[0])["card"].get("license", "apache-2.0"),
+    set_card(out, base_model=base, lineage=lineage + [entry], license=read_meta(inputs[-1])["card"].get("license", "apache-2.0"),
              evaluation=[])
 
 

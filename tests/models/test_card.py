@@ -42,7 +42,7 @@ def test_cards_follow_the_lineage_through_stages_merge_and_eval(tiny_model_dir, 
     merged = merge(MergeConfig(inputs=[str(ckpt), str(tmp_path / "s2" / "checkpoints" / "step_0000004" / "model")],
                                method="slerp", t=0.5, output_dir=str(tmp_path / "merged")))
     lineage = read_meta(merged)["card"]["lineage"]
-    assert [x["stage"] for x in lineage] == ["stage1", "stage2", "merge"]
+    assert [x["stage"] for x in lineage] == ["stage1", "stage2", "merge"] and lineage[1]["steps"] == 4  # the last input's
     assert lineage[-1]["sources"] == ["s2/step_0000002", "s2/step_0000004"]
     assert "**merge** (slerp t=0.5)" in (merged / "README.md").read_text()
 
