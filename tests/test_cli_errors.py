@@ -25,6 +25,12 @@ CASES = {
     "no usable records to mine": (["--config-name=mine", "inputs=[{bad}]", "embedder={model}",
                                    "output={tmp}/mined/m.jsonl"], "no valid records"),
     "unknown command": (["--config-name=stage7"], "Cannot find primary config 'stage7'"),
+    "bad line in a stage-0 corpus": (["--config-name=synth", "corpus=[{tmp}/notjson.jsonl]",
+                                      "output_dir={tmp}/synth"], "notjson.jsonl:2: field '<json>': not valid JSON"),
+    "persona file without personas": (["--config-name=synth", "corpus=[{tmp}/docs.jsonl]", "personas={bad}",
+                                       "output_dir={tmp}/synth", "generator={model}"], "bad.jsonl:1: field 'persona'"),
+    "missing model for MTEB": (["--config-name=mteb", "model={tmp}/nothing/here", "collections=[{tmp}]"],
+                               "nothing/here does not exist"),
 }
 
 
@@ -33,6 +39,8 @@ def test_user_mistake_is_one_line_and_status_2(case, tiny_model_dir, tmp_path):
     args, needle = CASES[case]
     (tmp_path / "bad.jsonl").write_text('{"query": "q", "pos": "not a list"}\n')
     (tmp_path / "good.jsonl").write_text('{"query": "q", "pos": ["p"]}\n')
+    (tmp_path / "notjson.jsonl").write_text('{"text": "a document about rivers and their deltas"}\n{"text": oops}\n')
+    (tmp_path / "docs.jsonl").write_text('{"text": "' + "a long enough document about rivers " * 10 + '"}\n')
     fill = {"bad": tmp_path / "bad.jsonl", "good": tmp_path / "good.jsonl", "tmp": tmp_path, "model": tiny_model_dir}
     argv = [a.format(**fill) for a in args] + [f"model.name_or_path={tiny_model_dir}"] * (
         args[0] == "--config-name=stage1" and not any(a.startswith("model.name_or_path") for a in args))

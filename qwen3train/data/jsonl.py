@@ -12,8 +12,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def iter_json_lines(path: str | Path):
-    """``(line number, object)`` of each non-blank line; a line that is not JSON raises ValueError
-    naming ``file:line``. Splits on ``\n`` only (texts may hold U+2028)."""
+    """``(line number, object)`` of each non-blank line; a line that is not JSON raises DataError naming
+    ``file:line`` (the command line prints it as one line). Splits on ``\n`` only (texts may hold U+2028)."""
+    from qwen3train.data.records import DataError
+
     with open(path, encoding="utf-8", newline="\n") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -21,7 +23,7 @@ def iter_json_lines(path: str | Path):
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{lineno}", "<json>", f"not valid JSON ({e.msg})") from None
 
 
 def write_jsonl(path: str | Path, rows) -> Path:

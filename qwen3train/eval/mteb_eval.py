@@ -182,7 +182,8 @@ def run(cfg: MtebConfig) -> list[dict]:
     except ModuleNotFoundError:
         raise ConfigError("make mteb needs the mteb package: pip install 'qwen3train[mteb]'") from None
 
-    if not Path(cfg.export).exists() and "/" not in cfg.export:
+    hub_name = cfg.export.count("/") == 1 and not cfg.export.startswith((".", "/", "~"))
+    if not Path(cfg.export).exists() and not hub_name:
         raise ConfigError(f"mteb: model {cfg.export} does not exist")
     label = cfg.label or Path(cfg.export).name
     tasks = get_tasks(cfg)  # a wrong task name fails before the model loads

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen3train.data.jsonl import iter_json_lines
-from qwen3train.data.records import text_hash
+from qwen3train.data.records import DataError, text_hash
 
 
 @dataclass
@@ -38,7 +38,7 @@ def read_documents(paths: list[Path], default_language: str):
             for lineno, obj in iter_json_lines(path):
                 text = obj.get("text") or obj.get("contents") if isinstance(obj, dict) else None
                 if not isinstance(text, str):
-                    raise ValueError(f"{path}:{lineno}: field 'text': missing or not a string")
+                    raise DataError(f"{path}:{lineno}", "text", "missing or not a string")
                 if obj.get("title"):
                     text = f"{obj['title']}. {text}"
                 yield str(obj.get("_id") or obj.get("id") or f"{path.name}:{lineno}"), text, \

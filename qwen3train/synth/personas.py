@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen3train.data.jsonl import iter_json_lines
+from qwen3train.data.records import DataError
 from qwen3train.synth.corpus import NO_SPACE_CHARS
 
 DEFAULT_PERSONAS = Path(__file__).resolve().parents[1] / "resources" / "personas.txt"
@@ -38,7 +39,7 @@ def load_personas(path: str | Path | None) -> list[str]:
         for lineno, obj in iter_json_lines(p):
             text = next((obj[k] for k in PERSONA_FIELDS if isinstance(obj, dict) and isinstance(obj.get(k), str)), None)
             if text is None:
-                raise ValueError(f"{p}:{lineno}: field 'persona': missing (one of {', '.join(PERSONA_FIELDS)})")
+                raise DataError(f"{p}:{lineno}", "persona", f"missing (one of {', '.join(PERSONA_FIELDS)})")
             if text.strip():
                 personas.append(text.strip())
     elif p.suffix == ".parquet":
