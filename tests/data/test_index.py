@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen3train.data import index
+from qwen3train.data import index, scan
 from qwen3train.data.records import DataError
 from qwen3train.data.sources import IndexedSource
 
@@ -176,17 +176,17 @@ EXTRA = ["", "   ", "null", '{"query": "q", "pos": ["p"]} {"query": "r", "pos": 
 def _both_paths(f, monkeypatch, **kw):
     """scan_unit over the whole file with the vectorised block path (small blocks) and without it."""
     used = []
-    real = index._scan_block
+    real = scan._scan_block
 
     def spy(*a, **k):
         used.append(real(*a, **k))
         return used[-1]
 
-    monkeypatch.setattr(index, "_scan_block", spy)
+    monkeypatch.setattr(scan, "_scan_block", spy)
     size = f.stat().st_size
-    fast = index.scan_unit(f, 0, size, block_bytes=120, **kw)
-    monkeypatch.setattr(index, "_scan_block", lambda *a, **k: False)
-    slow = index.scan_unit(f, 0, size, **kw)
+    fast = scan.scan_unit(f, 0, size, block_bytes=120, **kw)
+    monkeypatch.setattr(scan, "_scan_block", lambda *a, **k: False)
+    slow = scan.scan_unit(f, 0, size, **kw)
     for p in (fast, slow):
         p._flush()
     arrays = [{k: np.concatenate(p.chunks[k]).tolist() if p.chunks[k] else [] for k in p.FIELDS} for p in (fast, slow)]
@@ -241,5 +241,5 @@ def test_doc_hash_of_arrow_buffers_equals_doc_hash_of_the_text():
 
     texts = ["a", "", "é\u2028x", "text " * 50]
     arr = pa.array(["skip"] + texts).slice(1)  # a sliced array: offsets do not start at 0
-    assert index._hash_strings(arr).tolist() == [doc_hash(t) for t in texts]
+    assert scan._hash_strings(arr).tolist() == [doc_hash(t) for t in texts]
     assert len({doc_hash(t) for t in texts}) == 4
