@@ -27,8 +27,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from qwen3train.errors import ConfigError
 
 SIMILARITY = "Retrieve semantically similar text"
@@ -214,6 +212,3 @@ def table(rows: list[dict]) -> str:
     return head + "".join(f"| {r['model']} | {r['task']} | {r['split']} | {r['subset']} | "
                           + " | ".join(f"{r[c]:.4f}" if c in r else "" for c in cols) + " |\n" for r in rows)
 
-
-def mean_main_score(rows: list[dict]) -> float:
-    return float(np.mean([r["main_score"] for r in rows])) if rows else float("nan")

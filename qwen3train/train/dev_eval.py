@@ -21,6 +21,25 @@ from qwen3train.errors import ConfigError
 from qwen3train.eval.metrics import evaluate_run
 
 
+METRICS = ("ndcg@10", "recall@100", "mrr@10")
+
+
+class _InMemoryEncoder:
+    """The Encoder interface evaluation uses, over the embedder being trained (no export, no cache)."""
+
+    def __init__(self, embedder) -> None:
+        self.embedder = embedder
+
+    def encode_queries(self, texts: list[str], instruction: str | None) -> torch.Tensor:
+        return self.embedder.encode(texts, instruction=instruction)
+
+    def encode_docs(self, texts: list[str], instruction: str | None = None) -> torch.Tensor:
+        return self.embedder.encode(texts, instruction=instruction)
+
+    def cached_docs(self, texts: list[str], cache_dir=None, instruction: str | None = None) -> torch.Tensor:
+        return self.encode_docs(texts, instruction)
+
+
 class DevEval:
     def __init__(self, path: str, task, metric: str = "ndcg@10", top_k: int = 100) -> None:
         self.path, self.task, self.metric, self.top_k = Path(path), task, metric, top_k
@@ -50,42 +69,20 @@ class DevEval:
             res = self._reranker() if self.kind == "reranker" else self._embedder()
         finally:
             module.train(was)
-        if self.metric not in res:
-            raise ConfigError(f"run.eval_metric: {self.metric} is not one of {sorted(k for k in res if k != 'queries')}")
-        return {k: float(v) for k, v in res.items() if k != "queries"}
+        scores = {k: float(res[k]) for k in METRICS if k in res}
+        if self.metric not in scores:
+            raise ConfigError(f"run.eval_metric: {self.metric} is not one of {sorted(scores)}")
+        return scores
 
     def _embedder(self) -> dict:
-        from qwen3train.data.instructions import NO_TASK, REGISTRY
-        from qwen3train.eval.search import topk
+        """Scored by ``make eval``'s own code, with the model in memory in place of a loaded export."""
+        from qwen3train.eval.pairs import evaluate_pairs
+        from qwen3train.eval.retrieval import evaluate_collection
 
-        emb = self.task.embedder
-        instructions = getattr(self.task, "instructions", None)
+        enc = _InMemoryEncoder(self.task.embedder)
         if self.collection is not None:
-            col = self.collection
-            qids = [q for q, r in col.qrels.items() if any(v > 0 for v in r.values())]
-            dids = list(col.corpus)
-            instr = REGISTRY.get(col.name.split("@")[0].lower(), self.task.instruction)
-            qv = emb.encode([col.queries[q] for q in qids], instruction=instr)
-            dv = emb.encode([col.corpus[d] for d in dids])
-            vals, idx = topk(qv, dv, min(self.top_k, len(dids)))
-            run = {q: [(dids[j], float(s)) for s, j in zip(vals[i].tolist(), idx[i].tolist())] for i, q in enumerate(qids)}
-            return evaluate_run(run, col.qrels)
-        rows = self.rows
-        docs = sorted({p for r in rows for p in r["pos"]})
-        doc_id = {d: str(i) for i, d in enumerate(docs)}
-        qv = torch.empty((len(rows), emb.hidden_size))
-        groups: dict[str, list[int]] = {}
-        for i, r in enumerate(rows):  # the training rule for each record's instruction
-            task = r.get("task") or NO_TASK
-            own = r.get("instruction") or r.get("prompt")
-            instr = instructions.query(task, own) if instructions is not None else (own or self.task.instruction)
-            groups.setdefault(instr, []).append(i)
-        for instr, ids in groups.items():
-            qv[ids] = emb.encode([rows[i]["query"] for i in ids], instruction=instr)
-        dv = emb.encode(docs)
-        vals, idx = topk(qv, dv, min(self.top_k, len(docs)))
-        run = {str(i): [(str(j), float(s)) for s, j in zip(vals[i].tolist(), idx[i].tolist())] for i in range(len(rows))}
-        return evaluate_run(run, {str(i): {doc_id[p]: 1 for p in r["pos"]} for i, r in enumerate(rows)})
+            return evaluate_collection(None, self.collection, encoder=enc)
+        return evaluate_pairs(None, self.path, encoder=enc, instructions=getattr(self.task, "instructions", None))
 
     def _reranker(self) -> dict:
         rr = self.task.reranker

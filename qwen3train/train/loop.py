@@ -112,6 +112,10 @@ def run(cfg, hooks=None) -> Path:
         from qwen3train.train import dev_eval
 
         dev = dev_eval.DevEval(cfg.run.eval_file, task, cfg.run.eval_metric)
+
+    def best_kept() -> tuple[int, ...]:  # the best step by dev score survives the pruning (rank 0 prunes)
+        return (dev_eval.best_step(run_dir) or 0,) if dev is not None and dist.is_main() else ()
+
     tel = Telemetry(run_dir, total, state.step, use_wandb=cfg.run.wandb, project=cfg.run.wandb_project,
                     run_name=cfg.run.name, config=asdict(cfg), flops_per_token=flops_per_token(task.module),
                     config_hash=identity.config_hash(cfg))
@@ -133,7 +137,6 @@ def run(cfg, hooks=None) -> Path:
             metrics = {"loss": loss_all, "lr": engine.lr(), "grad_norm": grad_norm, "epoch": state.epoch,
                        **dict(zip(keys, stat_vals))}
             saving = cfg.run.save_every > 0 and state.step % cfg.run.save_every == 0 and state.step < total
-            keep = ()
             if dev is not None and (state.step % cfg.run.eval_every == 0 or state.step == total):
                 scores = dev()
                 metrics.update({f"dev_{k}": v for k, v in scores.items()})
@@ -142,21 +145,18 @@ def run(cfg, hooks=None) -> Path:
                     best = dev_eval.record(run_dir, state.step, scores, cfg.run.eval_metric, ckpt)
                     print0(f"dev {cfg.run.eval_metric} {scores[cfg.run.eval_metric]:.4f} at step {state.step} "
                            f"(best {best['score']:.4f} at step {best['step']})")
-            if dev is not None:
-                keep = (dev_eval.best_step(run_dir) or 0,) if dist.is_main() else ()
             tel.log(state.step, metrics, cfg.engine.global_batch_size, int(tokens))
             if saving:
                 state.cursors = batches.state()["cursors"]  # collective with streamed sources: all ranks
                 checkpoint.save(run_dir, state, engine, task, export_model=cfg.run.export_checkpoints,
-                                keep_last=cfg.run.keep_last, keep_every=cfg.run.keep_every, keep_steps=keep)
+                                keep_last=cfg.run.keep_last, keep_every=cfg.run.keep_every, keep_steps=best_kept())
                 if cfg.run.export_checkpoints and dist.is_main():
                     write_card(cfg, run_dir, checkpoint.step_dir(run_dir, state.step) / "model", state.step)
             if hooks is not None:
                 hooks(state.step)
         state.cursors = batches.state()["cursors"]
-        keep = (dev_eval.best_step(run_dir) or 0,) if dev is not None and dist.is_main() else ()
         checkpoint.save(run_dir, state, engine, task, export_model=True, keep_last=cfg.run.keep_last,
-                        keep_every=cfg.run.keep_every, keep_steps=keep)
+                        keep_every=cfg.run.keep_every, keep_steps=best_kept())
         if dist.is_main():
             src = checkpoint.step_dir(run_dir, state.step) / "model"
             write_card(cfg, run_dir, src, state.step)

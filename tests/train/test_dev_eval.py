@@ -77,3 +77,23 @@ def test_eval_every_needs_a_dev_file():
 
     with pytest.raises(ValueError, match="run.eval_file"):
         RunConfig(eval_every=10)
+
+
+def test_collection_dev_set_equals_evaluating_the_export(tiny_model_dir, tmp_path):
+    """run.eval_file may be a BEIR/TREC folder: the in-memory score equals `make eval` on the export."""
+    from types import SimpleNamespace
+
+    from conftest import FIXTURES
+    from qwen3train.eval.retrieval import evaluate_collection
+    from qwen3train.models.build import ModelConfig, build_embedder
+    from qwen3train.models.export import export_embedder
+    from qwen3train.text import DEFAULT_INSTRUCTION
+    from qwen3train.train.dev_eval import DevEval
+
+    emb = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), max_query_length=64, max_doc_length=128))
+    task = SimpleNamespace(embedder=emb, module=emb, instruction=DEFAULT_INSTRUCTION)
+    got = DevEval(str(FIXTURES / "vaswani"), task)()
+    ref = evaluate_collection(export_embedder(emb, tmp_path / "exp", instruction=DEFAULT_INSTRUCTION),
+                              FIXTURES / "vaswani", max_length=128)
+    assert set(got) == {"ndcg@10", "recall@100", "mrr@10"}
+    assert abs(got["ndcg@10"] - ref["ndcg@10"]) < 1e-4 and abs(got["recall@100"] - ref["recall@100"]) < 1e-4
