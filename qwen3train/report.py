@@ -146,11 +146,14 @@ def summary(rows: list[dict], out: Path) -> list[str]:
     sel = out / "merged" / "merge_selection.json"
     if sel.exists():
         m = json.loads(sel.read_text())
+        odds = (f", P(merge better) {m['p_merge_better']:.2f} over {m['queries']} dev queries"
+                + (f", {m['confidence']:g} needed" if m.get("confidence") else "")) if "p_merge_better" in m else ""
         if m.get("fallback"):
             lines.append(f"- merge: merging did not pay on the dev pairs (best merge {m['metric']} "
-                         f"{m['best_merge_score']:.4f} < {m['score']:.4f}): 'merged' is the checkpoint {m['chosen']}")
+                         f"{m['best_merge_score']:.4f} vs {m['score']:.4f}{odds}): 'merged' is the checkpoint "
+                         f"{m['chosen']}")
         else:
-            lines.append(f"- merge: kept {m['chosen']} ({m['metric']} {m['score']:.4f} on the dev pairs)")
+            lines.append(f"- merge: kept {m['chosen']} ({m['metric']} {m['score']:.4f} on the dev pairs{odds})")
     return lines + [""]
 
 

@@ -34,8 +34,10 @@ def mrr_at_k(ranking: list[str], rels: dict[str, int], k: int) -> float:
     return 0.0
 
 
-def evaluate_run(run: dict[str, list[tuple[str, float]]], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
-    """Mean nDCG@10, Recall@100 and MRR@10 over the queries that have a positive judgment."""
+def evaluate_run(run: dict[str, list[tuple[str, float]]], qrels: dict[str, dict[str, int]],
+                 per_query: bool = False) -> dict:
+    """Mean nDCG@10, Recall@100 and MRR@10 over the queries that have a positive judgment; with
+    ``per_query`` also ``per_query: {metric: [value per judged query, in qrels order]}`` (paired tests)."""
     scores = {"ndcg@10": [], "recall@100": [], "mrr@10": []}
     for qid, rels in qrels.items():
         if not any(r > 0 for r in rels.values()):
@@ -46,6 +48,8 @@ def evaluate_run(run: dict[str, list[tuple[str, float]]], qrels: dict[str, dict[
         scores["mrr@10"].append(mrr_at_k(ranking, rels, 10))
     out = {k: sum(v) / len(v) if v else 0.0 for k, v in scores.items()}
     out["queries"] = len(scores["ndcg@10"])
+    if per_query:
+        out["per_query"] = scores
     return out
 
 
@@ -73,3 +77,15 @@ def write_trec_run(run: dict[str, list[tuple[str, float]]], path, tag: str) -> N
             lines.append(f"{qid} Q0 {d} {rank} {scores[d]:.8g} {tag}\n")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("".join(lines))
+
+
+def paired_bootstrap(a, b, samples: int = 2000, seed: int = 0) -> float:
+    """P(mean(a) > mean(b)) over ``samples`` resamplings of the paired per-query values (queries drawn with
+    replacement, the same draw for both systems): how sure a higher dev mean is not luck of the queries."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 1 or len(d) == 0:
+        raise ValueError("paired_bootstrap needs two equal-length, non-empty lists of per-query values")
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(samples, len(d)))
+    return float((d[idx].mean(axis=1) > 0).mean())

@@ -14,7 +14,7 @@ from qwen3train.eval.search import topk
 
 
 def evaluate_pairs(model_dir: str | Path, pairs_file: str | Path, batch_size: int = 64,
-                   encoder=None, instructions: Instructions | None = None) -> dict[str, float]:
+                   encoder=None, instructions: Instructions | None = None, per_query: bool = False) -> dict:
     """Queries get their instruction by the training rule (``data.instructions.Instructions``)."""
     from qwen3train.eval.encoder import Encoder
 
@@ -34,5 +34,5 @@ def evaluate_pairs(model_dir: str | Path, pairs_file: str | Path, batch_size: in
     vals, idx = topk(qv, dv, 100)
     run = {str(i): [(str(j), float(s)) for s, j in zip(vals[i].tolist(), idx[i].tolist())] for i in range(len(rows))}
     qrels = {str(i): {doc_id[p]: 1 for p in r["pos"]} for i, r in enumerate(rows)}
-    return evaluate_run(run, qrels)
+    return evaluate_run(run, qrels, per_query=per_query)
 

@@ -6,11 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from qwen3train.data.collections import Collection, load_collection
-from qwen3train.data.instructions import REGISTRY
 from qwen3train.eval.encoder import Encoder, resolve_precision
 from qwen3train.eval.metrics import evaluate_run
-from qwen3train.eval.retrieval import retrieve
-from qwen3train.models.reranker import DEFAULT_RERANK_INSTRUCTION
+from qwen3train.eval.retrieval import collection_instruction, retrieve
 
 
 def evaluate_rerank(retriever: str | Path, reranker: str | Path, collection, *, top_k: int = 100,
@@ -21,7 +19,9 @@ def evaluate_rerank(retriever: str | Path, reranker: str | Path, collection, *, 
     from qwen3train.models.build import ModelConfig, build_reranker
 
     col = collection if isinstance(collection, Collection) else load_collection(collection)
-    instr = REGISTRY.get(col.name.split("@")[0].lower())
+    # the first stage as make eval scores that embedder (its query instruction: the collection's, else the
+    # default); before, an unregistered collection's first-stage queries went without an instruction
+    instr = collection_instruction(col)
     first = retrieve(Encoder(retriever, max_length=max_length, precision=precision), col, instr, top_k, cache_dir,
                      ignore_identical_ids)
     rr = build_reranker(ModelConfig(name_or_path=str(reranker), padding_side="left", dtype=resolve_precision(precision)),

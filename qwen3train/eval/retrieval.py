@@ -13,6 +13,12 @@ from qwen3train.eval.search import topk
 from qwen3train.text import DEFAULT_INSTRUCTION
 
 
+def collection_instruction(col: Collection) -> str:
+    """The query instruction for a collection: its own from the registry, else the default web-search one
+    (the same rule for the embedder's evaluation and a reranker's first stage)."""
+    return REGISTRY.get(col.name.split("@")[0].lower(), DEFAULT_INSTRUCTION)
+
+
 def retrieve(encoder: Encoder, col: Collection, instruction: str | None, k: int = 100,
              cache_dir: str | None = None, ignore_identical_ids: bool | None = None):
     """-> run: qid -> [(doc id, score)] for the queries that have a positive judgment.
@@ -35,7 +41,7 @@ def evaluate_collection(model: str | Path, collection: str | Path | Collection, 
     """Metrics of ``model`` on the collection; the run itself is in the result under ``"run"``."""
     col = collection if isinstance(collection, Collection) else load_collection(collection)
     enc = encoder or Encoder(model, max_length=max_length, dim=dim)
-    instr = instruction or REGISTRY.get(col.name.split("@")[0].lower(), DEFAULT_INSTRUCTION)
+    instr = instruction or collection_instruction(col)
     run = retrieve(enc, col, instr, 100, cache_dir, ignore_identical_ids)
     res = evaluate_run(run, col.qrels)
     res.update(dataset=col.name, model=str(model), dim=dim, run=run, **col.missing)

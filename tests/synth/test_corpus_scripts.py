@@ -76,3 +76,33 @@ def test_passages_in_generator_tokens(tiny_model_dir, tmp_path):
     got, stats = passages([doc], max_words=40, overlap=0, min_words=5, default_language="zh", tokenizer=tok)
     sizes = [len(tok(p.text, add_special_tokens=False)["input_ids"]) for p in got]
     assert len(got) >= 3 and max(sizes) <= 41 and stats["too_short"] == 1  # the 2-token document
+
+
+def test_german_sentences_words_and_persona_tokens(tmp_path):
+    """Real German (Django 5.2.19's German translations, BSD-3-Clause, tests/fixtures/german_django.jsonl):
+    sentences end at . ? ! but not inside „…“ quotes or hyphenated compounds; a unit is a whitespace word
+    (E-Mail-Adresse is one); the persona index tokenizes umlaut and ß words whole (the old [a-z0-9]+
+    tokenizer cut "standardmäßig" into "standardm" + "ig")."""
+    from qwen3train.synth.personas import _tokens
+
+    rows = [json.loads(x) for x in (FIXTURES.parent / "german_django.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 14
+    sents = [sentences(r["text"]) for r in rows]
+    assert [len(s) for s in sents] == [2, 2, 2, 2, 2, 2, 2, 2, 3, 2, 2, 2, 2, 2]
+    for r, s in zip(rows, sents):
+        assert " ".join(s) == r["text"]  # nothing lost or reordered
+        assert all(x[0].isupper() and x[-1] in ".?!" for x in s)
+    assert sents[6][0] == "Passwort vergessen?"
+    assert sents[9][1] == "Sie wollten wahrscheinlich auf „Ausführen“ und nicht auf „Speichern“ klicken."
+    assert sents[13][0] == "Beispiel: „flatpages/contact_page.html“."
+    text = " ".join(r["text"] for r in rows)
+    assert count_units(text) == len(text.split())
+    parts = chunk(text, 40, 0)
+    assert all(count_units(p) <= 40 for p in parts) and " ".join(parts).split() == text.split()
+    assert "E-Mail-Adresse" in " ".join(parts).split()
+    toks = _tokens(rows[13]["text"] + " " + rows[0]["text"])
+    assert "standardmäßig" in toks and "sicherheitsgründen" in [t.lower() for t in toks]
+    doc = tmp_path / "de.jsonl"
+    doc.write_text(json.dumps({"text": text, "language": "de"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    got, stats = passages([doc], max_words=40, overlap=0, min_words=20, default_language="x")
+    assert stats["too_short"] == 0 and len(got) == len(parts) and {p.language for p in got} == {"de"}
