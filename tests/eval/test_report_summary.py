@@ -21,13 +21,15 @@ def test_targets_and_bm25_verdict_follow_the_numbers(tmp_path):
                  "ndcg@10_before": 0.28})
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "merge_selection.json").write_text(json.dumps(
-        {"fallback": True, "metric": "ndcg@10", "best_merge_score": 0.31, "score": 0.33, "chosen": "input step_20"}))
+        {"fallback": True, "metric": "ndcg@10", "best_merge_score": 0.31, "score": 0.33, "chosen": "input step_20",
+         "p_merge_better": 0.62, "queries": 350, "confidence": 0.9}))
     text = "\n".join(summary(rows, tmp_path))
     assert "target base < stage 1 < stage 2: **met**" in text  # 0.15 < 0.25 < 0.35 (last checkpoint, @20)
     assert "target merged >= stage 2 (last checkpoint): **NOT met**" in text  # 0.335 < 0.35
     assert "raises nDCG@10 over its first stage on average (+0.0200): **met**" in text
     assert "stays below BM25 on average (0.3350 vs 0.3500); below it on 1 of 2 sets (b)" in text
     assert "merging did not pay" in text and "input step_20" in text
+    assert "(best merge ndcg@10 0.3100 vs 0.3300, P(merge better) 0.62 over 350 dev queries, 0.9 needed)" in text
 
 
 def test_report_shows_dev_scores_during_training_and_mteb(tmp_path):
