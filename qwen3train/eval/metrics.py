@@ -84,8 +84,9 @@ def paired_bootstrap(a, b, samples: int = 2000, seed: int = 0) -> float:
     replacement, the same draw for both systems): how sure a higher dev mean is not luck of the queries."""
     import numpy as np
 
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if d.ndim != 1 or len(d) == 0:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) == 0:  # a length-1 list would broadcast silently
         raise ValueError("paired_bootstrap needs two equal-length, non-empty lists of per-query values")
+    d = a - b
     idx = np.random.default_rng(seed).integers(0, len(d), size=(samples, len(d)))
     return float((d[idx].mean(axis=1) > 0).mean())
