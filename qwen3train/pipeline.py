@@ -60,6 +60,7 @@ class TrainStage:
     loss: Any = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: StageEngine = field(default_factory=StageEngine)
+    max_length: int | None = None  # this stage's token budget (model.max_doc_length; the reranker's whole prompt)
 
 
 @dataclass
@@ -197,6 +198,8 @@ class Pipeline:
         if base:
             model.name_or_path = base
         model.init_from = init_from
+        if stage.max_length is not None:
+            model.max_doc_length = stage.max_length
         data = replace(stage.data, train_files=files)
         engine = replace(self.cfg.engine, **{k: getattr(stage.engine, k) for k in BATCH_FIELDS})
         run = replace(stage.run, name=name, output_dir=str(self.out / name))

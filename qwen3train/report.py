@@ -182,6 +182,9 @@ def write_report(out: Path, cfg=None) -> Path:
             md += [f"| {k.split('|')[0]} | {k.split('|')[1]} | {v['kept']} | {v['gave_up']} |"
                    for k, v in s["by_task_language"].items()]
             md.append("")
+        if s.get("persona_no_overlap"):
+            md += [f"{s['persona_no_overlap']} passages shared no word with any persona (lexical route): their "
+                   "personas were drawn per passage; an embedder that reads their language retrieves instead.", ""]
     curves = training_curves(out, ["stage1", "stage2", "rerank"])
     if curves:
         md += ["## Training", "", f"![training]({curves})", ""]

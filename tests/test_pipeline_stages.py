@@ -43,3 +43,17 @@ def test_changed_config_or_input_reruns_the_stage_and_clears_its_outputs(compose
     rec = json.loads((pipe.out / "filter" / ".done.json").read_text())
     assert rec["fingerprint"]["inputs"][str(src)].startswith("2:")  # size 2 bytes, then the time
     assert len(rec["fingerprint"]["config_hash"]) == 12
+
+
+def test_a_stage_max_length_sets_only_that_stage_budget(compose, tmp_path):
+    """`rerank.max_length` is the reranker's prompt budget (model.max_doc_length) and leaves the embedder
+    stages at the model's; unset, every stage keeps the model's (so existing runs' stage hashes hold)."""
+    from qwen3train.pipeline import config_hash
+
+    pc = compose("pipeline", [f"output_dir={tmp_path / 'out'}", "rerank.max_length=192"])
+    pipe = Pipeline(pc)
+    rr = pipe.train_cfg(pc.rerank, "rerank", ["m.jsonl"], None)
+    s2 = pipe.train_cfg(pc.stage2, "stage2", ["m.jsonl"], None)
+    assert rr.model.max_doc_length == 192 and s2.model.max_doc_length == pc.model.max_doc_length != 192
+    plain = Pipeline(compose("pipeline", [f"output_dir={tmp_path / 'out'}"]))
+    assert config_hash(plain.train_cfg(plain.cfg.stage2, "stage2", ["m.jsonl"], None)) == config_hash(s2)

