@@ -85,6 +85,7 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     rerank: TrainStage = field(default_factory=TrainStage)
     rerank_top_k: int = 20
+    rerank_merge: bool = True  # merge the reranker's checkpoints as ``merge`` says; false: its final checkpoint
     baseline: str | None = "auto"
     eval_all_checkpoints: bool = True  # every stage-2 checkpoint in the table; false: the last one only
 
@@ -109,8 +110,27 @@ def config_hash(cfg) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+CARD_FILES = ("README.md", "qwen3train.json")  # an export's model card, and its facts (the card among them)
+
+
+def _card_free(f: Path) -> str:
+    """An export's ``qwen3train.json`` without its ``card`` (which evaluation rewrites), hashed."""
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        st = f.stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    if isinstance(meta, dict):
+        meta.pop("card", None)
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def path_fingerprint(path: Path) -> str:
-    """Size and modification time of a file, or of every file under a folder (hidden ones excepted)."""
+    """Size and modification time of a file, or of every file under a folder (hidden ones excepted).
+
+    In a folder, model cards do not count: ``make eval`` writes its results into each export's card
+    (README.md and the ``card`` of qwen3train.json), and a finished stage must not rerun because a later
+    stage scored its model (before, every rerun of a finished pipeline trained again from the filter on)."""
     if path.is_file():
         st = path.stat()
         return f"{st.st_size}:{st.st_mtime_ns}"
@@ -118,6 +138,11 @@ def path_fingerprint(path: Path) -> str:
         return "absent"
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if f.name == CARD_FILES[0]:
+            continue
+        if f.name == CARD_FILES[1]:
+            h.update(f"{f.relative_to(path)}:{_card_free(f)}\n".encode())
+            continue
         st = f.stat()
         h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
@@ -233,10 +258,12 @@ class Pipeline:
         self.stage("merge", [o / "stage2" / "checkpoints"], [o / "merged"], lambda: self.launch("merge", mrg), mrg)
         rr = self.train_cfg(c.rerank, "rerank", [mine.output], None, base=c.reranker_model)
         self.stage("rerank", [mine.output], [o / "rerank" / "final"], lambda: self.launch("rerank", rr, c.ngpu), rr)
-        # dev selection scores embedders; the reranker's checkpoints are merged as configured
-        rmrg = replace(c.merge, inputs=[], run_dir=str(o / "rerank"), output_dir=str(o / "rerank_merged"), dev_file=None)
-        self.stage("rerank_merge", [o / "rerank" / "checkpoints"], [o / "rerank_merged"],
-                   lambda: self.launch("rerank_merge", rmrg), rmrg)
+        # dev selection scores embedders; the reranker's checkpoints are merged as configured (or not at all)
+        if c.rerank_merge:
+            rmrg = replace(c.merge, inputs=[], run_dir=str(o / "rerank"), output_dir=str(o / "rerank_merged"),
+                           dev_file=None)
+            self.stage("rerank_merge", [o / "rerank" / "checkpoints"], [o / "rerank_merged"],
+                       lambda: self.launch("rerank_merge", rmrg), rmrg)
         ev = self.eval_cfg()
         self.stage("eval", list(ev.models.values()), [o / "eval" / "results.jsonl"], lambda: self.launch("eval", ev), ev)
         from qwen3train.report import write_report
@@ -270,7 +297,8 @@ class Pipeline:
                 cols.append(col)
             else:
                 print(f"[pipeline] eval: collection {col} not found, left out", flush=True)
-        rerankers = {"reranker(merged)": str(o / "rerank_merged")} if cols else {}
+        reranker = ("reranker(merged)", o / "rerank_merged") if c.rerank_merge else ("reranker", o / "rerank" / "final")
+        rerankers = {reranker[0]: str(reranker[1])} if cols else {}
         sts = [f for f in c.eval.sts if Path(f).exists()]
         # the base model is scored with the end token training appends (an export records its own)
         end_tokens = {"base": c.model.end_token} if c.model.end_token else {}

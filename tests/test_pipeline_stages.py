@@ -57,3 +57,41 @@ def test_a_stage_max_length_sets_only_that_stage_budget(compose, tmp_path):
     assert rr.model.max_doc_length == 192 and s2.model.max_doc_length == pc.model.max_doc_length != 192
     plain = Pipeline(compose("pipeline", [f"output_dir={tmp_path / 'out'}"]))
     assert config_hash(plain.train_cfg(plain.cfg.stage2, "stage2", ["m.jsonl"], None)) == config_hash(s2)
+
+
+def test_evaluation_writing_a_model_card_does_not_make_a_finished_stage_stale(tmp_path):
+    """`make eval` adds its results to each export's card (README.md, the card in qwen3train.json). Before,
+    that changed stage 1's fingerprint, so rerunning a finished pipeline retrained from the filter on. The
+    weights and the export's other facts still count."""
+    from qwen3train.models.card import add_evaluation, set_card
+    from qwen3train.pipeline import path_fingerprint
+
+    model = tmp_path / "final"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"w" * 64)
+    (model / "qwen3train.json").write_text(json.dumps({"kind": "embedder", "end_token": "<|endoftext|>"}))
+    set_card(model, base_model="base", lineage=[{"stage": "stage1", "steps": 30}])
+    before = path_fingerprint(model)
+    add_evaluation(model, [{"dataset": "trec", "ndcg@10": 0.4}])
+    assert "trec" in (model / "README.md").read_text() and path_fingerprint(model) == before
+    meta = json.loads((model / "qwen3train.json").read_text())
+    (model / "qwen3train.json").write_text(json.dumps(meta | {"end_token": "<|im_end|>"}))
+    assert path_fingerprint(model) != before  # an export fact other than the card
+    (model / "qwen3train.json").write_text(json.dumps(meta))
+    assert path_fingerprint(model) == before
+    (model / "model.safetensors").write_bytes(b"v" * 65)
+    assert path_fingerprint(model) != before  # new weights
+
+
+def test_rerank_merge_false_evaluates_the_final_reranker(compose, tmp_path, monkeypatch):
+    """`rerank_merge=false` (chosen for the real recipe, where the merge lost on dev): make eval reranks
+    with the reranker's final checkpoint; by default, with the merged one."""
+    from conftest import FIXTURES
+
+    monkeypatch.setattr("qwen3train.merge.apply.select_checkpoints", lambda *a, **k: [])  # no stage 2 run here
+
+    col = f"eval.collections=[{FIXTURES / 'vaswani'}]"
+    merged = Pipeline(compose("pipeline", [f"output_dir={tmp_path}", col])).eval_cfg().rerankers
+    final = Pipeline(compose("pipeline", [f"output_dir={tmp_path}", col, "rerank_merge=false"])).eval_cfg().rerankers
+    assert merged == {"reranker(merged)": str(tmp_path.resolve() / "rerank_merged")}
+    assert final == {"reranker": str(tmp_path.resolve() / "rerank" / "final")}
