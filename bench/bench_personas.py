@@ -48,6 +48,8 @@ def one(kind: str, n_personas: int, n_passages: int, model: str | None, out: str
     else:
         index = EmbedderIndex(personas, model, cache_dir=None, max_length=max_length, precision=precision)
     t_index = time.perf_counter() - t
+    print(json.dumps({"retriever": kind, "index_s": round(t_index, 1), "personas": n_personas,
+                      "rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}), flush=True)
     t = time.perf_counter()
     top = index.topk(passages, 5)
     t_search = time.perf_counter() - t
