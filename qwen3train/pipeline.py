@@ -171,11 +171,7 @@ class Pipeline:
             why = "its config" if old["fingerprint"]["config_hash"] != finger["config_hash"] else "its inputs"
             print(f"[pipeline] {name}: {why} changed since it ran: removing its outputs and running it again",
                   flush=True)
-            for path in {self.out / name, *map(Path, outputs)}:
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
+            self.remove(name, outputs)
         print(f"[pipeline] {name}: running", flush=True)
         t = time.time()
         fn()
@@ -189,6 +185,21 @@ class Pipeline:
         marker.write_text(json.dumps(rec, indent=2))
         self.lineage[name] = rec
         self.lineage_path.write_text(json.dumps(self.lineage, indent=2))
+
+    def remove(self, name: str, outputs: list) -> None:
+        for path in {self.out / name, *map(Path, outputs)}:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    def drop(self, name: str, outputs: list) -> None:
+        """A stage the config now leaves out: its outputs from an earlier run go (no stale model stays
+        beside the current ones) and so does its lineage entry (the report lists the stages that ran)."""
+        if self.lineage.pop(name, None) is not None or (self.out / name).exists():
+            print(f"[pipeline] {name}: left out by the config: removing its earlier outputs", flush=True)
+            self.remove(name, outputs)
+            self.lineage_path.write_text(json.dumps(self.lineage, indent=2))
 
     def launch(self, name: str, cfg, processes: int = 1) -> None:
         """Write the resolved config and run it with the one entry point (torchrun when processes > 1)."""
@@ -264,6 +275,8 @@ class Pipeline:
                            dev_file=None)
             self.stage("rerank_merge", [o / "rerank" / "checkpoints"], [o / "rerank_merged"],
                        lambda: self.launch("rerank_merge", rmrg), rmrg)
+        else:
+            self.drop("rerank_merge", [o / "rerank_merged"])
         ev = self.eval_cfg()
         self.stage("eval", list(ev.models.values()), [o / "eval" / "results.jsonl"], lambda: self.launch("eval", ev), ev)
         from qwen3train.report import write_report

@@ -95,3 +95,23 @@ def test_rerank_merge_false_evaluates_the_final_reranker(compose, tmp_path, monk
     final = Pipeline(compose("pipeline", [f"output_dir={tmp_path}", col, "rerank_merge=false"])).eval_cfg().rerankers
     assert merged == {"reranker(merged)": str(tmp_path.resolve() / "rerank_merged")}
     assert final == {"reranker": str(tmp_path.resolve() / "rerank" / "final")}
+
+
+def test_a_stage_the_config_leaves_out_loses_its_stale_outputs(compose, tmp_path):
+    """After `rerank_merge=false`, the earlier run's rerank_merged model and its lineage entry go: before,
+    the report listed a stage that had not run and a stale merged reranker stayed beside the new one."""
+    pipe = Pipeline(compose("pipeline", [f"output_dir={tmp_path / 'out'}"]))
+    out = pipe.out / "rerank_merged"
+
+    def fn():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.safetensors").write_bytes(b"old")
+
+    pipe.stage("rerank_merge", [], [out], fn, Cfg())
+    pipe.stage("report", [], [], lambda: None, Cfg())
+    assert "rerank_merge" in json.loads(pipe.lineage_path.read_text())
+    again = Pipeline(compose("pipeline", [f"output_dir={tmp_path / 'out'}", "rerank_merge=false"]))
+    again.drop("rerank_merge", [out])
+    assert not out.exists() and not (pipe.out / "rerank_merge").exists()
+    assert set(json.loads(pipe.lineage_path.read_text())) == {"report"}
+    again.drop("rerank_merge", [out])  # nothing left: a no-op
