@@ -125,12 +125,13 @@ def _card_free(f: Path) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def path_fingerprint(path: Path) -> str:
+def path_fingerprint(path: Path, cards: bool = False) -> str:
     """Size and modification time of a file, or of every file under a folder (hidden ones excepted).
 
     In a folder, model cards do not count: ``make eval`` writes its results into each export's card
     (README.md and the ``card`` of qwen3train.json), and a finished stage must not rerun because a later
-    stage scored its model (before, every rerun of a finished pipeline trained again from the filter on)."""
+    stage scored its model (before, every rerun of a finished pipeline trained again from the filter on).
+    ``cards=True``: the earlier fingerprint, cards included (to read markers written before)."""
     if path.is_file():
         st = path.stat()
         return f"{st.st_size}:{st.st_mtime_ns}"
@@ -138,14 +139,24 @@ def path_fingerprint(path: Path) -> str:
         return "absent"
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        if f.name == CARD_FILES[0]:
+        if f.name == CARD_FILES[0] and not cards:
             continue
-        if f.name == CARD_FILES[1]:
+        if f.name == CARD_FILES[1] and not cards:
             h.update(f"{f.relative_to(path)}:{_card_free(f)}\n".encode())
             continue
         st = f.stat()
         h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def unchanged(marker: dict, finger: dict, inputs: list) -> bool:
+    """Whether a stage's ``.done.json`` matches its config and inputs now. Markers without a fingerprint
+    (the oldest) are trusted; markers before version 2 counted model cards, and are compared that way."""
+    if "fingerprint" not in marker or marker["fingerprint"] == finger:
+        return True
+    if "fingerprint_version" in marker:
+        return False
+    return marker["fingerprint"] == dict(finger, inputs={str(i): path_fingerprint(Path(i), cards=True) for i in inputs})
 
 
 class Pipeline:
@@ -165,7 +176,7 @@ class Pipeline:
         finger = {"config_hash": config_hash(cfg), "inputs": {str(i): path_fingerprint(Path(i)) for i in inputs}}
         if marker.exists():
             old = json.loads(marker.read_text())
-            if "fingerprint" not in old or old["fingerprint"] == finger:  # (markers of older versions: trusted)
+            if unchanged(old, finger, inputs):
                 print(f"[pipeline] {name}: done, skipped", flush=True)
                 return
             why = "its config" if old["fingerprint"]["config_hash"] != finger["config_hash"] else "its inputs"
@@ -180,7 +191,7 @@ class Pipeline:
             raise RuntimeError(f"stage {name} finished without its outputs: {missing}")
         rec = {"inputs": [str(i) for i in inputs], "outputs": [str(o) for o in outputs],
                "seconds": round(time.time() - t, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "fingerprint": finger}
+               "fingerprint": finger, "fingerprint_version": 2}
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(rec, indent=2))
         self.lineage[name] = rec

@@ -115,3 +115,34 @@ def test_a_stage_the_config_leaves_out_loses_its_stale_outputs(compose, tmp_path
     assert not out.exists() and not (pipe.out / "rerank_merge").exists()
     assert set(json.loads(pipe.lineage_path.read_text())) == {"report"}
     again.drop("rerank_merge", [out])  # nothing left: a no-op
+
+
+def test_a_marker_written_before_cards_were_ignored_still_resumes(compose, tmp_path):
+    """A stage finished by the previous version (its marker's fingerprint counted the input model's card,
+    no fingerprint_version) is skipped while nothing changed, so upgrading mid-run does not retrain."""
+    from qwen3train.pipeline import path_fingerprint
+
+    pipe = Pipeline(compose("pipeline", [f"output_dir={tmp_path / 'out'}"]))
+    model = tmp_path / "final"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"w")
+    (model / "README.md").write_text("card")
+    out = pipe.out / "filter" / "kept.jsonl"
+    calls = []
+
+    def fn():
+        calls.append(1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("x\n")
+
+    pipe.stage("filter", [model], [out], fn, Cfg())
+    marker = pipe.out / "filter" / ".done.json"
+    rec = json.loads(marker.read_text())
+    del rec["fingerprint_version"]
+    rec["fingerprint"]["inputs"][str(model)] = path_fingerprint(model, cards=True)  # as the old version wrote it
+    marker.write_text(json.dumps(rec))
+    pipe.stage("filter", [model], [out], fn, Cfg())
+    assert len(calls) == 1  # resumed
+    (model / "model.safetensors").write_bytes(b"new weights")
+    pipe.stage("filter", [model], [out], fn, Cfg())
+    assert len(calls) == 2  # a real change still reruns it
