@@ -118,9 +118,10 @@ class SynthConfig:
             raise ValueError(f"synth.shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
         if self.persona_retriever not in ("lexical", "embedder"):
             raise ValueError("synth.persona_retriever must be lexical or embedder")
-        if self.persona_max_length < 8 or self.persona_precision not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError("synth.persona_max_length must be >= 8 and synth.persona_precision one of auto, "
-                             "float32, bfloat16, float16")
+        from qwen3train.eval.encoder import PRECISIONS  # the evaluation's precisions: one list
+
+        if self.persona_max_length < 8 or self.persona_precision not in PRECISIONS:
+            raise ValueError(f"synth.persona_max_length must be >= 8 and synth.persona_precision one of {PRECISIONS}")
 
 
 @dataclass
