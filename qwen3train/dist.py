@@ -41,6 +41,12 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def device_index() -> int:
+    """The GPU this process computes on: its local rank, wrapped over the GPUs present, so that several
+    processes can share one GPU (with ``QWEN3TRAIN_DIST_BACKEND=gloo``: NCCL refuses two ranks per GPU)."""
+    return local_rank() % max(torch.cuda.device_count(), 1)
+
+
 def is_main() -> bool:
     return rank() == 0
 
@@ -71,7 +77,7 @@ def init(timeout_min: int = 30, *, single_process: bool = False) -> None:
     if torch.cuda.is_available():
         # before the group exists: gloo initialises at once and NCCL (sub)groups must find the right GPU.
         # No ``device_id``: it makes NCCL initialise eagerly, which DeepSpeed's own sub-groups do not expect.
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(device_index())
     dist.init_process_group(backend=backend_spec(), timeout=datetime.timedelta(minutes=timeout_min))
 
 
@@ -116,7 +122,10 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     import torch.distributed.nn.functional as dist_fn
 
-    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+    # through comm_device(): a no-op under NCCL; a CUDA tensor under gloo goes via the CPU and back
+    # (both moves are differentiable), since gloo gathers CPU tensors only
+    y = x.contiguous().to(comm_device())
+    return torch.cat(dist_fn.all_gather(y), dim=0).to(x.device)
 
 
 def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
@@ -144,6 +153,15 @@ def mean_floats(values: Sequence[float]) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
     return (t / world_size()).tolist()
+
+
+def max_int(value: int) -> int:
+    """The largest of one integer over ranks (one collective; the value itself on one process)."""
+    if not is_dist() or world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def broadcast_object(obj):

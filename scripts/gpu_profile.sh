@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where a stage-1 step's time goes on a GPU, on a random model of Qwen3-0.6B's shape (bf16 compute):
-# padded vs length-bucketed batches, the top kernels, and a cProfile of the mining check.
+# padded eager vs packed eager vs packed compiled, the top kernels, and a cProfile of the mining check.
 #   bash scripts/gpu_profile.sh [OUTDIR]      (the install rules of scripts/gpu_check.sh)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,12 +20,13 @@ M=outputs/gpu_check/models/qwen3-0.6b-random
 COMMON=(engine.precision=bf16 model.name_or_path=$M model.dtype=bfloat16 model.max_query_length=64
         model.max_doc_length=256 run.max_steps=14 run.save_every=0 run.resume=false optim.lr=1e-4
         "data.train_files=[outputs/data/train_pairs.jsonl]")
-for v in "1 64 --kernels" "4 64 --kernels" "4 128"; do
+for v in "padded model.packing=false,model.length_buckets=1,model.compile=false --kernels" \
+         "packed model.packing=true,model.compile=false --kernels" "packed-compiled model.packing=true,model.compile=true --kernels"; do
   set -- $v
-  "$PY" bench/profile_step.py ${3:-} "${COMMON[@]}" model.length_buckets=$1 engine.micro_batch_size=$2 \
-    engine.global_batch_size=$2 run.output_dir=/tmp/prof-$1-$2 > "$OUTDIR/step_b$1_n$2.log" 2>&1
-  grep -A 20 "Name" "$OUTDIR/step_b$1_n$2.log" | cut -c1-60,100-200 | head -20
-  grep PROFILE "$OUTDIR/step_b$1_n$2.log" || tail -5 "$OUTDIR/step_b$1_n$2.log"
+  "$PY" bench/profile_step.py ${3:-} "${COMMON[@]}" ${2//,/ } engine.micro_batch_size=64 \
+    engine.global_batch_size=64 run.output_dir=/tmp/prof-$1 > "$OUTDIR/step_$1.log" 2>&1
+  grep -A 20 "Name" "$OUTDIR/step_$1.log" | cut -c1-60,100-200 | head -20
+  grep PROFILE "$OUTDIR/step_$1.log" || tail -5 "$OUTDIR/step_$1.log"
 done
 "$PY" -m cProfile -s cumulative bench/gpu_check.py --section d_mine outputs/gpu_check 0 > "$OUTDIR/mine_cprofile.log" 2>&1
 grep RESULT "$OUTDIR/mine_cprofile.log"

@@ -46,3 +46,24 @@ def test_gpu_check_cuda_sections_rehearsed_on_cpu(tmp_path):
     d = res["d_mine"]
     assert d["ours_queries_mined"] == d["st_queries_mined"] == d["queries"] == 200
     assert d["same_negatives"] >= 0.99
+
+
+@pytest.mark.slow
+def test_gpu_check_throughput_and_two_process_sections_rehearsed_on_cpu(tmp_path):
+    """Sections t and g with QWEN3TRAIN_GPU_CHECK_ON_CPU=1 (tiny model, toy batches): every throughput row
+    (ours padded, ours packed with token-budget GradCache chunks, sentence-transformers' CachedMNRL)
+    measures, the summary compares them, and 2 processes sharing a device (gloo) equal 1. Keeps the
+    GPU run, which has one try, from failing on a broken row."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", QWEN3TRAIN_GPU_CHECK_ON_CPU="1")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(tmp_path),
+                           "--only", "t_throughput,g_two_procs"], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())["sections"]
+    rows = res["t_throughput"]["rows"]
+    assert len(rows) == 3 and all(r["tokens_per_s"] > 0 for r in rows.values()), rows
+    assert rows["s1 mb8 eager-padded"]["attention"] == "padded (sdpa)"
+    assert rows["s1 g16 gradcache 400-token chunks packed"]["attention"] == "padded"  # the CPU's packed backend
+    assert "gradcache_cost_per_token_ratio" in res["t_throughput"]["summary"]
+    assert "| st cached g16 mini8 |" in proc.stdout
+    assert res["g_two_procs"]["equal"] and res["g_two_procs"]["steps"] == 3

@@ -13,6 +13,7 @@ from qwen3train.text import DEFAULT_INSTRUCTION, DEFAULT_QUERY_TEMPLATE
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,14 +56,34 @@ class ModelConfig:
     max_doc_length: int = 512
     # Right padding in training (spec §1.4 RECOMMENDATION); pooling reads the mask, so left works too.
     padding_side: str = "right"
-    # Training forward: rows sorted by length and run in up to this many groups, each cut to its
+    # Padding-free forward (qwen3train/models/packing.py): a micro-batch's sequences run as one row,
+    # attention kept inside each sequence; training, evaluation, filtering, mining and personas alike.
+    # false = padded batches (the length_buckets below apply then).
+    packing: bool = True
+    # How attention stays inside each packed sequence: auto | flash (flash-attn, CUDA) | varlen (torch's
+    # varlen FlashAttention, CUDA) | flex (FlexAttention block mask; CUDA for training) | padded (exact
+    # on any device: SDPA over a padded block inside attention only). auto: flash where flash-attn is
+    # installed, else varlen where this torch runs it, else flex, on CUDA; padded on the CPU.
+    packed_attention: str = "auto"
+    # Packed rows are rounded up to a multiple of this many tokens with filler segments (never read),
+    # so compiled graphs and CUDA graphs see few shapes. null = auto: 256 under CUDA graphs
+    # (compile_mode reduce-overhead), else 1 (dynamic-shape compilation needs none).
+    pack_multiple: int | None = None
+    # Real tokens per packed row: a forward runs its rows one after another (one backward for all).
+    # null = auto: 2048 on the CPU, where a row's activations then stay in cache (measured: bench/bench_packing.py),
+    # unbounded on CUDA, where one long row keeps the kernels large. 0 = one row always.
+    pack_tokens: int | None = None
+    # Padded mode: rows sorted by length and run in up to this many groups, each cut to its
     # longest row (1 = one padded batch). Same results, fewer padded tokens. null = auto: 4 on the
     # CPU (compute-bound: 2.0x faster SmolLM2 steps), 1 on CUDA, where a 0.6B model's step is bound by kernel
     # launches and each group adds a forward and a backward (measured, docs/benchmarks.md).
     length_buckets: int | None = None
-    # torch.compile each decoder layer (regional compilation, dynamic shapes) for training: fuses the
-    # elementwise work (norms, rotary, activations) that dominates small models in eager mode.
-    compile: bool = False
+    # torch.compile each decoder layer for training (regional compilation, dynamic shapes: one graph for
+    # every packed length, no recompilation after warm-up): fuses the elementwise work (norms, rotary,
+    # activations) that dominates small models in eager mode. null = auto: on for CUDA, off on the CPU.
+    compile: bool | None = None
+    # torch.compile's mode: null (default), max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs).
+    compile_mode: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -72,6 +93,16 @@ class ModelConfig:
                              f"got {self.attn_implementation!r}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"model.padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        from qwen3train.models.packing import PACKED_ATTENTION
+
+        if self.packed_attention not in PACKED_ATTENTION:
+            raise ValueError(f"model.packed_attention must be one of {PACKED_ATTENTION}, got {self.packed_attention!r}")
+        if self.pack_tokens is not None and self.pack_tokens < 0:
+            raise ValueError(f"model.pack_tokens must be >= 0, got {self.pack_tokens}")
+        if self.pack_multiple is not None and self.pack_multiple < 1:
+            raise ValueError(f"model.pack_multiple must be >= 1, got {self.pack_multiple}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"model.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.length_buckets is not None and self.length_buckets < 1:
             raise ValueError(f"model.length_buckets must be >= 1, got {self.length_buckets}")
         if "{query}" not in self.query_template:
@@ -138,6 +169,48 @@ def load_dtype(cfg: ModelConfig, train_precision: str | None) -> torch.dtype:
     return torch.float32
 
 
+def compile_enabled(cfg: ModelConfig, train_precision: str | None) -> bool:
+    """``model.compile`` resolved: compiled training on CUDA unless set; inference stays eager."""
+    if train_precision is None:
+        return False
+    return torch.cuda.is_available() if cfg.compile is None else cfg.compile
+
+
+def compile_layers(model, mode: str | None = None, backend: str = "inductor") -> int:
+    """Regional compilation: ``torch.compile`` on each decoder layer (one graph serves every layer:
+    same code, same shapes), with dynamic shapes so packed rows of any length reuse it. Returns the
+    number of layers compiled."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise ConfigError(f"model.compile=true: no decoder layers found in {type(model).__name__}")
+    for layer in layers:
+        layer.compile(dynamic=True, mode=mode, backend=backend)
+    return len(layers)
+
+
+CPU_PACK_TOKENS = 2048
+
+
+def packing_setup(cfg: ModelConfig, train_precision: str | None) -> dict:
+    """The Embedder/Reranker packing arguments and the attn_implementation to load the backbone with."""
+    if not cfg.packing:
+        return {"attn": resolve_attn_implementation(cfg.attn_implementation), "packing": None}
+    from qwen3train.models import packing
+
+    packing.register()
+    backend = packing.resolve_backend(cfg.packed_attention, "cuda" if torch.cuda.is_available() else "cpu",
+                                      training=train_precision is not None)
+    compiled = compile_enabled(cfg, train_precision)
+    multiple = cfg.pack_multiple
+    if multiple is None:
+        multiple = 256 if cfg.compile_mode == "reduce-overhead" and compiled else 1
+    tokens = cfg.pack_tokens
+    if tokens is None:
+        tokens = 0 if torch.cuda.is_available() else CPU_PACK_TOKENS
+    return {"attn": packing.attn_implementation(backend), "packing": backend, "pack_multiple": multiple,
+            "pack_grouped": not compiled, "pack_tokens": tokens or None}
+
+
 def _apply_common(model, cfg: ModelConfig, train_precision: str | None):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -151,12 +224,8 @@ def _apply_common(model, cfg: ModelConfig, train_precision: str | None):
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-    if cfg.compile and train_precision is not None:
-        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-        if not layers:
-            raise ConfigError(f"model.compile=true: no decoder layers found in {type(model).__name__}")
-        for layer in layers:  # one compiled graph serves every layer (same code, same shapes)
-            layer.compile(dynamic=True)
+    if compile_enabled(cfg, train_precision):
+        compile_layers(model, cfg.compile_mode)
     return model
 
 
@@ -170,14 +239,14 @@ def build_embedder(cfg: ModelConfig, path: str | None = None, train_precision: s
     from qwen3train.models.embedder import Embedder
 
     path = path or cfg.weights_path
-    backbone = pretrained(AutoModel, path, dtype=load_dtype(cfg, train_precision),
-                                         attn_implementation=resolve_attn_implementation(cfg.attn_implementation))
+    pack_kw = packing_setup(cfg, train_precision)
+    backbone = pretrained(AutoModel, path, dtype=load_dtype(cfg, train_precision), attn_implementation=pack_kw.pop("attn"))
     backbone = _apply_common(backbone, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)
     emb = Embedder(backbone, tokenizer, query_template=cfg.query_template,
                    max_query_length=cfg.max_query_length, max_doc_length=cfg.max_doc_length,
                    padding_side=cfg.padding_side, end_token=cfg.end_token or export_meta(path).get("end_token"),
-                   length_buckets=cfg.length_buckets)
+                   length_buckets=cfg.length_buckets, **pack_kw)
     emb.export_dtype = DTYPES[cfg.dtype]
     return emb
 
@@ -190,11 +259,12 @@ def build_reranker(cfg: ModelConfig, path: str | None = None, max_length: int | 
     from qwen3train.models.reranker import Reranker
 
     path = path or cfg.weights_path
+    pack_kw = packing_setup(cfg, train_precision)
     lm = pretrained(AutoModelForCausalLM, path, dtype=load_dtype(cfg, train_precision),
-                                              attn_implementation=resolve_attn_implementation(cfg.attn_implementation))
+                    attn_implementation=pack_kw.pop("attn"))
     lm = _apply_common(lm, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)
     rr = Reranker(lm, tokenizer, max_length=max_length or cfg.max_doc_length,
-                  padding_side=cfg.padding_side)
+                  padding_side=cfg.padding_side, **pack_kw)
     rr.export_dtype = DTYPES[cfg.dtype]
     return rr

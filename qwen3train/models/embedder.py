@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from qwen3train.models import packing
 from qwen3train.models.pooling import last_token_pool, normalize
 from qwen3train.text import DEFAULT_QUERY_TEMPLATE, EmbeddingTokenizer, format_query
 
@@ -27,10 +28,19 @@ class Embedder(nn.Module):
         max_query_length / max_doc_length: token budgets including the appended end token.
         padding_side: batch padding side; pooling is correct for both.
         end_token: the token appended to every input (None: the family rule, ``text.resolve_end_token``).
-        length_buckets: in ``forward``, rows are sorted by length and run in up to this many groups,
-            each cut to its own longest row (1: one padded batch; None: 4 on the CPU, 1 on CUDA).
-            A row's result does not depend on the padding around it (causal attention, masked
-            pads), so this only removes work.
+        length_buckets: padded mode only: in ``forward``, rows are sorted by length and run in up to
+            this many groups, each cut to its own longest row (1: one padded batch; None: 4 on the
+            CPU, 1 on CUDA). A row's result does not depend on the padding around it (causal
+            attention, masked pads), so this only removes work.
+        packing: the packed attention backend (``qwen3train.models.packing``) the backbone was
+            loaded with, or None for padded batches. Packed, every forward (training and ``encode``)
+            runs its sequences as one row without padding.
+        pack_multiple: packed rows are rounded up to a multiple of this many tokens (few shapes for
+            compiled graphs); 1 = no filler.
+        pack_grouped: the padded backend runs attention per group of similar lengths (False: one
+            block, one shape: for compiled layers).
+        pack_tokens: real tokens per packed row (more rows, each its own pass through the backbone,
+            within one forward); None: one row.
     """
 
     def __init__(
@@ -44,6 +54,10 @@ class Embedder(nn.Module):
         padding_side: str = "right",
         end_token: str | None = None,
         length_buckets: int | None = 1,
+        packing: str | None = None,
+        pack_multiple: int = 1,
+        pack_grouped: bool = True,
+        pack_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -55,6 +69,10 @@ class Embedder(nn.Module):
         if length_buckets is not None and length_buckets < 1:
             raise ValueError(f"length_buckets must be >= 1, got {length_buckets}")
         self.length_buckets = length_buckets
+        self.packing = packing
+        self.pack_multiple = pack_multiple
+        self.pack_grouped = pack_grouped
+        self.pack_tokens = pack_tokens
 
     @property
     def device(self) -> torch.device:
@@ -64,17 +82,43 @@ class Embedder(nn.Module):
     def hidden_size(self) -> int:
         return int(self.backbone.config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                doc_input_ids: torch.Tensor | None = None, doc_attention_mask: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                doc_input_ids: torch.Tensor | None = None, doc_attention_mask: torch.Tensor | None = None, *,
+                packed: list[dict] | None = None, last: list[torch.Tensor] | None = None,
+                order: torch.Tensor | None = None):
         """``[B, L]`` token ids and mask -> ``[B, D]`` pooled hidden state (not normalised).
 
         With ``doc_*`` also given, both towers run in this one call and a pair is returned: DDP and
         DeepSpeed then see a single forward per backward, and each tower pads to its own length.
+        Packed: ``forward(**self.pack(seqs).inputs(device))`` -> ``[n, D]``, every sequence of the pack
+        (queries and documents together) in one forward. A packed embedder given a padded batch packs
+        it first (same results).
         """
+        if packed is not None:
+            return self._pool_packed(packed, last, order)
+        if self.packing:
+            seqs = packing.unpad(input_ids, attention_mask)
+            if doc_input_ids is not None:
+                seqs += packing.unpad(doc_input_ids, doc_attention_mask)
+            pooled = self._pool_packed(**self.pack(seqs).inputs(input_ids.device))
+            n = input_ids.shape[0]
+            return pooled if doc_input_ids is None else (pooled[:n], pooled[n:])
         pooled = self._pool_bucketed(input_ids, attention_mask)
         if doc_input_ids is None:
             return pooled
         return pooled, self._pool_bucketed(doc_input_ids, doc_attention_mask)
+
+    def pack(self, seqs) -> packing.Packed:
+        """Token id lists -> packed rows for ``forward(**packed.inputs(device))``."""
+        return packing.pack_rows(seqs, self.tok.pad_id, self.packing, self.pack_multiple, self.pack_grouped,
+                                 self.pack_tokens)
+
+    def _pool_packed(self, packed: list[dict], last: list[torch.Tensor], order: torch.Tensor | None) -> torch.Tensor:
+        # each row's hidden states [1, T, D] read at each sequence's own last token -> [n, D], input order
+        outs = [self.backbone(**kw, use_cache=False).last_hidden_state[0].index_select(0, at)
+                for kw, at in zip(packed, last)]
+        pooled = outs[0] if order is None else torch.cat(outs).index_select(0, order)
+        return pooled.float()
 
     def _pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -133,27 +177,48 @@ class Embedder(nn.Module):
         batch_size: int = 32,
         max_length: int | None = None,
         block_size: int = 8192,
+        batch_tokens: int | None = None,
     ) -> torch.Tensor:
         """Embed texts; returns ``[N, dim or D]`` float32, L2-normalised, in input order.
 
         With ``instruction`` the texts are queries (``Instruct: ...\\nQuery:...``), otherwise they
         are encoded raw (documents). Inputs are sorted by length within blocks of ``block_size``
-        texts so each batch pads little; results are put back in input order.
+        texts; padded, each batch holds ``batch_size`` texts; packed, each forward holds as many
+        texts as fit in ``batch_tokens`` real tokens (default ``batch_size x max_length``: the
+        padded batch's worst case), so short texts go many at a time. Results come back in input order.
         """
         was_training = self.training
         self.eval()
         if max_length is None:
             max_length = self.max_query_length if instruction else self.max_doc_length
+        budget = batch_tokens or batch_size * max_length
         texts = [format_query(t, instruction, self.query_template) for t in texts]
         out = torch.empty((len(texts), dim or self.hidden_size), dtype=torch.float32)
+        dev = self.device
         for start in range(0, len(texts), block_size):
             ids = self.tok.token_ids(texts[start : start + block_size], max_length)
             order = sorted(range(len(ids)), key=lambda k: -len(ids[k]))
-            for b in range(0, len(order), batch_size):
-                sel = order[b : b + batch_size]
-                batch = self.tok.pad([ids[k] for k in sel])
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                vec = normalize(self._pool(**batch), dim).cpu()  # already sorted by length
-                out[torch.tensor(sel) + start] = vec
+            for sel in (token_groups(order, [len(x) for x in ids], budget) if self.packing
+                        else [order[b : b + batch_size] for b in range(0, len(order), batch_size)]):
+                if self.packing:
+                    pooled = self._pool_packed(**self.pack([ids[k] for k in sel]).inputs(dev))
+                else:
+                    batch = {k: v.to(dev) for k, v in self.tok.pad([ids[k] for k in sel]).items()}
+                    pooled = self._pool(**batch)  # already sorted by length
+                out[torch.tensor(sel) + start] = normalize(pooled, dim).cpu()
         self.train(was_training)
         return out
+
+
+def token_groups(order: Sequence[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """``order`` cut into consecutive groups of at most ``budget`` tokens (a longer item alone)."""
+    groups, cur, used = [], [], 0
+    for k in order:
+        if cur and used + lengths[k] > budget:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(k)
+        used += lengths[k]
+    if cur:
+        groups.append(cur)
+    return groups

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from qwen3train.errors import ConfigError
+from qwen3train.models import packing
 from qwen3train.models.pooling import last_token_pool
 from qwen3train.text import pad_batch
 
@@ -70,16 +71,21 @@ class Reranker(nn.Module):
         tokenizer: its tokenizer.
         max_length: total token budget; prefix and suffix are always kept, the document is cut.
         padding_side: batch padding side (the official recipe uses left).
+        packing / pack_multiple: as for ``Embedder``: the packed attention backend the LM was loaded
+            with (None: padded batches); the logits are read at each sequence's own last position.
     """
 
     def __init__(self, lm: nn.Module, tokenizer, *, max_length: int = 8192, padding_side: str = "left",
-                 default_instruction: str = DEFAULT_RERANK_INSTRUCTION) -> None:
+                 default_instruction: str = DEFAULT_RERANK_INSTRUCTION, packing: str | None = None,
+                 pack_multiple: int = 1, pack_grouped: bool = True, pack_tokens: int | None = None) -> None:
         super().__init__()
         self.lm = lm
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.padding_side = padding_side
         self.default_instruction = default_instruction
+        self.packing, self.pack_multiple, self.pack_grouped = packing, pack_multiple, pack_grouped
+        self.pack_tokens = pack_tokens
         self.prefix, self.suffix = reranker_prompt(tokenizer)
         self.prefix_ids = tokenizer.encode(self.prefix, add_special_tokens=False)
         self.suffix_ids = tokenizer.encode(self.suffix, add_special_tokens=False)
@@ -113,17 +119,25 @@ class Reranker(nn.Module):
     def pad(self, seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         return pad_batch(seqs, self.pad_id, self.padding_side)
 
-    def yes_no_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      with_logsumexp: bool = False) -> torch.Tensor:
-        """``[B, 2]`` logits ``(z_no, z_yes)`` at the last valid position, from two LM-head rows.
+    def pack(self, seqs: Sequence[Sequence[int]]) -> packing.Packed:
+        """Token id lists -> packed rows for ``forward(**packed.inputs(device))``."""
+        return packing.pack_rows(seqs, self.pad_id, self.packing, self.pack_multiple, self.pack_grouped,
+                                 self.pack_tokens)
+
+    def inputs(self, seqs: Sequence[Sequence[int]]) -> dict:
+        """``forward`` keyword arguments for these prompts on the model's device, packed or padded."""
+        if self.packing:
+            return self.pack(seqs).inputs(self.device)
+        return {k: v.to(self.device) for k, v in self.pad(seqs).items()}
+
+    def yes_no_logits(self, h: torch.Tensor, with_logsumexp: bool = False) -> torch.Tensor:
+        """``[B, 2]`` logits ``(z_no, z_yes)`` from the last-position hidden states ``h [B, D]``,
+        through two LM-head rows.
 
         ``with_logsumexp`` appends a third column, ``log sum_v exp(z_v)`` over the whole vocabulary at
         that position only (what the paper's SFT cross-entropy needs): one ``[B, V]`` product for the
         batch, never the ``[B, L, V]`` projection of every position.
         """
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                       use_cache=False).last_hidden_state
-        h = last_token_pool(hidden, attention_mask)  # [B, D]
         head = self.lm.get_output_embeddings()
         rows = torch.tensor([self.no_id, self.yes_id], device=h.device)
         logits = h @ head.weight[rows].T  # [B, 2]
@@ -134,9 +148,24 @@ class Reranker(nn.Module):
         full = head(h).float()  # [B, V] at the last position only
         return torch.cat([logits.float(), torch.logsumexp(full, dim=-1, keepdim=True)], dim=1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_logsumexp: bool = False):
-        """``[B, 2]`` (or ``[B, 3]``) as ``yes_no_logits``; the relevance logit is ``z_yes - z_no``."""
-        return self.yes_no_logits(input_ids, attention_mask, with_logsumexp)
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                with_logsumexp: bool = False, *, packed: list[dict] | None = None,
+                last: list[torch.Tensor] | None = None, order: torch.Tensor | None = None):
+        """``[B, 2]`` (or ``[B, 3]``) as ``yes_no_logits``, for a padded batch (``input_ids``,
+        ``attention_mask``) or packed rows (``**self.pack(seqs).inputs(device)``); the relevance logit is
+        ``z_yes - z_no``."""
+        decoder = self.lm.get_decoder()
+        if packed is None and self.packing:  # a padded batch given to a packed model: pack it
+            kw = self.pack(packing.unpad(input_ids, attention_mask)).inputs(input_ids.device)
+            packed, last, order = kw["packed"], kw["last"], kw["order"]
+        if packed is not None:  # each row's hidden states [1, T, D] at each sequence's last token
+            outs = [decoder(**kw, use_cache=False).last_hidden_state[0].index_select(0, at)
+                    for kw, at in zip(packed, last)]
+            h = outs[0] if order is None else torch.cat(outs).index_select(0, order)  # [B, D]
+        else:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            h = last_token_pool(hidden, attention_mask)  # [B, D]
+        return self.yes_no_logits(h, with_logsumexp)
 
     @torch.inference_mode()
     def score(self, query: str, docs: Sequence[str], instruction: str | None = None,
@@ -147,8 +176,7 @@ class Reranker(nn.Module):
         ids = self.token_ids([query] * len(docs), docs, [instruction] * len(docs))
         out = []
         for b in range(0, len(ids), batch_size):
-            batch = {k: v.to(self.device) for k, v in self.pad(ids[b : b + batch_size]).items()}
-            z = self(**batch)
+            z = self(**self.inputs(ids[b : b + batch_size]))
             out.append(torch.sigmoid(z[:, 1] - z[:, 0]).cpu())
         self.train(was_training)
         return torch.cat(out) if out else torch.empty(0)

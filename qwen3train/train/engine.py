@@ -44,6 +44,11 @@ class EngineConfig:
     global / world, accumulation (or GradCache chunks) = local / micro.
     grad_cache: compute the loss over the whole global batch (all its in-batch negatives) while
     holding activations for one micro batch at a time; without it each micro step is its own batch.
+    micro_batch_tokens: cut each rank's share into micro batches (GradCache chunks) of at most this
+    many real tokens instead of ``micro_batch_size`` rows: short rows go many at a time, long ones
+    few, so memory follows tokens, not the longest row (long documents). With GradCache the loss is
+    the same whatever the cut; without it each embedder micro batch is its own contrastive batch
+    (weighted by its rows), while the reranker's loss, a mean over independent groups, is unchanged.
     precision: compute precision, ``auto`` (bf16 for a bf16 model on hardware with native bf16,
     else fp32), ``bf16`` or ``fp32``; weights and optimizer state are float32 in every case.
     offload_optimizer: ZeRO-Offload (DeepSpeed only): optimizer state and step on the CPU, with
@@ -58,6 +63,7 @@ class EngineConfig:
     micro_batch_size: int = 8
     global_batch_size: int = 32
     grad_cache: bool = False
+    micro_batch_tokens: int | None = None
     precision: str = "auto"
     grad_clip: float = 1.0
     offload_optimizer: bool = False
@@ -70,6 +76,8 @@ class EngineConfig:
             raise ValueError(f"engine.zero_stage must be 0-3, got {self.zero_stage}")
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
             raise ValueError("engine batch sizes must be >= 1")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise ValueError(f"engine.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
         if self.precision not in TRAIN_PRECISIONS:
             raise ValueError(f"engine.precision must be one of {TRAIN_PRECISIONS}, got {self.precision!r}")
         if self.backend != "deepspeed" and (self.offload_optimizer or self.deepspeed_config):
@@ -94,7 +102,7 @@ class EngineConfig:
 
 def device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", dist.local_rank())
+        return torch.device("cuda", dist.device_index())
     return torch.device("cpu")
 
 
@@ -326,9 +334,11 @@ class DeepSpeedEngine:
 
     @contextlib.contextmanager
     def micro(self, last: bool):
-        """DeepSpeed tells the accumulation boundary by counting micro-steps, and counts them in its
-        ``step()``; so a micro-step that is not the last ends with that call, which before the boundary
-        only advances the counter (no reduction, no optimizer step). The boundary's call is ``step``."""
+        """The accumulation boundary is set for each micro-step (``last``), not counted from the
+        configured accumulation steps: token-budget micro batches vary in number from step to step.
+        A micro-step that is not the last ends with DeepSpeed's ``step()``, which off the boundary
+        only advances its counter (no optimizer step). The boundary's call is ``step``."""
+        self.engine.set_gradient_accumulation_boundary(last)
         yield
         if not last:
             self.engine.step()

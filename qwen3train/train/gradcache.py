@@ -39,9 +39,10 @@ class RngState:
                 torch.cuda.set_rng_state(cuda)
 
 
-def grad_cache_step(engine, task, batch, n_chunks: int):
-    """One optimizer step's worth of backward passes; returns (loss, stats) of the whole batch."""
-    chunks = task.split(batch, n_chunks)
+def grad_cache_step(engine, task, batch, chunks: list):
+    """One optimizer step's worth of backward passes over ``chunks`` (the batch's micro batches, cut
+    by rows or by tokens: ``train.loop.micro_batches``); returns (loss, stats) of the whole batch."""
+    n_chunks = len(chunks)
     states, cached = [], []
     with torch.no_grad():
         for chunk in chunks:

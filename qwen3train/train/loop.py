@@ -22,6 +22,7 @@ from qwen3train.train import checkpoint, identity
 from qwen3train.train.checkpoint import TrainState
 from qwen3train.train.engine import build_engine
 from qwen3train.train.gradcache import grad_cache_step
+from qwen3train.train.task import token_chunks
 from qwen3train.train.telemetry import Telemetry
 
 
@@ -35,19 +36,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_step(engine, task, batch, n_micro: int, grad_cache: bool):
+def micro_batches(task, batch, n_micro: int, token_budget: int | None = None) -> list:
+    """This rank's share of a global batch cut into micro batches: ``n_micro`` equal row slices, or
+    (``engine.micro_batch_tokens``) consecutive units of at most ``token_budget`` tokens. Every rank
+    then runs as many micro steps as the rank that needs most (one small collective): ZeRO-2/3 reduce
+    gradients at each backward, so the counts must agree."""
+    if not token_budget:
+        return task.split(batch, n_micro)
+    units = task.unit_tokens(batch)
+    n = dist.max_int(len(token_chunks(units, token_budget)))
+    return [task.take(batch, c) for c in token_chunks(units, token_budget, n)]
+
+
+def train_step(engine, task, batch, n_micro: int, grad_cache: bool, token_budget: int | None = None):
     """forward -> loss -> backward over the micro steps, then one optimizer step."""
+    chunks = micro_batches(task, batch, n_micro, token_budget)
     if grad_cache:  # one loss over the whole batch, backward chunk by chunk
-        loss, stats = grad_cache_step(engine, task, batch, n_micro)
-    else:  # each micro batch is its own contrastive batch; gradients accumulate
-        losses, per = [], []
-        for i, mb in enumerate(task.split(batch, n_micro)):
-            with engine.micro(last=i == n_micro - 1):
-                loss, stats = task.loss(task.forward(engine, mb), mb)
-                engine.backward(loss / n_micro)
-            losses.append(loss.detach())
+        loss, stats = grad_cache_step(engine, task, batch, chunks)
+    else:  # each micro batch is its own contrastive batch; gradients accumulate, weighted by rows
+        loss, per = 0.0, []
+        for i, mb in enumerate(chunks):
+            with engine.micro(last=i == len(chunks) - 1):
+                mb_loss, stats = task.loss(task.forward(engine, mb), mb)
+                engine.backward(mb_loss * (len(mb) / len(batch)))
+            loss = loss + mb_loss.detach() * (len(mb) / len(batch))
             per.append(stats)
-        loss = torch.stack(losses).mean()
         stats = {k: float(np.nanmean([s[k] for s in per])) for k in per[0]}
     grad_norm = engine.step()
     return loss, stats, grad_norm
@@ -121,7 +134,8 @@ def run(cfg, hooks=None) -> Path:
                     config_hash=identity.config_hash(cfg))
     try:
         for batch in itertools.islice(batches, max(0, total - state.step)):  # this rank's share, in plan order
-            loss, stats, grad_norm = train_step(engine, task, batch, n_micro, cfg.engine.grad_cache)
+            loss, stats, grad_norm = train_step(engine, task, batch, n_micro, cfg.engine.grad_cache,
+                                                cfg.engine.micro_batch_tokens)
             state.step += 1
             state.epoch, state.batch_in_epoch = batches.epoch, batches.position
             state.samples += cfg.engine.global_batch_size

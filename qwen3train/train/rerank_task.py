@@ -25,11 +25,18 @@ class RerankTask:
         per = len(batch) // n * batch.group
         return [RerankBatch(batch.ids[i * per:(i + 1) * per], batch.group) for i in range(n)]
 
+    @staticmethod
+    def unit_tokens(batch: RerankBatch) -> list[int]:
+        g = batch.group
+        return [sum(map(len, batch.ids[i * g:(i + 1) * g])) for i in range(len(batch))]
+
+    @staticmethod
+    def take(batch: RerankBatch, units: slice) -> RerankBatch:
+        g = batch.group
+        return RerankBatch(batch.ids[units.start * g:units.stop * g], g)
+
     def forward(self, engine, batch: RerankBatch) -> torch.Tensor:
-        enc = self.reranker.pad(batch.ids)
-        dev = self.reranker.device
-        z = engine.forward(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
-                           with_logsumexp=self.loss_fn.needs_logsumexp)
+        z = engine.forward(**self.reranker.inputs(batch.ids), with_logsumexp=self.loss_fn.needs_logsumexp)
         return z.view(len(batch), batch.group, -1)  # [b, G, 2 or 3]
 
     @staticmethod

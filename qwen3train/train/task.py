@@ -2,7 +2,8 @@
 
 A task is what the loop needs besides the batches (``data.loader.Loader`` owns the data path and
 ``data.collate`` the formatting and tokens):
-  ``split(batch, n)``; ``forward(engine, batch) -> reps``; ``join([reps, ...]) -> reps``;
+  ``split(batch, n)``; ``unit_tokens(batch)`` and ``take(batch, slice)`` (token-budget micro batches,
+  ``token_chunks``); ``forward(engine, batch) -> reps``; ``join([reps, ...]) -> reps``;
   ``loss(reps, batch) -> (loss, stats)``; ``export(dir, state_dict)``; ``module``.
 """
 
@@ -21,6 +22,10 @@ class Task(Protocol):
 
     def split(self, batch: Any, n: int) -> list[Any]: ...
 
+    def unit_tokens(self, batch: Any) -> list[int]: ...
+
+    def take(self, batch: Any, units: slice) -> Any: ...
+
     def forward(self, engine: Any, batch: Any) -> Any: ...
 
     def join(self, parts: list[Any]) -> Any: ...
@@ -28,6 +33,43 @@ class Task(Protocol):
     def loss(self, reps: Any, batch: Any) -> tuple[torch.Tensor, dict]: ...
 
     def export(self, out_dir: Any, state_dict: dict | None = None) -> Any: ...
+
+
+def token_chunks(tokens: list[int], budget: int, n: int | None = None) -> list[slice]:
+    """Consecutive units (an embedding row: its query, positive and negatives; a reranker group) cut
+    into chunks of at most ``budget`` tokens, a unit longer than the budget alone in its chunk.
+
+    With ``n`` (>= the greedy count, <= the number of units) the result has exactly ``n`` chunks: the
+    chunk with the most tokens (of more than one unit) is halved by tokens until there are ``n``, so
+    every rank can run the same number of micro steps (ZeRO reduces gradients at each) without any
+    chunk growing past the budget.
+    """
+    if budget < 1:
+        raise ValueError(f"token budget must be >= 1, got {budget}")
+    cuts, used = [0], 0
+    for i, t in enumerate(tokens):
+        if i > cuts[-1] and used + t > budget:
+            cuts.append(i)
+            used = 0
+        used += t
+    cuts.append(len(tokens))
+    chunks = [slice(a, b) for a, b in zip(cuts, cuts[1:])]
+    if n is None:
+        return chunks
+    if not len(chunks) <= n <= len(tokens):
+        raise ValueError(f"cannot cut {len(tokens)} units into {n} chunks (the budget alone makes {len(chunks)})")
+    while len(chunks) < n:
+        size = [sum(tokens[c]) if c.stop - c.start > 1 else -1 for c in chunks]
+        k = max(range(len(chunks)), key=size.__getitem__)
+        c, half, acc = chunks[k], sum(tokens[chunks[k]]) / 2, 0
+        mid = c.start + 1
+        for i in range(c.start, c.stop - 1):  # the cut nearest half of the chunk's tokens
+            acc += tokens[i]
+            mid = i + 1
+            if acc >= half:
+                break
+        chunks[k:k + 1] = [slice(c.start, mid), slice(mid, c.stop)]
+    return chunks
 
 
 class EmbeddingTask:
@@ -50,16 +92,28 @@ class EmbeddingTask:
         size = len(batch) // n
         return [batch.rows(slice(i * size, (i + 1) * size)) for i in range(n)]
 
+    @staticmethod
+    def unit_tokens(batch: EmbeddingBatch) -> list[int]:
+        return [len(q) + len(p) + sum(map(len, negs)) for q, p, negs in zip(batch.q, batch.pos, batch.neg)]
+
+    @staticmethod
+    def take(batch: EmbeddingBatch, units: slice) -> EmbeddingBatch:
+        return batch.rows(units)
+
     def forward(self, engine, batch: EmbeddingBatch):
-        """-> (q [b, H], pos [b, H], neg [b, K, H] or None), not normalised."""
-        tok = self.embedder.tok
-        q_in = tok.pad(batch.q)
-        d_in = tok.pad(batch.pos + [n for row in batch.neg for n in row])
+        """-> (q [b, H], pos [b, H], neg [b, K, H] or None), not normalised. Packed: queries, positives
+        and negatives in one row and one forward; padded: each tower pads to its own length."""
+        docs = batch.pos + [n for row in batch.neg for n in row]
         dev = self.embedder.device
-        q, d = engine.forward(input_ids=q_in["input_ids"].to(dev), attention_mask=q_in["attention_mask"].to(dev),
-                              doc_input_ids=d_in["input_ids"].to(dev),
-                              doc_attention_mask=d_in["attention_mask"].to(dev))
         b, k = len(batch), len(batch.neg[0]) if len(batch) else 0
+        if self.embedder.packing:
+            reps = engine.forward(**self.embedder.pack(batch.q + docs).inputs(dev))  # [b + b(1 + K), H]
+            q, d = reps[:b], reps[b:]
+        else:
+            q_in, d_in = self.embedder.tok.pad(batch.q), self.embedder.tok.pad(docs)
+            q, d = engine.forward(input_ids=q_in["input_ids"].to(dev), attention_mask=q_in["attention_mask"].to(dev),
+                                  doc_input_ids=d_in["input_ids"].to(dev),
+                                  doc_attention_mask=d_in["attention_mask"].to(dev))
         neg = d[b:].view(b, k, -1) if k else None
         return q, d[:b], neg
 

@@ -34,7 +34,7 @@ def main(tests_dir, model_dir, data_file, out_file):
                        {n: p.grad.clone() for n, p in engine.module.named_parameters()})
     # GradCache: 2 chunks per rank, DDP sync only on the last
     engine.optimizer.zero_grad()
-    loss, _ = grad_cache_step(engine, task, batch, n_chunks=2)
+    loss, _ = grad_cache_step(engine, task, batch, task.split(batch, 2))
     result["gradcache"] = (dist.all_reduce_mean(loss).item(),
                            {n: p.grad.clone() for n, p in engine.module.named_parameters()})
     # reranker (sft loss, groups of 4): 2 queries per rank

@@ -26,6 +26,7 @@ def test_cuda_process_group_has_a_cpu_backend(monkeypatch):
     counts and object broadcasts are CPU tensors, and a multi-GPU run stopped at its first step."""
     calls = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("set_device", (i, len(calls))))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: calls.setdefault("init", (kw, len(calls))))
@@ -37,6 +38,8 @@ def test_cuda_process_group_has_a_cpu_backend(monkeypatch):
     assert _device_map(kw["backend"]) == {"cpu": "gloo", "cuda": "nccl"}
     assert calls["set_device"] == (3, 0) and order == 1  # this rank's GPU chosen before the group exists
     assert kw["timeout"] == datetime.timedelta(minutes=5)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # 2 ranks sharing one GPU (gloo): both on GPU 0
+    assert dist.device_index() == 0
     # without CUDA: gloo for everything
     assert _device_map(dist.backend_spec(cuda=False))["cpu"] == "gloo"
     monkeypatch.setenv("QWEN3TRAIN_DIST_BACKEND", "nccl")  # the override is honoured

@@ -14,7 +14,7 @@ def test_flash_attention_2_falls_back_to_sdpa_with_a_log(tiny_model_dir, caplog)
     Catches the ImportError transformers raises when flash_attention_2 is passed through blindly."""
     from qwen3train.models.build import ModelConfig, build_embedder
 
-    cfg = ModelConfig(name_or_path=str(tiny_model_dir), attn_implementation="flash_attention_2")
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), attn_implementation="flash_attention_2", packing=False)
     with caplog.at_level(logging.WARNING, logger="qwen3train.models.build"):
         emb = build_embedder(cfg)
     assert emb.backbone.config._attn_implementation == "sdpa"

@@ -114,7 +114,7 @@ def test_length_buckets_change_no_result_or_gradient(tiny_model_dir, side):
     texts = [" ".join(words[i % 4] for i in range(3 + 7 * (k % 5) + k)) for k in range(24)]
     results = []
     for buckets in (1, 4):
-        emb = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), padding_side=side,
+        emb = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), padding_side=side, packing=False,
                                          length_buckets=buckets, max_doc_length=128))
         batch = emb.tok(texts, 128)
         assert len(set(batch["attention_mask"].sum(1).tolist())) > 8  # lengths really differ
@@ -133,7 +133,8 @@ def test_length_buckets_remove_padding_work(tiny_model_dir):
     """The backbone sees fewer padded positions with buckets: counts the tokens it actually runs on."""
     from qwen3train.models.build import ModelConfig, build_embedder
 
-    emb = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), length_buckets=4, max_doc_length=128))
+    emb = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), length_buckets=4, max_doc_length=128,
+                                     packing=False))
     seen = []
     emb.backbone.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
     texts = ["word " * (120 if k == 0 else 5 + k) for k in range(32)]

@@ -28,7 +28,7 @@ def test_gradcache_equals_uncached(tiny_model_dir, tmp_path, k):
     ref = grads_of(engine)
 
     engine.optimizer.zero_grad()
-    loss_gc, stats_gc = grad_cache_step(engine, task, batch, n_chunks=4)
+    loss_gc, stats_gc = grad_cache_step(engine, task, batch, task.split(batch, 4))
     got = grads_of(engine)
 
     assert abs(loss_gc.item() - loss_ref.item()) <= 1e-5
@@ -37,3 +37,50 @@ def test_gradcache_equals_uncached(tiny_model_dir, tmp_path, k):
         scale = max(ref[name].abs().max().item(), 1e-8)
         assert (got[name] - ref[name]).abs().max().item() <= 1e-5 * max(1.0, scale), name
     assert stats_gc["acc"] == pytest.approx(stats_ref["acc"])
+
+
+def _step_grads(cfg, tmp_path, packing, grad_cache, token_budget, n_micro, rerank=False):
+    """One train_step's (loss, gradients) for the first 8 records (4 reranker groups)."""
+    from qwen3train.train.loop import micro_batches, train_step
+
+    cfg.model.packing = packing
+    task, loader = build_task(cfg, tmp_path / "run")
+    engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
+    batch = loader.collate_items([(i, 0) for i in range(4 if rerank else 8)], 0)
+    chunks = micro_batches(task, batch, n_micro, token_budget)
+    engine.step = lambda: 0.0  # keep the gradients (no optimizer step, no zeroing)
+    loss, _, _ = train_step(engine, task, batch, n_micro, grad_cache, token_budget)
+    return float(loss), grads_of(engine), len(chunks)
+
+
+def _same(a, b, tol=1e-5):
+    assert abs(a[0] - b[0]) <= tol * max(1.0, abs(b[0])), (a[0], b[0])
+    assert set(a[1]) == set(b[1]) and len(b[1]) > 10
+    for name in b[1]:
+        scale = max(b[1][name].abs().max().item(), 1e-8)
+        assert (a[1][name] - b[1][name]).abs().max().item() <= tol * max(1.0, scale), name
+
+
+def test_token_budget_gradcache_equals_the_padded_full_batch(tiny_model_dir, tmp_path):
+    """Packed forward + GradCache chunks cut by a token budget (uneven row counts) give the loss and
+    gradients of one padded, uncached full batch (the in-batch negatives are the whole batch either way).
+    Catches a chunk cut that drops or repeats rows and a packed path that differs from the padded one."""
+    cfg = train_cfg(tiny_model_dir, make_pairs(tmp_path / "d.jsonl", k=2), tmp_path / "run", k=2,
+                    micro=8, global_batch=8)
+    ref = _step_grads(cfg, tmp_path, packing=False, grad_cache=False, token_budget=None, n_micro=1)
+    got = _step_grads(cfg, tmp_path, packing=True, grad_cache=True, token_budget=90, n_micro=1)
+    assert got[2] >= 3  # really several chunks, by tokens
+    _same(got, ref)
+
+
+def test_token_budget_micro_batches_leave_the_reranker_loss_unchanged(tiny_model_dir, tmp_path):
+    """Reranker groups are independent, so token-budget micro batches without GradCache (each weighted by
+    its groups) give the full batch's loss and gradients."""
+    from helpers import rerank_cfg
+
+    cfg = rerank_cfg(tiny_model_dir, make_pairs(tmp_path / "d.jsonl", n=32, k=3), tmp_path / "run",
+                     objective="listwise", global_batch=4, micro=4)
+    ref = _step_grads(cfg, tmp_path, packing=True, grad_cache=False, token_budget=None, n_micro=1, rerank=True)
+    got = _step_grads(cfg, tmp_path, packing=True, grad_cache=False, token_budget=250, n_micro=1, rerank=True)
+    assert got[2] >= 2
+    _same(got, ref)

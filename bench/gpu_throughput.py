@@ -1,0 +1,314 @@
+"""gpu-check section t: training throughput of the Qwen3-0.6B shape, ours vs sentence-transformers.
+
+Rows, most important first, each written to ``<out>/partial_t_throughput.json`` as soon as it is
+measured (a run stopped at its time limit keeps every finished row):
+
+  stage 1 (queries <= 64, documents <= 256 tokens, the paper's loss) at micro-batch 64: eager-padded
+  (the old default), packed (eager), packed + compiled (the new CUDA default); the same at 256;
+  global batch 1,024 with GradCache (chunks of 256 rows, and chunks cut by a token budget);
+  sentence-transformers MNRL at 64 and 256 and CachedMNRL at 1,024 (bf16 autocast, fp32 weights, as its
+  trainer's ``bf16=True``); stage 2 (3 hard negatives) padded vs packed + compiled; the packed attention
+  backends against each other.
+
+Each row: tokens/s on real tokens, MFU (6 x non-embedding parameters per real token) against the
+spec peak and against a bf16 matmul this section times itself, step time, peak GPU memory, the loss.
+A summary names the best configuration and the goals of the issue (MFU >= 30%, >= 2x
+sentence-transformers' tokens/s, GradCache at 1,024 within 1.4x the per-token cost of the largest
+plain batch). On the CPU (``QWEN3TRAIN_GPU_CHECK_ON_CPU=1``) the same code runs on the tiny model with
+small batches, so CI keeps it working.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _matmul_tflops(device) -> float | None:
+    import torch
+
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    n = 20
+    for _ in range(n):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * n / (time.perf_counter() - t) / 1e12
+
+
+def _records(path: Path, n: int) -> list[dict]:
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [rows[i % len(rows)] for i in range(n)]
+
+
+def _ours(model_dir: Path, data: Path, row: dict, steps: int, device) -> dict:
+    import torch
+
+    from qwen3train.data.collate import EmbeddingCollator
+    from qwen3train.data.instructions import Instructions
+    from qwen3train.data.loader import Loader
+    from qwen3train.data.sources import IndexedSource
+    from qwen3train.losses.infonce import InfoNCELoss
+    from qwen3train.models.build import ModelConfig, build_embedder
+    from qwen3train.train.build import flops_per_token
+    from qwen3train.train.engine import EngineConfig, TorchEngine
+    from qwen3train.train.loop import train_step
+    from qwen3train.train.schedule import OptimConfig
+    from qwen3train.train.task import EmbeddingTask
+
+    k = row.get("negatives", 0)
+    mcfg = ModelConfig(name_or_path=str(model_dir), dtype="bfloat16", max_query_length=64, max_doc_length=256,
+                       **row["model"])
+    emb = build_embedder(mcfg, train_precision="bf16")
+    source = IndexedSource([data], num_hard_negatives=k)
+    collate = EmbeddingCollator(emb.tok, Instructions(default="Given a question, retrieve passages that answer it"),
+                                k=k, seed=0, max_query_length=64, max_doc_length=256)
+    g, micro = row["global"], row["micro"]
+    loader = Loader(source, collate, global_batch=g, seed=0)
+    task = EmbeddingTask(emb, InfoNCELoss(0.05, fn_margin=0.1, qq=True, dd=True), "x")
+    ecfg = EngineConfig(micro_batch_size=micro, global_batch_size=g, grad_cache=row.get("grad_cache", False),
+                        micro_batch_tokens=row.get("micro_batch_tokens"))
+    engine = TorchEngine(emb, ecfg, OptimConfig(lr=1e-5), 1000, precision="bf16")
+    batches = iter(loader)
+    fpt = flops_per_token(emb)
+
+    def step():
+        b = next(batches)
+        loss, _, _ = train_step(engine, task, b, ecfg.micro_steps(1), ecfg.grad_cache, ecfg.micro_batch_tokens)
+        return float(loss), b.num_tokens
+
+    return _timed(step, steps, device, fpt, extra={"attention": emb.packing or "padded (sdpa)"})
+
+
+def _timed(step, steps: int, device, fpt: float, extra: dict | None = None) -> dict:
+    import torch
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t = time.perf_counter()
+    first_loss, _ = step()  # warm-up: compilation, allocator, autotuning
+    step()
+    sync()
+    warm = time.perf_counter() - t
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, toks, losses = [], [], []
+    for _ in range(steps):
+        sync()
+        t = time.perf_counter()
+        loss, n = step()
+        sync()
+        times.append(time.perf_counter() - t)
+        toks.append(n)
+        losses.append(loss)
+    tps = statistics.median(n / s for n, s in zip(toks, times))
+    out = {"tokens_per_s": round(tps), "step_s": round(statistics.median(times), 4), "warmup_s": round(warm, 1),
+           "real_tokens_per_step": round(statistics.mean(toks)), "loss_first": round(first_loss, 4),
+           "loss_last": round(losses[-1], 4), "flops_per_token": fpt, **(extra or {})}
+    if cuda:
+        out["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
+
+
+def _st(model_dir: Path, data: Path, row: dict, steps: int, device) -> dict:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
+    except ImportError:  # sentence-transformers 6 keeps them under sentence_transformer.losses too
+        from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
+                                                                       MultipleNegativesRankingLoss)
+    from qwen3train.train.build import flops_per_token
+    from qwen3train.text import format_query
+
+    st = SentenceTransformer(str(model_dir), device=str(device), model_kwargs={"dtype": torch.float32})
+    st.max_seq_length = 256
+    g = row["global"]
+    loss_fn = (CachedMultipleNegativesRankingLoss(st, scale=20.0, mini_batch_size=row["micro"]) if row.get("cached")
+               else MultipleNegativesRankingLoss(st, scale=20.0))
+    opt = torch.optim.AdamW(st.parameters(), lr=1e-5)
+    recs = _records(data, g * (steps + 3))
+    fpt = flops_per_token(st[0].auto_model)
+    state = {"i": 0}
+    instr = "Given a question, retrieve passages that answer it"
+
+    def step():
+        chunk = recs[state["i"] * g:(state["i"] + 1) * g]
+        state["i"] += 1
+        st.max_seq_length = 64  # the same budgets as ours: queries 64, documents 256 tokens
+        q = st.tokenize([format_query(r["query"], instr) for r in chunk])
+        st.max_seq_length = 256
+        d = st.tokenize([r["pos"][0] for r in chunk])
+        n = int(q["attention_mask"].sum() + d["attention_mask"].sum())
+        feats = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in f.items()} for f in (q, d)]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = loss_fn(feats, None)
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss), n
+
+    return _timed(step, steps, device, fpt, extra={"attention": "padded (sdpa)"})
+
+
+def rows(cuda: bool) -> list[dict]:
+    """Most important first. ``model``: ModelConfig overrides; eager-padded = the old default."""
+    padded = {"packing": False, "length_buckets": 1, "compile": False}
+    packed = {"packing": True, "compile": False}
+    compiled = {"packing": True, "compile": True}
+    if not cuda:  # the CPU rehearsal: the code paths, at toy sizes
+        return [{"name": "s1 mb8 eager-padded", "impl": "ours", "model": padded, "micro": 8, "global": 8},
+                {"name": "s1 g16 gradcache 400-token chunks packed", "impl": "ours", "model": packed, "micro": 8,
+                 "global": 16, "grad_cache": True, "micro_batch_tokens": 400},
+                {"name": "st cached g16 mini8", "impl": "st", "micro": 8, "global": 16, "cached": True}]
+    return [
+        {"name": "s1 mb64 eager-padded", "impl": "ours", "model": padded, "micro": 64, "global": 64},
+        {"name": "s1 mb64 packed", "impl": "ours", "model": packed, "micro": 64, "global": 64},
+        {"name": "s1 mb64 packed+compiled", "impl": "ours", "model": compiled, "micro": 64, "global": 64},
+        {"name": "st mnrl mb64", "impl": "st", "micro": 64, "global": 64},
+        {"name": "s1 mb256 packed+compiled", "impl": "ours", "model": compiled, "micro": 256, "global": 256},
+        {"name": "st mnrl mb256", "impl": "st", "micro": 256, "global": 256},
+        {"name": "s1 g1024 gradcache mb256 packed+compiled", "impl": "ours", "model": compiled, "micro": 256,
+         "global": 1024, "grad_cache": True, "steps": 3},
+        {"name": "s1 g1024 gradcache 64k-token chunks packed+compiled", "impl": "ours", "model": compiled,
+         "micro": 256, "global": 1024, "grad_cache": True, "micro_batch_tokens": 65536, "steps": 3},
+        {"name": "st cached g1024 mini256", "impl": "st", "micro": 256, "global": 1024, "cached": True, "steps": 3},
+        {"name": "s2 mb64 eager-padded", "impl": "ours", "model": padded, "micro": 64, "global": 64, "negatives": 3},
+        {"name": "s2 mb64 packed+compiled", "impl": "ours", "model": compiled, "micro": 64, "global": 64,
+         "negatives": 3},
+        {"name": "s1 mb256 eager-padded", "impl": "ours", "model": padded, "micro": 256, "global": 256},
+        {"name": "s1 mb256 packed+compiled flex", "impl": "ours", "model": {**compiled, "packed_attention": "flex"},
+         "micro": 256, "global": 256},
+        {"name": "s1 mb256 packed+compiled padded-attn", "impl": "ours",
+         "model": {**compiled, "packed_attention": "padded"}, "micro": 256, "global": 256},
+        {"name": "s1 mb256 packed eager", "impl": "ours", "model": packed, "micro": 256, "global": 256},
+    ]
+
+
+def summary(res: dict, spec_peak: float | None, matmul_tflops: float | None) -> dict:
+    done = {k: v for k, v in res.items() if "tokens_per_s" in v}
+    for r in done.values():
+        flops = r["flops_per_token"] * r["tokens_per_s"]
+        if spec_peak:
+            r["mfu_spec"] = round(flops / spec_peak, 4)
+        if matmul_tflops:
+            r["mfu_matmul"] = round(flops / (matmul_tflops * 1e12), 4)
+    ours = {k: v for k, v in done.items() if not k.startswith("st ")}
+    out: dict = {}
+    if ours:
+        best = max(ours, key=lambda k: ours[k]["tokens_per_s"])
+        out["best"] = best
+        if "mfu_spec" in ours[best]:
+            out["best_mfu_spec"] = ours[best]["mfu_spec"]
+            out["goal_mfu_30pct"] = ours[best]["mfu_spec"] >= 0.30
+    st = [v["tokens_per_s"] for k, v in done.items() if k.startswith("st ")]
+    if ours and st:
+        out["ours_best_over_st_best"] = round(max(v["tokens_per_s"] for v in ours.values()) / max(st), 2)
+        out["goal_2x_st"] = out["ours_best_over_st_best"] >= 2.0
+    plain = [v for k, v in ours.items() if "gradcache" not in k and k.startswith("s1 ")]
+    cached = [v for k, v in ours.items() if "gradcache" in k]
+    if plain and cached:
+        fastest_plain = max(plain, key=lambda v: v["tokens_per_s"])["tokens_per_s"]
+        ratio = fastest_plain / max(v["tokens_per_s"] for v in cached)
+        out["gradcache_cost_per_token_ratio"] = round(ratio, 2)
+        out["goal_gradcache_1_4x"] = ratio <= 1.4
+    for name in ("s1 mb64", "s2 mb64", "s1 mb256"):
+        a, b = done.get(f"{name} eager-padded"), done.get(f"{name} packed+compiled")
+        if a and b:
+            out[f"{name} packed+compiled / eager-padded"] = round(b["tokens_per_s"] / a["tokens_per_s"], 2)
+    return out
+
+
+def section_throughput(out: Path, quick: bool, budget_s: float = 420.0) -> dict:
+    import torch
+
+    from gpu_check import _cuda, _demo_data, _run_here
+    from qwen3train.models.build import ModelConfig, build_embedder
+    from qwen3train.models.export import export_embedder
+    from qwen3train.models.tiny import QWEN3_0_6B_SHAPE, make_tiny_qwen3
+    from qwen3train.text import DEFAULT_INSTRUCTION
+    from qwen3train.train.telemetry import peak_flops
+
+    if not _run_here():
+        return {"skipped": "needs CUDA (CPU figures: bench/bench_packing.py)"}
+    cuda = _cuda()
+    device = torch.device("cuda" if cuda else "cpu")
+    start = time.perf_counter()
+    shape = QWEN3_0_6B_SHAPE if cuda else {}
+    name = "qwen3-0.6b-random" if cuda else "tiny-qwen3"
+    raw = make_tiny_qwen3(out / "models" / name, dtype="bfloat16" if cuda else "float32", **shape)
+    export = out / "models" / f"{name}-export"
+    if not (export / "modules.json").exists():  # what sentence-transformers loads: the same weights
+        export_embedder(build_embedder(ModelConfig(name_or_path=str(raw), dtype="bfloat16" if cuda else "float32")),
+                        export, instruction=DEFAULT_INSTRUCTION)
+    data = _demo_data()
+    res: dict = {"model": name, "device": str(torch.cuda.get_device_name() if cuda else "cpu"),
+                 "spec_peak_tflops": (peak_flops() or 0) / 1e12 or None, "matmul_tflops": None, "rows": {}}
+    res["matmul_tflops"] = round(_matmul_tflops(device), 1) if cuda else None
+    partial = out / "partial_t_throughput.json"
+    todo = rows(cuda)
+    if quick and cuda:
+        todo = todo[:9]
+    for row in todo:
+        if time.perf_counter() - start > budget_s:
+            res["rows"][row["name"]] = {"skipped": f"section budget of {budget_s:.0f} s spent"}
+            continue
+        steps = row.get("steps", 5) if cuda else 1
+        src = data / ("train_hn.jsonl" if row.get("negatives") else "train_pairs.jsonl")
+        try:
+            fn = _ours if row["impl"] == "ours" else _st
+            got = fn(raw if row["impl"] == "ours" else export, src, row, steps, device)
+            got["batch"] = {"global": row["global"], "micro": row["micro"],
+                            **({"micro_batch_tokens": row["micro_batch_tokens"]} if "micro_batch_tokens" in row else {})}
+        except Exception as e:  # noqa: BLE001 - one row's failure (OOM, a missing kernel) is recorded, the rest run
+            got = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+        res["rows"][row["name"]] = got
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch._dynamo.reset()
+        spec = res["spec_peak_tflops"] * 1e12 if res["spec_peak_tflops"] else None
+        res["summary"] = summary(res["rows"], spec, res["matmul_tflops"])
+        res["elapsed_s"] = round(time.perf_counter() - start, 1)
+        partial.write_text(json.dumps(res, indent=2))
+        print(f"[gpu-check] t {row['name']}: {json.dumps(got)[:300]}", flush=True)
+    return res
+
+
+def markdown(sec: dict) -> list[str]:
+    if not sec.get("rows"):
+        return []
+    lines = ["", f"Throughput, {sec.get('model')} ({sec.get('device')}; bf16 matmul {sec.get('matmul_tflops')} "
+             f"TFLOP/s measured, spec {sec.get('spec_peak_tflops')}):", "",
+             "| row | tokens/s (real) | MFU spec | MFU vs matmul | step s | peak GiB | attention |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in sec["rows"].items():
+        if "tokens_per_s" not in r:
+            lines.append(f"| {name} | {'skipped' if 'skipped' in r else 'failed'} | | | | | |")
+            continue
+        lines.append(f"| {name} | {r['tokens_per_s']:,} | {r.get('mfu_spec', '-')} | {r.get('mfu_matmul', '-')} | "
+                     f"{r['step_s']} | {r.get('peak_gpu_mem_gib', '-')} | {r.get('attention', '-')} |")
+    lines.append("\n- t. summary: " + json.dumps(sec.get("summary", {})))
+    return lines
+
+
+if __name__ == "__main__":  # python bench/gpu_throughput.py OUT: this section alone
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(json.dumps(section_throughput(Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/gpu_check"), False),
+                     indent=2))

@@ -1,0 +1,235 @@
+"""Padding-free (packed) forward: the same vectors, logits and gradients as padded batches for three
+backbone families, no attention across sequences, filler segments that change nothing, token-budget
+chunks, and one compiled graph for every packed length."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3train.models.build import ModelConfig, build_embedder, build_reranker
+from qwen3train.models.packing import pack
+from qwen3train.train.task import token_chunks
+
+WORDS = ["alpha", "beta", "gamma", "delta", "rope", "tensor", "ocean", "violin"]
+TEXTS = [" ".join(WORDS[(i * 3 + k) % 8] for i in range(2 + 5 * (k % 6) + k)) for k in range(14)]
+
+
+def _family_config(family: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    from qwen3train.models.tiny import tiny_qwen3_config
+
+    common = dict(vocab_size=151936, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, max_position_embeddings=4096, tie_word_embeddings=True)
+    if family == "qwen3":
+        return tiny_qwen3_config()
+    if family == "qwen2":  # Qwen2.5's architecture: q/k/v biases, no q/k norms
+        return Qwen2Config(**common)
+    return LlamaConfig(**common, head_dim=32)  # SmolLM2's architecture
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory, tiny_model_dir):
+    """Random tiny decoders of the three families (real Qwen3 tokenizer), one folder each."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("packing-families")
+    out = {}
+    for family in ("qwen3", "qwen2", "llama"):
+        torch.manual_seed(1)
+        model = AutoModelForCausalLM.from_config(_family_config(family))
+        model.save_pretrained(root / family)
+        AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / family)
+        out[family] = root / family
+    return out
+
+
+def _pair(path, **kw):
+    """(padded, packed) embedders with the same weights, built for fp32 training."""
+    models = []
+    for packing in (False, True):
+        cfg = ModelConfig(name_or_path=str(path), max_query_length=96, max_doc_length=96, packing=packing, **kw)
+        models.append(build_embedder(cfg, train_precision="fp32"))
+    return models
+
+
+def _grads(module):
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _close(a, b, tol=1e-5):
+    return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("family,rows", [("qwen3", 1), ("qwen3", 3), ("qwen2", 1), ("llama", 3)])
+def test_packed_equals_padded_vectors_and_gradients(family_models, family, rows):
+    """fp32, every family, one packed row or several (model.pack_tokens): pooled vectors and every
+    parameter's gradient agree to 1e-5. Catches positions that do not restart per sequence (rotary
+    sees offsets), a wrong last-token index or row order, and a backend that drops gradients on the
+    way through the scatter into the attention block."""
+    padded, packed = _pair(family_models[family], pack_tokens=0 if rows == 1 else 120)
+    ids = padded.tok.token_ids(TEXTS, 96)
+    assert len({len(x) for x in ids}) > 8  # the lengths really differ
+    weight = torch.linspace(-1, 1, padded.hidden_size)
+    out_ref = padded(**padded.tok.pad(ids))
+    (out_ref * weight).sum().backward()
+    p = packed.pack(ids)
+    assert len(p.rows) == rows if rows == 1 else len(p.rows) >= rows
+    assert sum(r.input_ids.shape[1] for r in p.rows) == sum(map(len, ids))  # no padding
+    out = packed(**p.inputs("cpu"))
+    (out * weight).sum().backward()
+    assert _close(out, out_ref), (out - out_ref).abs().max()
+    g_ref, g = _grads(padded), _grads(packed)
+    assert set(g) == set(g_ref) and len(g_ref) > 10
+    for name in g_ref:
+        assert _close(g[name], g_ref[name]), name
+
+
+def _leak(backbone, seqs, pad_id, packed_kwargs, grouped=True):
+    """(max change of sequence 1's hidden states when sequence 0's tokens change, max |d seq1 / d embeddings
+    of seq 0|) for one packed row (longer sequence first)."""
+    p = pack(seqs, pad_id, grouped=grouped)
+    n0 = len(seqs[0])
+    captured = {}
+
+    def keep(module, args, out):
+        out.retain_grad()
+        captured["emb"] = out
+
+    handle = backbone.get_input_embeddings().register_forward_hook(keep)
+    h = backbone(**packed_kwargs(p), use_cache=False).last_hidden_state[0]
+    h[n0:].sum().backward()
+    grad_into_first = captured["emb"].grad[0, :n0].abs().max().item()
+    handle.remove()
+    other = [[t + 7 for t in seqs[0]], seqs[1]]
+    with torch.no_grad():
+        h2 = backbone(**packed_kwargs(pack(other, pad_id, grouped=grouped)), use_cache=False).last_hidden_state[0]
+    return (h2[n0:] - h[n0:].detach()).abs().max().item(), grad_into_first
+
+
+def test_a_packed_sequence_never_attends_to_another(tiny_model_dir):
+    """Every position of the second sequence is unchanged when the first sequence's tokens change, and
+    receives no gradient path from it. The same check run on a leaky variant (plain causal attention
+    over the whole row, positions restarted) reports the leak, so this test fails if the mask leaks."""
+    emb = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir)), train_precision="fp32")
+    seqs = [list(range(100, 117)), list(range(300, 311))]
+    change, grad = _leak(emb.backbone, seqs, emb.tok.pad_id, lambda p: p.inputs("cpu"))
+    assert change == 0.0 and grad == 0.0
+    change, grad = _leak(emb.backbone, seqs, emb.tok.pad_id, lambda p: p.inputs("cpu"), grouped=False)
+    assert change == 0.0 and grad == 0.0
+    leaky = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), packing=False), train_precision="fp32")
+    # an all-ones mask: causal over the whole row (transformers' own packed detection needs no mask)
+    change, grad = _leak(leaky.backbone, seqs, emb.tok.pad_id, lambda p: {
+        "input_ids": p.input_ids, "position_ids": p.position_ids, "attention_mask": torch.ones_like(p.input_ids)})
+    assert change > 1e-3 and grad > 1e-6
+
+
+def test_flex_backend_forward_equals_padded_on_cpu(tiny_model_dir):
+    """FlexAttention with the same-sequence causal block mask (the CUDA path without flash-attn) runs its
+    forward on the CPU too: same vectors as the exact path. (FlexAttention has no CPU backward; the
+    CUDA backward is measured by make gpu-check.)"""
+    exact = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), max_doc_length=96))
+    flex = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), max_doc_length=96, packed_attention="flex"))
+    assert flex.packing == "flex" and exact.packing == "padded"
+    assert _close(flex.encode(TEXTS), exact.encode(TEXTS), 1e-5)
+
+
+def test_flex_cannot_train_on_cpu_is_a_config_error(tiny_model_dir):
+    from qwen3train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot train on the CPU"):
+        build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), packed_attention="flex"), train_precision="fp32")
+
+
+def test_filler_segments_change_nothing(tiny_model_dir):
+    """pack_multiple rounds the row up with pad segments of their own: the real sequences' vectors and
+    gradients stay the same (a filler that joined a real sequence would change its last token)."""
+    plain, filled = (build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), max_doc_length=96,
+                                                pack_multiple=m), train_precision="fp32") for m in (1, 64))
+    ids = plain.tok.token_ids(TEXTS, 96)
+    p1, p64 = plain.pack(ids), filled.pack(ids)
+    assert all(r.input_ids.shape[1] % 64 == 0 for r in p64.rows)
+    assert sum(r.input_ids.shape[1] for r in p64.rows) > sum(r.input_ids.shape[1] for r in p1.rows)
+    assert p64.num_tokens == p1.num_tokens
+    a = plain(**p1.inputs("cpu"))
+    b = filled(**p64.inputs("cpu"))
+    a.sum().backward()
+    b.sum().backward()
+    assert _close(a, b)
+    ga, gb = _grads(plain), _grads(filled)
+    assert all(_close(gb[k], ga[k]) for k in ga)
+
+
+def test_packed_encode_equals_padded_encode(tiny_model_dir):
+    """encode() (evaluation, filtering, mining, personas) packs texts by a token budget: same vectors, in
+    input order, whether one text or the whole block fits a pack."""
+    padded = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), packing=False))
+    packed = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir)))
+    ref = padded.encode(TEXTS, batch_size=4)
+    for budget in (1, 50, 10**6):
+        assert _close(packed.encode(TEXTS, batch_tokens=budget), ref)
+    assert _close(packed.encode(TEXTS[:3], instruction="Find it"), padded.encode(TEXTS[:3], instruction="Find it"))
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_packed_reranker_equals_padded(tiny_model_dir, with_lse):
+    """Reranker: yes/no logits (and the whole-vocabulary logsumexp the SFT loss uses) at each sequence's own
+    last position, and the gradients, equal the padded (left-padded, official) batch."""
+    models = [build_reranker(ModelConfig(name_or_path=str(tiny_model_dir), packing=p), max_length=128,
+                             train_precision="fp32") for p in (False, True)]
+    pairs = [("what is gravity", TEXTS[k]) for k in range(6)]
+    ids = models[0].token_ids([q for q, _ in pairs], [d for _, d in pairs])
+    outs = []
+    for rr in models:
+        z = rr(**rr.inputs(ids), with_logsumexp=with_lse)
+        (z * torch.arange(1, z.shape[1] + 1)).sum().backward()
+        outs.append((z.detach(), _grads(rr)))
+    (z_ref, g_ref), (z, g) = outs
+    assert z.shape == (6, 3 if with_lse else 2)
+    assert _close(z, z_ref)
+    assert all(_close(g[k], g_ref[k]) for k in g_ref)
+    assert torch.allclose(models[1].score("what is gravity", TEXTS[:6]), models[0].score("what is gravity", TEXTS[:6]),
+                          atol=1e-6)
+
+
+def test_token_chunks():
+    """Budgets respected, a long unit alone, exactly n chunks on request (split by tokens, none empty),
+    and an impossible n refused."""
+    tokens = [5, 5, 5, 30, 2, 2, 2, 2]
+    chunks = token_chunks(tokens, 10)
+    assert [(c.start, c.stop) for c in chunks] == [(0, 2), (2, 3), (3, 4), (4, 8)]
+    for n in range(len(chunks), len(tokens) + 1):
+        got = token_chunks(tokens, 10, n)
+        assert len(got) == n and got[0].start == 0 and got[-1].stop == len(tokens)
+        assert all(a.stop == b.start for a, b in zip(got, got[1:])) and all(c.stop > c.start for c in got)
+        assert all(sum(tokens[c]) <= 10 or c.stop - c.start == 1 for c in got)
+    with pytest.raises(ValueError):
+        token_chunks(tokens, 10, 3)
+    with pytest.raises(ValueError):
+        token_chunks(tokens, 10, 9)
+
+
+def test_one_compiled_graph_serves_every_packed_length(tiny_model_dir):
+    """Regional compilation with dynamic shapes: after the first batch, training steps on packs of other
+    lengths and sequence counts compile nothing new (counted by dynamo; a backend that specialises on
+    the row length would add a graph per batch)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from qwen3train.models.build import compile_layers
+
+    torch._dynamo.reset()
+    counters.clear()
+    emb = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), max_doc_length=96), train_precision="fp32")
+    assert compile_layers(emb.backbone, backend="aot_eager") == 2
+    emb.pack_grouped = False  # what build_embedder sets for compiled layers: one attention block, one shape
+    emb.pack_tokens = None
+    ids = emb.tok.token_ids(TEXTS, 96)
+    graphs = []
+    for k in range(6):
+        sel = ids[k: k + 3 + 2 * k]
+        emb(**emb.pack(sel).inputs("cpu")).sum().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[0] >= 1 and graphs[-1] == graphs[1], graphs
