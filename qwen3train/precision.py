@@ -21,6 +21,21 @@ from pathlib import Path
 import torch
 
 TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
+# One vocabulary for every precision setting (training, evaluation, mining, filtering, MTEB, merge
+# selection, personas): auto | bf16 | fp32 | fp16, with torch's dtype names accepted for the same.
+PRECISION_NAMES = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32",
+                   "fp16": "fp16", "float16": "fp16"}
+DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "auto": "auto"}
+
+
+def precision_name(value, key: str, training: bool = False) -> str:
+    """``value`` in the one vocabulary (``bfloat16`` -> ``bf16``, ``float32`` -> ``fp32``...), or a
+    ValueError naming ``key`` and the choices. ``training``: fp16 is not offered (no loss scaling)."""
+    name = PRECISION_NAMES.get(str(value).strip().lower())
+    if name is None or (training and name == "fp16"):
+        choices = "auto, bf16 (or bfloat16), fp32 (or float32)" + ("" if training else ", fp16 (or float16)")
+        raise ValueError(f"{key} must be one of: {choices}; got {value!r}")
+    return name
 
 
 def cpu_has_native_bf16() -> bool:
@@ -52,8 +67,7 @@ def resolve_train_precision(precision: str, model_dtype: str, device_type: str |
     are) and the device computes bf16 natively; fp32 otherwise (the tiny test model is float32).
     ``bf16`` / ``fp32`` force it; bf16 on a CUDA device without bf16 is an error.
     """
-    if precision not in TRAIN_PRECISIONS:
-        raise ValueError(f"engine.precision must be one of {TRAIN_PRECISIONS}, got {precision!r}")
+    precision = precision_name(precision, "engine.precision", training=True)
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if precision == "fp32":
         return "fp32"

@@ -13,6 +13,7 @@ ENTRY=${ENTRY:-qwen3train.cli.main}
 if [ "$NGPU" = "1" ] && [ "$NNODES" = "1" ]; then
   exec "$PY" -m "$ENTRY" "$@"
 fi
-exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+# through qwen3train.cli.ranks: a user's mistake on any rank ends as its one line and status 2
+exec "$PY" -m qwen3train.cli.ranks --nnodes "$NNODES" --node_rank "$NODE_RANK" \
   --nproc_per_node "$NGPU" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   -m "$ENTRY" "$@"

@@ -31,7 +31,40 @@ CASES = {
                                        "output_dir={tmp}/synth", "generator={model}"], "bad.jsonl:1: field 'persona'"),
     "missing model for MTEB": (["--config-name=mteb", "model={tmp}/nothing/here", "collections=[{tmp}]"],
                                "nothing/here does not exist"),
+    # one bad value per entry point: the same precision vocabulary everywhere, refused at compose time
+    "stage precision": (["--config-name=stage2", "engine.precision=fp16"], "engine.precision must be one of"),
+    "eval precision": (["--config-name=eval", "precision=half"], "eval.precision must be one of"),
+    "mteb precision": (["--config-name=mteb", "precision=half"], "precision must be one of"),
+    "merge precision": (["--config-name=merge", "dev_precision=int8"], "merge.dev_precision must be one of"),
+    "synth precision": (["--config-name=synth", "persona_precision=fp8"], "synth.persona_precision must be one of"),
+    "mine precision": (["--config-name=mine", "precision=tf32"], "mine.precision must be one of"),
+    "filter threshold": (["--config-name=filter", "threshold=7"], "filter.threshold is a cosine"),
+    "prepare unknown key": (["--config-name=prepare", "mixx=3"], "mixx"),
+    "pipeline precision": (["--config-name=pipeline", "eval.precision=double"], "eval.precision must be one of"),
 }
+
+
+@pytest.mark.parametrize("args", [["--config-name=eval", "precision=fp32"], ["--config-name=stage1", "engine.precision=bfloat16"],
+                                  ["--config-name=mine", "precision=bf16"], ["--config-name=mteb", "precision=float32"]])
+def test_both_spellings_of_a_precision_are_accepted(args):
+    """bf16/bfloat16 and fp32/float32 name the same thing in every command (precheck composes and converts
+    the config: a refused value would exit 2)."""
+    from qwen3train.cli.main import precheck
+
+    assert precheck(args) == args
+
+
+def test_a_new_key_of_a_mapping_needs_no_plus():
+    """instructions.my-task=... adds an entry to a mapping field (Hydra alone wants +instructions.my-task);
+    a new key of a dataclass is still a typo and still refused."""
+    from qwen3train.cli.main import precheck
+
+    assert precheck(["--config-name=mteb", "instructions.my-task=Find it"]) == [
+        "--config-name=mteb", "+instructions.my-task=Find it"]
+    assert precheck(["--config-name=stage1", "data.task_instructions.qa=Answer it"])[-1].startswith("+data.")
+    with pytest.raises(SystemExit) as e:
+        precheck(["--config-name=stage1", "model.hiden=3"])
+    assert e.value.code == 2
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

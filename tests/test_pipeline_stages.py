@@ -50,12 +50,12 @@ def test_a_stage_max_length_sets_only_that_stage_budget(compose, tmp_path):
     stages at the model's; unset, every stage keeps the model's (so existing runs' stage hashes hold)."""
     from qwen3train.pipeline import config_hash
 
-    pc = compose("pipeline", [f"output_dir={tmp_path / 'out'}", "rerank.max_length=192"])
+    pc = compose("smoke", [f"output_dir={tmp_path / 'out'}", "rerank.max_length=192"])
     pipe = Pipeline(pc)
     rr = pipe.train_cfg(pc.rerank, "rerank", ["m.jsonl"], None)
     s2 = pipe.train_cfg(pc.stage2, "stage2", ["m.jsonl"], None)
     assert rr.model.max_doc_length == 192 and s2.model.max_doc_length == pc.model.max_doc_length != 192
-    plain = Pipeline(compose("pipeline", [f"output_dir={tmp_path / 'out'}"]))
+    plain = Pipeline(compose("smoke", [f"output_dir={tmp_path / 'out'}"]))
     assert config_hash(plain.train_cfg(plain.cfg.stage2, "stage2", ["m.jsonl"], None)) == config_hash(s2)
 
 
@@ -84,14 +84,14 @@ def test_evaluation_writing_a_model_card_does_not_make_a_finished_stage_stale(tm
 
 
 def test_rerank_merge_false_evaluates_the_final_reranker(compose, tmp_path, monkeypatch):
-    """`rerank_merge=false` (chosen for the real recipe, where the merge lost on dev): make eval reranks
-    with the reranker's final checkpoint; by default, with the merged one."""
+    """`rerank_merge=false` (chosen for both recipes, where the merge lost on dev): make eval reranks
+    with the reranker's final checkpoint; with true, with the merged one."""
     from conftest import FIXTURES
 
     monkeypatch.setattr("qwen3train.merge.apply.select_checkpoints", lambda *a, **k: [])  # no stage 2 run here
 
     col = f"eval.collections=[{FIXTURES / 'vaswani'}]"
-    merged = Pipeline(compose("pipeline", [f"output_dir={tmp_path}", col])).eval_cfg().rerankers
+    merged = Pipeline(compose("pipeline", [f"output_dir={tmp_path}", col, "rerank_merge=true"])).eval_cfg().rerankers
     final = Pipeline(compose("pipeline", [f"output_dir={tmp_path}", col, "rerank_merge=false"])).eval_cfg().rerankers
     assert merged == {"reranker(merged)": str(tmp_path.resolve() / "rerank_merged")}
     assert final == {"reranker": str(tmp_path.resolve() / "rerank" / "final")}

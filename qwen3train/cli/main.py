@@ -82,11 +82,32 @@ def user_error(e: BaseException) -> str | None:
     return None
 
 
-def report(message: str) -> None:
-    rank = os.environ.get("RANK")
-    print(f"error{f' (rank {rank})' if rank and os.environ.get('WORLD_SIZE', '1') != '1' else ''}: {message}",
-          file=sys.stderr, flush=True)
+def _multi_rank() -> bool:
+    return os.environ.get("WORLD_SIZE", "1") != "1"
+
+
+def report(message: str, collective: bool = True) -> None:
+    """Print a user's mistake as one line and exit 2. ``collective``: every rank meets the same mistake
+    (the config, a data file the ranks validated together), so only rank 0 prints it; a mistake one
+    rank alone meets is printed by that rank, naming it."""
+    rank = os.environ.get("RANK", "0")
+    if not (collective and _multi_rank() and rank != "0"):
+        where = f" (rank {rank})" if _multi_rank() and not collective else ""
+        print(f"error{where}: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",
+             "DistNetworkError", "recvBytes", "Socket Timeout")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """A collective failed because another rank is gone (it stopped on its own error, or was killed)."""
+    import torch.distributed as tdist
+
+    text = f"{type(e).__name__}: {e}"
+    return _multi_rank() and (isinstance(e, tdist.DistError) or isinstance(e, RuntimeError)) and any(
+        k in text for k in PEER_LOST)
 
 
 @hydra.main(version_base="1.3", config_path=_config_path(), config_name="stage1")
@@ -105,18 +126,26 @@ def main(dict_cfg: DictConfig) -> None:
         runner_for(cfg)(cfg)
     except Exception as e:  # a user's mistake: one line, status 2; tracebacks are for bugs
         msg = user_error(e)
+        if msg is None and peer_lost(e) and not debug:  # another rank stopped first: it said why
+            print(f"note (rank {os.environ.get('RANK')}): stopped: another rank ended the run "
+                  f"({str(e).strip().splitlines()[0][:120]})", file=sys.stderr, flush=True)
+            sys.exit(2)
         if msg is None or debug:
             raise
-        report(msg)
+        from qwen3train.data.records import DataError
+
+        report(msg, collective=not isinstance(e, DataError) or getattr(e, "collective", False))
 
 
-def precheck(argv: list[str]) -> None:
+def precheck(argv: list[str]) -> list[str]:
     """Compose the config once before Hydra runs, so that a wrong key, type or value in the overrides is
-    one line and status 2 (Hydra itself prints several lines and exits 1). Sweeps (-m) and commands with
-    a --config-dir of their own (whose primary Hydra's compose API cannot look up) are left to Hydra."""
+    one line and status 2 (Hydra itself prints several lines and exits 1). A new key of a mapping field
+    (``instructions.my-task=...``, ``data.task_instructions.x=...``) is added as if written with Hydra's
+    ``+``; returns the command line with those ``+`` in place. Sweeps (-m) and commands with a
+    --config-dir of their own (whose primary Hydra's compose API cannot look up) are left to Hydra."""
     if any(a in ("-m", "--multirun") or a.startswith(("--help", "-h", "--info", "--cfg", "--config-dir"))
            for a in argv):
-        return
+        return argv
     from hydra import compose, initialize_config_dir, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
@@ -125,26 +154,40 @@ def precheck(argv: list[str]) -> None:
         if a.startswith("--config-name="):
             name = a.split("=", 1)[1]
         elif a.startswith("--"):
-            return  # another Hydra flag: let Hydra handle the whole command line
+            return argv  # another Hydra flag: let Hydra handle the whole command line
         elif not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
             overrides.append(a)
     path = _config_path()
-    init = (initialize_config_module(path[len("pkg://"):], version_base="1.3") if path.startswith("pkg://")
-            else initialize_config_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), path),
-                                       version_base="1.3"))
-    try:
-        with init:
-            cfg = compose(config_name=name, overrides=overrides)
-            OmegaConf.to_object(cfg)
-    except Exception as e:  # noqa: BLE001 - composition failures are the command line's mistakes
-        if os.environ.get("QWEN3TRAIN_DEBUG") == "1":
-            raise
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()][:2]
-        if e.__cause__ is not None and str(e.__cause__).strip():  # Hydra puts the reason in the cause
-            lines.append(str(e.__cause__).strip().splitlines()[0])
-        report(" ".join(lines) if lines else type(e).__name__)
-    finally:
-        GlobalHydra.instance().clear()
+    argv = list(argv)
+    for _ in range(len(overrides) + 1):
+        init = (initialize_config_module(path[len("pkg://"):], version_base="1.3") if path.startswith("pkg://")
+                else initialize_config_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), path),
+                                           version_base="1.3"))
+        try:
+            with init:
+                cfg = compose(config_name=name, overrides=overrides)
+                OmegaConf.to_object(cfg)
+            return argv
+        except Exception as e:  # noqa: BLE001 - composition failures are the command line's mistakes
+            if os.environ.get("QWEN3TRAIN_DEBUG") == "1":
+                raise
+            text = f"{e} {e.__cause__ or ''}"
+            new_key = re.search(r"Could not override '([^']+)'", text)
+            if new_key and "is not in struct" in text:  # a new key: fine in a mapping (a dataclass refuses
+                key = new_key.group(1)  # it again below, naming it), so retry it with Hydra's +
+                at = next((i for i, o in enumerate(overrides) if o.split("=", 1)[0] == key), None)
+                if at is not None:
+                    argv[argv.index(overrides[at])] = "+" + overrides[at]
+                    overrides[at] = "+" + overrides[at]
+                    continue
+            lines = [ln.strip() for ln in str(e).strip().splitlines()
+                     if ln.strip() and not ln.startswith("To append")][:2]  # no "+" hint: a schema refuses it
+            if e.__cause__ is not None and str(e.__cause__).strip():  # Hydra puts the reason in the cause
+                lines.append(str(e.__cause__).strip().splitlines()[0])
+            report(" ".join(lines) if lines else type(e).__name__)
+        finally:
+            GlobalHydra.instance().clear()
+    return argv
 
 
 ALIASES = {"mteb": {"model": "export"}}  # command -> {key users type: the config's key}
@@ -181,11 +224,11 @@ def cli() -> None:
               "example: qwen3train stage1 model=qwen3-0.6b engine=zero2 optim.lr=2e-5")
         sys.exit(0 if args else 2)
     sys.argv = apply_aliases([sys.argv[0], f"--config-name={args[0]}", *args[1:]])
-    precheck(sys.argv[1:])
+    sys.argv[1:] = precheck(sys.argv[1:])
     main()
 
 
 if __name__ == "__main__":
     sys.argv = apply_aliases(sys.argv)
-    precheck(sys.argv[1:])
+    sys.argv[1:] = precheck(sys.argv[1:])
     main()

@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen3train.data.jsonl import iter_json_lines
+from qwen3train.data.jsonl import iter_json_lines, read_text
+from qwen3train.data.records import DataError
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Collection:
 
 def _qrels(path: Path, trec: bool) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
@@ -36,16 +37,16 @@ def _qrels(path: Path, trec: bool) -> dict[str, dict[str, int]]:
             continue  # BEIR header
         if trec:
             if len(parts) != 4:
-                raise ValueError(f"{path}:{lineno}: expected 'qid 0 docid rel', got {line!r}")
+                raise DataError(f"{path}:{lineno}", "<qrels>", f"expected 'qid 0 docid rel', got {line!r}")
             qid, did, rel = parts[0], parts[2], parts[3]
         else:
             if len(parts) != 3:
-                raise ValueError(f"{path}:{lineno}: expected 'query-id corpus-id score', got {line!r}")
+                raise DataError(f"{path}:{lineno}", "<qrels>", f"expected 'query-id corpus-id score', got {line!r}")
             qid, did, rel = parts
         try:
             out.setdefault(qid, {})[did] = int(rel)
         except ValueError:
-            raise ValueError(f"{path}:{lineno}: relevance {rel!r} is not an integer") from None
+            raise DataError(f"{path}:{lineno}", "<qrels>", f"relevance {rel!r} is not an integer") from None
     return out
 
 
@@ -75,12 +76,12 @@ def load_beir(folder: str | Path, split: str = "test") -> Collection:
 
 def load_trec(docs: str | Path, topics: str | Path, qrels: str | Path, name: str | None = None) -> Collection:
     docs, topics, qrels = Path(docs), Path(topics), Path(qrels)
-    text = docs.read_text(encoding="utf-8", errors="replace")
+    text = read_text(docs)
     corpus = {m.group(1).strip(): " ".join(m.group(2).split())
               for m in re.finditer(r"<DOC>\s*<DOCNO>(.*?)</DOCNO>(.*?)</DOC>", text, flags=re.S)}
     if not corpus:
         raise ValueError(f"{docs}: no <DOC><DOCNO>..</DOCNO>..</DOC> records")
-    ttext = topics.read_text(encoding="utf-8", errors="replace")
+    ttext = read_text(topics)
     queries = {}
     for m in re.finditer(r"<top>(.*?)</top>", ttext, flags=re.S):
         num = re.search(r"<num>\s*(?:Number:)?\s*(.*?)\s*(?:</num>|\n)", m.group(1), flags=re.S)

@@ -217,6 +217,7 @@ def open_indexes(paths: list[Path], *, require_neg: bool, on_error: str, index_d
             for i in missing:
                 shutil.rmtree(root / f"{keys[i]}.build-{token}", ignore_errors=True)
         if err is not None:
+            err.collective = True  # every rank raises it (the parts are shared): printed once
             raise err
     for p, k in zip(paths, keys):
         if not (root / k / "meta.json").exists():

@@ -11,13 +11,27 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").split("\n") if x.strip()]
 
 
+def read_text(path: str | Path) -> str:
+    """A text file's content, strict UTF-8 (a leading byte-order mark dropped); bytes that are not UTF-8
+    raise DataError naming ``file:line`` instead of a decoder traceback (or silent replacement)."""
+    from qwen3train.data.records import BOM, utf8_error
+
+    data = Path(path).read_bytes().removeprefix(BOM)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, lo = data.count(b"\n", 0, e.start) + 1, data.rfind(b"\n", 0, e.start) + 1
+        raise utf8_error(f"{path}:{line}", e, e.start - lo) from None
+
+
 def iter_json_lines(path: str | Path):
     """``(line number, object)`` of each non-blank line; a line that is not JSON raises DataError naming
     ``file:line`` (the command line prints it as one line). Splits on ``\n`` only (texts may hold U+2028)."""
-    from qwen3train.data.records import DataError
+    from qwen3train.data.records import DataError, decode_line
 
-    with open(path, encoding="utf-8", newline="\n") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):  # binary lines end at b"\n" only
+            line = decode_line(raw, f"{path}:{lineno}")
             if not line.strip():
                 continue
             try:

@@ -31,6 +31,17 @@ class Record:
     type: str | None = None
 
 
+def _text(val: str, where: str, key: str) -> str:
+    """A string must be text: JSON's ``\\ud800``-style escapes can spell an unpaired surrogate, which no
+    encoder, tokenizer or hash accepts later (a run would die at the batch holding it)."""
+    try:
+        val.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(where, key, f"holds an unpaired surrogate (U+{ord(val[e.start]):04X} at character "
+                                    f"{e.start}): not text") from None
+    return val
+
+
 def _str_list(obj: dict, key: str, where: str, required: bool) -> list[str]:
     if key not in obj or obj[key] is None:
         if required:
@@ -46,6 +57,7 @@ def _str_list(obj: dict, key: str, where: str, required: bool) -> list[str]:
             raise DataError(where, f"{key}[{k}]", f"must be a string, got {type(item).__name__}")
         if not item.strip():
             raise DataError(where, f"{key}[{k}]", "is empty")
+        _text(item, where, f"{key}[{k}]")
     if required and not val:
         raise DataError(where, key, "is an empty list")
     return val
@@ -55,7 +67,7 @@ def _opt_str(obj: dict, key: str, where: str) -> str | None:
     val = obj.get(key)
     if val is not None and not isinstance(val, str):
         raise DataError(where, key, f"must be a string, got {type(val).__name__}")
-    return val
+    return val if val is None else _text(val, where, key)
 
 
 def parse_record(obj, where: str) -> Record:
@@ -67,16 +79,36 @@ def parse_record(obj, where: str) -> Record:
         raise DataError(where, "query", "missing" if query is None else f"must be a string, got {type(query).__name__}")
     if not query.strip():
         raise DataError(where, "query", "is empty")
+    _text(query, where, "query")
     return Record(query=query, pos=_str_list(obj, "pos", where, True), neg=_str_list(obj, "neg", where, False),
                   instruction=_opt_str(obj, "instruction", where) or _opt_str(obj, "prompt", where), task=_opt_str(obj, "task", where) or "default",
                   type=_opt_str(obj, "type", where))
 
 
-def parse_json_line(line: bytes | str, where: str) -> Record:
+BOM = b"\xef\xbb\xbf"
+
+
+def utf8_error(where: str, e: UnicodeDecodeError, column: int) -> "DataError":
+    return DataError(where, "<utf-8>", f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {column + 1} "
+                                       f"of the line: {e.reason}); save the file as UTF-8")
+
+
+def decode_line(line: bytes, where: str) -> str:
+    """A line's bytes as text: strict UTF-8 (no overlong forms, no encoded surrogates, no stray bytes such
+    as Windows-1252's), a leading byte-order mark dropped (as JSON readers do)."""
+    line = line.removeprefix(BOM)
     try:
-        obj = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(where, "<json>", f"not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise utf8_error(where, e, e.start) from None
+
+
+def parse_json_line(line: bytes | str, where: str) -> Record:
+    text = decode_line(line, where) if isinstance(line, bytes) else line
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(where, "<json>", f"not valid JSON ({e.msg} at column {e.colno})") from None
     return parse_record(obj, where)
 
 
@@ -120,8 +152,9 @@ def fast_line_parser():
 
     def parse(line: bytes):
         try:
+            line.decode("utf-8")  # msgspec skips unknown keys without checking their bytes
             r = decode(line)
-        except errors:
+        except (UnicodeDecodeError, *errors):
             return None
         if not r.query.strip() or not r.pos or not all(p.strip() for p in r.pos) or not all(n.strip() for n in r.neg or ()):
             return None

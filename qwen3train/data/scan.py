@@ -167,6 +167,10 @@ def _scan_block(block: bytes, base: int, line0: int, part: _Part, require_neg: b
     import pyarrow.compute as pc
     import pyarrow.json as pj
 
+    try:  # pyarrow lets some invalid UTF-8 through (and fails on other bytes outside its parse): the line
+        block.decode("utf-8")  # path decides and names such lines
+    except UnicodeDecodeError:
+        return False
     buf = np.frombuffer(block, dtype=np.uint8)
     nl = np.flatnonzero(buf == 10)
     starts = np.concatenate(([0], nl + 1))

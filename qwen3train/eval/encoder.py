@@ -22,12 +22,15 @@ import torch
 
 from qwen3train.precision import cpu_has_native_bf16
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # and their short names (qwen3train.precision)
 
 
-def resolve_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+def resolve_precision(precision: str, key: str = "precision") -> str:
+    """The torch dtype name to encode in: ``precision`` in the one vocabulary (``qwen3train.precision``),
+    ``auto`` resolved for this machine."""
+    from qwen3train.precision import DTYPE_NAMES, precision_name
+
+    precision = DTYPE_NAMES[precision_name(precision, key)]
     if precision != "auto":
         return precision
     if torch.cuda.is_available():
@@ -55,8 +58,10 @@ def _content_hash(path: Path) -> str:
 
 class Encoder:
     def __init__(self, path: str | os.PathLike, *, max_length: int = 512, batch_size: int = 64,
-                 dim: int | None = None, precision: str = "float32", end_token: str | None = None) -> None:
+                 dim: int | None = None, precision: str = "float32", end_token: str | None = None,
+                 label: str | None = None) -> None:
         self.path = Path(path)
+        self.label = label  # names the progress lines of this encoder's work (None: silent)
         self.precision = resolve_precision(precision)
         self.batch_size = batch_size
         self.dim = dim
@@ -82,10 +87,16 @@ class Encoder:
     def _full(self, texts: list[str], instruction: str | None) -> torch.Tensor:
         """Full-dimension, normalised. Matryoshka dims are applied afterwards (``_dim``): since
         normalize(normalize(x)[:d]) == normalize(x[:d]), one encoding (and one cache) serves every dim."""
+        from qwen3train.progress import Progress, mode
+
+        desc = f"encode {self.label} {'queries' if instruction else 'documents'}" if self.label else None
         if self.kind == "qwen3train":
-            return self.model.encode(texts, instruction=instruction, batch_size=self.batch_size)
-        v = torch.as_tensor(self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
-                                              normalize_embeddings=False, show_progress_bar=False))
+            return self.model.encode(texts, instruction=instruction, batch_size=self.batch_size, progress=desc)
+        with Progress(len(texts), desc, "texts") as bar:
+            v = torch.as_tensor(self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+                                                  normalize_embeddings=False,
+                                                  show_progress_bar=bool(desc) and mode() == "bar"))
+            bar.update(len(texts))
         return torch.nn.functional.normalize(v.float(), dim=-1)  # instruction-unaware: raw text
 
     def _dim(self, v: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,11 @@ class MtebConfig:
     label: str | None = None  # the model's name in the results (default: the folder name)
     overwrite: bool = False  # rerun tasks whose results exist
 
+    def __post_init__(self) -> None:
+        from qwen3train.precision import precision_name
+
+        precision_name(self.precision, "precision")
+
 
 def instruction_table(overrides: dict | None = None) -> dict[str, Any]:
     with resources.files("qwen3train").joinpath("resources/mteb_task_instructions.json").open() as f:
@@ -189,9 +194,13 @@ def run(cfg: MtebConfig) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     model = _encoder_class()(cfg.export, label=label, table=instruction_table(cfg.instructions),
                               max_length=cfg.max_length, batch_size=cfg.batch_size, precision=cfg.precision)
-    result = mteb.evaluate(model, tasks, cache=ResultCache(out / "results"), show_progress_bar=False,
-                           overwrite_strategy="always" if cfg.overwrite else "only-missing",
-                           encode_kwargs={"batch_size": cfg.batch_size})
+    from qwen3train.progress import Progress, mode
+
+    with Progress(len(tasks), f"mteb {label}", "tasks") as bar:  # mteb's own bars on a terminal; one line elsewhere
+        result = mteb.evaluate(model, tasks, cache=ResultCache(out / "results"), show_progress_bar=mode() == "bar",
+                               overwrite_strategy="always" if cfg.overwrite else "only-missing",
+                               encode_kwargs={"batch_size": cfg.batch_size})
+        bar.update(len(tasks))
     rows = []
     for tr in result.task_results:
         for split, subsets in tr.scores.items():

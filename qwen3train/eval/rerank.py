@@ -22,17 +22,21 @@ def evaluate_rerank(retriever: str | Path, reranker: str | Path, collection, *, 
     # the first stage as make eval scores that embedder (its query instruction: the collection's, else the
     # default); before, an unregistered collection's first-stage queries went without an instruction
     instr = collection_instruction(col)
-    first = retrieve(Encoder(retriever, max_length=max_length, precision=precision), col, instr, top_k, cache_dir,
-                     ignore_identical_ids)
+    first = retrieve(Encoder(retriever, max_length=max_length, precision=precision, label=f"first stage {col.name}"),
+                     col, instr, top_k, cache_dir, ignore_identical_ids)
     rr = build_reranker(ModelConfig(name_or_path=str(reranker), padding_side="left", dtype=resolve_precision(precision)),
                         max_length=max_length)
     if torch.cuda.is_available():
         rr.cuda()
+    from qwen3train.progress import Progress
+
     second = {}
-    for qid, cands in first.items():
-        probs = rr.score(col.queries[qid], [col.corpus[d] for d, _ in cands],
-                         instruction=instr or DEFAULT_RERANK_INSTRUCTION, batch_size=batch_size)
-        second[qid] = [(d, float(p)) for (d, _), p in zip(cands, probs.tolist())]
+    with Progress(len(first), f"rerank {col.name} top-{top_k}", "queries") as bar:
+        for qid, cands in first.items():
+            probs = rr.score(col.queries[qid], [col.corpus[d] for d, _ in cands],
+                             instruction=instr or DEFAULT_RERANK_INSTRUCTION, batch_size=batch_size)
+            second[qid] = [(d, float(p)) for (d, _), p in zip(cands, probs.tolist())]
+            bar.update()
     before, after = evaluate_run(first, col.qrels), evaluate_run(second, col.qrels)
     return {"dataset": col.name, "top_k": top_k, "before": before, "after": after,
             "delta_ndcg@10": after["ndcg@10"] - before["ndcg@10"], "run": second}

@@ -46,6 +46,13 @@ class EvalConfig:
     write_runs: bool = True  # TREC run files of every model x collection under <output_dir>/runs
     update_cards: bool = True  # add each qwen3train export's results to its model card (README.md)
 
+    def __post_init__(self) -> None:
+        from qwen3train.precision import precision_name
+
+        precision_name(self.precision, "eval.precision")
+        if self.max_docs < 0 or self.max_length < 2:
+            raise ValueError("eval.max_docs must be >= 0 and eval.max_length >= 2")
+
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rho with average ranks for ties."""
@@ -83,10 +90,21 @@ def run(cfg: EvalConfig) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     collections = [cap_corpus(load_collection(c), cfg.max_docs) for c in cfg.collections]
+    seen: dict[str, str] = {}  # weights -> the label that scored them
     for label, path in cfg.models.items():
+        twin = seen.setdefault(_weights_key(path, cfg.end_tokens.get(label)), label)
+        if twin != label:  # the same weights under another name (a merge that fell back to a checkpoint)
+            rows += [dict(r, model=label) for r in rows if r["model"] == twin]
+            runs = Path(cfg.output_dir) / "runs"
+            for f in sorted(runs.glob(f"{_safe(twin)}__*")) if cfg.write_runs else []:
+                f_new = runs / (_safe(label) + f.name[len(_safe(twin)):])
+                tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)  # write_trec_run's tag rule
+                f_new.write_text("".join(ln.rsplit(" ", 1)[0] + f" {tag}\n" for ln in f.read_text().splitlines()))
+            print(f"eval: {label} has the weights of {twin}: its rows are {twin}'s", flush=True)
+            continue
         for dim in [None] + list(cfg.dims):
             enc = Encoder(path, max_length=cfg.max_length, dim=dim, precision=cfg.precision,
-                          end_token=cfg.end_tokens.get(label))
+                          end_token=cfg.end_tokens.get(label), label=label)
             for col in collections:
                 r = evaluate_collection(path, col, encoder=enc, cache_dir=cfg.cache_dir, dim=dim,
                                         ignore_identical_ids=cfg.ignore_identical_ids)
@@ -103,14 +121,18 @@ def run(cfg: EvalConfig) -> list[dict]:
                 torch.cuda.empty_cache()
     if cfg.bm25:
         from qwen3train.eval.bm25 import LABEL, evaluate_collection_bm25, evaluate_pairs_bm25
+        from qwen3train.progress import Progress
 
-        for col in collections:
-            r = evaluate_collection_bm25(col, cfg.ignore_identical_ids)
-            save_run(cfg, r.pop("run"), "bm25", col.name, None)
-            rows.append({"model": LABEL, "dataset": r["dataset"], "dim": None,
-                         **{k: r[k] for k in ("ndcg@10", "recall@100", "mrr@10", "queries")}})
-        for pf in cfg.pairs:
-            rows.append({"model": LABEL, "dataset": dataset_name(pf), "dim": None, **evaluate_pairs_bm25(pf)})
+        with Progress(len(collections) + len(cfg.pairs), "bm25", "sets") as bar:
+            for col in collections:
+                r = evaluate_collection_bm25(col, cfg.ignore_identical_ids)
+                save_run(cfg, r.pop("run"), "bm25", col.name, None)
+                rows.append({"model": LABEL, "dataset": r["dataset"], "dim": None,
+                             **{k: r[k] for k in ("ndcg@10", "recall@100", "mrr@10", "queries")}})
+                bar.update()
+            for pf in cfg.pairs:
+                rows.append({"model": LABEL, "dataset": dataset_name(pf), "dim": None, **evaluate_pairs_bm25(pf)})
+                bar.update()
     for label, path in cfg.rerankers.items():
         if not cfg.rerank_retriever:
             from qwen3train.errors import ConfigError
@@ -137,13 +159,32 @@ def run(cfg: EvalConfig) -> list[dict]:
     return rows
 
 
+def _weights_key(path: str, end_token: str | None) -> str:
+    """Names a model folder by the bytes of its weights and config (a path when it has none here)."""
+    import hashlib
+
+    from qwen3train.integrity import file_digest
+
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json")) if folder.is_dir() else []
+    if not any(f.suffix == ".safetensors" for f in files):
+        return f"path:{path}:{end_token}"
+    h = hashlib.sha256(f"{end_token}".encode())
+    for f in files:
+        h.update(f"{f.name}:{file_digest(f)}".encode())
+    return h.hexdigest()
+
+
 def save_run(cfg: EvalConfig, run: dict, label: str, dataset: str, dim: int | None) -> None:
     from qwen3train.eval.metrics import write_trec_run
 
     if cfg.write_runs:
         name = f"{label}__{dataset}" + (f"__dim{dim}" if dim else "")
-        safe = "".join(c if c.isalnum() or c in "._-@" else "_" for c in name)
-        write_trec_run(run, Path(cfg.output_dir) / "runs" / f"{safe}.trec", tag=label)
+        write_trec_run(run, Path(cfg.output_dir) / "runs" / f"{_safe(name)}.trec", tag=label)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-@" else "_" for c in name)
 
 
 def dataset_name(path: str | Path) -> str:

@@ -72,6 +72,9 @@ class MergeConfig:
             raise ValueError(f"merge.confidence must be in [0, 1), got {self.confidence}")
         if self.dev_bootstrap < 100:
             raise ValueError(f"merge.dev_bootstrap must be >= 100, got {self.dev_bootstrap}")
+        from qwen3train.precision import precision_name
+
+        precision_name(self.dev_precision, "merge.dev_precision")
 
 
 def select_checkpoints(run_dir: str | Path, last: int, every: int) -> list[Path]:
@@ -123,6 +126,13 @@ def merge_folders(inputs: list[str | Path], output_dir: str | Path, method: str 
     """Stream-merge checkpoint folders into ``output_dir`` (sharded safetensors + the first input's
     config, tokenizer and sentence-transformers files). Written to a ``.tmp`` folder, then renamed."""
     paths = [Path(p) for p in inputs]
+    from qwen3train.integrity import describe, verify
+    from qwen3train.merge.io import MergeError
+
+    for p in paths:  # a damaged input would be merged silently into every output tensor
+        problems = verify(p)
+        if problems:
+            raise MergeError(f"merge input {p} is damaged ({describe(problems)}); restore it or leave it out")
     if len(paths) < 2:
         raise MergeError(f"need at least 2 checkpoints to merge, got {len(paths)}")
     fn = get_method(method)
@@ -146,7 +156,9 @@ def merge_folders(inputs: list[str | Path], output_dir: str | Path, method: str 
     weight_map = {}
     ring = BufferRing(StreamingSafetensorsWriter.QUEUE + 2)
     all_readers = readers + ([base_reader] if base_reader is not None else [])
+    from qwen3train.progress import Progress
 
+    bar = Progress(len(keys), f"merge ({method}) -> {Path(output_dir).name}", "tensors")
     for si, shard in enumerate(shards):
         fname = "model.safetensors" if total == 1 else f"model-{si + 1:05d}-of-{total:05d}.safetensors"
         entries = [(names[k], *metas[k]) for k in shard]
@@ -162,7 +174,9 @@ def merge_folders(inputs: list[str | Path], output_dir: str | Path, method: str 
                     writer.write_chunk(chunk)
             weight_map[names[k]] = fname
             del xs, tensors, b
+            bar.update()
         writer.close()
+    bar.close()
     if total > 1:
         size = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
         (tmp / "model.safetensors.index.json").write_text(
@@ -170,6 +184,9 @@ def merge_folders(inputs: list[str | Path], output_dir: str | Path, method: str 
     (tmp / "merge.json").write_text(json.dumps(
         {"method": method, "inputs": [str(p) for p in paths], "weights": w.tolist(), "t": t,
          "base": str(base) if base else None}, indent=2))
+    from qwen3train.integrity import write_manifest
+
+    write_manifest(tmp)  # the output checks itself when it is read (a later merge, evaluation)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -178,7 +195,7 @@ def merge_folders(inputs: list[str | Path], output_dir: str | Path, method: str 
 def _copy_side_files(src: Path, dst: Path) -> None:
     """Config, tokenizer, sentence-transformers modules: everything that is not weights."""
     for p in src.iterdir():
-        if p.name.startswith(".") or p.name in ("merge.json", "adapter_config.json") or \
+        if p.name.startswith(".") or p.name in ("merge.json", "adapter_config.json", "checksums.json") or \
                 p.name.endswith(WEIGHT_FILES) or p.name.endswith(".index.json"):
             continue
         if p.is_dir():

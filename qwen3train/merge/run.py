@@ -90,7 +90,7 @@ def _select_by_dev(cfg: MergeConfig, inputs: list[Path], out: Path, kw: dict) ->
             raise ConfigError(f"merge.dev_file scores embedders on dev pairs; {p} is a reranker: unset dev_file")
 
     def score(path: Path) -> tuple[dict, list[float]]:
-        enc = Encoder(path, max_length=256, batch_size=64, precision=cfg.dev_precision)
+        enc = Encoder(path, max_length=256, batch_size=64, precision=cfg.dev_precision, label=f"dev {'/'.join(Path(path).parts[-2:])}")
         got = evaluate_pairs(path, cfg.dev_file, encoder=enc, per_query=True)
         return {k: v for k, v in got.items() if k != "per_query"}, got["per_query"][cfg.dev_metric]
 

@@ -44,6 +44,13 @@ class FilterConfig:
     default_instruction: str = DEFAULT_INSTRUCTION
     symmetric_tasks: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        from qwen3train.precision import precision_name
+
+        precision_name(self.precision, "filter.precision")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"filter.threshold is a cosine, between -1 and 1; got {self.threshold}")
+
 
 def score_pairs(encoder: Encoder, records, instructions: Instructions | None = None) -> torch.Tensor:
     """Cosine of each record's query and first positive, each formatted as training formats them."""
@@ -81,9 +88,13 @@ def run_filter(cfg: FilterConfig) -> dict:
         idx = sorted(np.random.default_rng(cfg.seed).choice(len(idx), cfg.sample, replace=False).tolist())
     mine = idx[rank * len(idx) // world:(rank + 1) * len(idx) // world]
     encoder = Encoder(cfg.embedder, max_length=cfg.max_length, batch_size=cfg.batch_size, precision=cfg.precision)
+    # one bar for the filter (below); the encoder's own per-call lines would repeat it for every block
     instructions = Instructions(cfg.task_instructions, cfg.default_instruction, cfg.symmetric_tasks)
     part = {name: out / f".{name}.rank{rank}.tmp" for name in ("kept", "dropped", "scores")}
     blocks = []
+    from qwen3train.progress import Progress
+
+    bar = Progress(len(mine), "filter (this rank's pairs)" if world > 1 else "filter", "pairs")
     with open(part["kept"], "w", encoding="utf-8") as fk, open(part["dropped"], "w", encoding="utf-8") as fd:
         for b in range(0, len(mine), cfg.block):
             records = [source[i] for i in mine[b:b + cfg.block]]
@@ -95,6 +106,8 @@ def run_filter(cfg: FilterConfig) -> dict:
                 if r.type:
                     row["type"] = r.type
                 (fk if s > cfg.threshold else fd).write(json.dumps(row, ensure_ascii=False) + "\n")
+            bar.update(len(records))
+    bar.close()
     np.concatenate(blocks or [np.empty(0, np.float32)]).astype(np.float32).tofile(part["scores"])
     dist.barrier()
     summary = {}

@@ -33,7 +33,7 @@ from qwen3train import dist
 from qwen3train.errors import ConfigError
 from qwen3train.data.instructions import Instructions
 from qwen3train.data.sources import IndexedSource, expand_files
-from qwen3train.eval.encoder import PRECISIONS, Encoder
+from qwen3train.eval.encoder import Encoder
 from qwen3train.eval.search import ExactSearch, FaissSearch
 from qwen3train.mining.store import encode_to_store, join_parts
 from qwen3train.text import DEFAULT_INSTRUCTION
@@ -61,14 +61,18 @@ class MineConfig:
     chunk_size: int = 16384  # texts per resumable encoding chunk (the unit of sharding)
     query_block: int = 16384  # queries searched at a time (bounds the score and embedding memory)
     seed: int = 0
+    # > 0: mine a seeded sample of this many records (the rest are not written): a short stage 2 needs a few
+    # thousand mined records, not the whole input; the default corpus is then the sample's positives
+    sample: int = 0
     dist_timeout_min: int = 720  # ranks wait for each other's encoding shards this long
     # the instructions training uses (data.instructions.Instructions; the pipeline passes stage 2's)
     task_instructions: dict[str, str] = field(default_factory=dict)
     default_instruction: str = DEFAULT_INSTRUCTION
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"mine.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        from qwen3train.precision import precision_name
+
+        precision_name(self.precision, "mine.precision")
         if self.sampling not in ("top", "random"):
             raise ValueError("mine.sampling must be top or random")
         if not 0 <= self.range_min < self.range_max:
@@ -117,6 +121,11 @@ def run_mine(cfg: MineConfig) -> dict:
     if n == 0:
         raise ConfigError(f"mine: no valid records in {cfg.inputs} ({sum(source.rejected.values())} rejected, "
                          f"see {out.parent / 'rejects.jsonl'})")
+    picked = np.arange(n)
+    if 0 < cfg.sample < n:
+        picked = np.sort(np.random.default_rng(cfg.seed).choice(n, cfg.sample, replace=False))
+        n = len(picked)
+    source = _Picked(source, picked)
     queries, first_pos, group_of, instrs = [], [], np.empty(n, dtype=np.int32), {}
     instructions = Instructions(cfg.task_instructions, cfg.default_instruction)
     for i in range(n):
@@ -130,7 +139,8 @@ def run_mine(cfg: MineConfig) -> dict:
     else:
         docs = sorted({p for i in range(n) for p in source[i].pos})
     docs = list(dict.fromkeys(docs))  # identical texts once
-    enc = Encoder(cfg.embedder, max_length=cfg.max_length, batch_size=cfg.batch_size, precision=cfg.precision)
+    enc = Encoder(cfg.embedder, max_length=cfg.max_length, batch_size=cfg.batch_size, precision=cfg.precision,
+                  label="mine")
     _log(f"{n} queries, {len(docs)} documents, {world} process(es), precision {enc.precision}")
     store = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / f".{out.name}.store"
 
@@ -164,6 +174,9 @@ def run_mine(cfg: MineConfig) -> dict:
     lo, hi = rank * n // world, (rank + 1) * n // world
     part, part_none = out.with_name(f".{out.name}.rank{rank}.tmp"), out.with_name(f".no_negatives.rank{rank}.tmp")
     stats = defaultdict(int)
+    from qwen3train.progress import Progress
+
+    bar = Progress(hi - lo, "mine: search and pick negatives", "queries")
     with open(part, "w", encoding="utf-8") as f, open(part_none, "w", encoding="utf-8") as fnone:
         for b0 in range(lo, hi, cfg.query_block):
             b1 = min(hi, b0 + cfg.query_block)
@@ -181,6 +194,8 @@ def run_mine(cfg: MineConfig) -> dict:
                 row = _mine_one(source[i], idx[bi].tolist(), scores[bi].tolist(), float(pos_scores[bi]), docs, cfg,
                                 reranker, stats, seed=(cfg.seed, i))
                 (f if "neg" in row else fnone).write(json.dumps(row, ensure_ascii=False) + "\n")
+            bar.update(b1 - b0)
+    bar.close()
     out.with_name(f".mine_stats.rank{rank}.json").write_text(json.dumps(stats))
     dist.barrier()
     summary = {}
@@ -202,6 +217,17 @@ def run_mine(cfg: MineConfig) -> dict:
     summary = dist.broadcast_object(summary)
     dist.cleanup()
     return summary
+
+
+class _Picked:
+    """Records ``picked[i]`` of a source, as records ``i``."""
+
+    def __init__(self, source, picked: np.ndarray) -> None:
+        self.source, self.picked = source, picked
+        self.rejected = source.rejected
+
+    def __getitem__(self, i: int):
+        return self.source[int(self.picked[i])]
 
 
 def _gather_queries(qstores: list[np.ndarray], groups: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -178,6 +178,7 @@ class Embedder(nn.Module):
         max_length: int | None = None,
         block_size: int = 8192,
         batch_tokens: int | None = None,
+        progress: str | None = None,
     ) -> torch.Tensor:
         """Embed texts; returns ``[N, dim or D]`` float32, L2-normalised, in input order.
 
@@ -186,7 +187,10 @@ class Embedder(nn.Module):
         texts; padded, each batch holds ``batch_size`` texts; packed, each forward holds as many
         texts as fit in ``batch_tokens`` real tokens (default ``batch_size x max_length``: the
         padded batch's worst case), so short texts go many at a time. Results come back in input order.
+        ``progress``: a label for the progress bar (``qwen3train.progress``); None: silent.
         """
+        from qwen3train.progress import Progress
+
         was_training = self.training
         self.eval()
         if max_length is None:
@@ -195,6 +199,7 @@ class Embedder(nn.Module):
         texts = [format_query(t, instruction, self.query_template) for t in texts]
         out = torch.empty((len(texts), dim or self.hidden_size), dtype=torch.float32)
         dev = self.device
+        bar = Progress(len(texts), progress, "texts")
         for start in range(0, len(texts), block_size):
             ids = self.tok.token_ids(texts[start : start + block_size], max_length)
             order = sorted(range(len(ids)), key=lambda k: -len(ids[k]))
@@ -206,6 +211,8 @@ class Embedder(nn.Module):
                     batch = {k: v.to(dev) for k, v in self.tok.pad([ids[k] for k in sel]).items()}
                     pooled = self._pool(**batch)  # already sorted by length
                 out[torch.tensor(sel) + start] = normalize(pooled, dim).cpu()
+                bar.update(len(sel))
+        bar.close()
         self.train(was_training)
         return out
 

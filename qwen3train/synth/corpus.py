@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3train.data.jsonl import iter_json_lines
+from qwen3train.data.jsonl import iter_json_lines, read_text
 from qwen3train.data.records import DataError, text_hash
 
 
@@ -52,7 +52,7 @@ def read_documents(paths: list[Path], default_language: str):
                 yield str(obj.get("_id") or obj.get("id") or f"{path.name}:{row}"), text, \
                     obj.get("language") or default_language
         else:
-            blocks = path.read_text(encoding="utf-8").split("\n\n")
+            blocks = read_text(path).split("\n\n")
             for i, block in enumerate(blocks):
                 if block.strip():
                     yield f"{path.name}:{i}", block, default_language

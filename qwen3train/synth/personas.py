@@ -52,7 +52,9 @@ def load_personas(path: str | Path | None) -> list[str]:
             raise ValueError(f"{p}: no persona column (one of {', '.join(PERSONA_FIELDS)})")
         personas = [t.strip() for t in table.column(col).to_pylist() if isinstance(t, str) and t.strip()]
     else:
-        personas = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        from qwen3train.data.jsonl import read_text
+
+        personas = [ln.strip() for ln in read_text(p).splitlines() if ln.strip()]
     if not personas:
         raise ValueError(f"{p}: no personas")
     return personas

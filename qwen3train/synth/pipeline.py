@@ -118,10 +118,12 @@ class SynthConfig:
             raise ValueError(f"synth.shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
         if self.persona_retriever not in ("lexical", "embedder"):
             raise ValueError("synth.persona_retriever must be lexical or embedder")
-        from qwen3train.eval.encoder import PRECISIONS  # the evaluation's precisions: one list
+        from qwen3train.precision import precision_name  # the one vocabulary of precisions
 
-        if self.persona_max_length < 8 or self.persona_precision not in PRECISIONS:
-            raise ValueError(f"synth.persona_max_length must be >= 8 and synth.persona_precision one of {PRECISIONS}")
+        precision_name(self.persona_precision, "synth.persona_precision")
+
+        if self.persona_max_length < 8:
+            raise ValueError(f"synth.persona_max_length must be >= 8, got {self.persona_max_length}")
 
 
 @dataclass

@@ -5,12 +5,17 @@ Layout of ``<run>/checkpoints/step_0000100/``:
   ``model/``             an ordinary export (Hugging Face + sentence-transformers): what merging reads
   ``rng_rank{r}.pt``     every rank's RNG states
   ``train_state.json``   step, epoch, position in the epoch's batch plan, samples seen
+  ``checksums.json``     size and XXH3-128 of every file (``qwen3train.integrity``); ``model/`` has its own
 Everything is written under ``.step_0000100.tmp`` and renamed into place once complete, so a kill
-during a save never damages the last good checkpoint; leftover ``.tmp`` folders are ignored.
+during a save never damages the last good checkpoint; leftover ``.tmp`` folders are ignored. A full disk
+during a save removes the partial folder and stops the run with one line (the previous checkpoint is
+untouched). On resume the newest checkpoint whose files match their checksums is used: a damaged one
+(a copy cut short, a full disk, bit rot) is named in one line and skipped.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
@@ -21,6 +26,8 @@ import numpy as np
 import torch
 
 from qwen3train import dist
+from qwen3train.errors import ConfigError
+from qwen3train.integrity import describe, verify, write_manifest
 
 
 @dataclass
@@ -74,14 +81,26 @@ def save(root: Path, state: TrainState, engine, task, *, export_model: bool, kee
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    engine.save(tmp / "engine")
-    full = engine.full_state_dict()
-    torch.save(_rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
-    if dist.is_main():
-        if export_model:
-            task.export(tmp / "model", state_dict=full)
-        (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=2))
-    dist.barrier()
+    try:
+        engine.save(tmp / "engine")
+        full = engine.full_state_dict()
+        torch.save(_rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+        if dist.is_main():
+            if export_model:
+                task.export(tmp / "model", state_dict=full)
+                write_manifest(tmp / "model")  # the export checks itself where it is read (merge, eval)
+            (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=2))
+        dist.barrier()
+        if dist.is_main():
+            write_manifest(tmp)
+    except (OSError, RuntimeError) as e:
+        if not _disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root)
+        raise ConfigError(f"no space left on the device while saving {final.name} under {root / 'checkpoints'}; "
+                          f"the partial save was removed and {f'{previous.name} is intact' if previous else 'no earlier checkpoint exists'}: "
+                          f"free space and rerun the same command to resume") from None
     if dist.is_main():
         if final.exists():
             shutil.rmtree(final)
@@ -89,6 +108,34 @@ def save(root: Path, state: TrainState, engine, task, *, export_model: bool, kee
         prune(root, keep_last, keep_every, keep_steps)
     dist.barrier()
     return final
+
+
+def _disk_full(e: BaseException) -> bool:
+    """A full disk or quota, as the OS reports it (OSError) or as torch.save's zip writer does (RuntimeError)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(k in str(e) for k in ("No space left", "file write failed", "Disk quota exceeded"))
+
+
+def resume_point(root: Path) -> Path | None:
+    """The newest checkpoint whose files match their checksums (rank 0 checks, every rank gets its
+    answer). Damaged ones are named in one line each and skipped; when every one is damaged the run stops
+    with one line. Checkpoints without checksums (older versions) are trusted."""
+    chosen, damaged = None, []
+    if dist.is_main():
+        for path in reversed(list_checkpoints(root)):
+            problems = verify(path)
+            if not problems:
+                chosen = path
+                break
+            damaged.append(path)
+            print(f"warning: checkpoint {path} is damaged ({describe(problems)}): skipped, trying the one before",
+                  flush=True)
+    chosen, damaged = dist.broadcast_object((chosen, damaged))
+    if chosen is None and damaged:
+        raise ConfigError(f"every checkpoint under {root / 'checkpoints'} is damaged ({', '.join(p.name for p in damaged)}); "
+                          f"restore one, or start over with run.resume=never")
+    return chosen
 
 
 def prune(root: Path, keep_last: int, keep_every: int, keep_steps: tuple[int, ...] = ()) -> None:

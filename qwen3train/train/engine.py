@@ -31,7 +31,7 @@ from torch import nn
 
 from qwen3train import dist
 from qwen3train.errors import ConfigError
-from qwen3train.precision import TRAIN_PRECISIONS
+from qwen3train.precision import precision_name
 from qwen3train.train.schedule import OptimConfig, build_optimizer
 
 
@@ -78,8 +78,7 @@ class EngineConfig:
             raise ValueError("engine batch sizes must be >= 1")
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
             raise ValueError(f"engine.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
-        if self.precision not in TRAIN_PRECISIONS:
-            raise ValueError(f"engine.precision must be one of {TRAIN_PRECISIONS}, got {self.precision!r}")
+        self.precision = precision_name(self.precision, "engine.precision", training=True)
         if self.backend != "deepspeed" and (self.offload_optimizer or self.deepspeed_config):
             key = "engine.offload_optimizer" if self.offload_optimizer else "engine.deepspeed_config"
             raise ValueError(f"{key} needs a DeepSpeed engine (engine=zero1|zero2|zero3), got engine.backend=torch")

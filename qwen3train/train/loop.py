@@ -102,7 +102,7 @@ def run(cfg, hooks=None) -> Path:
     engine = build_engine(task.module, cfg.engine, cfg.optim, total, precision)
 
     state = TrainState()
-    last = checkpoint.latest_checkpoint(run_dir) if cfg.run.resume != "never" else None
+    last = checkpoint.resume_point(run_dir) if cfg.run.resume != "never" else None
     if last is not None:
         identity.check_resume(run_dir, cfg, cfg.run.resume)
         state = checkpoint.load(last, engine)

@@ -181,6 +181,9 @@ def test_merge_falls_back_to_the_best_checkpoint_when_merging_hurts(stage2_run, 
         g = torch.Generator().manual_seed(0)
         save_file({k: torch.randn(v.shape, generator=g).to(v.dtype) * v.float().std().to(v.dtype)
                    for k, v in load_file(f).items()}, f)
+    from qwen3train.integrity import write_manifest
+
+    write_manifest(bad)  # a different model on purpose, not a damaged copy: its own checksums
     out = merge_run(MergeConfig(inputs=[str(good), str(bad)], method="slerp", t=0.5, run_dir=None,
                                 output_dir=str(tmp_path / "merged"), dev_file=str(data)))
     sel = json.loads((out / "merge_selection.json").read_text())

@@ -1,0 +1,149 @@
+"""Chaos test of the pipeline: ``kill -9`` of the whole process tree at random moments of every stage of
+the smoke pipeline (``configs/smoke.yaml``), then reruns until it finishes; the outputs must equal an
+uninterrupted run's (weights bitwise, records and metrics exactly).
+
+    .venv/bin/python bench/chaos.py [--trials 6] [--kills 4] [--seed 0]
+
+A trial kills up to ``--kills`` times, each at a moment drawn inside one stage (from the reference run's
+stage times: start + U(0.1, 0.9) x duration), later stages after earlier ones, then lets the run finish.
+Kills that land after the run ended are not counted. ``tests/test_chaos.py`` runs a fixed small set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["synth", "stage1", "filter", "mine", "stage2", "merge", "rerank", "eval", "report"]
+# what must come out the same: weights bitwise, record files exactly, metrics exactly
+COMPARED = ["synth/pairs.jsonl", "filter/kept.jsonl", "mine/mined.jsonl", "stage1/final/model.safetensors",
+            "stage2/final/model.safetensors", "merged/model.safetensors", "rerank/final/model.safetensors",
+            "eval/results.jsonl"]
+
+
+def command(out: Path, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "qwen3train.cli.main", "--config-name=smoke", f"output_dir={out}", *overrides]
+
+
+def run(out: Path, overrides: list[str], kill_at: float | None = None, log=None) -> tuple[int | None, float]:
+    """Run the smoke pipeline; with ``kill_at``, SIGKILL its whole process group after that many seconds.
+    Returns (exit status, or None when killed; seconds)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", QWEN3TRAIN_PROGRESS="line")
+    t = time.perf_counter()
+    proc = subprocess.Popen(command(out, overrides), cwd=REPO, env=env, stdout=log or subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        proc.wait(timeout=kill_at)
+        return proc.returncode, time.perf_counter() - t
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None, time.perf_counter() - t
+
+
+def stage_windows(out: Path) -> dict[str, tuple[float, float]]:
+    """(start, duration) of each stage in a finished run, from its markers (seconds from the run's start,
+    with the process start-ups between stages spread evenly)."""
+    secs = {s: json.loads((out / s / ".done.json").read_text())["seconds"] for s in STAGES if (out / s / ".done.json").exists()}
+    t, out_ = 0.0, {}
+    for s in STAGES:
+        if s in secs:
+            out_[s] = (t, secs[s])
+            t += secs[s]
+    return out_
+
+
+def digest(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    if path.name == "results.jsonl":  # metrics: equal values (the file also names run-specific paths)
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        return hashlib.sha256(json.dumps([{k: v for k, v in r.items() if k != "path"} for r in rows],
+                                         sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fingerprint(out: Path) -> dict[str, str | None]:
+    return {rel: digest(out / rel) for rel in COMPARED}
+
+
+def running_stage(out: Path) -> str:
+    """The first stage without a done marker: the one a kill interrupted."""
+    return next((s for s in STAGES if not (out / s / ".done.json").exists()), "finished")
+
+
+def half_done(out: Path) -> list[str]:
+    """Stages marked done whose outputs are missing (must never happen)."""
+    bad = []
+    for s in STAGES:
+        marker = out / s / ".done.json"
+        if marker.exists() and not all(Path(o).exists() for o in json.loads(marker.read_text())["outputs"]):
+            bad.append(s)
+    return bad
+
+
+def trial(out: Path, ref: dict, windows: dict, kills: int, rng: random.Random, overrides: list[str],
+          log) -> dict:
+    """Kill the run ``kills`` times at growing random moments, then finish it; compare with ``ref``."""
+    shutil.rmtree(out, ignore_errors=True)
+    stages = sorted(rng.sample([s for s in windows if s != "report"], min(kills, len(windows) - 1)),
+                    key=STAGES.index)
+    done_kills = []
+    for s in stages:
+        start, dur = windows[s]
+        already = sum(windows[x][1] for x in STAGES if x in windows and (out / x / ".done.json").exists())
+        at = max(1.0, start - already + rng.uniform(0.1, 0.9) * dur)
+        rc, _ = run(out, overrides, kill_at=at, log=log)
+        if rc is not None:  # finished before the kill: nothing interrupted
+            break
+        done_kills.append({"planned": s, "interrupted": running_stage(out), "after_s": round(at, 1),
+                           "half_done": half_done(out)})
+    rc, _ = run(out, overrides, log=log)
+    got = fingerprint(out)
+    return {"kills": done_kills, "final_status": rc,
+            "different": [k for k in COMPARED if got[k] != ref[k]], "half_done": half_done(out)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=6)
+    ap.add_argument("--kills", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(REPO / "outputs" / "chaos"))
+    a = ap.parse_args()
+    root = Path(a.out)
+    root.mkdir(parents=True, exist_ok=True)
+    log = open(root / "chaos.log", "w")
+    ref_dir = root / "reference"
+    shutil.rmtree(ref_dir, ignore_errors=True)
+    rc, secs = run(ref_dir, [], log=log)
+    assert rc == 0, "the reference run failed (see chaos.log)"
+    ref, windows = fingerprint(ref_dir), stage_windows(ref_dir)
+    print(json.dumps({"reference_s": round(secs, 1), "stages": windows}), flush=True)
+    rng = random.Random(a.seed)
+    results = []
+    for k in range(a.trials):
+        res = trial(root / f"trial{k}", ref, windows, a.kills, rng, [], log)
+        results.append(res)
+        print(json.dumps(res), flush=True)
+    kills = [x for r in results for x in r["kills"]]
+    summary = {"trials": len(results), "kills": len(kills),
+               "stages_interrupted": sorted({x["interrupted"] for x in kills}),
+               "trials_equal_to_reference": sum(not r["different"] and r["final_status"] == 0 for r in results),
+               "half_done_seen": sum(bool(x["half_done"]) for x in kills) + sum(bool(r["half_done"]) for r in results)}
+    (root / "chaos.json").write_text(json.dumps({"summary": summary, "trials": results}, indent=2))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

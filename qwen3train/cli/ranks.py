@@ -1,0 +1,70 @@
+"""Run torchrun so that a user's mistake on any rank ends the whole run as one line and status 2.
+
+    python -m qwen3train.cli.ranks <torchrun arguments> -m qwen3train.cli.main ...   (scripts/launch.sh)
+
+The ranks print their own errors (``qwen3train.cli.main``: one ``error:`` line, status 2, printed once
+for an error every rank shares; a rank whose peers vanished says so in one ``note`` line). torchrun then
+stops the other ranks and adds its own report: a ``ChildFailedError`` traceback and a table of failures.
+When the failed ranks exited with status 2 (a user's mistake, already reported) or were stopped by
+torchrun after it (SIGTERM), that report is dropped and this wrapper exits 2; otherwise (a bug, a crash, a kill) it is passed through unchanged with
+torchrun's status. Everything else is passed through as it comes.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+_CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
+_EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
+# torchrun's log lines about its workers (failure notices, the SIGTERM it sends to the others)
+_AGENT_LINE = re.compile(r"torch/distributed/elastic/|Sending process \d+ closing signal|failed \(exitcode: ")
+
+
+def filter_stream(lines, out) -> tuple[list[str], list[int]]:
+    """Pass ``lines`` to ``out`` except torchrun's own report and its log lines about the workers;
+    returns (what was held back, the exit codes of the failed ranks)."""
+    held: list[str] = []  # torchrun's log lines, and its report once it starts
+    block: list[str] = []  # a traceback not yet known to be torchrun's
+    in_report = False
+    codes: list[int] = []
+    for line in lines:
+        if in_report:
+            held.append(line)
+            codes += [int(c) for c in _EXITCODE.findall(line)]
+        elif block:  # inside a traceback: it ends at the first line that is not indented
+            block.append(line)
+            if line.startswith((" ", "\t", "Traceback")):
+                continue
+            if line.startswith(_CHILD_FAILED):
+                held += block
+                in_report = True
+            else:
+                out.write("".join(block))  # a rank's own traceback (a bug): shown as it is
+                out.flush()
+            block = []
+        elif line.startswith("Traceback (most recent call last):"):
+            block = [line]
+        elif _AGENT_LINE.search(line):
+            held.append(line)
+        else:
+            out.write(line)
+            out.flush()
+    return held + block, codes
+
+
+def main(argv: list[str]) -> int:
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], stderr=subprocess.PIPE, text=True,
+                            bufsize=1)
+    held, codes = filter_stream(proc.stderr, sys.stderr)
+    rc = proc.wait()
+    # a rank's user error is 2; torchrun then stops the others with SIGTERM (-15): nothing to add
+    if rc != 0 and 2 in codes and all(c in (2, -15) for c in codes):
+        return 2
+    sys.stderr.write("".join(held))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

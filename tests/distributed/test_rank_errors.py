@@ -1,0 +1,83 @@
+"""A user's mistake with 2 gloo processes (scripts/launch.sh, as `make stage1 NGPU=2` runs it): every rank
+ends promptly, the mistake is printed once as one line, the status is 2, and neither a peer's gloo
+traceback nor torchrun's ChildFailedError report appears."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", NGPU="2", PY=sys.executable,
+           MASTER_PORT="29533")
+
+
+def _launch(tmp_path, model_dir, data_args, steps=4):
+    cmd = ["bash", str(REPO / "scripts" / "launch.sh"), "--config-name=stage1", "engine.precision=fp32",
+           "engine.micro_batch_size=4", "engine.global_batch_size=8", f"run.max_steps={steps}", "run.save_every=0",
+           f"run.output_dir={tmp_path / 'run'}", f"model.name_or_path={model_dir}", "model.max_doc_length=32",
+           f"data.index_dir={tmp_path / 'ix'}", *data_args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def _rows(n, bad_at=None, bad=b""):
+    rows = [json.dumps({"query": f"what is item {i}?", "pos": [f"item {i} is a thing"]}).encode() for i in range(n)]
+    if bad_at is not None:
+        rows[bad_at] = bad
+    return b"\n".join(rows) + b"\n"
+
+
+@pytest.mark.slow
+def test_bad_record_found_by_the_index_is_one_line_once(tmp_path, tiny_model_dir):
+    """The ranks validate the file together before training: both stop, rank 0 prints the line (file:line,
+    field), the status is 2."""
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(_rows(400, 300, b'{"query": "caf\xe9", "pos": ["p"]}'))
+    proc = _launch(tmp_path, tiny_model_dir, [f"data.train_files=[{f}]"])
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert errors == [f"error: {f}:301: field '<utf-8>': not valid UTF-8 (byte 0xe9 at byte 15 of the line: "
+                      f"invalid continuation byte); save the file as UTF-8"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_bad_record_met_mid_run_by_one_rank_ends_every_rank(tmp_path, tiny_model_dir):
+    """A streamed source is validated as it arrives, so one rank meets the bad row after training started:
+    that rank prints it (naming itself), its peer stops at its next collective with one note (no gloo
+    traceback, no hang), torchrun's report is dropped, status 2."""
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(_rows(400, 40, json.dumps({"query": "q", "pos": "a string"}).encode()))
+    mix = f"data.mixture=[{{dataset: json, data_files: [{f}], streaming: true, shuffle_buffer: 1}}]"
+    proc = _launch(tmp_path, tiny_model_dir, ["data.train_files=[]", mix], steps=40)
+    lines = proc.stderr.splitlines()
+    errors = [ln for ln in lines if ln.startswith("error")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and "(rank " in errors[0] and "field 'pos'" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+    assert len([ln for ln in lines if ln.startswith("note (rank")]) <= 1
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) >= 1  # it really failed mid-run, after training steps
+
+
+def test_torchrun_report_filter():
+    """The filter itself: a rank's own traceback passes, torchrun's report is held back with the exit codes."""
+    import io
+
+    from qwen3train.cli.ranks import filter_stream
+
+    text = ["error (rank 1): d.jsonl:3: field 'pos': bad\n",
+            "E1203 12:00:00.000 1 torch/distributed/elastic/multiprocessing/api.py:1] failed (exitcode: 2) local_rank: 1\n",
+            "Traceback (most recent call last):\n", '  File "x.py", line 1, in <module>\n', "ValueError: a bug\n",
+            "after\n", "Traceback (most recent call last):\n", '  File "/bin/torchrun", line 8\n',
+            "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n", "====\n",
+            "  exitcode  : 2 (pid: 7)\n", "====\n"]
+    out = io.StringIO()
+    held, codes = filter_stream(iter(text), out)
+    assert out.getvalue() == text[0] + "".join(text[2:6])
+    assert codes == [2] and held[0] == text[1] and held[-1] == "====\n"

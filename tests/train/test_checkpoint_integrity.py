@@ -1,0 +1,120 @@
+"""Checkpoints verify themselves: a damaged newest checkpoint is named and skipped (the run resumes from the
+one before and ends where an uninterrupted run ends), a run whose checkpoints are all damaged stops with
+one line, a full disk while saving stops with one line and leaves the previous checkpoint intact, and a
+damaged export is refused by the merge."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import make_pairs, train_cfg
+from qwen3train.errors import ConfigError
+from qwen3train.integrity import verify
+from qwen3train.train.loop import run
+
+
+class Crash(Exception):
+    pass
+
+
+def _cfg(model_dir, tmp_path, out, steps=6):
+    return train_cfg(model_dir, make_pairs(tmp_path / "d.jsonl", n=48, k=2), out, max_steps=steps, save_every=2,
+                     keep_last=10)
+
+
+def _damage(path, how):
+    if how == "flip":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif how == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    else:
+        path.unlink()
+
+
+def test_verify_finds_flipped_truncated_and_deleted_files(tmp_path):
+    from qwen3train.integrity import write_manifest
+
+    for name in ("a.bin", "b.bin", "c.bin", "README.md"):
+        (tmp_path / name).write_bytes(bytes(range(256)) * 8)
+    write_manifest(tmp_path)
+    (tmp_path / "README.md").write_text("a model card rewritten by make eval")  # not checked: cards change
+    assert verify(tmp_path) == []
+    for name, how in (("a.bin", "flip"), ("b.bin", "truncate"), ("c.bin", "delete")):
+        _damage(tmp_path / name, how)
+    assert verify(tmp_path) == ["a.bin: checksum differs", "b.bin: 682 bytes, 2048 expected", "c.bin: missing"]
+    assert verify(tmp_path / "nothing") is None  # no manifest: not verifiable, not damaged
+
+
+@pytest.mark.parametrize("how", ["flip"])
+def test_damaged_newest_checkpoint_is_skipped(tiny_model_dir, tmp_path, capsys, how):
+    """A bit flipped in the newest checkpoint's engine file (the torch file still loads: only the checksum
+    catches it): resume names it and starts from the one before; the final weights equal an uninterrupted
+    run's."""
+    full = run(_cfg(tiny_model_dir, tmp_path, tmp_path / "a"))
+    cfg = _cfg(tiny_model_dir, tmp_path, tmp_path / "b")
+    with pytest.raises(Crash):
+        run(cfg, hooks=lambda s: (_ for _ in ()).throw(Crash()) if s == 5 else None)
+    ckpts = tmp_path / "b" / "checkpoints"
+    assert verify(ckpts / "step_0000004") == [] and verify(ckpts / "step_0000004" / "model") == []
+    _damage(ckpts / "step_0000004" / "engine" / "engine.pt", how)
+    assert verify(ckpts / "step_0000004")  # the damage is seen
+    capsys.readouterr()
+    resumed = run(cfg)
+    out = capsys.readouterr().out
+    assert f"checkpoint {ckpts / 'step_0000004'} is damaged" in out and "resumed from" in out
+    assert f"{ckpts / 'step_0000002'} (step 2)" in out
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_checkpoint_damaged_stops_with_one_line(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, tmp_path / "b")
+    with pytest.raises(Crash):
+        run(cfg, hooks=lambda s: (_ for _ in ()).throw(Crash()) if s == 3 else None)
+    _damage(tmp_path / "b" / "checkpoints" / "step_0000002" / "engine" / "engine.pt", "truncate")
+    with pytest.raises(ConfigError, match=r"every checkpoint under .* is damaged \(step_0000002\).*run.resume=never"):
+        run(cfg)
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    """ENOSPC at the second save (simulated in torch.save): one-line error naming the intact checkpoint, no
+    partial folder left, and a rerun resumes from step 2."""
+    from qwen3train.train import checkpoint
+
+    cfg = _cfg(tiny_model_dir, tmp_path, tmp_path / "b")
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def full_disk(obj, f, *a, **kw):
+        if str(f).endswith("engine.pt") and "step_0000004" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(ConfigError, match=r"no space left on the device while saving step_0000004.*step_0000002 is intact"):
+        run(cfg)
+    ckpts = tmp_path / "b" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000002"]
+    assert verify(ckpts / "step_0000002") == []
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert (run(cfg) / "model.safetensors").exists()
+
+
+def test_merge_refuses_a_damaged_export(tiny_model_dir, tmp_path):
+    from qwen3train.merge.apply import merge_folders
+    from qwen3train.merge.io import MergeError
+
+    run(_cfg(tiny_model_dir, tmp_path, tmp_path / "b", steps=4))
+    ckpts = tmp_path / "b" / "checkpoints"
+    good = [ckpts / "step_0000002" / "model", ckpts / "step_0000004" / "model"]
+    merged = merge_folders(good, tmp_path / "m")
+    assert verify(merged) == []  # the merge writes its own checksums
+    _damage(good[1] / "model.safetensors", "flip")
+    with pytest.raises(MergeError, match=r"step_0000004/model is damaged \(model.safetensors: checksum differs\)"):
+        merge_folders(good, tmp_path / "m2")
