@@ -2,9 +2,9 @@
 
 Units are tokens through the model, weighted by what a token costs: a training token 3 forward
 passes (forward + backward), an encoded token 1, a generated token ``GEN_WEIGHT`` (decoding one token at
-a time is memory-bound). Before any stage has run, a unit costs ``2 * N / throughput`` seconds with a
-nominal device throughput; after that, the seconds the stages run so far took per unit, so the ETA of
-the remaining stages tracks this machine. Sizes come from the config alone (counts of records not
+a time is memory-bound), with one rate per kind of work: a default per parameter for this kind of
+device until a stage of that kind ran here, then what it measured, so the ETA of the remaining stages
+tracks this machine. Sizes come from the config alone (counts of records not
 yet written are estimated from the inputs that exist), so the figure is an estimate, printed as one.
 """
 
@@ -12,8 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-GEN_WEIGHT = 20.0  # a generated token ~ 20 forward tokens on the CPU (batched, memory-bound decode)
-CPU_FLOPS, GPU_FLOPS = 2.5e11, 3e14  # nominal effective FLOP/s before the first stage measures the machine
+GEN_WEIGHT = 20.0  # a generated token ~ 20 forward tokens (decoding one token at a time is memory-bound)
+# seconds per unit per 2 x non-embedding parameters, by kind of work, read off `make pipeline` on 2 CPU
+# cores (SmolLM2-135M, bf16): training 3.9-5.6e-12, encoding 1.6-2.4e-12, generation 2.0e-12; a GPU ~1,000x less
+SECONDS_PER_UNIT_PARAM = {"train": 5e-12, "encode": 1.8e-12, "generate": 2e-12}
+PRIOR_UNITS = 1e5  # the default counts as this many units measured: a small stage does not swing the rate
+GPU_SPEEDUP = 1000.0
+KIND = {"synth": "generate", "stage1": "train", "stage2": "train", "rerank": "train", "filter": "encode",
+        "mine": "encode", "merge": "encode", "rerank_merge": "encode", "eval": "encode", "report": "encode"}
 
 
 def _lines(path: str | Path) -> int:
@@ -52,14 +58,15 @@ def stage_units(cfg, name: str) -> float:
     if name == "filter":
         return passages * 2 * cfg.filter.max_length / 2
     if name == "mine":
-        return 2 * pairs * cfg.mine.max_length / 2
+        records = min(cfg.mine.sample, pairs) if cfg.mine.sample else pairs
+        return 2 * records * cfg.mine.max_length / 2
     if name in ("merge", "rerank_merge"):
         dev = _lines(cfg.merge.dev_file) if cfg.merge.dev_file and name == "merge" else 0
         trials = len(cfg.merge.candidates_t or [cfg.merge.t]) + cfg.merge.select.last
-        return 2e5 + trials * dev * 2 * doc  # the tensors' streaming, then dev scoring
+        return 5e4 + trials * dev * 2 * doc  # the tensors' streaming, then dev scoring
     if name == "eval":
         models = 4 + (1 if cfg.baseline else 0)
-        per_col = (cfg.eval.max_docs or 2000) + 200
+        per_col = (cfg.eval.max_docs or 2000) + 50
         texts = len(cfg.eval.collections) * per_col + 400 * len(cfg.eval.pairs)
         rerank = len(cfg.eval.collections) * 50 * cfg.rerank_top_k * 2
         return (models * texts + rerank) * cfg.eval.max_length / 2
@@ -67,28 +74,39 @@ def stage_units(cfg, name: str) -> float:
 
 
 class ETA:
-    """``start(name)`` / ``done(name, seconds)``; ``remaining(names)`` -> seconds, learning the rate."""
+    """``done(name, seconds)`` after each stage that ran; ``remaining(names)`` -> seconds. Each kind of work
+    (training, encoding, generation) has its own rate: the default for this device until a stage of that
+    kind has run here, then the measured one; kinds not yet seen are scaled by how far the measured kinds
+    were from their defaults."""
 
     def __init__(self, cfg) -> None:
         import torch
 
         self.cfg = cfg
-        flops = GPU_FLOPS * max(cfg.ngpu, 1) if torch.cuda.is_available() else CPU_FLOPS
-        self.rate = 2 * _params(cfg.model.name_or_path) / flops  # seconds per forward token, until measured
-        self.units_done = self.spent = 0.0
+        scale = 2 * _params(cfg.model.name_or_path) / (GPU_SPEEDUP * max(cfg.ngpu, 1) if torch.cuda.is_available() else 1.0)
+        self.default = {k: v * scale for k, v in SECONDS_PER_UNIT_PARAM.items()}
+        self.spent = {k: 0.0 for k in self.default}
+        self.units_done = {k: 0.0 for k in self.default}
 
     def units(self, name: str) -> float:
         return stage_units(self.cfg, name)
 
     def done(self, name: str, seconds: float) -> None:
-        """A stage that ran here took ``seconds``: the rate becomes what the stages run so far showed."""
-        self.units_done += self.units(name)
-        self.spent += seconds
-        if self.units_done > 0:
-            self.rate = self.spent / self.units_done
+        kind = KIND.get(name, "encode")
+        self.units_done[kind] += self.units(name)
+        self.spent[kind] += seconds
+
+    def rate(self, kind: str) -> float:
+        seen = [k for k in self.default if self.units_done[k] > 0]
+        if not seen:
+            return self.default[kind]
+        if self.units_done[kind] > 0:  # measured, with the default as a prior of PRIOR_UNITS units
+            return (self.spent[kind] + PRIOR_UNITS * self.default[kind]) / (self.units_done[kind] + PRIOR_UNITS)
+        ratio = sum(self.spent[k] for k in seen) / sum(self.units_done[k] * self.default[k] for k in seen)
+        return self.default[kind] * ratio
 
     def remaining(self, names: list[str]) -> float:
-        return sum(self.units(n) for n in names) * self.rate
+        return sum(self.units(n) * self.rate(KIND.get(n, "encode")) for n in names)
 
 
 def fmt(seconds: float) -> str:
