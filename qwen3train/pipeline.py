@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from qwen3train.errors import ConfigError
 from qwen3train.train.config import RunConfig, TrainConfig
 from qwen3train.data.sources import DataConfig
 from qwen3train.eval.run import EvalConfig
@@ -247,7 +248,10 @@ class Pipeline:
                     "--nproc_per_node", str(processes), "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
                     "--master_port", os.environ.get("MASTER_PORT", "29511"), *args]
         proc = subprocess.run([sys.executable, *args], env=env)  # in the caller's folder: relative paths hold
-        if proc.returncode != 0:
+        if proc.returncode == 2:  # the stage said what the user must fix, in one line above
+            raise ConfigError(f"stage {name} stopped on the error above; fix it and rerun the same command "
+                              f"to resume from {name}")
+        if proc.returncode != 0:  # a crash or a kill: its own output above says what happened
             raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); rerun to resume it")
 
     def train_cfg(self, stage: TrainStage, name: str, files: list[str], init_from: str | None,

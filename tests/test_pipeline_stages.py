@@ -6,6 +6,8 @@ import json
 import os
 from dataclasses import dataclass
 
+import pytest
+
 from qwen3train.pipeline import Pipeline
 
 
@@ -146,3 +148,17 @@ def test_a_marker_written_before_cards_were_ignored_still_resumes(compose, tmp_p
     (model / "model.safetensors").write_bytes(b"new weights")
     pipe.stage("filter", [model], [out], fn, Cfg())
     assert len(calls) == 2  # a real change still reruns it
+
+
+def test_eta_learns_each_kind_of_work_from_the_stages_that_ran(compose, tmp_path):
+    """Before any stage: the defaults for this device; after a training stage ran at twice the default
+    cost, training stages are estimated at about twice (the default weighs as a prior), and kinds not yet
+    seen scale by the same measured/default ratio."""
+    from qwen3train.eta import ETA
+
+    eta = ETA(compose("pipeline", [f"output_dir={tmp_path}"]))
+    first = {n: eta.remaining([n]) for n in ("stage1", "stage2", "mine")}
+    assert all(v > 0 for v in first.values())
+    eta.done("stage1", 2 * first["stage1"])
+    assert 1.3 < eta.remaining(["stage2"]) / first["stage2"] <= 2.0
+    assert eta.remaining(["mine"]) / first["mine"] == pytest.approx(2.0)

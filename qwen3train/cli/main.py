@@ -103,10 +103,10 @@ PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 def peer_lost(e: BaseException) -> bool:
     """A collective failed because another rank is gone (it stopped on its own error, or was killed)."""
-    import torch.distributed as tdist
+    from qwen3train import dist
 
     text = f"{type(e).__name__}: {e}"
-    return _multi_rank() and (isinstance(e, tdist.DistError) or isinstance(e, RuntimeError)) and any(
+    return _multi_rank() and (dist.is_comm_error(e) or isinstance(e, RuntimeError)) and any(
         k in text for k in PEER_LOST)
 
 

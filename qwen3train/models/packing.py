@@ -195,7 +195,9 @@ def _block_mask(cu_seqlens: torch.Tensor, width: int, device: torch.device):
     def same_sequence_causal(b, h, q, k):
         return (doc[q] == doc[k]) & (q >= k)
 
-    return create_block_mask(same_sequence_causal, None, None, width, width, device=device)
+    # compiled on CUDA: the eager construction evaluates every (query, key) pair, T^2 of them
+    return create_block_mask(same_sequence_causal, None, None, width, width, device=device,
+                             _compile=device.type == "cuda")
 
 
 # ---- attention functions (transformers' AttentionInterface signature) ---------------------------

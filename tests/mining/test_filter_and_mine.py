@@ -86,3 +86,24 @@ def test_mining_on_a_real_collection_then_stage2_trains(tmp_path, arcd_rows, tin
     tcfg = train_cfg(tiny_model_dir, tmp_path / "mined.jsonl", tmp_path / "s2", max_steps=3, k=3, global_batch=8)
     final = run(tcfg)
     assert (final / "model.safetensors").exists()
+
+
+def test_mine_sample_mines_a_seeded_subset(tmp_path, arcd_rows):
+    """mine.sample=N mines N records drawn by the seed (the same N on a rerun, others with another seed),
+    each with the negatives full mining gives it when the corpus is fixed; the rest are not written."""
+    corpus = [str(FIXTURES / "arcd" / "corpus.jsonl")]
+
+    def mined(sample, seed, name):
+        run_mine(MineConfig(inputs=[str(arcd_rows)], corpus=corpus, embedder=str(MINILM), output=str(tmp_path / name),
+                            cache_dir=str(tmp_path / "cache"), num_negatives=2, range_min=1, range_max=10,
+                            max_score_ratio=None, sample=sample, seed=seed))
+        rows = [json.loads(x) for x in (tmp_path / name).read_text().splitlines()]
+        none = tmp_path / "no_negatives.jsonl"
+        return {r["query"]: r["neg"] for r in rows}, len(rows) + (len(none.read_text().splitlines()) if none.exists() else 0)
+
+    full, n_full = mined(0, 0, "full.jsonl")
+    a, n_a = mined(20, 0, "a.jsonl")
+    b, _ = mined(20, 0, "b.jsonl")
+    c, _ = mined(20, 1, "c.jsonl")
+    assert n_full > 20 and n_a == 20 and a == b and set(a) != set(c)
+    assert all(full[q] == negs for q, negs in a.items())
