@@ -193,7 +193,9 @@ class Pipeline:
         from qwen3train.eta import fmt
 
         left = self.eta.remaining(order[k - 1:]) if k else 0.0
-        print(f"{head}: running (estimated {fmt(left)} for this and the {len(order) - k} stages after it)",
+        after = len(order) - k
+        rest = {0: "this stage", 1: "this and the stage after it"}.get(after, f"this and the {after} stages after it")
+        print(f"{head}: running (estimated {fmt(left)} for {rest})",
               flush=True)
         t = time.time()
         fn()
