@@ -2,7 +2,9 @@
 the smoke pipeline (``configs/smoke.yaml``), then reruns until it finishes; the outputs must equal an
 uninterrupted run's (weights bitwise, records and metrics exactly).
 
-    .venv/bin/python bench/chaos.py [--trials 6] [--kills 4] [--seed 0]
+    .venv/bin/python bench/chaos.py [--trials 6] [--kills 4] [--seed 0] [override ...]
+
+Overrides go to every run, e.g. ``synth.generator=outputs/models/tiny-qwen3`` for a faster stage 0.
 
 A trial kills up to ``--kills`` times, each at a moment drawn inside one stage (from the reference run's
 stage times: start + U(0.1, 0.9) x duration), later stages after earlier ones, then lets the run finish.
@@ -120,20 +122,21 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "outputs" / "chaos"))
+    ap.add_argument("overrides", nargs="*", help="config overrides for every run")
     a = ap.parse_args()
     root = Path(a.out)
     root.mkdir(parents=True, exist_ok=True)
     log = open(root / "chaos.log", "w")
     ref_dir = root / "reference"
     shutil.rmtree(ref_dir, ignore_errors=True)
-    rc, secs = run(ref_dir, [], log=log)
+    rc, secs = run(ref_dir, a.overrides, log=log)
     assert rc == 0, "the reference run failed (see chaos.log)"
     ref, windows = fingerprint(ref_dir), stage_windows(ref_dir)
     print(json.dumps({"reference_s": round(secs, 1), "stages": windows}), flush=True)
     rng = random.Random(a.seed)
     results = []
     for k in range(a.trials):
-        res = trial(root / f"trial{k}", ref, windows, a.kills, rng, [], log)
+        res = trial(root / f"trial{k}", ref, windows, a.kills, rng, a.overrides, log)
         results.append(res)
         print(json.dumps(res), flush=True)
     kills = [x for r in results for x in r["kills"]]

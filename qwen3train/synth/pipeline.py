@@ -159,7 +159,9 @@ class ShardRunner:
                 replace(self.cfg.sampling, stop=list(self.cfg.sampling.stop) or ["}"])
             texts = chat_prompts(self.backend.tokenizer, [self.prompts.render(template, **render(it)) for it in pending],
                                  prefill)
-            gens = self.backend.generate(texts, sampling, seed=seed * 1000 + attempt * 100_003,
+            # synth.seed moves every sampling seed (seed 0 keeps the seeds earlier runs used)
+            base = seed * 1000 + attempt * 100_003 + self.cfg.seed * 7_919_993
+            gens = self.backend.generate(texts, sampling, seed=base,
                                          json_schemas=[SCHEMAS[template]] * len(texts))
             self.calls += len(texts)
             failed = []

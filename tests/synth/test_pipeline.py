@@ -116,6 +116,25 @@ def test_outputs_schema_rejects_and_stats(tmp_path, tokenizer):
     assert len(IndexedSource([out / "pairs.jsonl"])) == len(pairs)
 
 
+def test_synth_seed_moves_every_sampling_seed(tmp_path, tokenizer):
+    """synth.seed reaches the generator: another seed samples with other seeds on every call (before, the
+    sampling seeds depended on the shard alone, so a rerun "with another seed" regenerated the same queries),
+    and the same seed gives the same seeds."""
+    class Recording(ScriptedBackend):
+        def generate(self, prompts, sampling, seed, json_schemas=None):
+            self.seeds.append(seed)
+            return super().generate(prompts, sampling, seed, json_schemas)
+
+    seen = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        backend = Recording(tokenizer)
+        backend.seeds = []
+        run(cfg_for(tmp_path / name, seed=seed), backend=backend)
+        seen[name] = backend.seeds
+    assert seen["a"] == seen["b"] and len(seen["a"]) >= 5
+    assert not set(seen["a"]) & set(seen["c"])
+
+
 @pytest.mark.slow
 def test_transformers_backend_on_tiny_model_rejects_garbage_cleanly(tmp_path, tiny_model_dir):
     cfg = cfg_for(tmp_path, max_passages=6, max_retries=1, sampling=SamplingConfig(max_new_tokens=24))
