@@ -95,11 +95,12 @@ def half_done(out: Path) -> list[str]:
 
 
 def trial(out: Path, ref: dict, windows: dict, kills: int, rng: random.Random, overrides: list[str],
-          log) -> dict:
-    """Kill the run ``kills`` times at growing random moments, then finish it; compare with ``ref``."""
+          log, only: list[str] | None = None) -> dict:
+    """Kill the run ``kills`` times at growing random moments (in stages drawn from ``only`` when given),
+    then finish it; compare with ``ref``."""
     shutil.rmtree(out, ignore_errors=True)
-    stages = sorted(rng.sample([s for s in windows if s != "report"], min(kills, len(windows) - 1)),
-                    key=STAGES.index)
+    pool = [s for s in windows if s != "report" and (not only or s in only)]
+    stages = sorted(rng.sample(pool, min(kills, len(pool))), key=STAGES.index)
     done_kills = []
     for s in stages:
         start, dur = windows[s]
@@ -122,21 +123,27 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "outputs" / "chaos"))
+    ap.add_argument("--stages", default="", help="draw the kills from these stages only (comma-separated)")
+    ap.add_argument("--reuse-reference", action="store_true", help="keep <out>/reference from an earlier call")
     ap.add_argument("overrides", nargs="*", help="config overrides for every run")
     a = ap.parse_args()
+    only = [s for s in a.stages.split(",") if s]
     root = Path(a.out)
     root.mkdir(parents=True, exist_ok=True)
-    log = open(root / "chaos.log", "w")
+    log = open(root / "chaos.log", "a")
     ref_dir = root / "reference"
-    shutil.rmtree(ref_dir, ignore_errors=True)
-    rc, secs = run(ref_dir, a.overrides, log=log)
-    assert rc == 0, "the reference run failed (see chaos.log)"
+    if a.reuse_reference and (ref_dir / "report" / ".done.json").exists():
+        secs = sum(w[1] for w in stage_windows(ref_dir).values())
+    else:
+        shutil.rmtree(ref_dir, ignore_errors=True)
+        rc, secs = run(ref_dir, a.overrides, log=log)
+        assert rc == 0, "the reference run failed (see chaos.log)"
     ref, windows = fingerprint(ref_dir), stage_windows(ref_dir)
     print(json.dumps({"reference_s": round(secs, 1), "stages": windows}), flush=True)
     rng = random.Random(a.seed)
     results = []
     for k in range(a.trials):
-        res = trial(root / f"trial{k}", ref, windows, a.kills, rng, a.overrides, log)
+        res = trial(root / f"trial{k}", ref, windows, a.kills, rng, a.overrides, log, only)
         results.append(res)
         print(json.dumps(res), flush=True)
     kills = [x for r in results for x in r["kills"]]
@@ -144,7 +151,8 @@ def main() -> None:
                "stages_interrupted": sorted({x["interrupted"] for x in kills}),
                "trials_equal_to_reference": sum(not r["different"] and r["final_status"] == 0 for r in results),
                "half_done_seen": sum(bool(x["half_done"]) for x in kills) + sum(bool(r["half_done"]) for r in results)}
-    (root / "chaos.json").write_text(json.dumps({"summary": summary, "trials": results}, indent=2))
+    name = f"chaos{'_' + '_'.join(only) if only else ''}.json"
+    (root / name).write_text(json.dumps({"summary": summary, "trials": results}, indent=2))
     print(json.dumps(summary))
 
 
