@@ -47,11 +47,6 @@ def device_index() -> int:
     return local_rank() % max(torch.cuda.device_count(), 1)
 
 
-def is_comm_error(e: BaseException) -> bool:
-    """``e`` is torch.distributed's own error type (a collective or the store failed)."""
-    return isinstance(e, getattr(dist, "DistError", ()))
-
-
 def is_main() -> bool:
     return rank() == 0
 
