@@ -89,6 +89,11 @@ class PipelineConfig:
     rerank_merge: bool = True  # merge the reranker's checkpoints as ``merge`` says; false: its final checkpoint
     baseline: str | None = "auto"
     eval_all_checkpoints: bool = True  # every stage-2 checkpoint in the table; false: the last one only
+    # Once a training stage is done, its checkpoints keep only their exported model (what merging and
+    # evaluation read): the engine state (fp32 weights + AdamW moments, ~12 bytes a parameter) goes, 1.6 GB a
+    # checkpoint for SmolLM2-135M. A finished stage is never resumed (a changed config reruns it from the
+    # start). true: keep everything, to train on from a checkpoint by hand.
+    keep_engine_state: bool = False
 
     def __post_init__(self) -> None:
         default = EngineConfig()
@@ -185,6 +190,7 @@ class Pipeline:
             old = json.loads(marker.read_text())
             if unchanged(old, finger, inputs):
                 print(f"{head}: done, skipped", flush=True)
+                self.retire(name)  # again, in case a kill cut it short
                 return
             why = "its config" if old["fingerprint"]["config_hash"] != finger["config_hash"] else "its inputs"
             print(f"[pipeline] {name}: {why} changed since it ran: removing its outputs and running it again",
@@ -210,6 +216,21 @@ class Pipeline:
         marker.write_text(json.dumps(rec, indent=2))
         self.lineage[name] = rec
         self.lineage_path.write_text(json.dumps(self.lineage, indent=2))
+        self.retire(name)
+
+    TRAINING = ("stage1", "stage2", "rerank")
+
+    def retire(self, name: str) -> None:
+        """A done training stage's checkpoints keep their exports only (``keep_engine_state``)."""
+        if self.cfg.keep_engine_state or name not in self.TRAINING:
+            return
+        from qwen3train.train.checkpoint import list_checkpoints, retire
+
+        freed = [retire(p) for p in list_checkpoints(self.out / name)]
+        if any(freed):
+            print(f"[pipeline] {name}: the optimizer state of {sum(1 for f in freed if f)} checkpoint(s) removed, "
+                  f"{sum(freed) / 1e9:.1f} GB freed (their exported models stay; keep_engine_state=true keeps it)",
+                  flush=True)
 
     def remove(self, name: str, outputs: list) -> None:
         for path in {self.out / name, *map(Path, outputs)}:

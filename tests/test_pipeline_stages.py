@@ -162,3 +162,35 @@ def test_eta_learns_each_kind_of_work_from_the_stages_that_ran(compose, tmp_path
     eta.done("stage1", 2 * first["stage1"])
     assert 1.3 < eta.remaining(["stage2"]) / first["stage2"] <= 2.0
     assert eta.remaining(["mine"]) / first["mine"] == pytest.approx(2.0)
+
+
+def test_a_done_training_stage_keeps_only_the_exports_of_its_checkpoints(compose, tmp_path, tiny_model_dir):
+    """Once stage 2 is marked done its checkpoints lose their engine state (keep_engine_state=false, the
+    default) and keep the exports the merge reads; a rerun that finds the stage done retires what a kill left;
+    keep_engine_state=true keeps everything; a stage that is not training is never touched."""
+    import shutil
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "tests" / "train"))
+    from helpers import make_pairs, train_cfg
+
+    from qwen3train.train.loop import run
+
+    src = make_pairs(tmp_path / "d.jsonl", n=32, k=2)
+    for keep in (False, True):
+        pipe = Pipeline(compose("pipeline", [f"output_dir={tmp_path / f'out{keep}'}", f"keep_engine_state={keep}"]))
+        cfg = train_cfg(tiny_model_dir, src, pipe.out / "stage2", max_steps=4, save_every=2, keep_last=0)
+        pipe.stage("stage2", [src], [pipe.out / "stage2" / "final"], lambda: run(cfg), Cfg())
+        engines = sorted(p.parent.name for p in (pipe.out / "stage2" / "checkpoints").glob("step_*/engine"))
+        models = sorted(p.parent.name for p in (pipe.out / "stage2" / "checkpoints").glob("step_*/model"))
+        assert models == ["step_0000002", "step_0000004"]
+        assert engines == (models if keep else [])
+    # a kill between the marker and the end of the retiring: the next run (keep_engine_state=false) finishes it
+    pipe = Pipeline(compose("pipeline", [f"output_dir={tmp_path / 'outTrue'}"]))
+    shutil.copytree(pipe.out / "stage2", pipe.out / "filter")  # checkpoints under a stage that is not training
+    pipe.stage("stage2", [src], [pipe.out / "stage2" / "final"], lambda: pytest.fail("a done stage ran"), Cfg())
+    assert not list((pipe.out / "stage2" / "checkpoints").glob("step_*/engine"))
+    pipe.retire("filter")
+    assert len(list((pipe.out / "filter" / "checkpoints").glob("step_*/engine"))) == 2

@@ -73,6 +73,11 @@ class ModelConfig:
     # null = auto: 2048 on the CPU, where a row's activations then stay in cache (measured: bench/bench_packing.py),
     # unbounded on CUDA, where one long row keeps the kernels large. 0 = one row always.
     pack_tokens: int | None = None
+    # Shared prefixes in packed rows: sequences of a micro-batch that begin with at least this many equal
+    # tokens run them once (the reranker's prompt + instruction + query before each of a query's documents;
+    # an embedder's instruction before its queries); same results to rounding (qwen3train/models/packing.py).
+    # null = auto: 16 where the backend shares (padded, flex, varlen when its start-up check passes); 0 = off.
+    share_prefix: int | None = None
     # Padded mode: rows sorted by length and run in up to this many groups, each cut to its
     # longest row (1 = one padded batch). Same results, fewer padded tokens. null = auto: 4 on the
     # CPU (compute-bound: 2.0x faster SmolLM2 steps), 1 on CUDA, where a 0.6B model's step is bound by kernel
@@ -99,6 +104,8 @@ class ModelConfig:
             raise ValueError(f"model.packed_attention must be one of {PACKED_ATTENTION}, got {self.packed_attention!r}")
         if self.pack_tokens is not None and self.pack_tokens < 0:
             raise ValueError(f"model.pack_tokens must be >= 0, got {self.pack_tokens}")
+        if self.share_prefix is not None and self.share_prefix < 0:
+            raise ValueError(f"model.share_prefix must be >= 0, got {self.share_prefix}")
         if self.pack_multiple is not None and self.pack_multiple < 1:
             raise ValueError(f"model.pack_multiple must be >= 1, got {self.pack_multiple}")
         if self.compile_mode not in COMPILE_MODES:
@@ -189,6 +196,7 @@ def compile_layers(model, mode: str | None = None, backend: str = "inductor") ->
 
 
 CPU_PACK_TOKENS = 2048
+SHARE_PREFIX = 16  # model.share_prefix=null
 
 
 def packing_setup(cfg: ModelConfig, train_precision: str | None) -> dict:
@@ -207,8 +215,15 @@ def packing_setup(cfg: ModelConfig, train_precision: str | None) -> dict:
     tokens = cfg.pack_tokens
     if tokens is None:
         tokens = 0 if torch.cuda.is_available() else CPU_PACK_TOKENS
+    share = SHARE_PREFIX if cfg.share_prefix is None else cfg.share_prefix
+    if share:
+        why = packing.sharing(backend, "cuda" if torch.cuda.is_available() else "cpu", compiled)
+        if why is not None:
+            (logger.warning if cfg.share_prefix else logger.info)(
+                "shared prefixes off with the %s packed backend: %s", backend, why)
+            share = 0
     return {"attn": packing.attn_implementation(backend), "packing": backend, "pack_multiple": multiple,
-            "pack_grouped": not compiled, "pack_tokens": tokens or None}
+            "pack_grouped": not compiled, "pack_tokens": tokens or None, "pack_share": share}
 
 
 def _apply_common(model, cfg: ModelConfig, train_precision: str | None):

@@ -41,6 +41,8 @@ class Embedder(nn.Module):
             block, one shape: for compiled layers).
         pack_tokens: real tokens per packed row (more rows, each its own pass through the backbone,
             within one forward); None: one row.
+        pack_share: sequences beginning with at least this many equal tokens run them once (queries
+            with one instruction); 0: off.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class Embedder(nn.Module):
         pack_multiple: int = 1,
         pack_grouped: bool = True,
         pack_tokens: int | None = None,
+        pack_share: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -73,6 +76,7 @@ class Embedder(nn.Module):
         self.pack_multiple = pack_multiple
         self.pack_grouped = pack_grouped
         self.pack_tokens = pack_tokens
+        self.pack_share = pack_share
 
     @property
     def device(self) -> torch.device:
@@ -111,7 +115,7 @@ class Embedder(nn.Module):
     def pack(self, seqs) -> packing.Packed:
         """Token id lists -> packed rows for ``forward(**packed.inputs(device))``."""
         return packing.pack_rows(seqs, self.tok.pad_id, self.packing, self.pack_multiple, self.pack_grouped,
-                                 self.pack_tokens)
+                                 self.pack_tokens, self.pack_share)
 
     def _pool_packed(self, packed: list[dict], last: list[torch.Tensor], order: torch.Tensor | None) -> torch.Tensor:
         # each row's hidden states [1, T, D] read at each sequence's own last token -> [n, D], input order

@@ -71,13 +71,15 @@ class Reranker(nn.Module):
         tokenizer: its tokenizer.
         max_length: total token budget; prefix and suffix are always kept, the document is cut.
         padding_side: batch padding side (the official recipe uses left).
-        packing / pack_multiple: as for ``Embedder``: the packed attention backend the LM was loaded
-            with (None: padded batches); the logits are read at each sequence's own last position.
+        packing / pack_multiple / pack_share: as for ``Embedder``: the packed attention backend the LM was
+            loaded with (None: padded batches); the logits are read at each sequence's own last position;
+            the prompt, instruction and query before a query's documents run once per pack (pack_share).
     """
 
     def __init__(self, lm: nn.Module, tokenizer, *, max_length: int = 8192, padding_side: str = "left",
                  default_instruction: str = DEFAULT_RERANK_INSTRUCTION, packing: str | None = None,
-                 pack_multiple: int = 1, pack_grouped: bool = True, pack_tokens: int | None = None) -> None:
+                 pack_multiple: int = 1, pack_grouped: bool = True, pack_tokens: int | None = None,
+                 pack_share: int = 0) -> None:
         super().__init__()
         self.lm = lm
         self.tokenizer = tokenizer
@@ -86,6 +88,7 @@ class Reranker(nn.Module):
         self.default_instruction = default_instruction
         self.packing, self.pack_multiple, self.pack_grouped = packing, pack_multiple, pack_grouped
         self.pack_tokens = pack_tokens
+        self.pack_share = pack_share
         self.prefix, self.suffix = reranker_prompt(tokenizer)
         self.prefix_ids = tokenizer.encode(self.prefix, add_special_tokens=False)
         self.suffix_ids = tokenizer.encode(self.suffix, add_special_tokens=False)
@@ -122,7 +125,7 @@ class Reranker(nn.Module):
     def pack(self, seqs: Sequence[Sequence[int]]) -> packing.Packed:
         """Token id lists -> packed rows for ``forward(**packed.inputs(device))``."""
         return packing.pack_rows(seqs, self.pad_id, self.packing, self.pack_multiple, self.pack_grouped,
-                                 self.pack_tokens)
+                                 self.pack_tokens, self.pack_share)
 
     def inputs(self, seqs: Sequence[Sequence[int]]) -> dict:
         """``forward`` keyword arguments for these prompts on the model's device, packed or padded."""

@@ -9,7 +9,8 @@ Layout of ``<run>/checkpoints/step_0000100/``:
 Everything is written under ``.step_0000100.tmp`` and renamed into place once complete, so a kill
 during a save never damages the last good checkpoint; leftover ``.tmp`` folders are ignored. A full disk
 during a save removes the partial folder and stops the run with one line (the previous checkpoint is
-untouched). On resume the newest checkpoint whose files match their checksums is used: a damaged one
+untouched). ``retire`` turns a finished run's checkpoints into exports only (the pipeline does it once a
+stage is done); resume never takes those. On resume the newest checkpoint whose files match their checksums is used: a damaged one
 (a copy cut short, a full disk, bit rot) is named in one line and skipped.
 """
 
@@ -38,6 +39,7 @@ class TrainState:
     samples: int = 0
     world_size: int | None = None  # processes that wrote the checkpoint (ZeRO state resumes only on as many)
     cursors: list | None = None  # per data source [epoch, next batch] (data.mixture; data.loader.Loader)
+    resumable: bool = True  # False once ``retire`` removed the engine state (the export stays)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -117,13 +119,41 @@ def _disk_full(e: BaseException) -> bool:
     return any(k in str(e) for k in ("No space left", "file write failed", "Disk quota exceeded"))
 
 
+def retire(path: Path) -> int:
+    """Make a finished run's checkpoint export-only: its engine state (weights, optimizer moments,
+    scheduler; ~12 bytes a parameter under AdamW) and RNG files go, its exported model (what merging and
+    evaluation read) stays. It is marked not resumable and its checksums are rewritten. Bytes freed (0 when
+    already retired or when it has no export, which is then all there is)."""
+    state_file = path / "train_state.json"
+    if not (path / "model").is_dir() or not state_file.exists():
+        return 0
+    doomed = ([f for f in (path / "engine").rglob("*") if f.is_file()] if (path / "engine").exists() else []) + \
+        sorted(path.glob("rng_rank*.pt"))
+    state = json.loads(state_file.read_text())
+    if not doomed and state.get("resumable", True) is False:
+        return 0
+    freed = sum(f.stat().st_size for f in doomed)
+    state["resumable"] = False  # first: a kill from here on leaves a checkpoint that no resume takes
+    tmp = state_file.with_name(".train_state.json.tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(state_file)
+    shutil.rmtree(path / "engine", ignore_errors=True)
+    for f in path.glob("rng_rank*.pt"):
+        f.unlink()
+    write_manifest(path)
+    return freed
+
+
 def resume_point(root: Path) -> Path | None:
     """The newest checkpoint whose files match their checksums (rank 0 checks, every rank gets its
     answer). Damaged ones are named in one line each and skipped; when every one is damaged the run stops
     with one line. Checkpoints without checksums (older versions) are trusted."""
-    chosen, damaged = None, []
+    chosen, damaged, retired = None, [], []
     if dist.is_main():
         for path in reversed(list_checkpoints(root)):
+            if not _resumable(path):
+                retired.append(path)
+                continue
             problems = verify(path)
             if not problems:
                 chosen = path
@@ -131,11 +161,23 @@ def resume_point(root: Path) -> Path | None:
             damaged.append(path)
             print(f"warning: checkpoint {path} is damaged ({describe(problems)}): skipped, trying the one before",
                   flush=True)
-    chosen, damaged = dist.broadcast_object((chosen, damaged))
+    chosen, damaged, retired = dist.broadcast_object((chosen, damaged, retired))
+    if chosen is None and retired and not damaged:
+        raise ConfigError(f"the checkpoints under {root / 'checkpoints'} ({', '.join(p.name for p in retired)}) keep only "
+                          f"their exported model (their run finished and the pipeline removed the optimizer state: "
+                          f"keep_engine_state=false), so none can resume; train on from one with model.init_from="
+                          f"{retired[0] / 'model'}, or start over with run.resume=never")
     if chosen is None and damaged:
         raise ConfigError(f"every checkpoint under {root / 'checkpoints'} is damaged ({', '.join(p.name for p in damaged)}); "
                           f"restore one, or start over with run.resume=never")
     return chosen
+
+
+def _resumable(path: Path) -> bool:
+    try:
+        return json.loads((path / "train_state.json").read_text()).get("resumable", True) is not False
+    except (OSError, ValueError):
+        return True  # unreadable: verify() names it as damaged
 
 
 def prune(root: Path, keep_last: int, keep_every: int, keep_steps: tuple[int, ...] = ()) -> None:

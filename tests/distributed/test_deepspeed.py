@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -49,6 +50,12 @@ def launch(out, model_dir, data, overrides):
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
+# what the tests below read of each run besides its metrics; the rest goes as soon as the run ends (each
+# checkpoint holds the weights and both Adam moments, ~0.4 GB a run for the tiny model), the folder with the module
+KEEP = {"torch": {"final"}, "zero2": {"final", "checkpoints"}, "zero3": {"final", "checkpoints"},
+        "zero2-offload": {"final"}}
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     sys.path.insert(0, str(REPO / "tests" / "train"))
@@ -56,9 +63,13 @@ def runs(tiny_model_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("ds")
     data = make_pairs(tmp / "d.jsonl", n=64, k=2)
-    out = {name: (tmp / name, launch(tmp / name, tiny_model_dir, data, ov)) for name, ov in RUNS.items()}
-    out["_data"] = data
-    return out
+    out = {"_data": data}
+    for name, overrides in RUNS.items():
+        out[name] = (tmp / name, launch(tmp / name, tiny_model_dir, data, overrides))
+        for part in {"final", "checkpoints"} - KEEP.get(name, set()):
+            shutil.rmtree(tmp / name / part)
+    yield out
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _same_curve(ref, got, loss_tol, norm_tol):

@@ -107,7 +107,8 @@ def stage2_run(tiny_model_dir, tmp_path_factory):
     cfg = train_cfg(tiny_model_dir, make_pairs(tmp / "d.jsonl"), tmp / "run", max_steps=6, save_every=2,
                     keep_last=0, lr=3e-3)
     run(cfg)
-    return tmp / "run", tmp / "d.jsonl"
+    yield tmp / "run", tmp / "d.jsonl"
+    shutil.rmtree(tmp, ignore_errors=True)  # ~0.5 GB of checkpoints
 
 
 def test_merge_of_trained_checkpoints_loads_everywhere(stage2_run, tmp_path):

@@ -43,9 +43,10 @@ def _need(package: str):
         pytest.skip(f"{package} is not installed (make install)")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def family_dirs(tiny_model_dir, tmp_path_factory):
-    """Converted once per session (or taken from `make smollm2` / `make qwen25-coder`), removed after."""
+    """Converted once (or taken from `make smollm2` / `make qwen25-coder`), removed when this module is done
+    (~1.5 GB: not carried through the rest of the session)."""
     from qwen3train.synth.models import convert_gguf, qwen25_coder_gguf, smollm2_gguf
 
     made = {"qwen3-tiny": tiny_model_dir}
@@ -63,6 +64,7 @@ def family_dirs(tiny_model_dir, tmp_path_factory):
             if os.environ.get("CI"):
                 raise
             made[name] = e
+    shutil.rmtree(root / "gguf", ignore_errors=True)  # the joined GGUF (~0.5 GB) is read once
     yield made
     shutil.rmtree(root, ignore_errors=True)  # ~2 GB of converted weights
 

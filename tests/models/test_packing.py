@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qwen3train.models.build import ModelConfig, build_embedder, build_reranker
-from qwen3train.models.packing import pack
+from qwen3train.models.packing import agrees_with_exact, pack, pack_rows, share_groups
+from qwen3train.text import format_query
 from qwen3train.train.task import token_chunks
 
 WORDS = ["alpha", "beta", "gamma", "delta", "rope", "tensor", "ocean", "violin"]
@@ -62,13 +63,15 @@ def _close(a, b, tol=1e-5):
     return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
 
 
-@pytest.mark.parametrize("family,rows", [("qwen3", 1), ("qwen3", 3), ("qwen2", 1), ("llama", 3)])
-def test_packed_equals_padded_vectors_and_gradients(family_models, family, rows):
-    """fp32, every family, one packed row or several (model.pack_tokens): pooled vectors and every
+@pytest.mark.parametrize("family,rows,share", [("qwen3", 1, 0), ("qwen3", 3, 0), ("qwen2", 1, 0), ("llama", 3, 0),
+                                               ("qwen2", 1, 8), ("llama", 2, 8)])
+def test_packed_equals_padded_vectors_and_gradients(family_models, family, rows, share):
+    """fp32, every family, one packed row or several (model.pack_tokens), without and with shared prefixes
+    (these texts repeat a word cycle, so many share their first 8+ tokens): pooled vectors and every
     parameter's gradient agree to 1e-5. Catches positions that do not restart per sequence (rotary
-    sees offsets), a wrong last-token index or row order, and a backend that drops gradients on the
-    way through the scatter into the attention block."""
-    padded, packed = _pair(family_models[family], pack_tokens=0 if rows == 1 else 120)
+    sees offsets) or do not continue after a shared prefix, a wrong last-token index or row order, and a
+    backend that drops gradients on the way through the scatter into the attention block."""
+    padded, packed = _pair(family_models[family], pack_tokens=0 if rows == 1 else 120, share_prefix=share)
     ids = padded.tok.token_ids(TEXTS, 96)
     assert len({len(x) for x in ids}) > 8  # the lengths really differ
     weight = torch.linspace(-1, 1, padded.hidden_size)
@@ -76,7 +79,8 @@ def test_packed_equals_padded_vectors_and_gradients(family_models, family, rows)
     (out_ref * weight).sum().backward()
     p = packed.pack(ids)
     assert len(p.rows) == rows if rows == 1 else len(p.rows) >= rows
-    assert sum(r.input_ids.shape[1] for r in p.rows) == sum(map(len, ids))  # no padding
+    width = sum(r.input_ids.shape[1] for r in p.rows)
+    assert width == sum(map(len, ids)) if not share else width < 0.9 * sum(map(len, ids))  # no padding; shared
     out = packed(**p.inputs("cpu"))
     (out * weight).sum().backward()
     assert _close(out, out_ref), (out - out_ref).abs().max()
@@ -193,6 +197,103 @@ def test_packed_reranker_equals_padded(tiny_model_dir, with_lse):
                           atol=1e-6)
 
 
+def test_share_groups_save_the_most_tokens():
+    """Per-query groups (prompt + query shared by 4 documents) beat one group on the prompt alone; a
+    sequence that is all prefix keeps one token of its own; a prefix under the threshold is not shared;
+    sequences without a partner stay alone. Catches a greedy grouping on the common prompt (saves less),
+    an empty remainder, and sharing below the threshold."""
+    prompt = list(range(1000, 1040))  # 40 tokens every sequence starts with
+    seqs = []
+    for q in range(3):
+        query = [2000 + 10 * q + k for k in range(20)]
+        seqs += [prompt + query + [3000 + 100 * q + 10 * d + k for k in range(5 + d)] for d in range(4)]
+    seqs.append([9, 9, 9])
+    groups = share_groups(seqs, 16)
+    assert sorted(groups) == [(60, [0, 1, 2, 3]), (60, [4, 5, 6, 7]), (60, [8, 9, 10, 11])]
+    assert share_groups([[1] * 20, [1] * 25], 16) == [(19, [0, 1])]  # the shorter keeps its last token
+    assert share_groups([[1] * 10 + [2], [1] * 10 + [3]], 16) == []
+    assert share_groups([[5] * 30], 16) == []
+
+
+def _shared_and_unshared(tiny_model_dir, **kw):
+    return [build_reranker(ModelConfig(name_or_path=str(tiny_model_dir), share_prefix=share, **kw), max_length=128,
+                           train_precision="fp32") for share in (0, 16)]
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_shared_prefix_reranker_equals_unshared(tiny_model_dir, rows):
+    """Three queries x four documents (the listwise training layout) and two documents of a fourth query:
+    with the prompt + instruction + query of each query run once, the yes/no logits and every gradient equal
+    the unshared packed forward (itself equal to the padded batch, test above), in one packed row and split
+    into two (a group is never split). The pack really computes fewer tokens. Catches remainders at
+    positions restarting at 0 (rotary), a remainder that does not see its prefix or sees another's, and a
+    prefix whose gradient is taken from one sequence instead of the sum over its group."""
+    plain, shared = _shared_and_unshared(tiny_model_dir, pack_tokens=0 if rows == 1 else 300)
+    queries = ["what is gravity", "who wrote the violin sonata", "ocean tensor rope", "alpha"]
+    # an instruction of its own per query (else the prompt shared by all fourteen saves the most: one group)
+    instr = [f"{topic} questions: retrieve the passages that answer the query in full detail"
+             for topic in ("Physics", "Music", "Oceanography", "Greek")]
+    pairs = [(k, TEXTS[(3 * k + d) % 14]) for k in range(3) for d in range(4)] + [(3, TEXTS[5]), (3, TEXTS[9])]
+    ids = plain.token_ids([queries[k] for k, _ in pairs], [d for _, d in pairs], [instr[k] for k, _ in pairs])
+    packed = shared.pack(ids)
+    assert len(packed.rows) == 1 if rows == 1 else len(packed.rows) >= 2
+    assert sum(int((r.parent < 0).sum()) for r in packed.rows) == 4  # one prefix segment per query
+    assert sum(r.input_ids.shape[1] for r in packed.rows) < 0.7 * sum(map(len, ids))
+    assert all(r.shared for r in packed.rows)
+    outs = []
+    for rr in (plain, shared):
+        z = rr(**rr.inputs(ids))
+        (z * torch.tensor([1.0, -2.0])).sum().backward()
+        outs.append((z.detach(), _grads(rr)))
+    (z_ref, g_ref), (z, g) = outs
+    assert _close(z, z_ref), (z - z_ref).abs().max()
+    assert set(g) == set(g_ref) and all(_close(g[k], g_ref[k]) for k in g_ref)
+    assert torch.allclose(shared.score(queries[0], TEXTS[:10]), plain.score(queries[0], TEXTS[:10]), atol=1e-6)
+    one_group = shared.pack(plain.token_ids(["alpha"] * 5, TEXTS[:5])).rows[0]
+    assert one_group.parent.tolist() == [-1, 0, 0, 0, 0, 0]  # the common prompt + query: one prefix
+
+
+def test_shared_instruction_embedder_equals_unshared(tiny_model_dir):
+    """Queries under one instruction share it: the vectors and gradients equal the unshared forward, and a
+    sequence that is nothing but the common prefix plus one token is pooled at that token."""
+    models = [build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), share_prefix=share, max_query_length=96,
+                                         max_doc_length=96), train_precision="fp32") for share in (0, 16)]
+    instr = "Given a web search query, retrieve relevant passages that answer the query"
+    ids = models[0].tok.token_ids([format_query(t, instr) for t in TEXTS[:6]] + TEXTS[6:10], 96)
+    assert models[1].pack(ids).rows[0].shared
+    outs = []
+    for emb in models:
+        v = emb(**emb.pack(ids).inputs("cpu"))
+        (v * torch.linspace(-1, 1, v.shape[1])).sum().backward()
+        outs.append((v.detach(), _grads(emb)))
+    assert _close(outs[1][0], outs[0][0])
+    assert all(_close(outs[1][1][k], outs[0][1][k]) for k in outs[0][1])
+
+
+def test_shared_prefix_attention_backends_agree_on_cpu():
+    """The flex backend's mask with shared prefixes (the CUDA path without varlen) gives the exact path's
+    output on the CPU (forward; FlexAttention has no CPU backward); the same check is what turns sharing
+    on for torch's varlen attention on a GPU. A wrong mask (remainders that miss their prefix) is told apart."""
+    assert agrees_with_exact("flex", "cpu", torch.float32) is None
+    seqs = [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 8, 9], [5, 5, 5, 5]]
+    good = pack(seqs, 0, "flex", share=3)
+    assert good.parent.tolist().count(-1) == 2  # the prefix and the lone sequence
+    blind = pack(seqs, 0, "flex", share=3)
+    blind.parent = torch.full_like(blind.parent, -1)  # remainders that see only themselves
+    q = torch.randn(1, 4, good.input_ids.shape[1], 16)
+    from qwen3train.models.packing import flex_packed_attention, padded_attention
+
+    ref = padded_attention(None, q, q, q, None, scaling=0.25,
+                           **{k: v for k, v in pack(seqs, 0, share=3).inputs("cpu").items() if k.startswith("packed")})[0]
+    out = flex_packed_attention(None, q, q, q, None, scaling=0.25, block_mask=good.inputs("cpu")["block_mask"])[0]
+    wrong = flex_packed_attention(None, q, q, q, None, scaling=0.25, block_mask=blind.inputs("cpu")["block_mask"])[0]
+    assert (out - ref).abs().max() < 1e-5 and (wrong - ref).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="shared prefixes need"):
+        pack(seqs, 0, "padded", grouped=False, share=3)
+    rows = pack_rows(seqs * 3, 0, share=3, max_tokens=12)
+    assert sorted(rows.order.tolist()) == list(range(9))
+
+
 def test_token_chunks():
     """Budgets respected, a long unit alone, exactly n chunks on request (split by tokens, none empty),
     and an impossible n refused."""
@@ -223,7 +324,7 @@ def test_one_compiled_graph_serves_every_packed_length(tiny_model_dir):
     counters.clear()
     emb = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), max_doc_length=96), train_precision="fp32")
     assert compile_layers(emb.backbone, backend="aot_eager") == 2
-    emb.pack_grouped = False  # what build_embedder sets for compiled layers: one attention block, one shape
+    emb.pack_grouped, emb.pack_share = False, 0  # what build_embedder sets for compiled layers: one block, one shape
     emb.pack_tokens = None
     ids = emb.tok.token_ids(TEXTS, 96)
     graphs = []

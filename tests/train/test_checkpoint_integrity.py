@@ -118,3 +118,29 @@ def test_merge_refuses_a_damaged_export(tiny_model_dir, tmp_path):
     _damage(good[1] / "model.safetensors", "flip")
     with pytest.raises(MergeError, match=r"step_0000004/model is damaged \(model.safetensors: checksum differs\)"):
         merge_folders(good, tmp_path / "m2")
+
+
+def test_retired_checkpoints_keep_their_exports_and_refuse_to_resume(tiny_model_dir, tmp_path):
+    """``retire`` (what the pipeline does once a training stage is done): the engine state and RNG files go,
+    the export stays and still merges, the checksums describe what is left, a second call frees nothing, and
+    a rerun of the run stops with one line instead of taking a checkpoint without optimizer state (or
+    silently starting over). Catches a retire that leaves a manifest naming deleted files (every later
+    resume would call it damaged) and a resume that loads a retired checkpoint."""
+    from qwen3train.merge.apply import merge_folders, select_checkpoints
+    from qwen3train.train.checkpoint import list_checkpoints, retire
+
+    cfg = _cfg(tiny_model_dir, tmp_path, tmp_path / "b", steps=4)
+    run(cfg)
+    ckpts = list_checkpoints(tmp_path / "b")
+    before = sum(f.stat().st_size for c in ckpts for f in c.rglob("*") if f.is_file())
+    freed = [retire(c) for c in ckpts]
+    after = sum(f.stat().st_size for c in ckpts for f in c.rglob("*") if f.is_file())
+    assert all(f > 0 for f in freed) and before - after >= sum(freed) * 0.99
+    assert after < before / 3  # the engine state (weights + two AdamW moments) was most of it
+    for c in ckpts:
+        assert not (c / "engine").exists() and not list(c.glob("rng_rank*.pt"))
+        assert verify(c) == [] and verify(c / "model") == []
+    assert [retire(c) for c in ckpts] == [0, 0]
+    merge_folders(select_checkpoints(tmp_path / "b", last=2, every=1), tmp_path / "m")
+    with pytest.raises(ConfigError, match=r"keep only their exported model .*model.init_from=.*step_0000004/model"):
+        run(cfg)
