@@ -18,6 +18,9 @@ GEN_WEIGHT = 20.0  # a generated token ~ 20 forward tokens (decoding one token a
 SECONDS_PER_UNIT_PARAM = {"train": 5e-12, "encode": 1.8e-12, "generate": 2e-12}
 PRIOR_UNITS = 1e5  # the default counts as this many units measured: a small stage does not swing the rate
 GPU_SPEEDUP = 1000.0
+# tokens a reranker computes per real token when a query's prompt + query run once for its documents
+# (model.share_prefix; bench/bench_share_prefix.py: 0.48 for 1 positive + 3 negatives at length 128)
+RERANK_SHARED = 0.5
 KIND = {"synth": "generate", "stage1": "train", "stage2": "train", "rerank": "train", "filter": "encode",
         "mine": "encode", "merge": "encode", "rerank_merge": "encode", "eval": "encode", "report": "encode"}
 
@@ -54,7 +57,10 @@ def stage_units(cfg, name: str) -> float:
         st = getattr(cfg, name)
         k = st.data.num_hard_negatives
         length = (st.max_length or cfg.model.max_doc_length) / 2
-        return 3 * st.run.max_steps * st.engine.global_batch_size * (1 + k) * length
+        units = 3 * st.run.max_steps * st.engine.global_batch_size * (1 + k) * length
+        if name == "rerank" and cfg.model.share_prefix != 0:
+            units *= RERANK_SHARED
+        return units
     if name == "filter":
         return passages * 2 * cfg.filter.max_length / 2
     if name == "mine":
