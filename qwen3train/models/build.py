@@ -98,7 +98,7 @@ class ModelConfig:
                              f"got {self.attn_implementation!r}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"model.padding_side must be 'left' or 'right', got {self.padding_side!r}")
-        from qwen3train.models.packing import PACKED_ATTENTION
+        from qwen3train.models.packed_attention import PACKED_ATTENTION
 
         if self.packed_attention not in PACKED_ATTENTION:
             raise ValueError(f"model.packed_attention must be one of {PACKED_ATTENTION}, got {self.packed_attention!r}")
@@ -203,10 +203,10 @@ def packing_setup(cfg: ModelConfig, train_precision: str | None) -> dict:
     """The Embedder/Reranker packing arguments and the attn_implementation to load the backbone with."""
     if not cfg.packing:
         return {"attn": resolve_attn_implementation(cfg.attn_implementation), "packing": None}
-    from qwen3train.models import packing
+    from qwen3train.models import packed_attention as attention
 
-    packing.register()
-    backend = packing.resolve_backend(cfg.packed_attention, "cuda" if torch.cuda.is_available() else "cpu",
+    attention.register()
+    backend = attention.resolve_backend(cfg.packed_attention, "cuda" if torch.cuda.is_available() else "cpu",
                                       training=train_precision is not None)
     compiled = compile_enabled(cfg, train_precision)
     multiple = cfg.pack_multiple
@@ -217,12 +217,12 @@ def packing_setup(cfg: ModelConfig, train_precision: str | None) -> dict:
         tokens = 0 if torch.cuda.is_available() else CPU_PACK_TOKENS
     share = SHARE_PREFIX if cfg.share_prefix is None else cfg.share_prefix
     if share:
-        why = packing.sharing(backend, "cuda" if torch.cuda.is_available() else "cpu", compiled)
+        why = attention.sharing(backend, "cuda" if torch.cuda.is_available() else "cpu", compiled)
         if why is not None:
             (logger.warning if cfg.share_prefix else logger.info)(
                 "shared prefixes off with the %s packed backend: %s", backend, why)
             share = 0
-    return {"attn": packing.attn_implementation(backend), "packing": backend, "pack_multiple": multiple,
+    return {"attn": attention.attn_implementation(backend), "packing": backend, "pack_multiple": multiple,
             "pack_grouped": not compiled, "pack_tokens": tokens or None, "pack_share": share}
 
 

@@ -31,6 +31,8 @@ not shared. Backends: ``padded`` (exact, the CPU) and ``flex`` (the mask admits 
 ``varlen`` backend gathers each remainder's keys (prefix + own) and is used only where a start-up check
 shows it equal to the exact path; ``flash`` does not share.
 
+The attention functions, the choice of backend and its checks live in ``qwen3train.models.packed_attention``.
+
 The pooled vector (embedder) or the yes/no logits (reranker) are read at each sequence's own last
 token (``Pack.last``), never padded back. ``pack_multiple`` > 1 rounds ``T`` up with filler
 sequences (pad tokens in segments of their own, never read) so that compiled graphs and CUDA graphs
@@ -39,22 +41,12 @@ see a few shapes only.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import inspect
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
-
-PACKED_ATTENTION = ("auto", "flash", "varlen", "flex", "padded")
-# our attention functions, registered with transformers' AttentionInterface under these names
-_REGISTERED = {"varlen": "qwen3train_varlen", "flex": "qwen3train_flex", "padded": "qwen3train_padded"}
 
 
 GROUP_RATIO = 0.75  # padded backend: a new attention block starts when a sequence is < 75% of the block's longest
@@ -151,7 +143,7 @@ class Pack:
                           max_length_k=int(lengths.max()),
                           packed_kv_index=torch.from_numpy(index.astype(np.int64)).to(dev, non_blocking=True))
         elif self.backend == "flex":
-            kw["block_mask"] = _block_mask(self.cu_seqlens, int(self.input_ids.shape[1]), dev, self.parent)
+            kw["block_mask"] = block_mask(self.cu_seqlens, int(self.input_ids.shape[1]), dev, self.parent)
         else:  # padded: each token's place (row * width + position) in its group's block
             index = np.empty(int(self.input_ids.shape[1]), dtype=np.int64)
             cu_np = self.cu_seqlens.numpy().astype(np.int64)
@@ -167,18 +159,20 @@ class Pack:
 
 
 def pack(seqs: Sequence[Sequence[int]], pad_id: int, backend: str = "padded", multiple: int = 1,
-         grouped: bool = True, share: int = 0) -> Pack:
+         grouped: bool = True, share: int = 0, shared: list[tuple[int, list[int]]] | None = None) -> Pack:
     """Concatenate token id lists into one row, longest first (see the module docstring); ``multiple``
     rounds the row's length up with filler segments no longer than the longest sequence. ``grouped``
     (padded backend): one attention block per run of similar lengths, else a single block (one
     shape for compiled graphs). ``share`` > 0: sequences beginning with the same ``share`` or more
-    tokens run that prefix once (``share_groups``; backends in ``SHARING_BACKENDS``, padded only grouped)."""
+    tokens run that prefix once (``share_groups``, or the groups given as ``shared``; backends in
+    ``SHARING_BACKENDS``, padded only grouped)."""
     lengths = [len(s) for s in seqs]
     if not lengths or min(lengths) < 1:
         raise ValueError("pack() needs at least one sequence and no empty sequence")
     if share and (backend not in SHARING_BACKENDS or (backend == "padded" and not grouped)):
         raise ValueError(f"shared prefixes need the padded (grouped), flex or varlen backend, got {backend!r}")
-    shared = share_groups(seqs, share) if share else []
+    if shared is None:
+        shared = share_groups(seqs, share) if share else []
     in_group = {i for _, members in shared for i in members}
     # free segments: (length, input index (-1 filler, -2 - g the prefix of group g), first position)
     free = [(n, i, 0) for i, n in enumerate(lengths) if i not in in_group]
@@ -270,34 +264,28 @@ def pack_rows(seqs: Sequence[Sequence[int]], pad_id: int, backend: str = "padded
     sequences first; None: one row. Several rows keep each forward's activations small enough to stay
     in the CPU's caches (``model.pack_tokens``); on a GPU one row is best. A shared-prefix group
     (``share``) stays in one row and counts its prefix once."""
-    units = [[i] for i in range(len(seqs))]
-    cost = [len(s) for s in seqs]
-    if share:
-        grouped_ids = set()
-        units, cost = [], []
-        for prefix, members in share_groups(seqs, share):
-            units.append(members)
-            cost.append(prefix + sum(len(seqs[i]) - prefix for i in members))
-            grouped_ids.update(members)
-        for i in range(len(seqs)):
-            if i not in grouped_ids:
-                units.append([i])
-                cost.append(len(seqs[i]))
-    if not max_tokens or sum(cost) <= max_tokens:
-        return Packed([pack(seqs, pad_id, backend, multiple, grouped, share)], torch.arange(len(seqs)))
-    by_cost = sorted(range(len(units)), key=lambda u: -cost[u])
+    groups = share_groups(seqs, share) if share else []  # chosen once, for every row
+    in_group = {i for _, members in groups for i in members}
+    units = [(prefix + sum(len(seqs[i]) - prefix for i in members), members) for prefix, members in groups]
+    units += [(len(seqs[i]), [i]) for i in range(len(seqs)) if i not in in_group]  # (tokens computed, members)
+    if not max_tokens or sum(c for c, _ in units) <= max_tokens:
+        return Packed([pack(seqs, pad_id, backend, multiple, grouped, share, groups)], torch.arange(len(seqs)))
     rows, cur, used = [], [], 0
-    for u in by_cost:
-        if cur and used + cost[u] > max_tokens:
+    for cost, members in sorted(units, key=lambda u: -u[0]):
+        if cur and used + cost > max_tokens:
             rows.append(cur)
             cur, used = [], 0
-        cur += units[u]
-        used += cost[u]
+        cur += members
+        used += cost
     rows.append(cur)
-    flat = [i for r in rows for i in r]
     order = torch.empty(len(seqs), dtype=torch.long)
-    order[torch.tensor(flat)] = torch.arange(len(seqs))
-    return Packed([pack([seqs[i] for i in r], pad_id, backend, multiple, grouped, share) for r in rows], order)
+    order[torch.tensor([i for r in rows for i in r])] = torch.arange(len(seqs))
+    packs = []
+    for r in rows:  # each row's groups in its own indices
+        local = {i: k for k, i in enumerate(r)}
+        row_groups = [(prefix, [local[i] for i in members]) for prefix, members in groups if members[0] in local]
+        packs.append(pack([seqs[i] for i in r], pad_id, backend, multiple, grouped, share, row_groups))
+    return Packed(packs, order)
 
 
 def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
@@ -305,7 +293,7 @@ def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[in
     return [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
 
 
-def _block_mask(cu_seqlens: torch.Tensor, width: int, device: torch.device, parent: torch.Tensor | None = None):
+def block_mask(cu_seqlens: torch.Tensor, width: int, device: torch.device, parent: torch.Tensor | None = None):
     from torch.nn.attention.flex_attention import create_block_mask
 
     lengths = torch.diff(cu_seqlens.long())
@@ -324,226 +312,3 @@ def _block_mask(cu_seqlens: torch.Tensor, width: int, device: torch.device, pare
         mask_mod = same_sequence_causal
     # compiled on CUDA: the eager construction evaluates every (query, key) pair, T^2 of them
     return create_block_mask(mask_mod, None, None, width, width, device=device, _compile=device.type == "cuda")
-
-
-# ---- attention functions (transformers' AttentionInterface signature) ---------------------------
-
-def padded_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     packed_index=None, packed_groups=None, **kwargs):
-    """query ``[1, Hq, T, d]``, key/value ``[1, Hkv, T, d]`` -> ``[1, T, Hq, d]``: exact, any device.
-
-    Each group of similar-length segments (contiguous in the row) is scattered into a right-padded
-    ``[rows, h, width, d]`` block and run through SDPA with the causal flag."""
-    if packed_index is None:
-        raise RuntimeError("qwen3train's packed attention was called without a pack (use Embedder/Reranker)")
-    d = query.shape[-1]
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, h, d]
-    outs = []
-    for start, stop, rows, width, pstart, plen in packed_groups:
-        idx = packed_index[start:stop]
-
-        def block(x):  # the group's tokens [t, h, d] -> [rows, h, width, d], zeros past each row's end
-            buf = x.new_zeros(rows * width, x.shape[1], d).index_copy(0, idx, x[start:stop])
-            return buf.view(rows, width, x.shape[1], d).transpose(1, 2)
-
-        if plen:  # remainders of a shared prefix: its keys and values first, in every row
-            def with_prefix(x):
-                head = x[pstart:pstart + plen].transpose(0, 1).unsqueeze(0).expand(rows, -1, -1, -1)
-                return torch.cat([head, block(x)], dim=2)
-
-            out = _sdpa_causal(block(q), with_prefix(k), with_prefix(v), scaling, dropout, offset=plen)
-        else:
-            out = _sdpa_causal(block(q), block(k), block(v), scaling, dropout)
-        outs.append(out.transpose(1, 2).reshape(rows * width, q.shape[1], d).index_select(0, idx))
-    return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(0), None
-
-
-CPU_MATH_WIDTH = 64  # on the CPU, blocks up to this width run SDPA's math kernel (measured: 5x faster there)
-
-
-def _sdpa_causal(q, k, v, scaling, dropout, offset: int = 0):
-    """Causal SDPA over right-padded blocks; ``offset`` leading keys (a shared prefix) are seen by every
-    query. On the CPU the flash kernel's fixed blocking makes short rows slow (a [32, 9, 24, 64] bf16
-    block: 12.5 ms forward + backward vs 2.3 ms with the math kernel), and its bf16 path is slower than
-    its fp32 one (58 vs 39 ms at [32, 9, 128, 64]): short blocks take the math kernel, longer ones the
-    flash kernel in fp32 (results cast back)."""
-    gqa = q.shape[1] != k.shape[1]
-    kw = dict(scale=scaling, dropout_p=dropout, enable_gqa=gqa)
-    if offset:  # query i sees keys 0 .. offset + i
-        kw["attn_mask"] = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(offset)
-    else:
-        kw["is_causal"] = True
-    if q.is_cuda or torch.compiler.is_compiling():
-        return F.scaled_dot_product_attention(q, k, v, **kw)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if k.shape[2] <= CPU_MATH_WIDTH:
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, **kw)
-    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(q.dtype)
-
-
-_compiled_flex = None
-
-
-def flex_packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                          block_mask=None, **kwargs):
-    """FlexAttention over the packed row with a same-sequence causal block mask."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if block_mask is None:
-        raise RuntimeError("qwen3train's packed attention was called without a pack (use Embedder/Reranker)")
-    fn = flex_attention
-    if query.is_cuda and not torch.compiler.is_compiling():  # eager flex materialises scores: compile it
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=True)
-        fn = _compiled_flex
-    out = fn(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2), None
-
-
-@functools.lru_cache(maxsize=1)
-def _varlen_signature() -> frozenset:
-    from torch.nn.attention.varlen import varlen_attn
-
-    return frozenset(inspect.signature(varlen_attn).parameters)
-
-
-def varlen_packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                            cu_seq_lens_q=None, max_length_q=None, cu_seq_lens_k=None, max_length_k=None,
-                            packed_kv_index=None, **kwargs):
-    """torch's varlen FlashAttention on ``[T, H, d]``. Its keywords changed between torch releases
-    (2.10 ``is_causal``; later ``window_size`` and ``scale``; ``enable_gqa`` from 2.12): the ones
-    this torch accepts are used, and grouped key/value heads are repeated where it lacks GQA."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    if cu_seq_lens_q is None:
-        raise RuntimeError("qwen3train's packed attention was called without a pack (use Embedder/Reranker)")
-    params = _varlen_signature()
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, h, d]
-    if packed_kv_index is not None:  # shared prefixes: each segment's keys are its prefix's, then its own
-        k, v = k.index_select(0, packed_kv_index), v.index_select(0, packed_kv_index)
-    else:
-        cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
-    kw = {}
-    if "window_size" in params:
-        kw["window_size"] = (-1, 0)  # causal
-    else:
-        kw["is_causal"] = True
-    if "scale" in params:
-        kw["scale"] = scaling
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in params:
-            kw["enable_gqa"] = True
-        else:
-            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **kw)
-    return out.unsqueeze(0), None
-
-
-_FUNCTIONS = {"varlen": varlen_packed_attention, "flex": flex_packed_attention, "padded": padded_attention}
-
-
-def register() -> None:
-    """Make our attention functions known to transformers (idempotent; called by the model builders,
-    never at import)."""
-    from transformers import AttentionInterface
-
-    for backend, name in _REGISTERED.items():
-        AttentionInterface.register(name, _FUNCTIONS[backend])
-
-
-def attn_implementation(backend: str) -> str:
-    """The ``attn_implementation`` a backbone is loaded with for a packed backend."""
-    return "flash_attention_2" if backend == "flash" else _REGISTERED[backend]
-
-
-@functools.lru_cache(maxsize=None)
-def _varlen_works(device_index: int) -> str | None:
-    """None if torch's varlen attention runs forward and backward here, else why not."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return "this torch has no torch.nn.attention.varlen"
-    try:
-        dev = torch.device("cuda", device_index)
-        q = torch.randn(1, 4, 8, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        kv = torch.randn(1, 2, 8, 64, device=dev, dtype=torch.bfloat16)
-        cu = torch.tensor([0, 3, 8], device=dev, dtype=torch.int32)
-        out, _ = varlen_packed_attention(None, q, kv, kv, None, scaling=0.125, cu_seq_lens_q=cu, max_length_q=5)
-        ref = padded_attention(None, q, kv, kv, None, scaling=0.125,
-                               packed_index=torch.tensor([0, 1, 2, 5, 6, 7, 8, 9], device=dev),
-                               packed_groups=[(0, 8, 2, 5, 0, 0)])[0]
-        out.float().sum().backward()
-        if (out.float() - ref.float()).abs().max() > 2e-2:
-            return "its output differs from the exact path"
-    except Exception as e:  # noqa: BLE001 - any failure means: use another backend
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
-
-
-def agrees_with_exact(backend: str, device: torch.device | str, dtype=torch.bfloat16) -> str | None:
-    """None if ``backend`` gives the exact (padded) path's attention output, forward and backward, on a
-    pack with shared prefixes (two groups, one sequence alone, unequal lengths) on ``device``; else why not.
-    What decides whether shared prefixes are used with the varlen backend (``sharing``)."""
-    try:
-        seqs = [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 8, 9], [1, 2, 3, 4, 8], [5, 5, 5, 5], [7, 7, 7, 6, 6, 6, 6, 6],
-                [7, 7, 7, 6, 1]]
-        got_pack, ref_pack = pack(seqs, 0, backend, share=3), pack(seqs, 0, "padded", share=3)
-        t = int(got_pack.input_ids.shape[1])
-        gen = torch.Generator().manual_seed(0)
-        q = torch.randn(1, 4, t, 64, generator=gen).to(device, dtype).requires_grad_(torch.device(device).type == "cuda")
-        kv = torch.randn(1, 2, t, 64, generator=gen).to(device, dtype)
-        fn = {"varlen": varlen_packed_attention, "flex": flex_packed_attention}[backend]
-        kw = {k: v for k, v in got_pack.inputs(device).items() if k not in ("input_ids", "position_ids")}
-        out = fn(None, q, kv, kv, None, scaling=0.125, **kw)[0]
-        kw = {k: v for k, v in ref_pack.inputs(device).items() if k not in ("input_ids", "position_ids")}
-        ref = padded_attention(None, q, kv, kv, None, scaling=0.125, **kw)[0]
-        if (out.float() - ref.float()).abs().max() > 2e-2:
-            return "its output with shared prefixes differs from the exact path"
-        if q.requires_grad:
-            out.float().sum().backward()
-    except Exception as e:  # noqa: BLE001 - any failure means: do not share prefixes with it
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def sharing(backend: str, device_type: str, compiled: bool) -> str | None:
-    """None if shared prefixes can be used with this backend here, else why not (logged by the caller)."""
-    if backend == "flash":
-        return "transformers' flash_attention_2 takes one set of sequence boundaries for queries and keys"
-    if backend == "padded" and compiled:
-        return "the padded backend runs one block when compiled"
-    if backend == "varlen":
-        return agrees_with_exact("varlen", torch.device("cuda", torch.cuda.current_device()))
-    return None
-
-
-def resolve_backend(name: str, device_type: str, training: bool = False) -> str:
-    """The packed attention backend to use (``model.packed_attention``); ``auto`` as the module says."""
-    from qwen3train.errors import ConfigError
-
-    if name not in PACKED_ATTENTION:
-        raise ConfigError(f"model.packed_attention must be one of {PACKED_ATTENTION}, got {name!r}")
-    cuda = device_type == "cuda"
-    has_flash = importlib.util.find_spec("flash_attn") is not None
-    if name == "auto":
-        if not cuda:
-            return "padded"
-        if has_flash:
-            return "flash"
-        why = _varlen_works(torch.cuda.current_device())
-        if why is None:
-            return "varlen"
-        logger.info("packed attention: torch varlen unavailable (%s); using FlexAttention", why)
-        return "flex"
-    if name == "flash" and not (cuda and has_flash):
-        raise ConfigError("model.packed_attention=flash needs the flash-attn package and a CUDA GPU")
-    if name == "varlen" and not cuda:
-        raise ConfigError("model.packed_attention=varlen needs a CUDA GPU (torch's varlen FlashAttention)")
-    if name == "flex" and training and not cuda:
-        raise ConfigError("model.packed_attention=flex cannot train on the CPU (FlexAttention has no CPU "
-                          "backward); use padded or auto")
-    return name

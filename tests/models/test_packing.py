@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qwen3train.models.build import ModelConfig, build_embedder, build_reranker
-from qwen3train.models.packing import agrees_with_exact, pack, pack_rows, share_groups
+from qwen3train.models.packed_attention import agrees_with_exact
+from qwen3train.models.packing import pack, pack_rows, share_groups
 from qwen3train.text import format_query
 from qwen3train.train.task import token_chunks
 
@@ -281,7 +282,7 @@ def test_shared_prefix_attention_backends_agree_on_cpu():
     blind = pack(seqs, 0, "flex", share=3)
     blind.parent = torch.full_like(blind.parent, -1)  # remainders that see only themselves
     q = torch.randn(1, 4, good.input_ids.shape[1], 16)
-    from qwen3train.models.packing import flex_packed_attention, padded_attention
+    from qwen3train.models.packed_attention import flex_packed_attention, padded_attention
 
     ref = padded_attention(None, q, q, q, None, scaling=0.25,
                            **{k: v for k, v in pack(seqs, 0, share=3).inputs("cpu").items() if k.startswith("packed")})[0]
