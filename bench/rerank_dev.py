@@ -2,7 +2,9 @@
 ``outputs/data/real/dev_select.jsonl`` (120 queries, one positive each, their 120 positives as the corpus),
 a first-stage embedder's top 10 reranked by each given reranker checkpoint, nDCG@10 before and after.
 
-    .venv/bin/python bench/rerank_dev.py FIRST_STAGE RERANKER [RERANKER ...]
+    .venv/bin/python bench/rerank_dev.py [--length N] FIRST_STAGE RERANKER [RERANKER ...]
+
+``--length``: the reranker's whole-prompt budget (default 128; the first stage always reads 128 tokens).
 """
 
 from __future__ import annotations
@@ -33,11 +35,16 @@ def dev_collection(src: Path, out: Path) -> Path:
 def main() -> None:
     from qwen3train.eval.rerank import evaluate_rerank
 
-    first, rerankers = sys.argv[1], sys.argv[2:]
+    args = sys.argv[1:]
+    length = 128
+    if args[:1] == ["--length"]:
+        length, args = int(args[1]), args[2:]
+    first, rerankers = args[0], args[1:]
     col = dev_collection(REPO / "outputs" / "data" / "real" / "dev_select.jsonl", REPO / "outputs" / "exp" / "dev_col")
     for rr in rerankers:
-        r = evaluate_rerank(first, rr, str(col), top_k=10, max_length=128, precision="auto")
-        print(json.dumps({"reranker": rr, "before": round(r["before"]["ndcg@10"], 4),
+        r = evaluate_rerank(first, rr, str(col), top_k=10, max_length=128, precision="auto",
+                            rerank_max_length=length)
+        print(json.dumps({"reranker": rr, "length": length, "before": round(r["before"]["ndcg@10"], 4),
                           "after": round(r["after"]["ndcg@10"], 4)}), flush=True)
 
 

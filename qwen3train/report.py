@@ -196,10 +196,12 @@ def write_report(out: Path, cfg=None) -> Path:
         md += ["## Cosine filter", "", f"Kept {f['kept']} of {f['scored']} synthetic pairs with cosine > "
                f"{f['threshold']} under the stage-1 model (mean score {f['score_mean']:.3f}).", "",
                "![filter](report_filter.png)", ""]
-    msum = out / "mine" / "mine_summary.json"
-    if msum.exists():
-        m = json.loads(msum.read_text())
-        md += ["## Hard negatives", "", "```", json.dumps(m, indent=1), "```", ""]
+    for folder, title in (("mine", "Hard negatives (stage 2, mined by stage 1)"),
+                          ("rerank_mine", "Hard negatives (reranker, mined by the final embedder)")):
+        msum = out / folder / "mine_summary.json"
+        if msum.exists():
+            m = json.loads(msum.read_text())
+            md += [f"## {title}", "", "```", json.dumps(m, indent=1), "```", ""]
     res = out / "eval" / "results.jsonl"
     if res.exists():
         rows = [json.loads(x) for x in res.read_text().splitlines() if x.strip()]

@@ -99,6 +99,42 @@ def test_rerank_merge_false_evaluates_the_final_reranker(compose, tmp_path, monk
     assert final == {"reranker": str(tmp_path.resolve() / "rerank" / "final")}
 
 
+def test_the_reranker_is_evaluated_with_the_prompt_budget_it_was_trained_with(compose, tmp_path, monkeypatch):
+    """eval.max_length is the embedders' budget; the reranker's whole prompt (template + instruction + query
+    + document) used to get the same number, so a reranker trained at 192 was scored with its documents cut
+    to what 128 leaves. Now: rerank.max_length unless eval.rerank_max_length says otherwise."""
+    monkeypatch.setattr("qwen3train.merge.apply.select_checkpoints", lambda *a, **k: [])
+    base = [f"output_dir={tmp_path}", "eval.max_length=128"]
+    assert Pipeline(compose("pipeline", base + ["rerank.max_length=192"])).eval_cfg().rerank_max_length == 192
+    both = base + ["rerank.max_length=192", "eval.rerank_max_length=256"]
+    assert Pipeline(compose("pipeline", both)).eval_cfg().rerank_max_length == 256
+
+
+def test_the_reranker_trains_on_negatives_mined_by_the_final_embedder(compose, tmp_path, monkeypatch):
+    """The reranker reorders the top-k of the merged embedder, so its hard negatives come from that model
+    (stage rerank_mine), not from stage 1's file that stage 2 trained on: before, the reranker learnt on
+    stage 1's mistakes and lowered a strong first stage. rerank_negatives=stage1 keeps the old wiring."""
+    monkeypatch.setattr("qwen3train.merge.apply.select_checkpoints", lambda *a, **k: [])
+    calls = {}
+    monkeypatch.setattr(Pipeline, "stage", lambda self, name, inputs, outputs, fn, cfg=None: calls.setdefault(name, cfg))
+    monkeypatch.setattr(Pipeline, "drop", lambda self, name, outputs: calls.setdefault(name, "dropped"))
+
+    pipe = Pipeline(compose("pipeline", [f"output_dir={tmp_path}", "mine.sample=1000", "rerank_mine_sample=600"]))
+    pipe.run()
+    out = tmp_path.resolve()
+    assert "rerank_mine" in pipe.stages() and pipe.stages().index("rerank_mine") < pipe.stages().index("rerank")
+    assert calls["rerank_mine"].embedder == str(out / "merged") and calls["rerank_mine"].sample == 600
+    assert calls["rerank_mine"].inputs == calls["mine"].inputs  # the same records, another miner
+    assert calls["rerank"].data.train_files == [str(out / "rerank_mine" / "mined.jsonl")]
+    assert calls["stage2"].data.train_files == [str(out / "mine" / "mined.jsonl")]
+
+    calls.clear()
+    pipe = Pipeline(compose("pipeline", [f"output_dir={tmp_path}", "rerank_negatives=stage1"]))
+    pipe.run()
+    assert "rerank_mine" not in pipe.stages() and calls["rerank_mine"] == "dropped"
+    assert calls["rerank"].data.train_files == [str(out / "mine" / "mined.jsonl")]
+
+
 def test_a_stage_the_config_leaves_out_loses_its_stale_outputs(compose, tmp_path):
     """After `rerank_merge=false`, the earlier run's rerank_merged model and its lineage entry go: before,
     the report listed a stage that had not run and a stale merged reranker stayed beside the new one."""

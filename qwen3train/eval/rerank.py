@@ -13,7 +13,10 @@ from qwen3train.eval.retrieval import collection_instruction, retrieve
 
 def evaluate_rerank(retriever: str | Path, reranker: str | Path, collection, *, top_k: int = 100,
                     batch_size: int = 16, cache_dir: str | None = None, max_length: int = 512,
-                    precision: str = "float32", ignore_identical_ids: bool | None = None) -> dict:
+                    precision: str = "float32", ignore_identical_ids: bool | None = None,
+                    rerank_max_length: int | None = None) -> dict:
+    """``max_length``: the first stage's token budget; ``rerank_max_length``: the reranker's whole prompt
+    (template, instruction, query and the document, of which only the document is cut); None: ``max_length``."""
     import torch
 
     from qwen3train.models.build import ModelConfig, build_reranker
@@ -25,7 +28,7 @@ def evaluate_rerank(retriever: str | Path, reranker: str | Path, collection, *, 
     first = retrieve(Encoder(retriever, max_length=max_length, precision=precision, label=f"first stage {col.name}"),
                      col, instr, top_k, cache_dir, ignore_identical_ids)
     rr = build_reranker(ModelConfig(name_or_path=str(reranker), padding_side="left", dtype=resolve_precision(precision)),
-                        max_length=max_length)
+                        max_length=rerank_max_length or max_length)
     if torch.cuda.is_available():
         rr.cuda()
     from qwen3train.progress import Progress

@@ -36,6 +36,9 @@ class EvalConfig:
     output_dir: str = "outputs/eval"
     cache_dir: str | None = "outputs/cache/embeddings"
     max_length: int = 512
+    # the reranker's budget for its whole prompt (template + instruction + query + document, only the document
+    # is cut); null: max_length. The pipeline sets the reranker's training budget (rerank.max_length)
+    rerank_max_length: int | None = None
     bm25: bool = False  # the lexical baseline (bm25s, qwen3train.eval.bm25) on the collections and pair files
     max_docs: int = 0  # > 0: each collection cut to its relevant documents plus random others (cap_corpus)
     precision: str = "float32"  # embedders' compute dtype (Encoder): float32, bfloat16, float16 or auto
@@ -50,8 +53,8 @@ class EvalConfig:
         from qwen3train.precision import precision_name
 
         precision_name(self.precision, "eval.precision")
-        if self.max_docs < 0 or self.max_length < 2:
-            raise ValueError("eval.max_docs must be >= 0 and eval.max_length >= 2")
+        if self.max_docs < 0 or self.max_length < 2 or (self.rerank_max_length or 2) < 2:
+            raise ValueError("eval.max_docs must be >= 0, eval.max_length and eval.rerank_max_length >= 2")
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -141,7 +144,8 @@ def run(cfg: EvalConfig) -> list[dict]:
         for col in collections:
             r = evaluate_rerank(cfg.rerank_retriever, path, col, top_k=cfg.rerank_top_k, cache_dir=cfg.cache_dir,
                                 max_length=cfg.max_length, precision=cfg.precision,
-                                ignore_identical_ids=cfg.ignore_identical_ids)
+                                ignore_identical_ids=cfg.ignore_identical_ids,
+                                rerank_max_length=cfg.rerank_max_length)
             save_run(cfg, r.pop("run"), f"{label}-rerank-top{cfg.rerank_top_k}", col.name, None)
             rows.append({"model": f"{label} (rerank top-{cfg.rerank_top_k})", "dataset": r["dataset"], "dim": None,
                          **{k: r["after"][k] for k in ("ndcg@10", "recall@100", "mrr@10")},
