@@ -28,9 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["synth", "stage1", "filter", "mine", "stage2", "merge", "rerank_mine", "rerank", "eval", "report"]
 # what must come out the same: weights bitwise, record files exactly, metrics exactly
-COMPARED = ["synth/pairs.jsonl", "filter/kept.jsonl", "mine/mined.jsonl", "rerank_mine/mined.jsonl", "stage1/final/model.safetensors",
-            "stage2/final/model.safetensors", "merged/model.safetensors", "rerank/final/model.safetensors",
-            "eval/results.jsonl"]
+COMPARED = ["synth/pairs.jsonl", "filter/kept.jsonl", "mine/mined.jsonl", "rerank_mine/mined.jsonl",
+            "stage1/final/model.safetensors", "stage2/final/model.safetensors", "merged/model.safetensors",
+            "rerank/final/model.safetensors", "eval/results.jsonl"]
 
 
 def command(out: Path, overrides: list[str]) -> list[str]:

@@ -22,7 +22,8 @@ GPU_SPEEDUP = 1000.0
 # (model.share_prefix; bench/bench_share_prefix.py: 0.48 for 1 positive + 3 negatives at length 128)
 RERANK_SHARED = 0.5
 KIND = {"synth": "generate", "stage1": "train", "stage2": "train", "rerank": "train", "filter": "encode",
-        "mine": "encode", "rerank_mine": "encode", "merge": "encode", "rerank_merge": "encode", "eval": "encode", "report": "encode"}
+        "mine": "encode", "rerank_mine": "encode", "merge": "encode", "rerank_merge": "encode", "eval": "encode",
+        "report": "encode"}
 
 
 def _lines(path: str | Path) -> int:
@@ -64,9 +65,7 @@ def stage_units(cfg, name: str) -> float:
     if name == "filter":
         return passages * 2 * cfg.filter.max_length / 2
     if name in ("mine", "rerank_mine"):
-        sample = cfg.mine.sample
-        if name == "rerank_mine" and cfg.rerank_mine_sample is not None:
-            sample = cfg.rerank_mine_sample
+        sample = cfg.rerank_mine_records if name == "rerank_mine" else cfg.mine.sample
         records = min(sample, pairs) if sample else pairs
         return 2 * records * cfg.mine.max_length / 2
     if name in ("merge", "rerank_merge"):

@@ -101,6 +101,11 @@ class PipelineConfig:
     # start). true: keep everything, to train on from a checkpoint by hand.
     keep_engine_state: bool = False
 
+    @property
+    def rerank_mine_records(self) -> int | None:
+        """Records stage rerank_mine samples (rerank_mine_sample, else mine.sample; None/0: all)."""
+        return self.mine.sample if self.rerank_mine_sample is None else self.rerank_mine_sample
+
     def __post_init__(self) -> None:
         if self.rerank_negatives not in ("final", "stage1"):
             raise ValueError(f"rerank_negatives must be 'final' or 'stage1', got {self.rerank_negatives!r}")
@@ -332,9 +337,8 @@ class Pipeline:
         self.stage("merge", [o / "stage2" / "checkpoints"], [o / "merged"], lambda: self.launch("merge", mrg), mrg)
         rr_files = [mine.output]
         if c.rerank_negatives == "final":  # the negatives of the retriever whose top-k the reranker reorders
-            sample = mine.sample if c.rerank_mine_sample is None else c.rerank_mine_sample
             rmine = replace(mine, embedder=str(o / "merged"), output=str(o / "rerank_mine" / "mined.jsonl"),
-                            sample=sample)
+                            sample=c.rerank_mine_records)
             self.stage("rerank_mine", mine_in + [rmine.embedder], [Path(rmine.output)],
                        lambda: self.launch("rerank_mine", rmine, c.ngpu), rmine)
             rr_files = [rmine.output]

@@ -53,7 +53,8 @@ class EvalConfig:
         from qwen3train.precision import precision_name
 
         precision_name(self.precision, "eval.precision")
-        if self.max_docs < 0 or self.max_length < 2 or (self.rerank_max_length or 2) < 2:
+        rerank_short = self.rerank_max_length is not None and self.rerank_max_length < 2
+        if self.max_docs < 0 or self.max_length < 2 or rerank_short:
             raise ValueError("eval.max_docs must be >= 0, eval.max_length and eval.rerank_max_length >= 2")
 
 
