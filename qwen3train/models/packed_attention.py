@@ -134,6 +134,18 @@ def varlen_packed_attention(module, query, key, value, attention_mask, dropout: 
             kw["enable_gqa"] = True
         else:
             k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    half = (torch.float16, torch.bfloat16)
+    if not all(x.dtype in half for x in (q, k, v)) or len({q.dtype, k.dtype, v.dtype}) > 1:
+        # FlashAttention takes one half dtype; under autocast with fp32 master weights the q/k norms hand
+        # fp32 over (fp32 weight x bf16 activation), which SDPA would have cast to the autocast dtype
+        if torch.is_autocast_enabled(q.device.type):
+            dt = torch.get_autocast_dtype(q.device.type)
+        else:
+            dt = next((x.dtype for x in (q, k, v) if x.dtype in half), None)
+            if dt is None:
+                raise RuntimeError("the varlen packed attention needs bf16/fp16 compute (resolve_backend picks "
+                                   "flex for fp32)")
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **kw)
     return out.unsqueeze(0), None
 
@@ -217,8 +229,10 @@ def sharing(backend: str, device_type: str, compiled: bool) -> str | None:
     return None
 
 
-def resolve_backend(name: str, device_type: str, training: bool = False) -> str:
-    """The packed attention backend to use (``model.packed_attention``); ``auto`` as the module says."""
+def resolve_backend(name: str, device_type: str, training: bool = False, half: bool = True) -> str:
+    """The packed attention backend to use (``model.packed_attention``); ``auto`` as the module says.
+    ``half``: the attention computes in bf16/fp16 (bf16 autocast, or half weights for inference); the
+    FlashAttention kernels (``flash``, ``varlen``) take nothing else, so fp32 compute gets FlexAttention."""
     from qwen3train.errors import ConfigError
 
     if name not in PACKED_ATTENTION:
@@ -228,6 +242,9 @@ def resolve_backend(name: str, device_type: str, training: bool = False) -> str:
     if name == "auto":
         if not cuda:
             return "padded"
+        if not half:
+            logger.info("packed attention: fp32 compute, which FlashAttention kernels do not take; using FlexAttention")
+            return "flex"
         if has_flash:
             return "flash"
         why = _varlen_works(torch.cuda.current_device())
@@ -235,6 +252,9 @@ def resolve_backend(name: str, device_type: str, training: bool = False) -> str:
             return "varlen"
         logger.info("packed attention: torch varlen unavailable (%s); using FlexAttention", why)
         return "flex"
+    if name in ("flash", "varlen") and not half:
+        raise ConfigError(f"model.packed_attention={name} needs bf16/fp16 compute (engine.precision=bf16, or "
+                          "model.dtype=bfloat16 for inference); use flex or auto with fp32")
     if name == "flash" and not (cuda and has_flash):
         raise ConfigError("model.packed_attention=flash needs the flash-attn package and a CUDA GPU")
     if name == "varlen" and not cuda:

@@ -147,6 +147,51 @@ def test_flex_cannot_train_on_cpu_is_a_config_error(tiny_model_dir):
         build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), packed_attention="flex"), train_precision="fp32")
 
 
+def test_fp32_compute_never_gets_a_flash_kernel():
+    """FlashAttention kernels (flash-attn, torch's varlen) take bf16/fp16 only: the first H200 run died in
+    every fp32 run (the 2-process check) with "FlashAttention only support fp16 and bf16". ``auto`` must
+    pick FlexAttention for fp32 compute, and an explicit varlen/flash with fp32 is a config error."""
+    from qwen3train.errors import ConfigError
+    from qwen3train.models.build import half_compute
+    from qwen3train.models.packed_attention import resolve_backend
+
+    assert resolve_backend("auto", "cuda", training=True, half=False) == "flex"
+    for name in ("varlen", "flash"):
+        with pytest.raises(ConfigError, match="needs bf16/fp16 compute"):
+            resolve_backend(name, "cuda", training=True, half=False)
+    cfg = ModelConfig(name_or_path="x", dtype="float32")
+    assert not half_compute(cfg, "fp32") and half_compute(cfg, "bf16") and not half_compute(cfg, None)
+    assert half_compute(ModelConfig(name_or_path="x", dtype="bfloat16"), None)
+
+
+def test_varlen_gets_one_half_dtype_under_autocast(monkeypatch):
+    """Under bf16 autocast with fp32 master weights, Qwen3's q/k norms hand fp32 queries and keys to the
+    attention (fp32 weight x bf16 activation) while values are bf16; torch's varlen kernel (a CUDA
+    kernel, replaced here by a recorder) must receive all three in the autocast dtype (the first H200
+    run failed every packed row on the old code). Without autocast and without a half input it refuses."""
+    import torch.nn.attention.varlen as varlen
+
+    from qwen3train.models.packed_attention import varlen_packed_attention
+
+    seen = []
+
+    def recorder(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(varlen, "varlen_attn", recorder)
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    v = torch.randn(1, 2, 6, 8, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = varlen_packed_attention(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=4)
+    assert seen == [(torch.bfloat16,) * 3] and out.shape == (1, 6, 4, 8)
+    varlen_packed_attention(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=4)  # v is bf16
+    assert seen[-1] == (torch.bfloat16,) * 3
+    with pytest.raises(RuntimeError, match="needs bf16/fp16 compute"):
+        varlen_packed_attention(None, q, k, v.float(), None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=4)
+
+
 def test_filler_segments_change_nothing(tiny_model_dir):
     """pack_multiple rounds the row up with pad segments of their own: the real sequences' vectors and
     gradients stay the same (a filler that joined a real sequence would change its last token)."""
