@@ -278,6 +278,19 @@ def section_mine(out: Path, quick: bool) -> dict:
     warm.write_text("".join(json.dumps(r) + "\n" for r in rows[:64]))
     ours_mine(warm, out / "mine" / "warm_out.jsonl")
     st_mine(64)
+    # what each spends loading the model (inside the timed runs below too): the rest is encoding and search
+    from qwen3train.eval.encoder import Encoder
+
+    t = time.perf_counter()
+    loaded = Encoder(model_dir, max_length=256, batch_size=128, precision=precision)
+    loaded.fingerprint()  # ours names its stores by the weights' content
+    sync()
+    res["ours_load_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    loaded = SentenceTransformer(str(model_dir), device=dev, model_kwargs={"dtype": getattr(torch, precision)})
+    sync()
+    res["st_load_s"] = round(time.perf_counter() - t, 2)
+    del loaded
     if _cuda():
         torch.cuda.empty_cache()
     sync()
@@ -504,6 +517,7 @@ def main() -> int:
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--section", name, str(out), "1" if args.quick else "0"],
                               capture_output=True, text=True, cwd=REPO)
+        (out / f"{name}.log").write_text(proc.stderr)  # the section's own log lines, kept for a failed row
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not found:
             results["sections"][name] = {"error": (proc.stderr or proc.stdout)[-2000:]}

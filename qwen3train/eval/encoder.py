@@ -110,7 +110,14 @@ class Encoder:
 
     def fingerprint(self) -> str:
         """Names the weights by content, not by path or time: a copy of a checkpoint (the merge stage's
-        fallback output) reuses its cached vectors, and any changed byte gets new ones."""
+        fallback output) reuses its cached vectors, and any changed byte gets new ones. Hashed once per
+        encoder (the weights it loaded do not change): mining keys every store it writes by it, and hashing
+        1.2 GB of weights for each was ~1 s apiece (measured in docs/benchmarks.md)."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = self._hash_weights()
+        return self._fingerprint
+
+    def _hash_weights(self) -> str:
         h = hashlib.sha256()
         for f in sorted(self.path.rglob("*.safetensors")) + sorted(self.path.rglob("*.bin")):
             h.update(f"{f.relative_to(self.path)}:{_content_hash(f)}".encode())

@@ -153,3 +153,21 @@ def test_cache_names_weights_by_content(tmp_path):
     texts = corpus_texts(5)
     keys = [Encoder(p, max_length=128).cache_key(texts) for p in (MINILM, copy, edited)]
     assert keys[0] == keys[1] and keys[2] != keys[0]
+
+
+def test_weights_are_hashed_once_per_encoder(monkeypatch):
+    """Mining keys each store it writes (documents, each instruction's queries, missing positives) by the
+    encoder's fingerprint; it used to hash every weight file again for each (~1 s per 1.2 GB), a visible
+    share of mining's time on a GPU. Two keys of one encoder read the weights once, and stay equal."""
+    import qwen3train.eval.encoder as encoder
+
+    calls = []
+    real = encoder._content_hash
+    monkeypatch.setattr(encoder, "_content_hash", lambda p: calls.append(p) or real(p))
+    enc = Encoder(MINILM, max_length=128)
+    texts = corpus_texts(4)
+    first = enc.cache_key(texts, "doc:")
+    files = len(calls)
+    assert files >= 1
+    assert enc.cache_key(texts[:2], "q") != first and enc.cache_key(texts, "doc:") == first
+    assert len(calls) == files
