@@ -77,6 +77,8 @@ def stage_units(cfg, name: str) -> float:
         per_col = (cfg.eval.max_docs or 2000) + 50
         texts = len(cfg.eval.collections) * per_col + 400 * len(cfg.eval.pairs)
         rerank = len(cfg.eval.collections) * 50 * cfg.rerank_top_k * 2
+        if cfg.rerank_fusion == "dev" and cfg.merge.dev_file:  # the fusion weight's dev pairs, reranked too
+            rerank += _lines(cfg.merge.dev_file) * (cfg.rerank_top_k * 2 + 2)
         return (models * texts + rerank) * cfg.eval.max_length / 2
     return 0.0
 

@@ -92,6 +92,11 @@ class PipelineConfig:
     # and 0.737 -> 0.833 over a strong one (MiniLM)
     rerank_negatives: str = "final"
     rerank_mine_sample: int | None = None  # records mined for the reranker; null: mine.sample
+    # "dev": the reranker's final score is fused with the first stage's, its weight chosen on the merge's dev
+    # pairs (eval.rerank_fusion_dev_file); "none": the reranker alone (or eval.rerank_fusion's fixed weight).
+    # On the dev split the best weight went from 0.4 over a strong first stage (MiniLM) to 0.9 over a weak one
+    # (docs/benchmarks.md)
+    rerank_fusion: str = "dev"
     rerank_merge: bool = True  # merge the reranker's checkpoints as ``merge`` says; false: its final checkpoint
     baseline: str | None = "auto"
     eval_all_checkpoints: bool = True  # every stage-2 checkpoint in the table; false: the last one only
@@ -109,6 +114,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.rerank_negatives not in ("final", "stage1"):
             raise ValueError(f"rerank_negatives must be 'final' or 'stage1', got {self.rerank_negatives!r}")
+        if self.rerank_fusion not in ("dev", "none"):
+            raise ValueError(f"rerank_fusion must be 'dev' or 'none', got {self.rerank_fusion!r}")
         default = EngineConfig()
         for key in BATCH_FIELDS:  # one place per knob: batch sizes belong to each stage
             if getattr(self.engine, key) != getattr(default, key):
@@ -392,7 +399,10 @@ class Pipeline:
         sts = [f for f in c.eval.sts if Path(f).exists()]
         # the base model is scored with the end token training appends (an export records its own)
         end_tokens = {"base": c.model.end_token} if c.model.end_token else {}
+        dev = c.merge.dev_file if c.rerank_fusion == "dev" and c.merge.dev_file and Path(c.merge.dev_file).exists() \
+            else c.eval.rerank_fusion_dev_file
         return replace(c.eval, models=models, pairs=pairs, collections=cols, sts=sts, end_tokens=end_tokens,
+                       rerank_fusion_dev_file=dev,
                        output_dir=str(o / "eval"),
                        cache_dir=str(o / "cache"), rerankers=rerankers, rerank_retriever=str(o / "merged"),
                        rerank_top_k=c.rerank_top_k,

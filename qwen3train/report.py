@@ -125,7 +125,15 @@ def summary(rows: list[dict], out: Path) -> list[str]:
     rer = [r for r in rows if "ndcg@10_before" in r]
     if rer:
         gain = sum(r["ndcg@10"] - r["ndcg@10_before"] for r in rer) / len(rer)
-        checks.append((f"the reranker raises nDCG@10 over its first stage on average ({gain:+.4f})", gain > 0))
+        how = ""
+        if all("fusion" in r for r in rer):
+            alone = sum(r["ndcg@10_alone"] - r["ndcg@10_before"] for r in rer) / len(rer)
+            weights = sorted({r["fusion"] for r in rer})
+            chosen = [json.loads(f.read_text()) for f in sorted((out / "eval").glob("fusion_*.json"))]
+            where = f" chosen on {chosen[0]['dev_file']}" if chosen else ""
+            how = (f"; its score fused with the first stage's at weight {', '.join(f'{w:.1f}' for w in weights)}"
+                   f"{where}; the reranker alone {alone:+.4f}")
+        checks.append((f"the reranker raises nDCG@10 over its first stage on average ({gain:+.4f}{how})", gain > 0))
     lines += [f"- target {name}: **{'met' if ok else 'NOT met'}**" for name, ok in checks]
     bm25 = next((m for m in models if m.startswith("BM25")), None)
     best = chain[-1]

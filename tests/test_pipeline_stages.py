@@ -230,3 +230,20 @@ def test_a_done_training_stage_keeps_only_the_exports_of_its_checkpoints(compose
     assert not list((pipe.out / "stage2" / "checkpoints").glob("step_*/engine"))
     pipe.retire("filter")
     assert len(list((pipe.out / "filter" / "checkpoints").glob("step_*/engine"))) == 2
+
+
+def test_the_reranker_fusion_weight_is_chosen_on_the_merge_dev_pairs(compose, tmp_path, monkeypatch):
+    """rerank_fusion=dev (the default) hands the merge gate's dev pairs to evaluation, which chooses the
+    reranker's weight on them; "none" scores the reranker alone; a dev file that is not there is not
+    passed (evaluation would fail on it); any other value is refused."""
+    monkeypatch.setattr("qwen3train.merge.apply.select_checkpoints", lambda *a, **k: [])
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text('{"query": "q", "pos": ["d"]}\n')
+    pipe = Pipeline(compose("pipeline", [f"output_dir={tmp_path / 'o'}", f"merge.dev_file={dev}"]))
+    assert pipe.eval_cfg().rerank_fusion_dev_file == str(dev)
+    alone = Pipeline(compose("pipeline", [f"output_dir={tmp_path / 'o'}", f"merge.dev_file={dev}", "rerank_fusion=none"]))
+    assert alone.eval_cfg().rerank_fusion_dev_file is None
+    gone = Pipeline(compose("pipeline", [f"output_dir={tmp_path / 'o'}", f"merge.dev_file={tmp_path / 'nope.jsonl'}"]))
+    assert gone.eval_cfg().rerank_fusion_dev_file is None
+    with pytest.raises(Exception, match="rerank_fusion must be 'dev' or 'none'"):
+        compose("pipeline", [f"output_dir={tmp_path / 'o'}", "rerank_fusion=sometimes"])

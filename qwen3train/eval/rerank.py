@@ -11,12 +11,34 @@ from qwen3train.eval.metrics import evaluate_run
 from qwen3train.eval.retrieval import collection_instruction, retrieve
 
 
+def _unit(scores: list[float]) -> list[float]:
+    lo, hi = min(scores), max(scores)
+    return [(x - lo) / (hi - lo) if hi > lo else 0.0 for x in scores]
+
+
+def fuse(first: dict[str, list[tuple[str, float]]], second: dict[str, list[tuple[str, float]]],
+         weight: float) -> dict[str, list[tuple[str, float]]]:
+    """Per query, each ranker's scores over the same candidates scaled to [0, 1] (min-max), then
+    ``weight * reranker + (1 - weight) * first stage``: 1.0 is the reranker alone, 0.0 the first stage.
+    The scales differ (cosines near each other vs probabilities near 0 or 1); min-max puts both on the
+    candidates' own range, so the weight means the same for every query."""
+    out = {}
+    for qid, cands in first.items():
+        theirs = dict(second[qid])
+        docs = [d for d, _ in cands]
+        a, b = _unit([s for _, s in cands]), _unit([theirs[d] for d in docs])
+        out[qid] = [(d, weight * y + (1.0 - weight) * x) for d, x, y in zip(docs, a, b)]
+    return out
+
+
 def evaluate_rerank(retriever: str | Path, reranker: str | Path, collection, *, top_k: int = 100,
                     batch_size: int = 16, cache_dir: str | None = None, max_length: int = 512,
                     precision: str = "float32", ignore_identical_ids: bool | None = None,
-                    rerank_max_length: int | None = None) -> dict:
+                    rerank_max_length: int | None = None, fusion: float | None = None) -> dict:
     """``max_length``: the first stage's token budget; ``rerank_max_length``: the reranker's whole prompt
-    (template, instruction, query and the document, of which only the document is cut); None: ``max_length``."""
+    (template, instruction, query and the document, of which only the document is cut); None: ``max_length``.
+    ``fusion``: the reranker's weight in a fused score (``fuse``); ``after`` is then the fused ranking's,
+    ``alone`` the reranker's own. None: the reranker alone (the paper's use)."""
     import torch
 
     from qwen3train.models.build import ModelConfig, build_reranker
@@ -40,6 +62,37 @@ def evaluate_rerank(retriever: str | Path, reranker: str | Path, collection, *, 
                              instruction=instr or DEFAULT_RERANK_INSTRUCTION, batch_size=batch_size)
             second[qid] = [(d, float(p)) for (d, _), p in zip(cands, probs.tolist())]
             bar.update()
-    before, after = evaluate_run(first, col.qrels), evaluate_run(second, col.qrels)
-    return {"dataset": col.name, "top_k": top_k, "before": before, "after": after,
-            "delta_ndcg@10": after["ndcg@10"] - before["ndcg@10"], "run": second}
+    before, alone = evaluate_run(first, col.qrels), evaluate_run(second, col.qrels)
+    final = second if fusion is None else fuse(first, second, fusion)
+    after = alone if fusion is None else evaluate_run(final, col.qrels)
+    return {"dataset": col.name, "top_k": top_k, "before": before, "after": after, "alone": alone,
+            "fusion": fusion, "delta_ndcg@10": after["ndcg@10"] - before["ndcg@10"], "run": final,
+            "first_run": first, "reranker_run": second}
+
+
+FUSION_GRID = tuple(i / 10 for i in range(11))
+
+
+def pairs_collection(pairs_file: str | Path) -> Collection:
+    """A pair file (query, positives) as a collection: every positive of the file is the corpus, as
+    ``evaluate_pairs`` scores it; what the fusion weight is chosen on (the merge gate's dev pairs)."""
+    from qwen3train.data.jsonl import read_jsonl
+
+    rows = read_jsonl(pairs_file)
+    doc_id = {d: f"d{i}" for i, d in enumerate(sorted({p for r in rows for p in r["pos"]}))}
+    return Collection(name=f"dev:{Path(pairs_file).stem}", corpus={i: d for d, i in doc_id.items()},
+                      queries={f"q{i}": r["query"] for i, r in enumerate(rows)},
+                      qrels={f"q{i}": {doc_id[p]: 1 for p in r["pos"]} for i, r in enumerate(rows)})
+
+
+def choose_fusion(retriever: str | Path, reranker: str | Path, dev_file: str | Path, **kw) -> dict:
+    """The reranker's weight in the fused score, chosen on dev pairs (never on an evaluation set): the
+    grid 0, 0.1 .. 1 scored by nDCG@10 of the first stage's top-k reordered; the best weight, the smaller
+    one on a tie (closer to the first stage). Returns the weight and the whole dev curve."""
+    col = pairs_collection(dev_file)
+    r = evaluate_rerank(retriever, reranker, col, **kw)
+    curve = {w: evaluate_run(fuse(r["first_run"], r["reranker_run"], w), col.qrels)["ndcg@10"] for w in FUSION_GRID}
+    best = max(FUSION_GRID, key=lambda w: (curve[w], -w))
+    return {"weight": best, "dev_file": str(dev_file), "queries": len(col.queries),
+            "dev_ndcg@10": {f"{w:.1f}": round(v, 4) for w, v in curve.items()}}
+

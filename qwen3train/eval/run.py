@@ -39,6 +39,11 @@ class EvalConfig:
     # the reranker's budget for its whole prompt (template + instruction + query + document, only the document
     # is cut); null: max_length. The pipeline sets the reranker's training budget (rerank.max_length)
     rerank_max_length: int | None = None
+    # the reranker's final score fused with the first stage's (qwen3train.eval.rerank.fuse): its weight, 0..1
+    # (1: the reranker alone); null: the reranker alone, as the paper uses it. rerank_fusion_dev_file: choose
+    # the weight per reranker on these dev pairs instead (grid 0, 0.1 .. 1; never an evaluation set)
+    rerank_fusion: float | None = None
+    rerank_fusion_dev_file: str | None = None
     bm25: bool = False  # the lexical baseline (bm25s, qwen3train.eval.bm25) on the collections and pair files
     max_docs: int = 0  # > 0: each collection cut to its relevant documents plus random others (cap_corpus)
     precision: str = "float32"  # embedders' compute dtype (Encoder): float32, bfloat16, float16 or auto
@@ -56,6 +61,8 @@ class EvalConfig:
         rerank_short = self.rerank_max_length is not None and self.rerank_max_length < 2
         if self.max_docs < 0 or self.max_length < 2 or rerank_short:
             raise ValueError("eval.max_docs must be >= 0, eval.max_length and eval.rerank_max_length >= 2")
+        if self.rerank_fusion is not None and not 0.0 <= self.rerank_fusion <= 1.0:
+            raise ValueError(f"eval.rerank_fusion is the reranker's weight, in [0, 1]; got {self.rerank_fusion}")
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -142,15 +149,26 @@ def run(cfg: EvalConfig) -> list[dict]:
             from qwen3train.errors import ConfigError
 
             raise ConfigError("eval.rerankers needs eval.rerank_retriever (the first-stage embedder)")
+        kw = dict(top_k=cfg.rerank_top_k, max_length=cfg.max_length, precision=cfg.precision,
+                  rerank_max_length=cfg.rerank_max_length)
+        weight = cfg.rerank_fusion
+        if cfg.rerank_fusion_dev_file:
+            from qwen3train.eval.rerank import choose_fusion
+
+            chosen = choose_fusion(cfg.rerank_retriever, path, cfg.rerank_fusion_dev_file, cache_dir=cfg.cache_dir, **kw)
+            weight = chosen["weight"]
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"fusion_{_safe(label)}.json").write_text(json.dumps(chosen, indent=2))
+            print(f"[eval] {label}: fusion weight {weight:.1f} chosen on {cfg.rerank_fusion_dev_file} "
+                  f"(dev nDCG@10 {chosen['dev_ndcg@10']})", flush=True)
         for col in collections:
-            r = evaluate_rerank(cfg.rerank_retriever, path, col, top_k=cfg.rerank_top_k, cache_dir=cfg.cache_dir,
-                                max_length=cfg.max_length, precision=cfg.precision,
-                                ignore_identical_ids=cfg.ignore_identical_ids,
-                                rerank_max_length=cfg.rerank_max_length)
+            r = evaluate_rerank(cfg.rerank_retriever, path, col, cache_dir=cfg.cache_dir,
+                                ignore_identical_ids=cfg.ignore_identical_ids, fusion=weight, **kw)
             save_run(cfg, r.pop("run"), f"{label}-rerank-top{cfg.rerank_top_k}", col.name, None)
             rows.append({"model": f"{label} (rerank top-{cfg.rerank_top_k})", "dataset": r["dataset"], "dim": None,
                          **{k: r["after"][k] for k in ("ndcg@10", "recall@100", "mrr@10")},
-                         "ndcg@10_before": r["before"]["ndcg@10"]})
+                         "ndcg@10_before": r["before"]["ndcg@10"],
+                         **({"fusion": weight, "ndcg@10_alone": r["alone"]["ndcg@10"]} if weight is not None else {})})
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "results.md").write_text(table(rows))
     if cfg.update_cards:

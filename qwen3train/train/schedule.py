@@ -20,6 +20,10 @@ class OptimConfig:
     warmup_ratio: float = 0.0
     schedule: str = "cosine"
     min_lr_ratio: float = 0.0
+    # torch's fused AdamW (one kernel for all parameters) instead of its multi-tensor loop; null: fused
+    # where every trainable parameter is on a GPU, the multi-tensor default elsewhere. (The optimizer
+    # step took 25 ms of a 0.6B step on an H100, a sixth of a packed micro-batch-64 step on the H200.)
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -54,7 +58,13 @@ def build_optimizer(params, cfg: OptimConfig, total_steps: int, make=None):
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    make = make or (lambda g, lr, betas, eps: torch.optim.AdamW(g, lr=lr, betas=betas, eps=eps))
+    if make is None:
+        fused = cfg.fused
+        if fused is None:
+            fused = bool(decay or no_decay) and all(p.is_cuda for p in decay + no_decay)
+
+        def make(g, lr, betas, eps):
+            return torch.optim.AdamW(g, lr=lr, betas=betas, eps=eps, fused=fused or None)
     opt = make(groups, cfg.lr, tuple(cfg.betas), cfg.eps)
     warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(

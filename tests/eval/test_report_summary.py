@@ -51,3 +51,18 @@ def test_report_shows_dev_scores_during_training_and_mteb(tmp_path):
     assert "stage2: ndcg@10 by step (best 0.3600 at step 16)" in text
     assert "| 16 (best) | 0.3600 |" in text and "| 24 | 0.3300 |" in text and "0.3000" not in text
     assert "## MTEB" in text and "| merged | arcd | test | default | 0.2500 | 0.2500 | 0.7000 |" in text
+
+
+def test_a_fused_reranker_is_reported_with_its_weight_and_its_score_alone(tmp_path):
+    """With fusion the reranker target is judged on the fused ranking (what the run ships), and the line
+    says the weight, where it was chosen and what the reranker alone did (here it lost: -0.0200), so a fused
+    gain cannot pass for the reranker's own."""
+    rows = _rows({"base": {"a": 0.1}, "stage1": {"a": 0.2}, "stage2@20": {"a": 0.3}, "merged": {"a": 0.3}})
+    rows.append({"model": "reranker (rerank top-10)", "dataset": "a", "dim": None, "ndcg@10": 0.31,
+                 "ndcg@10_before": 0.30, "fusion": 0.6, "ndcg@10_alone": 0.28})
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "fusion_reranker.json").write_text(json.dumps({"weight": 0.6, "dev_file": "dev.jsonl"}))
+    text = "\n".join(summary(rows, tmp_path))
+    assert ("raises nDCG@10 over its first stage on average (+0.0100; its score fused with the first stage's at "
+            "weight 0.6 chosen on dev.jsonl; the reranker alone -0.0200): **met**") in text
+
