@@ -129,10 +129,25 @@ SCHEMA = {TrainConfig: "train_schema", SynthConfig: "synth_schema", FilterConfig
           MineConfig: "mine_schema", MergeConfig: "merge_schema", EvalConfig: "eval_schema"}
 
 
+# Fields added after a release, at the default that behaves as before: left out of a stage's config hash while
+# they hold it, so a run started by the previous version resumes after an upgrade instead of retraining every
+# stage (a new field changes the resolved config's text). Dotted from the stage config's top; a field set to
+# anything else is hashed as usual. Add each new field here with its behaviour-preserving default.
+LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_file": None}
+
+
 def config_hash(cfg) -> str | None:
     if cfg is None:
         return None
-    text = OmegaConf.to_yaml(OmegaConf.structured(cfg), sort_keys=True)
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg))
+    for dotted, default in LATE_DEFAULTS.items():
+        *parents, key = dotted.split(".")
+        node = tree
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node and node[key] == default:
+            del node[key]
+    text = OmegaConf.to_yaml(OmegaConf.create(tree), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
