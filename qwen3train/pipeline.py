@@ -129,7 +129,8 @@ SCHEMA = {TrainConfig: "train_schema", SynthConfig: "synth_schema", FilterConfig
           MineConfig: "mine_schema", MergeConfig: "merge_schema", EvalConfig: "eval_schema"}
 
 
-# Fields added after a release, at the default that behaves as before: left out of a stage's config hash while
+# Fields added after a release, at their defaults (the same results as before: optim.fused=null computes the same
+# AdamW update with torch's fused kernel, equal to rounding): left out of a stage's config hash while
 # they hold it, so a run started by the previous version resumes after an upgrade instead of retraining every
 # stage (a new field changes the resolved config's text). Dotted from the stage config's top; a field set to
 # anything else is hashed as usual. Add each new field here with its behaviour-preserving default.

@@ -102,10 +102,11 @@ def test_lora_under_bf16_keeps_frozen_base_in_model_dtype(tiny_model_dir):
 
 
 def test_fused_adamw_equals_the_multi_tensor_step():
-    """``optim.fused`` (the default on a GPU) must build torch's fused AdamW, with the same groups (no
-    weight decay on norms and biases) and the same updates as the multi-tensor AdamW within rounding; on
-    parameters off the GPU ``null`` keeps the multi-tensor one. Catches a flag that is dropped (the
-    optimizer is not fused) or groups that differ between the two (the weights part by far more)."""
+    """``optim.fused`` (null: fused on CPU and CUDA parameters) must build torch's fused AdamW, with the same
+    groups (no weight decay on norms and biases) and the same updates as the multi-tensor AdamW within
+    rounding; false keeps the multi-tensor one. Catches a flag that is dropped (the optimizer is not fused:
+    on 2 CPU cores its step took 1.0-1.8 s instead of 0.08 s for 134M parameters) or groups that differ
+    between the two (the weights part by far more)."""
     from qwen3train.train.schedule import OptimConfig, build_optimizer
 
     def model():
@@ -116,7 +117,7 @@ def test_fused_adamw_equals_the_multi_tensor_step():
     for fused in (None, False, True):
         m = model()
         opt, sched = build_optimizer(m.named_parameters(), OptimConfig(lr=1e-2, weight_decay=0.1, fused=fused), 10)
-        assert bool(opt.defaults.get("fused")) is (fused is True)
+        assert bool(opt.defaults.get("fused")) is (fused is not False)
         assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0] and len(opt.param_groups[1]["params"]) == 4
         torch.manual_seed(1)
         for _ in range(3):
@@ -127,4 +128,4 @@ def test_fused_adamw_equals_the_multi_tensor_step():
         runs[fused] = torch.cat([p.detach().flatten() for p in m.parameters()])
     start = torch.cat([p.detach().flatten() for p in model().parameters()])
     assert (runs[True] - start).abs().max() > 1e-3  # the steps moved the weights
-    assert torch.allclose(runs[True], runs[False], atol=1e-6) and torch.equal(runs[None], runs[False])
+    assert torch.allclose(runs[True], runs[False], atol=1e-6) and torch.equal(runs[None], runs[True])
