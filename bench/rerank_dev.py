@@ -17,28 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def dev_collection(src: Path, out: Path) -> Path:
-    rows = [json.loads(x) for x in src.read_text().splitlines() if x.strip()]
-    (out / "qrels").mkdir(parents=True, exist_ok=True)
-    docs = {}
-    with open(out / "queries.jsonl", "w") as fq, open(out / "qrels" / "test.tsv", "w") as fr:
-        fr.write("query-id\tcorpus-id\tscore\n")
-        for i, r in enumerate(rows):
-            d = docs.setdefault(r["pos"][0], f"d{len(docs)}")
-            fq.write(json.dumps({"_id": f"q{i}", "text": r["query"]}) + "\n")
-            fr.write(f"q{i}\t{d}\t1\n")
-    with open(out / "corpus.jsonl", "w") as fc:
-        for text, d in docs.items():
-            fc.write(json.dumps({"_id": d, "text": text}) + "\n")
-    return out
-
-
 def main() -> None:
-    from qwen3train.data.collections import load_collection
-    from qwen3train.eval.rerank import evaluate_rerank
-
-    from qwen3train.eval.metrics import evaluate_run
-    from qwen3train.eval.rerank import fuse
+    from qwen3train.eval.rerank import evaluate_rerank, fusion_curve, pairs_collection
 
     args = sys.argv[1:]
     length, grid = 128, False
@@ -48,18 +28,14 @@ def main() -> None:
         else:
             grid, args = True, args[1:]
     first, rerankers = args[0], args[1:]
-    col = dev_collection(REPO / "outputs" / "data" / "real" / "dev_select.jsonl", REPO / "outputs" / "exp" / "dev_col")
+    col = pairs_collection(REPO / "outputs" / "data" / "real" / "dev_select.jsonl")  # what the pipeline chooses on
     for rr in rerankers:
-        r = evaluate_rerank(first, rr, str(col), top_k=10, max_length=128, precision="auto",
-                            rerank_max_length=length)
+        r = evaluate_rerank(first, rr, col, top_k=10, max_length=128, precision="auto", rerank_max_length=length)
         row = {"reranker": rr, "length": length, "before": round(r["before"]["ndcg@10"], 4),
                "after": round(r["after"]["ndcg@10"], 4)}
         if grid:  # the reranker's weight in the fused score, 0 (first stage) .. 1 (reranker alone)
-            qrels = load_collection(str(col)).qrels
-            row["fused"] = {w / 10: round(evaluate_run(fuse(r["first_run"], r["reranker_run"], w / 10), qrels)["ndcg@10"], 4)
-                            for w in range(11)}
+            row["fused"] = {w: round(v, 4) for w, v in fusion_curve(r, col.qrels).items()}
         print(json.dumps(row), flush=True)
-
 
 if __name__ == "__main__":
     main()

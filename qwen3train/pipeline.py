@@ -13,7 +13,6 @@ synth.backend=vllm synth.corpus=[...]``.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from qwen3train.errors import ConfigError
+from qwen3train.stage_marker import config_hash, path_fingerprint, unchanged
 from qwen3train.train.config import RunConfig, TrainConfig
 from qwen3train.data.sources import DataConfig
 from qwen3train.eval.run import EvalConfig
@@ -127,78 +127,6 @@ class PipelineConfig:
 
 SCHEMA = {TrainConfig: "train_schema", SynthConfig: "synth_schema", FilterConfig: "filter_schema",
           MineConfig: "mine_schema", MergeConfig: "merge_schema", EvalConfig: "eval_schema"}
-
-
-# Fields added after a release, at their defaults (the same results as before: optim.fused=null computes the same
-# AdamW update with torch's fused kernel, equal to rounding): left out of a stage's config hash while
-# they hold it, so a run started by the previous version resumes after an upgrade instead of retraining every
-# stage (a new field changes the resolved config's text). Dotted from the stage config's top; a field set to
-# anything else is hashed as usual. Add each new field here with its behaviour-preserving default.
-LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_file": None}
-
-
-def config_hash(cfg) -> str | None:
-    if cfg is None:
-        return None
-    tree = OmegaConf.to_container(OmegaConf.structured(cfg))
-    for dotted, default in LATE_DEFAULTS.items():
-        *parents, key = dotted.split(".")
-        node = tree
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict) and key in node and node[key] == default:
-            del node[key]
-    text = OmegaConf.to_yaml(OmegaConf.create(tree), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-CARD_FILES = ("README.md", "qwen3train.json")  # an export's model card, and its facts (the card among them)
-
-
-def _card_free(f: Path) -> str:
-    """An export's ``qwen3train.json`` without its ``card`` (which evaluation rewrites), hashed."""
-    try:
-        meta = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        st = f.stat()
-        return f"{st.st_size}:{st.st_mtime_ns}"
-    if isinstance(meta, dict):
-        meta.pop("card", None)
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def path_fingerprint(path: Path, cards: bool = False) -> str:
-    """Size and modification time of a file, or of every file under a folder (hidden ones excepted).
-
-    In a folder, model cards do not count: ``make eval`` writes its results into each export's card
-    (README.md and the ``card`` of qwen3train.json), and a finished stage must not rerun because a later
-    stage scored its model (before, every rerun of a finished pipeline trained again from the filter on).
-    ``cards=True``: the earlier fingerprint, cards included (to read markers written before)."""
-    if path.is_file():
-        st = path.stat()
-        return f"{st.st_size}:{st.st_mtime_ns}"
-    if not path.is_dir():
-        return "absent"
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        if f.name == CARD_FILES[0] and not cards:
-            continue
-        if f.name == CARD_FILES[1] and not cards:
-            h.update(f"{f.relative_to(path)}:{_card_free(f)}\n".encode())
-            continue
-        st = f.stat()
-        h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def unchanged(marker: dict, finger: dict, inputs: list) -> bool:
-    """Whether a stage's ``.done.json`` matches its config and inputs now. Markers without a fingerprint
-    (the oldest) are trusted; markers before version 2 counted model cards, and are compared that way."""
-    if "fingerprint" not in marker or marker["fingerprint"] == finger:
-        return True
-    if "fingerprint_version" in marker:
-        return False
-    return marker["fingerprint"] == dict(finger, inputs={str(i): path_fingerprint(Path(i), cards=True) for i in inputs})
 
 
 class Pipeline:

@@ -50,7 +50,7 @@ def test_changed_config_or_input_reruns_the_stage_and_clears_its_outputs(compose
 def test_a_stage_max_length_sets_only_that_stage_budget(compose, tmp_path):
     """`rerank.max_length` is the reranker's prompt budget (model.max_doc_length) and leaves the embedder
     stages at the model's; unset, every stage keeps the model's (so existing runs' stage hashes hold)."""
-    from qwen3train.pipeline import config_hash
+    from qwen3train.stage_marker import config_hash
 
     pc = compose("smoke", [f"output_dir={tmp_path / 'out'}", "rerank.max_length=192"])
     pipe = Pipeline(pc)
@@ -66,7 +66,7 @@ def test_evaluation_writing_a_model_card_does_not_make_a_finished_stage_stale(tm
     that changed stage 1's fingerprint, so rerunning a finished pipeline retrained from the filter on. The
     weights and the export's other facts still count."""
     from qwen3train.models.card import add_evaluation, set_card
-    from qwen3train.pipeline import path_fingerprint
+    from qwen3train.stage_marker import path_fingerprint
 
     model = tmp_path / "final"
     model.mkdir()
@@ -158,7 +158,7 @@ def test_a_stage_the_config_leaves_out_loses_its_stale_outputs(compose, tmp_path
 def test_a_marker_written_before_cards_were_ignored_still_resumes(compose, tmp_path):
     """A stage finished by the previous version (its marker's fingerprint counted the input model's card,
     no fingerprint_version) is skipped while nothing changed, so upgrading mid-run does not retrain."""
-    from qwen3train.pipeline import path_fingerprint
+    from qwen3train.stage_marker import path_fingerprint
 
     pipe = Pipeline(compose("pipeline", [f"output_dir={tmp_path / 'out'}"]))
     model = tmp_path / "final"
@@ -250,14 +250,20 @@ def test_the_reranker_fusion_weight_is_chosen_on_the_merge_dev_pairs(compose, tm
 
 
 def test_an_upgrade_keeps_the_config_hash_of_finished_stages(compose):
-    """A stage is skipped when its config hash is unchanged. Adding a field (optim.fused, eval.rerank_fusion,
-    eval.rerank_fusion_dev_file) changed every training stage's hash, so a run started by the previous version
-    retrained from stage 1 after an upgrade (seen: a finished seed-1 pipeline lost its stage 1). The hashes of
-    the shipped configs are those the previous version recorded (computed by it, caf7b0a); a late field set
-    to something else is still hashed (a real change reruns the stage)."""
-    from qwen3train.pipeline import config_hash
+    """A stage is skipped when its marker's config hash is unchanged, and a stopped training run resumes only
+    when its identity hash is. Adding a field (optim.fused, eval.rerank_fusion, eval.rerank_fusion_dev_file)
+    changed both for every training stage, so after an upgrade a pipeline retrained from stage 1 (seen: a
+    finished seed-1 pipeline lost its stage 1) and a stopped stage refused to resume. Both hashes of the
+    shipped configs are those the previous version recorded (computed by it, caf7b0a); a late field set to
+    something else still counts (a real change reruns the stage)."""
+    from qwen3train.stage_marker import config_hash
+    from qwen3train.train import identity
 
-    got = [config_hash(compose(n, ["run.output_dir=x"] if n != "eval" else [])) for n in ("stage1", "stage2", "rerank", "eval")]
+    names = ("stage1", "stage2", "rerank", "eval")
+    cfgs = [compose(n, ["run.output_dir=x"] if n != "eval" else []) for n in names]
+    got = [config_hash(c) for c in cfgs]
     assert got == ["294cd456f57d", "024faba1044a", "18b9c8cb5784", "f3ff205f015e"]
-    assert config_hash(compose("stage1", ["run.output_dir=x", "optim.fused=true"])) != got[0]
+    assert [identity.config_hash(c) for c in cfgs[:3]] == ["231f5894c766", "74d2c950617d", "42a0a087510f"]
+    fused = compose("stage1", ["run.output_dir=x", "optim.fused=true"])
+    assert config_hash(fused) != got[0] and identity.config_hash(fused) != "231f5894c766"
     assert config_hash(compose("eval", ["rerank_fusion=0.5"])) != got[3]

@@ -66,6 +66,7 @@ class Encoder:
         self.batch_size = batch_size
         self.dim = dim
         self.max_length = max_length
+        self._fingerprint: str | None = None  # the weights' hash, computed on first use (fingerprint)
         self.kind = "qwen3train" if is_decoder_export(self.path) else "sentence-transformers"
         if self.kind == "qwen3train":
             from qwen3train.models.build import ModelConfig, build_embedder
@@ -113,7 +114,7 @@ class Encoder:
         fallback output) reuses its cached vectors, and any changed byte gets new ones. Hashed once per
         encoder (the weights it loaded do not change): mining keys every store it writes by it, and hashing
         1.2 GB of weights for each was ~1 s apiece (measured in docs/benchmarks.md)."""
-        if getattr(self, "_fingerprint", None) is None:
+        if self._fingerprint is None:
             self._fingerprint = self._hash_weights()
         return self._fingerprint
 

@@ -85,14 +85,18 @@ def pairs_collection(pairs_file: str | Path) -> Collection:
                       qrels={f"q{i}": {doc_id[p]: 1 for p in r["pos"]} for i, r in enumerate(rows)})
 
 
+def fusion_curve(result: dict, qrels: dict[str, dict[str, int]]) -> dict[float, float]:
+    """nDCG@10 of the fused ranking at each weight of ``FUSION_GRID``, from one ``evaluate_rerank`` result."""
+    return {w: evaluate_run(fuse(result["first_run"], result["reranker_run"], w), qrels)["ndcg@10"]
+            for w in FUSION_GRID}
+
+
 def choose_fusion(retriever: str | Path, reranker: str | Path, dev_file: str | Path, **kw) -> dict:
     """The reranker's weight in the fused score, chosen on dev pairs (never on an evaluation set): the
     grid 0, 0.1 .. 1 scored by nDCG@10 of the first stage's top-k reordered; the best weight, the smaller
     one on a tie (closer to the first stage). Returns the weight and the whole dev curve."""
     col = pairs_collection(dev_file)
-    r = evaluate_rerank(retriever, reranker, col, **kw)
-    curve = {w: evaluate_run(fuse(r["first_run"], r["reranker_run"], w), col.qrels)["ndcg@10"] for w in FUSION_GRID}
+    curve = fusion_curve(evaluate_rerank(retriever, reranker, col, **kw), col.qrels)
     best = max(FUSION_GRID, key=lambda w: (curve[w], -w))
     return {"weight": best, "dev_file": str(dev_file), "queries": len(col.queries),
             "dev_ndcg@10": {f"{w:.1f}": round(v, 4) for w, v in curve.items()}}
-

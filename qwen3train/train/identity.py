@@ -17,6 +17,12 @@ from pathlib import Path
 NEUTRAL = {"run": {"name", "output_dir", "save_every", "keep_last", "keep_every", "export_checkpoints", "resume",
                    "wandb", "wandb_project"}}
 RESUME_MODES = ("auto", "force", "never")
+# Fields added after a release, at their defaults (the same results as before: optim.fused=null computes the same
+# AdamW update with torch's fused kernel, equal to rounding). Both a run's identity (resuming a stopped stage) and
+# the pipeline's stage markers (skipping a finished one) leave them out while they hold that default, so a run
+# started by the previous version resumes after an upgrade: a new field changes the resolved config. Dotted from
+# the config's top; a field set to anything else counts as usual. Add each new field here with that default.
+LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_file": None}
 
 
 def normalize_resume(value) -> str:
@@ -35,8 +41,20 @@ def config_dict(cfg) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
+def drop_late_defaults(tree: dict) -> dict:
+    """``tree`` (a config as nested dicts) without the ``LATE_DEFAULTS`` fields that hold their default; in place."""
+    for dotted, default in LATE_DEFAULTS.items():
+        *parents, key = dotted.split(".")
+        node = tree
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node and node[key] == default:
+            del node[key]
+    return tree
+
+
 def _strip(d: dict) -> dict:
-    out = json.loads(json.dumps(d, default=str))
+    out = drop_late_defaults(json.loads(json.dumps(d, default=str)))
     for section, keys in NEUTRAL.items():
         for k in keys:
             out.get(section, {}).pop(k, None)
