@@ -6,9 +6,10 @@ uninterrupted run's (weights bitwise, records and metrics exactly).
 
 Overrides go to every run, e.g. ``synth.generator=outputs/models/tiny-qwen3`` for a faster stage 0.
 
-A trial kills up to ``--kills`` times, each at a moment drawn inside one stage (from the reference run's
-stage times: start + U(0.1, 0.9) x duration), later stages after earlier ones, then lets the run finish.
-Kills that land after the run ended are not counted. ``tests/test_chaos.py`` runs a fixed small set.
+A trial kills up to ``--kills`` times, each at a moment drawn inside one stage: U(0.1, 0.9) x the stage's
+wall time in the reference run, counted from when the stages before it are marked done (so a resume that
+runs faster or slower than the reference still gets the kill in that stage); later stages after earlier
+ones; then it lets the run finish. Kills that land after the run ended are not counted. ``tests/test_chaos.py`` runs a fixed small set.
 """
 
 from __future__ import annotations
@@ -37,31 +38,46 @@ def command(out: Path, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "qwen3train.cli.main", "--config-name=smoke", f"output_dir={out}", *overrides]
 
 
-def run(out: Path, overrides: list[str], kill_at: float | None = None, log=None) -> tuple[int | None, float]:
-    """Run the smoke pipeline; with ``kill_at``, SIGKILL its whole process group after that many seconds.
+def run(out: Path, overrides: list[str], kill_in: tuple[list[str], float] | None = None,
+        log=None) -> tuple[int | None, float]:
+    """Run the smoke pipeline; with ``kill_in=(before, delay)``, SIGKILL its whole process group ``delay``
+    seconds after every stage in ``before`` (those run before the one to interrupt) is marked done, so the
+    kill lands in that stage however fast the machine is and however much of the run a resume skips.
     Returns (exit status, or None when killed; seconds)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", QWEN3TRAIN_PROGRESS="line")
     t = time.perf_counter()
     proc = subprocess.Popen(command(out, overrides), cwd=REPO, env=env, stdout=log or subprocess.DEVNULL,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        proc.wait(timeout=kill_at)
-        return proc.returncode, time.perf_counter() - t
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    if kill_in is None:
         proc.wait()
-        return None, time.perf_counter() - t
+        return proc.returncode, time.perf_counter() - t
+    before, delay = kill_in
+    reached = None
+    while proc.poll() is None:
+        now = time.perf_counter()
+        if reached is None and all((out / s / ".done.json").exists() for s in before):
+            reached = now
+        if reached is not None and now - reached >= delay:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None, now - t
+        time.sleep(0.05)
+    return proc.returncode, time.perf_counter() - t
 
 
 def stage_windows(out: Path) -> dict[str, tuple[float, float]]:
-    """(start, duration) of each stage in a finished run, from its markers (seconds from the run's start,
-    with the process start-ups between stages spread evenly)."""
-    secs = {s: json.loads((out / s / ".done.json").read_text())["seconds"] for s in STAGES if (out / s / ".done.json").exists()}
-    t, out_ = 0.0, {}
-    for s in STAGES:
-        if s in secs:
-            out_[s] = (t, secs[s])
-            t += secs[s]
+    """(start, wall seconds) of each stage in a finished run, from its markers' times: a stage runs from the
+    previous marker to its own, its process start-up included (the first from its marker less its seconds)."""
+    marks = {s: out / s / ".done.json" for s in STAGES if (out / s / ".done.json").exists()}
+    if not marks:
+        return {}
+    first = next(iter(marks))
+    t0 = marks[first].stat().st_mtime - json.loads(marks[first].read_text())["seconds"]
+    out_, prev = {}, t0
+    for s, m in marks.items():
+        end = m.stat().st_mtime
+        out_[s] = (prev - t0, max(end - prev, 0.0))
+        prev = end
     return out_
 
 
@@ -103,14 +119,13 @@ def trial(out: Path, ref: dict, windows: dict, kills: int, rng: random.Random, o
     stages = sorted(rng.sample(pool, min(kills, len(pool))), key=STAGES.index)
     done_kills = []
     for s in stages:
-        start, dur = windows[s]
-        already = sum(windows[x][1] for x in STAGES if x in windows and (out / x / ".done.json").exists())
-        at = max(1.0, start - already + rng.uniform(0.1, 0.9) * dur)
-        rc, _ = run(out, overrides, kill_at=at, log=log)
+        delay = rng.uniform(0.1, 0.9) * windows[s][1]
+        before = [x for x in windows if STAGES.index(x) < STAGES.index(s)]
+        rc, secs = run(out, overrides, kill_in=(before, delay), log=log)
         if rc is not None:  # finished before the kill: nothing interrupted
             break
-        done_kills.append({"planned": s, "interrupted": running_stage(out), "after_s": round(at, 1),
-                           "half_done": half_done(out)})
+        done_kills.append({"planned": s, "interrupted": running_stage(out), "after_s": round(secs, 1),
+                           "into_stage_s": round(delay, 1), "half_done": half_done(out)})
     rc, _ = run(out, overrides, log=log)
     got = fingerprint(out)
     return {"kills": done_kills, "final_status": rc,

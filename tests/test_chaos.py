@@ -53,4 +53,6 @@ def test_kills_in_three_stages_then_rerun_equal_the_uninterrupted_run(smoke_inpu
     res = chaos.trial(tmp_path / "t", ref, windows, 2, Fixed(0), smoke_inputs, log)
     assert res["final_status"] == 0 and res["different"] == [] and res["half_done"] == [], res
     assert len(res["kills"]) >= 2 and not any(k["half_done"] for k in res["kills"]), res
-    assert {k["interrupted"] for k in res["kills"]} - {"finished"}, res  # the kills really interrupted stages
+    # each kill interrupted the stage it was aimed at (a timer from the run's start missed evaluation once the
+    # resumed stage 1 ran faster than the reference's)
+    assert [k["interrupted"] for k in res["kills"]] == ["stage1", "eval"], res
