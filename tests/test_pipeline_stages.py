@@ -267,3 +267,16 @@ def test_an_upgrade_keeps_the_config_hash_of_finished_stages(compose):
     fused = compose("stage1", ["run.output_dir=x", "optim.fused=true"])
     assert config_hash(fused) != got[0] and identity.config_hash(fused) != "231f5894c766"
     assert config_hash(compose("eval", ["rerank_fusion=0.5"])) != got[3]
+    # what to write, not what is computed: the pipeline's export-only last checkpoint changes neither hash
+    lean = compose("stage1", ["run.output_dir=x", "run.final_engine_state=false"])
+    assert config_hash(lean) == got[0] and identity.config_hash(lean) == "231f5894c766"
+
+
+def test_training_stages_write_their_last_checkpoint_export_only_unless_the_engine_state_is_kept(compose, tmp_path):
+    """keep_engine_state=false (the default) removes a done stage's optimizer state, so the pipeline does not
+    write it for the last checkpoint (~10 s and 1.6 GB a stage for SmolLM2-135M); true keeps it everywhere."""
+    for keep in (False, True):
+        pipe = Pipeline(compose("pipeline", [f"output_dir={tmp_path / 'o'}", f"keep_engine_state={keep}"]))
+        for stage, name in ((pipe.cfg.stage1, "stage1"), (pipe.cfg.stage2, "stage2"), (pipe.cfg.rerank, "rerank")):
+            assert pipe.train_cfg(stage, name, [], None).run.final_engine_state is keep, (name, keep)
+

@@ -75,8 +75,12 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save(root: Path, state: TrainState, engine, task, *, export_model: bool, keep_last: int,
-         keep_every: int, keep_steps: tuple[int, ...] = ()) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+         keep_every: int, keep_steps: tuple[int, ...] = (), engine_state: bool = True) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder. ``engine_state=False`` (the
+    last step of a run whose optimizer state would be removed anyway): the export and the train state only,
+    marked not resumable, as ``retire`` leaves a checkpoint; ``finished_point`` finds it."""
+    if not engine_state and not export_model:
+        raise ValueError("a checkpoint without engine state must carry its export")
     final = step_dir(root, state.step)
     tmp = final.with_name(f".{final.name}.tmp")
     if dist.is_main():
@@ -84,14 +88,16 @@ def save(root: Path, state: TrainState, engine, task, *, export_model: bool, kee
         tmp.mkdir(parents=True)
     dist.barrier()
     try:
-        engine.save(tmp / "engine")
+        if engine_state:
+            engine.save(tmp / "engine")
         full = engine.full_state_dict()
-        torch.save(_rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+        if engine_state:
+            torch.save(_rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
         if dist.is_main():
             if export_model:
                 task.export(tmp / "model", state_dict=full)
                 write_manifest(tmp / "model")  # the export checks itself where it is read (merge, eval)
-            (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=2))
+            (tmp / "train_state.json").write_text(json.dumps(dict(asdict(state), resumable=engine_state), indent=2))
         dist.barrier()
         if dist.is_main():
             write_manifest(tmp)
@@ -171,6 +177,19 @@ def resume_point(root: Path) -> Path | None:
         raise ConfigError(f"every checkpoint under {root / 'checkpoints'} is damaged ({', '.join(p.name for p in damaged)}); "
                           f"restore one, or start over with run.resume=never")
     return chosen
+
+
+def finished_point(root: Path, total: int) -> Path | None:
+    """The newest checkpoint when it is an export-only one at step ``total`` or later whose files match their
+    checksums: the run trained to the end (a kill came before the final model was copied out); None else."""
+    found = list_checkpoints(root)
+    if not found or _resumable(found[-1]):
+        return None
+    try:
+        step = json.loads((found[-1] / "train_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return found[-1] if step >= total and not verify(found[-1]) else None
 
 
 def _resumable(path: Path) -> bool:

@@ -20,6 +20,9 @@ class RunConfig:
 
     save_every: optimizer steps between checkpoints (0: only the final one). keep_last: how many
     recent checkpoints to keep; keep_every: also keep every n-th step's (the merge stage samples them).
+    final_engine_state: the last checkpoint keeps the optimizer, scheduler and RNG state (to train the
+    same run on past max_steps); false writes it export-only, as ``checkpoint.retire`` leaves a finished
+    run (the pipeline sets it from ``keep_engine_state``: ~12 bytes a parameter it would delete anyway).
     """
 
     name: str = "stage1"
@@ -31,6 +34,7 @@ class RunConfig:
     keep_last: int = 2
     keep_every: int = 0
     export_checkpoints: bool = True
+    final_engine_state: bool = True
     resume: str = "auto"  # auto: resume a run of the same config, refuse another; force; never (true/false too)
     wandb: bool = False
     wandb_project: str = "qwen3train"

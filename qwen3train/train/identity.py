@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 NEUTRAL = {"run": {"name", "output_dir", "save_every", "keep_last", "keep_every", "export_checkpoints", "resume",
-                   "wandb", "wandb_project"}}
+                   "wandb", "wandb_project", "final_engine_state"}}
 RESUME_MODES = ("auto", "force", "never")
 # Fields added after a release, at their defaults (the same results as before: optim.fused=null computes the same
 # AdamW update with torch's fused kernel, equal to rounding). Both a run's identity (resuming a stopped stage) and
@@ -23,6 +23,9 @@ RESUME_MODES = ("auto", "force", "never")
 # started by the previous version resumes after an upgrade: a new field changes the resolved config. Dotted from
 # the config's top; a field set to anything else counts as usual. Add each new field here with that default.
 LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_file": None}
+# Fields added after a release that only say what to write, never what is computed: left out at any value.
+LATE_NEUTRAL = ("run.final_engine_state",)
+_ANY = object()
 
 
 def normalize_resume(value) -> str:
@@ -42,15 +45,17 @@ def config_dict(cfg) -> dict:
 
 
 def drop_late_defaults(tree: dict) -> dict:
-    """``tree`` (a config as nested dicts) without the ``LATE_DEFAULTS`` fields that hold their default; in place."""
-    for dotted, default in LATE_DEFAULTS.items():
+    """``tree`` (a config as nested dicts) without the ``LATE_DEFAULTS`` fields that hold their default and
+    without the ``LATE_NEUTRAL`` ones; in place."""
+    for dotted, default in [*LATE_DEFAULTS.items(), *((d, _ANY) for d in LATE_NEUTRAL)]:
         *parents, key = dotted.split(".")
         node = tree
         for p in parents:
             node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict) and key in node and node[key] == default:
+        if isinstance(node, dict) and key in node and (default is _ANY or node[key] == default):
             del node[key]
     return tree
+
 
 
 def _strip(d: dict) -> dict:

@@ -125,7 +125,8 @@ def test_retired_checkpoints_keep_their_exports_and_refuse_to_resume(tiny_model_
     the export stays and still merges, the checksums describe what is left, a second call frees nothing, and
     a rerun of the run stops with one line instead of taking a checkpoint without optimizer state (or
     silently starting over). Catches a retire that leaves a manifest naming deleted files (every later
-    resume would call it damaged) and a resume that loads a retired checkpoint."""
+    resume would call it damaged) and a resume that loads a retired checkpoint. A rerun of the same finished run
+    trains nothing (its last checkpoint is at the end: only the final copy is redone)."""
     from qwen3train.merge.apply import merge_folders, select_checkpoints
     from qwen3train.train.checkpoint import list_checkpoints, retire
 
@@ -142,5 +143,9 @@ def test_retired_checkpoints_keep_their_exports_and_refuse_to_resume(tiny_model_
         assert verify(c) == [] and verify(c / "model") == []
     assert [retire(c) for c in ckpts] == [0, 0]
     merge_folders(select_checkpoints(tmp_path / "b", last=2, every=1), tmp_path / "m")
+    steps = (tmp_path / "b" / "metrics.jsonl").read_text()
+    run(cfg)
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == steps
+    cfg.run.max_steps = 6  # more steps than the run trained: nothing can resume them
     with pytest.raises(ConfigError, match=r"keep only their exported model .*model.init_from=.*step_0000004/model"):
         run(cfg)

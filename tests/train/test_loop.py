@@ -66,6 +66,37 @@ def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, mixture)
     assert [x["loss"] for x in la] == [x["loss"] for x in lb]
 
 
+def test_last_checkpoint_without_engine_state_and_a_kill_before_the_final_copy(tiny_model_dir, tmp_path):
+    """``run.final_engine_state=false`` (what the pipeline sets): the last checkpoint has no optimizer or RNG
+    state and is not resumable, a mid-run one keeps them, and the weights equal a run that kept everything.
+    Would catch: the mid-run checkpoint losing its state, a different final model, and a kill after the last
+    checkpoint but before ``final/`` retraining (or refusing to resume: no resumable checkpoint is left)."""
+    data = make_pairs(tmp_path / "d.jsonl", n=32, k=2)
+    full = run(train_cfg(tiny_model_dir, data, tmp_path / "a", max_steps=4, save_every=2, keep_last=10))
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "b", max_steps=4, save_every=2, keep_last=10)
+    cfg.run.final_engine_state = False
+    lean = run(cfg)
+    last, mid = tmp_path / "b" / "checkpoints" / "step_0000004", tmp_path / "b" / "checkpoints" / "step_0000002"
+    assert not (last / "engine").exists() and not list(last.glob("rng_rank*.pt"))
+    assert json.loads((last / "train_state.json").read_text())["resumable"] is False
+    assert (mid / "engine").is_dir() and list(mid.glob("rng_rank*.pt"))
+    assert (tmp_path / "a" / "checkpoints" / "step_0000004" / "engine").is_dir()
+    a, b = load_file(full / "model.safetensors"), load_file(lean / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    # the weights are linked, not copied; the card is a copy of its own (evaluation rewrites it)
+    assert os.path.samefile(lean / "model.safetensors", last / "model" / "model.safetensors")
+    assert not os.path.samefile(lean / "README.md", last / "model" / "README.md")
+
+    import shutil
+
+    shutil.rmtree(lean)  # as a kill between the last checkpoint and the final copy leaves it
+    steps = (tmp_path / "b" / "metrics.jsonl").read_text()
+    again = run(cfg)
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == steps  # no step trained again
+    c = load_file(again / "model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_resume_with_another_config_is_refused_unless_forced(tiny_model_dir, tmp_path):
     """A rerun of a run folder with a changed setting that matters (the learning rate) stops with one
     ConfigError naming the change and how to go on, instead of silently mixing two configs; a change that
