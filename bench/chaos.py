@@ -9,7 +9,8 @@ Overrides go to every run, e.g. ``synth.generator=outputs/models/tiny-qwen3`` fo
 A trial kills up to ``--kills`` times, each at a moment drawn inside one stage: U(0.1, 0.9) x the stage's
 wall time in the reference run, counted from when the stages before it are marked done (so a resume that
 runs faster or slower than the reference still gets the kill in that stage); later stages after earlier
-ones; then it lets the run finish. Kills that land after the run ended are not counted. ``tests/test_chaos.py`` runs a fixed small set.
+ones; then it lets the run finish. Kills that land after the run ended are not counted.
+``tests/test_chaos.py`` runs a fixed small set.
 """
 
 from __future__ import annotations

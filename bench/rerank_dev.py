@@ -37,5 +37,6 @@ def main() -> None:
             row["fused"] = {w: round(v, 4) for w, v in fusion_curve(r, col.qrels).items()}
         print(json.dumps(row), flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 NEUTRAL = {"run": {"name", "output_dir", "save_every", "keep_last", "keep_every", "export_checkpoints", "resume",
-                   "wandb", "wandb_project", "final_engine_state"}}
+                   "wandb", "wandb_project"}}
 RESUME_MODES = ("auto", "force", "never")
 # Fields added after a release, at their defaults (the same results as before: optim.fused=null computes the same
 # AdamW update with torch's fused kernel, equal to rounding). Both a run's identity (resuming a stopped stage) and
@@ -23,7 +23,8 @@ RESUME_MODES = ("auto", "force", "never")
 # started by the previous version resumes after an upgrade: a new field changes the resolved config. Dotted from
 # the config's top; a field set to anything else counts as usual. Add each new field here with that default.
 LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_file": None}
-# Fields added after a release that only say what to write, never what is computed: left out at any value.
+# Fields added after a release that only say what to write, never what is computed: left out at any value (as
+# NEUTRAL's are, and from the stage markers too).
 LATE_NEUTRAL = ("run.final_engine_state",)
 _ANY = object()
 
@@ -55,7 +56,6 @@ def drop_late_defaults(tree: dict) -> dict:
         if isinstance(node, dict) and key in node and (default is _ANY or node[key] == default):
             del node[key]
     return tree
-
 
 
 def _strip(d: dict) -> dict:

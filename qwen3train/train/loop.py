@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -185,8 +186,6 @@ def run(cfg, hooks=None) -> Path:
             src = checkpoint.step_dir(run_dir, state.step) / "model"
             write_card(cfg, run_dir, src, state.step)
             tmp = final_dir.with_name(".final.tmp")
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(src, tmp, copy_function=_link_weights)
             shutil.rmtree(final_dir, ignore_errors=True)
@@ -206,8 +205,6 @@ def _link_weights(src: str, dst: str) -> None:
     """The final model from the last checkpoint's export: weight files hard-linked (written once, never
     changed in place: ~2 s a GB saved), the rest (cards, which evaluation rewrites) copied; a copy where the
     file system has no links."""
-    import shutil
-
     if src.endswith((".safetensors", ".bin", ".gguf")):
         try:
             os.link(src, dst)

@@ -123,8 +123,8 @@ def test_merge_refuses_a_damaged_export(tiny_model_dir, tmp_path):
 def test_retired_checkpoints_keep_their_exports_and_refuse_to_resume(tiny_model_dir, tmp_path):
     """``retire`` (what the pipeline does once a training stage is done): the engine state and RNG files go,
     the export stays and still merges, the checksums describe what is left, a second call frees nothing, and
-    a rerun of the run stops with one line instead of taking a checkpoint without optimizer state (or
-    silently starting over). Catches a retire that leaves a manifest naming deleted files (every later
+    a rerun asking for more steps stops with one line instead of taking a checkpoint without optimizer state
+    (or silently starting over). Catches a retire that leaves a manifest naming deleted files (every later
     resume would call it damaged) and a resume that loads a retired checkpoint. A rerun of the same finished run
     trains nothing (its last checkpoint is at the end: only the final copy is redone)."""
     from qwen3train.merge.apply import merge_folders, select_checkpoints
