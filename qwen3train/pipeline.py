@@ -124,8 +124,8 @@ class PipelineConfig:
     # GLIBC_TUNABLES malloc settings in the environment win). With the defaults, a training step's mid-sized
     # tensors came fresh from the kernel every step (a 576x1536 MLP's forward and backward over 4,000 tokens:
     # 32k page faults a step, 94 with this); reranker and stage-2 steps ran 10-24% faster in four A/B pairs
-    # (docs/benchmarks.md). A stage's
-    # memory then stays at its peak until it ends. false: the C library's defaults. Other C libraries ignore it.
+    # (docs/benchmarks.md). A stage's memory then stays at its peak until it ends. false: the C library's
+    # defaults. Other C libraries ignore it.
     keep_freed_memory: bool = True
 
     @property

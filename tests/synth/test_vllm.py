@@ -66,7 +66,7 @@ def test_vllm_samples_per_request_seeds_and_long_prompts_on_cpu(vllm_backend):
     tok = vllm_backend.tokenizer
     words = tok.decode(list(range(1000, 1700)))
     prompts = [f"Document {i}: {words}\nWrite a query:" for i in range(12)]
-    assert all(len(tok.encode(p)) > 600 for p in prompts)
+    assert sum(len(tok.encode(p)) for p in prompts) > 8192  # the CPU backend's per-step token budget
     sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=1.0)
     first = [g.text for g in vllm_backend.generate(prompts, sampling, seed=11)]
     again = [g.text for g in vllm_backend.generate(prompts, sampling, seed=11)]
