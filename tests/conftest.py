@@ -64,26 +64,37 @@ def compose():
 
 
 class _DiskWatch:
-    """Samples the free space of the temporary folder's disk every half second and charges to the running test
-    what it took beyond what was taken when it started. The terminal summary names the tests that took the
-    most at their peak and the lowest free space, so a suite that fills a CI machine's disk says which test
-    did it (a full disk once failed a CI run with 41 errors in setup, none of them the cause)."""
+    """Samples the free space of the temporary folder's disk every half second and charges to each running test
+    what was taken beyond what was taken when it started (with tests in parallel, ``make test``'s workers, a test
+    is charged what its neighbours took meanwhile too). The terminal summary names the tests that took the most
+    at their peak and the lowest free space, so a suite that fills a CI machine's disk says which test did it (a
+    full disk once failed a CI run with 41 errors in setup, none of them the cause)."""
 
     def __init__(self, path: str):
-        self.path, self.test, self.peak, self.base = path, "(collection)", {}, 0
+        self.path, self.peak, self.running = path, {}, {}
         self.start = shutil.disk_usage(path).free
-        self.low = (self.start, self.test)
+        self.low = (self.start, "(collection)")
+        self.lock = threading.Lock()
         self.stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
+
+    def begin(self, test: str):
+        with self.lock:
+            self.running[test] = shutil.disk_usage(self.path).free
+
+    def end(self, test: str):
+        with self.lock:
+            self.running.pop(test, None)
 
     def _run(self):
         while not self.stop.wait(0.5):
             free = shutil.disk_usage(self.path).free
-            test, own = self.test, self.start - free - self.base
-            if own > self.peak.get(test, 0):
-                self.peak[test] = own
-            if free < self.low[0]:
-                self.low = (free, test)
+            with self.lock:
+                for test, at_start in self.running.items():
+                    if at_start - free > self.peak.get(test, 0):
+                        self.peak[test] = at_start - free
+                if free < self.low[0]:
+                    self.low = (free, " + ".join(self.running) or "(between tests)")
 
 
 _WATCH: _DiskWatch | None = None
@@ -91,12 +102,18 @@ _WATCH: _DiskWatch | None = None
 
 def pytest_sessionstart(session):
     global _WATCH
-    _WATCH = _DiskWatch(tempfile.gettempdir())
+    if not hasattr(session.config, "workerinput"):  # the controller of parallel workers, or a serial run
+        _WATCH = _DiskWatch(tempfile.gettempdir())
 
 
 def pytest_runtest_logstart(nodeid, location):
     if _WATCH is not None:
-        _WATCH.test, _WATCH.base = nodeid, _WATCH.start - shutil.disk_usage(_WATCH.path).free
+        _WATCH.begin(nodeid)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if _WATCH is not None:
+        _WATCH.end(nodeid)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -54,7 +54,32 @@ def filter_stream(lines, out) -> tuple[list[str], list[int]]:
     return held + block, codes
 
 
+FIXED_PORT = "29511"  # the rendezvous port of a multi-node run whose MASTER_PORT is not set (the same on every node)
+
+
+def resolve_port(argv: list[str]) -> list[str]:
+    """``--master_port auto`` (the default of scripts/launch.sh, the Makefile and the pipeline): on one node a
+    free port, so that two runs on one machine (two experiments on halves of a GPU node, a test suite run in
+    parallel) do not meet on the same rendezvous; on several nodes the fixed 29511, which every node must agree
+    on without talking (SLURM jobs set MASTER_PORT from the job id: qwen3train.cli.slurm)."""
+    out = list(argv)
+    if "--master_port" not in out or out[out.index("--master_port") + 1] != "auto":
+        return out
+    at = out.index("--master_port") + 1
+    nnodes = out[out.index("--nnodes") + 1] if "--nnodes" in out else "1"
+    if nnodes == "1":
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            out[at] = str(s.getsockname()[1])
+    else:
+        out[at] = FIXED_PORT
+    return out
+
+
 def main(argv: list[str]) -> int:
+    argv = resolve_port(argv)
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], stderr=subprocess.PIPE, text=True,
                             bufsize=1)
     held, codes = filter_stream(proc.stderr, sys.stderr)

@@ -74,7 +74,9 @@ def launcher_env(env=None) -> dict[str, str]:
     node_rank = int(env.get("SLURM_NODEID") or env.get("SLURM_PROCID") or 0)
     if not 0 <= node_rank < nnodes:
         raise ValueError(f"SLURM_NODEID={node_rank} is outside the job's {nnodes} nodes")
-    port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    port = env.get("MASTER_PORT", "")
+    if port in ("", "auto"):  # "auto" is the Makefile's default: one port for all nodes comes from the job id
+        port = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     return {"NNODES": str(nnodes), "NODE_RANK": str(node_rank), "MASTER_ADDR": env.get("MASTER_ADDR") or hosts[0],
             "MASTER_PORT": port, "NGPU": str(_gpus_per_node(env))}
 

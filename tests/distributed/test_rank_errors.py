@@ -13,8 +13,9 @@ import pytest
 
 from conftest import REPO
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", NGPU="2", PY=sys.executable,
-           MASTER_PORT="29533")
+# no MASTER_PORT: scripts/launch.sh's "auto" picks a free one (two runs on one machine never share it)
+ENV = {**{k: v for k, v in os.environ.items() if k != "MASTER_PORT"}, "OMP_NUM_THREADS": "1",
+       "PYTHONWARNINGS": "ignore", "NGPU": "2", "PY": sys.executable}
 
 
 def _launch(tmp_path, model_dir, data_args, steps=4):
@@ -81,3 +82,48 @@ def test_torchrun_report_filter():
     held, codes = filter_stream(iter(text), out)
     assert out.getvalue() == text[0] + "".join(text[2:6])
     assert codes == [2] and held[0] == text[1] and held[-1] == "====\n"
+
+
+PROBE = """
+import atexit, os, sys
+import torch
+import torch.distributed as td
+# registered before the group exists, so it runs after any exit handler qwen3train.dist registers
+atexit.register(lambda: open(sys.argv[1] + os.environ["RANK"], "w").write(str(td.is_initialized())))
+from qwen3train import dist
+dist.init()
+x = torch.ones(4)
+td.all_reduce(x)
+sys.exit(2)  # a user's mistake: report() leaves this way, without dist.cleanup()
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_leaving_on_a_mistake_destroys_its_group_before_finalization(tmp_path):
+    """A rank that exits with status 2 without ``dist.cleanup()`` must not take a live gloo group into the
+    interpreter's finalization: that aborts the process (``terminate called without an active exception``,
+    SIGABRT; 7 of 25 two-rank runs under load) and torchrun reports a crash instead of the mistake's 2.
+    Catches a missing exit handler: the group would still be alive when the probe looks."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path / "alive.rank")], env=ENV, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert "terminate called" not in proc.stderr, proc.stderr[-2000:]
+    assert [(tmp_path / f"alive.rank{r}").read_text() for r in (0, 1)] == ["False", "False"], proc.stderr[-2000:]
+
+
+def test_master_port_auto_is_free_on_one_node_and_fixed_across_nodes():
+    """``--master_port auto``: a port nothing listens on for a one-node run (a fixed default made two runs on one
+    machine meet on one rendezvous), the agreed 29511 for several nodes, and an explicit port kept as given."""
+    import socket
+
+    from qwen3train.cli.ranks import resolve_port
+
+    one = resolve_port(["--nnodes", "1", "--master_port", "auto", "-m", "x"])
+    port = int(one[one.index("--master_port") + 1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free: would raise if taken
+    assert one[:3] == ["--nnodes", "1", "--master_port"] and one[4:] == ["-m", "x"]
+    assert resolve_port(["--nnodes", "2", "--master_port", "auto"])[-1] == "29511"
+    assert resolve_port(["--nnodes", "1", "--master_port", "29999"])[-1] == "29999"

@@ -43,6 +43,8 @@ def test_launcher_env_mapping():
     assert launcher_env(dict(base, CUDA_VISIBLE_DEVICES="0,1,2"))["NGPU"] == "3"
     assert launcher_env(dict(base, NGPU="2", MASTER_PORT="29999", SLURM_GPUS_ON_NODE="8")) | {} == dict(
         env, NGPU="2", MASTER_PORT="29999")
+    # the Makefile's MASTER_PORT=auto (a free port on one node) must not reach the nodes: they agree on the job's
+    assert launcher_env(dict(base, MASTER_PORT="auto", SLURM_GPUS_ON_NODE="8")) == env
     with pytest.raises(ValueError, match="outside the job's 4 nodes"):
         launcher_env(dict(base, SLURM_NODEID="4"))
     with pytest.raises(ValueError, match="not inside a SLURM allocation"):
