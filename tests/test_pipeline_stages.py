@@ -283,25 +283,31 @@ def test_training_stages_write_their_last_checkpoint_export_only_unless_the_engi
 
 def test_stage_processes_keep_the_memory_they_free(tmp_path):
     """keep_freed_memory: a process started with a stage's environment reuses the memory it frees (glibc);
-    with the C library's defaults a training step's mid-sized tensors (an MLP's forward and backward over
-    4,000 tokens) come fresh from the kernel every step: ~30k page faults a step, every step. Would catch a
-    misspelled or ignored setting; the user's own MALLOC_* settings are left alone."""
+    with the C library's defaults a training step's large tensors (an MLP's forward and backward over 8,000
+    tokens: activations of 49 MB, above the 32 MB that glibc's dynamic mmap threshold can reach) come fresh
+    from the kernel every step. Per-step page faults, the median of 7 steady steps: 0 in 24 of 24 runs kept,
+    12,000-114,000 with the defaults (the total over 5 steps of a smaller probe varied 2,200-134,000 with the
+    defaults and failed the old 10x check once). Would catch a misspelled or ignored setting; the user's own
+    MALLOC_* settings are left alone."""
     import subprocess
     import sys
 
     from qwen3train.pipeline import KEEP_FREED_MEMORY, stage_env
 
     probe = ("import resource, torch\n"
-             "a, b = torch.nn.Linear(576, 1536), torch.nn.Linear(1536, 576)\n"
-             "x = torch.randn(4000, 576, requires_grad=True)\n"
+             "a, b = torch.nn.Linear(576, 3072), torch.nn.Linear(3072, 576)\n"
+             "x = torch.randn(8000, 576, requires_grad=True)\n"
              "def step():\n"
              "    with torch.autocast('cpu', dtype=torch.bfloat16):\n"
              "        y = b(torch.nn.functional.silu(a(x)) * a(x)).float().pow(2).mean()\n"
              "    y.backward()\n"
              "for _ in range(3):\n    step()\n"
-             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-             "for _ in range(5):\n    step()\n"
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+             "per = []\n"
+             "for _ in range(7):\n"
+             "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+             "    step()\n"
+             "    per.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+             "print(sorted(per)[3])\n")
     base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
 
     def faults(env):
@@ -309,6 +315,7 @@ def test_stage_processes_keep_the_memory_they_free(tmp_path):
                                   check=True).stdout)
 
     kept, default = faults(stage_env(base, True)), faults(stage_env(base, False))
-    assert kept * 10 < default, (kept, default)
+    assert default > 5_000, (kept, default)  # the probe is valid: the defaults give each step fresh pages
+    assert kept < 1_000, (kept, default)  # a steady step reuses what the last one freed
     assert stage_env(dict(base, MALLOC_ARENA_MAX="2"), True).get("MALLOC_MMAP_MAX_") is None
     assert set(KEEP_FREED_MEMORY) <= set(stage_env(base, True))
