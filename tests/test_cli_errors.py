@@ -41,6 +41,11 @@ CASES = {
     "filter threshold": (["--config-name=filter", "threshold=7"], "filter.threshold is a cosine"),
     "prepare unknown key": (["--config-name=prepare", "mixx=3"], "mixx"),
     "pipeline precision": (["--config-name=pipeline", "eval.precision=double"], "eval.precision must be one of"),
+    # checked when the run knows its process count (it was a ValueError traceback and status 1)
+    "micro batch not dividing the batch": (["--config-name=stage1", "data.train_files=[{good}]",
+                                            "engine.global_batch_size=12", "engine.micro_batch_size=8"],
+                                           "per-process batch 12 (engine.global_batch_size / 1 processes) is not "
+                                           "divisible by engine.micro_batch_size=8"),
 }
 
 

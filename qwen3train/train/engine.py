@@ -87,16 +87,23 @@ class EngineConfig:
 
     def local_batch(self, world: int) -> int:
         if self.global_batch_size % world:
-            raise ValueError(f"engine.global_batch_size={self.global_batch_size} is not divisible by "
-                             f"the {world} processes")
+            raise ConfigError(f"engine.global_batch_size={self.global_batch_size} is not divisible by "
+                              f"the {world} processes")
         return self.global_batch_size // world
 
+    def micro_rows(self, world: int) -> int:
+        """Rows of one forward on a rank: ``micro_batch_size``, or the whole per-process batch when that is
+        smaller. ``micro_batch_size`` is a memory ceiling, so a config sized for one process runs unchanged on
+        more (``make smoke NGPU=2``: global 8 over 2 processes is 4 rows each, under the ceiling of 8); the loss
+        is over the global batch either way."""
+        return min(self.micro_batch_size, self.local_batch(world))
+
     def micro_steps(self, world: int) -> int:
-        local = self.local_batch(world)
-        if local % self.micro_batch_size:
-            raise ValueError(f"per-process batch {local} (engine.global_batch_size / {world} processes) is "
-                             f"not divisible by engine.micro_batch_size={self.micro_batch_size}")
-        return local // self.micro_batch_size
+        local, rows = self.local_batch(world), self.micro_rows(world)
+        if local % rows:
+            raise ConfigError(f"per-process batch {local} (engine.global_batch_size / {world} processes) is "
+                              f"not divisible by engine.micro_batch_size={self.micro_batch_size}")
+        return local // rows
 
 
 def device() -> torch.device:
@@ -259,8 +266,8 @@ def deepspeed_config(cfg: EngineConfig, world: int, precision: str) -> dict:
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     ours = {
-        "train_batch_size": cfg.micro_batch_size * gas * world,
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "train_batch_size": cfg.micro_rows(world) * gas * world,
+        "train_micro_batch_size_per_gpu": cfg.micro_rows(world),
         "gradient_accumulation_steps": gas,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,

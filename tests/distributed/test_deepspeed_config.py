@@ -100,3 +100,19 @@ def test_user_config_through_the_cli(tiny_model_dir, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
     assert len(lines) == 1 and "2 conflicts with engine.micro_batch_size (= 8)" in lines[0] and str(bad) in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_micro_batch_above_the_per_process_batch_is_capped_to_it():
+    """engine.micro_batch_size is a ceiling: global 8 on 2 processes runs 4-row forwards in one step (and DeepSpeed
+    is told so: its batch fields must multiply to the global batch). `make smoke NGPU=2` stopped at stage 2 with a
+    ValueError traceback before; a split that really does not divide is a one-line ConfigError."""
+    cfg = EngineConfig(backend="deepspeed", micro_batch_size=8, global_batch_size=8)
+    assert (cfg.micro_rows(2), cfg.micro_steps(2)) == (4, 1)
+    assert (cfg.micro_rows(1), cfg.micro_steps(1)) == (8, 1)
+    ds = deepspeed_config(cfg, world=2, precision="fp32")
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 4, 1)
+    assert EngineConfig(micro_batch_size=4, global_batch_size=32).micro_steps(2) == 4
+    with pytest.raises(ConfigError, match="per-process batch 12 .* not divisible by engine.micro_batch_size=8"):
+        EngineConfig(micro_batch_size=8, global_batch_size=24).micro_steps(2)
+    with pytest.raises(ConfigError, match="not divisible by the 3 processes"):
+        EngineConfig(micro_batch_size=8, global_batch_size=8).micro_steps(3)
