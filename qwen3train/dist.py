@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from qwen3train.net import free_port
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -72,7 +74,7 @@ def init(timeout_min: int = 30, *, single_process: bool = False) -> None:
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
         if not single_process:
             return
-        for key, val in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+        for key, val in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
                          ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(key, val)
     if torch.cuda.is_available():
@@ -94,14 +96,6 @@ def _destroy_at_exit() -> None:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - the process is ending; a peer may already be gone
             pass
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def comm_device() -> torch.device:

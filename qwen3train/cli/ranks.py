@@ -16,6 +16,8 @@ import re
 import subprocess
 import sys
 
+from qwen3train.net import free_port
+
 _CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
 _EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
 # torchrun's log lines about its workers (failure notices, the SIGTERM it sends to the others)
@@ -67,14 +69,7 @@ def resolve_port(argv: list[str]) -> list[str]:
         return out
     at = out.index("--master_port") + 1
     nnodes = out[out.index("--nnodes") + 1] if "--nnodes" in out else "1"
-    if nnodes == "1":
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            out[at] = str(s.getsockname()[1])
-    else:
-        out[at] = FIXED_PORT
+    out[at] = str(free_port()) if nnodes == "1" else FIXED_PORT
     return out
 
 

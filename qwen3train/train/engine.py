@@ -259,15 +259,15 @@ def merge_deepspeed_config(ours: dict, user: dict, source: str, precision: str) 
 
 def deepspeed_config(cfg: EngineConfig, world: int, precision: str) -> dict:
     """The DeepSpeed config of a run: generated from EngineConfig, merged with the user's file."""
-    gas = cfg.micro_steps(world)
+    gas, rows = cfg.micro_steps(world), cfg.micro_rows(world)
     zero = {"stage": cfg.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     ours = {
-        "train_batch_size": cfg.micro_rows(world) * gas * world,
-        "train_micro_batch_size_per_gpu": cfg.micro_rows(world),
+        "train_batch_size": rows * gas * world,
+        "train_micro_batch_size_per_gpu": rows,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
