@@ -145,7 +145,9 @@ def run_mine(cfg: MineConfig) -> dict:
     store = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / f".{out.name}.store"
 
     def encode(texts, **kw):
-        return encode_to_store(enc, texts, store, chunk_size=cfg.chunk_size, log=_log, **kw)
+        # without a cache folder the store is removed at the end: keyed by the weight files' stat, not hashed
+        return encode_to_store(enc, texts, store, chunk_size=cfg.chunk_size, log=_log,
+                               by_content=bool(cfg.cache_dir), **kw)
 
     dvec = encode(docs)
     # queries grouped by instruction; row_of[i] = row of query i inside its group's store

@@ -23,10 +23,13 @@ from qwen3train.eval.encoder import Encoder
 
 
 def encode_to_store(enc: Encoder, texts: list[str], store: str | Path, *, instruction: str | None = None,
-                    query: bool = False, chunk_size: int = 16384, log=None) -> np.ndarray:
-    """-> read-only memory map ``[len(texts), D]`` of normalised float32 embeddings in input order."""
+                    query: bool = False, chunk_size: int = 16384, log=None, by_content: bool = True) -> np.ndarray:
+    """-> read-only memory map ``[len(texts), D]`` of normalised float32 embeddings in input order.
+
+    ``by_content=False`` for a store deleted at the end of its run: the weights are named by their files'
+    path, size and time (``Encoder.fingerprint``), not hashed."""
     store = Path(store)
-    key = enc.cache_key(texts, instruction if query else "doc:" + (instruction or ""))
+    key = enc.cache_key(texts, instruction if query else "doc:" + (instruction or ""), by_content)
     final = store / f"{key}.npy"
     if not final.exists():
         parts = store / f"{key}.parts"

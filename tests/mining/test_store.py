@@ -171,3 +171,42 @@ def test_weights_are_hashed_once_per_encoder(monkeypatch):
     assert files >= 1
     assert enc.cache_key(texts[:2], "q") != first and enc.cache_key(texts, "doc:") == first
     assert len(calls) == files
+
+
+def test_a_store_deleted_after_its_run_is_keyed_without_reading_the_weights(tmp_path, monkeypatch):
+    """Mining without a cache folder writes a store it removes at the end; its key only lets a rerun after a
+    kill reuse the finished chunks. Hashing the weights' content for it cost 1 s per GB on every run (the
+    gap to sentence-transformers on the GPU). Fails if that store still hashes the content, if its key
+    ignores a rewritten weight file (a resumed run would mix two models' vectors), or if a cached run stops
+    hashing content (a copied checkpoint must keep reusing its vectors)."""
+    import shutil
+
+    import qwen3train.eval.encoder as encoder
+    from qwen3train.mining.mine import MineConfig, run_mine
+
+    model = tmp_path / "minilm"
+    shutil.copytree(MINILM, model)
+    hashed = []
+    real = encoder._content_hash
+    monkeypatch.setattr(encoder, "_content_hash", lambda p: hashed.append(p) or real(p))
+    texts = corpus_texts(6)
+    enc = Encoder(model, max_length=128)
+    quick = enc.cache_key(texts, "doc:", by_content=False)
+    assert hashed == [] and Encoder(model, max_length=128).cache_key(texts, "doc:", by_content=False) == quick
+    weights = next(model.rglob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten in place: a new time
+    assert Encoder(model, max_length=128).cache_key(texts, "doc:", by_content=False) != quick
+    assert hashed == []
+
+    rows = [{"query": f"q{i}", "pos": [t]} for i, t in enumerate(texts)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_mine(MineConfig(inputs=[str(data)], embedder=str(model), output=str(tmp_path / "a.jsonl"), cache_dir=None,
+                        num_negatives=1, range_min=0, range_max=5, max_score_ratio=None))
+    assert hashed == [] and not (tmp_path / ".a.jsonl.store").exists()
+    run_mine(MineConfig(inputs=[str(data)], embedder=str(model), output=str(tmp_path / "b.jsonl"),
+                        cache_dir=str(tmp_path / "cache"), num_negatives=1, range_min=0, range_max=5,
+                        max_score_ratio=None))
+    assert hashed == [weights]  # the kept cache: by content, once
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
