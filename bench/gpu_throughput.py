@@ -8,7 +8,10 @@ measured (a run stopped at its time limit keeps every finished row):
   global batch 1,024 with GradCache (chunks of 256 rows, and chunks cut by a token budget);
   sentence-transformers MNRL at 64 and 256 and CachedMNRL at 1,024 (bf16 autocast, fp32 weights, as its
   trainer's ``bf16=True``); stage 2 (3 hard negatives) padded vs packed + compiled; the packed attention
-  backends against each other.
+  backends against each other. Then what decides the next steps toward 30% MFU: the best configuration
+  profiled (GPU time by kernel class, GPU busy share of the step, launches per step), CUDA graphs
+  (``model.compile_mode=reduce-overhead``), bf16 weights without autocast's per-forward casts (the
+  ceiling of what bf16 compute copies beside the fp32 masters could save) and max-autotune.
 
 Each row: tokens/s on real tokens, MFU (6 x non-embedding parameters per real token) against the
 spec peak and against a bf16 matmul this section times itself, step time, peak GPU memory, the loss.
@@ -99,6 +102,11 @@ def _ours(model_dir: Path, data: Path, row: dict, steps: int, device) -> dict:
     task = EmbeddingTask(emb, InfoNCELoss(0.05, fn_margin=0.1, qq=True, dd=True), "x")
     ecfg = EngineConfig(micro_batch_size=micro, global_batch_size=g, grad_cache=row.get("grad_cache", False),
                         micro_batch_tokens=row.get("micro_batch_tokens"))
+    if row.get("bf16_weights"):
+        # weights (and AdamW) in bf16, so autocast casts nothing: not a training recipe (pure bf16 updates lose
+        # most of a small lr's steps, qwen3train/precision.py) but the step's cost without the fp32 -> bf16
+        # weight casts and the fp32 gradient accumulation: the most bf16 compute copies could save
+        emb.to(torch.bfloat16)
     engine = TorchEngine(emb, ecfg, OptimConfig(lr=1e-5), 1000, precision="bf16")
     batches = iter(loader)
     fpt = flops_per_token(emb)
@@ -108,7 +116,79 @@ def _ours(model_dir: Path, data: Path, row: dict, steps: int, device) -> dict:
         loss, _, _ = train_step(engine, task, b, ecfg.micro_steps(1), ecfg.grad_cache, ecfg.micro_batch_tokens)
         return float(loss), b.num_tokens
 
-    return _timed(step, steps, device, fpt, extra={"attention": emb.packing or "padded (sdpa)"})
+    got = _timed(step, steps, device, fpt, extra={"attention": emb.packing or "padded (sdpa)",
+                                                 "compile_mode": mcfg.compile_mode or "default"})
+    if row.get("profile"):
+        got["profile"] = _profiled(step, 2, device)
+    return got
+
+
+# Kernel classes, first match wins (lower-cased substrings of kernel names: cuBLAS/CUTLASS GEMMs on Hopper are
+# nvjet_*, sm90_xmma_gemm_*, cutlass*; Inductor's fused kernels are triton_*; torch's varlen and SDPA attention
+# are flash_*/fmha*; eager casts are direct_copy/to_copy elementwise kernels). On the CPU (the rehearsal) the
+# names are torch operators instead, classed by the same rules.
+KERNEL_CLASSES = (
+    ("compiled (triton)", ("triton",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_sdp")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear",
+                "aten::matmul", "mkldnn")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("cast/copy", ("copy", "cast", "to_copy", "memcpy", "aten::to", "convert")),
+    ("reduction", ("reduce", "norm", "sum", "mean", "softmax", "logsumexp")),
+    ("embedding/index", ("index", "embedding", "gather", "scatter")),
+    ("memset", ("memset", "fill", "zero")),
+    ("elementwise", ("elementwise", "mul", "add", "silu", "sigmoid", "pow", "rsqrt", "div", "exp", "neg", "cat")),
+)
+
+
+def classify_kernel(name: str) -> str:
+    low = name.lower()
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def kernel_summary(kernels: list[tuple[str, float]], steps: int, wall_s: float) -> dict:
+    """``kernels``: (name, device microseconds) of every kernel of ``steps`` steps that took ``wall_s``.
+    -> device ms per step, its share of the wall time (below 1: the host is too slow to keep the device fed,
+    where CUDA graphs pay), launches per step, the share of each class, the 12 costliest kernels."""
+    total = sum(us for _, us in kernels)
+    by_cls: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for name, us in kernels:
+        by_cls[classify_kernel(name)] = by_cls.get(classify_kernel(name), 0.0) + us
+        by_name[name] = by_name.get(name, 0.0) + us
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"device_ms_per_step": round(total / 1e3 / steps, 2),
+            "device_busy": round(total / 1e6 / wall_s, 3) if wall_s > 0 else None,
+            "launches_per_step": round(len(kernels) / steps),
+            "classes": {k: round(v / total, 3) for k, v in sorted(by_cls.items(), key=lambda kv: -kv[1])} if total else {},
+            "top": [[n[:90], round(us / 1e3 / steps, 3)] for n, us in top]}
+
+
+def _profiled(step, steps: int, device) -> dict:
+    """``steps`` more steps under torch.profiler: the kernels (CUDA) or the operators' own time (CPU)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall = time.perf_counter() - t
+    if cuda:
+        kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    else:  # operators' self time (their children's excluded, so nothing counts twice): the CPU's "kernels"
+        kernels = [(e.name, e.self_cpu_time_total) for e in prof.events()
+                   if e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0]
+    return kernel_summary(kernels, steps, wall)
 
 
 def _timed(step, steps: int, device, fpt: float, extra: dict | None = None) -> dict:
@@ -192,7 +272,9 @@ def rows(cuda: bool) -> list[dict]:
         return [{"name": "s1 mb8 eager-padded", "impl": "ours", "model": padded, "micro": 8, "global": 8},
                 {"name": "s1 g16 gradcache 400-token chunks packed", "impl": "ours", "model": packed, "micro": 8,
                  "global": 16, "grad_cache": True, "micro_batch_tokens": 400},
-                {"name": "st cached g16 mini8", "impl": "st", "micro": 8, "global": 16, "cached": True}]
+                {"name": "st cached g16 mini8", "impl": "st", "micro": 8, "global": 16, "cached": True},
+                {"name": "s1 mb8 packed bf16-weights profiled", "impl": "ours", "model": packed, "micro": 8,
+                 "global": 8, "bf16_weights": True, "profile": True}]
     return [
         {"name": "s1 mb64 eager-padded", "impl": "ours", "model": padded, "micro": 64, "global": 64},
         {"name": "s1 mb64 packed", "impl": "ours", "model": packed, "micro": 64, "global": 64},
@@ -215,7 +297,30 @@ def rows(cuda: bool) -> list[dict]:
         {"name": "s1 mb256 packed+compiled padded-attn", "impl": "ours",
          "model": {**compiled, "packed_attention": "padded"}, "micro": 256, "global": 256},
         {"name": "s1 mb256 packed eager", "impl": "ours", "model": packed, "micro": 256, "global": 256},
+        # toward 30% MFU: where the best configuration's time goes, then the candidates it points at
+        {"name": "s1 mb256 packed+compiled profiled", "impl": "ours", "model": compiled, "micro": 256, "global": 256,
+         "profile": True},
+        {"name": "s1 mb64 packed+compiled profiled", "impl": "ours", "model": compiled, "micro": 64, "global": 64,
+         "profile": True},
+        {"name": "s1 mb64 packed+compiled cudagraphs", "impl": "ours",
+         "model": {**compiled, "compile_mode": "reduce-overhead"}, "micro": 64, "global": 64},
+        {"name": "s1 mb256 packed+compiled cudagraphs", "impl": "ours",
+         "model": {**compiled, "compile_mode": "reduce-overhead"}, "micro": 256, "global": 256},
+        {"name": "s1 mb256 packed+compiled bf16-weights", "impl": "ours", "model": compiled, "micro": 256,
+         "global": 256, "bf16_weights": True},
+        {"name": "s1 mb64 packed+compiled bf16-weights", "impl": "ours", "model": compiled, "micro": 64,
+         "global": 64, "bf16_weights": True},
+        {"name": "s1 mb256 packed+compiled max-autotune-no-cudagraphs", "impl": "ours",
+         "model": {**compiled, "compile_mode": "max-autotune-no-cudagraphs"}, "micro": 256, "global": 256},
     ]
+
+
+# The rows a short lease runs first (QWEN3TRAIN_THROUGHPUT_ROWS=next): the best configurations again beside
+# what the last check left unmeasured
+NEXT_ROWS = ("s1 mb256 packed+compiled profiled", "s1 mb64 packed+compiled profiled",
+             "s1 mb256 packed+compiled bf16-weights", "s1 mb64 packed+compiled cudagraphs",
+             "s1 mb256 packed+compiled cudagraphs", "s1 g1024 gradcache mb256 packed+compiled",
+             "s1 mb64 packed+compiled bf16-weights", "s1 mb256 packed+compiled max-autotune-no-cudagraphs")
 
 
 def summary(res: dict, spec_peak: float | None, matmul_tflops: float | None) -> dict:
@@ -226,7 +331,8 @@ def summary(res: dict, spec_peak: float | None, matmul_tflops: float | None) -> 
             r["mfu_spec"] = round(flops / spec_peak, 4)
         if matmul_tflops:
             r["mfu_matmul"] = round(flops / (matmul_tflops * 1e12), 4)
-    ours = {k: v for k, v in done.items() if not k.startswith("st ")}
+    # bf16-weights rows measure a ceiling, not a way to train: never "best", never a goal
+    ours = {k: v for k, v in done.items() if not k.startswith("st ") and "bf16-weights" not in k}
     out: dict = {}
     if ours:
         best = max(ours, key=lambda k: ours[k]["tokens_per_s"])
@@ -249,6 +355,12 @@ def summary(res: dict, spec_peak: float | None, matmul_tflops: float | None) -> 
         a, b = done.get(f"{name} eager-padded"), done.get(f"{name} packed+compiled")
         if a and b:
             out[f"{name} packed+compiled / eager-padded"] = round(b["tokens_per_s"] / a["tokens_per_s"], 2)
+    for name in ("s1 mb64", "s1 mb256"):
+        base = done.get(f"{name} packed+compiled") or done.get(f"{name} packed+compiled profiled")
+        for variant in ("cudagraphs", "bf16-weights", "max-autotune-no-cudagraphs"):
+            v = done.get(f"{name} packed+compiled {variant}")
+            if base and v:
+                out[f"{name} {variant} / packed+compiled"] = round(v["tokens_per_s"] / base["tokens_per_s"], 2)
     return out
 
 
@@ -285,8 +397,13 @@ def section_throughput(out: Path, quick: bool, budget_s: float = 420.0) -> dict:
     if quick and cuda:
         todo = todo[:9]
     if os.environ.get("QWEN3TRAIN_THROUGHPUT_ROWS"):  # a chosen subset, in the order given (a short lease)
-        by_name = {r["name"]: r for r in todo}
-        todo = [by_name[n] for n in os.environ["QWEN3TRAIN_THROUGHPUT_ROWS"].split(",")]
+        by_name = {r["name"]: r for r in rows(cuda)}
+        names = os.environ["QWEN3TRAIN_THROUGHPUT_ROWS"]
+        names = list(NEXT_ROWS) if names == "next" and cuda else names.split(",") if names != "next" else list(by_name)
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise SystemExit(f"QWEN3TRAIN_THROUGHPUT_ROWS: no row named {unknown[0]!r}; rows: {', '.join(by_name)}")
+        todo = [by_name[n] for n in names]
     for row in todo:
         if time.perf_counter() - start > budget_s:
             res["rows"][row["name"]] = {"skipped": f"section budget of {budget_s:.0f} s spent"}
@@ -328,6 +445,9 @@ def markdown(sec: dict) -> list[str]:
             continue
         lines.append(f"| {name} | {r['tokens_per_s']:,} | {r.get('mfu_spec', '-')} | {r.get('mfu_matmul', '-')} | "
                      f"{r['step_s']} | {r.get('peak_gpu_mem_gib', '-')} | {r.get('attention', '-')} |")
+    for name, r in sec["rows"].items():
+        if "profile" in r:
+            lines.append(f"- t. profile of {name}: " + json.dumps(r["profile"]))
     lines.append("\n- t. summary: " + json.dumps(sec.get("summary", {})))
     return lines
 

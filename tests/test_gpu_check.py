@@ -52,8 +52,8 @@ def test_gpu_check_cuda_sections_rehearsed_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_throughput_and_two_process_sections_rehearsed_on_cpu(tmp_path):
     """Sections t and g with QWEN3TRAIN_GPU_CHECK_ON_CPU=1 (tiny model, toy batches): every throughput row
-    (ours padded, ours packed with token-budget GradCache chunks, sentence-transformers' CachedMNRL)
-    measures, the summary compares them, and 2 processes sharing a device (gloo) equal 1. Keeps the
+    (ours padded, ours packed with token-budget GradCache chunks, sentence-transformers' CachedMNRL, bf16
+    weights under the profiler) measures, the summary compares them, and 2 processes sharing a device (gloo) equal 1. Keeps the
     GPU run, which has one try, from failing on a broken row."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", QWEN3TRAIN_GPU_CHECK_ON_CPU="1")
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(tmp_path),
@@ -62,9 +62,66 @@ def test_gpu_check_throughput_and_two_process_sections_rehearsed_on_cpu(tmp_path
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())["sections"]
     rows = res["t_throughput"]["rows"]
-    assert len(rows) == 3 and all(r["tokens_per_s"] > 0 for r in rows.values()), rows
+    assert len(rows) == 4 and all(r["tokens_per_s"] > 0 for r in rows.values()), rows
+    prof = rows["s1 mb8 packed bf16-weights profiled"]["profile"]  # bf16 weights train; the profiler reads ops
+    assert prof["launches_per_step"] > 100 and abs(sum(prof["classes"].values()) - 1) < 0.01, prof
+    assert prof["classes"].get("matmul", 0) > 0.02 and prof["classes"].get("attention", 0) > 0.02, prof
     assert rows["s1 mb8 eager-padded"]["attention"] == "padded (sdpa)"
     assert rows["s1 g16 gradcache 400-token chunks packed"]["attention"] == "padded"  # the CPU's packed backend
     assert "gradcache_cost_per_token_ratio" in res["t_throughput"]["summary"]
     assert "| st cached g16 mini8 |" in proc.stdout
     assert res["g_two_procs"]["equal"] and res["g_two_procs"]["steps"] == 3
+
+
+def test_kernel_classes_and_summary_of_a_profile():
+    """The profile the next GPU check records decides what to build next (CUDA graphs when the device idles,
+    fused kernels when elementwise or cast time is large), so a misclassed kernel would point the work the
+    wrong way. Names as Hopper runs print them; a bf16-weights row (a ceiling, not a way to train) must never
+    be named the best configuration."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_throughput import classify_kernel, kernel_summary, summary
+
+    names = {
+        "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
+        "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0": "compiled (triton)",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64>>(Flash_fwd_params)": "attention",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel)": "attention",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)":
+            "cast/copy",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "elementwise",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormTwoOps>>": "reduction",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>": "optimizer",
+        "void at::native::indexSelectLargeIndex<c10::BFloat16, long, unsigned int, 2, 2, -2, true>": "embedding/index",
+        "Memset (Device)": "memset",
+        "aten::addmm": "matmul",
+        "aten::add_": "elementwise",
+        "cudaStreamSynchronize": "other",
+    }
+    assert {n: classify_kernel(n) for n in names} == names
+    got = kernel_summary([("nvjet_tst_a", 600.0), ("triton_poi_fused_mul_0", 200.0), ("nvjet_tst_a", 600.0),
+                          ("void at::native::elementwise_kernel<copy>", 200.0)], steps=2, wall_s=0.002)
+    assert got["device_ms_per_step"] == 0.8 and got["launches_per_step"] == 2 and got["device_busy"] == 0.8
+    assert got["classes"] == {"matmul": 0.75, "compiled (triton)": 0.125, "cast/copy": 0.125}
+    assert got["top"][0] == ["nvjet_tst_a", 0.6]
+    rows = {"s1 mb256 packed+compiled": {"tokens_per_s": 100, "flops_per_token": 1.0},
+            "s1 mb256 packed+compiled bf16-weights": {"tokens_per_s": 120, "flops_per_token": 1.0}}
+    s = summary(rows, None, None)
+    assert s["best"] == "s1 mb256 packed+compiled" and s["s1 mb256 bf16-weights / packed+compiled"] == 1.2
+
+
+def test_every_gpu_row_is_a_valid_configuration():
+    """The GPU rows never run on CI; a misspelt option or row name would cost a lease's one try. Each CUDA
+    row's model settings build a ModelConfig, and the rows a short lease runs first (``next``) exist."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_throughput import NEXT_ROWS, rows
+
+    from qwen3train.models.build import ModelConfig
+
+    cuda_rows = rows(cuda=True)
+    names = [r["name"] for r in cuda_rows]
+    assert len(set(names)) == len(names) and set(NEXT_ROWS) <= set(names)
+    for r in cuda_rows:
+        if r["impl"] == "ours":
+            ModelConfig(**r["model"])
+            assert r["global"] % r["micro"] == 0 and (r["global"] == r["micro"] or r.get("grad_cache")), r["name"]
