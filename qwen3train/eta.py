@@ -18,6 +18,11 @@ GEN_WEIGHT = 20.0  # a generated token ~ 20 forward tokens (decoding one token a
 SECONDS_PER_UNIT_PARAM = {"train": 5e-12, "encode": 1.8e-12, "generate": 2e-12}
 PRIOR_UNITS = 1e5  # the default counts as this many units measured: a small stage does not swing the rate
 GPU_SPEEDUP = 1000.0
+# a stage process's fixed start (python, torch and transformers imports, loading its models): `make smoke` on
+# 2 CPU cores, whose training and encoding stages have next to no work, took 6.7-10.1 s each (median 8.5);
+# on a GPU, CUDA's start and compilation on top
+STAGE_START_S = {"cpu": 8.5, "cuda": 20.0}
+IN_PROCESS = {"report"}  # stages run inside the pipeline's own process
 # tokens a reranker computes per real token when a query's prompt + query run once for its documents
 # (model.share_prefix; bench/bench_share_prefix.py: 0.48 for 1 positive + 3 negatives at length 128)
 RERANK_SHARED = 0.5
@@ -84,39 +89,55 @@ def stage_units(cfg, name: str) -> float:
 
 
 class ETA:
-    """``done(name, seconds)`` after each stage that ran; ``remaining(names)`` -> seconds. Each kind of work
-    (training, encoding, generation) has its own rate: the default for this device until a stage of that
-    kind has run here, then the measured one; kinds not yet seen are scaled by how far the measured kinds
-    were from their defaults."""
+    """``done(name, seconds)`` after each stage that ran; ``remaining(names)`` -> seconds.
+
+    A stage costs a fixed start (its process: imports, loading models; ``STAGE_START_S``) plus its work:
+    units x 2 x the non-embedding parameters of the model that does it (stage 0's generator, else the
+    model being trained). Each kind of work (training, encoding, generation) has its own rate per unit and
+    parameter: the default for this device until a stage of that kind has run here, then the measured one;
+    kinds not yet seen are scaled by how far the measured kinds were from their defaults. Scaling by the
+    stage's own model matters when they differ: the smoke run generates with SmolLM2-135M and trains a
+    random model ~1,500x smaller, and pricing its training at the generator's measured rate per *training*
+    parameter made a 2-minute run announce 25 minutes."""
 
     def __init__(self, cfg) -> None:
         import torch
 
         self.cfg = cfg
-        scale = 2 * _params(cfg.model.name_or_path) / (GPU_SPEEDUP * max(cfg.ngpu, 1) if torch.cuda.is_available() else 1.0)
-        self.default = {k: v * scale for k, v in SECONDS_PER_UNIT_PARAM.items()}
+        cuda = torch.cuda.is_available()
+        speed = GPU_SPEEDUP * max(cfg.ngpu, 1) if cuda else 1.0
+        self.start_s = STAGE_START_S["cuda" if cuda else "cpu"]
+        self.default = {k: v / speed for k, v in SECONDS_PER_UNIT_PARAM.items()}
+        self.prior = PRIOR_UNITS * 2 * _params(cfg.model.name_or_path)  # in work (units x 2 x parameters)
         self.spent = {k: 0.0 for k in self.default}
-        self.units_done = {k: 0.0 for k in self.default}
+        self.work_done = {k: 0.0 for k in self.default}
 
     def units(self, name: str) -> float:
         return stage_units(self.cfg, name)
 
+    def work(self, name: str) -> float:
+        model = self.cfg.synth.generator if name == "synth" else self.cfg.model.name_or_path
+        return self.units(name) * 2 * _params(model)
+
+    def start(self, name: str) -> float:
+        return 0.0 if name in IN_PROCESS else self.start_s
+
     def done(self, name: str, seconds: float) -> None:
         kind = KIND.get(name, "encode")
-        self.units_done[kind] += self.units(name)
-        self.spent[kind] += seconds
+        self.work_done[kind] += self.work(name)
+        self.spent[kind] += max(seconds - self.start(name), 0.0)
 
     def rate(self, kind: str) -> float:
-        seen = [k for k in self.default if self.units_done[k] > 0]
+        seen = [k for k in self.default if self.work_done[k] > 0]
         if not seen:
             return self.default[kind]
-        if self.units_done[kind] > 0:  # measured, with the default as a prior of PRIOR_UNITS units
-            return (self.spent[kind] + PRIOR_UNITS * self.default[kind]) / (self.units_done[kind] + PRIOR_UNITS)
-        ratio = sum(self.spent[k] for k in seen) / sum(self.units_done[k] * self.default[k] for k in seen)
+        if self.work_done[kind] > 0:  # measured, with the default as a prior of PRIOR_UNITS units
+            return (self.spent[kind] + self.prior * self.default[kind]) / (self.work_done[kind] + self.prior)
+        ratio = sum(self.spent[k] for k in seen) / sum(self.work_done[k] * self.default[k] for k in seen)
         return self.default[kind] * ratio
 
     def remaining(self, names: list[str]) -> float:
-        return sum(self.units(n) * self.rate(KIND.get(n, "encode")) for n in names)
+        return sum(self.start(n) + self.work(n) * self.rate(KIND.get(n, "encode")) for n in names)
 
 
 def fmt(seconds: float) -> str:

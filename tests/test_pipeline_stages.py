@@ -193,11 +193,35 @@ def test_eta_learns_each_kind_of_work_from_the_stages_that_ran(compose, tmp_path
     from qwen3train.eta import ETA
 
     eta = ETA(compose("pipeline", [f"output_dir={tmp_path}"]))
-    first = {n: eta.remaining([n]) for n in ("stage1", "stage2", "mine")}
+    start = eta.start("stage1")
+    first = {n: eta.remaining([n]) - start for n in ("stage1", "stage2", "mine")}  # the work, past the start
     assert all(v > 0 for v in first.values())
-    eta.done("stage1", 2 * first["stage1"])
-    assert 1.3 < eta.remaining(["stage2"]) / first["stage2"] <= 2.0
-    assert eta.remaining(["mine"]) / first["mine"] == pytest.approx(2.0)
+    eta.done("stage1", start + 2 * first["stage1"])
+    assert 1.3 < (eta.remaining(["stage2"]) - start) / first["stage2"] <= 2.0
+    assert (eta.remaining(["mine"]) - start) / first["mine"] == pytest.approx(2.0)
+
+
+def test_eta_prices_each_stage_by_the_model_that_runs_it(compose, tmp_path):
+    """make smoke generates with SmolLM2-135M and trains a random model ~1,500x smaller. Pricing the
+    remaining stages at the generator's measured rate per parameter of the *trained* model made the
+    2-minute run announce "25 min" after stage 0; its stages, nearly all process start, took 78 s in all
+    (measured: 6.6-18.6 s each). After stage 0 ran as long as it did then (46.5 s), the rest is estimated
+    within 30 s - 3 min."""
+    from qwen3train.eta import ETA, _params
+
+    shapes = {"gen": (576, 30, 1536), "tiny": (64, 2, 128)}  # SmolLM2-135M's shape; the random tiny Qwen3's
+    for name, (h, layers, ffn) in shapes.items():  # the ETA reads a model's config.json only
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {"hidden_size": h, "num_hidden_layers": layers, "intermediate_size": ffn}))
+    cfg = compose("smoke", [f"output_dir={tmp_path}", f"synth.generator={tmp_path / 'gen'}",
+                            f"model.name_or_path={tmp_path / 'tiny'}"])
+    assert _params(cfg.synth.generator) > 1000 * _params(cfg.model.name_or_path)  # the case this covers
+    eta = ETA(cfg)
+    rest = ["stage1", "filter", "mine", "stage2", "merge", "rerank_mine", "rerank", "eval", "report"]
+    eta.done("synth", 46.5)
+    assert 30 < eta.remaining(rest) < 180, eta.remaining(rest)
+    assert eta.remaining(["report"]) < 1  # in the pipeline's own process: no start to pay
 
 
 def test_a_done_training_stage_keeps_only_the_exports_of_its_checkpoints(compose, tmp_path, tiny_model_dir):
