@@ -14,8 +14,10 @@ from pathlib import Path
 
 GEN_WEIGHT = 20.0  # a generated token ~ 20 forward tokens (decoding one token at a time is memory-bound)
 # seconds per unit per 2 x non-embedding parameters, by kind of work, read off `make pipeline` on 2 CPU
-# cores (SmolLM2-135M, bf16): training 3.9-5.6e-12, encoding 1.6-2.4e-12, generation 2.0e-12; a GPU ~1,000x less
-SECONDS_PER_UNIT_PARAM = {"train": 5e-12, "encode": 1.8e-12, "generate": 2e-12}
+# cores (SmolLM2-135M, bf16), a stage's start taken off: training 3.9-6.1e-12 (4.9e-12 over the three
+# training stages), encoding 0.5-1.0e-12 (0.79e-12 over the five encoding stages; 1.6-2.4e-12 before packed
+# encoding and shared prefixes), generation 2.0e-12 (2026-12-05, docs/benchmarks.md); a GPU ~1,000x less
+SECONDS_PER_UNIT_PARAM = {"train": 5e-12, "encode": 0.8e-12, "generate": 2e-12}
 PRIOR_UNITS = 1e5  # the default counts as this many units measured: a small stage does not swing the rate
 GPU_SPEEDUP = 1000.0
 # a stage process's fixed start (python, torch and transformers imports, loading its models): `make smoke` on
