@@ -41,12 +41,30 @@ def _lines(path: str | Path) -> int:
         return 0
 
 
-def _params(model_dir: str) -> float:
-    """Non-embedding parameters from a config.json (12 * layers * hidden^2 as a fallback shape)."""
+def _config_file(model: str) -> Path:
+    """A model's config.json: in its folder, else (a hub name, ``owner/name``) in the local Hugging Face cache
+    when the model was downloaded before. Never a download: an ETA is not worth a network call."""
+    path = Path(model) / "config.json"
+    if path.exists() or model.startswith(("/", ".", "~")) or model.count("/") != 1:
+        return path
+    try:
+        import os
+
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json", cache_dir=os.environ.get("HF_HUB_CACHE"))
+    except Exception:  # noqa: BLE001 - an unreadable cache only costs the estimate its shape
+        return path
+    return Path(cached) if isinstance(cached, str) else path
+
+
+def _params(model: str) -> float:
+    """Non-embedding parameters from a config.json (1e8 when no config can be read: a model not yet
+    downloaded; the rates learned from the first stages then correct the estimate)."""
     import json
 
     try:
-        c = json.loads((Path(model_dir) / "config.json").read_text())
+        c = json.loads(_config_file(model).read_text())
     except (OSError, ValueError):
         return 1e8
     h, layers = c.get("hidden_size", 768), c.get("num_hidden_layers", 12)

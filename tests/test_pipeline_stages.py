@@ -343,3 +343,21 @@ def test_stage_processes_keep_the_memory_they_free(tmp_path):
     assert kept < 1_000, (kept, default)  # a steady step reuses what the last one freed
     assert stage_env(dict(base, MALLOC_ARENA_MAX="2"), True).get("MALLOC_MMAP_MAX_") is None
     assert set(KEEP_FREED_MEMORY) <= set(stage_env(base, True))
+
+
+def test_eta_reads_a_hub_models_shape_from_the_local_cache(tmp_path, monkeypatch):
+    """Users on a cluster pass hub names (model.name_or_path=Qwen/Qwen3-8B); the ETA read only local folders and
+    priced every such model as 1e8 parameters (an 8B model's stages announced ~70x too short). A model already
+    in the Hugging Face cache is read from there, offline; one that is not falls back without a network call."""
+    from qwen3train.eta import _params
+
+    snap = tmp_path / "models--Org--Big" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (tmp_path / "models--Org--Big" / "refs").mkdir()
+    (tmp_path / "models--Org--Big" / "refs" / "main").write_text("abc123")
+    (snap / "config.json").write_text(json.dumps({"hidden_size": 4096, "num_hidden_layers": 36,
+                                                  "intermediate_size": 12288}))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert _params("Org/Big") == 36 * (4 * 4096**2 + 3 * 4096 * 12288)
+    assert _params("Org/Missing") == 1e8
