@@ -123,6 +123,46 @@ def _ours(model_dir: Path, data: Path, row: dict, steps: int, device) -> dict:
     return got
 
 
+def _ours_rerank(model_dir: Path, data: Path, row: dict, steps: int, device) -> dict:
+    """The reranker track's step: 1 positive + ``negatives`` per query, the listwise loss, the yes/no prompt
+    at length <= 384. Tokens count every sequence's own tokens: with shared prefixes (``model.share_prefix``)
+    the model computes fewer, so its MFU is an effective one (marked)."""
+    from qwen3train.data.collate import RerankCollator
+    from qwen3train.data.instructions import Instructions
+    from qwen3train.data.loader import Loader
+    from qwen3train.data.sources import IndexedSource
+    from qwen3train.losses import build_loss
+    from qwen3train.losses.rerank import RerankLossConfig
+    from qwen3train.models.build import ModelConfig, build_reranker
+    from qwen3train.models.reranker import DEFAULT_RERANK_INSTRUCTION
+    from qwen3train.train.build import flops_per_token
+    from qwen3train.train.engine import EngineConfig, TorchEngine
+    from qwen3train.train.loop import train_step
+    from qwen3train.train.rerank_task import RerankTask
+    from qwen3train.train.schedule import OptimConfig
+
+    k = row.get("negatives", 3)
+    mcfg = ModelConfig(name_or_path=str(model_dir), dtype="bfloat16", max_doc_length=384, **row["model"])
+    rr = build_reranker(mcfg, max_length=384, train_precision="bf16")
+    collate = RerankCollator(rr.token_ids, Instructions(default=DEFAULT_RERANK_INSTRUCTION), k=k, seed=0)
+    g, micro = row["global"], row["micro"]
+    loader = Loader(IndexedSource([data], num_hard_negatives=k), collate, global_batch=g, seed=0)
+    task = RerankTask(rr, build_loss(RerankLossConfig(objective="listwise")))
+    ecfg = EngineConfig(micro_batch_size=micro, global_batch_size=g)
+    engine = TorchEngine(rr, ecfg, OptimConfig(lr=1e-5), 1000, precision="bf16")
+    batches = iter(loader)
+
+    def step():
+        b = next(batches)
+        loss, _, _ = train_step(engine, task, b, ecfg.micro_steps(1), False, None)
+        return float(loss), b.num_tokens
+
+    share = getattr(rr, "pack_share", 0) or 0
+    return _timed(step, steps, device, flops_per_token(rr), extra={
+        "attention": getattr(rr, "packing", None) or "padded (sdpa)", "shared_prefix_min": share,
+        **({"mfu_note": "effective: a shared prefix's tokens count for every sequence that shares them"} if share else {})})
+
+
 # Kernel classes, first match wins (lower-cased substrings of kernel names: cuBLAS/CUTLASS GEMMs on Hopper are
 # nvjet_*, sm90_xmma_gemm_*, cutlass*; Inductor's fused kernels are triton_*; torch's varlen and SDPA attention
 # are flash_*/fmha*; eager casts are direct_copy/to_copy elementwise kernels). On the CPU (the rehearsal) the
@@ -274,7 +314,8 @@ def rows(cuda: bool) -> list[dict]:
                  "global": 16, "grad_cache": True, "micro_batch_tokens": 400},
                 {"name": "st cached g16 mini8", "impl": "st", "micro": 8, "global": 16, "cached": True},
                 {"name": "s1 mb8 packed bf16-weights profiled", "impl": "ours", "model": packed, "micro": 8,
-                 "global": 8, "bf16_weights": True, "profile": True}]
+                 "global": 8, "bf16_weights": True, "profile": True},
+                {"name": "rr mb4 packed", "impl": "rerank", "model": packed, "micro": 4, "global": 4, "negatives": 3}]
     return [
         {"name": "s1 mb64 eager-padded", "impl": "ours", "model": padded, "micro": 64, "global": 64},
         {"name": "s1 mb64 packed", "impl": "ours", "model": packed, "micro": 64, "global": 64},
@@ -312,6 +353,12 @@ def rows(cuda: bool) -> list[dict]:
          "global": 64, "bf16_weights": True},
         {"name": "s1 mb256 packed+compiled max-autotune-no-cudagraphs", "impl": "ours",
          "model": {**compiled, "compile_mode": "max-autotune-no-cudagraphs"}, "micro": 256, "global": 256},
+        # the reranker track: 32 queries x (1 positive + 3 negatives) a step, yes/no prompts <= 384 tokens
+        {"name": "rr mb32 eager-padded", "impl": "rerank", "model": padded, "micro": 32, "global": 32, "negatives": 3},
+        {"name": "rr mb32 packed+compiled", "impl": "rerank", "model": compiled, "micro": 32, "global": 32,
+         "negatives": 3},
+        {"name": "rr mb32 packed+compiled no-share", "impl": "rerank", "model": {**compiled, "share_prefix": 0},
+         "micro": 32, "global": 32, "negatives": 3},
         # GradCache's no-grad pass calls each compiled layer with no backward pending, which CUDA-graph trees
         # take as a new iteration each time: whether that holds is what this row finds out
         {"name": "s1 g1024 gradcache mb256 packed+compiled cudagraphs", "impl": "ours",
@@ -326,7 +373,8 @@ NEXT_ROWS = ("s1 mb256 packed+compiled profiled", "s1 mb64 packed+compiled profi
              "s1 mb256 packed+compiled bf16-weights", "s1 mb64 packed+compiled cudagraphs",
              "s1 mb256 packed+compiled cudagraphs", "s1 g1024 gradcache mb256 packed+compiled",
              "s1 mb64 packed+compiled bf16-weights", "s1 mb256 packed+compiled max-autotune-no-cudagraphs",
-             "s1 g1024 gradcache mb256 packed+compiled cudagraphs")
+             "s1 g1024 gradcache mb256 packed+compiled cudagraphs", "rr mb32 packed+compiled", "rr mb32 eager-padded",
+             "rr mb32 packed+compiled no-share")
 
 
 def summary(res: dict, spec_peak: float | None, matmul_tflops: float | None) -> dict:
@@ -338,7 +386,7 @@ def summary(res: dict, spec_peak: float | None, matmul_tflops: float | None) -> 
         if matmul_tflops:
             r["mfu_matmul"] = round(flops / (matmul_tflops * 1e12), 4)
     # bf16-weights rows measure a ceiling, not a way to train: never "best", never a goal
-    ours = {k: v for k, v in done.items() if not k.startswith("st ") and "bf16-weights" not in k}
+    ours = {k: v for k, v in done.items() if k.startswith(("s1 ", "s2 ")) and "bf16-weights" not in k}
     out: dict = {}
     if ours:
         best = max(ours, key=lambda k: ours[k]["tokens_per_s"])
@@ -357,7 +405,7 @@ def summary(res: dict, spec_peak: float | None, matmul_tflops: float | None) -> 
         ratio = fastest_plain / max(v["tokens_per_s"] for v in cached)
         out["gradcache_cost_per_token_ratio"] = round(ratio, 2)
         out["goal_gradcache_1_4x"] = ratio <= 1.4
-    for name in ("s1 mb64", "s2 mb64", "s1 mb256"):
+    for name in ("s1 mb64", "s2 mb64", "s1 mb256", "rr mb32"):
         a, b = done.get(f"{name} eager-padded"), done.get(f"{name} packed+compiled")
         if a and b:
             out[f"{name} packed+compiled / eager-padded"] = round(b["tokens_per_s"] / a["tokens_per_s"], 2)
@@ -419,8 +467,8 @@ def section_throughput(out: Path, quick: bool, budget_s: float = 420.0) -> dict:
         if row["global"] > 512:  # the demo's 1,636 distinct pairs make no batch of 1,024: four marked copies
             src = _enlarged(src, out / "data" / f"x4_{src.name}", 4)
         try:
-            fn = _ours if row["impl"] == "ours" else _st
-            got = fn(raw if row["impl"] == "ours" else export, src, row, steps, device)
+            fn = {"ours": _ours, "rerank": _ours_rerank, "st": _st}[row["impl"]]
+            got = fn(export if row["impl"] == "st" else raw, src, row, steps, device)
             got["batch"] = {"global": row["global"], "micro": row["micro"],
                             **({"micro_batch_tokens": row["micro_batch_tokens"]} if "micro_batch_tokens" in row else {})}
         except Exception as e:  # noqa: BLE001 - one row's failure (OOM, a missing kernel) is recorded, the rest run

@@ -53,7 +53,7 @@ def test_gpu_check_cuda_sections_rehearsed_on_cpu(tmp_path):
 def test_gpu_check_throughput_and_two_process_sections_rehearsed_on_cpu(tmp_path):
     """Sections t and g with QWEN3TRAIN_GPU_CHECK_ON_CPU=1 (tiny model, toy batches): every throughput row
     (ours padded, ours packed with token-budget GradCache chunks, sentence-transformers' CachedMNRL, bf16
-    weights under the profiler) measures, the summary compares them, and 2 processes sharing a device (gloo) equal 1. Keeps the
+    weights under the profiler, the reranker packed with shared prefixes) measures, the summary compares them, and 2 processes sharing a device (gloo) equal 1. Keeps the
     GPU run, which has one try, from failing on a broken row."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", QWEN3TRAIN_GPU_CHECK_ON_CPU="1")
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(tmp_path),
@@ -62,7 +62,8 @@ def test_gpu_check_throughput_and_two_process_sections_rehearsed_on_cpu(tmp_path
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())["sections"]
     rows = res["t_throughput"]["rows"]
-    assert len(rows) == 4 and all(r["tokens_per_s"] > 0 for r in rows.values()), rows
+    assert len(rows) == 5 and all(r["tokens_per_s"] > 0 for r in rows.values()), rows
+    assert rows["rr mb4 packed"]["attention"] == "padded" and rows["rr mb4 packed"]["shared_prefix_min"] > 0
     prof = rows["s1 mb8 packed bf16-weights profiled"]["profile"]  # bf16 weights train; the profiler reads ops
     assert prof["launches_per_step"] > 100 and abs(sum(prof["classes"].values()) - 1) < 0.01, prof
     assert prof["classes"].get("matmul", 0) > 0.02 and prof["classes"].get("attention", 0) > 0.02, prof
@@ -122,6 +123,6 @@ def test_every_gpu_row_is_a_valid_configuration():
     names = [r["name"] for r in cuda_rows]
     assert len(set(names)) == len(names) and set(NEXT_ROWS) <= set(names)
     for r in cuda_rows:
-        if r["impl"] == "ours":
+        if r["impl"] in ("ours", "rerank"):
             ModelConfig(**r["model"])
             assert r["global"] % r["micro"] == 0 and (r["global"] == r["micro"] or r.get("grad_cache")), r["name"]
