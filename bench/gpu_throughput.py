@@ -84,10 +84,7 @@ def _ours(model_dir: Path, data: Path, row: dict, steps: int, device) -> dict:
     from qwen3train.data.sources import IndexedSource
     from qwen3train.losses.infonce import InfoNCELoss
     from qwen3train.models.build import ModelConfig, build_embedder
-    from qwen3train.train.build import flops_per_token
-    from qwen3train.train.engine import EngineConfig, TorchEngine
-    from qwen3train.train.loop import train_step
-    from qwen3train.train.schedule import OptimConfig
+    from qwen3train.train.engine import EngineConfig
     from qwen3train.train.task import EmbeddingTask
 
     k = row.get("negatives", 0)
@@ -107,17 +104,27 @@ def _ours(model_dir: Path, data: Path, row: dict, steps: int, device) -> dict:
         # most of a small lr's steps, qwen3train/precision.py) but the step's cost without the fp32 -> bf16
         # weight casts and the fp32 gradient accumulation: the most bf16 compute copies could save
         emb.to(torch.bfloat16)
-    engine = TorchEngine(emb, ecfg, OptimConfig(lr=1e-5), 1000, precision="bf16")
+    return _train_steps(emb, task, loader, ecfg, row, steps, device,
+                        {"attention": emb.packing or "padded (sdpa)", "compile_mode": mcfg.compile_mode or "default"})
+
+
+def _train_steps(model, task, loader, ecfg, row: dict, steps: int, device, extra: dict) -> dict:
+    """Timed training steps of ``task`` (the loop's own ``train_step``, bf16 autocast, fp32 AdamW), then two
+    more under the profiler when the row asks."""
+    from qwen3train.train.build import flops_per_token
+    from qwen3train.train.engine import TorchEngine
+    from qwen3train.train.loop import train_step
+    from qwen3train.train.schedule import OptimConfig
+
+    engine = TorchEngine(model, ecfg, OptimConfig(lr=1e-5), 1000, precision="bf16")
     batches = iter(loader)
-    fpt = flops_per_token(emb)
 
     def step():
         b = next(batches)
         loss, _, _ = train_step(engine, task, b, ecfg.micro_steps(1), ecfg.grad_cache, ecfg.micro_batch_tokens)
         return float(loss), b.num_tokens
 
-    got = _timed(step, steps, device, fpt, extra={"attention": emb.packing or "padded (sdpa)",
-                                                 "compile_mode": mcfg.compile_mode or "default"})
+    got = _timed(step, steps, device, flops_per_token(model), extra=extra)
     if row.get("profile"):
         got["profile"] = _profiled(step, 2, device)
     return got
@@ -135,11 +142,8 @@ def _ours_rerank(model_dir: Path, data: Path, row: dict, steps: int, device) -> 
     from qwen3train.losses.rerank import RerankLossConfig
     from qwen3train.models.build import ModelConfig, build_reranker
     from qwen3train.models.reranker import DEFAULT_RERANK_INSTRUCTION
-    from qwen3train.train.build import flops_per_token
-    from qwen3train.train.engine import EngineConfig, TorchEngine
-    from qwen3train.train.loop import train_step
+    from qwen3train.train.engine import EngineConfig
     from qwen3train.train.rerank_task import RerankTask
-    from qwen3train.train.schedule import OptimConfig
 
     k = row.get("negatives", 3)
     mcfg = ModelConfig(name_or_path=str(model_dir), dtype="bfloat16", max_doc_length=384, **row["model"])
@@ -149,18 +153,11 @@ def _ours_rerank(model_dir: Path, data: Path, row: dict, steps: int, device) -> 
     loader = Loader(IndexedSource([data], num_hard_negatives=k), collate, global_batch=g, seed=0)
     task = RerankTask(rr, build_loss(RerankLossConfig(objective="listwise")))
     ecfg = EngineConfig(micro_batch_size=micro, global_batch_size=g)
-    engine = TorchEngine(rr, ecfg, OptimConfig(lr=1e-5), 1000, precision="bf16")
-    batches = iter(loader)
-
-    def step():
-        b = next(batches)
-        loss, _, _ = train_step(engine, task, b, ecfg.micro_steps(1), False, None)
-        return float(loss), b.num_tokens
-
-    share = getattr(rr, "pack_share", 0) or 0
-    return _timed(step, steps, device, flops_per_token(rr), extra={
-        "attention": getattr(rr, "packing", None) or "padded (sdpa)", "shared_prefix_min": share,
-        **({"mfu_note": "effective: a shared prefix's tokens count for every sequence that shares them"} if share else {})})
+    share = rr.pack_share or 0
+    extra = {"attention": rr.packing or "padded (sdpa)", "shared_prefix_min": share}
+    if share:
+        extra["mfu_note"] = "effective: a shared prefix's tokens count for every sequence that shares them"
+    return _train_steps(rr, task, loader, ecfg, row, steps, device, extra)
 
 
 # Kernel classes, first match wins (lower-cased substrings of kernel names: cuBLAS/CUTLASS GEMMs on Hopper are
@@ -197,7 +194,8 @@ def kernel_summary(kernels: list[tuple[str, float]], steps: int, wall_s: float) 
     by_cls: dict[str, float] = {}
     by_name: dict[str, float] = {}
     for name, us in kernels:
-        by_cls[classify_kernel(name)] = by_cls.get(classify_kernel(name), 0.0) + us
+        cls = classify_kernel(name)
+        by_cls[cls] = by_cls.get(cls, 0.0) + us
         by_name[name] = by_name.get(name, 0.0) + us
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
     return {"device_ms_per_step": round(total / 1e3 / steps, 2),
@@ -452,8 +450,9 @@ def section_throughput(out: Path, quick: bool, budget_s: float = 420.0) -> dict:
         todo = todo[:9]
     if os.environ.get("QWEN3TRAIN_THROUGHPUT_ROWS"):  # a chosen subset, in the order given (a short lease)
         by_name = {r["name"]: r for r in rows(cuda)}
-        names = os.environ["QWEN3TRAIN_THROUGHPUT_ROWS"]
-        names = list(NEXT_ROWS) if names == "next" and cuda else names.split(",") if names != "next" else list(by_name)
+        names = os.environ["QWEN3TRAIN_THROUGHPUT_ROWS"].split(",")
+        if names == ["next"]:  # on the CPU (a rehearsal) every row of its own
+            names = list(NEXT_ROWS) if cuda else list(by_name)
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise SystemExit(f"QWEN3TRAIN_THROUGHPUT_ROWS: no row named {unknown[0]!r}; rows: {', '.join(by_name)}")
