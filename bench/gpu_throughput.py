@@ -109,24 +109,41 @@ def _ours(model_dir: Path, data: Path, row: dict, steps: int, device) -> dict:
 
 
 def _train_steps(model, task, loader, ecfg, row: dict, steps: int, device, extra: dict) -> dict:
-    """Timed training steps of ``task`` (the loop's own ``train_step``, bf16 autocast, fp32 AdamW), then two
-    more under the profiler when the row asks."""
+    """Timed training steps of ``task`` as the loop runs them (its ``train_step``, bf16 autocast, fp32 AdamW; the
+    next batch made and packed on the data thread during the step, ``data.prefetch``, unless the row sets
+    ``prefetch: 0``), then two more under the profiler when the row asks."""
     from qwen3train.train.build import flops_per_token
     from qwen3train.train.engine import TorchEngine
-    from qwen3train.train.loop import train_step
+    from qwen3train.train.loop import prepare_batch, train_step
     from qwen3train.train.schedule import OptimConfig
 
     engine = TorchEngine(model, ecfg, OptimConfig(lr=1e-5), 1000, precision="bf16")
-    batches = iter(loader)
+    n_micro = ecfg.micro_steps(1)
+    ahead = loader.ahead(1 << 30, prepare_batch(task, n_micro, ecfg.micro_batch_tokens), depth=row.get("prefetch", 1))
+
+    waits, computed = [], []
 
     def step():
-        b = next(batches)
-        loss, _, _ = train_step(engine, task, b, ecfg.micro_steps(1), ecfg.grad_cache, ecfg.micro_batch_tokens)
+        waited = ahead.wait_s
+        b = next(ahead)
+        loss, _, _ = train_step(engine, task, b, n_micro, ecfg.grad_cache, ecfg.micro_batch_tokens)
+        ahead.settle()
+        waits.append(ahead.wait_s - waited)
+        packs = [mb.packed for mb in b.micro[1] if mb.packed is not None]
+        if packs:  # tokens the backbone ran: a shared prefix once, filler segments included
+            computed.append(sum(int(r.input_ids.shape[1]) for p in packs for r in p.rows))
         return float(loss), b.num_tokens
 
-    got = _timed(step, steps, device, flops_per_token(model), extra=extra)
-    if row.get("profile"):
-        got["profile"] = _profiled(step, 2, device)
+    with ahead:
+        got = _timed(step, steps, device, flops_per_token(model), extra=extra)
+        # host time per step: making a batch (read, tokenize, cut, pack; mean) and what a timed step still waited
+        # for it (median: the first batch, made before any step could hide it, is not one of them)
+        got["data_make_ms"] = round(1e3 * ahead.make_s / ahead.made, 1)
+        got["data_wait_ms"] = round(1e3 * statistics.median(waits[2:]), 1)
+        if computed:  # below real_tokens_per_step where shared prefixes ran once: MFU on real tokens is then effective
+            got["computed_tokens_per_step"] = round(statistics.mean(computed))
+        if row.get("profile"):
+            got["profile"] = _profiled(step, 2, device)
     return got
 
 
@@ -362,14 +379,20 @@ def rows(cuda: bool) -> list[dict]:
         {"name": "s1 g1024 gradcache mb256 packed+compiled cudagraphs", "impl": "ours",
          "model": {**compiled, "compile_mode": "reduce-overhead"}, "micro": 256, "global": 1024, "grad_cache": True,
          "steps": 3},
+        # the batches made in the loop, as before data.prefetch: what the data thread takes off the step
+        {"name": "s1 mb256 packed+compiled no-prefetch", "impl": "ours", "model": compiled, "micro": 256,
+         "global": 256, "prefetch": 0},
+        {"name": "s2 mb64 packed+compiled no-prefetch", "impl": "ours", "model": compiled, "micro": 64, "global": 64,
+         "negatives": 3, "prefetch": 0},
     ]
 
 
 # The rows a short lease runs first (QWEN3TRAIN_THROUGHPUT_ROWS=next): the best configurations again beside
 # what the last check left unmeasured
-NEXT_ROWS = ("s1 mb256 packed+compiled profiled", "s1 mb64 packed+compiled profiled",
-             "s1 mb256 packed+compiled bf16-weights", "s1 mb64 packed+compiled cudagraphs",
-             "s1 mb256 packed+compiled cudagraphs", "s1 g1024 gradcache mb256 packed+compiled",
+NEXT_ROWS = ("s2 mb64 packed+compiled", "s2 mb64 packed+compiled no-prefetch", "s1 mb256 packed+compiled profiled",
+             "s1 mb256 packed+compiled no-prefetch", "s1 g1024 gradcache mb256 packed+compiled",
+             "s1 mb64 packed+compiled profiled", "s1 mb256 packed+compiled bf16-weights",
+             "s1 mb64 packed+compiled cudagraphs", "s1 mb256 packed+compiled cudagraphs",
              "s1 mb64 packed+compiled bf16-weights", "s1 mb256 packed+compiled max-autotune-no-cudagraphs",
              "s1 g1024 gradcache mb256 packed+compiled cudagraphs", "rr mb32 packed+compiled", "rr mb32 eager-padded",
              "rr mb32 packed+compiled no-share")
@@ -407,9 +430,9 @@ def summary(res: dict, spec_peak: float | None, matmul_tflops: float | None) -> 
         a, b = done.get(f"{name} eager-padded"), done.get(f"{name} packed+compiled")
         if a and b:
             out[f"{name} packed+compiled / eager-padded"] = round(b["tokens_per_s"] / a["tokens_per_s"], 2)
-    for name in ("s1 mb64", "s1 mb256"):
+    for name in ("s1 mb64", "s1 mb256", "s2 mb64"):
         base = done.get(f"{name} packed+compiled") or done.get(f"{name} packed+compiled profiled")
-        for variant in ("cudagraphs", "bf16-weights", "max-autotune-no-cudagraphs"):
+        for variant in ("cudagraphs", "bf16-weights", "max-autotune-no-cudagraphs", "no-prefetch"):
             v = done.get(f"{name} packed+compiled {variant}")
             if base and v:
                 out[f"{name} {variant} / packed+compiled"] = round(v["tokens_per_s"] / base["tokens_per_s"], 2)

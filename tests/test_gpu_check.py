@@ -68,7 +68,11 @@ def test_gpu_check_throughput_and_two_process_sections_rehearsed_on_cpu(tmp_path
     assert prof["launches_per_step"] > 100 and abs(sum(prof["classes"].values()) - 1) < 0.01, prof
     assert prof["classes"].get("matmul", 0) > 0.02 and prof["classes"].get("attention", 0) > 0.02, prof
     assert rows["s1 mb8 eager-padded"]["attention"] == "padded (sdpa)"
-    assert rows["s1 g16 gradcache 400-token chunks packed"]["attention"] == "padded"  # the CPU's packed backend
+    cached = rows["s1 g16 gradcache 400-token chunks packed"]
+    assert cached["attention"] == "padded"  # the CPU's packed backend
+    # batches made on the data thread, as the loop makes them; the tokens the backbone ran counted once a step
+    assert cached["data_make_ms"] > 0 and cached["data_wait_ms"] >= 0
+    assert 0 < cached["computed_tokens_per_step"] <= cached["real_tokens_per_step"]
     assert "gradcache_cost_per_token_ratio" in res["t_throughput"]["summary"]
     assert "| st cached g16 mini8 |" in proc.stdout
     assert res["g_two_procs"]["equal"] and res["g_two_procs"]["steps"] == 3

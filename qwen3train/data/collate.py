@@ -7,8 +7,8 @@ positive and K negatives), sharing the one negative sampler and the one instruct
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,10 @@ from qwen3train.data.records import Record, doc_hash
 from qwen3train.text import DEFAULT_QUERY_TEMPLATE, format_query
 
 Row = tuple[int, Record, int]  # (record index, record, which positive)
+# What a batch carries besides its tokens, made once and reused (``train.loop.prepare_batch``, on the data thread):
+# ``packed``: a micro batch's packed rows (``task.pack``); ``micro``: ((micro-batch rows, token budget), the micro
+# batches the loop cuts this batch into). Never compared, never printed.
+_MEMO = dict(default=None, repr=False, compare=False)
 
 
 def sample_negatives(rec: Record, k: int, seed: int, epoch: int, idx: int) -> list[str]:
@@ -39,6 +43,8 @@ class EmbeddingBatch:
     neg: list[list[list[int]]]  # [b][K]
     pos_hash: torch.Tensor  # [b] int64
     neg_hash: torch.Tensor  # [b, K] int64
+    packed: Any = field(**_MEMO)
+    micro: Any = field(**_MEMO)
 
     def __len__(self) -> int:
         return len(self.q)
@@ -55,6 +61,8 @@ class EmbeddingBatch:
 class RerankBatch:
     ids: list[list[int]]  # [b * G] token ids, group by group (positive first)
     group: int
+    packed: Any = field(**_MEMO)
+    micro: Any = field(**_MEMO)
 
     def __len__(self) -> int:
         return len(self.ids) // self.group

@@ -17,6 +17,7 @@ the step and, per source, the epoch and the next batch of that epoch's plan.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterator
 
 import numpy as np
@@ -53,6 +54,9 @@ class _Stream:
     def check(self) -> None:
         self.steps_per_epoch()
 
+    def cursor(self) -> list:
+        return [self.epoch, self.position]
+
     def next_rows(self) -> tuple[list, int]:
         while True:
             p = self.plan(self.epoch)
@@ -86,6 +90,9 @@ class _StreamingStream:
     def check(self) -> None:
         pass
 
+    def cursor(self) -> list:  # this rank's shard position (state() gathers every rank's)
+        return self.source.cursor()
+
     def next_rows(self) -> tuple[list, int]:
         epoch = self.source.epoch
         rows = self.source.take(self.loader.local)
@@ -111,6 +118,11 @@ class Loader:
                         for s, w, b in zip(sources, weights, bases)]
         self.p = np.asarray(weights) / sum(weights)
         self.step = 0
+        self._at = self._cursor()  # where the batches handed out so far leave the loader (``ahead`` makes more)
+
+    def _cursor(self) -> dict:
+        """Where the loader stands after the batches made so far: this rank's cursors, no collective."""
+        return {"step": self.step, "cursors": [s.cursor() for s in self.streams]}
 
     # ---- the single-source view (and what tests read) -------------------------------------------
     @property
@@ -119,11 +131,12 @@ class Loader:
 
     @property
     def epoch(self) -> int:
-        return self.streams[0].epoch
+        """The first source's epoch after the batches handed out (not those made ahead)."""
+        return int(self._at["cursors"][0][0])
 
     @property
     def position(self) -> int:
-        return self.streams[0].position
+        return int(self._at["cursors"][0][1])
 
     @property
     def stats(self) -> dict | list[dict]:
@@ -141,17 +154,14 @@ class Loader:
 
     # ---- the cursor -----------------------------------------------------------------------------
     def state(self) -> dict:
-        """The cursor (JSON). Collective when a source is streamed (each rank's shard position is
-        gathered), so every rank calls it at the same point."""
+        """The cursor after the batches handed out so far, those made ahead not counted (JSON). Collective
+        when a source is streamed (each rank's shard position is gathered), so every rank calls it at the
+        same point."""
         from qwen3train import dist
 
-        cursors = []
-        for s in self.streams:
-            if isinstance(s, _StreamingStream):
-                cursors.append(dist.all_gather_object(s.source.cursor()))
-            else:
-                cursors.append([s.epoch, s.position])
-        return {"step": self.step, "cursors": cursors}
+        cursors = [dist.all_gather_object(c) if isinstance(s, _StreamingStream) else list(c)
+                   for s, c in zip(self.streams, self._at["cursors"])]
+        return {"step": self._at["step"], "cursors": cursors}
 
     def seek(self, state: dict) -> None:
         self.step = state.get("step", 0)
@@ -159,6 +169,7 @@ class Loader:
         if cursors is None:  # a fresh start, or a checkpoint of a single-source run written before mixtures
             old = [state.get("epoch") or 0, state.get("batch_in_epoch") or 0]
             if self.step == 0 and old == [0, 0]:
+                self._at = self._cursor()
                 return  # a fresh start: every source at its beginning
             cursors = [old]
         if len(cursors) != len(self.streams):
@@ -172,6 +183,7 @@ class Loader:
                 s.source.seek(c[s.source.rank])
             else:
                 s.epoch, s.position = int(c[0]), int(c[1])
+        self._at = self._cursor()
 
     def _pick(self, step: int) -> int:
         if len(self.streams) == 1:
@@ -184,9 +196,97 @@ class Loader:
         s = self.streams[stream]
         return self.collate([(s.base + i, s.source[i], j) for i, j in items], epoch)
 
+    def _make(self, prepare: Callable | None = None) -> tuple:
+        rows, epoch = self.streams[self._pick(self.step)].next_rows()
+        batch = self.collate(rows, epoch)
+        self.step += 1
+        if prepare is not None:
+            prepare(batch)
+        return batch, self._cursor()
+
     def __iter__(self) -> Iterator:
+        """This rank's batches, forever, each made when asked."""
         while True:
-            rows, epoch = self.streams[self._pick(self.step)].next_rows()
-            batch = self.collate(rows, epoch)
-            self.step += 1
+            batch, self._at = self._make()
             yield batch
+
+    def ahead(self, count: int, prepare: Callable | None = None, depth: int = 1) -> "Ahead":
+        """The next ``count`` batches, ``depth`` of them made ahead on a background thread (see ``Ahead``)."""
+        return Ahead(self, count, prepare, depth)
+
+
+class Ahead:
+    """``count`` batches of a loader, the next ones made on a background thread while the caller trains on
+    the current one: records read, texts formatted and tokenized, and ``prepare(batch)`` run (the loop cuts
+    and packs the micro batches there), so a GPU step does not wait for the host between steps.
+
+    * Exactly the batches, in the order and with the cursor, of ``iter(loader)``: one thread makes them in
+      turn, never more than ``count``; ``loader.state()`` counts the batches handed out, not those made
+      ahead, so a checkpoint resumes at the right batch. ``depth`` 0: each made when asked, on the caller's
+      thread.
+    * An error making a batch (a bad record) is raised when that batch is asked for, as without the thread.
+    * ``settle()`` waits until the thread is idle: the tokenizer is not safe to use from two threads at
+      once, so the loop settles after each step's forward and backward, before evaluating or exporting.
+    * ``wait_s``: seconds the caller spent waiting for batches (the data path's cost left in the step);
+      ``make_s``: seconds spent making them (on the thread: what was taken off the step).
+    """
+
+    def __init__(self, loader: Loader, count: int, prepare: Callable | None = None, depth: int = 1) -> None:
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.loader, self.count, self.prepare, self.depth = loader, count, prepare, max(0, depth)
+        self.made = self.given = 0
+        self.pending: deque = deque()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="qwen3train-data") if self.depth else None
+        self.wait_s = self.make_s = 0.0
+
+    def _make(self) -> tuple:
+        t = time.perf_counter()
+        try:
+            return self.loader._make(self.prepare)
+        finally:
+            self.make_s += time.perf_counter() - t
+
+    def _fill(self) -> None:
+        while self.pool is not None and self.made < self.count and len(self.pending) < self.depth:
+            self.pending.append(self.pool.submit(self._make))
+            self.made += 1
+
+    def __iter__(self) -> "Ahead":
+        return self
+
+    def __next__(self):
+        if self.given >= self.count:
+            raise StopIteration
+        t = time.perf_counter()
+        if self.pool is None:
+            batch, at = self._make()
+            self.made += 1
+        else:
+            self._fill()
+            batch, at = self.pending.popleft().result()
+        self.wait_s += time.perf_counter() - t
+        self.loader._at = at
+        self.given += 1
+        self._fill()  # the next batch, made while the caller trains on this one
+        return batch
+
+    def settle(self) -> None:
+        if self.pending:
+            from concurrent.futures import wait
+
+            t = time.perf_counter()
+            wait(self.pending)
+            self.wait_s += time.perf_counter() - t
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def __enter__(self) -> "Ahead":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

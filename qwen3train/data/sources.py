@@ -61,6 +61,9 @@ class DataConfig:
     symmetric_tasks: tasks whose documents get the instruction too (STS, bitext, ...).
     index_dir: where the shared record indexes live (default ``$QWEN3TRAIN_CACHE/index``, i.e.
         ``~/.cache/qwen3train/index``); on a cluster, a folder every node sees.
+    prefetch: batches made ahead on a background thread while a step runs (records read, tokenized, micro
+        batches cut and packed: ``data.loader.Ahead``); 0 makes each in the loop. The same batches either
+        way; ``data_wait_s`` in metrics.jsonl is what the step still waited for them.
     """
 
     train_files: list[str] = field(default_factory=list)
@@ -71,8 +74,11 @@ class DataConfig:
     task_instructions: dict[str, str] = field(default_factory=dict)
     symmetric_tasks: list[str] = field(default_factory=list)
     index_dir: str | None = None
+    prefetch: int = 1
 
     def __post_init__(self) -> None:
+        if self.prefetch < 0:
+            raise ValueError(f"data.prefetch must be >= 0, got {self.prefetch}")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.mixture and self.train_files:

@@ -25,7 +25,7 @@ RESUME_MODES = ("auto", "force", "never")
 LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_file": None}
 # Fields added after a release that only say what to write, never what is computed: left out at any value (as
 # NEUTRAL's are, and from the stage markers too).
-LATE_NEUTRAL = ("run.final_engine_state",)
+LATE_NEUTRAL = ("run.final_engine_state", "data.prefetch")
 _ANY = object()
 
 

@@ -6,7 +6,6 @@ hyper-parameters, not code.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -38,16 +37,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def micro_batches(task, batch, n_micro: int, token_budget: int | None = None) -> list:
-    """This rank's share of a global batch cut into micro batches: ``n_micro`` equal row slices, or
-    (``engine.micro_batch_tokens``) consecutive units of at most ``token_budget`` tokens. Every rank
-    then runs as many micro steps as the rank that needs most (one small collective): ZeRO-2/3 reduce
-    gradients at each backward, so the counts must agree."""
+def cut_micro_batches(task, batch, n_micro: int, token_budget: int | None = None, n: int | None = None) -> list:
+    """This rank's share of a global batch cut into micro batches, locally: ``n_micro`` equal row slices, or
+    (``engine.micro_batch_tokens``) consecutive units of at most ``token_budget`` tokens, ``n`` of them
+    (``token_chunks``; None: as few as the budget allows)."""
     if not token_budget:
         return task.split(batch, n_micro)
-    units = task.unit_tokens(batch)
-    n = dist.max_int(len(token_chunks(units, token_budget)))
-    return [task.take(batch, c) for c in token_chunks(units, token_budget, n)]
+    return [task.take(batch, c) for c in token_chunks(task.unit_tokens(batch), token_budget, n)]
+
+
+def prepare_batch(task, n_micro: int, token_budget: int | None = None):
+    """What the data thread does to each batch ahead of its step (``Loader.ahead``): cut its micro batches
+    and pack each (``task.pack``), kept on the batch (``batch.micro``) for ``micro_batches``. No collective."""
+    def prepare(batch) -> None:
+        chunks = cut_micro_batches(task, batch, n_micro, token_budget)
+        for mb in chunks:
+            task.pack(mb)
+        batch.micro = ((n_micro, token_budget), chunks)
+    return prepare
+
+
+def micro_batches(task, batch, n_micro: int, token_budget: int | None = None) -> list:
+    """The micro batches of ``cut_micro_batches``, the ones ``prepare_batch`` made when they fit. With a token
+    budget every rank runs as many micro steps as the rank that needs most (one small collective): ZeRO-2/3
+    reduce gradients at each backward, so the counts must agree; a rank that needs fewer cuts again."""
+    made = batch.micro[1] if batch.micro is not None and batch.micro[0] == (n_micro, token_budget) else None
+    if not token_budget:
+        return made if made is not None else cut_micro_batches(task, batch, n_micro)
+    n = dist.max_int(len(made) if made is not None else len(token_chunks(task.unit_tokens(batch), token_budget)))
+    if made is not None and len(made) == n:
+        return made
+    return cut_micro_batches(task, batch, n_micro, token_budget, n)
 
 
 def train_step(engine, task, batch, n_micro: int, grad_cache: bool, token_budget: int | None = None):
@@ -141,10 +161,16 @@ def run(cfg, hooks=None) -> Path:
     tel = Telemetry(run_dir, total, state.step, use_wandb=cfg.run.wandb, project=cfg.run.wandb_project,
                     run_name=cfg.run.name, config=asdict(cfg), flops_per_token=flops_per_token(task.module),
                     config_hash=identity.config_hash(cfg))
+    # this rank's share of each global batch, the next one made on the data thread during the step
+    ahead = batches.ahead(0 if finished else max(0, total - state.step), depth=cfg.data.prefetch,
+                          prepare=prepare_batch(task, n_micro, cfg.engine.micro_batch_tokens))
+    waited = 0.0
     try:
-        for batch in itertools.islice(batches, 0 if finished else max(0, total - state.step)):  # this rank's share
+        for batch in ahead:
             loss, stats, grad_norm = train_step(engine, task, batch, n_micro, cfg.engine.grad_cache,
                                                 cfg.engine.micro_batch_tokens)
+            ahead.settle()  # the data thread is idle from here to the next batch: evaluation and exports tokenize
+            data_wait, waited = ahead.wait_s - waited, ahead.wait_s
             state.step += 1
             state.epoch, state.batch_in_epoch = batches.epoch, batches.position
             state.samples += cfg.engine.global_batch_size
@@ -158,7 +184,7 @@ def run(cfg, hooks=None) -> Path:
                     f"non-finite loss ({loss_all}) at step {state.step}; stopping. The last good checkpoint "
                     f"is {checkpoint.latest_checkpoint(run_dir)}; lower optim.lr or check the data.")
             metrics = {"loss": loss_all, "lr": engine.lr(), "grad_norm": grad_norm, "epoch": state.epoch,
-                       **dict(zip(keys, stat_vals))}
+                       **dict(zip(keys, stat_vals)), "data_wait_s": data_wait}
             saving = cfg.run.save_every > 0 and state.step % cfg.run.save_every == 0 and state.step < total
             if dev is not None and (state.step % cfg.run.eval_every == 0 or state.step == total):
                 scores = dev()
@@ -196,6 +222,7 @@ def run(cfg, hooks=None) -> Path:
                 print0(f"uploaded to the hub: {push_to_hub(final_dir, cfg.export.push_to_hub, private=cfg.export.hub_private)}")
         dist.barrier()
     finally:
+        ahead.close()
         tel.close()
     print0(f"done: {state.step} steps; final model at {final_dir}")
     return final_dir

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from qwen3train.data.collate import RerankBatch
+from qwen3train.train.task import memo_pack
 
 
 class RerankTask:
@@ -35,8 +36,13 @@ class RerankTask:
         g = batch.group
         return RerankBatch(batch.ids[units.start * g:units.stop * g], g)
 
+    def pack(self, batch: RerankBatch):
+        return memo_pack(self.reranker, batch, lambda: batch.ids)
+
     def forward(self, engine, batch: RerankBatch) -> torch.Tensor:
-        z = engine.forward(**self.reranker.inputs(batch.ids), with_logsumexp=self.loss_fn.needs_logsumexp)
+        packed = self.pack(batch)
+        kw = packed.inputs(self.reranker.device) if packed is not None else self.reranker.inputs(batch.ids)
+        z = engine.forward(**kw, with_logsumexp=self.loss_fn.needs_logsumexp)
         return z.view(len(batch), batch.group, -1)  # [b, G, 2 or 3]
 
     @staticmethod

@@ -3,7 +3,9 @@
 A task is what the loop needs besides the batches (``data.loader.Loader`` owns the data path and
 ``data.collate`` the formatting and tokens):
   ``split(batch, n)``; ``unit_tokens(batch)`` and ``take(batch, slice)`` (token-budget micro batches,
-  ``token_chunks``); ``forward(engine, batch) -> reps``; ``join([reps, ...]) -> reps``;
+  ``token_chunks``); ``pack(batch)`` (a micro batch's packed rows, made once: on the data thread ahead of
+  the step, reused by GradCache's second pass; None for a padded model); ``forward(engine, batch) -> reps``;
+  ``join([reps, ...]) -> reps``;
   ``loss(reps, batch) -> (loss, stats)``; ``export(dir, state_dict)``; ``module``.
 """
 
@@ -26,6 +28,8 @@ class Task(Protocol):
 
     def take(self, batch: Any, units: slice) -> Any: ...
 
+    def pack(self, batch: Any) -> Any: ...
+
     def forward(self, engine: Any, batch: Any) -> Any: ...
 
     def join(self, parts: list[Any]) -> Any: ...
@@ -33,6 +37,16 @@ class Task(Protocol):
     def loss(self, reps: Any, batch: Any) -> tuple[torch.Tensor, dict]: ...
 
     def export(self, out_dir: Any, state_dict: dict | None = None) -> Any: ...
+
+
+def memo_pack(model, batch, seqs):
+    """``model.pack(seqs())`` kept on ``batch`` (``batch.packed``), built on first use; None when the model
+    pads instead of packing."""
+    if not model.packing:
+        return None
+    if batch.packed is None:
+        batch.packed = model.pack(seqs())
+    return batch.packed
 
 
 def token_chunks(tokens: list[int], budget: int, n: int | None = None) -> list[slice]:
@@ -100,16 +114,20 @@ class EmbeddingTask:
     def take(batch: EmbeddingBatch, units: slice) -> EmbeddingBatch:
         return batch.rows(units)
 
+    def pack(self, batch: EmbeddingBatch):
+        return memo_pack(self.embedder, batch, lambda: batch.q + batch.pos + [n for row in batch.neg for n in row])
+
     def forward(self, engine, batch: EmbeddingBatch):
         """-> (q [b, H], pos [b, H], neg [b, K, H] or None), not normalised. Packed: queries, positives
         and negatives in one row and one forward; padded: each tower pads to its own length."""
-        docs = batch.pos + [n for row in batch.neg for n in row]
         dev = self.embedder.device
         b, k = len(batch), len(batch.neg[0]) if len(batch) else 0
-        if self.embedder.packing:
-            reps = engine.forward(**self.embedder.pack(batch.q + docs).inputs(dev))  # [b + b(1 + K), H]
+        packed = self.pack(batch)
+        if packed is not None:
+            reps = engine.forward(**packed.inputs(dev))  # [b + b(1 + K), H]
             q, d = reps[:b], reps[b:]
         else:
+            docs = batch.pos + [n for row in batch.neg for n in row]
             q_in, d_in = self.embedder.tok.pad(batch.q), self.embedder.tok.pad(docs)
             q, d = engine.forward(input_ids=q_in["input_ids"].to(dev), attention_mask=q_in["attention_mask"].to(dev),
                                   doc_input_ids=d_in["input_ids"].to(dev),

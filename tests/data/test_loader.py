@@ -64,3 +64,62 @@ def test_ranks_take_their_columns_of_the_same_global_batch(tmp_path):
     r1 = iter(Loader(a, ids, global_batch=8, seed=0, rank=1, world=2))
     for _ in range(6):
         assert next(one) == next(r0) + next(r1)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_batches_made_ahead_are_the_batches_made_in_turn(tmp_path, depth):
+    """``Loader.ahead`` (the loop's data thread) hands out the batches of ``iter(loader)`` with the cursor of
+    the batches handed out. Would catch: a batch made ahead counted in ``state()`` (a resume would skip it),
+    more batches made than asked (records read past the run's end), another order, batches not made ahead
+    on the data thread, and ``prepare`` skipped."""
+    import threading
+
+    a, b = source(tmp_path, "a", 24, "A"), source(tmp_path, "b", 12, "B")
+    ref_ld = Loader([a, b], ids, global_batch=4, seed=1, weights=[1.0, 1.0])
+    it = iter(ref_ld)
+    ref, states = [], []
+    for _ in range(10):
+        ref.append(next(it))
+        states.append(ref_ld.state())
+    threads, second = [], threading.Event()
+
+    def made(rows, epoch):
+        threads.append(threading.current_thread().name)
+        if len(threads) == 2:
+            second.set()
+        return ids(rows, epoch)
+
+    ld = Loader([a, b], made, global_batch=4, seed=1, weights=[1.0, 1.0])
+    prepared = []
+    with ld.ahead(10, prepare=prepared.append, depth=depth) as ahead:
+        for k, batch in enumerate(ahead):
+            if k == 0 and depth:
+                assert second.wait(10)  # the next batch is made while the caller holds this one
+            assert batch == ref[k] and ld.state() == states[k] and ld.epoch == states[k]["cursors"][0][0]
+            if k == 4:
+                ahead.settle()
+                assert len(threads) == 5 + depth  # made ahead, never more than depth
+    assert len(threads) == ld.step == 10 and prepared == ref
+    assert all(t.startswith("qwen3train-data") for t in threads) if depth else set(threads) == {"MainThread"}
+
+
+def test_an_error_making_a_batch_ahead_surfaces_at_that_batch(tmp_path):
+    """A bad record met while the data thread makes batch 3 is raised when batch 3 is asked for: batches 1 and
+    2 are trained on first (as without the thread), and the error is not lost in the thread."""
+    from qwen3train.data.records import DataError
+
+    made = []
+
+    def collate(rows, epoch):
+        made.append(1)
+        if len(made) == 3:
+            raise DataError("x.jsonl:7", "pos", "expected a list of strings")
+        return ids(rows, epoch)
+
+    ld = Loader(source(tmp_path, "a", 24, "A"), collate, global_batch=4, seed=0)
+    got = []
+    with pytest.raises(DataError, match="x.jsonl:7"):
+        with ld.ahead(5) as ahead:
+            for batch in ahead:
+                got.append(batch)
+    assert len(got) == 2 and ld.state()["cursors"] == [[0, 2]]

@@ -39,18 +39,24 @@ def test_gradcache_equals_uncached(tiny_model_dir, tmp_path, k):
     assert stats_gc["acc"] == pytest.approx(stats_ref["acc"])
 
 
-def _step_grads(cfg, tmp_path, packing, grad_cache, token_budget, n_micro, rerank=False):
-    """One train_step's (loss, gradients) for the first 8 records (4 reranker groups)."""
-    from qwen3train.train.loop import micro_batches, train_step
+def _step_grads(cfg, tmp_path, packing, grad_cache, token_budget, n_micro, rerank=False, prepared=False):
+    """One train_step's (loss, gradients, micro batches, packs made during the step) for the first 8 records
+    (4 reranker groups); ``prepared``: the batch first went through the data thread's ``prepare_batch``."""
+    from qwen3train.train.loop import micro_batches, prepare_batch, train_step
 
     cfg.model.packing = packing
     task, loader = build_task(cfg, tmp_path / "run")
     engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
     batch = loader.collate_items([(i, 0) for i in range(4 if rerank else 8)], 0)
+    if prepared:
+        prepare_batch(task, n_micro, token_budget)(batch)
     chunks = micro_batches(task, batch, n_micro, token_budget)
     engine.step = lambda: 0.0  # keep the gradients (no optimizer step, no zeroing)
+    model, packs = task.module, []
+    pack = model.pack
+    model.pack = lambda seqs: packs.append(len(seqs)) or pack(seqs)
     loss, _, _ = train_step(engine, task, batch, n_micro, grad_cache, token_budget)
-    return float(loss), grads_of(engine), len(chunks)
+    return float(loss), grads_of(engine), len(chunks), len(packs)
 
 
 def _same(a, b, tol=1e-5):
@@ -71,6 +77,11 @@ def test_token_budget_gradcache_equals_the_padded_full_batch(tiny_model_dir, tmp
     got = _step_grads(cfg, tmp_path, packing=True, grad_cache=True, token_budget=90, n_micro=1)
     assert got[2] >= 3  # really several chunks, by tokens
     _same(got, ref)
+    assert got[3] == got[2]  # each chunk packed once, not again for GradCache's second pass
+    # cut and packed ahead on the data thread (the loop's prepare_batch): the same step, no packing left in it
+    ahead = _step_grads(cfg, tmp_path, packing=True, grad_cache=True, token_budget=90, n_micro=1, prepared=True)
+    assert ahead[2] == got[2] and ahead[3] == 0
+    _same(ahead, ref)
 
 
 def test_token_budget_micro_batches_leave_the_reranker_loss_unchanged(tiny_model_dir, tmp_path):
@@ -84,3 +95,7 @@ def test_token_budget_micro_batches_leave_the_reranker_loss_unchanged(tiny_model
     got = _step_grads(cfg, tmp_path, packing=True, grad_cache=False, token_budget=250, n_micro=1, rerank=True)
     assert got[2] >= 2
     _same(got, ref)
+    ahead = _step_grads(cfg, tmp_path, packing=True, grad_cache=False, token_budget=250, n_micro=1, rerank=True,
+                        prepared=True)
+    assert ahead[2] == got[2] and ahead[3] == 0  # packed on the data thread, none in the step
+    _same(ahead, ref)

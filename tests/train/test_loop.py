@@ -40,7 +40,10 @@ def _cfg(tiny_model_dir, tmp_path, out, mixture):
 @pytest.mark.parametrize("mixture", [False, "mixture", "streaming"])
 def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, mixture):
     """With a mixture, each source's cursor and the step's draw resume too (3 batches per source per
-    epoch: 8 steps cross epochs); a streamed source resumes at the same row of its shuffled stream."""
+    epoch: 8 steps cross epochs); a streamed source resumes at the same row of its shuffled stream. The
+    interrupted run makes its batches ahead on the data thread (``data.prefetch=1``, the default), the
+    resumed one in the loop (0): equal weights also say the checkpoint's cursor did not count the batch
+    made ahead (a resume would skip it) and that both ways make the same batches."""
     full = run(_cfg(tiny_model_dir, tmp_path, tmp_path / "a", mixture))
 
     cfg = _cfg(tiny_model_dir, tmp_path, tmp_path / "b", mixture)
@@ -54,6 +57,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, mixture)
     # a save interrupted half-way leaves only a .tmp folder, which resume ignores
     (tmp_path / "b" / "checkpoints" / ".step_0000006.tmp" / "engine").mkdir(parents=True)
     assert not (tmp_path / "b" / "final").exists()
+    cfg.data.prefetch = 0
     resumed = run(cfg)
 
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
@@ -64,6 +68,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, mixture)
     lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lb] == list(range(1, 9))  # no duplicated steps after resume
     assert [x["loss"] for x in la] == [x["loss"] for x in lb]
+    assert all(x["data_wait_s"] >= 0 for x in la + lb)
 
 
 def test_last_checkpoint_without_engine_state_and_a_kill_before_the_final_copy(tiny_model_dir, tmp_path):
