@@ -207,15 +207,19 @@ class Embedder(nn.Module):
         for start in range(0, len(texts), block_size):
             ids = self.tok.token_ids(texts[start : start + block_size], max_length)
             order = sorted(range(len(ids)), key=lambda k: -len(ids[k]))
+            done, where = [], []  # a block's vectors stay on the device until its end: no wait between forwards
             for sel in (token_groups(order, [len(x) for x in ids], budget) if self.packing
                         else [order[b : b + batch_size] for b in range(0, len(order), batch_size)]):
                 if self.packing:
                     pooled = self._pool_packed(**self.pack([ids[k] for k in sel]).inputs(dev))
                 else:
-                    batch = {k: v.to(dev) for k, v in self.tok.pad([ids[k] for k in sel]).items()}
+                    batch = {k: packing.to_device(v, dev) for k, v in self.tok.pad([ids[k] for k in sel]).items()}
                     pooled = self._pool(**batch)  # already sorted by length
-                out[torch.tensor(sel) + start] = normalize(pooled, dim).cpu()
+                done.append(normalize(pooled, dim))
+                where += sel
                 bar.update(len(sel))
+            if done:
+                out[torch.tensor(where) + start] = torch.cat(done).cpu()
         bar.close()
         self.train(was_training)
         return out
