@@ -18,6 +18,10 @@ GEN_WEIGHT = 20.0  # a generated token ~ 20 forward tokens (decoding one token a
 # training stages), encoding 0.5-1.0e-12 (0.79e-12 over the five encoding stages; 1.6-2.4e-12 before packed
 # encoding and shared prefixes), generation 2.0e-12 (2026-12-05, docs/benchmarks.md); a GPU ~1,000x less
 SECONDS_PER_UNIT_PARAM = {"train": 5e-12, "encode": 0.8e-12, "generate": 2e-12}
+# generation is measured on vLLM; transformers' batched generate takes this many times as long on the same model
+# and prompts: 7.2x (bench/bench_synth.py, CPU) and 6.6x in `make smoke` (stage 0: 51.7 s, 43.2 s past its start,
+# priced at 6.5 s with the vLLM rate; 2026-12-05)
+TRANSFORMERS_GENERATION = 7.0
 PRIOR_UNITS = 1e5  # the default counts as this many units measured: a small stage does not swing the rate
 GPU_SPEEDUP = 1000.0
 # a stage process's fixed start (python, torch and transformers imports, loading its models): `make smoke` on
@@ -78,7 +82,10 @@ def stage_units(cfg, name: str) -> float:
     passages = cfg.synth.max_passages or sum(_lines(p) for p in cfg.synth.corpus)
     pairs = passages + sum(_lines(p) for p in cfg.extra_stage2_data)
     if name == "synth":
-        return passages * 2 * cfg.synth.sampling.max_new_tokens * GEN_WEIGHT
+        from qwen3train.synth.backend import resolve_backend
+
+        slower = TRANSFORMERS_GENERATION if resolve_backend(cfg.synth.backend) == "transformers" else 1.0
+        return passages * 2 * cfg.synth.sampling.max_new_tokens * GEN_WEIGHT * slower
     if name in ("stage1", "stage2", "rerank"):
         st = getattr(cfg, name)
         k = st.data.num_hard_negatives

@@ -219,6 +219,9 @@ def test_eta_prices_each_stage_by_the_model_that_runs_it(compose, tmp_path):
     assert _params(cfg.synth.generator) > 1000 * _params(cfg.model.name_or_path)  # the case this covers
     eta = ETA(cfg)
     rest = ["stage1", "filter", "mine", "stage2", "merge", "rerank_mine", "rerank", "eval", "report"]
+    # stage 0 on transformers' generate (smoke's backend: 46.5 and 51.7 s measured) is priced as that backend,
+    # not at vLLM's rate (15 s announced before)
+    assert 30 < ETA(cfg).remaining(["synth"]) < 90, ETA(cfg).remaining(["synth"])
     eta.done("synth", 46.5)
     assert 30 < eta.remaining(rest) < 180, eta.remaining(rest)
     assert eta.remaining(["report"]) < 1  # in the pipeline's own process: no start to pay

