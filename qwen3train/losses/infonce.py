@@ -82,7 +82,7 @@ def info_nce(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None
     drop_qd &= ~is_target
     blocks = [s_qd.masked_fill(drop_qd, NEG_INF)]
     n_cand = is_target.numel() - R
-    n_drop = int(drop_qd.sum())
+    n_drop = drop_qd.sum()  # a tensor: statistics are read once per step (train.loop.train_step), not here
 
     if qq:
         s_qq = q[rows] @ q.T  # [R, B]
@@ -92,7 +92,7 @@ def info_nce(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None
         if fn_margin is not None:
             over = s_qq.detach() > thr
             over[ar, rows] = False
-            n_drop += int(over.sum())
+            n_drop = n_drop + over.sum()
             drop_qq |= over
         blocks.append(s_qq.masked_fill(drop_qq, NEG_INF))
     if dd:
@@ -110,11 +110,13 @@ def info_nce(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None
         cand = s_qd.detach().masked_fill(drop_qd | is_target, NEG_INF)
         hardest = cand.max(dim=1).values if cand.shape[1] > 1 else torch.full_like(s_pos, float("nan"))
         acc = (s_qd.detach().masked_fill(drop_qd, NEG_INF).argmax(dim=1) == target).float().mean()
+        finite = torch.isfinite(hardest)
+        # 0-d tensors, no host synchronisation (a GPU step would wait here before its backward)
         stats = {
-            "acc": acc.item(),
-            "pos_cos": s_pos.detach().mean().item(),
-            "hardest_neg_cos": hardest[torch.isfinite(hardest)].mean().item() if torch.isfinite(hardest).any() else float("nan"),
-            "fn_masked_frac": n_drop / max(n_cand, 1),
+            "acc": acc,
+            "pos_cos": s_pos.detach().mean(),
+            "hardest_neg_cos": torch.where(finite, hardest, 0.0).sum() / finite.sum(),  # 0/0: nan when none
+            "fn_masked_frac": n_drop.float() / max(n_cand, 1),
         }
         stats["margin"] = stats["pos_cos"] - stats["hardest_neg_cos"]
     return loss, stats

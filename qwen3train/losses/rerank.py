@@ -60,9 +60,9 @@ class RerankLoss:
         loss = rerank_loss(z, self.objective, self.temperature)
         with torch.no_grad():
             s = z[..., 1] - z[..., 0]
-            stats = {"acc": (s[:, 0:1] > s[:, 1:]).all(dim=1).float().mean().item(),
-                     "pos_prob": torch.sigmoid(s[:, 0]).mean().item(),
-                     "neg_prob": torch.sigmoid(s[:, 1:]).mean().item() if s.shape[1] > 1 else float("nan")}
+            stats = {"acc": (s[:, 0:1] > s[:, 1:]).all(dim=1).float().mean(),  # 0-d tensors, read once a step
+                     "pos_prob": torch.sigmoid(s[:, 0]).mean(),
+                     "neg_prob": torch.sigmoid(s[:, 1:]).mean() if s.shape[1] > 1 else s.new_tensor(float("nan"))}
         return loss, stats
 
 

@@ -71,7 +71,9 @@ def micro_batches(task, batch, n_micro: int, token_budget: int | None = None) ->
 
 
 def train_step(engine, task, batch, n_micro: int, grad_cache: bool, token_budget: int | None = None):
-    """forward -> loss -> backward over the micro steps, then one optimizer step."""
+    """forward -> loss -> backward over the micro steps, then one optimizer step. The losses' statistics
+    stay on the device until the step is done and are read then, all at once: no micro step waits for
+    the GPU between its forward and its backward."""
     chunks = micro_batches(task, batch, n_micro, token_budget)
     if grad_cache:  # one loss over the whole batch, backward chunk by chunk
         loss, stats = grad_cache_step(engine, task, batch, chunks)
@@ -83,9 +85,19 @@ def train_step(engine, task, batch, n_micro: int, grad_cache: bool, token_budget
                 engine.backward(mb_loss * (len(mb) / len(batch)))
             loss = loss + mb_loss.detach() * (len(mb) / len(batch))
             per.append(stats)
-        stats = {k: float(np.nanmean([s[k] for s in per])) for k in per[0]}
+        stats = {k: torch.nanmean(torch.stack([torch.as_tensor(s[k], dtype=torch.float32) for s in per]))
+                 for k in per[0]}
     grad_norm = engine.step()
-    return loss, stats, grad_norm
+    return loss, read_stats(stats), grad_norm
+
+
+def read_stats(stats: dict) -> dict[str, float]:
+    """A step's statistics (0-d tensors on the loss's device, or numbers) as floats, in one transfer."""
+    if not stats:
+        return {}
+    dev = next((v.device for v in stats.values() if torch.is_tensor(v)), torch.device("cpu"))
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=dev) for v in stats.values()])
+    return dict(zip(stats, values.tolist()))
 
 
 def write_card(cfg, run_dir: Path, model_dir: Path, step: int) -> None:

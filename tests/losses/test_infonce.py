@@ -82,7 +82,13 @@ def test_margin_mask_hand_built():
     # without the mask the loss for row 0 is larger (the 0.95 negative and the 0.9 query dominate)
     unmasked = info_nce(q, p, n, temperature=tau, fn_margin=None, qq=True, dd=False)
     assert unmasked.item() > loss.item() + 0.5
-    assert stats["fn_masked_frac"] > 0
+    # the logged statistics, by hand: 6 of 12 candidates masked (row 0: the 0.95 negative and query 1; row 1,
+    # whose positive sits at 0: every document above 0.1 and query 0); row 0 ranks its 0.65 negative first,
+    # row 1 its positive (ties at 0 go to the first column); hardest kept negatives 0.65 and 0.0
+    assert {k: float(v) for k, v in stats.items()} == pytest.approx(
+        {"acc": 0.5, "pos_cos": 0.3, "hardest_neg_cos": 0.325, "fn_masked_frac": 0.5, "margin": -0.025}, abs=1e-6)
+    _, alone = info_nce(q[:1], p[:1], None, temperature=tau, fn_margin=0.1, qq=False, dd=False, return_stats=True)
+    assert math.isnan(float(alone["hardest_neg_cos"]))  # no negative at all: nan, not 0 and not an error
 
 
 def test_identical_document_rule():
