@@ -40,7 +40,8 @@ def main() -> int:
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose(config_name=args.config_name, overrides=args.overrides))
+        # phases are timed on the loop's thread: batches made there too (data.prefetch=0), unless overridden
+        cfg = OmegaConf.to_object(compose(config_name=args.config_name, overrides=["data.prefetch=0", *args.overrides]))
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     times: dict[str, list[float]] = defaultdict(list)
