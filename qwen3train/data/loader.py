@@ -76,14 +76,6 @@ class _StreamingStream:
         self.source, self.weight, self.loader = source, weight, loader
         self.stats: dict = {"streaming": True}
 
-    @property
-    def epoch(self) -> int:
-        return self.source.epoch
-
-    @property
-    def position(self) -> int:
-        return self.source.rows_read
-
     def steps_per_epoch(self) -> int:
         raise ConfigError(f"{self.source.name} is streamed (its length is unknown): set run.max_steps")
 
