@@ -48,6 +48,18 @@ def training_curves(out: Path, stages: list[str]) -> str | None:
     return "report_training.png"
 
 
+def skipped_steps(out: Path, stages: list[str]) -> list[str]:
+    """One line per stage that skipped steps with non-finite gradients (``run.skip_nonfinite_steps``)."""
+    lines = []
+    for stage in stages:
+        rows = _metrics(out / stage / "skipped_steps.jsonl")
+        if rows:
+            steps = ", ".join(str(r["step"]) for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
+            lines.append(f"- {stage}: **{len(rows)} step(s) skipped** with non-finite loss or gradients (steps "
+                         f"{steps}; no update applied; their records: `{stage}/skipped_steps.jsonl`).")
+    return lines + [""] if lines else []
+
+
 def generation_chart(stats: dict, out: Path) -> str:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), dpi=110)
@@ -194,8 +206,9 @@ def write_report(out: Path, cfg=None) -> Path:
             md += [f"{s['persona_no_overlap']} passages shared no word with any persona (lexical route): their "
                    "personas were drawn per passage; an embedder that reads their language retrieves instead.", ""]
     curves = training_curves(out, ["stage1", "stage2", "rerank"])
-    if curves:
-        md += ["## Training", "", f"![training]({curves})", ""]
+    skipped = skipped_steps(out, ["stage1", "stage2", "rerank"])
+    if curves or skipped:
+        md += ["## Training", ""] + ([f"![training]({curves})", ""] if curves else []) + skipped
     md += dev_section(out, ["stage1", "stage2", "rerank"])
     fsum = out / "filter" / "summary.json"
     if fsum.exists():

@@ -46,6 +46,10 @@ CASES = {
                                             "engine.global_batch_size=12", "engine.micro_batch_size=8"],
                                            "per-process batch 12 (engine.global_batch_size / 1 processes) is not "
                                            "divisible by engine.micro_batch_size=8"),
+    # training that diverges (every step's loss non-finite): no traceback, the last good checkpoint named
+    "diverged training": (["--config-name=stage1", "data.train_files=[{pairs}]", "loss.temperature=1e-45",
+                           "run.skip_nonfinite_steps=0", "engine.global_batch_size=4", "engine.micro_batch_size=4",
+                           "run.max_steps=2"], "non-finite loss (nan) or gradients (norm nan) at step 1"),
 }
 
 
@@ -79,7 +83,9 @@ def test_user_mistake_is_one_line_and_status_2(case, tiny_model_dir, tmp_path):
     (tmp_path / "good.jsonl").write_text('{"query": "q", "pos": ["p"]}\n')
     (tmp_path / "notjson.jsonl").write_text('{"text": "a document about rivers and their deltas"}\n{"text": oops}\n')
     (tmp_path / "docs.jsonl").write_text('{"text": "' + "a long enough document about rivers " * 10 + '"}\n')
-    fill = {"bad": tmp_path / "bad.jsonl", "good": tmp_path / "good.jsonl", "tmp": tmp_path, "model": tiny_model_dir}
+    (tmp_path / "pairs.jsonl").write_text("".join(f'{{"query": "question {i}", "pos": ["answer {i}"]}}\n' for i in range(8)))
+    fill = {"bad": tmp_path / "bad.jsonl", "good": tmp_path / "good.jsonl", "tmp": tmp_path, "model": tiny_model_dir,
+            "pairs": tmp_path / "pairs.jsonl"}
     argv = [a.format(**fill) for a in args] + [f"model.name_or_path={tiny_model_dir}"] * (
         args[0] == "--config-name=stage1" and not any(a.startswith("model.name_or_path") for a in args))
     argv += [f"run.output_dir={tmp_path}/run"] if args[0] == "--config-name=stage1" else []

@@ -72,10 +72,10 @@ def place_job(cfg, job: str) -> None:
 def user_error(e: BaseException) -> str | None:
     """The one-line message of a user's mistake, or None for a bug (which keeps its traceback)."""
     from qwen3train.data.records import DataError
-    from qwen3train.errors import ConfigError
+    from qwen3train.errors import ConfigError, TrainingDiverged
     from qwen3train.merge.io import MergeError
 
-    if isinstance(e, (ConfigError, DataError, MergeError)):
+    if isinstance(e, (ConfigError, DataError, MergeError, TrainingDiverged)):
         return str(e)
     if isinstance(e, FileNotFoundError):
         return f"no such file or folder: {e.filename}" if e.filename else str(e)

@@ -20,7 +20,8 @@ from qwen3train.text import DEFAULT_QUERY_TEMPLATE, format_query
 Row = tuple[int, Record, int]  # (record index, record, which positive)
 # What a batch carries besides its tokens, made once and reused (``train.loop.prepare_batch``, on the data thread):
 # ``packed``: a micro batch's packed rows (``task.pack``); ``micro``: ((micro-batch rows, token budget), the micro
-# batches the loop cuts this batch into). Never compared, never printed.
+# batches the loop cuts this batch into); ``records``: its rows (``Row``), set by the loader, named when its step is
+# skipped (``train.loop.skip_step``). Never compared, never printed.
 _MEMO = dict(default=None, repr=False, compare=False)
 
 
@@ -45,6 +46,7 @@ class EmbeddingBatch:
     neg_hash: torch.Tensor  # [b, K] int64
     packed: Any = field(**_MEMO)
     micro: Any = field(**_MEMO)
+    records: Any = field(**_MEMO)
 
     def __len__(self) -> int:
         return len(self.q)
@@ -63,6 +65,7 @@ class RerankBatch:
     group: int
     packed: Any = field(**_MEMO)
     micro: Any = field(**_MEMO)
+    records: Any = field(**_MEMO)
 
     def __len__(self) -> int:
         return len(self.ids) // self.group

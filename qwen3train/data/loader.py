@@ -191,6 +191,8 @@ class Loader:
     def _make(self, prepare: Callable | None = None) -> tuple:
         rows, epoch = self.streams[self._pick(self.step)].next_rows()
         batch = self.collate(rows, epoch)
+        if hasattr(batch, "records"):  # the batch's records, named when its step is skipped
+            batch.records = rows
         self.step += 1
         if prepare is not None:
             prepare(batch)

@@ -23,6 +23,11 @@ class RunConfig:
     final_engine_state: the last checkpoint keeps the optimizer, scheduler and RNG state (to train the
     same run on past max_steps); false writes it export-only, as ``checkpoint.retire`` leaves a finished
     run (the pipeline sets it from ``keep_engine_state``: ~12 bytes a parameter it would delete anyway).
+    skip_nonfinite_steps: a step whose gradients are not finite (inf/NaN: an overflow, a bad batch) is
+    skipped, as DeepSpeed does: no update (weights, optimizer moments and the learning-rate schedule stay
+    as they were), the data moves on, and the step's records are written to ``<run>/skipped_steps.jsonl``.
+    More skipped steps than this in a row stop the run (it has diverged: one line, status 2, naming the
+    last good checkpoint); 0: stop at the first.
     """
 
     name: str = "stage1"
@@ -35,6 +40,7 @@ class RunConfig:
     keep_every: int = 0
     export_checkpoints: bool = True
     final_engine_state: bool = True
+    skip_nonfinite_steps: int = 3
     resume: str = "auto"  # auto: resume a run of the same config, refuse another; force; never (true/false too)
     wandb: bool = False
     wandb_project: str = "qwen3train"
@@ -46,6 +52,8 @@ class RunConfig:
     eval_metric: str = "ndcg@10"
 
     def __post_init__(self) -> None:
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError("run.skip_nonfinite_steps must be >= 0 (0: stop at the first non-finite step)")
         if self.eval_every > 0 and not self.eval_file:
             raise ValueError("run.eval_every > 0 needs run.eval_file (a dev pair file or collection folder)")
         from qwen3train.train.identity import normalize_resume

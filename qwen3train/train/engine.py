@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,9 @@ class Engine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self) -> float: ...
+    def step(self) -> float: ...  # the gradients' norm; sets step_applied (False: not finite, dropped)
+
+    step_applied: bool
 
     def lr(self) -> float: ...
 
@@ -148,6 +151,7 @@ class TorchEngine:
             self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.precision = precision
         self.autocast = precision == "bf16"
+        self.step_applied = True
 
     @property
     def module(self) -> nn.Module:
@@ -166,15 +170,21 @@ class TorchEngine:
         loss.backward()
 
     def step(self) -> float:
+        """Clip, update, schedule; returns the gradients' global norm. Gradients that are not finite are
+        dropped instead (``step_applied`` False): weights, optimizer moments and the schedule stay as they
+        were, as DeepSpeed's ZeRO optimizers do on an overflow. The norm is taken after DDP's all-reduce,
+        so every rank decides alike."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
         else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        self.optimizer.step()
-        self.scheduler.step()
+            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        self.step_applied = math.isfinite(norm)
+        if self.step_applied:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -330,6 +340,7 @@ class DeepSpeedEngine:
             model=model, optimizer=opt, lr_scheduler=sched, config=self.ds_config)
         self._zero3 = cfg.zero_stage == 3
         self._deepspeed = deepspeed
+        self.step_applied = True
 
     @property
     def module(self) -> nn.Module:
@@ -357,6 +368,8 @@ class DeepSpeedEngine:
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeedEngine.step() called before the last micro-step of the batch")
         self.engine.step()
+        # ZeRO-1/2/3 drop a step whose gradients' norm is not finite (no update, no schedule step)
+        self.step_applied = bool(self.engine.was_step_applied())
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

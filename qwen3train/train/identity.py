@@ -24,8 +24,9 @@ RESUME_MODES = ("auto", "force", "never")
 # the config's top; a field set to anything else counts as usual. Add each new field here with that default.
 LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_file": None}
 # Fields added after a release that only say what to write, never what is computed: left out at any value (as
-# NEUTRAL's are, and from the stage markers too).
-LATE_NEUTRAL = ("run.final_engine_state", "data.prefetch")
+# NEUTRAL's are, and from the stage markers too). run.skip_nonfinite_steps changes nothing a finite run computes:
+# a run stopped by it resumes with a higher limit.
+LATE_NEUTRAL = ("run.final_engine_state", "data.prefetch", "run.skip_nonfinite_steps")
 _ANY = object()
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from qwen3train import dist
+from qwen3train.errors import TrainingDiverged
 from qwen3train.precision import resolve_train_precision
 from qwen3train.train import checkpoint, identity
 from qwen3train.train.checkpoint import TrainState
@@ -25,10 +26,6 @@ from qwen3train.train.engine import build_engine
 from qwen3train.train.gradcache import grad_cache_step
 from qwen3train.train.task import token_chunks
 from qwen3train.train.telemetry import Telemetry
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 def seed_everything(seed: int) -> None:
@@ -89,6 +86,35 @@ def train_step(engine, task, batch, n_micro: int, grad_cache: bool, token_budget
                  for k in per[0]}
     grad_norm = engine.step()
     return loss, read_stats(stats), grad_norm
+
+
+def skip_step(cfg, run_dir: Path, step: int, batch, loss: float, grad_norm: float, in_a_row: int,
+              applied: bool) -> None:
+    """A step whose loss or gradients are not finite. Its records (every rank's share) go to
+    ``<run>/skipped_steps.jsonl``; then the run goes on (the engine dropped the update) or, past
+    ``run.skip_nonfinite_steps`` in a row or when an update was applied anyway, stops: ``TrainingDiverged``."""
+    rows = [{"record": int(rid), "task": rec.task, "query": rec.query, "pos": rec.pos[j]}
+            for rid, rec, j in (getattr(batch, "records", None) or [])]
+    rows = [r for part in dist.all_gather_object(rows) for r in part]  # collective: every rank is here
+    path = run_dir / "skipped_steps.jsonl"
+    if dist.is_main():
+        def num(x: float):
+            return x if math.isfinite(x) else str(x)
+
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "loss": num(loss), "grad_norm": num(grad_norm), "update_applied": applied,
+                                "records": rows}, ensure_ascii=False) + "\n")
+    limit = cfg.run.skip_nonfinite_steps
+    what = f"non-finite loss ({loss:g}) or gradients (norm {grad_norm:g}) at step {step}"
+    if applied or in_a_row > limit:
+        why = ("the engine applied its update" if applied else
+               f"{in_a_row} step(s) in a row, more than run.skip_nonfinite_steps={limit}")
+        last = checkpoint.latest_checkpoint(run_dir)
+        raise TrainingDiverged(f"{what}: {why}; stopping. The last good checkpoint is "
+                               f"{last or 'none yet (a rerun starts over)'}; the step's records are in {path}; "
+                               f"lower optim.lr or check the data.")
+    print0(f"warning: {what}: update skipped ({in_a_row} in a row, at most {limit}); its {len(rows)} records "
+           f"are in {path}")
 
 
 def read_stats(stats: dict) -> dict[str, float]:
@@ -176,7 +202,7 @@ def run(cfg, hooks=None) -> Path:
     # this rank's share of each global batch, the next one made on the data thread during the step
     ahead = batches.ahead(0 if finished else max(0, total - state.step), depth=cfg.data.prefetch,
                           prepare=prepare_batch(task, n_micro, cfg.engine.micro_batch_tokens))
-    waited = 0.0
+    waited, in_a_row = 0.0, 0  # in_a_row: steps skipped in a row (non-finite gradients)
     try:
         for batch in ahead:
             loss, stats, grad_norm = train_step(engine, task, batch, n_micro, cfg.engine.grad_cache,
@@ -191,12 +217,14 @@ def run(cfg, hooks=None) -> Path:
             loss_all, tokens, *stat_vals = dist.mean_floats([loss.float().item(), batch.num_tokens,
                                                              *(stats[k] for k in keys)])
             tokens *= world
-            if not math.isfinite(loss_all):
-                raise TrainingDiverged(
-                    f"non-finite loss ({loss_all}) at step {state.step}; stopping. The last good checkpoint "
-                    f"is {checkpoint.latest_checkpoint(run_dir)}; lower optim.lr or check the data.")
             metrics = {"loss": loss_all, "lr": engine.lr(), "grad_norm": grad_norm, "epoch": state.epoch,
                        **dict(zip(keys, stat_vals)), "data_wait_s": data_wait}
+            if engine.step_applied and math.isfinite(loss_all):
+                in_a_row = 0
+            else:  # every rank takes this branch: the loss is the ranks' mean, the norm a global one
+                in_a_row += 1
+                metrics["skipped"] = int(not engine.step_applied)
+                skip_step(cfg, run_dir, state.step, batch, loss_all, grad_norm, in_a_row, engine.step_applied)
             saving = cfg.run.save_every > 0 and state.step % cfg.run.save_every == 0 and state.step < total
             if dev is not None and (state.step % cfg.run.eval_every == 0 or state.step == total):
                 scores = dev()

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO
 
@@ -154,8 +155,12 @@ def test_zero_checkpoint_refuses_another_process_count(runs, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_reranker_trains_under_zero3_and_exports(tiny_model_dir, tmp_path):
-    """The reranker track through the same entry point and DeepSpeed engine (2 gloo processes)."""
+def test_reranker_trains_under_zero3_skips_a_nonfinite_step_and_exports(tiny_model_dir, tmp_path):
+    """The reranker track through the same entry point and DeepSpeed engine (2 gloo processes), with step 2's
+    gradients made NaN (``nonfinite.py``: its loss times NaN): ZeRO-3 drops that update and its schedule step,
+    the loop reads it (``was_step_applied``), marks the step, lists both ranks' records of it and trains on.
+    Fails if the NaN update were applied (step 3's loss would be NaN and the run would stop, status 2) or the
+    skip went unread (the run stops: 'an update ... was applied')."""
     sys.path.insert(0, str(REPO / "tests" / "train"))
     from helpers import make_pairs
 
@@ -164,12 +169,18 @@ def test_reranker_trains_under_zero3_and_exports(tiny_model_dir, tmp_path):
     data = make_pairs(tmp_path / "d.jsonl", n=32, k=3)
     out = tmp_path / "rr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "qwen3train.cli.main", "--config-name=rerank", "engine=zero3", "engine.precision=fp32",
-           "run.max_steps=3", "run.save_every=0", f"run.output_dir={out}", f"model.name_or_path={tiny_model_dir}",
-           f"data.train_files=[{data}]", "model.max_doc_length=160"]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400, cwd=REPO)
+           str(REPO / "tests" / "train" / "nonfinite.py"), "--config-name=rerank", "engine=zero3",
+           "engine.precision=fp32", "run.max_steps=3", "run.save_every=0", f"run.output_dir={out}",
+           f"model.name_or_path={tiny_model_dir}", f"data.train_files=[{data}]", "model.max_doc_length=160"]
+    proc = subprocess.run(cmd, env=dict(ENV, NONFINITE_STEPS="2"), capture_output=True, text=True, timeout=400,
+                          cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 3 and all(l == l for l in losses)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("skipped", 0) for m in metrics] == [0, 1, 0]
+    assert metrics[2]["loss"] == metrics[2]["loss"] and metrics[0]["loss"] == metrics[0]["loss"]
+    assert metrics[1]["lr"] == metrics[0]["lr"] != metrics[2]["lr"]  # the schedule stood still at the skip
+    (skipped,) = [json.loads(x) for x in (out / "skipped_steps.jsonl").read_text().splitlines()]
+    batch = yaml.safe_load((out / "config.yaml").read_text())["engine"]["global_batch_size"]
+    assert skipped["step"] == 2 and len({r["query"] for r in skipped["records"]}) == len(skipped["records"]) == batch
     rr = build_reranker(ModelConfig(name_or_path=str(out / "final")), max_length=160)
     assert torch.isfinite(rr.score("what is gravity number 1?", ["gravity 1 is described here."])).all()

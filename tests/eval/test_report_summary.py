@@ -51,6 +51,23 @@ def test_report_shows_dev_scores_during_training_and_mteb(tmp_path):
     assert "stage2: ndcg@10 by step (best 0.3600 at step 16)" in text
     assert "| 16 (best) | 0.3600 |" in text and "| 24 | 0.3300 |" in text and "0.3000" not in text
     assert "## MTEB" in text and "| merged | arcd | test | default | 0.2500 | 0.2500 | 0.7000 |" in text
+    assert "skipped" not in text
+
+
+def test_report_names_skipped_steps(tmp_path):
+    """Steps a stage skipped with non-finite gradients (train.loop.skip_step's file) are counted and named in
+    the report's training section, per stage; a stage without them gets no line."""
+    from qwen3train.report import write_report
+
+    for stage, steps in (("stage1", [812, 813]), ("stage2", [])):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "skipped_steps.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": "nan", "grad_norm": "nan", "update_applied": False, "records": []}) + "\n"
+            for s in steps))
+    text = write_report(tmp_path).read_text()
+    assert "## Training" in text
+    assert "- stage1: **2 step(s) skipped** with non-finite loss or gradients (steps 812, 813;" in text
+    assert "stage2:" not in text
 
 
 def test_a_fused_reranker_is_reported_with_its_weight_and_its_score_alone(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from helpers import make_pairs, train_cfg
-from qwen3train.train.loop import TrainingDiverged, run
+from qwen3train.errors import TrainingDiverged
+from qwen3train.train.loop import run
 
 
 class Crash(Exception):
@@ -142,11 +144,61 @@ def test_pruning_keeps_last_and_every(tiny_model_dir, tmp_path):
     assert names == ["step_0000003", "step_0000005", "step_0000006"]
 
 
-def test_non_finite_loss_stops_with_clear_message(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("limit", [0, 2])
+def test_non_finite_loss_stops_with_clear_message(tiny_model_dir, tmp_path, limit):
+    """A temperature of 1e-45 makes every step's loss and gradients non-finite: the run skips
+    ``run.skip_nonfinite_steps`` of them in a row, then stops at the next (0: at the first), naming the last
+    good checkpoint and the file listing each skipped step's records. It fails if a non-finite step is applied
+    or skipped without limit (the run would end as if trained)."""
     data = make_pairs(tmp_path / "d.jsonl", n=48, k=2)
-    cfg = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=4, temperature=1e-45)
-    with pytest.raises(TrainingDiverged, match="non-finite loss"):
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=6, temperature=1e-45)
+    cfg.run.skip_nonfinite_steps = limit
+    with pytest.raises(TrainingDiverged, match=rf"non-finite loss .* at step {limit + 1}: {limit + 1} step\(s\) in a "
+                                               rf"row, more than run.skip_nonfinite_steps={limit}; stopping"):
         run(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "r" / "skipped_steps.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, limit + 2))
+    assert all(len(x["records"]) == 8 and not x["update_applied"] for x in lines)
+    assert not (tmp_path / "r" / "final").exists()
+
+
+def test_a_step_with_nonfinite_gradients_is_skipped(tiny_model_dir, tmp_path):
+    """Step 3's gradients made NaN (its loss times NaN, the real backward and engine step): the update is dropped,
+    as DeepSpeed drops an overflow: after step 3 the weights, AdamW's moments and the schedule are exactly those
+    after step 2 (the old loop applied it: NaN weights, the run stopped), the step is marked in the metrics, its
+    8 records (queries of the data file) are listed, and the run trains on to step 6 with finite losses."""
+    from nonfinite import inject
+
+    data = make_pairs(tmp_path / "d.jsonl", n=48, k=2)
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=6, save_every=1, keep_last=10)
+    undo = inject({3})
+    try:
+        run(cfg)
+    finally:
+        undo()
+
+    def engine(step):
+        return torch.load(tmp_path / "r" / "checkpoints" / f"step_{step:07d}" / "engine" / "engine.pt",
+                          weights_only=False)
+
+    two, three, four = engine(2), engine(3), engine(4)
+    for k, v in two["model"].items():
+        assert torch.equal(v, three["model"][k]), k
+        assert torch.isfinite(v).all(), k
+    assert any(not torch.equal(v, four["model"][k]) for k, v in three["model"].items())
+    moments = [(a, b) for sa, sb in zip(two["optimizer"]["state"].values(), three["optimizer"]["state"].values())
+               for a, b in ((sa["exp_avg"], sb["exp_avg"]), (sa["exp_avg_sq"], sb["exp_avg_sq"]), (sa["step"], sb["step"]))]
+    assert moments and all(torch.equal(a, b) for a, b in moments)
+    assert two["scheduler"]["last_epoch"] == three["scheduler"]["last_epoch"] == four["scheduler"]["last_epoch"] - 1
+    metrics = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert [m.get("skipped", 0) for m in metrics] == [0, 0, 1, 0, 0, 0]
+    assert all(math.isfinite(m["loss"]) for i, m in enumerate(metrics) if i != 2)
+    assert metrics[2]["lr"] == metrics[1]["lr"] != metrics[3]["lr"]
+    (line,) = [json.loads(x) for x in (tmp_path / "r" / "skipped_steps.jsonl").read_text().splitlines()]
+    queries = {json.loads(x)["query"] for x in data.read_text().splitlines()}
+    assert line["step"] == 3 and len(line["records"]) == 8 and {r["query"] for r in line["records"]} <= queries
+    assert (tmp_path / "r" / "final" / "model.safetensors").exists()
 
 
 def test_malformed_data_through_the_loop(tiny_model_dir, tmp_path):
