@@ -297,6 +297,9 @@ def test_an_upgrade_keeps_the_config_hash_of_finished_stages(compose):
     # what to write, not what is computed: the pipeline's export-only last checkpoint changes neither hash
     lean = compose("stage1", ["run.output_dir=x", "run.final_engine_state=false"])
     assert config_hash(lean) == got[0] and identity.config_hash(lean) == "231f5894c766"
+    # nor does the limit of skipped non-finite steps: a run it stopped resumes with a higher one
+    patient = compose("stage1", ["run.output_dir=x", "run.skip_nonfinite_steps=10"])
+    assert config_hash(patient) == got[0] and identity.config_hash(patient) == "231f5894c766"
 
 
 def test_training_stages_write_their_last_checkpoint_export_only_unless_the_engine_state_is_kept(compose, tmp_path):
