@@ -14,3 +14,47 @@ class TrainingDiverged(RuntimeError):
     """Training met non-finite losses or gradients it may not skip (``run.skip_nonfinite_steps``): a
     learning rate or temperature too extreme, or data that breaks the loss. The message names the last
     good checkpoint; the command line prints it as one line (status 2)."""
+
+
+class DiskFull(ConfigError):
+    """A write met a full disk or quota. One rank may meet it alone: that rank prints it, naming itself."""
+
+    collective = False
+
+
+def disk_full(e: BaseException) -> bool:
+    """A full disk or quota, as the OS reports it (OSError) or as torch.save's zip writer does (RuntimeError)."""
+    import errno
+
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and any(k in str(e) for k in ("No space left", "file write failed",
+                                                                     "Disk quota exceeded"))
+
+
+class writing:
+    """``with writing(path, tmp):`` around the write of ``tmp`` (renamed to ``path`` when complete): when it
+    fails, the partial ``tmp`` is removed (a file or a folder), and a full disk becomes one line naming
+    ``path`` (a ``ConfigError``: status 2 from the command line); ``kept`` says what survives."""
+
+    def __init__(self, path, tmp, kept: str = "everything finished before it is kept") -> None:
+        self.path, self.tmp, self.kept = path, tmp, kept
+
+    def __enter__(self) -> "writing":
+        return self
+
+    def __exit__(self, kind, e, tb) -> bool:
+        if e is None:
+            return False
+        import shutil
+        from pathlib import Path
+
+        tmp = Path(self.tmp)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        if disk_full(e):
+            raise DiskFull(f"no space left on the device while writing {self.path}; the partial file was removed "
+                              f"and {self.kept}: free space and rerun the same command to continue") from None
+        return False

@@ -97,3 +97,16 @@ def test_user_mistake_is_one_line_and_status_2(case, tiny_model_dir, tmp_path):
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and needle in last, last
+
+
+def test_a_full_disk_anywhere_is_one_line():
+    """A write that meets a full disk outside the writers that name their file (``errors.writing``) is still a
+    user's problem, not a bug: one line saying what is kept, printed by the rank that met it (not only rank 0)."""
+    import errno
+
+    from qwen3train.cli.main import user_error
+
+    msg = user_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    assert msg.startswith("no space left on the device") and "rerun the same command" in msg
+    assert user_error(RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos; file write failed"))
+    assert user_error(OSError(errno.EIO, "Input/output error")) is None  # a failing disk stays a traceback

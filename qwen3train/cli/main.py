@@ -72,11 +72,14 @@ def place_job(cfg, job: str) -> None:
 def user_error(e: BaseException) -> str | None:
     """The one-line message of a user's mistake, or None for a bug (which keeps its traceback)."""
     from qwen3train.data.records import DataError
-    from qwen3train.errors import ConfigError, TrainingDiverged
+    from qwen3train.errors import ConfigError, TrainingDiverged, disk_full
     from qwen3train.merge.io import MergeError
 
     if isinstance(e, (ConfigError, DataError, MergeError, TrainingDiverged)):
         return str(e)
+    if disk_full(e):  # a writer without its own message (those name their file: errors.writing)
+        return (f"no space left on the device ({e}); finished stages, shards, chunks and checkpoints are kept: "
+                f"free space and rerun the same command to continue")
     if isinstance(e, FileNotFoundError):
         return f"no such file or folder: {e.filename}" if e.filename else str(e)
     return None
@@ -131,7 +134,10 @@ def main(dict_cfg: DictConfig) -> None:
             raise
         from qwen3train.data.records import DataError
 
-        report(msg, collective=not isinstance(e, DataError) or getattr(e, "collective", False))
+        # a bad record or a full disk one rank meets alone is printed by that rank (``collective`` False)
+        from qwen3train.errors import disk_full
+
+        report(msg, collective=getattr(e, "collective", not isinstance(e, DataError) and not disk_full(e)))
 
 
 def precheck(argv: list[str]) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen3train import dist
+from qwen3train.errors import writing
 from qwen3train.eval.encoder import Encoder
 
 
@@ -42,7 +43,8 @@ def encode_to_store(enc: Encoder, texts: list[str], store: str | Path, *, instru
             chunk = texts[c * chunk_size:(c + 1) * chunk_size]
             vec = enc.encode_queries(chunk, instruction) if query else enc.encode_docs(chunk, instruction)
             tmp = parts / f".{c:06d}.tmp.npy"
-            np.save(tmp, vec.numpy().astype(np.float32, copy=False))
+            with writing(path, tmp, kept="every finished chunk is kept"):
+                np.save(tmp, vec.numpy().astype(np.float32, copy=False))
             tmp.replace(path)
             if log:
                 log(f"encoded chunk {c + 1}/{n_chunks} ({len(chunk)} texts) on rank {dist.rank()}")
@@ -54,18 +56,20 @@ def encode_to_store(enc: Encoder, texts: list[str], store: str | Path, *, instru
 
 
 def _assemble(parts: Path, n_chunks: int, n: int, final: Path) -> None:
+    """The chunks streamed into one ``.npy`` file in order (written sequentially, not through a memory map:
+    a full disk is then an error naming the file, where a write into a mapped page kills the process)."""
     first = np.load(parts / f"{0:06d}.npy", mmap_mode="r")
     tmp = final.with_name(f".{final.stem}.tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, first.shape[1]))
-    row = 0
-    for c in range(n_chunks):
-        part = np.load(parts / f"{c:06d}.npy", mmap_mode="r")
-        out[row:row + len(part)] = part
-        row += len(part)
-    if row != n:
-        raise RuntimeError(f"embedding store {parts}: chunks hold {row} rows, expected {n}")
-    out.flush()
-    del out
+    with writing(final, tmp, kept=f"every encoded chunk is kept ({parts})"), open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                 "fortran_order": False, "shape": (n, first.shape[1])})
+        row = 0
+        for c in range(n_chunks):
+            part = np.load(parts / f"{c:06d}.npy", mmap_mode="r")
+            f.write(np.ascontiguousarray(part, dtype=np.float32).data)
+            row += len(part)
+        if row != n:
+            raise RuntimeError(f"embedding store {parts}: chunks hold {row} rows, expected {n}")
     tmp.replace(final)
     shutil.rmtree(parts)
 

@@ -16,7 +16,6 @@ stage is done); resume never takes those. On resume the newest checkpoint whose 
 
 from __future__ import annotations
 
-import errno
 import json
 import random
 import shutil
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from qwen3train import dist
-from qwen3train.errors import ConfigError
+from qwen3train.errors import ConfigError, DiskFull, disk_full
 from qwen3train.integrity import describe, verify, write_manifest
 
 
@@ -102,11 +101,11 @@ def save(root: Path, state: TrainState, engine, task, *, export_model: bool, kee
         if dist.is_main():
             write_manifest(tmp)
     except (OSError, RuntimeError) as e:
-        if not _disk_full(e):
+        if not disk_full(e):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(root)
-        raise ConfigError(f"no space left on the device while saving {final.name} under {root / 'checkpoints'}; "
+        raise DiskFull(f"no space left on the device while saving {final.name} under {root / 'checkpoints'}; "
                           f"the partial save was removed and {f'{previous.name} is intact' if previous else 'no earlier checkpoint exists'}: "
                           f"free space and rerun the same command to resume") from None
     if dist.is_main():
@@ -116,13 +115,6 @@ def save(root: Path, state: TrainState, engine, task, *, export_model: bool, kee
         prune(root, keep_last, keep_every, keep_steps)
     dist.barrier()
     return final
-
-
-def _disk_full(e: BaseException) -> bool:
-    """A full disk or quota, as the OS reports it (OSError) or as torch.save's zip writer does (RuntimeError)."""
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return any(k in str(e) for k in ("No space left", "file write failed", "Disk quota exceeded"))
 
 
 def retire(path: Path) -> int:

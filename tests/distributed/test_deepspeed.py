@@ -157,7 +157,7 @@ def test_zero_checkpoint_refuses_another_process_count(runs, tiny_model_dir):
 @pytest.mark.slow
 def test_reranker_trains_under_zero3_skips_a_nonfinite_step_and_exports(tiny_model_dir, tmp_path):
     """The reranker track through the same entry point and DeepSpeed engine (2 gloo processes), with step 2's
-    gradients made NaN (``nonfinite.py``: its loss times NaN): ZeRO-3 drops that update and its schedule step,
+    gradients made NaN (``tests/faults.py``: its loss times NaN): ZeRO-3 drops that update and its schedule step,
     the loop reads it (``was_step_applied``), marks the step, lists both ranks' records of it and trains on.
     Fails if the NaN update were applied (step 3's loss would be NaN and the run would stop, status 2) or the
     skip went unread (the run stops: 'an update ... was applied')."""
@@ -169,10 +169,10 @@ def test_reranker_trains_under_zero3_skips_a_nonfinite_step_and_exports(tiny_mod
     data = make_pairs(tmp_path / "d.jsonl", n=32, k=3)
     out = tmp_path / "rr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "train" / "nonfinite.py"), "--config-name=rerank", "engine=zero3",
+           str(REPO / "tests" / "faults.py"), "--config-name=rerank", "engine=zero3",
            "engine.precision=fp32", "run.max_steps=3", "run.save_every=0", f"run.output_dir={out}",
            f"model.name_or_path={tiny_model_dir}", f"data.train_files=[{data}]", "model.max_doc_length=160"]
-    proc = subprocess.run(cmd, env=dict(ENV, NONFINITE_STEPS="2"), capture_output=True, text=True, timeout=400,
+    proc = subprocess.run(cmd, env=dict(ENV, QWEN3TRAIN_TEST_FAULT="nonfinite:2"), capture_output=True, text=True, timeout=400,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

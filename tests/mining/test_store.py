@@ -103,6 +103,75 @@ def test_two_process_mining_equals_one_process(tmp_path):
         assert np.allclose(a["neg_scores"], b["neg_scores"], atol=1e-5)
 
 
+def test_a_full_disk_while_mining_is_one_line_and_a_rerun_continues(tmp_path):
+    """The disk fills while the third of five corpus chunks is written (``tests/faults.py``: the write puts a few
+    bytes in its file, then fails with ENOSPC as write() does, naming no file): one line naming the chunk's
+    file, status 2, no traceback; the partial file removed, the two finished chunks kept. The rerun encodes only
+    the three missing chunks and mines what an uninterrupted run mines. Catches a traceback, a message that
+    names no file, a partial chunk left behind (holding the disk's last bytes) and a rerun that starts over."""
+    corpus = tmp_path / "corpus.jsonl"  # 182 passages: 5 chunks of 40
+    corpus.write_text((FIXTURES / "dbpedia" / "corpus.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    data = tmp_path / "pairs.jsonl"
+    texts = [json.loads(x)["text"] for x in corpus.read_text(encoding="utf-8").splitlines() if x.strip()]
+    data.write_text("".join(json.dumps({"query": t[:60], "pos": [t]}) + "\n" for t in texts[:30]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    env.pop("QWEN3TRAIN_DEBUG", None)
+
+    def mine(out, fault=None):
+        args = [f"inputs=[{data}]", f"corpus=[{corpus}]", f"embedder={MINILM}", "precision=float32",
+                "num_negatives=3", "range_max=20", "chunk_size=40", "max_length=128", f"output={out}/mined.jsonl",
+                f"cache_dir={tmp_path}/cache_{out.name}"]
+        return subprocess.run([sys.executable, str(REPO / "tests" / "faults.py"), "--config-name=mine", *args],
+                              env=dict(env, QWEN3TRAIN_TEST_FAULT=fault or ""), cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+
+    proc = mine(tmp_path / "full", "disk_full:numpy.save:.parts/:3")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no space left on the device while writing ") and "000002.npy" in last, last
+    assert "the partial file was removed and every finished chunk is kept" in last
+    (parts,) = (tmp_path / "cache_full").glob("*.parts")
+    assert sorted(p.name for p in parts.iterdir()) == ["000000.npy", "000001.npy"]
+    proc = mine(tmp_path / "full")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    encoded = [ln for ln in proc.stdout.splitlines() if "encoded chunk" in ln and "/5 " in ln]
+    assert [ln.split("encoded chunk ")[1].split(" ")[0] for ln in encoded] == ["3/5", "4/5", "5/5"], proc.stdout
+    proc = mine(tmp_path / "clean")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "full" / "mined.jsonl").read_text() == (tmp_path / "clean" / "mined.jsonl").read_text()
+
+
+def test_writing_removes_the_partial_file_and_names_a_full_disk(tmp_path):
+    """``errors.writing``: a full disk (OSError ENOSPC/EDQUOT, or torch.save's RuntimeError) becomes DiskFull naming
+    the final path, with the partial file or folder removed; any other error passes through unchanged (still
+    removing the partial write); success leaves the file for the caller's rename."""
+    import errno
+
+    from qwen3train.errors import DiskFull, writing
+
+    tmp = tmp_path / ".a.tmp"
+    with pytest.raises(DiskFull, match=r"while writing .*a\.json; the partial file was removed and it is kept"):
+        with writing(tmp_path / "a.json", tmp, kept="it is kept"):
+            tmp.write_text("partial")
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert not tmp.exists()
+    folder = tmp_path / ".b.tmp"
+    with pytest.raises(DiskFull):
+        with writing(tmp_path / "b", folder):
+            (folder / "x").mkdir(parents=True)
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos; file write failed")
+    assert not folder.exists()
+    with pytest.raises(PermissionError):
+        with writing(tmp_path / "c", tmp):
+            tmp.write_text("partial")
+            raise PermissionError(errno.EACCES, "Permission denied")
+    assert not tmp.exists()
+    with writing(tmp_path / "d", tmp):
+        tmp.write_text("whole")
+    assert tmp.read_text() == "whole"
+
+
 @pytest.mark.slow
 def test_two_process_filter_equals_one_process(tmp_path):
     from qwen3train.data.prepare import import_collection

@@ -167,11 +167,11 @@ def test_a_step_with_nonfinite_gradients_is_skipped(tiny_model_dir, tmp_path):
     as DeepSpeed drops an overflow: after step 3 the weights, AdamW's moments and the schedule are exactly those
     after step 2 (the old loop applied it: NaN weights, the run stopped), the step is marked in the metrics, its
     8 records (queries of the data file) are listed, and the run trains on to step 6 with finite losses."""
-    from nonfinite import inject
+    from faults import nonfinite
 
     data = make_pairs(tmp_path / "d.jsonl", n=48, k=2)
     cfg = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=6, save_every=1, keep_last=10)
-    undo = inject({3})
+    undo = nonfinite({3})
     try:
         run(cfg)
     finally:

@@ -1,0 +1,75 @@
+"""Faults injected into real runs, for the tests of what a run does when they happen far into it.
+
+* ``nonfinite(steps)``: the loss of those optimizer steps (counted from 1 in each process) is multiplied by
+  NaN; the forward, the backward and the engine's step are the real ones, so every gradient is NaN, as
+  after an overflow or a batch that breaks the loss (``run.skip_nonfinite_steps``).
+* ``disk_full(module, name, where, call)``: the ``call``-th call of ``module.name`` (a writer: ``numpy.save``)
+  on a file whose path contains ``where`` writes a few bytes to it and then fails as a full disk does
+  (``ENOSPC``).
+
+Each returns an undo. As a script, under torchrun too, it runs the command line with the faults of
+``QWEN3TRAIN_TEST_FAULT`` (``nonfinite:2,3`` or ``disk_full:numpy.save:.parts/:2``; several joined by ``;``):
+``QWEN3TRAIN_TEST_FAULT=nonfinite:2 python tests/faults.py --config-name=stage2 key=value ...``."""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+import runpy
+import sys
+
+
+def nonfinite(steps):
+    from qwen3train.train import loop
+
+    steps, original, count = set(steps), loop.train_step, [0]
+
+    def train_step(engine, task, batch, *args, **kwargs):
+        count[0] += 1
+        if count[0] not in steps:
+            return original(engine, task, batch, *args, **kwargs)
+        real = task.loss
+
+        def poisoned(*a, **k):
+            loss, stats = real(*a, **k)
+            return loss * float("nan"), stats
+
+        task.loss = poisoned  # an attribute of this instance, over the class's method, for this step only
+        try:
+            return original(engine, task, batch, *args, **kwargs)
+        finally:
+            del task.loss
+
+    loop.train_step = train_step
+    return lambda: setattr(loop, "train_step", original)
+
+
+def disk_full(module: str, name: str, where: str, call: int):
+    mod = importlib.import_module(module)
+    original, count = getattr(mod, name), [0]
+
+    def writer(file, *args, **kwargs):
+        count[0] += where in str(file)
+        if where not in str(file) or count[0] != call:
+            return original(file, *args, **kwargs)
+        with open(file, "wb") as f:
+            f.write(b"\x93NUMPY partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a failed write() reports it: no file name
+
+    setattr(mod, name, writer)
+    return lambda: setattr(mod, name, original)
+
+
+if __name__ == "__main__":
+    for fault in filter(None, os.environ.get("QWEN3TRAIN_TEST_FAULT", "").split(";")):
+        kind, _, arg = fault.partition(":")
+        if kind == "nonfinite":
+            nonfinite(int(s) for s in arg.split(","))
+        elif kind == "disk_full":
+            target, where, call = arg.split(":")
+            disk_full(*target.rsplit(".", 1), where, int(call))
+        else:
+            raise SystemExit(f"unknown fault {fault!r}")
+    sys.argv[0] = "qwen3train"
+    runpy.run_module("qwen3train.cli.main", run_name="__main__")
