@@ -46,6 +46,7 @@ CASES = {
                                             "engine.global_batch_size=12", "engine.micro_batch_size=8"],
                                            "per-process batch 12 (engine.global_batch_size / 1 processes) is not "
                                            "divisible by engine.micro_batch_size=8"),
+    "hub repo id": (["--config-name=stage1", "export.push_to_hub=my model"], "export.push_to_hub must be a hub repo id"),
     # training that diverges (every step's loss non-finite): no traceback, the last good checkpoint named
     "diverged training": (["--config-name=stage1", "data.train_files=[{pairs}]", "loss.temperature=1e-45",
                            "run.skip_nonfinite_steps=0", "engine.global_batch_size=4", "engine.micro_batch_size=4",

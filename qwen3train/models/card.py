@@ -172,6 +172,18 @@ def _usage_reranker(meta: dict) -> list[str]:
             "classification conversion of yes/no is configured (see the qwen3train README)."]
 
 
+def check_hub_token(repo_id: str) -> None:
+    """Before training: a run that uploads its final model needs a token, found now (offline: the
+    environment and the login file), not after days of training."""
+    from huggingface_hub import get_token
+
+    if get_token() is None:
+        from qwen3train.errors import ConfigError
+
+        raise ConfigError(f"export.push_to_hub={repo_id} needs a Hugging Face token (set HF_TOKEN or run "
+                          f"`huggingface-cli login`); none was found, so nothing was trained")
+
+
 def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = True, token: str | None = None, api=None) -> str:
     """Upload an export (with its README.md card) to the Hugging Face hub; returns the commit URL."""
     folder = Path(folder)

@@ -73,6 +73,12 @@ class ExportConfig:
     push_to_hub: str | None = None
     hub_private: bool = True
 
+    def __post_init__(self) -> None:
+        import re
+
+        if self.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub):
+            raise ValueError(f"export.push_to_hub must be a hub repo id 'user/name', got {self.push_to_hub!r}")
+
 
 @dataclass
 class TrainConfig:

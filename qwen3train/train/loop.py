@@ -152,6 +152,10 @@ def run(cfg, hooks=None) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     world = dist.world_size()
     n_micro = cfg.engine.micro_steps(world)
+    if cfg.export.push_to_hub:  # every rank: a mistake they all meet, printed once, before anything is trained
+        from qwen3train.models.card import check_hub_token
+
+        check_hub_token(cfg.export.push_to_hub)
 
     precision = resolve_train_precision(cfg.engine.precision, cfg.model.dtype)
     print0(f"compute precision {precision} (engine.precision={cfg.engine.precision}, model.dtype={cfg.model.dtype}); "
@@ -257,15 +261,30 @@ def run(cfg, hooks=None) -> Path:
             shutil.rmtree(final_dir, ignore_errors=True)
             tmp.rename(final_dir)
             if cfg.export.push_to_hub:
-                from qwen3train.models.card import push_to_hub
-
-                print0(f"uploaded to the hub: {push_to_hub(final_dir, cfg.export.push_to_hub, private=cfg.export.hub_private)}")
+                upload(final_dir, cfg.export.push_to_hub, cfg.export.hub_private)
         dist.barrier()
     finally:
         ahead.close()
         tel.close()
     print0(f"done: {state.step} steps; final model at {final_dir}")
     return final_dir
+
+
+def upload(final_dir: Path, repo: str, private: bool) -> None:
+    """The final export to the hub. A failed upload (network, permissions) is one line naming the trained model
+    and how to retry: the same command again (the run is finished: it exports and uploads without training)."""
+    from qwen3train.errors import ConfigError
+    from qwen3train.models import card
+
+    try:
+        print0(f"uploaded to the hub: {card.push_to_hub(final_dir, repo, private=private)}")
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the hub client raises, the trained model is safe
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"the final model is at {final_dir}, but uploading it to {repo} failed "
+                          f"({type(e).__name__}: {reason}); rerun the same command to upload it (training is done) "
+                          f"or `huggingface-cli upload {repo} {final_dir}`") from None
 
 
 def _link_weights(src: str, dst: str) -> None:

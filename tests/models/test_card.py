@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from helpers import make_pairs, train_cfg  # noqa: E402
 
@@ -78,6 +80,7 @@ def test_push_to_hub_uploads_the_export_with_its_card(tiny_model_dir, tmp_path, 
     data = make_pairs(tmp_path / "pairs.jsonl", n=16, k=1)
     cfg = train_cfg(tiny_model_dir, data, tmp_path / "run", max_steps=2)
     cfg.export.push_to_hub = "me/tiny-embedder"
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # checked (offline) before training; FakeHub never sends it
     hub = FakeHub()
     import qwen3train.models.card as card
 
@@ -85,3 +88,45 @@ def test_push_to_hub_uploads_the_export_with_its_card(tiny_model_dir, tmp_path, 
     run(cfg)
     assert hub.calls[0] == ("create_repo", "me/tiny-embedder", {"private": True, "exist_ok": True, "repo_type": "model"})
     assert hub.calls[1][0] == "upload_folder" and "README.md" in hub.calls[1][2] and "model.safetensors" in hub.calls[1][2]
+
+
+def test_an_upload_without_a_token_stops_before_training(tiny_model_dir, tmp_path, monkeypatch):
+    """export.push_to_hub with no token anywhere (HF_TOKEN, the login file): one line before the model is
+    trained, not a hub error after the last step. Catches a check left to the upload at the end."""
+    from qwen3train.errors import ConfigError
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no login file
+    data = make_pairs(tmp_path / "pairs.jsonl", n=16, k=1)
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "run", max_steps=2)
+    cfg.export.push_to_hub = "me/tiny-embedder"
+    with pytest.raises(ConfigError, match=r"export.push_to_hub=me/tiny-embedder needs a Hugging Face token"):
+        run(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_failed_upload_keeps_the_model_and_a_rerun_uploads_it(tiny_model_dir, tmp_path, monkeypatch):
+    """The hub refuses the upload at the end of a run (network, permissions): one line naming the trained model and
+    how to retry; rerunning the same command uploads it without training a step."""
+    from qwen3train.errors import ConfigError
+    import qwen3train.models.card as card
+
+    class DownHub(FakeHub):
+        def upload_folder(self, folder_path, repo_id, **kw):
+            raise ConnectionError("Max retries exceeded with url: /api/repos/create\n(more lines)")
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    data = make_pairs(tmp_path / "pairs.jsonl", n=16, k=1)
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "run", max_steps=2, save_every=1)
+    cfg.export.push_to_hub = "me/tiny-embedder"
+    hub = DownHub()
+    monkeypatch.setattr(card, "push_to_hub", lambda folder, repo, private: push_to_hub(folder, repo, private=private, api=hub))
+    with pytest.raises(ConfigError, match=r"the final model is at .*final, but uploading it to me/tiny-embedder failed "
+                                          r"\(ConnectionError: Max retries exceeded with url: /api/repos/create\); "
+                                          r"rerun the same command to upload it"):
+        run(cfg)
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    hub = FakeHub()
+    run(cfg)
+    assert [c[0] for c in hub.calls] == ["create_repo", "upload_folder"]
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # no step trained again
