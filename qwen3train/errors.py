@@ -58,3 +58,13 @@ class writing:
             raise DiskFull(f"no space left on the device while writing {self.path}; the partial file was removed "
                               f"and {self.kept}: free space and rerun the same command to continue") from None
         return False
+
+
+class StoppedBySignal(Exception):
+    """A run that saved a checkpoint and stopped on a signal (its cluster's time limit or preemption, a
+    ``kill``): not a failure; the same command resumes it. The command line prints the message once and exits
+    with 128 + the signal's number, the status of a process the signal ended."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

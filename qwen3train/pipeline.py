@@ -16,6 +16,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from qwen3train.errors import ConfigError
+from qwen3train.errors import ConfigError, StoppedBySignal
 from qwen3train.stage_marker import config_hash, path_fingerprint, unchanged
 from qwen3train.train.config import RunConfig, TrainConfig
 from qwen3train.data.sources import DataConfig
@@ -35,6 +36,7 @@ from qwen3train.mining.filter import FilterConfig
 from qwen3train.mining.mine import MineConfig
 from qwen3train.models.build import ModelConfig
 from qwen3train.synth.pipeline import SynthConfig
+from qwen3train.train import preempt
 from qwen3train.train.engine import EngineConfig
 from qwen3train.train.schedule import OptimConfig
 
@@ -255,7 +257,13 @@ class Pipeline:
             args = ["-m", "qwen3train.cli.ranks", "--nnodes", nnodes, "--node_rank", os.environ.get("NODE_RANK", "0"),
                     "--nproc_per_node", str(processes), "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
                     "--master_port", os.environ.get("MASTER_PORT", "auto"), *args]
-        proc = subprocess.run([sys.executable, *args], env=env)  # in the caller's folder: relative paths hold
+        proc = subprocess.Popen([sys.executable, *args], env=env)  # in the caller's folder: relative paths hold
+        with preempt.forwarding(proc):  # SIGTERM: the stage saves a checkpoint and stops
+            proc.wait()
+        if proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM):  # training saved a checkpoint; the other
+            # stages keep their finished shards and chunks
+            raise StoppedBySignal(f"{preempt.STOPPED}SIGTERM during stage {name}; what it finished is kept: rerun the "
+                                  f"same command to resume", signal.SIGTERM)
         if proc.returncode == 2:  # the stage said what the user must fix, in one line above
             raise ConfigError(f"stage {name} stopped on the error above; fix it and rerun the same command "
                               f"to resume from {name}")

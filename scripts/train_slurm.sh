@@ -17,6 +17,10 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=64
 #SBATCH --time=48:00:00
+# SIGTERM 5 minutes before the time limit (to the job's steps: srun passes it to the launcher, torchrun to the
+# ranks): training finishes its step, saves a checkpoint and stops with status 143; resubmit the same command
+# (or requeue the job) to continue from there. Mining and filtering keep their finished chunks.
+#SBATCH --signal=TERM@300
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 STAGE=${1:-}

@@ -125,6 +125,12 @@ def main(dict_cfg: DictConfig) -> None:
     try:
         runner_for(cfg)(cfg)
     except Exception as e:  # a user's mistake: one line, status 2; tracebacks are for bugs
+        from qwen3train.errors import StoppedBySignal
+
+        if isinstance(e, StoppedBySignal):  # a checkpoint saved on SIGTERM: said once, the signal's status
+            if os.environ.get("RANK", "0") == "0":
+                print(str(e), file=sys.stderr, flush=True)
+            sys.exit(128 + e.signum)
         msg = user_error(e)
         if msg is None and peer_lost(e) and not debug:  # another rank stopped first: it said why
             print(f"note (rank {os.environ.get('RANK')}): stopped: another rank ended the run "

@@ -6,19 +6,24 @@ The ranks print their own errors (``qwen3train.cli.main``: one ``error:`` line, 
 for an error every rank shares; a rank whose peers vanished says so in one ``note`` line). torchrun then
 stops the other ranks and adds its own report: a ``ChildFailedError`` traceback and a table of failures.
 When the failed ranks exited with status 2 (a user's mistake, already reported) or were stopped by
-torchrun after it (SIGTERM), that report is dropped and this wrapper exits 2; otherwise (a bug, a crash, a kill) it is passed through unchanged with
-torchrun's status. Everything else is passed through as it comes.
+torchrun after it (SIGTERM), that report is dropped and this wrapper exits 2; when they saved a checkpoint and
+stopped on SIGTERM (forwarded by this wrapper to torchrun, which passes it on), it is dropped too and the wrapper
+exits 143; otherwise (a bug, a crash, a kill) it is passed through unchanged with torchrun's status. Everything
+else is passed through as it comes.
 """
 
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 
 from qwen3train.net import free_port
+from qwen3train.train import preempt
 
 _CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
+_SIGNALLED = "torch.distributed.elastic.multiprocessing.api.SignalException"  # torchrun itself got a signal
 _EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
 # torchrun's log lines about its workers (failure notices, the SIGTERM it sends to the others)
 _AGENT_LINE = re.compile(r"torch/distributed/elastic/|Sending process \d+ closing signal|failed \(exitcode: ")
@@ -39,7 +44,7 @@ def filter_stream(lines, out) -> tuple[list[str], list[int]]:
             block.append(line)
             if line.startswith((" ", "\t", "Traceback")):
                 continue
-            if line.startswith(_CHILD_FAILED):
+            if line.startswith((_CHILD_FAILED, _SIGNALLED)):
                 held += block
                 in_report = True
             else:
@@ -73,15 +78,41 @@ def resolve_port(argv: list[str]) -> list[str]:
     return out
 
 
+STOPPED = 128 + signal.SIGTERM  # the ranks saved a checkpoint on SIGTERM and stopped (train/preempt.py)
+
+
+class _Watch:
+    """The stream the ranks' lines go to, noting whether rank 0 said it stopped with a checkpoint."""
+
+    def __init__(self, out) -> None:
+        self.out, self.stopped = out, False
+
+    def write(self, text: str) -> int:
+        self.stopped |= text.startswith(preempt.STOPPED)
+        return self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
 def main(argv: list[str]) -> int:
     argv = resolve_port(argv)
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], stderr=subprocess.PIPE, text=True,
                             bufsize=1)
-    held, codes = filter_stream(proc.stderr, sys.stderr)
-    rc = proc.wait()
-    # a rank's user error is 2; torchrun then stops the others with SIGTERM (-15): nothing to add
-    if rc != 0 and 2 in codes and all(c in (2, -15) for c in codes):
+    watch = _Watch(sys.stderr)
+    # SIGTERM to this wrapper (a cluster's time limit, a kill) goes on to torchrun, which passes it to the ranks:
+    # they finish the step, save a checkpoint and stop
+    with preempt.forwarding(proc):
+        held, codes = filter_stream(proc.stderr, watch)
+        rc = proc.wait()
+    # a rank's user error is 2; torchrun then stops the others with SIGTERM (-15), or SIGKILL (-9) after its grace
+    # time where one waits in a collective for the rank that left (training takes SIGTERM at its next step): nothing
+    # to add
+    if rc != 0 and 2 in codes and all(c in (2, -15, -9) for c in codes):
         return 2
+    # stopped on SIGTERM after saving a checkpoint (rank 0 said so): torchrun's report of the signal adds nothing
+    if rc != 0 and watch.stopped and all(c in (STOPPED, -15) for c in codes):
+        return STOPPED
     sys.stderr.write("".join(held))
     return rc
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from qwen3train import dist
-from qwen3train.errors import TrainingDiverged
+from qwen3train.errors import StoppedBySignal, TrainingDiverged
 from qwen3train.precision import resolve_train_precision
-from qwen3train.train import checkpoint, identity
+from qwen3train.train import checkpoint, identity, preempt
 from qwen3train.train.checkpoint import TrainState
 from qwen3train.train.engine import build_engine
 from qwen3train.train.gradcache import grad_cache_step
@@ -207,6 +207,7 @@ def run(cfg, hooks=None) -> Path:
     ahead = batches.ahead(0 if finished else max(0, total - state.step), depth=cfg.data.prefetch,
                           prepare=prepare_batch(task, n_micro, cfg.engine.micro_batch_tokens))
     waited, in_a_row = 0.0, 0  # in_a_row: steps skipped in a row (non-finite gradients)
+    stop = preempt.StopSignal().install()  # SIGTERM: finish the step, save, stop (train/preempt.py)
     try:
         for batch in ahead:
             loss, stats, grad_norm = train_step(engine, task, batch, n_micro, cfg.engine.grad_cache,
@@ -218,8 +219,8 @@ def run(cfg, hooks=None) -> Path:
             state.samples += cfg.engine.global_batch_size
             state.world_size = world
             keys = sorted(stats)  # one collective for everything logged (dist.py puts it on the right device)
-            loss_all, tokens, *stat_vals = dist.mean_floats([loss.float().item(), batch.num_tokens,
-                                                             *(stats[k] for k in keys)])
+            loss_all, tokens, signalled, *stat_vals = dist.mean_floats([loss.float().item(), batch.num_tokens,
+                                                                        stop.signum, *(stats[k] for k in keys)])
             tokens *= world
             metrics = {"loss": loss_all, "lr": engine.lr(), "grad_norm": grad_norm, "epoch": state.epoch,
                        **dict(zip(keys, stat_vals)), "data_wait_s": data_wait}
@@ -229,7 +230,8 @@ def run(cfg, hooks=None) -> Path:
                 in_a_row += 1
                 metrics["skipped"] = int(not engine.step_applied)
                 skip_step(cfg, run_dir, state.step, batch, loss_all, grad_norm, in_a_row, engine.step_applied)
-            saving = cfg.run.save_every > 0 and state.step % cfg.run.save_every == 0 and state.step < total
+            stopping = signalled > 0 and state.step < total  # some rank got SIGTERM: every rank stops here
+            saving = (stopping or cfg.run.save_every > 0 and state.step % cfg.run.save_every == 0) and state.step < total
             if dev is not None and (state.step % cfg.run.eval_every == 0 or state.step == total):
                 scores = dev()
                 metrics.update({f"dev_{k}": v for k, v in scores.items()})
@@ -245,6 +247,11 @@ def run(cfg, hooks=None) -> Path:
                                 keep_last=cfg.run.keep_last, keep_every=cfg.run.keep_every, keep_steps=best_kept())
                 if cfg.run.export_checkpoints and dist.is_main():
                     write_card(cfg, run_dir, checkpoint.step_dir(run_dir, state.step) / "model", state.step)
+            if stopping:
+                signum = int(dist.max_int(stop.signum))  # the signal itself, from a rank that got it
+                raise StoppedBySignal(f"{preempt.STOPPED}{preempt.name(signum)} after step {state.step} of {total}: "
+                                      f"checkpoint {checkpoint.step_dir(run_dir, state.step)} saved; rerun the same "
+                                      f"command to resume", signum)
             if hooks is not None:
                 hooks(state.step)
         if finished is None:
@@ -264,6 +271,7 @@ def run(cfg, hooks=None) -> Path:
                 upload(final_dir, cfg.export.push_to_hub, cfg.export.hub_private)
         dist.barrier()
     finally:
+        stop.restore()
         ahead.close()
         tel.close()
     print0(f"done: {state.step} steps; final model at {final_dir}")
