@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from qwen3train import dist
-from qwen3train.errors import StoppedBySignal, TrainingDiverged
+from qwen3train.errors import ConfigError, StoppedBySignal, TrainingDiverged
 from qwen3train.precision import resolve_train_precision
 from qwen3train.train import checkpoint, identity, preempt
 from qwen3train.train.checkpoint import TrainState
@@ -281,7 +281,6 @@ def run(cfg, hooks=None) -> Path:
 def upload(final_dir: Path, repo: str, private: bool) -> None:
     """The final export to the hub. A failed upload (network, permissions) is one line naming the trained model
     and how to retry: the same command again (the run is finished: it exports and uploads without training)."""
-    from qwen3train.errors import ConfigError
     from qwen3train.models import card
 
     try:
