@@ -257,9 +257,13 @@ class Pipeline:
             args = ["-m", "qwen3train.cli.ranks", "--nnodes", nnodes, "--node_rank", os.environ.get("NODE_RANK", "0"),
                     "--nproc_per_node", str(processes), "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
                     "--master_port", os.environ.get("MASTER_PORT", "auto"), *args]
-        proc = subprocess.Popen([sys.executable, *args], env=env)  # in the caller's folder: relative paths hold
-        with preempt.forwarding(proc):  # SIGTERM: the stage saves a checkpoint and stops
-            proc.wait()
+        # in the caller's folder: relative paths hold; SIGTERM goes on to the stage (training saves and stops)
+        with subprocess.Popen([sys.executable, *args], env=env) as proc, preempt.forwarding(proc):
+            try:
+                proc.wait()
+            except BaseException:  # Ctrl-C, an error here: the stage goes too (as subprocess.run did)
+                proc.kill()
+                raise
         if proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM):  # training saved a checkpoint; the other
             # stages keep their finished shards and chunks
             raise StoppedBySignal(f"{preempt.STOPPED}SIGTERM during stage {name}; what it finished is kept: rerun the "

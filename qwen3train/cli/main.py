@@ -125,7 +125,7 @@ def main(dict_cfg: DictConfig) -> None:
     try:
         runner_for(cfg)(cfg)
     except Exception as e:  # a user's mistake: one line, status 2; tracebacks are for bugs
-        from qwen3train.errors import StoppedBySignal
+        from qwen3train.errors import StoppedBySignal, disk_full
 
         if isinstance(e, StoppedBySignal):  # a checkpoint saved on SIGTERM: said once, the signal's status
             if os.environ.get("RANK", "0") == "0":
@@ -141,8 +141,6 @@ def main(dict_cfg: DictConfig) -> None:
         from qwen3train.data.records import DataError
 
         # a bad record or a full disk one rank meets alone is printed by that rank (``collective`` False)
-        from qwen3train.errors import disk_full
-
         report(msg, collective=getattr(e, "collective", not isinstance(e, DataError) and not disk_full(e)))
 
 

@@ -107,7 +107,7 @@ def test_a_full_disk_while_mining_is_one_line_and_a_rerun_continues(tmp_path):
     """The disk fills while the third of five corpus chunks is written (``tests/faults.py``: the write puts a few
     bytes in its file, then fails with ENOSPC as write() does, naming no file): one line naming the chunk's
     file, status 2, no traceback; the partial file removed, the two finished chunks kept. The rerun encodes only
-    the three missing chunks and mines what an uninterrupted run mines. Catches a traceback, a message that
+    the three missing chunks, and its store holds the corpus' embeddings in order. Catches a traceback, a message that
     names no file, a partial chunk left behind (holding the disk's last bytes) and a rerun that starts over."""
     corpus = tmp_path / "corpus.jsonl"  # 182 passages: 5 chunks of 40
     corpus.write_text((FIXTURES / "dbpedia" / "corpus.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
@@ -137,9 +137,15 @@ def test_a_full_disk_while_mining_is_one_line_and_a_rerun_continues(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     encoded = [ln for ln in proc.stdout.splitlines() if "encoded chunk" in ln and "/5 " in ln]
     assert [ln.split("encoded chunk ")[1].split(" ")[0] for ln in encoded] == ["3/5", "4/5", "5/5"], proc.stdout
-    proc = mine(tmp_path / "clean")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "full" / "mined.jsonl").read_text() == (tmp_path / "clean" / "mined.jsonl").read_text()
+    # the store the rerun completed holds the corpus' embeddings, in order (what mining searched)
+    from qwen3train.mining.mine import load_corpus
+
+    docs = list(dict.fromkeys(load_corpus([str(corpus)])))  # as mining reads them (titles prepended)
+    store = [p for p in (tmp_path / "cache_full").glob("*.npy") if len(np.load(p, mmap_mode="r")) == len(docs)]
+    assert len(store) == 1
+    ref = Encoder(MINILM, max_length=128).encode_docs(docs)
+    assert torch.allclose(torch.from_numpy(np.load(store[0])), ref, atol=1e-5)
+    assert len((tmp_path / "full" / "mined.jsonl").read_text().splitlines()) == 30
 
 
 def test_writing_removes_the_partial_file_and_names_a_full_disk(tmp_path):
