@@ -5,6 +5,11 @@ point prints its message alone and exits with status 2 (``QWEN3TRAIN_DEBUG=1`` s
 Bugs keep their tracebacks.
 """
 
+import contextlib
+import errno
+import shutil
+from pathlib import Path
+
 
 class ConfigError(ValueError):
     """A setting, or a file a setting names, that cannot be used as given."""
@@ -24,40 +29,29 @@ class DiskFull(ConfigError):
 
 def disk_full(e: BaseException) -> bool:
     """A full disk or quota, as the OS reports it (OSError) or as torch.save's zip writer does (RuntimeError)."""
-    import errno
-
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
     return isinstance(e, RuntimeError) and any(k in str(e) for k in ("No space left", "file write failed",
                                                                      "Disk quota exceeded"))
 
 
-class writing:
+@contextlib.contextmanager
+def writing(path, tmp, kept: str = "everything finished before it is kept"):
     """``with writing(path, tmp):`` around the write of ``tmp`` (renamed to ``path`` when complete): when it
     fails, the partial ``tmp`` is removed (a file or a folder), and a full disk becomes one line naming
-    ``path`` (a ``ConfigError``: status 2 from the command line); ``kept`` says what survives."""
-
-    def __init__(self, path, tmp, kept: str = "everything finished before it is kept") -> None:
-        self.path, self.tmp, self.kept = path, tmp, kept
-
-    def __enter__(self) -> "writing":
-        return self
-
-    def __exit__(self, kind, e, tb) -> bool:
-        if e is None:
-            return False
-        import shutil
-        from pathlib import Path
-
-        tmp = Path(self.tmp)
+    ``path`` (``DiskFull``: status 2 from the command line); ``kept`` says what survives."""
+    try:
+        yield
+    except BaseException as e:
+        tmp = Path(tmp)
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         if disk_full(e):
-            raise DiskFull(f"no space left on the device while writing {self.path}; the partial file was removed "
-                              f"and {self.kept}: free space and rerun the same command to continue") from None
-        return False
+            raise DiskFull(f"no space left on the device while writing {path}; the partial file was removed "
+                           f"and {kept}: free space and rerun the same command to continue") from None
+        raise
 
 
 class StoppedBySignal(Exception):

@@ -264,7 +264,7 @@ class Pipeline:
             except BaseException:  # Ctrl-C, an error here: the stage goes too (as subprocess.run did)
                 proc.kill()
                 raise
-        if proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM):  # training saved a checkpoint; the other
+        if proc.returncode in (preempt.STATUS, -signal.SIGTERM):  # training saved a checkpoint; the other
             # stages keep their finished shards and chunks
             raise StoppedBySignal(f"{preempt.STOPPED}SIGTERM during stage {name}; what it finished is kept: rerun the "
                                   f"same command to resume", signal.SIGTERM)

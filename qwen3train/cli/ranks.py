@@ -15,7 +15,6 @@ else is passed through as it comes.
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
 
@@ -78,9 +77,6 @@ def resolve_port(argv: list[str]) -> list[str]:
     return out
 
 
-STOPPED = 128 + signal.SIGTERM  # the ranks saved a checkpoint on SIGTERM and stopped (train/preempt.py)
-
-
 class _Watch:
     """The stream the ranks' lines go to, noting whether rank 0 said it stopped with a checkpoint."""
 
@@ -111,8 +107,8 @@ def main(argv: list[str]) -> int:
     if rc != 0 and 2 in codes and all(c in (2, -15, -9) for c in codes):
         return 2
     # stopped on SIGTERM after saving a checkpoint (rank 0 said so): torchrun's report of the signal adds nothing
-    if rc != 0 and watch.stopped and all(c in (STOPPED, -15) for c in codes):
-        return STOPPED
+    if rc != 0 and watch.stopped and all(c in (preempt.STATUS, -15) for c in codes):
+        return preempt.STATUS
     sys.stderr.write("".join(held))
     return rc
 

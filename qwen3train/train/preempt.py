@@ -17,6 +17,7 @@ import threading
 
 
 STOPPED = "stopped by "  # how the message of a run stopped with a checkpoint starts (errors.StoppedBySignal)
+STATUS = 128 + signal.SIGTERM  # its exit status (cli.main), as of a process SIGTERM ended
 
 
 class StopSignal:

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import REPO
 from qwen3train.errors import ConfigError
-from qwen3train.train.engine import EngineConfig, deepspeed_config
+from qwen3train.train.ds_config import deepspeed_config
+from qwen3train.train.engine import EngineConfig
 
 
 def _cfg(tmp_path, user: dict, **kw) -> EngineConfig:
