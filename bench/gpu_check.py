@@ -19,6 +19,8 @@ Sections, each in its own subprocess (a failure is recorded and the others still
      (same model, corpus, queries, window): wall time and how often the negatives agree.
   e. stage 2 with hard negatives, plain vs GradCache (``engine=torch`` and ``zero2``): the per-step losses
      agree; the reranker track on the tiny model and on the 0.6B shape (tokens/s, peak memory).
+  h. out of GPU memory far into a run, with CUDA's own allocator: the memory rehearsal stops it after step
+     1, and without it the one line names the step that drew the long record (``bench/gpu_memory.py``).
 
 On a machine without CUDA, (a) runs on the tiny model only (small batches, a few steps: it keeps the
 script working in CI) and the rest is reported as skipped. Results go to ``<out>/results.json``; with
@@ -422,9 +424,15 @@ def section_throughput(out: Path, quick: bool) -> dict:
     return run_rows(out, quick)
 
 
+def section_memory(out: Path, quick: bool) -> dict:
+    from gpu_memory import section_memory as run_memory
+
+    return run_memory(out, quick)
+
+
 SECTIONS = {"t_throughput": section_throughput, "g_two_procs": section_two_procs, "d_mine": section_mine,
             "e_stages": section_stages, "a_train": section_train, "b_synth": section_synth,
-            "c_vllm_embed": section_vllm_embed}
+            "c_vllm_embed": section_vllm_embed, "h_memory": section_memory}
 
 
 # ---- driver ---------------------------------------------------------------------------------------------

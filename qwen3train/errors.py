@@ -27,6 +27,13 @@ class DiskFull(ConfigError):
     collective = False
 
 
+class OutOfMemory(ConfigError):
+    """A micro batch the device's memory cannot hold (``qwen3train.train.memory``): the message names the step,
+    the micro batch and the setting that fits. One rank may meet it alone: that rank prints it."""
+
+    collective = False
+
+
 def disk_full(e: BaseException) -> bool:
     """A full disk or quota, as the OS reports it (OSError) or as torch.save's zip writer does (RuntimeError)."""
     if isinstance(e, OSError):

@@ -6,9 +6,13 @@
 * ``disk_full(module, name, where, call)``: the ``call``-th call of ``module.name`` (a writer: ``numpy.save``)
   on a file whose path contains ``where`` writes a few bytes to it and then fails as a full disk does
   (``ENOSPC``).
+* ``memory_ceiling(tokens)``: a device that holds the activations of ``tokens`` tokens: a forward that builds
+  a graph (training's, not GradCache's first pass) over more real tokens raises the out-of-memory error CUDA
+  raises (``torch.OutOfMemoryError``), from inside the engine's forward, as a real one does.
 
 Each returns an undo. As a script, under torchrun too, it runs the command line with the faults of
-``QWEN3TRAIN_TEST_FAULT`` (``nonfinite:2,3`` or ``disk_full:numpy.save:.parts/:2``; several joined by ``;``):
+``QWEN3TRAIN_TEST_FAULT`` (``nonfinite:2,3``, ``memory_ceiling:300``, ``cuda_memory_fraction:0.01`` or ``disk_full:numpy.save:.parts/:2``; several
+joined by ``;``):
 ``QWEN3TRAIN_TEST_FAULT=nonfinite:2 python tests/faults.py --config-name=stage2 key=value ...``."""
 
 from __future__ import annotations
@@ -61,11 +65,39 @@ def disk_full(module: str, name: str, where: str, call: int):
     return lambda: setattr(mod, name, original)
 
 
+def memory_ceiling(tokens: int):
+    import torch
+
+    from qwen3train.train import engine
+
+    originals = {cls: cls.forward for cls in (engine.TorchEngine, engine.DeepSpeedEngine)}
+
+    def ceiling(original):
+        def forward(self, **batch):
+            masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
+            n = int(sum(m.sum() for m in masks)) if masks else sum(r["input_ids"].numel() for r in batch["packed"])
+            if torch.is_grad_enabled() and n > tokens:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated: {n} "
+                                             f"tokens over a ceiling of {tokens})")
+            return original(self, **batch)
+        return forward
+
+    for cls, original in originals.items():
+        cls.forward = ceiling(original)
+    return lambda: [setattr(cls, "forward", original) for cls, original in originals.items()]
+
+
 if __name__ == "__main__":
     for fault in filter(None, os.environ.get("QWEN3TRAIN_TEST_FAULT", "").split(";")):
         kind, _, arg = fault.partition(":")
         if kind == "nonfinite":
             nonfinite(int(s) for s in arg.split(","))
+        elif kind == "memory_ceiling":
+            memory_ceiling(int(arg))
+        elif kind == "cuda_memory_fraction":  # a real CUDA limit (bench/gpu_memory.py): the allocator's own error
+            import torch
+
+            torch.cuda.set_per_process_memory_fraction(float(arg))
         elif kind == "disk_full":
             target, where, call = arg.split(":")
             disk_full(*target.rsplit(".", 1), where, int(call))

@@ -188,6 +188,19 @@ class Loader:
         s = self.streams[stream]
         return self.collate([(s.base + i, s.source[i], j) for i, j in items], epoch)
 
+    def heaviest(self, n: int):
+        """A batch of the ``n`` largest records of the indexed sources (each with its longest positive),
+        largest first; None when every source is streamed. For the memory rehearsal (``train.memory``)."""
+        found = sorted(((size, k, i) for k, s in enumerate(self.streams) if isinstance(s, _Stream)
+                        for size, i in s.source.heaviest(n)), key=lambda t: -t[0])[:n]
+        if not found:
+            return None
+        rows = []
+        for _, k, i in found:
+            rec = self.streams[k].source[i]
+            rows.append((self.streams[k].base + i, rec, max(range(len(rec.pos)), key=lambda j: len(rec.pos[j]))))
+        return self.collate(rows, 0)
+
     def _make(self, prepare: Callable | None = None) -> tuple:
         rows, epoch = self.streams[self._pick(self.step)].next_rows()
         batch = self.collate(rows, epoch)

@@ -56,6 +56,9 @@ class EngineConfig:
     deepspeed_config: a DeepSpeed JSON of your own, merged with the fields derived here (batch
     sizes, accumulation, clipping, ZeRO stage, precision); a conflicting value is an error naming
     both, ``"auto"`` takes ours.
+    rehearse_memory: after the first step, run one dropped step on the heaviest micro batch the data
+    can make, so a micro batch that does not fit stops the run in its first minute, not at the step
+    that draws it (``train/memory.py``); null (auto): on CUDA with the torch engine.
     """
 
     backend: str = "torch"
@@ -68,6 +71,7 @@ class EngineConfig:
     grad_clip: float = 1.0
     offload_optimizer: bool = False
     deepspeed_config: str | None = None
+    rehearse_memory: bool | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "deepspeed"):
@@ -82,6 +86,9 @@ class EngineConfig:
         if self.backend != "deepspeed" and (self.offload_optimizer or self.deepspeed_config):
             key = "engine.offload_optimizer" if self.offload_optimizer else "engine.deepspeed_config"
             raise ValueError(f"{key} needs a DeepSpeed engine (engine=zero1|zero2|zero3), got engine.backend=torch")
+        if self.rehearse_memory and self.backend == "deepspeed":
+            raise ValueError("engine.rehearse_memory=true needs engine.backend=torch (DeepSpeed's ZeRO optimizers "
+                             "keep gradient buffers of their own that a rehearsal's dropped step could leave behind)")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("engine.offload_optimizer needs ZeRO stage 1, 2 or 3")
 

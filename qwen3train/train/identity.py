@@ -26,7 +26,11 @@ LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_
 # Fields added after a release that only say what to write, never what is computed: left out at any value (as
 # NEUTRAL's are, and from the stage markers too). run.skip_nonfinite_steps changes nothing a finite run computes:
 # a run stopped by it resumes with a higher limit.
-LATE_NEUTRAL = ("run.final_engine_state", "data.prefetch", "run.skip_nonfinite_steps")
+LATE_NEUTRAL = ("run.final_engine_state", "data.prefetch", "run.skip_nonfinite_steps", "engine.rehearse_memory")
+# How a batch is cut into micro batches: memory, not results, where the loss does not depend on the cut
+# (GradCache, the reranker: ``train.memory.loss_keeps``). A run stopped out of memory resumes with a smaller
+# micro batch; the hash still covers them (a finished stage with another cut is another run of the pipeline).
+MEMORY_ONLY = ("engine.micro_batch_size", "engine.micro_batch_tokens")
 _ANY = object()
 
 
@@ -83,9 +87,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def changed_keys(old: dict, new: dict, limit: int = 4) -> str:
+def changes(old: dict, new: dict) -> dict[str, tuple]:
     a, b = _flatten(_strip(old)), _flatten(_strip(new))
-    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def changed_keys(old: dict, new: dict, limit: int = 4) -> str:
+    diffs = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes(old, new).items()]
     more = f" (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
     return "; ".join(diffs[:limit]) + more
 
@@ -134,7 +142,18 @@ def check_resume(run_dir: Path, cfg, mode: str) -> None:
     if old_cfg.exists():
         from omegaconf import OmegaConf
 
-        diff = f" (changed: {changed_keys(OmegaConf.to_container(OmegaConf.load(old_cfg)), config_dict(cfg))})"
+        from qwen3train.train.memory import loss_keeps
+
+        before = OmegaConf.to_container(OmegaConf.load(old_cfg))
+        changed = changes(before, config_dict(cfg))
+        if changed and set(changed) <= set(MEMORY_ONLY) and loss_keeps(cfg):
+            from qwen3train import dist
+
+            if dist.is_main():
+                print(f"note: resuming with another micro batch ({changed_keys(before, config_dict(cfg))}): "
+                      f"memory only, the loss does not depend on it", flush=True)
+            return
+        diff = f" (changed: {changed_keys(before, config_dict(cfg))})"
     raise ConfigError(
         f"{run_dir} holds a run of another config (hash {old.get('config_hash')}, now {new_hash}){diff}: "
         f"continue it with this config with run.resume=force, start over with run.resume=never, "

@@ -20,7 +20,7 @@ import torch
 from qwen3train import dist
 from qwen3train.errors import ConfigError, StoppedBySignal, TrainingDiverged
 from qwen3train.precision import resolve_train_precision
-from qwen3train.train import checkpoint, identity, preempt
+from qwen3train.train import checkpoint, identity, memory, preempt
 from qwen3train.train.checkpoint import TrainState
 from qwen3train.train.engine import build_engine
 from qwen3train.train.gradcache import grad_cache_step
@@ -207,11 +207,17 @@ def run(cfg, hooks=None) -> Path:
     ahead = batches.ahead(0 if finished else max(0, total - state.step), depth=cfg.data.prefetch,
                           prepare=prepare_batch(task, n_micro, cfg.engine.micro_batch_tokens))
     waited, in_a_row = 0.0, 0  # in_a_row: steps skipped in a row (non-finite gradients)
+    rehearse = memory.wanted(cfg)  # after this process's first step (train/memory.py)
     stop = preempt.StopSignal().install()  # SIGTERM: finish the step, save, stop (train/preempt.py)
     try:
         for batch in ahead:
-            loss, stats, grad_norm = train_step(engine, task, batch, n_micro, cfg.engine.grad_cache,
-                                                cfg.engine.micro_batch_tokens)
+            try:
+                loss, stats, grad_norm = train_step(engine, task, batch, n_micro, cfg.engine.grad_cache,
+                                                    cfg.engine.micro_batch_tokens)
+            except torch.OutOfMemoryError:  # one line naming the step, its micro batch and what fits
+                raise memory.out_of_memory(cfg, task, cut_micro_batches(task, batch, n_micro,
+                                                                        cfg.engine.micro_batch_tokens),
+                                           state.step + 1, total, run_dir) from None
             ahead.settle()  # the data thread is idle from here to the next batch: evaluation and exports tokenize
             data_wait, waited = ahead.wait_s - waited, ahead.wait_s
             state.step += 1
@@ -252,6 +258,12 @@ def run(cfg, hooks=None) -> Path:
                 raise StoppedBySignal(f"{preempt.STOPPED}{preempt.name(signum)} after step {state.step} of {total}: "
                                       f"checkpoint {checkpoint.step_dir(run_dir, state.step)} saved; rerun the same "
                                       f"command to resume", signum)
+            if rehearse and state.step < total:  # after this process's first step, logged (train/memory.py)
+                rehearse = False
+                what = memory.rehearse(cfg, engine, task, batches, n_micro, world, train_step)
+                print0(f"memory rehearsal: the heaviest micro batch of the data ({what}{memory.device_memory()}) "
+                       f"fits" if what else "memory rehearsal: skipped (streamed sources: no known largest records)")
+                tel.reset_clock()
             if hooks is not None:
                 hooks(state.step)
         if finished is None:

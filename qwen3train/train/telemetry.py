@@ -81,6 +81,10 @@ class Telemetry:
         kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
         self.path.write_text("".join(ln + "\n" for ln in kept))
 
+    def reset_clock(self) -> None:
+        """The next step's time starts now (work between steps that is not training: the memory rehearsal)."""
+        self._t = time.perf_counter()
+
     def log(self, step: int, metrics: dict, samples: int, tokens: int) -> None:
         if not self.main:
             return

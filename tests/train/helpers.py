@@ -35,7 +35,8 @@ def train_cfg(model_dir, data_file, out_dir, **over):
         data=DataConfig(train_files=[str(data_file)], num_hard_negatives=over.pop("k", 2)),
         loss=InfoNCEConfig(temperature=over.pop("temperature", 0.05)),
         engine=EngineConfig(micro_batch_size=over.pop("micro", 4), global_batch_size=over.pop("global_batch", 8),
-                            grad_cache=over.pop("grad_cache", False)),
+                            grad_cache=over.pop("grad_cache", False),
+                            micro_batch_tokens=over.pop("micro_batch_tokens", None)),
         optim=OptimConfig(lr=over.pop("lr", 1e-3), warmup_steps=1),
     )
     assert not over, f"unknown overrides {over}"

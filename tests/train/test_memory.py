@@ -1,0 +1,224 @@
+"""Out of device memory far into a run (``qwen3train/train/memory.py``): the rehearsal meets it after step 1,
+the guard says it in one line naming the step and what fits, and that fix resumes the same run.
+
+The device is simulated by ``tests/faults.py``'s ``memory_ceiling``: a forward that builds a graph over more
+real tokens than the ceiling raises ``torch.OutOfMemoryError`` from inside the engine, as CUDA's allocator
+does. The data: 48 short pairs (micro batches of 4 rows: 176-185 tokens in a forward) and one long record
+that the seed's order draws at step 5 (a micro batch of 305 tokens in its sequences, 248 in its forward: the
+queries' shared instruction is packed once)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import faults
+from conftest import REPO
+from helpers import make_pairs, rerank_cfg, train_cfg
+from qwen3train.errors import ConfigError, OutOfMemory
+from qwen3train.train.loop import run
+
+CEILING = 220  # tokens: every short micro batch fits, the one with the long record (248) does not
+LONG = {"query": "why " + " ".join(["glacier tensor ocean"] * 20), "pos": [" ".join(["kernel sonnet market"] * 30)],
+        "neg": [" ".join(["violin galaxy"] * 40), " ".join(["protein compiler"] * 40)], "task": "alpha"}
+
+
+def data_with_a_long_record(tmp_path, at: int = 30):
+    path = make_pairs(tmp_path / "d.jsonl", n=48, k=2)
+    lines = path.read_text().splitlines()
+    lines[at] = json.dumps(LONG)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def cfg_for(model, data, out, **over):
+    return train_cfg(model, data, out, max_steps=6, save_every=2, keep_last=10, grad_cache=True, **over)
+
+
+@pytest.fixture
+def ceiling():
+    undo = faults.memory_ceiling(CEILING)
+    yield
+    undo()
+
+
+def metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_out_of_memory_at_step_5_is_one_line_and_its_fix_resumes_with_the_same_loss(tiny_model_dir, tmp_path,
+                                                                                    capsys):
+    """Would catch: a traceback (torch's error) instead of the line; a line without the step, the micro batch,
+    the intact checkpoint or a budget that fits; a resume refused because the micro batch changed (under
+    GradCache it changes memory, not the loss); a resumed run whose losses differ from a run never stopped."""
+    data = data_with_a_long_record(tmp_path)
+    full = run(cfg_for(tiny_model_dir, data, tmp_path / "full"))  # a device large enough: the reference run
+    undo = faults.memory_ceiling(CEILING)
+    try:
+        with pytest.raises(OutOfMemory) as e:
+            run(cfg_for(tiny_model_dir, data, tmp_path / "r"))
+        msg = str(e.value)
+        budget = int(re.search(r"engine\.micro_batch_tokens=(\d+) ", msg).group(1))
+        resumed = run(cfg_for(tiny_model_dir, data, tmp_path / "r", micro_batch_tokens=budget))  # ceiling on
+    finally:
+        undo()
+    assert "\n" not in msg and "out of device memory at step 5 of 6" in msg, msg
+    assert "4 rows, 305 tokens in 16 sequences, the longest 32" in msg, msg
+    assert f"the last checkpoint {tmp_path / 'r' / 'checkpoints' / 'step_0000004'} is intact" in msg, msg
+    assert "under GradCache the loss does not depend on the micro batches" in msg, msg
+    assert budget == 305 // 2, budget  # half the micro batch (its long row, 4 x 32 = 128, alone is less)
+    assert f"engine.micro_batch_tokens: None -> {budget}" in capsys.readouterr().out
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "r")
+    assert [m["step"] for m in b] == list(range(1, 7))
+    assert [m["loss"] for m in a[:4]] == [m["loss"] for m in b[:4]]
+    assert [m["loss"] for m in a[4:]] == pytest.approx([m["loss"] for m in b[4:]], rel=1e-5)
+    wa, wb = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5), k
+
+
+def test_the_rehearsal_meets_it_after_step_1(tiny_model_dir, tmp_path, ceiling):
+    """The micro batch that would stop the run at step 5 stops it after step 1. Would catch: a rehearsal that
+    does not run, or runs on a micro batch lighter than the heaviest the data makes (the long record)."""
+    data = data_with_a_long_record(tmp_path)
+    cfg = cfg_for(tiny_model_dir, data, tmp_path / "r")
+    cfg.engine.rehearse_memory = True
+    with pytest.raises(OutOfMemory) as e:
+        run(cfg)
+    msg = str(e.value)
+    assert msg.startswith("out of device memory in the memory rehearsal after step 1"), msg
+    tokens = int(re.search(r"4 rows, (\d+) tokens", msg).group(1))
+    assert tokens >= 305, msg  # at least the micro batch that step 5 meets
+    assert "engine.micro_batch_tokens=" in msg and "engine.rehearse_memory=false" in msg
+    assert [m["step"] for m in metrics(tmp_path / "r")] == [1]
+
+
+@pytest.mark.parametrize("budget", [None, 150])
+def test_the_rehearsal_changes_nothing(tiny_model_dir, tmp_path, capsys, budget):
+    """A run with the rehearsal equals one without, bitwise (weights, losses, learning rates), by rows and by
+    a token budget. Would catch: the rehearsal's step reaching the weights or the optimizer's moments, moving
+    the schedule, or drawing from the run's data. The printed line shows it ran on the long record."""
+    data = data_with_a_long_record(tmp_path)
+    plain = run(cfg_for(tiny_model_dir, data, tmp_path / "a", micro_batch_tokens=budget))
+    cfg = cfg_for(tiny_model_dir, data, tmp_path / "b", micro_batch_tokens=budget)
+    cfg.engine.rehearse_memory = True
+    rehearsed = run(cfg)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("memory rehearsal"))
+    assert re.search(r"the heaviest micro batch of the data \(\d+ rows, \d+ tokens .* the longest 32\) fits", line), line
+    assert int(re.search(r"(\d+) tokens", line).group(1)) >= 4 * 32  # the long row is in it: its 4 sequences at their longest
+    wa, wb = load_file(plain / "model.safetensors"), load_file(rehearsed / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [(m["loss"], m["lr"]) for m in a] == [(m["loss"], m["lr"]) for m in b]
+
+
+def test_heaviest_records_by_their_size_on_disk(tmp_path):
+    """The rehearsal's records: the largest lines of a JSONL file (the last line too, which no next line
+    bounds), and of a Parquet file by a sample of rows. Would catch: sizes off by one line, the file's end
+    forgotten, or records of another file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qwen3train.data.sources import IndexedSource
+
+    rows = [{"query": f"q{i}", "pos": ["p" * (10 + (i * 37) % 50)]} for i in range(20)]
+    rows[19]["pos"] = ["z" * 500]  # the last line is the largest
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sizes = [len(json.dumps(r)) + 1 for r in rows]
+    src = IndexedSource([path], index_dir=tmp_path / "idx")
+    got = src.heaviest(3)
+    assert [i for _, i in got] == sorted(range(20), key=lambda i: (-sizes[i], i))[:3]
+    assert [s for s, _ in got] == sorted(sizes, reverse=True)[:3]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "b.parquet")
+    both = IndexedSource([path, tmp_path / "b.parquet"], index_dir=tmp_path / "idx")
+    assert [i for _, i in both.heaviest(2)][:2] in ([19, 39], [39, 19])
+
+
+def test_a_resume_with_another_micro_batch(tiny_model_dir, tmp_path):
+    """Allowed where the loss does not depend on it (GradCache; the reranker), refused where it does (the
+    embedder without GradCache: each micro batch is its own contrastive batch) and when anything else changed
+    too. Would catch: a memory fix refused, or a change of the loss let through."""
+    from qwen3train.train import identity
+    from qwen3train.train.loop import write_resolved_config
+
+    data = make_pairs(tmp_path / "d.jsonl", n=8, k=3)
+    for name, make, ok in [("gc", lambda o: cfg_for(tiny_model_dir, data, o), True),
+                           ("plain", lambda o: train_cfg(tiny_model_dir, data, o), False),
+                           ("rerank", lambda o: rerank_cfg(tiny_model_dir, data, o), True)]:
+        out = tmp_path / name
+        out.mkdir()
+        old = make(out)
+        write_resolved_config(old, out / "config.yaml")
+        (out / "run_meta.json").write_text(json.dumps({"config_hash": identity.config_hash(old)}))
+        new = make(out)
+        new.engine.micro_batch_size, new.engine.micro_batch_tokens = 2, 100
+        if ok:
+            identity.check_resume(out, new, "auto")
+        else:
+            with pytest.raises(ConfigError, match="engine.micro_batch_size: 4 -> 2"):
+                identity.check_resume(out, new, "auto")
+        new.optim.lr = 0.5
+        with pytest.raises(ConfigError, match="optim.lr"):
+            identity.check_resume(out, new, "auto")
+
+
+def test_through_the_command_line(tiny_model_dir, tmp_path):
+    """One line, status 2, no traceback (the rehearsal's stop, through the real entry point)."""
+    data = data_with_a_long_record(tmp_path)
+    cmd = [sys.executable, str(REPO / "tests" / "faults.py"), "--config-name=stage1", f"model.name_or_path={tiny_model_dir}",
+           f"data.train_files=[{data}]", "model.max_query_length=32", "model.max_doc_length=32",
+           "data.num_hard_negatives=2", "engine.global_batch_size=8", "engine.micro_batch_size=4",
+           "engine.grad_cache=true", "engine.rehearse_memory=true", "run.max_steps=3", f"run.output_dir={tmp_path}/r"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", QWEN3TRAIN_TEST_FAULT=f"memory_ceiling:{CEILING}",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    env.pop("QWEN3TRAIN_DEBUG", None)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: out of device memory in the memory rehearsal after step 1"), last
+
+
+@pytest.mark.slow
+def test_two_processes_rehearse_and_train_as_without(tiny_model_dir, tmp_path):
+    """Under DDP (2 gloo processes, GradCache: the loss gathers both ranks' embeddings) the rehearsal's dropped
+    step, all-reduce and gather included, leaves the run as it was: bitwise the weights of a run without it.
+    Would catch: ranks rehearsing different micro batches (a gather of unequal shapes hangs or fails), or the
+    dropped step reaching the weights on a rank."""
+    data = data_with_a_long_record(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+    def cli(out, rehearse):
+        cmd = [sys.executable, "-m", "qwen3train.cli.ranks", "--nproc_per_node", "2", "-m", "qwen3train.cli.main",
+               "--config-name=stage1", f"model.name_or_path={tiny_model_dir}", f"data.train_files=[{data}]",
+               "model.max_query_length=32", "model.max_doc_length=32", "data.num_hard_negatives=2",
+               "engine.global_batch_size=8", "engine.micro_batch_size=4", "engine.grad_cache=true",
+               f"engine.rehearse_memory={rehearse}", "run.max_steps=3", f"run.output_dir={out}"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    cli(tmp_path / "a", "false")
+    out = cli(tmp_path / "b", "true")
+    assert re.search(r"memory rehearsal: the heaviest micro batch of the data \(4 rows, \d+ tokens", out), out[-2000:]
+    wa = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [m["loss"] for m in metrics(tmp_path / "a")] == [m["loss"] for m in metrics(tmp_path / "b")]
+
+
+def test_no_rehearsal_under_deepspeed():
+    """Refused when the config is read (DeepSpeed's own gradient buffers), not silently skipped."""
+    from qwen3train.train.engine import EngineConfig
+
+    with pytest.raises(ValueError, match="engine.rehearse_memory=true needs engine.backend=torch"):
+        EngineConfig(backend="deepspeed", rehearse_memory=True)
+    EngineConfig(backend="deepspeed")  # auto: not rehearsed, no error
