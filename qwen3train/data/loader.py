@@ -188,6 +188,10 @@ class Loader:
         s = self.streams[stream]
         return self.collate([(s.base + i, s.source[i], j) for i, j in items], epoch)
 
+    def fingerprint(self) -> list:
+        """Per source, what ``IndexedSource.fingerprint`` says (a streamed source: its name only)."""
+        return [s.source.fingerprint() if isinstance(s, _Stream) else {"streamed": s.source.name} for s in self.streams]
+
     def heaviest(self, n: int):
         """A batch of the ``n`` largest records of the indexed sources (each with its longest positive),
         largest first; None when every source is streamed. For the memory rehearsal (``train.memory``)."""

@@ -9,6 +9,7 @@ counted by reason and written, with the raw line, to a rejects file (once, by ra
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -193,6 +194,21 @@ class IndexedSource:
         h = self._handles[fi]
         h.seek(off)
         return parse_json_line(h.readline(), f"{path}:offset {off}")
+
+    def fingerprint(self) -> list[dict]:
+        """What each file held when indexed: its records and an XXH3-128 digest of its index (every record's
+        offset or row, task, positives' count and hashes), a few GB/s from the memory-mapped arrays. Not the
+        file's time stamp: a copy or a ``touch`` leaves the content, and the digest, as they were. Read on
+        resume (``train.identity.check_data``): another order of batches would follow from other data."""
+        from xxhash import xxh3_128
+
+        out = []
+        for path, f in zip(self.paths, self.files):
+            h = xxh3_128(json.dumps(f.tasks).encode())
+            for arr in (f.offset, f.task, f.pos_ptr, f.pos_hash):
+                h.update(np.ascontiguousarray(arr).data)
+            out.append({"file": path.name if isinstance(path, DatasetRef) else str(path), "records": len(f), "digest": h.hexdigest()})
+        return out
 
     def heaviest(self, n: int, sample: int = 4096) -> list[tuple[int, int]]:
         """(size, global index) of the ``n`` largest records, largest first: in a JSONL file the bytes from

@@ -158,3 +158,52 @@ def check_resume(run_dir: Path, cfg, mode: str) -> None:
         f"{run_dir} holds a run of another config (hash {old.get('config_hash')}, now {new_hash}){diff}: "
         f"continue it with this config with run.resume=force, start over with run.resume=never, "
         f"or write elsewhere with run.output_dir=...")
+
+
+DATA = "data_fingerprint.json"
+
+
+def check_data(run_dir: Path, fingerprint: list, mode: str, step: int) -> None:
+    """Refuse to resume on training data other than the run started with (``<run>/data_fingerprint.json``,
+    written when it started): the batch plans follow from the records, so other data means other batches
+    from the checkpoint on, silently. ``force`` goes on with the new data (said in a note); a run folder
+    written before the fingerprint existed is not checked. Every rank checks (a collective mistake)."""
+    from qwen3train import dist
+    from qwen3train.errors import ConfigError
+
+    path = run_dir / DATA
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())["sources"]
+    if old == fingerprint:
+        return
+    what = _data_change(old, fingerprint)
+    if mode == "force":
+        if dist.is_main():
+            print(f"note: the training data changed since this run started ({what}); run.resume=force: going on "
+                  f"with the new data from step {step}", flush=True)
+        return
+    raise ConfigError(f"the training data changed since this run started: {what}. Resuming at step {step} would "
+                      f"draw other batches than the run began with: restore the data, continue on the new data with "
+                      f"run.resume=force, or start over with run.resume=never")
+
+
+def write_data(run_dir: Path, fingerprint: list) -> None:
+    tmp = run_dir / f".{DATA}.tmp"
+    tmp.write_text(json.dumps({"sources": fingerprint}, indent=1))
+    tmp.replace(run_dir / DATA)
+
+
+def _data_change(old: list, new: list) -> str:
+    if len(old) != len(new):
+        return f"{len(old)} sources then, {len(new)} now"
+    for a, b in zip(old, new):
+        a, b = (x if isinstance(x, list) else [x] for x in (a, b))
+        if [f.get("file") for f in a] != [f.get("file") for f in b]:
+            return f"files {[f.get('file') for f in a]} then, {[f.get('file') for f in b]} now"
+        for fa, fb in zip(a, b):
+            if fa != fb:
+                if fa.get("records") != fb.get("records"):
+                    return f"{fa['file']}: {fa['records']:,} records then, {fb['records']:,} now"
+                return f"{fa['file']}: {fa.get('records', 0):,} records then and now, with other content"
+    return "other sources"

@@ -178,9 +178,13 @@ def run(cfg, hooks=None) -> Path:
         identity.check_resume(run_dir, cfg, cfg.run.resume)
         state = checkpoint.load(last, engine)
         print0(f"resumed from {last} (step {state.step})")
+    fingerprint = batches.fingerprint()  # what the batch plans follow from: resumed only on the same data
+    if finished is None and last is not None:
+        identity.check_data(run_dir, fingerprint, cfg.run.resume, state.step)
     batches.seek({"step": state.step, "cursors": state.cursors, "epoch": state.epoch,
                   "batch_in_epoch": state.batch_in_epoch})
     if dist.is_main():
+        identity.write_data(run_dir, fingerprint)
         write_resolved_config(cfg, run_dir / "config.yaml")
         (run_dir / "run_meta.json").write_text(json.dumps(identity.meta(cfg), indent=2))
         if getattr(engine, "ds_config", None) is not None:  # what DeepSpeed ran with (derived + the user's file)

@@ -1,0 +1,76 @@
+"""A run resumes only on the data it started with (``<run>/data_fingerprint.json``, ``identity.check_data``)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from safetensors.torch import load_file
+
+from helpers import make_pairs, train_cfg
+from qwen3train.errors import ConfigError
+from qwen3train.train.loop import run
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step):
+    def hook(s):
+        if s == step:
+            raise Crash()
+    return hook
+
+
+def test_resume_on_changed_data_is_refused_unless_forced(tiny_model_dir, tmp_path, capsys):
+    """Records appended after the crash change every later batch plan: refused, naming the file and both
+    counts; a record edited in place (the same count) too; run.resume=force goes on with a note. A copy of
+    the same bytes (a new time stamp, a new index) resumes as before, to the weights of a run never stopped.
+    Would catch: a resume that silently trains on other batches, or a false alarm on a touched file."""
+    data = make_pairs(tmp_path / "d.jsonl", n=48, k=2)
+    original = data.read_bytes()
+    full = run(train_cfg(tiny_model_dir, data, tmp_path / "full", max_steps=6, save_every=2))
+
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=6, save_every=2)
+    with pytest.raises(Crash):
+        run(cfg, hooks=crash_at(3))
+    fp = json.loads((tmp_path / "r" / "data_fingerprint.json").read_text())["sources"]
+    assert fp[0][0]["records"] == 48 and fp[0][0]["file"] == str(data)
+
+    data.write_bytes(original + data.read_bytes().splitlines(keepends=True)[0])  # one record more
+    with pytest.raises(ConfigError, match=rf"changed since this run started: {data}: 48 records then, 49 now\. "
+                                          r"Resuming at step 2 .*run\.resume=force"):
+        run(cfg)
+    lines = original.decode().splitlines(keepends=True)
+    data.write_text("".join(lines[:5]) + lines[5].replace("what is", "what was") + "".join(lines[6:]))
+    with pytest.raises(ConfigError, match="48 records then and now, with other content"):
+        run(cfg)
+
+    data.write_bytes(original)  # the same bytes again: a new time stamp (a new index), the same content
+    os.utime(data, ns=(1, 1))
+    resumed = run(cfg)
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+
+    forced = train_cfg(tiny_model_dir, data, tmp_path / "f", max_steps=6, save_every=2)
+    with pytest.raises(Crash):
+        run(forced, hooks=crash_at(3))
+    data.write_bytes(original + original.splitlines(keepends=True)[0])
+    forced.run.resume = "force"
+    run(forced)
+    assert "note: the training data changed since this run started" in capsys.readouterr().out
+    assert json.loads((tmp_path / "f" / "data_fingerprint.json").read_text())["sources"][0][0]["records"] == 49
+
+
+def test_a_run_folder_without_a_fingerprint_resumes(tiny_model_dir, tmp_path):
+    """Runs started before the fingerprint existed are not checked (they resume as they did)."""
+    data = make_pairs(tmp_path / "d.jsonl", n=48, k=2)
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=4, save_every=2)
+    with pytest.raises(Crash):
+        run(cfg, hooks=crash_at(3))
+    (tmp_path / "r" / "data_fingerprint.json").unlink()
+    data.write_bytes(data.read_bytes() + data.read_bytes().splitlines(keepends=True)[0])
+    run(cfg)
+    assert json.loads((tmp_path / "r" / "data_fingerprint.json").read_text())["sources"][0][0]["records"] == 49
