@@ -4,7 +4,10 @@ it was started with.
 
 The hash covers everything that changes the result; settings that only say where and how often to
 write (``run.name``, ``run.output_dir``, ``run.save_every``, ``run.keep_*``, ``run.resume``,
-``run.wandb*``) are left out, so a resumed run may keep fewer checkpoints or log elsewhere.
+``run.wandb*``) are left out, so a resumed run may keep fewer checkpoints or log elsewhere. A change of the
+micro batches alone resumes where the loss does not depend on them (``MEMORY_ONLY``: the fix for a run
+stopped out of memory). The training data is part of a run too: ``check_data`` refuses a resume on other
+records (``<run>/data_fingerprint.json``).
 """
 
 from __future__ import annotations
