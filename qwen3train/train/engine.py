@@ -58,7 +58,7 @@ class EngineConfig:
     both, ``"auto"`` takes ours.
     rehearse_memory: after the first step, run one dropped step on the heaviest micro batch the data
     can make, so a micro batch that does not fit stops the run in its first minute, not at the step
-    that draws it (``train/memory.py``); null (auto): on CUDA with the torch engine.
+    that draws it (``train/memory.py``); null (auto): on CUDA (the torch engine or ZeRO 1-3).
     """
 
     backend: str = "torch"
@@ -86,9 +86,9 @@ class EngineConfig:
         if self.backend != "deepspeed" and (self.offload_optimizer or self.deepspeed_config):
             key = "engine.offload_optimizer" if self.offload_optimizer else "engine.deepspeed_config"
             raise ValueError(f"{key} needs a DeepSpeed engine (engine=zero1|zero2|zero3), got engine.backend=torch")
-        if self.rehearse_memory and self.backend == "deepspeed":
-            raise ValueError("engine.rehearse_memory=true needs engine.backend=torch (DeepSpeed's ZeRO optimizers "
-                             "keep gradient buffers of their own that a rehearsal's dropped step could leave behind)")
+        if self.rehearse_memory and self.backend == "deepspeed" and self.zero_stage == 0:
+            raise ValueError("engine.rehearse_memory=true needs the torch engine or ZeRO stage 1-3 (DeepSpeed without "
+                             "ZeRO does not drop a step whose gradients are not finite)")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("engine.offload_optimizer needs ZeRO stage 1, 2 or 3")
 
@@ -132,6 +132,8 @@ class Engine(Protocol):
     def step(self) -> float: ...  # the gradients' norm; sets step_applied (False: not finite, dropped)
 
     step_applied: bool
+
+    def dropped_step(self) -> ContextManager: ...  # around a step made to be dropped: the engine's counters kept
 
     def lr(self) -> float: ...
 
@@ -194,6 +196,9 @@ class TorchEngine:
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def dropped_step(self):
+        return contextlib.nullcontext()  # a dropped step leaves the optimizer and the schedule as they were
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -283,6 +288,18 @@ class DeepSpeedEngine:
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
+
+    @contextlib.contextmanager
+    def dropped_step(self):
+        """DeepSpeed counts a dropped (overflowed) step in its own counters: they are put back, so the
+        memory rehearsal's step leaves no trace (the weights, moments and schedule it leaves alone itself)."""
+        keys = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+        saved = {k: getattr(self.engine, k) for k in keys if hasattr(self.engine, k)}
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                setattr(self.engine, k, v)
 
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)

@@ -3,11 +3,12 @@
 A step's memory follows its heaviest micro batch, and the heaviest micro batch a run's data can make may be
 drawn at hour 30 (a rare long document among short ones: the data order is random). Two guards:
 
-* **The rehearsal** (``engine.rehearse_memory``; auto: on CUDA with the torch engine): after the run's first
+* **The rehearsal** (``engine.rehearse_memory``; auto: on CUDA, torch engine or ZeRO 1-3): after the run's first
   step (the optimizer's state then exists, as at every later step) one more step is run on the heaviest micro
   batch the data can make, from its largest records (their size on disk), tokenized, truncated and cut as any
   step is; its loss is made NaN, so the engine drops it as it drops any non-finite step: weights, optimizer
-  moments and schedule stay as they were, and the RNG is restored: the run then trains exactly as without it.
+  moments and schedule stay as they were (DeepSpeed's step counters are put back), and the RNG is restored: the
+  run then trains exactly as without it.
   If that micro batch does not fit, the run stops there, after one step, instead of at the step that would
   have drawn it.
 * **The guard**: an out-of-memory error inside a step becomes one line (``errors.OutOfMemory``, status 2 from
@@ -88,17 +89,11 @@ def out_of_memory(cfg, task, chunks: list, step: int, total: int, run_dir) -> Ou
 
 
 def wanted(cfg) -> bool:
-    """``engine.rehearse_memory``: None (auto) rehearses on CUDA with the torch engine; True asks for it on
-    any device (tests on the CPU). DeepSpeed's optimizers keep their own gradient buffers, which a dropped
-    step is not certain to clear under every ZeRO stage and precision: not rehearsed there (``EngineConfig``
-    refuses true)."""
+    """``engine.rehearse_memory``: None (auto) rehearses on CUDA; True asks for it on any device (tests on
+    the CPU). Not under DeepSpeed without ZeRO, which does not drop a non-finite step (``EngineConfig``
+    refuses true there)."""
     ask = cfg.engine.rehearse_memory
-    if cfg.engine.backend == "deepspeed":
-        from qwen3train import dist
-
-        if ask is None and torch.cuda.is_available() and dist.is_main():
-            print("note: no memory rehearsal under DeepSpeed: a micro batch too large for the GPU is met at the step "
-                  "that draws it (docs/reliability.md)", flush=True)
+    if cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 0:
         return False
     return bool(ask) if ask is not None else torch.cuda.is_available()
 
@@ -127,7 +122,7 @@ def rehearse(cfg, engine, task, loader, n_micro: int, world: int, step_fn) -> st
 
     task.loss = dropped  # this instance only, for this step
     try:
-        with RngState().replay():  # the RNG as it was before: the run goes on as without the rehearsal
+        with RngState().replay(), engine.dropped_step():  # the RNG and the engine's counters as they were
             step_fn(engine, task, batch, 1, cfg.engine.grad_cache, budget)
     except torch.OutOfMemoryError:
         raise OutOfMemory(f"out of {_device()} memory in the memory rehearsal after step 1: the heaviest micro "

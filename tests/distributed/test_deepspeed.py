@@ -29,10 +29,12 @@ RUNS = {  # name -> overrides
     "zero2-offload": ["engine=zero2", "engine.precision=fp32", "engine.offload_optimizer=true"],
     "torch-bf16": ["engine=torch", "engine.precision=bf16"],
     "zero2-bf16": ["engine=zero2", "engine.precision=bf16"],
-    "zero3-offload-bf16": ["engine=zero3", "engine.precision=bf16", "engine.offload_optimizer=true"],
-    # padded batches instead of the packed default, and GradCache chunks cut by tokens, not rows
+    # with the memory rehearsal after step 1 (a dropped step: the curve must not move)
+    "zero3-offload-bf16": ["engine=zero3", "engine.precision=bf16", "engine.offload_optimizer=true",
+                           "engine.rehearse_memory=true"],
+    # padded batches instead of the packed default, and GradCache chunks cut by tokens, not rows; rehearsed too
     "zero2-padded-tokens": ["engine=zero2", "engine.precision=fp32", "model.packing=false",
-                            "engine.micro_batch_tokens=60"],
+                            "engine.micro_batch_tokens=60", "engine.rehearse_memory=true"],
 }
 
 
@@ -48,6 +50,7 @@ def launch(out, model_dir, data, overrides):
     proc = subprocess.run(command(out, model_dir, data, overrides), env=ENV, capture_output=True, text=True,
                           timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (out / "stdout.log").write_text(proc.stdout)
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
@@ -108,8 +111,12 @@ def test_zero2_packed_equals_padded_and_token_chunks(runs):
     differs between ranks and steps; every rank runs the largest count) follows the packed default with
     row chunks. Catches a padded or packed path that computes another loss, ranks that disagree on the
     number of micro steps (ZeRO-2 reduces at each: a hang or a wrong sum) and a boundary left to
-    DeepSpeed's fixed count."""
+    DeepSpeed's fixed count. The padded run also rehearses its heaviest micro batch after step 1 (a step
+    ZeRO-2 drops: NaN gradients): a rehearsal whose gradients stayed in ZeRO's buffers, or whose update
+    was applied, would make the next steps NaN or move them off the curve."""
     _same_curve(runs["zero2"][1], runs["zero2-padded-tokens"][1], 1e-5, 1e-4)
+    log = (runs["zero2-padded-tokens"][0] / "stdout.log").read_text()
+    assert "memory rehearsal: the heaviest micro batch of the data" in log, log[-2000:]
 
 
 @pytest.mark.slow
@@ -133,8 +140,10 @@ def test_zero_offload_trains_with_cpu_adam_like_adamw(runs):
 def test_zero_bf16_tracks_ddp_bf16(runs, engine):
     """bf16 compute under DeepSpeed (torch_autocast; ZeRO-3 with CPU Adam offload too) follows the torch
     engine's bf16 autocast run, and differs from the fp32 run (so bf16 was really on)."""
-    _, got = runs[engine]
+    out, got = runs[engine]
     _same_curve(runs["torch-bf16"][1], got, 2e-2, 5e-2)
+    if engine == "zero3-offload-bf16":  # rehearsed after step 1: ZeRO-3 with CPU Adam dropped that step
+        assert "memory rehearsal: the heaviest micro batch" in (out / "stdout.log").read_text()
     assert [r["loss"] for r in got] != [r["loss"] for r in runs[engine.split("-")[0]][1]]
 
 

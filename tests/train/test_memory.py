@@ -215,10 +215,11 @@ def test_two_processes_rehearse_and_train_as_without(tiny_model_dir, tmp_path):
     assert [m["loss"] for m in metrics(tmp_path / "a")] == [m["loss"] for m in metrics(tmp_path / "b")]
 
 
-def test_no_rehearsal_under_deepspeed():
-    """Refused when the config is read (DeepSpeed's own gradient buffers), not silently skipped."""
+def test_no_rehearsal_under_deepspeed_without_zero():
+    """Refused when the config is read (DeepSpeed without ZeRO applies a non-finite step), not silently skipped;
+    ZeRO 1-3 rehearse (tests/distributed/test_deepspeed.py: ZeRO-2, and ZeRO-3 with CPU Adam)."""
     from qwen3train.train.engine import EngineConfig
 
-    with pytest.raises(ValueError, match="engine.rehearse_memory=true needs engine.backend=torch"):
-        EngineConfig(backend="deepspeed", rehearse_memory=True)
-    EngineConfig(backend="deepspeed")  # auto: not rehearsed, no error
+    with pytest.raises(ValueError, match="engine.rehearse_memory=true needs the torch engine or ZeRO stage 1-3"):
+        EngineConfig(backend="deepspeed", zero_stage=0, rehearse_memory=True)
+    EngineConfig(backend="deepspeed", zero_stage=2, rehearse_memory=True)
