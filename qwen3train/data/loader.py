@@ -54,6 +54,25 @@ class _Stream:
     def check(self) -> None:
         self.steps_per_epoch()
 
+    def left_out(self) -> list[str]:
+        """Warnings: a task with fewer usable records than a global batch is never trained on (batches are
+        drawn within one task), and what share of the records the first epoch's plan leaves out (each task's
+        shuffled tail, other records each epoch; duplicates deferred)."""
+        ld, src = self.loader, self.source
+        counts = np.bincount(np.asarray(src.task_idx), minlength=len(src.task_names))
+        files = [str(p) for p in src.paths]
+        out = [f"task {src.task_names[t]!r} has {int(n):,} usable records in {files}, fewer than a global batch "
+               f"({ld.global_batch}): batches are drawn within one task, so they are never trained on; give them "
+               f"the task of similar records (same instruction) or lower engine.global_batch_size"
+               for t, n in enumerate(counts) if 0 < n < ld.global_batch]
+        self.plan(0)  # at the run's start: epoch 0's plan and its stats
+        dropped = self.stats.get("dropped_tail", 0)
+        if dropped and len(src):
+            out.append(f"epoch 0's batches leave out {dropped:,} of {len(src):,} records ({dropped / len(src):.1%}) of "
+                       f"{files}: each task's shuffled tail short of a global batch ({ld.global_batch}), and records "
+                       f"whose positive repeats in every batch left (other records are left out in other epochs)")
+        return out
+
     def cursor(self) -> list:
         return [self.epoch, self.position]
 
@@ -143,6 +162,10 @@ class Loader:
         """An error now, rather than mid-run, when an indexed source makes no global batch."""
         for s in self.streams:
             s.check()
+
+    def left_out(self) -> list[str]:
+        """What the batch plans leave out of the indexed sources (``_Stream.left_out``), as warning lines."""
+        return [w for s in self.streams if isinstance(s, _Stream) for w in s.left_out()]
 
     # ---- the cursor -----------------------------------------------------------------------------
     def state(self) -> dict:

@@ -195,6 +195,8 @@ def run(cfg, hooks=None) -> Path:
             if source.rejected:
                 print0(f"skipped {sum(source.rejected.values())} bad records: {dict(source.rejected)} "
                        f"(kept in {source.rejects_path})")
+        for line in batches.left_out() if state.step == 0 else []:
+            print0(f"warning: {line}")
     dev = None
     if cfg.run.eval_every > 0:
         from qwen3train.train import dev_eval

@@ -74,3 +74,26 @@ def test_a_run_folder_without_a_fingerprint_resumes(tiny_model_dir, tmp_path):
     data.write_bytes(data.read_bytes() + data.read_bytes().splitlines(keepends=True)[0])
     run(cfg)
     assert json.loads((tmp_path / "r" / "data_fingerprint.json").read_text())["sources"][0][0]["records"] == 49
+
+
+def test_what_the_batch_plans_leave_out_is_said(tiny_model_dir, tmp_path, capsys):
+    """A task with fewer records than a global batch is never trained on (batches are drawn within one task):
+    a warning names it, its count and the file; the first epoch's left-out tail is counted. Would catch the
+    silent loss of a whole task (it was only a number in data_summary.json)."""
+    data = make_pairs(tmp_path / "d.jsonl", n=48, k=2, tasks=("alpha", "beta"))
+    with open(data, "a") as f:
+        for i in range(3):
+            f.write(json.dumps({"query": f"rare {i}?", "pos": [f"rare answer {i}"], "neg": ["x", "y"],
+                                "task": "gamma"}) + "\n")
+    run(train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=1))
+    warnings = [x for x in capsys.readouterr().out.splitlines() if x.startswith("warning: ")]
+    assert any(f"task 'gamma' has 3 usable records in ['{data}'], fewer than a global batch (8)" in w
+               for w in warnings), warnings
+    tail = next(w for w in warnings if "epoch 0's batches leave out" in w)
+    summary = json.loads((tmp_path / "r" / "data_summary.json").read_text())
+    assert f"leave out {summary['plan']['dropped_tail']} of 51 records" in tail, (tail, summary["plan"])
+    assert summary["plan"]["dropped_tail"] >= 3  # gamma's 3 at least
+
+    clean = make_pairs(tmp_path / "c.jsonl", n=48, k=2)  # one task, 48 = 6 batches of 8: nothing left out
+    run(train_cfg(tiny_model_dir, clean, tmp_path / "c", max_steps=1))
+    assert not [x for x in capsys.readouterr().out.splitlines() if x.startswith("warning: ")]
