@@ -77,6 +77,8 @@ def test_torch_engine_resumes_on_another_process_count(tiny_model_dir, tmp_path)
                "data.num_hard_negatives=2", "optim.schedule=constant", "optim.warmup_ratio=0", "optim.lr=1e-3", *extra]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        with open(out / "stdout.log", "a") as f:
+            f.write(proc.stdout)
         return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
     ref = cli(tmp_path / "a", 4, 1)
@@ -90,10 +92,13 @@ def test_torch_engine_resumes_on_another_process_count(tiny_model_dir, tmp_path)
     wa, wb = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(tmp_path / "b" / "final" / "model.safetensors")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-4
 
-    # 2 processes resuming 2 processes, from the record index the first run built (no rank scans again)
-    cli(tmp_path / "c", 2, 2)
-    got = cli(tmp_path / "c", 4, 2, "run.resume=force")
+    # 2 processes resuming 2 processes, from the record index the first run built (no rank scans again); the
+    # first of these rehearses its heaviest micro batch after step 1 (train/memory.py: a step DDP all-reduces
+    # and the torch engine drops): the curve must not move
+    cli(tmp_path / "c", 2, 2, "engine.rehearse_memory=true")
+    got = cli(tmp_path / "c", 4, 2, "run.resume=force", "engine.rehearse_memory=true")
     for a, b in zip(ref, got):
         assert abs(a["loss"] - b["loss"]) <= 1e-4, (a["step"], a["loss"], b["loss"])
+    assert (tmp_path / "c" / "stdout.log").read_text().count("memory rehearsal: the heaviest micro batch") == 2
     summary = json.loads((tmp_path / "c" / "data_summary.json").read_text())
     assert summary["index"]["built"] == [] and summary["records"] == 64
