@@ -49,9 +49,10 @@ class StageEngine:
     micro_batch_size: int = 16
     global_batch_size: int = 32
     grad_cache: bool = False
+    micro_batch_tokens: int | None = None  # what an out-of-memory stop of this stage asks for (train/memory.py)
 
 
-BATCH_FIELDS = ("micro_batch_size", "global_batch_size", "grad_cache")
+BATCH_FIELDS = ("micro_batch_size", "global_batch_size", "grad_cache", "micro_batch_tokens")
 
 
 @dataclass
@@ -269,8 +270,10 @@ class Pipeline:
             raise StoppedBySignal(f"{preempt.STOPPED}SIGTERM during stage {name}; what it finished is kept: rerun the "
                                   f"same command to resume", signal.SIGTERM)
         if proc.returncode == 2:  # the stage said what the user must fix, in one line above
-            raise ConfigError(f"stage {name} stopped on the error above; fix it and rerun the same command "
-                              f"to resume from {name}")
+            per_stage = (f" (batch settings are per stage here: {name}.engine.micro_batch_tokens=..., "
+                         f"{name}.run.resume=...)" if name in self.TRAINING else "")
+            raise ConfigError(f"stage {name} stopped on the error above; fix it{per_stage} and rerun the same "
+                              f"command to resume from {name}")
         if proc.returncode != 0:  # a crash or a kill: its own output above says what happened
             raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); rerun to resume it")
 

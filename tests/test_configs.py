@@ -87,6 +87,9 @@ def test_pipeline_batch_sizes_have_one_spelling(compose, tmp_path):
         "stage2.engine.global_batch_size, rerank.engine.global_batch_size")
     from qwen3train.pipeline import Pipeline  # the per-stage spelling composes and reaches the stage's engine
 
-    pc = compose("pipeline", ["stage2.engine.global_batch_size=48", f"output_dir={tmp_path}"])
+    pc = compose("pipeline", ["stage2.engine.global_batch_size=48", "stage2.engine.micro_batch_tokens=900",
+                              f"output_dir={tmp_path}"])
     s2 = Pipeline(pc).train_cfg(pc.stage2, "stage2", ["x.jsonl"], None)
     assert s2.engine.global_batch_size == 48 and s2.engine.backend == pc.engine.backend
+    assert s2.engine.micro_batch_tokens == 900  # the fix an out-of-memory stop of stage 2 asks for, for stage 2 only
+    assert Pipeline(pc).train_cfg(pc.stage1, "stage1", ["x.jsonl"], None).engine.micro_batch_tokens is None

@@ -367,3 +367,19 @@ def test_eta_reads_a_hub_models_shape_from_the_local_cache(tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert _params("Org/Big") == 36 * (4 * 4096**2 + 3 * 4096 * 12288)
     assert _params("Org/Missing") == 1e8
+
+
+def test_a_training_stage_stopped_on_a_users_mistake_says_where_its_settings_go(compose, tmp_path, tiny_model_dir):
+    """A stage that exits 2 (its own one line above, e.g. out of memory asking for engine.micro_batch_tokens)
+    makes the pipeline name the spelling that reaches that stage alone: batch settings are per stage in a
+    pipeline (``stage2.engine.micro_batch_tokens``); the pipeline-wide ``engine.*`` would rerun stage 1 too.
+    Would catch a hint that names the stage-less key, or one given for a stage that is not training."""
+    from qwen3train.errors import ConfigError
+
+    pc = compose("pipeline", [f"output_dir={tmp_path / 'out'}", f"model.name_or_path={tiny_model_dir}"])
+    pipe = Pipeline(pc)
+    cfg = pipe.train_cfg(pc.stage2, "stage2", [str(tmp_path / "absent.jsonl")], None)  # exits 2: no such file
+    with pytest.raises(ConfigError) as e:
+        pipe.launch("stage2", cfg)
+    assert "stage stage2 stopped on the error above; fix it (batch settings are per stage here: " \
+           "stage2.engine.micro_batch_tokens=..., stage2.run.resume=...)" in str(e.value), str(e.value)
