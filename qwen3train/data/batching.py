@@ -8,8 +8,12 @@ Vectorised (numpy) over the index, so planning 150M records costs seconds and a 
 not a Python object per record: per task, the records are permuted and each draws one of its
 positives; the sequence is cut into batches, and a record whose positive already sits earlier in its
 batch moves to the end of the task's sequence (counted as deferred); this repeats until every full
-batch is duplicate-free. The task's incomplete last batch, and duplicates that find no place, are
-dropped for the epoch (counted).
+batch is duplicate-free. Plan version 2 (the default since 2026-12-05): what that leaves of every task (its
+incomplete last batch, duplicates that found no place, a whole task smaller than a global batch) is pooled,
+shuffled and cut into mixed-task batches the same way, so a small task is trained on and only the pool's own
+tail (< one global batch) and its unplaceable duplicates are left out of the epoch (counted). Version 1 dropped
+every task's leftovers: a task smaller than a global batch was never trained on. A run keeps the version it
+started with (``train_state.json``; checkpoints without one are version 1), so a resume is exact across the change.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_ROUNDS = 64
+PLAN_VERSION = 2
 
 
 @dataclass
@@ -62,26 +67,45 @@ def _dedup(h: np.ndarray, batch: int) -> tuple[np.ndarray, int]:
     return order, moved
 
 
-def plan(source, global_batch: int, seed: int, epoch: int) -> Plan:
+def _full_batches(h: np.ndarray, global_batch: int, stats: dict) -> np.ndarray:
+    """Positions (into ``h``) of the duplicate-free full batches, batch after batch (``_dedup``'s order);
+    batches still holding a duplicate when its rounds are exhausted are dropped, never trained on."""
+    keep, moved = _dedup(h, global_batch)
+    stats["deferred_duplicates"] += moved
+    full = len(keep) // global_batch * global_batch
+    kept = keep[:full]
+    if full:
+        sb = np.sort(h[kept].reshape(-1, global_batch), axis=1)
+        ok = ~(sb[:, 1:] == sb[:, :-1]).any(axis=1)
+        kept = kept.reshape(-1, global_batch)[ok].reshape(-1)
+    return kept
+
+
+def plan(source, global_batch: int, seed: int, epoch: int, version: int = PLAN_VERSION) -> Plan:
     rng = np.random.default_rng([seed, epoch])
     tasks = np.asarray(source.task_idx)
     stats = {"dropped_tail": 0, "deferred_duplicates": 0}
-    idx_parts, pos_parts = [], []
+    idx_parts, pos_parts, rest = [], [], []
     for t in np.unique(tasks):
         members = np.flatnonzero(tasks == t)
         order = rng.permutation(members)
         j = (rng.random(len(order)) * source.num_pos_of(order)).astype(np.int64)
         h = source.positive_hashes(order, j)
-        keep, moved = _dedup(h, global_batch)
-        stats["deferred_duplicates"] += moved
-        full = len(keep) // global_batch * global_batch
-        kept = keep[:full]
-        hb = h[kept].reshape(-1, global_batch) if full else np.zeros((0, global_batch), np.int64)
-        if full:  # rounds exhausted: batches still holding a duplicate are dropped, never trained on
-            sb = np.sort(hb, axis=1)
-            ok = ~(sb[:, 1:] == sb[:, :-1]).any(axis=1)
-            kept = kept.reshape(-1, global_batch)[ok].reshape(-1)
+        kept = _full_batches(h, global_batch, stats)
+        if version >= 2:  # the task's leftovers go to the mixed pool
+            left = np.setdiff1d(np.arange(len(order)), kept, assume_unique=True)
+            rest.append((order[left], j[left], h[left]))
+        else:
+            stats["dropped_tail"] += len(order) - len(kept)
+        idx_parts.append(order[kept].reshape(-1, global_batch))
+        pos_parts.append(j[kept].reshape(-1, global_batch).astype(np.int32))
+    if version >= 2:
+        order, j, h = (np.concatenate([r[k] for r in rest]) if rest else np.zeros(0, np.int64) for k in range(3))
+        mix = rng.permutation(len(order))
+        order, j, h = order[mix], j[mix], h[mix]
+        kept = _full_batches(h, global_batch, stats)
         stats["dropped_tail"] += len(order) - len(kept)
+        stats["mixed_batches"] = len(kept) // global_batch
         idx_parts.append(order[kept].reshape(-1, global_batch))
         pos_parts.append(j[kept].reshape(-1, global_batch).astype(np.int32))
     idx = np.concatenate(idx_parts) if idx_parts else np.zeros((0, global_batch), np.int64)
@@ -90,7 +114,8 @@ def plan(source, global_batch: int, seed: int, epoch: int) -> Plan:
     return Plan(idx[perm], pos[perm], stats)
 
 
-def plan_epoch(source, global_batch: int, seed: int, epoch: int) -> tuple[list[list[tuple[int, int]]], dict]:
+def plan_epoch(source, global_batch: int, seed: int, epoch: int,
+               version: int = PLAN_VERSION) -> tuple[list[list[tuple[int, int]]], dict]:
     """The plan as lists of (record, positive) pairs (small sources, tests)."""
-    p = plan(source, global_batch, seed, epoch)
+    p = plan(source, global_batch, seed, epoch, version)
     return [p.batch(b) for b in range(len(p))], p.stats

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from qwen3train.data.batching import Plan, plan
+from qwen3train.data.batching import PLAN_VERSION, Plan, plan
 from qwen3train.errors import ConfigError
 
 
@@ -38,7 +38,7 @@ class _Stream:
     def plan(self, epoch: int) -> Plan:
         if epoch not in self._plans:
             ld = self.loader
-            full = plan(self.source, ld.global_batch, ld.seed, epoch)
+            full = plan(self.source, ld.global_batch, ld.seed, epoch, ld.plan_version)
             self.stats = {"epoch": epoch, "batches": len(full), **full.stats}
             self._plans = {epoch: full.columns(ld.lo, ld.lo + ld.local)}
         return self._plans[epoch]
@@ -55,22 +55,31 @@ class _Stream:
         self.steps_per_epoch()
 
     def left_out(self) -> list[str]:
-        """Warnings: a task with fewer usable records than a global batch is never trained on (batches are
-        drawn within one task), and what share of the records the first epoch's plan leaves out (each task's
-        shuffled tail, other records each epoch; duplicates deferred)."""
+        """What the plans do with records that make no single-task batch, as ``warning:``/``note:`` lines: a
+        task with fewer usable records than a global batch trains in mixed-task batches (plan version 2) or,
+        in a run begun with version 1, is never trained on; and the share of the records the first epoch's
+        plan leaves out."""
         ld, src = self.loader, self.source
         counts = np.bincount(np.asarray(src.task_idx), minlength=len(src.task_names))
         files = [str(p) for p in src.paths]
-        out = [f"task {src.task_names[t]!r} has {int(n):,} usable records in {files}, fewer than a global batch "
-               f"({ld.global_batch}): batches are drawn within one task, so they are never trained on; give them "
-               f"the task of similar records (same instruction) or lower engine.global_batch_size"
-               for t, n in enumerate(counts) if 0 < n < ld.global_batch]
+        small = [f"{src.task_names[t]!r} ({int(n):,})" for t, n in enumerate(counts) if 0 < n < ld.global_batch]
+        out = []
+        if small and ld.plan_version >= 2:
+            out.append(f"note: task(s) {', '.join(small)} of {files} have fewer usable records than a global batch "
+                       f"({ld.global_batch}): they train in mixed-task batches, with the other tasks' leftovers")
+        elif small:
+            out.append(f"warning: task(s) {', '.join(small)} of {files} have fewer usable records than a global "
+                       f"batch ({ld.global_batch}): this run's batch plans (version 1, kept since it began) draw "
+                       f"batches within one task, so they are never trained on; a new run pools them")
         self.plan(0)  # at the run's start: epoch 0's plan and its stats
-        dropped = self.stats.get("dropped_tail", 0)
+        dropped, mixed = self.stats.get("dropped_tail", 0), self.stats.get("mixed_batches")
         if dropped and len(src):
-            out.append(f"epoch 0's batches leave out {dropped:,} of {len(src):,} records ({dropped / len(src):.1%}) of "
-                       f"{files}: each task's shuffled tail short of a global batch ({ld.global_batch}), and records "
-                       f"whose positive repeats in every batch left (other records are left out in other epochs)")
+            why = (f"the leftovers of every task, pooled, fill {mixed} mixed batch(es); the rest, short of a "
+                   f"global batch ({ld.global_batch}) or repeating a positive in every batch left, waits"
+                   if mixed is not None else f"each task's shuffled tail, short of a global batch ({ld.global_batch})")
+            out.append(f"{'note' if mixed is not None else 'warning'}: epoch 0's batches leave out {dropped:,} of "
+                       f"{len(src):,} records ({dropped / len(src):.1%}) of {files}: {why} (other records are left "
+                       f"out in other epochs)")
         return out
 
     def cursor(self) -> list:
@@ -128,6 +137,7 @@ class Loader:
         self.streams = [_StreamingStream(s, w, self) if getattr(s, "streaming", False) else _Stream(s, w, int(b), self)
                         for s, w, b in zip(sources, weights, bases)]
         self.p = np.asarray(weights) / sum(weights)
+        self.plan_version = PLAN_VERSION  # a resumed run keeps the one it started with (``use_plan_version``)
         self.step = 0
         self._at = self._cursor()  # where the batches handed out so far leave the loader (``ahead`` makes more)
 
@@ -157,6 +167,14 @@ class Loader:
         """Global batches in one pass over every source (epoch 0's plans); an error when one has none
         or is streamed (unknown length)."""
         return sum(s.steps_per_epoch() for s in self.streams)
+
+    def use_plan_version(self, version: int) -> None:
+        """Plan batches as ``batching.plan`` version ``version`` did (a run resumes with the version it began with)."""
+        if version != self.plan_version:
+            self.plan_version = version
+            for s in self.streams:
+                if isinstance(s, _Stream):
+                    s._plans, s.stats = {}, {}
 
     def check(self) -> None:
         """An error now, rather than mid-run, when an indexed source makes no global batch."""

@@ -39,6 +39,7 @@ class TrainState:
     world_size: int | None = None  # processes that wrote the checkpoint (ZeRO state resumes only on as many)
     cursors: list | None = None  # per data source [epoch, next batch] (data.mixture; data.loader.Loader)
     resumable: bool = True  # False once ``retire`` removed the engine state (the export stays)
+    plan: int = 1  # ``data.batching`` plan version the run's batches follow (absent before version 2: 1)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -56,6 +57,16 @@ def list_checkpoints(root: Path) -> list[Path]:
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def plan_version(root: Path, current: int) -> int:
+    """The batch plan version of the run in ``root``: its newest checkpoint's (1 if it has none recorded);
+    ``current`` for a run with no checkpoint yet."""
+    last = latest_checkpoint(root)
+    try:
+        return int(json.loads((last / "train_state.json").read_text()).get("plan", 1)) if last else current
+    except (OSError, ValueError):
+        return current  # a damaged state file: resume_point names it and falls back; the version is the run's
 
 
 def _rng_state() -> dict:

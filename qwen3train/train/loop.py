@@ -161,11 +161,13 @@ def run(cfg, hooks=None) -> Path:
     print0(f"compute precision {precision} (engine.precision={cfg.engine.precision}, model.dtype={cfg.model.dtype}); "
            f"trainable weights and optimizer state float32, exports {cfg.model.dtype}")
     task, batches = build_task(cfg, run_dir, precision)
+    if cfg.run.resume != "never":  # a run resumes with the batch plans it began with (data/batching.py)
+        batches.use_plan_version(checkpoint.plan_version(run_dir, batches.plan_version))
     batches.check()  # an indexed source that makes no global batch is an error now, not mid-run
     total = cfg.run.max_steps if cfg.run.max_steps > 0 else cfg.run.epochs * batches.steps_per_epoch()
     engine = build_engine(task.module, cfg.engine, cfg.optim, total, precision)
 
-    state = TrainState()
+    state = TrainState(plan=batches.plan_version)
     finished = None  # an export-only last checkpoint at the end: training is done, only the final copy is left
     if cfg.run.resume != "never":
         finished = dist.broadcast_object(checkpoint.finished_point(run_dir, total) if dist.is_main() else None)
@@ -196,7 +198,7 @@ def run(cfg, hooks=None) -> Path:
                 print0(f"skipped {sum(source.rejected.values())} bad records: {dict(source.rejected)} "
                        f"(kept in {source.rejects_path})")
         for line in batches.left_out() if state.step == 0 else []:
-            print0(f"warning: {line}")
+            print0(line)
     dev = None
     if cfg.run.eval_every > 0:
         from qwen3train.train import dev_eval

@@ -72,22 +72,40 @@ def test_line_separator_u2028_inside_text(tmp_path):
     assert len(src) == 2 and src[0].query == "a\u2028b"
 
 
-def test_plan_is_single_task_duplicate_free_and_deterministic(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_plan_is_single_task_duplicate_free_and_deterministic(tmp_path, version):
+    """Version 1: single-task batches only, every task's leftovers dropped. Version 2: the same single-task
+    batches, then the leftovers of all tasks pooled into mixed batches (a task smaller than a batch, C here,
+    is trained on). Both: no duplicate positive in a batch, deterministic, every record used or counted."""
     rows = []
     for i in range(60):
         rows.append({"query": f"a{i}", "pos": [f"shared{i % 7}"], "task": "A"})  # many duplicate positives
         rows.append({"query": f"b{i}", "pos": [f"b{i}"], "task": "B"})
+    rows += [{"query": f"c{i}", "pos": [f"c{i}"], "task": "C"} for i in range(4)]  # fewer than a batch
     src = IndexedSource([write(tmp_path / "d.jsonl", rows)])
-    batches, stats = plan_epoch(src, 6, seed=1, epoch=0)
+    batches, stats = plan_epoch(src, 6, seed=1, epoch=0, version=version)
     assert batches and stats["deferred_duplicates"] > 0
+    mixed = 0
     for b in batches:
         assert len(b) == 6
         tasks = {src.task_names[src.task_idx[i]] for i, _ in b}
-        assert len(tasks) == 1
+        mixed += len(tasks) > 1
         hashes = [src.positive_hash(i, j) for i, j in b]
         assert len(set(hashes)) == len(hashes)
-    again, _ = plan_epoch(src, 6, seed=1, epoch=0)
+    again, _ = plan_epoch(src, 6, seed=1, epoch=0, version=version)
     assert again == batches
-    assert plan_epoch(src, 6, seed=1, epoch=1)[0] != batches
+    assert plan_epoch(src, 6, seed=1, epoch=1, version=version)[0] != batches
     used = sum(len(b) for b in batches) + stats["dropped_tail"]
     assert used == len(src)
+    c_used = sum(src.task_names[src.task_idx[i]] == "C" for b in batches for i, _ in b)
+    if version == 1:
+        assert mixed == 0 and c_used == 0 and "mixed_batches" not in stats
+    else:
+        assert mixed == stats["mixed_batches"] >= 1 and c_used >= 1
+        seen = {i for e in range(8) for b in plan_epoch(src, 6, seed=1, epoch=e, version=2)[0] for i, _ in b
+                if src.task_names[src.task_idx[i]] == "C"}
+        assert len(seen) == 4  # the pool's own tail is left out, other records in other epochs
+        assert stats["dropped_tail"] < plan_epoch(src, 6, seed=1, epoch=0, version=1)[1]["dropped_tail"]
+        # the single-task batches are version 1's, the mixed ones come on top
+        assert sorted(b for b in batches if len({src.task_idx[i] for i, _ in b}) == 1) == \
+            sorted(plan_epoch(src, 6, seed=1, epoch=0, version=1)[0])

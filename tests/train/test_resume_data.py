@@ -77,23 +77,51 @@ def test_a_run_folder_without_a_fingerprint_resumes(tiny_model_dir, tmp_path):
 
 
 def test_what_the_batch_plans_leave_out_is_said(tiny_model_dir, tmp_path, capsys):
-    """A task with fewer records than a global batch is never trained on (batches are drawn within one task):
-    a warning names it, its count and the file; the first epoch's left-out tail is counted. Would catch the
-    silent loss of a whole task (it was only a number in data_summary.json)."""
-    data = make_pairs(tmp_path / "d.jsonl", n=48, k=2, tasks=("alpha", "beta"))
+    """A task with fewer records than a global batch trains in mixed-task batches, said in a note naming it and
+    its count; the first epoch's left-out records are counted. Would catch a small task never trained on (as
+    batch plans of version 1 did, silently: only a number in data_summary.json)."""
+    data = make_pairs(tmp_path / "d.jsonl", n=54, k=2, tasks=("alpha", "beta"))  # 27 each: 3 batches + 3 left
     with open(data, "a") as f:
         for i in range(3):
             f.write(json.dumps({"query": f"rare {i}?", "pos": [f"rare answer {i}"], "neg": ["x", "y"],
                                 "task": "gamma"}) + "\n")
-    run(train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=1))
-    warnings = [x for x in capsys.readouterr().out.splitlines() if x.startswith("warning: ")]
-    assert any(f"task 'gamma' has 3 usable records in ['{data}'], fewer than a global batch (8)" in w
-               for w in warnings), warnings
-    tail = next(w for w in warnings if "epoch 0's batches leave out" in w)
+    run(train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=7))
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith(("note: task", "note: epoch", "warning"))]
+    assert any("task(s) 'gamma' (3) of" in x and "train in mixed-task batches" in x for x in lines), lines
     summary = json.loads((tmp_path / "r" / "data_summary.json").read_text())
-    assert f"leave out {summary['plan']['dropped_tail']} of 51 records" in tail, (tail, summary["plan"])
-    assert summary["plan"]["dropped_tail"] >= 3  # gamma's 3 at least
+    # 3 + 3 single-task batches; the pool (3 + 3 left of alpha and beta, gamma's 3) makes one mixed batch of 8
+    assert (summary["plan"]["batches"], summary["plan"]["mixed_batches"], summary["plan"]["dropped_tail"]) == (7, 1, 1)
+    tail = next(x for x in lines if "epoch 0's batches leave out" in x)
+    assert "leave out 1 of 57 records (1.8%)" in tail, tail
+    assert not [x for x in lines if x.startswith("warning")]
 
     clean = make_pairs(tmp_path / "c.jsonl", n=48, k=2)  # one task, 48 = 6 batches of 8: nothing left out
     run(train_cfg(tiny_model_dir, clean, tmp_path / "c", max_steps=1))
-    assert not [x for x in capsys.readouterr().out.splitlines() if x.startswith("warning: ")]
+    assert not [x for x in capsys.readouterr().out.splitlines() if x.startswith(("warning", "note: task", "note: epoch"))]
+
+
+def test_a_run_begun_with_version_1_plans_resumes_with_them(tiny_model_dir, tmp_path, monkeypatch):
+    """A checkpoint written before plan version 2 (its train_state.json has no "plan") resumes with version 1's
+    batches: bitwise the weights of a version-1 run never stopped. Would catch an upgrade that silently
+    changes the batches of a run in progress."""
+    from qwen3train import integrity
+    from qwen3train.data import loader
+
+    data = make_pairs(tmp_path / "d.jsonl", n=48, k=2, tasks=("alpha", "beta", "gamma", "delta", "epsilon"))
+    monkeypatch.setattr(loader, "PLAN_VERSION", 1)  # the previous version's batch plans
+    full = run(train_cfg(tiny_model_dir, data, tmp_path / "full", max_steps=6, save_every=2))
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=6, save_every=2)
+    with pytest.raises(Crash):
+        run(cfg, hooks=crash_at(3))
+    ckpt = tmp_path / "r" / "checkpoints" / "step_0000002"
+    state = json.loads((ckpt / "train_state.json").read_text())
+    assert state.pop("plan") == 1
+    (ckpt / "train_state.json").write_text(json.dumps(state))  # as the previous version wrote it
+    integrity.write_manifest(ckpt)
+    monkeypatch.undo()  # this version: plans of version 2 for new runs
+    resumed = run(cfg)
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+    fresh = run(train_cfg(tiny_model_dir, data, tmp_path / "new", max_steps=6, save_every=2))
+    c = load_file(fresh / "model.safetensors")
+    assert not all((a[k] == c[k]).all() for k in a)  # a new run plans with version 2: other batches
