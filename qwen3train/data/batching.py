@@ -11,7 +11,9 @@ batch moves to the end of the task's sequence (counted as deferred); this repeat
 batch is duplicate-free. Plan version 2 (the default since 2026-12-05): what that leaves of every task (its
 incomplete last batch, duplicates that found no place, a whole task smaller than a global batch) is pooled,
 shuffled and cut into mixed-task batches the same way, so a small task is trained on and only the pool's own
-tail (< one global batch) and its unplaceable duplicates are left out of the epoch (counted). Version 1 dropped
+tail (< one global batch) and its unplaceable duplicates are left out of the epoch (counted); and a duplicate
+moves behind a task's tail, not in front of it, so the tail fills batches (version 1 kept a duplicate in the
+last full batch cycling there until the batch was dropped). Version 1 dropped
 every task's leftovers: a task smaller than a global batch was never trained on. A run keeps the version it
 started with (``train_state.json``; checkpoints without one are version 1), so a resume is exact across the change.
 """
@@ -46,8 +48,11 @@ class Plan:
         return Plan(self.idx[:, lo:hi].copy(), self.pos[:, lo:hi].copy(), self.stats)
 
 
-def _dedup(h: np.ndarray, batch: int) -> tuple[np.ndarray, int]:
-    """Order (a permutation of range(len(h))) whose full batches hold distinct values; and moves made."""
+def _dedup(h: np.ndarray, batch: int, to_end: bool = False) -> tuple[np.ndarray, int]:
+    """Order (a permutation of range(len(h))) whose full batches hold distinct values; and moves made. A later
+    copy of a value moves behind the full batches (version 1: the incomplete tail stays where it is, so a
+    copy in the last full batch can only move within it) or, ``to_end`` (version 2), behind the tail too, so
+    the tail's records move up and fill the batches."""
     order = np.arange(len(h))
     moved = 0
     for _ in range(MAX_ROUNDS):
@@ -63,14 +68,17 @@ def _dedup(h: np.ndarray, batch: int) -> tuple[np.ndarray, int]:
             break
         flat = dup.reshape(-1)
         moved += int(flat.sum())
-        order = np.concatenate([order[:full][~flat], order[:full][flat], order[full:]])
+        if to_end:
+            order = np.concatenate([order[:full][~flat], order[full:], order[:full][flat]])
+        else:
+            order = np.concatenate([order[:full][~flat], order[:full][flat], order[full:]])
     return order, moved
 
 
-def _full_batches(h: np.ndarray, global_batch: int, stats: dict) -> np.ndarray:
+def _full_batches(h: np.ndarray, global_batch: int, stats: dict, version: int) -> np.ndarray:
     """Positions (into ``h``) of the duplicate-free full batches, batch after batch (``_dedup``'s order);
     batches still holding a duplicate when its rounds are exhausted are dropped, never trained on."""
-    keep, moved = _dedup(h, global_batch)
+    keep, moved = _dedup(h, global_batch, to_end=version >= 2)
     stats["deferred_duplicates"] += moved
     full = len(keep) // global_batch * global_batch
     kept = keep[:full]
@@ -91,7 +99,7 @@ def plan(source, global_batch: int, seed: int, epoch: int, version: int = PLAN_V
         order = rng.permutation(members)
         j = (rng.random(len(order)) * source.num_pos_of(order)).astype(np.int64)
         h = source.positive_hashes(order, j)
-        kept = _full_batches(h, global_batch, stats)
+        kept = _full_batches(h, global_batch, stats, version)
         if version >= 2:  # the task's leftovers go to the mixed pool
             left = np.setdiff1d(np.arange(len(order)), kept, assume_unique=True)
             rest.append((order[left], j[left], h[left]))
@@ -103,7 +111,7 @@ def plan(source, global_batch: int, seed: int, epoch: int, version: int = PLAN_V
         order, j, h = (np.concatenate([r[k] for r in rest]) if rest else np.zeros(0, np.int64) for k in range(3))
         mix = rng.permutation(len(order))
         order, j, h = order[mix], j[mix], h[mix]
-        kept = _full_batches(h, global_batch, stats)
+        kept = _full_batches(h, global_batch, stats, version)
         stats["dropped_tail"] += len(order) - len(kept)
         stats["mixed_batches"] = len(kept) // global_batch
         idx_parts.append(order[kept].reshape(-1, global_batch))
