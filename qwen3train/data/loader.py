@@ -182,7 +182,7 @@ class Loader:
             s.check()
 
     def left_out(self) -> list[str]:
-        """What the batch plans leave out of the indexed sources (``_Stream.left_out``), as warning lines."""
+        """What the batch plans pool and leave out of the indexed sources (``_Stream.left_out``), as lines to print."""
         return [w for s in self.streams if isinstance(s, _Stream) for w in s.left_out()]
 
     # ---- the cursor -----------------------------------------------------------------------------

@@ -207,7 +207,8 @@ class IndexedSource:
             h = xxh3_128(json.dumps(f.tasks).encode())
             for arr in (f.offset, f.task, f.pos_ptr, f.pos_hash):
                 h.update(np.ascontiguousarray(arr).data)
-            out.append({"file": path.name if isinstance(path, DatasetRef) else str(path), "records": len(f), "digest": h.hexdigest()})
+            name = path.name if isinstance(path, DatasetRef) else str(path)
+            out.append({"file": name, "records": len(f), "digest": h.hexdigest()})
         return out
 
     def heaviest(self, n: int, sample: int = 4096) -> list[tuple[int, int]]:
