@@ -12,10 +12,10 @@ batch is duplicate-free. Plan version 2 (the default since 2026-12-05): what tha
 incomplete last batch, duplicates that found no place, a whole task smaller than a global batch) is pooled,
 shuffled and cut into mixed-task batches the same way, so a small task is trained on and only the pool's own
 tail (< one global batch) and its unplaceable duplicates are left out of the epoch (counted); and a duplicate
-moves behind a task's tail, not in front of it, so the tail fills batches (version 1 kept a duplicate in the
-last full batch cycling there until the batch was dropped). Version 1 dropped
-every task's leftovers: a task smaller than a global batch was never trained on. A run keeps the version it
-started with (``train_state.json``; checkpoints without one are version 1), so a resume is exact across the change.
+moves behind a task's tail, not in front of it, so the tail fills batches. Version 1 dropped every task's
+leftovers (a task smaller than a global batch was never trained on) and kept a duplicate in the last full batch
+cycling there until the batch was dropped. A run keeps the version it started with (``train_state.json``;
+checkpoints without one are version 1), so a resume is exact across the change.
 """
 
 from __future__ import annotations

@@ -55,6 +55,10 @@ class EmbeddingBatch:
     def num_tokens(self) -> int:
         return sum(map(len, self.q)) + sum(map(len, self.pos)) + sum(len(n) for row in self.neg for n in row)
 
+    def sequences(self) -> list[list[int]]:
+        """Every sequence, as a packed forward takes them: the queries, the positives, then the negatives row by row."""
+        return self.q + self.pos + [n for row in self.neg for n in row]
+
     def rows(self, sl: slice) -> "EmbeddingBatch":
         return EmbeddingBatch(self.q[sl], self.pos[sl], self.neg[sl], self.pos_hash[sl], self.neg_hash[sl])
 
@@ -73,6 +77,9 @@ class RerankBatch:
     @property
     def num_tokens(self) -> int:
         return sum(map(len, self.ids))
+
+    def sequences(self) -> list[list[int]]:
+        return self.ids
 
 
 class EmbeddingCollator:

@@ -228,8 +228,8 @@ class IndexedSource:
                     size = np.diff(off)
                     top = np.argsort(-size, kind="stable")[:n]
                     best += [(int(size[i]), base + lo + int(i)) for i in top]
-            else:
-                for i in np.unique(np.linspace(0, len(f) - 1, min(sample, len(f))).astype(np.int64)) if len(f) else []:
+            elif len(f):
+                for i in np.unique(np.linspace(0, len(f) - 1, min(sample, len(f))).astype(np.int64)):
                     r = self[base + int(i)]
                     best.append((len(r.query) + sum(map(len, r.pos)) + sum(map(len, r.neg)), base + int(i)))
             best = sorted(best, key=lambda t: -t[0])[:n]

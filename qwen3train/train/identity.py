@@ -147,16 +147,16 @@ def check_resume(run_dir: Path, cfg, mode: str) -> None:
 
         from qwen3train.train.memory import loss_keeps
 
-        before = OmegaConf.to_container(OmegaConf.load(old_cfg))
-        changed = changes(before, config_dict(cfg))
+        before, now = OmegaConf.to_container(OmegaConf.load(old_cfg)), config_dict(cfg)
+        changed = changes(before, now)
         if changed and set(changed) <= set(MEMORY_ONLY) and loss_keeps(cfg):
             from qwen3train import dist
 
             if dist.is_main():
-                print(f"note: resuming with another micro batch ({changed_keys(before, config_dict(cfg))}): "
+                print(f"note: resuming with another micro batch ({changed_keys(before, now)}): "
                       f"memory only, the loss does not depend on it", flush=True)
             return
-        diff = f" (changed: {changed_keys(before, config_dict(cfg))})"
+        diff = f" (changed: {changed_keys(before, now)})"
     raise ConfigError(
         f"{run_dir} holds a run of another config (hash {old.get('config_hash')}, now {new_hash}){diff}: "
         f"continue it with this config with run.resume=force, start over with run.resume=never, "

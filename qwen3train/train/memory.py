@@ -28,15 +28,8 @@ GIB = 2 ** 30
 MAX_ROWS = 4096  # records read for the rehearsal's token-budget micro batch, at most
 
 
-def sequences(batch) -> list[list[int]]:
-    """Every token sequence of an embedding batch (queries, positives, negatives) or a reranker batch."""
-    if hasattr(batch, "ids"):
-        return batch.ids
-    return batch.q + batch.pos + [n for row in batch.neg for n in row]
-
-
 def describe(mb) -> str:
-    seqs = sequences(mb)
+    seqs = mb.sequences()
     return (f"{len(mb)} rows, {sum(map(len, seqs)):,} tokens in {len(seqs)} sequences, "
             f"the longest {max(map(len, seqs), default=0):,}")
 

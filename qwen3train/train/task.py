@@ -115,7 +115,7 @@ class EmbeddingTask:
         return batch.rows(units)
 
     def pack(self, batch: EmbeddingBatch):
-        return memo_pack(self.embedder, batch, lambda: batch.q + batch.pos + [n for row in batch.neg for n in row])
+        return memo_pack(self.embedder, batch, batch.sequences)
 
     def forward(self, engine, batch: EmbeddingBatch):
         """-> (q [b, H], pos [b, H], neg [b, K, H] or None), not normalised. Packed: queries, positives
