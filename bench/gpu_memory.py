@@ -8,6 +8,10 @@ tokens), then on the same plus one record of four 4,096-token texts, which the s
 the long record runs twice: with the memory rehearsal (the CUDA default) it must stop after step 1 with the one
 line; without it, at the step that draws the record, with the line naming that step and the checkpoint kept.
 Each run: status, the last line, the steps logged, the rehearsal's line, peak memory.
+
+Then inference (``models/fit.py``), in a process of its own: the tiny Qwen3 encodes 48 texts of 4,096 tokens at
+32,768 tokens a forward, once freely (its peak), then held to the weights plus a third of that peak: the encode
+must say once that it goes on in smaller forwards and return the same vectors (``encode``).
 """
 
 from __future__ import annotations
@@ -77,10 +81,55 @@ def section_memory(out: Path, quick: bool) -> dict:
     res["fraction"] = round(fraction, 6)
     res["rehearsed"] = _run(out, "rehearsed", data, [], fraction)
     res["not_rehearsed"] = _run(out, "not_rehearsed", data, ["engine.rehearse_memory=false"], fraction)
+    res["encode"] = _encode(out / "models" / "tiny-qwen3")
     r, n = res["rehearsed"], res["not_rehearsed"]
     step = re.search(r"at step (\d+) of", n["last_line"])
     res["met"] = (res["ordinary"]["status"] == 0 and r["status"] == 2 and r["steps"] == 1
                   and "out of GPU memory in the memory rehearsal after step 1" in r["last_line"]
                   and n["status"] == 2 and step is not None and int(step.group(1)) > 1
-                  and "is intact" in n["last_line"])
+                  and "is intact" in n["last_line"] and res["encode"].get("met") is True)
     return res
+
+
+def _encode(model_dir: Path) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "encode", str(model_dir)], capture_output=True, text=True,
+                          cwd=REPO, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    got = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode or not got:
+        return {"status": proc.returncode, "stderr": proc.stderr[-1500:], "met": False}
+    return json.loads(got[-1])
+
+
+def _encode_child(model_dir: str) -> dict:
+    """Run as its own process: the memory fraction it sets stays with it."""
+    import io
+    from contextlib import redirect_stdout
+
+    import torch
+
+    from qwen3train.models.build import ModelConfig, build_embedder
+
+    model = build_embedder(ModelConfig(name_or_path=model_dir, max_doc_length=4096)).cuda()
+    texts = [f"violin galaxy {i} kernel sonnet market " * 800 for i in range(48)]
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    ref = model.encode(texts, batch_tokens=32768)
+    peak = torch.cuda.max_memory_allocated() - base
+    torch.cuda.empty_cache()  # cached blocks would serve the second run under any limit
+    total = torch.cuda.get_device_properties(0).total_memory
+    fraction = (torch.cuda.memory_reserved() + peak / 3) / total
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    said = io.StringIO()
+    with redirect_stdout(said):
+        got = model.encode(texts, batch_tokens=32768)
+    notes = [x for x in said.getvalue().splitlines() if x.startswith("note: out of device memory")]
+    diff = float((got - ref).abs().max())
+    return {"peak_gib": round(peak / 2 ** 30, 3), "fraction": round(fraction, 6), "notes": notes,
+            "cap_tokens": model.fit.cap, "max_abs_diff": diff,
+            "met": len(notes) == 1 and model.fit.cap is not None and model.fit.cap < 32768 and diff < 1e-3}
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["encode"]:
+    sys.path.insert(0, str(REPO))
+    print(json.dumps(_encode_child(sys.argv[2])))

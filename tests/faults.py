@@ -10,8 +10,12 @@
   a graph (training's, not GradCache's first pass) over more real tokens raises the out-of-memory error CUDA
   raises (``torch.OutOfMemoryError``), from inside the engine's forward, as a real one does.
 
+* ``inference_ceiling(tokens)``: the same device for inference (``encode``, the reranker's scoring): a
+  forward without a graph over more than ``tokens`` tokens (padded: rows x width; packed: the rows' tokens)
+  raises that error, counted in ``ATTEMPTS``.
+
 Each returns an undo. As a script, under torchrun too, it runs the command line with the faults of
-``QWEN3TRAIN_TEST_FAULT`` (``nonfinite:2,3``, ``memory_ceiling:300``, ``cuda_memory_fraction:0.01`` or ``disk_full:numpy.save:.parts/:2``; several
+``QWEN3TRAIN_TEST_FAULT`` (``nonfinite:2,3``, ``memory_ceiling:300``, ``inference_ceiling:40``, ``abort_at_exit``, ``cuda_memory_fraction:0.01`` or ``disk_full:numpy.save:.parts/:2``; several
 joined by ``;``):
 ``QWEN3TRAIN_TEST_FAULT=nonfinite:2 python tests/faults.py --config-name=stage2 key=value ...``."""
 
@@ -87,6 +91,39 @@ def memory_ceiling(tokens: int):
     return lambda: [setattr(cls, "forward", original) for cls, original in originals.items()]
 
 
+ATTEMPTS = {"ok": 0, "oom": 0}
+
+
+def inference_ceiling(tokens: int):
+    import torch
+
+    from qwen3train.models.embedder import Embedder
+    from qwen3train.models.reranker import Reranker
+
+    def tokens_of(args, kwargs) -> int:
+        if kwargs.get("packed") is not None:
+            return sum(int(r["input_ids"].numel()) for r in kwargs["packed"])
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        return int(ids.numel())
+
+    def ceiling(original):
+        def forward(self, *args, **kwargs):
+            if not torch.is_grad_enabled():
+                n = tokens_of(args, kwargs)
+                ATTEMPTS["oom" if n > tokens else "ok"] += 1
+                if n > tokens:
+                    raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 1.00 GiB (simulated: {n} "
+                                                 f"tokens in an inference forward over a ceiling of {tokens})")
+            return original(self, *args, **kwargs)
+        return forward
+
+    originals = {(Embedder, "_pool_packed"): Embedder._pool_packed, (Embedder, "_pool"): Embedder._pool,
+                 (Reranker, "forward"): Reranker.forward}
+    for (cls, name), original in originals.items():
+        setattr(cls, name, ceiling(original))
+    return lambda: [setattr(cls, name, original) for (cls, name), original in originals.items()]
+
+
 if __name__ == "__main__":
     for fault in filter(None, os.environ.get("QWEN3TRAIN_TEST_FAULT", "").split(";")):
         kind, _, arg = fault.partition(":")
@@ -94,6 +131,12 @@ if __name__ == "__main__":
             nonfinite(int(s) for s in arg.split(","))
         elif kind == "memory_ceiling":
             memory_ceiling(int(arg))
+        elif kind == "abort_at_exit":  # a native library's std::terminate in the interpreter's teardown
+            import atexit
+
+            atexit.register(os.abort)
+        elif kind == "inference_ceiling":
+            inference_ceiling(int(arg))
         elif kind == "cuda_memory_fraction":  # a real CUDA limit (bench/gpu_memory.py): the allocator's own error
             import torch
 

@@ -111,3 +111,18 @@ def test_a_full_disk_anywhere_is_one_line():
     assert msg.startswith("no space left on the device") and "rerun the same command" in msg
     assert user_error(RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos; file write failed"))
     assert user_error(OSError(errno.EIO, "Input/output error")) is None  # a failing disk stays a traceback
+
+
+def test_a_fatal_signal_prints_the_python_stacks(tmp_path):
+    """A rank that dies of SIGABRT in its teardown (a native library's std::terminate) used to leave only
+    torchrun's "exitcode -6": the entry point enables faulthandler, so the process prints where each thread was.
+    Fails if the command line no longer enables it."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", QWEN3TRAIN_TEST_FAULT="abort_at_exit",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    for k in ("QWEN3TRAIN_DEBUG", "PYTHONFAULTHANDLER"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "faults.py"), "--config-name=stage1",
+                           f"data.train_files=[{tmp_path}/absent.jsonl]"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -6, (proc.returncode, proc.stderr[-2000:])
+    assert "Fatal Python error: Aborted" in proc.stderr and "most recent call first" in proc.stderr, proc.stderr[-2000:]

@@ -212,6 +212,16 @@ def apply_aliases(argv: list[str]) -> list[str]:
     return out
 
 
+def crash_stacks() -> None:
+    """A process that dies of a fatal signal (a segfault; SIGABRT from a native library's ``std::terminate``,
+    as a rank's teardown has rarely met under load) prints every thread's Python stack first: under
+    torchrun such a rank otherwise shows only the signal's name."""
+    import faulthandler
+
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
+
+
 def cli() -> None:
     """``qwen3train <command> [overrides]``: a command is a primary config's name (stage1, pipeline, ...)."""
     args = sys.argv[1:]
@@ -232,10 +242,12 @@ def cli() -> None:
         sys.exit(0 if args else 2)
     sys.argv = apply_aliases([sys.argv[0], f"--config-name={args[0]}", *args[1:]])
     sys.argv[1:] = precheck(sys.argv[1:])
+    crash_stacks()
     main()
 
 
 if __name__ == "__main__":
     sys.argv = apply_aliases(sys.argv)
     sys.argv[1:] = precheck(sys.argv[1:])
+    crash_stacks()
     main()

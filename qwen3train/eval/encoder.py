@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qwen3train.errors import OutOfMemory
 from qwen3train.precision import cpu_has_native_bf16
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # and their short names (qwen3train.precision)
@@ -94,11 +95,26 @@ class Encoder:
         if self.kind == "qwen3train":
             return self.model.encode(texts, instruction=instruction, batch_size=self.batch_size, progress=desc)
         with Progress(len(texts), desc, "texts") as bar:
-            v = torch.as_tensor(self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
-                                                  normalize_embeddings=False,
-                                                  show_progress_bar=bool(desc) and mode() == "bar"))
+            v = self._st_encode(list(texts), show_progress_bar=bool(desc) and mode() == "bar")
             bar.update(len(texts))
         return torch.nn.functional.normalize(v.float(), dim=-1)  # instruction-unaware: raw text
+
+    def _st_encode(self, texts: list[str], **kw) -> torch.Tensor:
+        """A sentence-transformers model's vectors; out of device memory, again with half the batch (as the
+        project's own models do per forward: models/fit.py), kept for later calls."""
+        while True:
+            try:
+                return torch.as_tensor(self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                                         normalize_embeddings=False, **kw))
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise OutOfMemory(f"out of device memory encoding one text with {self.path}: lower max_length "
+                                      f"({self.max_length}) or free the device") from None
+            self.batch_size //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            print(f"note: out of device memory encoding with {self.path}; going on with batches of "
+                  f"{self.batch_size} (the same results, more forwards)", flush=True)
 
     def _dim(self, v: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(v[:, : self.dim], dim=-1) if self.dim else v

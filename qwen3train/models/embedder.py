@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from qwen3train.models import fit as fitting
 from qwen3train.models import packing
 from qwen3train.models.pooling import last_token_pool, normalize
 from qwen3train.text import DEFAULT_QUERY_TEMPLATE, EmbeddingTokenizer, format_query
@@ -77,6 +78,7 @@ class Embedder(nn.Module):
         self.pack_grouped = pack_grouped
         self.pack_tokens = pack_tokens
         self.pack_share = pack_share
+        self.fit = fitting.Fit()  # what one inference forward holds, once it ran out of memory (models/fit.py)
 
     @property
     def device(self) -> torch.device:
@@ -204,20 +206,26 @@ class Embedder(nn.Module):
         out = torch.empty((len(texts), dim or self.hidden_size), dtype=torch.float32)
         dev = self.device
         bar = Progress(len(texts), progress, "texts")
+        retry = not fitting.partitioned(self)
+
+        def run(sel: list[int]) -> torch.Tensor:
+            if self.packing:
+                return self._pool_packed(**self.pack([ids[k] for k in sel]).inputs(dev))
+            batch = {k: packing.to_device(v, dev) for k, v in self.tok.pad([ids[k] for k in sel]).items()}
+            return self._pool(**batch)  # already sorted by length
+
         for start in range(0, len(texts), block_size):
             ids = self.tok.token_ids(texts[start : start + block_size], max_length)
-            order = sorted(range(len(ids)), key=lambda k: -len(ids[k]))
+            lengths = [len(x) for x in ids]
+            order = sorted(range(len(ids)), key=lambda k: -lengths[k])
             done, where = [], []  # a block's vectors stay on the device until its end: no wait between forwards
-            for sel in (token_groups(order, [len(x) for x in ids], budget) if self.packing
+            for sel in (token_groups(order, lengths, budget) if self.packing
                         else [order[b : b + batch_size] for b in range(0, len(order), batch_size)]):
-                if self.packing:
-                    pooled = self._pool_packed(**self.pack([ids[k] for k in sel]).inputs(dev))
-                else:
-                    batch = {k: packing.to_device(v, dev) for k, v in self.tok.pad([ids[k] for k in sel]).items()}
-                    pooled = self._pool(**batch)  # already sorted by length
-                done.append(normalize(pooled, dim))
-                where += sel
-                bar.update(len(sel))
+                for piece, pooled in fitting.forward_in_pieces(self.fit, sel, lengths, run, padded=not self.packing,
+                                                               retry=retry, what="encoding"):
+                    done.append(normalize(pooled, dim))
+                    where += piece
+                    bar.update(len(piece))
             if done:
                 out[torch.tensor(where) + start] = torch.cat(done).cpu()
         bar.close()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from qwen3train.errors import ConfigError
+from qwen3train.models import fit as fitting
 from qwen3train.models import packing
 from qwen3train.models.pooling import last_token_pool
 from qwen3train.text import pad_batch
@@ -89,6 +90,7 @@ class Reranker(nn.Module):
         self.packing, self.pack_multiple, self.pack_grouped = packing, pack_multiple, pack_grouped
         self.pack_tokens = pack_tokens
         self.pack_share = pack_share
+        self.fit = fitting.Fit()  # what one inference forward holds, once it ran out of memory (models/fit.py)
         self.prefix, self.suffix = reranker_prompt(tokenizer)
         self.prefix_ids = tokenizer.encode(self.prefix, add_special_tokens=False)
         self.suffix_ids = tokenizer.encode(self.suffix, add_special_tokens=False)
@@ -177,9 +179,12 @@ class Reranker(nn.Module):
         was_training = self.training
         self.eval()
         ids = self.token_ids([query] * len(docs), docs, [instruction] * len(docs))
+        lengths, retry = [len(x) for x in ids], not fitting.partitioned(self)
         out = []
         for b in range(0, len(ids), batch_size):
-            z = self(**self.inputs(ids[b : b + batch_size]))
-            out.append(torch.sigmoid(z[:, 1] - z[:, 0]).cpu())
+            for _, z in fitting.forward_in_pieces(self.fit, list(range(b, min(b + batch_size, len(ids)))), lengths,
+                                                  lambda sel: self(**self.inputs([ids[k] for k in sel])),
+                                                  padded=not self.packing, retry=retry, what="reranking"):
+                out.append(torch.sigmoid(z[:, 1] - z[:, 0]).cpu())
         self.train(was_training)
         return torch.cat(out) if out else torch.empty(0)

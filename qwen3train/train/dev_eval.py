@@ -74,6 +74,20 @@ class DevEval:
             raise ConfigError(f"run.eval_metric: {self.metric} is not one of {sorted(scores)}")
         return scores
 
+    def at_step(self, run_dir: Path, step: int) -> dict[str, float]:
+        """The scores, with out of device memory as one line that says the step's checkpoint is safe (the
+        loop saves before it evaluates; the encoders themselves first retry smaller: models/fit.py)."""
+        from qwen3train.errors import OutOfMemory
+        from qwen3train.train.checkpoint import latest_checkpoint
+
+        try:
+            return self()
+        except (torch.OutOfMemoryError, OutOfMemory) as e:
+            last = latest_checkpoint(run_dir)
+            kept = f"the last checkpoint {last} is intact" if last else "no checkpoint yet (a rerun starts over)"
+            raise OutOfMemory(f"dev evaluation at step {step}: {str(e).splitlines()[0]} ({kept}; a rerun evaluates "
+                              f"a missed step after resuming)") from None
+
     def _embedder(self) -> dict:
         """Scored by ``make eval``'s own code, with the model in memory in place of a loaded export."""
         from qwen3train.eval.pairs import evaluate_pairs
@@ -111,6 +125,20 @@ def record(run_dir: Path, step: int, scores: dict, metric: str, checkpoint: str 
         best = {"step": step, "metric": metric, "score": scores[metric], "checkpoint": checkpoint}
         best_path.write_text(json.dumps(best, indent=2))
     return best
+
+
+def missed(run_dir: Path, step: int, every: int, total: int) -> bool:
+    """A resumed run's step that was due a dev evaluation (not the last: that is evaluated before the final
+    save) and has none on record: the run stopped between the checkpoint's save and its evaluation. Every
+    rank gets rank 0's answer (every rank evaluates)."""
+    from qwen3train import dist
+
+    def look() -> bool:
+        p = Path(run_dir) / "dev_eval.jsonl"
+        done = {json.loads(line)["step"] for line in p.read_text().splitlines()} if p.exists() else set()
+        return 0 < step < total and step % every == 0 and step not in done
+
+    return bool(dist.broadcast_object(look() if dist.is_main() else None))
 
 
 def best_step(run_dir: Path) -> int | None:

@@ -208,6 +208,18 @@ def run(cfg, hooks=None) -> Path:
     def best_kept() -> tuple[int, ...]:  # the best step by dev score survives the pruning (rank 0 prunes)
         return (dev_eval.best_step(run_dir) or 0,) if dev is not None and dist.is_main() else ()
 
+    def evaluate(saved: bool) -> dict:  # the dev scores of state.step, recorded (rank 0) and printed
+        scores = dev.at_step(run_dir, state.step)
+        if dist.is_main():
+            ckpt = str(checkpoint.step_dir(run_dir, state.step)) if saved else None
+            best = dev_eval.record(run_dir, state.step, scores, cfg.run.eval_metric, ckpt)
+            print0(f"dev {cfg.run.eval_metric} {scores[cfg.run.eval_metric]:.4f} at step {state.step} "
+                   f"(best {best['score']:.4f} at step {best['step']})")
+        return {f"dev_{k}": v for k, v in scores.items()}
+
+    if dev is not None and last is not None and dev_eval.missed(run_dir, state.step, cfg.run.eval_every, total):
+        evaluate(True)  # the run stopped in the evaluation after this checkpoint's save: it runs now
+
     tel = Telemetry(run_dir, total, state.step, use_wandb=cfg.run.wandb, project=cfg.run.wandb_project,
                     run_name=cfg.run.name, config=asdict(cfg), flops_per_token=flops_per_token(task.module),
                     config_hash=identity.config_hash(cfg))
@@ -246,21 +258,15 @@ def run(cfg, hooks=None) -> Path:
                 skip_step(cfg, run_dir, state.step, batch, loss_all, grad_norm, in_a_row, engine.step_applied)
             stopping = signalled > 0 and state.step < total  # some rank got SIGTERM: every rank stops here
             saving = (stopping or cfg.run.save_every > 0 and state.step % cfg.run.save_every == 0) and state.step < total
-            if dev is not None and (state.step % cfg.run.eval_every == 0 or state.step == total):
-                scores = dev()
-                metrics.update({f"dev_{k}": v for k, v in scores.items()})
-                ckpt = str(checkpoint.step_dir(run_dir, state.step)) if saving or state.step == total else None
-                if dist.is_main():
-                    best = dev_eval.record(run_dir, state.step, scores, cfg.run.eval_metric, ckpt)
-                    print0(f"dev {cfg.run.eval_metric} {scores[cfg.run.eval_metric]:.4f} at step {state.step} "
-                           f"(best {best['score']:.4f} at step {best['step']})")
-            tel.log(state.step, metrics, cfg.engine.global_batch_size, int(tokens))
-            if saving:
+            if saving:  # before the dev evaluation: a step is kept whatever the evaluation meets
                 state.cursors = batches.state()["cursors"]  # collective with streamed sources: all ranks
                 checkpoint.save(run_dir, state, engine, task, export_model=cfg.run.export_checkpoints,
                                 keep_last=cfg.run.keep_last, keep_every=cfg.run.keep_every, keep_steps=best_kept())
                 if cfg.run.export_checkpoints and dist.is_main():
                     write_card(cfg, run_dir, checkpoint.step_dir(run_dir, state.step) / "model", state.step)
+            if dev is not None and (state.step % cfg.run.eval_every == 0 or state.step == total):
+                metrics.update(evaluate(saving or state.step == total))
+            tel.log(state.step, metrics, cfg.engine.global_batch_size, int(tokens))
             if stopping:
                 signum = int(dist.max_int(stop.signum))  # the signal itself, from a rank that got it
                 raise StoppedBySignal(f"{preempt.STOPPED}{preempt.name(signum)} after step {state.step} of {total}: "

@@ -97,3 +97,43 @@ def test_collection_dev_set_equals_evaluating_the_export(tiny_model_dir, tmp_pat
                               FIXTURES / "vaswani", max_length=128)
     assert set(got) == {"ndcg@10", "recall@100", "mrr@10"}
     assert abs(got["ndcg@10"] - ref["ndcg@10"]) < 1e-4 and abs(got["recall@100"] - ref["recall@100"]) < 1e-4
+
+
+def test_a_dev_evaluation_out_of_memory_loses_no_step(tiny_model_dir, tmp_path):
+    """The loop saves a step's checkpoint before its dev evaluation: an evaluation that cannot fit (here every
+    text is over the simulated device: tests/faults.py) stops the run with one line naming the step and the
+    intact checkpoint of that very step; the rerun resumes there, evaluates the missed step first, and ends
+    with the dev scores of a run that never stopped. Fails if the evaluation came before the save (the
+    checkpoint of step 4 would be missing), if the missed step were not evaluated, or were evaluated with
+    other weights than the checkpoint's."""
+    import faults
+    from qwen3train.errors import OutOfMemory
+
+    data = make_pairs(tmp_path / "train.jsonl", n=48, k=1)
+    dev = make_pairs(tmp_path / "dev.jsonl", n=16, k=0)
+
+    def cfg(out):
+        c = train_cfg(tiny_model_dir, data, tmp_path / out, max_steps=6, save_every=2, keep_last=0)
+        c.run.eval_every, c.run.eval_file = 2, str(dev)
+        return c
+
+    run(cfg("ref"))
+    undo = None
+
+    def hooks(step):
+        nonlocal undo
+        if step == 3:  # from step 4's evaluation on, no text fits
+            undo = faults.inference_ceiling(1)
+
+    try:
+        with pytest.raises(OutOfMemory, match=r"dev evaluation at step 4: out of device memory encoding a single "
+                                              r"text .*the last checkpoint \S+step_0000004 is intact"):
+            run(cfg("run"), hooks=hooks)
+    finally:
+        undo()
+    assert [r["step"] for r in rows(tmp_path / "run" / "dev_eval.jsonl")] == [2]
+    run(cfg("run"))
+    got, ref = rows(tmp_path / "run" / "dev_eval.jsonl"), rows(tmp_path / "ref" / "dev_eval.jsonl")
+    assert [r["step"] for r in got] == [2, 4, 6] and got[1]["checkpoint"].endswith("step_0000004")
+    assert all(abs(a["ndcg@10"] - b["ndcg@10"]) < 1e-6 and abs(a["mrr@10"] - b["mrr@10"]) < 1e-6
+               for a, b in zip(got, ref))
