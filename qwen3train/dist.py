@@ -77,6 +77,13 @@ def init(timeout_min: int = 30, *, single_process: bool = False) -> None:
         for key, val in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
                          ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(key, val)
+    # Before the group exists: this module names the default group as its functions' default argument
+    # (``group=group.WORLD``), evaluated when it is first imported (by torch._dynamo, transformers' model code,
+    # sentence-transformers). Imported after, those defaults hold the group past ``destroy_process_group``: its
+    # gloo threads (and a one-process run's store server) live on into the interpreter's teardown, where
+    # destroying them aborted a rank now and then (``terminate called without an active exception``, SIGABRT,
+    # on the success path of 2-rank runs under load). Imported first, the defaults are None (the default group).
+    import torch.distributed.nn.functional  # noqa: F401
     if torch.cuda.is_available():
         # before the group exists: gloo initialises at once and NCCL (sub)groups must find the right GPU.
         # No ``device_id``: it makes NCCL initialise eagerly, which DeepSpeed's own sub-groups do not expect.

@@ -19,6 +19,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("QWEN3TRAIN_INDEX_DIR", tempfile.mkdtemp(prefix="qwen3train-index-"))
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def crash_report(proc, tail: int = 3000) -> str:
+    """A failed subprocess's stderr for an assertion: the Python stacks of a process that died of a fatal signal
+    first (``faulthandler``'s dump, which the entry point enables; a plain tail cuts it off), then the tail."""
+    err = proc.stderr
+    at = err.find("Fatal Python error")
+    return (err[at:at + 8000] + "\n[...]\n" if at >= 0 else "") + err[-tail:]
 SHARED = REPO.parent / "shared"  # optional (evaluation and benchmarks); tests read FIXTURES
 FIXTURES = REPO / "tests" / "fixtures" / "collections"  # real cuts of ../shared/data (build_fixtures.py)
 

@@ -57,13 +57,14 @@ def file_key(path: Path, require_neg: bool, on_error: str) -> str:
     if isinstance(path, DatasetRef):  # load_dataset's Arrow cache: its fingerprint names its content
         real, state = path.name, [path.fingerprint]
     else:
-        real, state = _file_state(path)
+        real, state = file_state(path)
     blob = json.dumps({"v": INDEX_VERSION, "path": str(real), "state": state, "require_neg": require_neg,
                        "on_error": on_error})
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
-def _file_state(path: Path):
+def file_state(path: Path):
+    """(real path, [(size, mtime_ns)] of the file, or of every file under a folder)."""
     real = Path(os.path.realpath(path))
     if real.is_dir():
         files = sorted(p for p in real.rglob("*") if p.is_file())

@@ -93,7 +93,8 @@ class _Stream:
             if self.position < len(p):
                 items = p.batch(self.position)
                 self.position += 1
-                return [(self.base + i, self.source[i], j) for i, j in items], self.epoch
+                recs = self.source.records([i for i, _ in items])  # checked against the files as indexed
+                return [(self.base + i, r, j) for (i, j), r in zip(items, recs)], self.epoch
             self.epoch, self.position = self.epoch + 1, 0
 
 

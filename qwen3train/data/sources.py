@@ -19,7 +19,7 @@ import numpy as np
 
 from qwen3train.data import index
 from qwen3train.data.hf import DatasetRef
-from qwen3train.data.records import Record, parse_json_line, parse_record
+from qwen3train.data.records import DataError, Record, parse_json_line, parse_record
 
 
 @dataclass
@@ -114,6 +114,8 @@ class IndexedSource:
         self.paths = [p if isinstance(p, DatasetRef) else Path(p) for p in paths]
         self.k = num_hard_negatives
         self.on_error = on_error
+        # what each file was when indexed (taken first: a change during the indexing is a change too)
+        self._stamps = [None if isinstance(p, DatasetRef) else index.file_state(p)[1] for p in self.paths]
         self.files, self.index_stats = index.open_indexes(self.paths, require_neg=self.k > 0, on_error=on_error,
                                                           index_dir=index_dir, unit_bytes=unit_bytes)
         self.starts = np.cumsum([0] + [len(f) for f in self.files]).astype(np.int64)
@@ -186,14 +188,46 @@ class IndexedSource:
         fi, off = int(fi[0]), int(self.files[int(fi[0])].offset[int(loc[0])])
         path = self.paths[fi]
         if self.kind(path) != "jsonl":
-            if fi not in self._arrow:
+            if fi not in self._arrow:  # loaded once (an Arrow copy): later changes to the file cannot reach it
+                self.check_unchanged([fi])
                 self._arrow[fi] = index._arrow(path)
             return parse_record(self._arrow[fi][off], f"{path}:row {off + 1}")
         if fi not in self._handles:
             self._handles[fi] = open(path, "rb")
+            self.check_unchanged([fi])  # the file this handle reads is the one indexed
         h = self._handles[fi]
         h.seek(off)
-        return parse_json_line(h.readline(), f"{path}:offset {off}")
+        try:
+            return parse_json_line(h.readline(), f"{path}:offset {off}")
+        except DataError:
+            self.check_unchanged([fi])  # a record that was valid when indexed: the file changed, say that
+            raise
+
+    def records(self, idx) -> list[Record]:
+        """The records at global indices ``idx``; then the files they came from are checked to be the ones
+        indexed (``check_unchanged``): a file rewritten in place under a running job would otherwise give
+        other text at the indexed offsets, or a "bad record" that is not one. One ``fstat`` per file read."""
+        out = [self[int(i)] for i in idx]
+        if len(out):
+            self.check_unchanged(np.unique(self._locate(np.asarray(idx))[0]).tolist())
+        return out
+
+    def check_unchanged(self, which=None) -> None:
+        """Each file in ``which`` (default: all) has the size and modification time it had when indexed (the
+        open handle's file, for a JSONL file being read: a file replaced by a rename keeps the old one, whose
+        offsets are right; an Arrow copy already loaded is left alone). Otherwise a ``DataError`` naming it."""
+        for fi in range(len(self.paths)) if which is None else which:
+            then, path = self._stamps[fi], self.paths[fi]
+            if then is None or fi in self._arrow:
+                continue
+            h = self._handles.get(fi)
+            st = os.fstat(h.fileno()) if h is not None else None
+            now = [(st.st_size, st.st_mtime_ns)] if st is not None else index.file_state(path)[1]
+            if now != then:
+                raise DataError(str(path), "<file>", f"changed while this run reads it ({_state_text(then)} when "
+                                f"indexed, now {_state_text(now)}): its index no longer locates its records; put "
+                                f"it back as it was and rerun to resume from the last checkpoint (new data goes to "
+                                f"a new file; run.resume=force resumes on changed data)")
 
     def fingerprint(self) -> list[dict]:
         """What each file held when indexed: its records and an XXH3-128 digest of its index (every record's
@@ -240,3 +274,12 @@ class IndexedSource:
                 "rejected": sum(self.rejected.values()), "rejected_by_reason": dict(self.rejected),
                 "rejects_file": str(self.rejects_path) if self.rejected and self.rejects_path else None,
                 "index": {**self.index_stats, "folders": [str(f.folder) for f in self.files]}}
+
+
+def _state_text(state: list) -> str:
+    import datetime
+
+    size = sum(s[-2] for s in state)
+    newest = max((s[-1] for s in state), default=0)
+    when = datetime.datetime.fromtimestamp(newest / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{size:,} bytes{f' in {len(state)} files' if len(state) > 1 else ''}, modified {when}"

@@ -97,7 +97,7 @@ def run_filter(cfg: FilterConfig) -> dict:
     bar = Progress(len(mine), "filter (this rank's pairs)" if world > 1 else "filter", "pairs")
     with open(part["kept"], "w", encoding="utf-8") as fk, open(part["dropped"], "w", encoding="utf-8") as fd:
         for b in range(0, len(mine), cfg.block):
-            records = [source[i] for i in mine[b:b + cfg.block]]
+            records = source.records(mine[b:b + cfg.block])  # checked against the files as indexed
             block_scores = score_pairs(encoder, records, instructions)
             blocks.append(block_scores.numpy())
             for r, s in zip(records, block_scores.tolist()):

@@ -192,8 +192,9 @@ def run_mine(cfg: MineConfig) -> dict:
                 pvec[~in_corpus] = extra[np.sort(rows)][np.argsort(np.argsort(rows))]
             pos_scores = (qvec * pvec).sum(1)
             scores, idx = searcher.topk(torch.from_numpy(qvec), cfg.range_max)
+            recs = source.records(range(b0, b1))  # as encoded at the start: checked against the files as indexed
             for bi, i in enumerate(range(b0, b1)):
-                row = _mine_one(source[i], idx[bi].tolist(), scores[bi].tolist(), float(pos_scores[bi]), docs, cfg,
+                row = _mine_one(recs[bi], idx[bi].tolist(), scores[bi].tolist(), float(pos_scores[bi]), docs, cfg,
                                 reranker, stats, seed=(cfg.seed, i))
                 (f if "neg" in row else fnone).write(json.dumps(row, ensure_ascii=False) + "\n")
             bar.update(b1 - b0)
@@ -230,6 +231,9 @@ class _Picked:
 
     def __getitem__(self, i: int):
         return self.source[int(self.picked[i])]
+
+    def records(self, idx) -> list:
+        return self.source.records(self.picked[np.asarray(list(idx), dtype=np.int64)])
 
 
 def _gather_queries(qstores: list[np.ndarray], groups: np.ndarray, rows: np.ndarray) -> np.ndarray:

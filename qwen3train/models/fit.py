@@ -72,7 +72,9 @@ def forward_in_pieces(fit: Fit, group: list[int], lengths: Sequence[int], run: C
         piece = pending.pop(0)
         try:
             out, failed = run(piece), False
-        except torch.OutOfMemoryError:
+        except Exception as e:  # noqa: BLE001 - only out of memory is caught; anything else is re-raised
+            if not out_of_memory(e):
+                raise
             if not retry or len(piece) == 1:
                 raise _too_big(lengths, piece, what, retry) from None
             failed = True
@@ -89,6 +91,16 @@ def forward_in_pieces(fit: Fit, group: list[int], lengths: Sequence[int], run: C
             print(f"note: out of device memory {what} {size:,} {unit} in one forward; going on with at most "
                   f"{fit.cap:,} per forward (the same results, more forwards)", flush=True)
         pending[:0] = split(piece, lengths, fit.cap, padded)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """CUDA's out-of-memory error, or one raised from it (``raise ... from``: compiled code may wrap it)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+        e, seen = e.__cause__, seen + 1
+    return False
 
 
 def _too_big(lengths: Sequence[int], piece: list[int], what: str, retry: bool) -> OutOfMemory:

@@ -28,6 +28,9 @@ class RunConfig:
     as they were), the data moves on, and the step's records are written to ``<run>/skipped_steps.jsonl``.
     More skipped steps than this in a row stop the run (it has diverged: one line, status 2, naming the
     last good checkpoint); 0: stop at the first.
+    stall_report_s: when no step, checkpoint save or dev evaluation has finished for this many seconds, each
+    rank prints one line naming the phase it is in and the Python stacks of its threads (train/stall.py);
+    nothing is stopped. 0: off. The default comes before the collectives' 30-minute timeout.
     """
 
     name: str = "stage1"
@@ -41,6 +44,7 @@ class RunConfig:
     export_checkpoints: bool = True
     final_engine_state: bool = True
     skip_nonfinite_steps: int = 3
+    stall_report_s: float = 900.0
     resume: str = "auto"  # auto: resume a run of the same config, refuse another; force; never (true/false too)
     wandb: bool = False
     wandb_project: str = "qwen3train"
@@ -52,6 +56,8 @@ class RunConfig:
     eval_metric: str = "ndcg@10"
 
     def __post_init__(self) -> None:
+        if self.stall_report_s < 0:
+            raise ValueError("run.stall_report_s must be >= 0 (0: no report)")
         if self.skip_nonfinite_steps < 0:
             raise ValueError("run.skip_nonfinite_steps must be >= 0 (0: stop at the first non-finite step)")
         if self.eval_every > 0 and not self.eval_file:

@@ -332,3 +332,14 @@ def build_engine(model: nn.Module, cfg: EngineConfig, optim: OptimConfig, total_
     if cfg.backend == "deepspeed":
         return DeepSpeedEngine(model, cfg, optim, total_steps, precision)
     return TorchEngine(model, cfg, optim, total_steps, precision)
+
+
+def before_process_group() -> None:
+    """What must be imported before the process group exists: DeepSpeed's communication module, like torch's
+    (``dist.init``), takes the default group as a default argument when imported, and imported after the group
+    it holds it past ``destroy_process_group`` into the interpreter's teardown. Every training run imports it
+    where it is installed (transformers' ``AutoModel`` loads its DeepSpeed integration), so first, here."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        import deepspeed  # noqa: F401

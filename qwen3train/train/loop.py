@@ -22,7 +22,8 @@ from qwen3train.errors import ConfigError, StoppedBySignal, TrainingDiverged
 from qwen3train.precision import resolve_train_precision
 from qwen3train.train import checkpoint, identity, memory, preempt
 from qwen3train.train.checkpoint import TrainState
-from qwen3train.train.engine import build_engine
+from qwen3train.train.stall import StallReport
+from qwen3train.train.engine import before_process_group, build_engine
 from qwen3train.train.gradcache import grad_cache_step
 from qwen3train.train.task import token_chunks
 from qwen3train.train.telemetry import Telemetry
@@ -144,6 +145,7 @@ def run(cfg, hooks=None) -> Path:
     """
     from qwen3train.train.build import build_task, flops_per_token
 
+    before_process_group()
     dist.init()
     seed_everything(cfg.run.seed)
     run_dir = Path(cfg.run.output_dir)
@@ -229,6 +231,8 @@ def run(cfg, hooks=None) -> Path:
     waited, in_a_row = 0.0, 0  # in_a_row: steps skipped in a row (non-finite gradients)
     rehearse = memory.wanted(cfg)  # after this process's first step (train/memory.py)
     stop = preempt.StopSignal().install()  # SIGTERM: finish the step, save, stop (train/preempt.py)
+    stall = StallReport(cfg.run.stall_report_s, dist.rank())  # no progress for long: where it stands (train/stall.py)
+    stall.phase(f"step {state.step + 1}")
     try:
         for batch in ahead:
             try:
@@ -259,12 +263,14 @@ def run(cfg, hooks=None) -> Path:
             stopping = signalled > 0 and state.step < total  # some rank got SIGTERM: every rank stops here
             saving = (stopping or cfg.run.save_every > 0 and state.step % cfg.run.save_every == 0) and state.step < total
             if saving:  # before the dev evaluation: a step is kept whatever the evaluation meets
+                stall.phase(f"the save of step {state.step}")
                 state.cursors = batches.state()["cursors"]  # collective with streamed sources: all ranks
                 checkpoint.save(run_dir, state, engine, task, export_model=cfg.run.export_checkpoints,
                                 keep_last=cfg.run.keep_last, keep_every=cfg.run.keep_every, keep_steps=best_kept())
                 if cfg.run.export_checkpoints and dist.is_main():
                     write_card(cfg, run_dir, checkpoint.step_dir(run_dir, state.step) / "model", state.step)
             if dev is not None and (state.step % cfg.run.eval_every == 0 or state.step == total):
+                stall.phase(f"the dev evaluation of step {state.step}")
                 metrics.update(evaluate(saving or state.step == total))
             tel.log(state.step, metrics, cfg.engine.global_batch_size, int(tokens))
             if stopping:
@@ -274,12 +280,15 @@ def run(cfg, hooks=None) -> Path:
                                       f"command to resume", signum)
             if rehearse and state.step < total:  # after this process's first step, logged (train/memory.py)
                 rehearse = False
+                stall.phase("the memory rehearsal")
                 what = memory.rehearse(cfg, engine, task, batches, n_micro, world, train_step)
                 print0(f"memory rehearsal: the heaviest micro batch of the data ({what}{memory.device_memory()}) "
                        f"fits" if what else "memory rehearsal: skipped (streamed sources: no known largest records)")
                 tel.reset_clock()
+            stall.phase(f"step {state.step + 1}")
             if hooks is not None:
                 hooks(state.step)
+        stall.phase("the final save and export")
         if finished is None:
             state.cursors = batches.state()["cursors"]
             checkpoint.save(run_dir, state, engine, task, export_model=True, keep_last=cfg.run.keep_last,
@@ -297,6 +306,7 @@ def run(cfg, hooks=None) -> Path:
                 upload(final_dir, cfg.export.push_to_hub, cfg.export.hub_private)
         dist.barrier()
     finally:
+        stall.close()
         stop.restore()
         ahead.close()
         tel.close()

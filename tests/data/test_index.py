@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import crash_report
 from qwen3train.data import index, scan
 from qwen3train.data.records import DataError
 from qwen3train.data.sources import IndexedSource
@@ -120,7 +121,7 @@ def test_two_ranks_build_one_index_and_write_rejects_once(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(worker), str(f), str(tmp_path / "ix"), str(out), "300"],
                           env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, crash_report(proc)
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     one = IndexedSource([f], on_error="skip", rejects_path=tmp_path / "r1.jsonl", index_dir=tmp_path / "solo",
                         unit_bytes=300)
@@ -243,3 +244,42 @@ def test_doc_hash_of_arrow_buffers_equals_doc_hash_of_the_text():
     arr = pa.array(["skip"] + texts).slice(1)  # a sliced array: offsets do not start at 0
     assert scan._hash_strings(arr).tolist() == [doc_hash(t) for t in texts]
     assert len({doc_hash(t) for t in texts}) == 4
+
+
+def _rewrite_in_place(path, data: bytes) -> None:
+    """Another job writing over the file (``open(..., "r+b")``: the same inode, as ``cp`` or ``>`` does)."""
+    st = path.stat()
+    with open(path, "r+b") as h:
+        h.write(data)
+        h.truncate()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a later time, even on a coarse clock
+
+
+def test_a_file_rewritten_under_a_running_job_is_named_not_misread(tmp_path):
+    """A JSONL file rewritten in place while a run reads it: the index's offsets now point into other text.
+    Fails if a read returns a record that was never at that index (silently other data), or if a record cut in
+    half is blamed on the data ("not valid JSON") instead of the change."""
+    f = write(tmp_path / "d.jsonl", rows(40))
+    src = IndexedSource([f], index_dir=tmp_path / "ix")
+    assert [r.query for r in src.records(range(5))] == [f"q{i}" for i in range(5)]
+    lines = f.read_bytes().splitlines(keepends=True)
+    _rewrite_in_place(f, b"".join(lines[::-1]))  # the same bytes, the same size, in another order
+    with pytest.raises(DataError, match=r"d.jsonl: field '<file>': changed while this run reads it \(.* bytes, "
+                                        r"modified .* when indexed, now .*\): its index no longer locates"):
+        src.records([5, 6])
+    g = write(tmp_path / "g.jsonl", rows(400))  # past the read buffer (8 KiB) of the open handle
+    src = IndexedSource([g], index_dir=tmp_path / "ix")
+    assert src[0].query == "q0"  # the handle is open
+    _rewrite_in_place(g, b"".join(g.read_bytes().splitlines(keepends=True)[:20]))  # cut short
+    with pytest.raises(DataError, match="g.jsonl: field '<file>': changed while this run reads it"):
+        src[300]  # one read alone (no batch check after it): the failed parse names the change
+
+
+def test_a_file_replaced_by_a_rename_keeps_being_read_as_indexed(tmp_path):
+    """A new version moved over the path (write elsewhere, rename: what our own writers do): the open handle
+    keeps the indexed file, so the run reads exactly what it indexed; no error."""
+    f = write(tmp_path / "d.jsonl", rows(40))
+    src = IndexedSource([f], index_dir=tmp_path / "ix")
+    assert src.records([0])[0].query == "q0"  # the handle is open
+    write(tmp_path / "new.jsonl", [{"query": f"other {i}", "pos": ["x"]} for i in range(40)]).replace(f)
+    assert [r.query for r in src.records(range(40))] == [f"q{i}" for i in range(40)]

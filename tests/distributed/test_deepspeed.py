@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, crash_report
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
@@ -49,7 +49,7 @@ def command(out, model_dir, data, overrides, nproc=2, steps=3):
 def launch(out, model_dir, data, overrides):
     proc = subprocess.run(command(out, model_dir, data, overrides), env=ENV, capture_output=True, text=True,
                           timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + crash_report(proc, 4000)
     (out / "stdout.log").write_text(proc.stdout)
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
@@ -183,7 +183,7 @@ def test_reranker_trains_under_zero3_skips_a_nonfinite_step_and_exports(tiny_mod
            f"model.name_or_path={tiny_model_dir}", f"data.train_files=[{data}]", "model.max_doc_length=160"]
     proc = subprocess.run(cmd, env=dict(ENV, QWEN3TRAIN_TEST_FAULT="nonfinite:2"), capture_output=True, text=True, timeout=400,
                           cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, crash_report(proc)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m.get("skipped", 0) for m in metrics] == [0, 1, 0]
     assert metrics[2]["loss"] == metrics[2]["loss"] and metrics[0]["loss"] == metrics[0]["loss"]

@@ -15,6 +15,7 @@ from qwen3train.train.engine import TorchEngine
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS / "train"))
+from conftest import crash_report  # noqa: E402
 from helpers import make_pairs, rerank_cfg, train_cfg  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def test_two_process_gloo_equals_one_process(tiny_model_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(TESTS / "distributed" / "gloo_worker.py"), str(TESTS / "train"), str(tiny_model_dir), str(data), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, crash_report(proc)
     two = torch.load(out, weights_only=False)
 
     cfg = train_cfg(tiny_model_dir, data, tmp_path / "run1", k=2, global_batch=8, micro=8)
@@ -76,7 +77,7 @@ def test_torch_engine_resumes_on_another_process_count(tiny_model_dir, tmp_path)
                f"model.name_or_path={tiny_model_dir}", "model.init_from=null", f"data.train_files=[{data}]",
                "data.num_hard_negatives=2", "optim.schedule=constant", "optim.warmup_ratio=0", "optim.lr=1e-3", *extra]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, crash_report(proc)
         with open(out / "stdout.log", "a") as f:
             f.write(proc.stdout)
         return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -127,3 +127,41 @@ def test_master_port_auto_is_free_on_one_node_and_fixed_across_nodes():
     assert one[:3] == ["--nnodes", "1", "--master_port"] and one[4:] == ["-m", "x"]
     assert resolve_port(["--nnodes", "2", "--master_port", "auto"])[-1] == "29511"
     assert resolve_port(["--nnodes", "1", "--master_port", "29999"])[-1] == "29999"
+
+
+THREADS = """
+import os, sys
+from qwen3train import dist
+from qwen3train.train.engine import before_process_group
+
+def native_threads():
+    return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+
+before_process_group()  # as the training loop does
+dist.init(single_process=True)
+during = native_threads()
+import torch._dynamo  # imported by transformers' model code, sentence-transformers, torch.compile: after the group
+if sys.argv[1] == "deepspeed":
+    import deepspeed  # as transformers' AutoModel does where it is installed, in every training run
+dist.cleanup()
+print("during", during)
+print("after", native_threads())
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_the_group_ends_with_cleanup_not_in_the_interpreters_teardown(tmp_path, backend):
+    """``destroy_process_group`` ends the group's gloo threads and store only if nothing else holds the group.
+    Modules that name it as a default argument (``group=group.WORLD``: torch.distributed.nn.functional, pulled in
+    by torch._dynamo, transformers and sentence-transformers; DeepSpeed's comm module) hold it when imported
+    after it exists; the threads then ended in the interpreter's teardown, where a rank aborted now and then
+    (SIGABRT, after its work was done: seen in 3 full-suite runs, the 2-rank filter twice and a 2-rank DeepSpeed run
+    once). Fails if they outlive cleanup."""
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS)
+    proc = subprocess.run([sys.executable, str(script), backend], env=ENV, capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    during, after = (line for line in proc.stdout.splitlines() if line.startswith(("during", "after")))
+    assert "gloo" in during, during  # the probe sees the group's threads while it lives
+    assert "gloo" not in after and "tcpstore" not in after, after

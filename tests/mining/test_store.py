@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURES
+from conftest import FIXTURES, crash_report
 from qwen3train.eval.encoder import Encoder, resolve_precision
 from qwen3train.mining.store import encode_to_store
 
@@ -91,7 +91,7 @@ def test_two_process_mining_equals_one_process(tmp_path):
         cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if nproc == 2
                else [sys.executable]) + ["-m", "qwen3train.cli.main", "--config-name=mine", *args]
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, crash_report(proc)
         runs[nproc] = [json.loads(x) for x in (out / "mined.jsonl").read_text().splitlines()]
         summary = json.loads((out / "mine_summary.json").read_text())
         assert summary["processes"] == nproc and summary["records"] == len(rows)
@@ -134,7 +134,7 @@ def test_a_full_disk_while_mining_is_one_line_and_a_rerun_continues(tmp_path):
     (parts,) = (tmp_path / "cache_full").glob("*.parts")
     assert sorted(p.name for p in parts.iterdir()) == ["000000.npy", "000001.npy"]
     proc = mine(tmp_path / "full")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, crash_report(proc)
     encoded = [ln for ln in proc.stdout.splitlines() if "encoded chunk" in ln and "/5 " in ln]
     assert [ln.split("encoded chunk ")[1].split(" ")[0] for ln in encoded] == ["3/5", "4/5", "5/5"], proc.stdout
     # the store the rerun completed holds the corpus' embeddings, in order (what mining searched)
@@ -195,7 +195,7 @@ def test_two_process_filter_equals_one_process(tmp_path):
         cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if nproc == 2
                else [sys.executable]) + ["-m", "qwen3train.cli.main", "--config-name=filter", *args]
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, crash_report(proc)
         summary = json.loads((out / "summary.json").read_text())
         assert summary["processes"] == nproc and summary["scored"] == len(pairs)
         assert summary["skipped_bad_records"] == 1 and len((out / "rejects.jsonl").read_text().splitlines()) == 1

@@ -125,3 +125,30 @@ def test_a_run_begun_with_version_1_plans_resumes_with_them(tiny_model_dir, tmp_
     fresh = run(train_cfg(tiny_model_dir, data, tmp_path / "new", max_steps=6, save_every=2))
     c = load_file(fresh / "model.safetensors")
     assert not all((a[k] == c[k]).all() for k in a)  # a new run plans with version 2: other batches
+
+
+def test_data_rewritten_under_the_running_job_stops_it_and_restoring_it_resumes(tiny_model_dir, tmp_path):
+    """Another job writes over the training file in place at step 3: the run stops with one error naming the
+    file and the change, not trains on whatever text now sits at the indexed offsets (other records, half
+    records). The file put back (a new time stamp: a new index, the same content), the same command resumes and
+    ends on the weights of a run never disturbed."""
+    from qwen3train.data.records import DataError
+
+    data = make_pairs(tmp_path / "d.jsonl", n=48, k=2)
+    original = data.read_bytes()
+    full = run(train_cfg(tiny_model_dir, data, tmp_path / "full", max_steps=6, save_every=2))
+
+    def overwrite(step):
+        if step == 3:
+            st = data.stat()
+            with open(data, "r+b") as h:  # the same inode, the same size, the lines in another order
+                h.write(b"".join(original.splitlines(keepends=True)[::-1]))
+            os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=6, save_every=2)
+    with pytest.raises(DataError, match=rf"{data}: field '<file>': changed while this run reads it"):
+        run(cfg, hooks=overwrite)
+    data.write_bytes(original)
+    resumed = run(cfg)
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)

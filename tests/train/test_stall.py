@@ -1,0 +1,56 @@
+"""A run that stops moving says where it stands (``qwen3train/train/stall.py``, ``run.stall_report_s``): one line
+naming the rank and the phase, then every thread's Python stack; once per stall; nothing stopped."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from helpers import make_pairs, train_cfg
+from qwen3train.train.loop import run
+from qwen3train.train.stall import StallReport
+
+
+def test_a_stalled_step_is_reported_once_with_the_stacks(tiny_model_dir, tmp_path, capfd):
+    """Step 3 is held 3.5 s (a read stuck on a network filesystem, say) with a 1 s report: one line for step 3
+    (not one per second), the stuck frame named in the stacks, and the run goes on to its end. Fails if the
+    watcher never fires, repeats within one stall, names the wrong phase, or stops the run."""
+    data = make_pairs(tmp_path / "d.jsonl", n=24, k=1)
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "run", max_steps=4)
+    cfg.run.stall_report_s = 1.0
+
+    def stuck_reading_a_file(step):
+        if step == 2:
+            time.sleep(3.5)
+
+    final = run(cfg, hooks=stuck_reading_a_file)
+    err = capfd.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("stall: ") and " in step 3 " in x]
+    assert len(lines) == 1, [x for x in err.splitlines() if x.startswith("stall")]
+    assert lines[0].startswith("stall: rank 0 has been in step 3 for ") and "nothing is stopped" in lines[0]
+    assert "thread MainThread:" in err and "in stuck_reading_a_file" in err and "time.sleep(3.5)" in err
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and final.is_dir()
+
+
+def test_progress_rearms_and_zero_is_off():
+    """Fires once per stall and again after progress stops anew; steady progress never fires; 0 starts no
+    thread."""
+    watch = StallReport(0.5, 0)
+    try:
+        watch.phase("a")
+        time.sleep(1.6)
+        assert watch.fired == 1  # 3 thresholds long, once
+        watch.phase("b")
+        time.sleep(1.2)
+        assert watch.fired == 2
+        watch.phase("c")
+        for _ in range(30):  # progress every 50 ms for 1.5 s
+            time.sleep(0.05)
+            watch.phase("c")
+        assert watch.fired == 2
+    finally:
+        watch.close()
+    off = StallReport(0, 0)
+    assert off._thread is None
+    off.close()
