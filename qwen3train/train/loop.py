@@ -22,9 +22,9 @@ from qwen3train.errors import ConfigError, StoppedBySignal, TrainingDiverged
 from qwen3train.precision import resolve_train_precision
 from qwen3train.train import checkpoint, identity, memory, preempt
 from qwen3train.train.checkpoint import TrainState
-from qwen3train.train.stall import StallReport
 from qwen3train.train.engine import before_process_group, build_engine
 from qwen3train.train.gradcache import grad_cache_step
+from qwen3train.train.stall import StallReport
 from qwen3train.train.task import token_chunks
 from qwen3train.train.telemetry import Telemetry
 
@@ -220,7 +220,7 @@ def run(cfg, hooks=None) -> Path:
         return {f"dev_{k}": v for k, v in scores.items()}
 
     if dev is not None and last is not None and dev_eval.missed(run_dir, state.step, cfg.run.eval_every, total):
-        evaluate(True)  # the run stopped in the evaluation after this checkpoint's save: it runs now
+        evaluate(True)  # stopped after this checkpoint's save, before its evaluation (or by SIGTERM): now
 
     tel = Telemetry(run_dir, total, state.step, use_wandb=cfg.run.wandb, project=cfg.run.wandb_project,
                     run_name=cfg.run.name, config=asdict(cfg), flops_per_token=flops_per_token(task.module),
@@ -269,7 +269,7 @@ def run(cfg, hooks=None) -> Path:
                                 keep_last=cfg.run.keep_last, keep_every=cfg.run.keep_every, keep_steps=best_kept())
                 if cfg.run.export_checkpoints and dist.is_main():
                     write_card(cfg, run_dir, checkpoint.step_dir(run_dir, state.step) / "model", state.step)
-            if dev is not None and (state.step % cfg.run.eval_every == 0 or state.step == total):
+            if dev is not None and not stopping and (state.step % cfg.run.eval_every == 0 or state.step == total):
                 stall.phase(f"the dev evaluation of step {state.step}")
                 metrics.update(evaluate(saving or state.step == total))
             tel.log(state.step, metrics, cfg.engine.global_batch_size, int(tokens))

@@ -137,3 +137,29 @@ def test_a_dev_evaluation_out_of_memory_loses_no_step(tiny_model_dir, tmp_path):
     assert [r["step"] for r in got] == [2, 4, 6] and got[1]["checkpoint"].endswith("step_0000004")
     assert all(abs(a["ndcg@10"] - b["ndcg@10"]) < 1e-6 and abs(a["mrr@10"] - b["mrr@10"]) < 1e-6
                for a, b in zip(got, ref))
+
+
+def test_sigterm_saves_without_waiting_for_the_dev_evaluation(tiny_model_dir, tmp_path):
+    """A cluster's SIGTERM gives minutes: the step's checkpoint is saved and the run stops without the dev
+    evaluation that step was due (a large dev set could outlast the grace period); the rerun evaluates it
+    first. Fails if the stopping step is evaluated before stopping, or never."""
+    import os
+    import signal
+
+    from qwen3train.errors import StoppedBySignal
+
+    data = make_pairs(tmp_path / "train.jsonl", n=48, k=1)
+    dev = make_pairs(tmp_path / "dev.jsonl", n=16, k=0)
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "run", max_steps=4, save_every=0, keep_last=0)
+    cfg.run.eval_every, cfg.run.eval_file = 2, str(dev)
+
+    def term(step):
+        if step == 1:  # received during step 2, which then finishes, saves and stops
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(StoppedBySignal, match="after step 2 of 4"):
+        run(cfg, hooks=term)
+    assert not (tmp_path / "run" / "dev_eval.jsonl").exists()
+    run(cfg)
+    got = rows(tmp_path / "run" / "dev_eval.jsonl")
+    assert [r["step"] for r in got] == [2, 4] and got[0]["checkpoint"].endswith("step_0000002")
