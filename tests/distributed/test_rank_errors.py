@@ -139,7 +139,13 @@ def native_threads():
 
 before_process_group()  # as the training loop does
 dist.init(single_process=True)
-during = native_threads()
+dist.barrier()
+import time
+for _ in range(100):  # a new thread names itself once it runs: on a busy machine that may take a moment
+    during = native_threads()
+    if any("gloo" in t for t in during):
+        break
+    time.sleep(0.05)
 import torch._dynamo  # imported by transformers' model code, sentence-transformers, torch.compile: after the group
 if sys.argv[1] == "deepspeed":
     import deepspeed  # as transformers' AutoModel does where it is installed, in every training run
