@@ -41,8 +41,8 @@ def filter_stream(lines, out) -> tuple[list[str], list[int]]:
             codes += [int(c) for c in _EXITCODE.findall(line)]
         elif block:  # inside a traceback: it ends at the first line that is not indented
             block.append(line)
-            if line.startswith((" ", "\t", "Traceback")):
-                continue
+            if line.startswith((" ", "\t", "Traceback")) or not line.strip():  # a frame's source may hold a
+                continue  # blank line (torchrun interrupted by SIGTERM inside enum's multi-line signature)
             if line.startswith((_CHILD_FAILED, _SIGNALLED)):
                 held += block
                 in_report = True

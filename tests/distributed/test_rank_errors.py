@@ -82,6 +82,16 @@ def test_torchrun_report_filter():
     held, codes = filter_stream(iter(text), out)
     assert out.getvalue() == text[0] + "".join(text[2:6])
     assert codes == [2] and held[0] == text[1] and held[-1] == "====\n"
+    # torchrun itself signalled inside enum.__call__: Python prints that frame's source with a blank line in it
+    signalled = ["stopped by SIGTERM after step 4 of 24: checkpoint saved\n", "Traceback (most recent call last):\n",
+                 '  File "/x/torch/distributed/elastic/multiprocessing/api.py", line 85, in _terminate_process_handler\n',
+                 "    sigval = signal.Signals(signum)\n", '  File "/x/enum.py", line 686, in __call__\n',
+                 "    def __call__(cls, value, names=None, *, module=None, qualname=None):\n", "\n",
+                 "    raise SignalException(f\"Process {os.getpid()} got signal: {sigval}\", sigval=sigval)\n",
+                 "torch.distributed.elastic.multiprocessing.api.SignalException: Process 9873 got signal: 15\n"]
+    out = io.StringIO()
+    held, codes = filter_stream(iter(signalled), out)
+    assert out.getvalue() == signalled[0] and held == signalled[1:]
 
 
 PROBE = """
