@@ -59,6 +59,12 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def kept_line(root: Path) -> str:
+    """What a run that stops now leaves to resume from, for its one-line error."""
+    last = latest_checkpoint(root)
+    return f"the last checkpoint {last} is intact" if last else "no checkpoint yet (a rerun starts over)"
+
+
 def plan_version(root: Path, current: int) -> int:
     """The batch plan version of the run in ``root``: its newest checkpoint's (1 if it has none recorded);
     ``current`` for a run with no checkpoint yet."""

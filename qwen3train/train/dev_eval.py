@@ -78,15 +78,13 @@ class DevEval:
         """The scores, with out of device memory as one line that says the step's checkpoint is safe (the
         loop saves before it evaluates; the encoders themselves first retry smaller: models/fit.py)."""
         from qwen3train.errors import OutOfMemory
-        from qwen3train.train.checkpoint import latest_checkpoint
+        from qwen3train.train.checkpoint import kept_line
 
         try:
             return self()
         except (torch.OutOfMemoryError, OutOfMemory) as e:
-            last = latest_checkpoint(run_dir)
-            kept = f"the last checkpoint {last} is intact" if last else "no checkpoint yet (a rerun starts over)"
-            raise OutOfMemory(f"dev evaluation at step {step}: {str(e).splitlines()[0]} ({kept}; a rerun evaluates "
-                              f"a missed step after resuming)") from None
+            raise OutOfMemory(f"dev evaluation at step {step}: {str(e).splitlines()[0]} ({kept_line(run_dir)}; a "
+                              f"rerun evaluates a missed step after resuming)") from None
 
     def _embedder(self) -> dict:
         """Scored by ``make eval``'s own code, with the model in memory in place of a loaded export."""

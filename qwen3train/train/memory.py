@@ -75,10 +75,8 @@ def out_of_memory(cfg, task, chunks: list, step: int, total: int, run_dir) -> Ou
     from qwen3train.train import checkpoint
 
     mb = heaviest(task, chunks)
-    last = checkpoint.latest_checkpoint(run_dir)
-    kept = f"the last checkpoint {last} is intact" if last else "no checkpoint yet (a rerun starts over)"
     return OutOfMemory(f"out of {_device()} memory at step {step} of {total}, whose heaviest micro batch has "
-                       f"{describe(mb)}{device_memory()}: {kept}; {fix(cfg, task, mb)}")
+                       f"{describe(mb)}{device_memory()}: {checkpoint.kept_line(run_dir)}; {fix(cfg, task, mb)}")
 
 
 def wanted(cfg) -> bool:

@@ -9,8 +9,8 @@ Here a thread of each rank watches the loop's progress (a step, a checkpoint sav
 memory rehearsal finishing). When none has finished for ``run.stall_report_s`` seconds (default 900: before
 the collectives' 30-minute timeout), the rank prints one line naming itself and the phase it is in, then the
 Python stack of every one of its threads, named (a thread stuck in native code, a collective or a read,
-has let go of the interpreter's lock, so the watcher runs). Once per stall: progress re-arms it. Nothing is stopped: a slow phase that recovers (a checkpoint written to a slow
-disk) just goes on.
+has let go of the interpreter's lock, so the watcher runs). Once per stall: progress re-arms it. Nothing is
+stopped: a slow phase that recovers (a checkpoint written to a slow disk) just goes on.
 """
 
 from __future__ import annotations
