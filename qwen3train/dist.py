@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
 from collections.abc import Sequence
 
@@ -103,6 +104,9 @@ def _destroy_at_exit() -> None:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - the process is ending; a peer may already be gone
             pass
+        # objects in reference cycles that name a group (a DeepSpeed engine and its hooks) go now, and the
+        # group with them, while the interpreter still runs
+        gc.collect()
 
 
 def comm_device() -> torch.device:

@@ -143,17 +143,15 @@ def run(cfg, hooks=None) -> Path:
     ``hooks``: optional callable ``hooks(step)`` after every optimizer step (tests use it to
     simulate a crash).
     """
-    from qwen3train.train.build import build_task, flops_per_token
+    from qwen3train.train.build import build_task
 
     before_process_group()
     dist.init()
     seed_everything(cfg.run.seed)
     run_dir = Path(cfg.run.output_dir)
-    final_dir = run_dir / "final"
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-    world = dist.world_size()
-    n_micro = cfg.engine.micro_steps(world)
+    cfg.engine.micro_steps(dist.world_size())  # a batch split that does not divide: one line before the model loads
     if cfg.export.push_to_hub:  # every rank: a mistake they all meet, printed once, before anything is trained
         from qwen3train.models.card import check_hub_token
 
@@ -168,7 +166,24 @@ def run(cfg, hooks=None) -> Path:
     batches.check()  # an indexed source that makes no global batch is an error now, not mid-run
     total = cfg.run.max_steps if cfg.run.max_steps > 0 else cfg.run.epochs * batches.steps_per_epoch()
     engine = build_engine(task.module, cfg.engine, cfg.optim, total, precision)
+    ended = False
+    try:
+        final_dir = train(cfg, task, batches, engine, total, hooks)
+        ended = True
+    finally:
+        engine.close(ended)  # what holds the process groups goes before the interpreter's teardown (engine.py)
+    print0(f"done: {total} steps; final model at {final_dir}")
+    return final_dir
 
+
+def train(cfg, task, batches, engine, total: int, hooks=None) -> Path:
+    """``run``'s training with its engine built: resume, the steps, checkpoints, dev evaluation, the export."""
+    from qwen3train.train.build import flops_per_token
+
+    run_dir = Path(cfg.run.output_dir)
+    final_dir = run_dir / "final"
+    world = dist.world_size()
+    n_micro = cfg.engine.micro_steps(world)
     state = TrainState(plan=batches.plan_version)
     finished = None  # an export-only last checkpoint at the end: training is done, only the final copy is left
     if cfg.run.resume != "never":
@@ -310,7 +325,6 @@ def run(cfg, hooks=None) -> Path:
         stop.restore()
         ahead.close()
         tel.close()
-    print0(f"done: {state.step} steps; final model at {final_dir}")
     return final_dir
 
 
