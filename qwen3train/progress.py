@@ -2,7 +2,8 @@
 
 On a terminal a bar with items/s and an ETA (tqdm, on stderr); elsewhere (a log file, CI, a pipeline
 stage's captured output) quiet: one line when the loop ends, ``<desc>: <n> <unit> in <s> s (<rate>/s)``.
-``QWEN3TRAIN_PROGRESS=bar|line|off`` forces a mode. Only rank 0 shows anything.
+``QWEN3TRAIN_PROGRESS=bar|line|off`` forces a mode. Only rank 0 shows anything; on every rank an update
+re-arms the job's stall report (``qwen3train.stall``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+
+from qwen3train import stall
 
 
 def mode() -> str:
@@ -38,6 +41,7 @@ class Progress:
 
     def update(self, n: int = 1) -> None:
         self.n += n
+        stall.beat()  # on every rank: a job that moves is not stalled (qwen3train/stall.py)
         if self.bar is not None:
             self.bar.update(n)
 

@@ -10,12 +10,16 @@
   a graph (training's, not GradCache's first pass) over more real tokens raises the out-of-memory error CUDA
   raises (``torch.OutOfMemoryError``), from inside the engine's forward, as a real one does.
 
+* ``slow(rank, module, name, seconds)``: on that rank (``RANK``; 0 without torchrun) the first call of
+  ``module.name`` waits ``seconds`` first, as a read stuck on a network filesystem does; the other ranks go on
+  to their next collective and wait there.
+
 * ``inference_ceiling(tokens)``: the same device for inference (``encode``, the reranker's scoring): a
   forward without a graph over more than ``tokens`` tokens (padded: rows x width; packed: the rows' tokens)
   raises that error, counted in ``ATTEMPTS``.
 
 Each returns an undo. As a script, under torchrun too, it runs the command line with the faults of
-``QWEN3TRAIN_TEST_FAULT`` (``nonfinite:2,3``, ``memory_ceiling:300``, ``inference_ceiling:40``, ``abort_at_exit``, ``cuda_memory_fraction:0.01`` or ``disk_full:numpy.save:.parts/:2``; several
+``QWEN3TRAIN_TEST_FAULT`` (``nonfinite:2,3``, ``memory_ceiling:300``, ``slow:1:numpy.save:4``, ``inference_ceiling:40``, ``abort_at_exit``, ``cuda_memory_fraction:0.01`` or ``disk_full:numpy.save:.parts/:2``; several
 joined by ``;``):
 ``QWEN3TRAIN_TEST_FAULT=nonfinite:2 python tests/faults.py --config-name=stage2 key=value ...``."""
 
@@ -66,6 +70,22 @@ def disk_full(module: str, name: str, where: str, call: int):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a failed write() reports it: no file name
 
     setattr(mod, name, writer)
+    return lambda: setattr(mod, name, original)
+
+
+def slow(rank: int, module: str, name: str, seconds: float):
+    import time
+
+    mod = importlib.import_module(module)
+    original, calls = getattr(mod, name), [0]
+
+    def held_once(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1 and int(os.environ.get("RANK", 0)) == rank:
+            time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    setattr(mod, name, held_once)
     return lambda: setattr(mod, name, original)
 
 
@@ -141,6 +161,9 @@ if __name__ == "__main__":
             import torch
 
             torch.cuda.set_per_process_memory_fraction(float(arg))
+        elif kind == "slow":
+            who, target, seconds = arg.split(":")
+            slow(int(who), *target.rsplit(".", 1), float(seconds))
         elif kind == "disk_full":
             target, where, call = arg.split(":")
             disk_full(*target.rsplit(".", 1), where, int(call))

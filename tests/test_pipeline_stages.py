@@ -294,6 +294,10 @@ def test_an_upgrade_keeps_the_config_hash_of_finished_stages(compose):
     fused = compose("stage1", ["run.output_dir=x", "optim.fused=true"])
     assert config_hash(fused) != got[0] and identity.config_hash(fused) != "231f5894c766"
     assert config_hash(compose("eval", ["rerank_fusion=0.5"])) != got[3]
+    # mining's and the filter's markers (their hashes before their stall_report_s, 90e4a84); a report changes nothing
+    assert [config_hash(compose(n, ["inputs=[a.jsonl]"])) for n in ("mine", "filter")] == ["8d102e409fa0",
+                                                                                          "18169b66cfc1"]
+    assert config_hash(compose("mine", ["inputs=[a.jsonl]", "stall_report_s=60"])) == "8d102e409fa0"
     # what to write, not what is computed: the pipeline's export-only last checkpoint changes neither hash
     lean = compose("stage1", ["run.output_dir=x", "run.final_engine_state=false"])
     assert config_hash(lean) == got[0] and identity.config_hash(lean) == "231f5894c766"

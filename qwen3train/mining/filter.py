@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from qwen3train import dist
+from qwen3train import dist, stall
 from qwen3train.data.instructions import Instructions
 from qwen3train.data.sources import IndexedSource, expand_files
 from qwen3train.eval.encoder import Encoder
 from qwen3train.mining.store import join_parts
+from qwen3train.stall import StallReport
 from qwen3train.text import DEFAULT_INSTRUCTION
 
 
@@ -43,6 +44,8 @@ class FilterConfig:
     task_instructions: dict[str, str] = field(default_factory=dict)
     default_instruction: str = DEFAULT_INSTRUCTION
     symmetric_tasks: list[str] = field(default_factory=list)
+    # no pair scored for this long: each rank prints its phase and threads' stacks (qwen3train/stall.py); 0: off
+    stall_report_s: float = 900.0
 
     def __post_init__(self) -> None:
         from qwen3train.precision import precision_name
@@ -75,9 +78,15 @@ def score_pairs(encoder: Encoder, records, instructions: Instructions | None = N
 
 
 def run_filter(cfg: FilterConfig) -> dict:
+    dist.init()
+    with StallReport(cfg.stall_report_s, dist.rank(), "filter.stall_report_s", "no pair scored"):
+        return _filter(cfg)
+
+
+def _filter(cfg: FilterConfig) -> dict:
     import numpy as np
 
-    dist.init()
+    stall.enter("the reading of the inputs")
     rank, world = dist.rank(), dist.world_size()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +106,7 @@ def run_filter(cfg: FilterConfig) -> dict:
     bar = Progress(len(mine), "filter (this rank's pairs)" if world > 1 else "filter", "pairs")
     with open(part["kept"], "w", encoding="utf-8") as fk, open(part["dropped"], "w", encoding="utf-8") as fd:
         for b in range(0, len(mine), cfg.block):
+            stall.enter(f"the scoring of this rank's pairs {b + 1}-{min(len(mine), b + cfg.block)} of {len(mine)}")
             records = source.records(mine[b:b + cfg.block])  # checked against the files as indexed
             block_scores = score_pairs(encoder, records, instructions)
             blocks.append(block_scores.numpy())
@@ -109,9 +119,11 @@ def run_filter(cfg: FilterConfig) -> dict:
             bar.update(len(records))
     bar.close()
     np.concatenate(blocks or [np.empty(0, np.float32)]).astype(np.float32).tofile(part["scores"])
+    stall.enter("the wait for the other ranks' pairs")
     dist.barrier()
     summary = {}
     if rank == 0:
+        stall.enter("the joining of the ranks' parts")
         scores = np.concatenate([np.fromfile(out / f".scores.rank{r}.tmp", dtype=np.float32) for r in range(world)])
         for r in range(world):
             (out / f".scores.rank{r}.tmp").unlink()
@@ -126,6 +138,7 @@ def run_filter(cfg: FilterConfig) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         histogram(scores, cfg.threshold, out / "histogram.png",
                   title=f"cosine filter: {Path(cfg.embedder).parent.name}/{Path(cfg.embedder).name}")
+    stall.enter("the wait for rank 0's joining of the parts")
     summary = dist.broadcast_object(summary)
     dist.cleanup()
     return summary

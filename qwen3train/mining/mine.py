@@ -29,13 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qwen3train import dist
+from qwen3train import dist, stall
 from qwen3train.errors import ConfigError
 from qwen3train.data.instructions import Instructions
 from qwen3train.data.sources import IndexedSource, expand_files
 from qwen3train.eval.encoder import Encoder
 from qwen3train.eval.search import ExactSearch, FaissSearch
 from qwen3train.mining.store import encode_to_store, join_parts
+from qwen3train.stall import StallReport
 from qwen3train.text import DEFAULT_INSTRUCTION
 
 
@@ -65,6 +66,9 @@ class MineConfig:
     # thousand mined records, not the whole input; the default corpus is then the sample's positives
     sample: int = 0
     dist_timeout_min: int = 720  # ranks wait for each other's encoding shards this long
+    # no text encoded and no query searched for this long: each rank prints its phase and threads' stacks
+    # (qwen3train/stall.py; nothing is stopped); 0: off
+    stall_report_s: float = 900.0
     # the instructions training uses (data.instructions.Instructions; the pipeline passes stage 2's)
     task_instructions: dict[str, str] = field(default_factory=dict)
     default_instruction: str = DEFAULT_INSTRUCTION
@@ -112,6 +116,12 @@ def _log(msg: str) -> None:
 
 def run_mine(cfg: MineConfig) -> dict:
     dist.init(timeout_min=cfg.dist_timeout_min)
+    with StallReport(cfg.stall_report_s, dist.rank(), "mine.stall_report_s", "no text encoded, no query searched"):
+        return _mine(cfg)
+
+
+def _mine(cfg: MineConfig) -> dict:
+    stall.enter("the reading of the inputs")
     rank, world = dist.rank(), dist.world_size()
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +178,7 @@ def run_mine(cfg: MineConfig) -> dict:
     if cfg.reranker:
         from qwen3train.models.build import ModelConfig, build_reranker
 
+        stall.enter("the loading of the reranker")
         reranker = build_reranker(ModelConfig(name_or_path=cfg.reranker, padding_side="left"))
         if torch.cuda.is_available():
             reranker.cuda()
@@ -182,6 +193,7 @@ def run_mine(cfg: MineConfig) -> dict:
     with open(part, "w", encoding="utf-8") as f, open(part_none, "w", encoding="utf-8") as fnone:
         for b0 in range(lo, hi, cfg.query_block):
             b1 = min(hi, b0 + cfg.query_block)
+            stall.enter(f"the search of queries {b0 + 1}-{b1} of {n}")
             qvec = _gather_queries(qstores, group_of[b0:b1], row_of[b0:b1])
             pidx = np.array([where[p] for p in first_pos[b0:b1]])
             pvec = np.empty_like(qvec)
@@ -197,12 +209,14 @@ def run_mine(cfg: MineConfig) -> dict:
                 row = _mine_one(recs[bi], idx[bi].tolist(), scores[bi].tolist(), float(pos_scores[bi]), docs, cfg,
                                 reranker, stats, seed=(cfg.seed, i))
                 (f if "neg" in row else fnone).write(json.dumps(row, ensure_ascii=False) + "\n")
-            bar.update(b1 - b0)
+                bar.update()  # a query at a time: with a reranker one block can take long
     bar.close()
     out.with_name(f".mine_stats.rank{rank}.json").write_text(json.dumps(stats))
+    stall.enter("the wait for the other ranks' queries")
     dist.barrier()
     summary = {}
     if rank == 0:
+        stall.enter("the joining of the ranks' parts")
         total = defaultdict(int)
         for final, name in ((out, out.name), (out.with_name("no_negatives.jsonl"), "no_negatives")):
             join_parts([out.with_name(f".{name}.rank{r}.tmp") for r in range(world)], final)
@@ -217,6 +231,7 @@ def run_mine(cfg: MineConfig) -> dict:
         if not cfg.cache_dir:
             shutil.rmtree(store, ignore_errors=True)
         _log(json.dumps(summary))
+    stall.enter("the wait for rank 0's joining of the parts")
     summary = dist.broadcast_object(summary)
     dist.cleanup()
     return summary

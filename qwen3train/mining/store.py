@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen3train import dist
+from qwen3train import dist, stall
 from qwen3train.errors import writing
 from qwen3train.eval.encoder import Encoder
 
@@ -36,10 +36,12 @@ def encode_to_store(enc: Encoder, texts: list[str], store: str | Path, *, instru
         parts = store / f"{key}.parts"
         parts.mkdir(parents=True, exist_ok=True)
         n_chunks = max(1, -(-len(texts) // chunk_size))
+        what = "queries" if query else "documents"
         for c in range(dist.rank(), n_chunks, dist.world_size()):
             path = parts / f"{c:06d}.npy"
             if path.exists():
                 continue  # finished before an interruption
+            stall.enter(f"the encoding of {what} (chunk {c + 1} of {n_chunks})")
             chunk = texts[c * chunk_size:(c + 1) * chunk_size]
             vec = enc.encode_queries(chunk, instruction) if query else enc.encode_docs(chunk, instruction)
             tmp = parts / f".{c:06d}.tmp.npy"
@@ -48,9 +50,12 @@ def encode_to_store(enc: Encoder, texts: list[str], store: str | Path, *, instru
             tmp.replace(path)
             if log:
                 log(f"encoded chunk {c + 1}/{n_chunks} ({len(chunk)} texts) on rank {dist.rank()}")
+        stall.enter(f"the wait for the other ranks' chunks of {what}")
         dist.barrier()
         if dist.is_main() and not final.exists():
+            stall.enter(f"the assembly of the {what}' chunks")
             _assemble(parts, n_chunks, len(texts), final)
+        stall.enter(f"the wait for the assembly of the {what}' chunks")
         dist.barrier()
     return np.load(final, mmap_mode="r")
 

@@ -24,7 +24,7 @@ from qwen3train.train import checkpoint, identity, memory, preempt
 from qwen3train.train.checkpoint import TrainState
 from qwen3train.train.engine import before_process_group, build_engine
 from qwen3train.train.gradcache import grad_cache_step
-from qwen3train.train.stall import StallReport
+from qwen3train.stall import StallReport
 from qwen3train.train.task import token_chunks
 from qwen3train.train.telemetry import Telemetry
 
@@ -246,7 +246,7 @@ def train(cfg, task, batches, engine, total: int, hooks=None) -> Path:
     waited, in_a_row = 0.0, 0  # in_a_row: steps skipped in a row (non-finite gradients)
     rehearse = memory.wanted(cfg)  # after this process's first step (train/memory.py)
     stop = preempt.StopSignal().install()  # SIGTERM: finish the step, save, stop (train/preempt.py)
-    stall = StallReport(cfg.run.stall_report_s, dist.rank())  # no progress for long: where it stands (train/stall.py)
+    stall = StallReport(cfg.run.stall_report_s, dist.rank())  # no progress for long: where it stands
     stall.phase(f"step {state.step + 1}")
     try:
         for batch in ahead:

@@ -73,6 +73,11 @@ def test_precision_resolution_and_bf16_agreement():
 
 @pytest.mark.slow
 def test_two_process_mining_equals_one_process(tmp_path):
+    """Two ranks mine what one does. In the 2-rank run rank 1's first chunk write is held 4 s (``tests/faults.py``
+    ``slow``: a write stuck on a network filesystem) with ``stall_report_s=1``: rank 0, done with its chunks,
+    waits in the barrier and says so once, rank 1 names its chunk and shows the held frame; the run then ends as
+    usual. Catches mining that stalls in silence (its ranks wait 12 hours for each other's chunks) and a
+    report that names the wrong phase."""
     from qwen3train.data.prepare import import_collection
 
     rows, _ = import_collection(FIXTURES / "dbpedia", None, None, 1)  # the queries with a positive in the cut
@@ -88,10 +93,24 @@ def test_two_process_mining_equals_one_process(tmp_path):
     for nproc in (1, 2):
         out = tmp_path / f"p{nproc}"
         args = [*common, f"output={out}/mined.jsonl", f"cache_dir={out}/cache"]
-        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if nproc == 2
-               else [sys.executable]) + ["-m", "qwen3train.cli.main", "--config-name=mine", *args]
-        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(REPO / "tests" / "faults.py"), "--config-name=mine", *args, "stall_report_s=1"] if nproc == 2
+               else [sys.executable, "-m", "qwen3train.cli.main", "--config-name=mine", *args])
+        proc = subprocess.run(cmd, env=dict(env, QWEN3TRAIN_TEST_FAULT="slow:1:numpy.save:4"), cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, crash_report(proc)
+        stalls = sorted(x for x in proc.stderr.splitlines() if x.startswith("stall: "))
+        if nproc == 1:
+            assert not stalls, stalls  # the default (900 s) never fires on a run of seconds
+        else:
+            # a loaded machine may add others (a model load or a first chunk slower than 1 s is a stall too); the
+            # wait, with nothing to re-arm it, is reported once
+            waiting = [x for x in stalls if x.startswith("stall: rank 0 in the wait for the other ranks' chunks of "
+                                                         "documents: no text encoded, no query searched for ")]
+            held = [x for x in stalls if x.startswith("stall: rank 1 in the encoding of documents (chunk 2 of 5): ")]
+            assert len(waiting) == 1 and held, stalls
+            assert "(mine.stall_report_s=1); nothing is stopped" in waiting[0]
+            assert "in held_once" in proc.stderr and "time.sleep(seconds)" in proc.stderr
         runs[nproc] = [json.loads(x) for x in (out / "mined.jsonl").read_text().splitlines()]
         summary = json.loads((out / "mine_summary.json").read_text())
         assert summary["processes"] == nproc and summary["records"] == len(rows)
@@ -180,6 +199,9 @@ def test_writing_removes_the_partial_file_and_names_a_full_disk(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_filter_equals_one_process(tmp_path):
+    """Two ranks filter what one does; in the 2-rank run rank 1's first block is held 4 s with
+    ``stall_report_s=1`` and rank 0, done, says once that it waits for the other ranks' pairs (a silent wait
+    is what this catches)."""
     from qwen3train.data.prepare import import_collection
 
     rows, _ = import_collection(FIXTURES / "dbpedia", None, None, 1)
@@ -192,10 +214,15 @@ def test_two_process_filter_equals_one_process(tmp_path):
         out = tmp_path / f"p{nproc}"
         args = [f"inputs=[{data}]", f"embedder={MINILM}", "precision=float32", "threshold=0.5", "block=16",
                 "max_length=128", f"output_dir={out}"]
-        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if nproc == 2
-               else [sys.executable]) + ["-m", "qwen3train.cli.main", "--config-name=filter", *args]
-        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(REPO / "tests" / "faults.py"), "--config-name=filter", *args, "stall_report_s=1"] if nproc == 2
+               else [sys.executable, "-m", "qwen3train.cli.main", "--config-name=filter", *args])
+        proc = subprocess.run(cmd, env=dict(env, QWEN3TRAIN_TEST_FAULT="slow:1:qwen3train.mining.filter.score_pairs:4"),
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, crash_report(proc)
+        waiting = [x for x in proc.stderr.splitlines()
+                   if x.startswith("stall: rank 0 in the wait for the other ranks' pairs: no pair scored for ")]
+        assert len(waiting) == (nproc == 2), proc.stderr[-3000:]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["processes"] == nproc and summary["scored"] == len(pairs)
         assert summary["skipped_bad_records"] == 1 and len((out / "rejects.jsonl").read_text().splitlines()) == 1

@@ -1,14 +1,15 @@
-"""A run that stops moving says where it stands (``qwen3train/train/stall.py``, ``run.stall_report_s``): one line
+"""A run that stops moving says where it stands (``qwen3train/stall.py``, ``run.stall_report_s``): one line
 naming the rank and the phase, then every thread's Python stack; once per stall; nothing stopped."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from helpers import make_pairs, train_cfg
 from qwen3train.train.loop import run
-from qwen3train.train.stall import StallReport
+from qwen3train.stall import StallReport
 
 
 def test_a_stalled_step_is_reported_once_with_the_stacks(tiny_model_dir, tmp_path, capfd):
@@ -25,9 +26,10 @@ def test_a_stalled_step_is_reported_once_with_the_stacks(tiny_model_dir, tmp_pat
 
     final = run(cfg, hooks=stuck_reading_a_file)
     err = capfd.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("stall: ") and " in step 3 " in x]
+    lines = [x for x in err.splitlines() if x.startswith("stall: ") and " in step 3: " in x]
     assert len(lines) == 1, [x for x in err.splitlines() if x.startswith("stall")]
-    assert lines[0].startswith("stall: rank 0 has been in step 3 for ") and "nothing is stopped" in lines[0]
+    assert lines[0].startswith("stall: rank 0 in step 3: no step, save or evaluation finished for ")
+    assert "(run.stall_report_s=1); nothing is stopped" in lines[0]
     assert "thread MainThread:" in err and "in stuck_reading_a_file" in err and "time.sleep(3.5)" in err
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4] and final.is_dir()
@@ -54,3 +56,29 @@ def test_progress_rearms_and_zero_is_off():
     off = StallReport(0, 0)
     assert off._thread is None
     off.close()
+
+
+def test_progress_bars_rearm_the_watch_and_enter_names_the_phase(capfd):
+    """Inside one phase a progress bar's updates are progress (mining encodes for hours in one phase); ``enter``
+    names the phase the report gives. Fails if updates do not re-arm the watch (it would fire under steady
+    encoding), or if a closed watcher still takes phases from the module's functions."""
+    from qwen3train import stall
+    from qwen3train.progress import Progress
+
+    watch = StallReport(0.5, 2, "mine.stall_report_s", "no text encoded, no query searched")
+    try:
+        stall.enter("the encoding of documents (chunk 1 of 9)")
+        with Progress(100, None, "texts") as bar:
+            for _ in range(30):  # an update every 50 ms for 1.5 s, no phase change
+                time.sleep(0.05)
+                bar.update(1)
+        assert watch.fired == 0
+        time.sleep(1.0)  # then nothing
+        assert watch.fired == 1
+    finally:
+        watch.close()
+    stall.enter("after the close")  # no watcher: nothing happens
+    assert watch._phase == "the encoding of documents (chunk 1 of 9)"
+    err = capfd.readouterr().err
+    assert re.search(r"stall: rank 2 in the encoding of documents \(chunk 1 of 9\): no text encoded, no query "
+                     r"searched for \d+ s \(mine.stall_report_s=0.5\); nothing is stopped", err), err[-500:]
