@@ -109,6 +109,11 @@ def _destroy_at_exit() -> None:
         gc.collect()
 
 
+def is_default_group(group) -> bool:
+    """``group`` is the default (world) group itself, not a group made over the same ranks."""
+    return group is dist.group.WORLD
+
+
 def comm_device() -> torch.device:
     """Where the tensors of this module's collectives live: the local GPU when the group has NCCL."""
     if torch.cuda.is_available() and is_dist() and "nccl" in str(dist.get_backend()):

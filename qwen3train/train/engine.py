@@ -347,7 +347,7 @@ class DeepSpeedEngine:
         coordinator = importlib.import_module("deepspeed.runtime.zero.partitioned_param_coordinator")
         for fn in vars(coordinator.PartitionedParameterCoordinator).values():
             _clear_cache(fn)  # a class-level lru_cache keyed by (coordinator, submodule): it holds them all
-        if group is None or group is torch.distributed.group.WORLD or not dist.is_dist():
+        if group is None or not dist.is_dist() or dist.is_default_group(group):
             return
         if ended:
             self._deepspeed.comm.destroy_process_group(group)  # destroys it and drops DeepSpeed's references

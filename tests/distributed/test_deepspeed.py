@@ -213,9 +213,10 @@ def test_reranker_trains_under_zero3_skips_a_nonfinite_step_and_exports(tiny_mod
            str(REPO / "tests" / "faults.py"), "--config-name=rerank", "engine=zero3",
            "engine.precision=fp32", "run.max_steps=3", "run.save_every=0", f"run.output_dir={out}",
            f"model.name_or_path={tiny_model_dir}", f"data.train_files=[{data}]", "model.max_doc_length=160"]
-    proc = subprocess.run(cmd, env=dict(ENV, QWEN3TRAIN_TEST_FAULT="nonfinite:2"), capture_output=True, text=True, timeout=400,
-                          cwd=REPO)
+    proc = subprocess.run(cmd, env=dict(probed(out), QWEN3TRAIN_TEST_FAULT="nonfinite:2"), capture_output=True,
+                          text=True, timeout=400, cwd=REPO)
     assert proc.returncode == 0, crash_report(proc)
+    assert group_threads_at_exit(out) == {0: [], 1: []}  # the reranker's ZeRO-3 engine lets go of its groups too
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m.get("skipped", 0) for m in metrics] == [0, 1, 0]
     assert metrics[2]["loss"] == metrics[2]["loss"] and metrics[0]["loss"] == metrics[0]["loss"]
