@@ -20,11 +20,11 @@ import torch
 from qwen3train import dist
 from qwen3train.errors import ConfigError, StoppedBySignal, TrainingDiverged
 from qwen3train.precision import resolve_train_precision
+from qwen3train.stall import StallReport
 from qwen3train.train import checkpoint, identity, memory, preempt
 from qwen3train.train.checkpoint import TrainState
 from qwen3train.train.engine import before_process_group, build_engine
 from qwen3train.train.gradcache import grad_cache_step
-from qwen3train.stall import StallReport
 from qwen3train.train.task import token_chunks
 from qwen3train.train.telemetry import Telemetry
 
