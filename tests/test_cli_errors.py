@@ -39,6 +39,7 @@ CASES = {
     "synth precision": (["--config-name=synth", "persona_precision=fp8"], "synth.persona_precision must be one of"),
     "mine precision": (["--config-name=mine", "precision=tf32"], "mine.precision must be one of"),
     "filter threshold": (["--config-name=filter", "threshold=7"], "filter.threshold is a cosine"),
+    "negative stall report": (["--config-name=mine", "stall_report_s=-5"], "mine.stall_report_s must be >= 0"),
     "prepare unknown key": (["--config-name=prepare", "mixx=3"], "mixx"),
     "pipeline precision": (["--config-name=pipeline", "eval.precision=double"], "eval.precision must be one of"),
     # checked when the run knows its process count (it was a ValueError traceback and status 1)

@@ -53,6 +53,8 @@ class FilterConfig:
         precision_name(self.precision, "filter.precision")
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"filter.threshold is a cosine, between -1 and 1; got {self.threshold}")
+        if self.stall_report_s < 0:
+            raise ValueError("filter.stall_report_s must be >= 0 (0: no report)")
 
 
 def score_pairs(encoder: Encoder, records, instructions: Instructions | None = None) -> torch.Tensor:

@@ -81,6 +81,8 @@ class MineConfig:
             raise ValueError("mine.sampling must be top or random")
         if not 0 <= self.range_min < self.range_max:
             raise ValueError("mine needs 0 <= range_min < range_max")
+        if self.stall_report_s < 0:
+            raise ValueError("mine.stall_report_s must be >= 0 (0: no report)")
 
 
 def load_corpus(paths: list[str]) -> list[str]:

@@ -29,7 +29,7 @@ class RunConfig:
     More skipped steps than this in a row stop the run (it has diverged: one line, status 2, naming the
     last good checkpoint); 0: stop at the first.
     stall_report_s: when no step, checkpoint save or dev evaluation has finished for this many seconds, each
-    rank prints one line naming the phase it is in and the Python stacks of its threads (train/stall.py);
+    rank prints one line naming the phase it is in and the Python stacks of its threads (qwen3train/stall.py);
     nothing is stopped. 0: off. The default comes before the collectives' 30-minute timeout.
     """
 
