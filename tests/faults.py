@@ -8,7 +8,8 @@
   (``ENOSPC``).
 * ``memory_ceiling(tokens)``: a device that holds the activations of ``tokens`` tokens: a forward that builds
   a graph (training's, not GradCache's first pass) over more real tokens raises the out-of-memory error CUDA
-  raises (``torch.OutOfMemoryError``), from inside the engine's forward, as a real one does.
+  raises (``torch.OutOfMemoryError``), from inside the engine's forward, as a real one does; ``wrapped``: a
+  ``RuntimeError`` raised from it, as compiled code may report one.
 
 * ``slow(rank, module, name, seconds)``: on that rank (``RANK``; 0 without torchrun) the first call of
   ``module.name`` waits ``seconds`` first, as a read stuck on a network filesystem does; the other ranks go on
@@ -89,7 +90,7 @@ def slow(rank: int, module: str, name: str, seconds: float):
     return lambda: setattr(mod, name, original)
 
 
-def memory_ceiling(tokens: int):
+def memory_ceiling(tokens: int, wrapped: bool = False):
     import torch
 
     from qwen3train.train import engine
@@ -101,8 +102,11 @@ def memory_ceiling(tokens: int):
             masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
             n = int(sum(m.sum() for m in masks)) if masks else sum(r["input_ids"].numel() for r in batch["packed"])
             if torch.is_grad_enabled() and n > tokens:
-                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated: {n} "
+                oom = torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated: {n} "
                                              f"tokens over a ceiling of {tokens})")
+                if wrapped:  # as compiled code can report it: another error raised from CUDA's
+                    raise RuntimeError("the compiled graph failed") from oom
+                raise oom
             return original(self, **batch)
         return forward
 

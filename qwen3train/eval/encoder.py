@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from qwen3train.errors import OutOfMemory
+from qwen3train.models.fit import is_out_of_memory
 from qwen3train.precision import cpu_has_native_bf16
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # and their short names (qwen3train.precision)
@@ -106,7 +107,9 @@ class Encoder:
             try:
                 return torch.as_tensor(self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
                                                          normalize_embeddings=False, **kw))
-            except torch.OutOfMemoryError:
+            except Exception as e:  # noqa: BLE001 - only out of memory is caught (wrapped too: models/fit.py)
+                if not is_out_of_memory(e):
+                    raise
                 if self.batch_size == 1:
                     raise OutOfMemory(f"out of device memory encoding one text with {self.path}: lower max_length "
                                       f"({self.max_length}) or free the device") from None

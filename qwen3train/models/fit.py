@@ -73,7 +73,7 @@ def forward_in_pieces(fit: Fit, group: list[int], lengths: Sequence[int], run: C
         try:
             out, failed = run(piece), False
         except Exception as e:  # noqa: BLE001 - only out of memory is caught; anything else is re-raised
-            if not out_of_memory(e):
+            if not is_out_of_memory(e):
                 raise
             if not retry or len(piece) == 1:
                 raise _too_big(lengths, piece, what, retry) from None
@@ -93,7 +93,7 @@ def forward_in_pieces(fit: Fit, group: list[int], lengths: Sequence[int], run: C
         pending[:0] = split(piece, lengths, fit.cap, padded)
 
 
-def out_of_memory(e: BaseException) -> bool:
+def is_out_of_memory(e: BaseException) -> bool:
     """CUDA's out-of-memory error, or one raised from it (``raise ... from``: compiled code may wrap it)."""
     seen = 0
     while e is not None and seen < 8:

@@ -78,11 +78,14 @@ class DevEval:
         """The scores, with out of device memory as one line that says the step's checkpoint is safe (the
         loop saves before it evaluates; the encoders themselves first retry smaller: models/fit.py)."""
         from qwen3train.errors import OutOfMemory
+        from qwen3train.models.fit import is_out_of_memory
         from qwen3train.train.checkpoint import kept_line
 
         try:
             return self()
-        except (torch.OutOfMemoryError, OutOfMemory) as e:
+        except Exception as e:  # noqa: BLE001 - only out of memory is caught (wrapped too: models/fit.py)
+            if not (isinstance(e, OutOfMemory) or is_out_of_memory(e)):
+                raise
             raise OutOfMemory(f"dev evaluation at step {step}: {str(e).splitlines()[0]} ({kept_line(run_dir)}; a "
                               f"rerun evaluates a missed step after resuming)") from None
 

@@ -19,6 +19,7 @@ import torch
 
 from qwen3train import dist
 from qwen3train.errors import ConfigError, StoppedBySignal, TrainingDiverged
+from qwen3train.models.fit import is_out_of_memory
 from qwen3train.precision import resolve_train_precision
 from qwen3train.stall import StallReport
 from qwen3train.train import checkpoint, identity, memory, preempt
@@ -253,7 +254,9 @@ def train(cfg, task, batches, engine, total: int, hooks=None) -> Path:
             try:
                 loss, stats, grad_norm = train_step(engine, task, batch, n_micro, cfg.engine.grad_cache,
                                                     cfg.engine.micro_batch_tokens)
-            except torch.OutOfMemoryError:  # one line naming the step, its micro batch and what fits
+            except Exception as e:  # out of memory (compiled code may wrap it): one line naming the step,
+                if not is_out_of_memory(e):  # its micro batch and what fits; anything else is re-raised
+                    raise
                 raise memory.out_of_memory(cfg, task, cut_micro_batches(task, batch, n_micro,
                                                                         cfg.engine.micro_batch_tokens),
                                            state.step + 1, total, run_dir) from None

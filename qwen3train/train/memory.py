@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from qwen3train.errors import OutOfMemory
+from qwen3train.models.fit import is_out_of_memory
 
 GIB = 2 ** 30
 MAX_ROWS = 4096  # records read for the rehearsal's token-budget micro batch, at most
@@ -115,7 +116,9 @@ def rehearse(cfg, engine, task, loader, n_micro: int, world: int, step_fn) -> st
     try:
         with RngState().replay(), engine.dropped_step():  # the RNG and the engine's counters as they were
             step_fn(engine, task, batch, 1, cfg.engine.grad_cache, budget)
-    except torch.OutOfMemoryError:
+    except Exception as e:  # noqa: BLE001 - only out of memory is caught (wrapped too: models/fit.py)
+        if not is_out_of_memory(e):
+            raise
         raise OutOfMemory(f"out of {_device()} memory in the memory rehearsal after step 1: the heaviest micro "
                           f"batch this run's data can make ({what}{device_memory()}) does not fit, and would "
                           f"stop the run at the step that draws it; {fix(cfg, task, batch)}; "

@@ -108,12 +108,12 @@ def test_sentence_transformers_encoder_halves_its_batch(monkeypatch):
 
 def test_out_of_memory_is_recognised_when_wrapped():
     """Compiled code may raise its own error ``from`` CUDA's; anything else (a bug) is never retried."""
-    from qwen3train.models.fit import out_of_memory
+    from qwen3train.models.fit import is_out_of_memory
 
     oom = torch.OutOfMemoryError("CUDA out of memory")
     try:
         raise RuntimeError("compiled graph failed") from oom
     except RuntimeError as e:
         wrapped = e
-    assert out_of_memory(oom) and out_of_memory(wrapped)
-    assert not out_of_memory(RuntimeError("shape mismatch")) and not out_of_memory(ValueError("x"))
+    assert is_out_of_memory(oom) and is_out_of_memory(wrapped)
+    assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(ValueError("x"))

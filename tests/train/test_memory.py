@@ -42,13 +42,6 @@ def cfg_for(model, data, out, **over):
     return train_cfg(model, data, out, max_steps=6, save_every=2, keep_last=10, grad_cache=True, **over)
 
 
-@pytest.fixture
-def ceiling():
-    undo = faults.memory_ceiling(CEILING)
-    yield
-    undo()
-
-
 def metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -84,20 +77,52 @@ def test_out_of_memory_at_step_5_is_one_line_and_its_fix_resumes_with_the_same_l
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5), k
 
 
-def test_the_rehearsal_meets_it_after_step_1(tiny_model_dir, tmp_path, ceiling):
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_the_rehearsal_meets_it_after_step_1(tiny_model_dir, tmp_path, wrapped):
     """The micro batch that would stop the run at step 5 stops it after step 1. Would catch: a rehearsal that
-    does not run, or runs on a micro batch lighter than the heaviest the data makes (the long record)."""
+    does not run, or runs on a micro batch lighter than the heaviest the data makes (the long record); wrapped
+    (another error raised from CUDA's, as compiled code may report it): a traceback in place of the line."""
     data = data_with_a_long_record(tmp_path)
     cfg = cfg_for(tiny_model_dir, data, tmp_path / "r")
     cfg.engine.rehearse_memory = True
-    with pytest.raises(OutOfMemory) as e:
-        run(cfg)
+    undo = faults.memory_ceiling(CEILING, wrapped=wrapped)
+    try:
+        with pytest.raises(OutOfMemory) as e:
+            run(cfg)
+    finally:
+        undo()
     msg = str(e.value)
     assert msg.startswith("out of device memory in the memory rehearsal after step 1"), msg
     tokens = int(re.search(r"4 rows, (\d+) tokens", msg).group(1))
     assert tokens >= 305, msg  # at least the micro batch that step 5 meets
     assert "engine.micro_batch_tokens=" in msg and "engine.rehearse_memory=false" in msg
     assert [m["step"] for m in metrics(tmp_path / "r")] == [1]
+
+
+def test_a_wrapped_out_of_memory_in_a_step_is_the_same_line(tiny_model_dir, tmp_path):
+    """Without the rehearsal, the step that meets the long record stops with the guard's line when the error is
+    another one raised from CUDA's (compiled code may report it so). Would catch: a guard that knows only
+    torch's own error (a traceback far into the run); a guard that turns any error into out of memory."""
+    data = data_with_a_long_record(tmp_path)
+    undo = faults.memory_ceiling(CEILING, wrapped=True)
+    try:
+        with pytest.raises(OutOfMemory, match=r"^out of device memory at step 5 of 6, .*micro_batch_tokens=\d+ "):
+            run(cfg_for(tiny_model_dir, data, tmp_path / "r"))
+    finally:
+        undo()
+    from qwen3train.train import loop
+
+    real = loop.train_step
+
+    def broken(*a, **k):
+        raise RuntimeError("not a memory error")
+
+    loop.train_step = broken
+    try:
+        with pytest.raises(RuntimeError, match="not a memory error"):
+            run(cfg_for(tiny_model_dir, data, tmp_path / "other"))
+    finally:
+        loop.train_step = real
 
 
 @pytest.mark.parametrize("budget", [None, 150])
