@@ -3,7 +3,9 @@
 This is the only module that imports wandb, and only when ``run.wandb=true``: online when the user is
 logged in (``WANDB_API_KEY``, or the key ``wandb login`` stored in ~/.netrc), offline otherwise, so runs
 on air-gapped clusters still log locally; ``WANDB_MODE`` set by the user wins. The run id carries the
-config hash: reruns of one config continue one wandb run, a changed config gets its own.
+config hash: reruns of one config continue one wandb run, a changed config gets its own. wandb never stops
+a run: online but unreachable at the start (logged in on a head node, no network on the compute nodes), the
+run logs offline with a note; an error while logging or finishing is a note, and metrics.jsonl has it all.
 """
 
 from __future__ import annotations
@@ -47,6 +49,29 @@ def wandb_mode() -> str:
     return "online" if auth and auth[2] else "offline"
 
 
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def start_wandb(**kw):
+    """``wandb.init`` in ``wandb_mode()``; online and unreachable (a cluster's compute nodes often have no
+    network; a login on the head node makes the mode online): one note and the same run offline, for
+    ``wandb sync`` later, never a stopped run."""
+    import wandb
+
+    mode = wandb_mode()
+    try:
+        return wandb.init(mode=mode, **kw)
+    except Exception as e:  # noqa: BLE001 - wandb's errors for an unreachable server vary (CommError, timeouts)
+        if mode == "offline":
+            raise
+        wandb.teardown()  # the failed run's id stays taken in wandb's service otherwise
+        run = wandb.init(mode="offline", **kw)
+        print(f"note: wandb could not start online ({type(e).__name__}: {first_line(e)}); logging offline in "
+              f"{Path(run.dir).parent}: `wandb sync` it where the server is reachable", flush=True)
+        return run
+
+
 def wandb_run_id(run_name: str, config_hash: str | None) -> str:
     base = "".join(c if c.isalnum() or c in "-_." else "-" for c in run_name)
     return f"{base}-{config_hash}" if config_hash else base
@@ -68,10 +93,8 @@ class Telemetry:
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc=run_name, dynamic_ncols=True)
         if use_wandb:
-            import wandb
-
-            self.wandb = wandb.init(project=project, name=run_name, dir=str(run_dir), config=config,
-                                    mode=wandb_mode(), resume="allow", id=wandb_run_id(run_name, config_hash))
+            self.wandb = start_wandb(project=project, name=run_name, dir=str(run_dir), config=config,
+                                     resume="allow", id=wandb_run_id(run_name, config_hash))
         self._t = time.perf_counter()
 
     def _truncate_after(self, step: int) -> None:
@@ -98,7 +121,12 @@ class Telemetry:
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            try:
+                self.wandb.log(metrics, step=step)
+            except Exception as e:  # noqa: BLE001 - telemetry never stops training: metrics.jsonl has it all
+                print(f"note: wandb stopped taking metrics at step {step} ({type(e).__name__}: "
+                      f"{first_line(e)}); the run goes on, its metrics in {self.path}", flush=True)
+                self.wandb = None
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('acc', float('nan')):.2f}")
 
@@ -106,4 +134,7 @@ class Telemetry:
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            try:
+                self.wandb.finish()
+            except Exception as e:  # noqa: BLE001 - the run's work is saved; its metrics are in metrics.jsonl
+                print(f"note: wandb did not finish ({type(e).__name__}: {first_line(e)})", flush=True)

@@ -250,6 +250,54 @@ def test_wandb_offline_logging(tiny_model_dir, tmp_path, monkeypatch):
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
 
 
+def test_wandb_unreachable_or_failing_never_stops_the_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Logged in (a key) but the server unreachable (a closed local port, as on compute nodes without network):
+    the run trains, says so in a note and logs offline under the same run id; later a failing ``log`` is a note
+    and metrics.jsonl still has every step. Would catch: wandb's CommError as the run's traceback at step 0
+    (before: after wandb's 90 s init timeout), the offline retry refused ("run ID ... is in use") without the
+    teardown, a logging error that stops training."""
+    import socket
+
+    import wandb
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: connections are refused
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")
+    wandb.teardown()  # wandb reads the environment once per process: an earlier test's settings would stay
+    calls = [0]
+    real_log = wandb.sdk.wandb_run.Run.log
+
+    def log(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("the wandb service is gone")
+        return real_log(self, *a, **k)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", log)
+    data = make_pairs(tmp_path / "d.jsonl", n=24, k=2)
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=3)
+    cfg.run.wandb = True
+    run(cfg)
+    out = capsys.readouterr().out
+    assert "note: wandb could not start online (CommError" in out and "logging offline in" in out, out[-3000:]
+    assert "note: wandb stopped taking metrics at step 2 (RuntimeError: the wandb service is gone)" in out
+    assert calls[0] == 2  # not called again after the failure
+    runs = list((tmp_path / "r" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and runs[0].name.endswith(wandb_run_id_of(cfg)), runs
+    assert [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def wandb_run_id_of(cfg):
+    from qwen3train.train import identity
+    from qwen3train.train.telemetry import wandb_run_id
+
+    return wandb_run_id(cfg.run.name, identity.config_hash(cfg))
+
+
 def test_wandb_goes_online_when_logged_in(tmp_path, monkeypatch):
     """`wandb login` stores the key in ~/.netrc and no WANDB_API_KEY is set: the run must go online (the
     old rule forced offline whenever WANDB_API_KEY was unset); no key anywhere: offline; WANDB_MODE wins.
