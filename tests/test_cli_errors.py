@@ -78,6 +78,27 @@ def test_a_new_key_of_a_mapping_needs_no_plus():
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--config-name=stage7"], "Cannot find primary config 'stage7'"),
+    (["stage7", "optim.lr=1"], "Cannot find primary config 'stage7'"),
+    (["optim.lr=1"], "the first argument is the command (eval, filter, merge, mine"),
+    (["--config-name=stage1", "optim.lrr=1"], "optim.lrr")])
+def test_the_installed_command_takes_both_spellings(argv, needle, tmp_path):
+    """``qwen3train stage1 ...`` and, as ``python -m`` and the Makefile spell it, ``qwen3train --config-name=stage1
+    ...``; an override where the command belongs is named as such. Would catch: the flag taken as a command's name
+    (before: "Cannot find primary config '--config-name=stage7'"), Hydra's message about a config named
+    'optim.lr=1' in place of the command's list."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("QWEN3TRAIN_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-c", "import sys; from qwen3train.cli.main import cli; "
+                           "sys.argv[0] = 'qwen3train'; cli()", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last, last
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_user_mistake_is_one_line_and_status_2(case, tiny_model_dir, tmp_path):
     args, needle = CASES[case]

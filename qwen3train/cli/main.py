@@ -222,25 +222,35 @@ def crash_stacks() -> None:
         faulthandler.enable(all_threads=True)
 
 
+def _commands() -> list[str]:
+    path = _config_path()
+    if path.startswith("pkg://"):
+        from importlib.resources import files
+
+        folder = files(path[len("pkg://"):])
+    else:
+        from pathlib import Path
+
+        folder = Path(__file__).resolve().parent / path
+    return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml"))
+
+
 def cli() -> None:
     """``qwen3train <command> [overrides]``: a command is a primary config's name (stage1, pipeline, ...)."""
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
-        path = _config_path()
-        if path.startswith("pkg://"):
-            from importlib.resources import files
-
-            folder = files(path[len("pkg://"):])
-        else:
-            from pathlib import Path
-
-            folder = Path(__file__).resolve().parent / path
-        commands = sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml"))
         print("usage: qwen3train <command> [key=value ...] [--config-dir=DIR] [-m]\n"
-              f"commands: {', '.join(commands)} (or the name of a config in --config-dir)\n"
+              f"commands: {', '.join(_commands())} (or the name of a config in --config-dir)\n"
               "example: qwen3train stage1 model=qwen3-0.6b engine=zero2 optim.lr=2e-5")
         sys.exit(0 if args else 2)
-    sys.argv = apply_aliases([sys.argv[0], f"--config-name={args[0]}", *args[1:]])
+    if args[0].startswith("-"):  # Hydra's own spelling first (--config-name=stage1 ...), as `python -m` takes it
+        sys.argv = apply_aliases(sys.argv)
+    elif "=" in args[0]:  # an override where the command belongs
+        print(f"error: the first argument is the command ({', '.join(_commands())}), got {args[0]!r}: "
+              f"qwen3train stage1 {' '.join(args)}", file=sys.stderr)
+        sys.exit(2)
+    else:
+        sys.argv = apply_aliases([sys.argv[0], f"--config-name={args[0]}", *args[1:]])
     sys.argv[1:] = precheck(sys.argv[1:])
     crash_stacks()
     main()
