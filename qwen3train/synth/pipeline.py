@@ -19,6 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from qwen3train import stall
+from qwen3train.stall import StallReport
 from qwen3train.synth.backend import SamplingConfig, TransformersBackend, chat_prompts, json_prefill, resolve_backend
 from qwen3train.synth.assemble import dedupe, finalize, jsonl, write_atomic
 from qwen3train.synth.corpus import Passage, head, passages, sentences
@@ -103,6 +105,9 @@ class SynthConfig:
     prompt_version: str = "v1"
     heldout_fraction: float = 0.1
     seed: int = 0
+    # no generation finished for this long: one report of where the job is and its threads' stacks
+    # (qwen3train/stall.py; nothing is stopped); 0: off
+    stall_report_s: float = 900.0
 
     def __post_init__(self) -> None:
         if not self.query_languages or any(w < 0 for w in self.query_languages.values()) or \
@@ -119,6 +124,8 @@ class SynthConfig:
 
         precision_name(self.persona_precision, "synth.persona_precision")
 
+        if self.stall_report_s < 0:
+            raise ValueError("synth.stall_report_s must be >= 0 (0: no report)")
         if self.persona_max_length < 8:
             raise ValueError(f"synth.persona_max_length must be >= 8, got {self.persona_max_length}")
 
@@ -143,6 +150,7 @@ class ShardRunner:
         self.tokens = Counter()
         self.calls = 0
         self.persona_no_overlap = 0  # passages that shared no word with any persona (lexical route): drawn ones
+        self.shard = 0
 
     def ask(self, items: list[Item], template: str, render, accept, seed: int) -> list[tuple[Item, dict]]:
         """Render, generate, parse and validate, retrying failures up to ``max_retries`` times."""
@@ -156,6 +164,8 @@ class ShardRunner:
                 replace(self.cfg.sampling, stop=list(self.cfg.sampling.stop) or ["}"])
             texts = chat_prompts(self.backend.tokenizer, [self.prompts.render(template, **render(it)) for it in pending],
                                  prefill)
+            stall.enter(f"shard {self.shard}: the generation of {len(texts)} {template} answers (attempt "
+                        f"{attempt + 1} of {self.cfg.max_retries + 1})")
             # synth.seed moves every sampling seed (seed 0 keeps the seeds earlier runs used)
             base = seed * 1000 + attempt * 100_003 + self.cfg.seed * 7_919_993
             gens = self.backend.generate(texts, sampling, seed=base,
@@ -182,6 +192,8 @@ class ShardRunner:
 
     def run(self, shard: list[Passage], k: int) -> list[dict]:
         cfg = self.cfg
+        self.shard = k
+        stall.enter(f"shard {k}")
         rng = random.Random(f"{cfg.seed}-{k}")
         tasks, weights = zip(*sorted(cfg.task_mix.items()))
         items = [Item(p, rng.choices(tasks, weights)[0]) for p in shard]
@@ -306,6 +318,8 @@ def run(cfg: SynthConfig, backend=None) -> Path:
                                     gpu_memory_utilization=cfg.gpu_memory_utilization)
         bar = tqdm(total=sum(len(psg[k * cfg.shard_size:(k + 1) * cfg.shard_size]) for k in todo), desc="synth",
                    unit="passage", dynamic_ncols=True)
+        watch = StallReport(cfg.stall_report_s, f"synth job shard_index={cfg.shard_index} of {cfg.num_shards}",
+                            "synth.stall_report_s", "no generation finished")
         try:
             for k in todo:
                 shard = psg[k * cfg.shard_size:(k + 1) * cfg.shard_size]
@@ -326,6 +340,7 @@ def run(cfg: SynthConfig, backend=None) -> Path:
                 bar.update(len(shard))
                 bar.set_postfix(pairs=len(rows), tok_s=f"{stats['output_tokens_per_s']:.0f}")
         finally:
+            watch.close()
             bar.close()
             if own:
                 backend.close()

