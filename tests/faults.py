@@ -20,7 +20,7 @@
   raises that error, counted in ``ATTEMPTS``.
 
 Each returns an undo. As a script, under torchrun too, it runs the command line with the faults of
-``QWEN3TRAIN_TEST_FAULT`` (``nonfinite:2,3``, ``memory_ceiling:300``, ``slow:1:numpy.save:4``, ``inference_ceiling:40``, ``abort_at_exit``, ``cuda_memory_fraction:0.01`` or ``disk_full:numpy.save:.parts/:2``; several
+``QWEN3TRAIN_TEST_FAULT`` (``nonfinite:2,3``, ``memory_ceiling:300``, ``slow:1:numpy.save:4``, ``inference_ceiling:40``, ``abort_at_exit``, ``reshard_fails``, ``cuda_memory_fraction:0.01`` or ``disk_full:numpy.save:.parts/:2``; several
 joined by ``;``):
 ``QWEN3TRAIN_TEST_FAULT=nonfinite:2 python tests/faults.py --config-name=stage2 key=value ...``."""
 
@@ -165,6 +165,10 @@ if __name__ == "__main__":
             import torch
 
             torch.cuda.set_per_process_memory_fraction(float(arg))
+        elif kind == "reshard_fails":  # DeepSpeed's converter missing: its process fails as a failed conversion does
+            from qwen3train.train import reshard
+
+            reshard.CONVERTER = "deepspeed.checkpoint.no_such_converter"
         elif kind == "slow":
             who, target, seconds = arg.split(":")
             slow(int(who), *target.rsplit(".", 1), float(seconds))

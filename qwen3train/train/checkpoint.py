@@ -36,7 +36,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0  # next batch of the epoch's plan
     samples: int = 0
-    world_size: int | None = None  # processes that wrote the checkpoint (ZeRO state resumes only on as many)
+    world_size: int | None = None  # processes that wrote the checkpoint (ZeRO state on another count: resharded)
     cursors: list | None = None  # per data source [epoch, next batch] (data.mixture; data.loader.Loader)
     resumable: bool = True  # False once ``retire`` removed the engine state (the export stays)
     plan: int = 1  # ``data.batching`` plan version the run's batches follow (absent before version 2: 1)
@@ -220,8 +220,9 @@ def prune(root: Path, keep_last: int, keep_every: int, keep_steps: tuple[int, ..
 
 
 def load(path: Path, engine) -> TrainState:
-    """Resume from ``path``. The torch engine resumes on any process count (its state is replicated);
-    a rank that did not exist when the checkpoint was written starts from its current RNG state."""
+    """Resume from ``path``, on any process count (the torch engine's state is replicated; a ZeRO checkpoint
+    is resharded: train/reshard.py); a rank that did not exist when the checkpoint was written starts from
+    its current RNG state."""
     state = TrainState(**json.loads((path / "train_state.json").read_text()))
     engine.load(path / "engine", saved_world=state.world_size)
     rng = path / f"rng_rank{dist.rank()}.pt"

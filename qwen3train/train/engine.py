@@ -309,17 +309,38 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
 
     def load(self, path: Path, saved_world: int | None = None) -> None:
-        """ZeRO partitions the optimizer state by rank: a checkpoint resumes on the process count that
-        wrote it (checked here, so a mismatch is a clear error rather than a failure deep inside
-        DeepSpeed)."""
+        """ZeRO partitions the weights' fp32 copy and the optimizer's moments by rank: a checkpoint written by
+        another process count is first made whole (``_load_resharded``)."""
         world = dist.world_size()
         if saved_world is not None and saved_world != world and self.cfg.zero_stage > 0:
-            raise ConfigError(
-                f"{path.parent}: this ZeRO-{self.cfg.zero_stage} checkpoint was written by {saved_world} "
-                f"processes and cannot resume on {world}: its optimizer state is partitioned per rank. "
-                f"Resume with NGPU={saved_world} (x nodes), or start a new run from its weights with "
-                f"model.init_from={path.parent / 'model'} run.output_dir=<new folder>")
+            self._load_resharded(path, saved_world, world)
+            return
         self.engine.load_checkpoint(str(path), tag="deepspeed")
+
+    def _load_resharded(self, path: Path, saved_world: int, world: int) -> None:
+        """A ZeRO checkpoint of ``saved_world`` ranks resumed on ``world`` (train/reshard.py): converted into
+        DeepSpeed's universal form by rank 0, beside the checkpoints, then each rank loads its slice."""
+        from qwen3train.train import reshard
+
+        out = path.parent.parent / f".resharded-{path.parent.name}"
+        if dist.is_main():
+            print(f"note: {path.parent} was written by {saved_world} processes; resharding its ZeRO-"
+                  f"{self.cfg.zero_stage} state for {world} (DeepSpeed's universal checkpoint, in {out})", flush=True)
+        failure = (f"resume with NGPU={saved_world} (x nodes), or start a new run from its weights with "
+                   f"model.init_from={path.parent / 'model'} run.output_dir=<new folder>")
+        universal = reshard.to_universal(path / "deepspeed", out, failure)
+        config = self.engine._config
+        own = reshard.hyperparameters(self.optimizer)
+        config.load_universal_checkpoint = True
+        try:
+            self.engine.load_checkpoint(str(universal.parent), tag=universal.name)
+        finally:
+            config.load_universal_checkpoint = False
+        reshard.repair(self.optimizer, own)
+        if dist.is_main():
+            print(f"note: resharded in {reshard.seconds_taken(out):.0f} s; the run goes on from step "
+                  f"{path.parent.name.split('_')[1].lstrip('0') or 0} on {world} process{'es' * (world > 1)}", flush=True)
+        reshard.remove(out)
 
     def close(self, ended: bool) -> None:
         """DeepSpeed's objects hold the run's process groups to the end of the process: ZeRO-3 keeps the model in a
