@@ -252,7 +252,7 @@ class DeepSpeedEngine:
 
             def make(groups, lr, betas, eps):
                 return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
-        opt, sched = build_optimizer(model.named_parameters(), optim, total_steps, make=make)
+        opt, sched = build_optimizer(model.named_parameters(), optim, total_steps, make=make, drop_empty=True)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=self.ds_config)
         self._zero3 = cfg.zero_stage == 3

@@ -47,11 +47,14 @@ def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: 
     return min_ratio + (1.0 - min_ratio) * decay
 
 
-def build_optimizer(params, cfg: OptimConfig, total_steps: int, make=None):
+def build_optimizer(params, cfg: OptimConfig, total_steps: int, make=None, drop_empty: bool = False):
     """AdamW without weight decay on biases and norms; LambdaLR following ``lr_multiplier``.
 
     ``make(groups, lr, betas, eps)`` builds another AdamW implementation over the same groups
-    (DeepSpeed's CPU Adam under ZeRO-Offload); default ``torch.optim.AdamW``."""
+    (DeepSpeed's CPU Adam under ZeRO-Offload); default ``torch.optim.AdamW``. ``drop_empty``: leave out a group
+    with no parameter (LoRA trains no bias or norm): DeepSpeed's ZeRO optimizers drop it and the schedule, which
+    kept its learning rate, then fails at the first step (the torch engine keeps both groups, as its checkpoints
+    have them)."""
     decay, no_decay = [], []
     for name, p in params:
         if not p.requires_grad:
@@ -59,6 +62,8 @@ def build_optimizer(params, cfg: OptimConfig, total_steps: int, make=None):
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if drop_empty:
+        groups = [g for g in groups if g["params"]]
     if make is None:
         fused = cfg.fused
         if fused is None:
