@@ -107,6 +107,20 @@ class _DiskWatch:
 
 _WATCH: _DiskWatch | None = None
 
+# The files that take longest on 2 cores (``--durations`` of the CI simulations, each file's tests together),
+# run first: pytest-xdist hands out whole files (``--dist loadfile``) in collection order, and a long file
+# started last kept one worker busy while the other had nothing left to take.
+LONGEST_FIRST = ("distributed/test_deepspeed.py", "models/test_families.py", "test_chaos.py", "test_gpu_check.py",
+                 "mining/test_store.py", "distributed/test_gloo.py", "train/test_preempt.py", "eval/test_mteb.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order, each file's tests stay together
+
 
 def pytest_sessionstart(session):
     global _WATCH
