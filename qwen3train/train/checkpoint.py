@@ -224,6 +224,9 @@ def load(path: Path, engine) -> TrainState:
     is resharded: train/reshard.py); a rank that did not exist when the checkpoint was written starts from
     its current RNG state."""
     state = TrainState(**json.loads((path / "train_state.json").read_text()))
+    if dist.is_main():  # a ZeRO resharding a kill interrupted leaves a copy of the optimizer state (reshard.py)
+        for stale in path.parent.glob(".resharded-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     engine.load(path / "engine", saved_world=state.world_size)
     rng = path / f"rng_rank{dist.rank()}.pt"
     if rng.exists():

@@ -5,8 +5,8 @@ checkpoint written by 8 processes holds 8 slices of each. A run requeued on 4 GP
 refused. Here rank 0 converts the checkpoint into DeepSpeed's universal form (``ds_to_universal``: each
 parameter's fp32 weights and moments whole, in a file of its own), every rank loads its own slice of it
 (``engine.DeepSpeedEngine._load_resharded``), and the converted copy goes. The checkpoint itself is only read
-(its files are verified on resume: ``checkpoint.verify``), so a kill at any point leaves it as it was and the
-next resume converts again.
+(its files are verified on resume: ``checkpoint.verify``), so a kill at any point leaves it as it was; the
+next resume removes the partial copy (``checkpoint.load``, on any process count) and converts again if needed.
 
 The conversion runs in a process of its own (``python -m deepspeed.checkpoint.ds_to_universal``: its worker
 processes fork from a clean process, not from a rank holding CUDA and a process group, and its memory, a full

@@ -58,9 +58,14 @@ def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, mixture)
         run(cfg, hooks=crash)
     # a save interrupted half-way leaves only a .tmp folder, which resume ignores
     (tmp_path / "b" / "checkpoints" / ".step_0000006.tmp" / "engine").mkdir(parents=True)
+    # and a ZeRO resharding (train/reshard.py) a kill interrupted leaves its partial copy: removed on resume
+    stale = tmp_path / "b" / "checkpoints" / ".resharded-step_0000004" / "universal" / "zero"
+    stale.mkdir(parents=True)
+    (stale / "optimizer_state.pt").write_bytes(b"partial")
     assert not (tmp_path / "b" / "final").exists()
     cfg.data.prefetch = 0
     resumed = run(cfg)
+    assert not stale.parent.parent.exists()
 
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
