@@ -286,7 +286,10 @@ def test_wandb_unreachable_or_failing_never_stops_the_run(tiny_model_dir, tmp_pa
     data = make_pairs(tmp_path / "d.jsonl", n=24, k=2)
     cfg = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=3)
     cfg.run.wandb = True
-    run(cfg)
+    try:
+        run(cfg)
+    finally:
+        wandb.teardown()  # this test's unreachable server is not left in the settings of the worker's later tests
     out = capsys.readouterr().out
     assert "note: wandb could not start online (CommError" in out and "logging offline in" in out, out[-3000:]
     assert "note: wandb stopped taking metrics at step 2 (RuntimeError: the wandb service is gone)" in out
