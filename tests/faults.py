@@ -93,9 +93,9 @@ def slow(rank: int, module: str, name: str, seconds: float):
 def memory_ceiling(tokens: int, wrapped: bool = False):
     import torch
 
-    from qwen3train.train import engine
+    from qwen3train.train import deepspeed_engine, engine
 
-    originals = {cls: cls.forward for cls in (engine.TorchEngine, engine.DeepSpeedEngine)}
+    originals = {cls: cls.forward for cls in (engine.TorchEngine, deepspeed_engine.DeepSpeedEngine)}
 
     def ceiling(original):
         def forward(self, **batch):

@@ -1,7 +1,7 @@
 """DeepSpeed's JSON config for a run: generated from ``EngineConfig`` (batch, accumulation, clipping, ZeRO stage,
 offload, bf16 through ``torch_autocast``) and merged with the user's file (``engine.deepspeed_config``), whose
 settings win except where they would contradict ours: the derived fields must agree (or say ``"auto"``), and the
-precision and the optimizer stay ours. Plain data, no deepspeed import (``train.engine`` runs it)."""
+precision and the optimizer stay ours. Plain data, no deepspeed import (``train.deepspeed_engine`` runs it)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ from qwen3train.precision import resolve_train_precision
 from qwen3train.stall import StallReport
 from qwen3train.train import checkpoint, identity, memory, preempt
 from qwen3train.train.checkpoint import TrainState
-from qwen3train.train.engine import before_process_group, build_engine
+from qwen3train.train.deepspeed_engine import DeepSpeedEngine, before_process_group
+from qwen3train.train.engine import TorchEngine
 from qwen3train.train.gradcache import grad_cache_step
 from qwen3train.train.task import token_chunks
 from qwen3train.train.telemetry import Telemetry
@@ -166,13 +167,14 @@ def run(cfg, hooks=None) -> Path:
         batches.use_plan_version(checkpoint.plan_version(run_dir, batches.plan_version))
     batches.check()  # an indexed source that makes no global batch is an error now, not mid-run
     total = cfg.run.max_steps if cfg.run.max_steps > 0 else cfg.run.epochs * batches.steps_per_epoch()
-    engine = build_engine(task.module, cfg.engine, cfg.optim, total, precision)
+    make = DeepSpeedEngine if cfg.engine.backend == "deepspeed" else TorchEngine
+    engine = make(task.module, cfg.engine, cfg.optim, total, precision)
     ended = False
     try:
         final_dir = train(cfg, task, batches, engine, total, hooks)
         ended = True
     finally:
-        engine.close(ended)  # what holds the process groups goes before the interpreter's teardown (engine.py)
+        engine.close(ended)  # what holds the process groups goes before the interpreter's teardown (deepspeed_engine.py)
     print0(f"done: {total} steps; final model at {final_dir}")
     return final_dir
 

@@ -4,7 +4,7 @@ ZeRO partitions the fp32 weights and the Adam moments by rank (stage 1-3; stage 
 checkpoint written by 8 processes holds 8 slices of each. A run requeued on 4 GPUs, or grown to 16, used to be
 refused. Here rank 0 converts the checkpoint into DeepSpeed's universal form (``ds_to_universal``: each
 parameter's fp32 weights and moments whole, in a file of its own), every rank loads its own slice of it
-(``engine.DeepSpeedEngine._load_resharded``), and the converted copy goes. The checkpoint itself is only read
+(``deepspeed_engine.DeepSpeedEngine._load_resharded``), and the converted copy goes. The checkpoint itself is only read
 (its files are verified on resume: ``checkpoint.verify``), so a kill at any point leaves it as it was; the
 next resume removes the partial copy (``checkpoint.load``, on any process count) and converts again if needed.
 
@@ -32,14 +32,14 @@ from qwen3train.errors import ConfigError
 CONVERTER = "deepspeed.checkpoint.ds_to_universal"  # run as ``python -m``
 
 
-def to_universal(src: Path, out: Path, failure: str) -> Path:
-    """``src`` (a DeepSpeed checkpoint folder) converted into ``out``/universal by rank 0; every rank returns once
-    it is there. ``failure``: what to do instead, for the one-line error if the conversion fails."""
+def to_universal(src: Path, out: Path, failure: str) -> tuple[Path, float]:
+    """``src`` (a DeepSpeed checkpoint folder) converted into ``out``/universal by rank 0; every rank returns it
+    once it is there, with the seconds the conversion took. ``failure``: what to do instead, for the one-line
+    error if the conversion fails. A copy a killed conversion left is gone by now (``checkpoint.load``)."""
     token = dist.broadcast_object(secrets.token_hex(8) if dist.is_main() else None)  # this attempt's marker
     marker = out / "converted"
     if dist.is_main():
-        shutil.rmtree(out, ignore_errors=True)  # a conversion a kill interrupted
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = max(1, min(8, cpus // 2))
         cmd = [sys.executable, "-m", CONVERTER, "--input_folder", str(src),
@@ -52,7 +52,8 @@ def to_universal(src: Path, out: Path, failure: str) -> Path:
             why = f"DeepSpeed's ds_to_universal failed: {lines[-1] if lines else f'status {proc.returncode}'}"
             marker.write_text(f"{token}\nfailed\n{why}\n")
             raise ConfigError(f"{why}; {failure}")
-        marker.write_text(f"{token}\nok\n{time.perf_counter() - t0:.0f}\n")
+        seconds = time.perf_counter() - t0
+        marker.write_text(f"{token}\nok\n{seconds:.1f}\n")
     else:
         while True:
             try:
@@ -64,8 +65,9 @@ def to_universal(src: Path, out: Path, failure: str) -> Path:
             time.sleep(1.0)
         if got[1] != "ok":
             raise ConfigError(f"{got[2]}; {failure}")
+        seconds = float(got[2])
     dist.barrier()
-    return out / "universal"
+    return out / "universal", seconds
 
 
 def hyperparameters(optimizer) -> list[dict]:
@@ -84,14 +86,6 @@ def repair(optimizer, own: list[dict]) -> None:
         step = state.get("step")
         if hasattr(step, "clone"):
             state["step"] = step.clone()
-
-
-def seconds_taken(out: Path) -> float:
-    """How long rank 0's conversion took (the marker's third line)."""
-    try:
-        return float(((out / "converted").read_text().splitlines() + ["", "", "nan"])[2])
-    except (OSError, ValueError):
-        return float("nan")
 
 
 def remove(out: Path) -> None:

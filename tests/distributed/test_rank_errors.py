@@ -142,7 +142,7 @@ def test_master_port_auto_is_free_on_one_node_and_fixed_across_nodes():
 THREADS = """
 import os, sys
 from qwen3train import dist
-from qwen3train.train.engine import before_process_group
+from qwen3train.train.deepspeed_engine import before_process_group
 
 def native_threads():
     return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
