@@ -4,15 +4,20 @@
   (``data.index``) is built over its rows like any file, keyed by the dataset's fingerprint, and
   batches are planned over it (epochs, duplicate control, exact resume) as for JSONL.
 * **Streaming** (``streaming: true``), for corpora larger than the disk: no cache, no random access.
-  Each rank reads its own shard (``datasets.distributed.split_dataset_by_node``) of the stream,
-  shuffled with a buffer per epoch (``shuffle(seed, buffer_size)`` + ``set_epoch``), validates every
-  row as it arrives (bad rows: the usual error naming the row, or counted and written to this rank's
-  rejects file), and fills its share of each global batch with rows of distinct positives. A
-  streaming source is one task (the ``task`` of its config, else the task of its first row; a row of
-  another task is an error), so every rank's share of a batch has the same task. Its length is
-  unknown: the run needs ``run.max_steps``. Resume is exact: each rank's cursor is (epoch, rows read
-  in it), and a resumed rank reads past those rows again without validating them; it needs the same
-  number of processes.
+  The stream is cut into **parts** when the run begins: its files when their count is a multiple of the
+  process count, else one part per process (every ``parts``-th row, ``datasets.distributed.
+  split_dataset_by_node``). Each rank reads the parts ``v % world == rank``, one after another in an order
+  drawn per epoch, each shuffled with a buffer per epoch (``shuffle(seed, buffer_size)`` + ``set_epoch``);
+  validates every row as it arrives (bad rows: the usual error naming the part and row, or counted and
+  written to this rank's rejects file), and fills its share of each global batch with rows of distinct
+  positives. A streaming source is one task (the ``task`` of its config, else the task of its first row; a
+  row of another task is an error), so every rank's share of a batch has the same task. Its length is
+  unknown: the run needs ``run.max_steps``. Resume is exact, **on any number of processes up to the
+  parts** (a job requeued on fewer GPUs, or on more when the files allow): the checkpoint keeps each
+  part's (epoch, rows read in it) and the rows read but waiting for a batch, with their fields; a resumed
+  rank takes its parts with their positions and reads each past the rows already read, without
+  validating them again. Within an epoch no row is read twice and none is left out, whatever the
+  process counts on the way.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from qwen3train.data.records import DataError, parse_record, doc_hash
 from qwen3train.errors import ConfigError
@@ -57,71 +64,133 @@ class DatasetRef:
         return str(getattr(self.dataset, "_fingerprint", "")) or self.name
 
 
+# the fields ``parse_record`` reads: what a checkpoint keeps of a row read but not yet batched
+RECORD_FIELDS = ("query", "pos", "neg", "instruction", "prompt", "task", "type")
+
+
 class StreamingSource:
-    """This rank's shard of a streamed dataset, as rows for the loader's batches (see the module doc)."""
+    """This rank's parts of a streamed dataset, as rows for the loader's batches (see the module doc)."""
 
     streaming = True
 
     def __init__(self, spec, *, seed: int, rank: int, world: int, on_error: str = "raise",
                  num_hard_negatives: int = 0, rejects_path: str | Path | None = None,
                  shuffle_buffer: int = 10_000) -> None:
-        from datasets.distributed import split_dataset_by_node
-
         self.name = label(spec)
         self.k, self.on_error, self.seed = num_hard_negatives, on_error, seed
         self.rank, self.world = rank, world
         self.shuffle_buffer = shuffle_buffer
         self.task = spec.task or None
         self.task_names = [self.task] if self.task else []
-        ds = load(spec, streaming=True)
-        self.ds = split_dataset_by_node(ds, rank=rank, world_size=world) if world > 1 else ds
+        self.ds = load(spec, streaming=True)
         self.rejects_path = Path(rejects_path).with_suffix(f".rank{rank}.jsonl") if rejects_path else None
         self.rejected: dict[str, int] = {}
-        self.epoch, self.rows_read = 0, 0
-        self._it = None
-        self._carry: list = []  # (row, record) whose positive was already in the batch being filled
-        self.dropped_duplicates = 0
+        files = int(getattr(self.ds, "num_shards", 1) or 1)
+        self._split(files if files % world == 0 else world)
+        self._cur = None  # (part, its iterator) being read
+        self._carry: list = []  # (part, row, record, fields) read, waiting: its positive was already in the batch
+        self._valid_in_pass = 0  # valid rows since this rank's epoch began (none in a whole pass: an error)
+
+    def _split(self, parts: int) -> None:
+        if parts < self.world:
+            raise ConfigError(f"{self.name}: the checkpoint's stream is in {parts} parts (its files, or the processes "
+                              f"its run began on); it resumes on at most {parts} processes, this run has {self.world} "
+                              f"(or train on from its weights as a new run: model.init_from=<its checkpoint>)")
+        self.parts = parts
+        self.owned = [v for v in range(parts) if v % self.world == self.rank]
+        self.state = {v: [0, 0] for v in self.owned}  # part -> [its epoch, rows read in that epoch]
+        self._cur = None
 
     def __len__(self) -> int:
         return 0  # unknown
 
-    def _open(self) -> None:
-        ds = self.ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-        ds.set_epoch(self.epoch)
-        self._it = iter(ds)
+    @property
+    def epoch(self) -> int:
+        """This rank's epoch: the lowest of its parts' (a part read to its end is in the next one)."""
+        return min(e for e, _ in self.state.values())
 
-    def cursor(self) -> list:
-        """[epoch, rows read in it, rows read but waiting (their positive was already in a batch)]."""
-        return [self.epoch, self.rows_read, [row for row, _ in self._carry]]
+    def _part(self, v: int, epoch: int):
+        """Part ``v``'s stream in ``epoch``: its files, or every ``parts``-th row, shuffled with a buffer."""
+        from datasets.distributed import split_dataset_by_node
 
-    def seek(self, cursor: list) -> None:
-        """Resume: the same epoch's shuffled stream, read past the rows already read (the waiting ones
-        are validated and held again)."""
-        epoch, rows_read, waiting = cursor
-        self.epoch, self.rows_read, self._carry = int(epoch), 0, []
-        self._open()
-        hold = set(waiting)
-        for _ in range(int(rows_read)):
-            obj = next(self._it)
-            self.rows_read += 1
-            if self.rows_read in hold:
-                self._carry.append((self.rows_read, parse_record(obj, f"{self.name}:row {self.rows_read}")))
-        order = {row: n for n, row in enumerate(waiting)}
-        self._carry.sort(key=lambda x: order[x[0]])
+        ds = split_dataset_by_node(self.ds, rank=v, world_size=self.parts) if self.parts > 1 else self.ds
+        ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        ds.set_epoch(epoch)
+        return ds
 
-    def _next_valid(self):
-        """(row number in this epoch, record) of the next valid row of this rank's shard."""
-        while True:
-            if self._it is None:
-                self._open()
+    def _replay(self, v: int, epoch: int, rows: int, hold=()):
+        """Part ``v``'s iterator past its first ``rows`` rows (read again, not validated: a resume), and the
+        rows among them numbered in ``hold``, as (row, raw row)."""
+        it, held = iter(self._part(v, epoch)), {}
+        for row in range(1, rows + 1):
             try:
-                obj = next(self._it)
-            except StopIteration:  # next epoch; rows still waiting belong to the old one: dropped, counted
-                self.dropped_duplicates += len(self._carry)
-                self.epoch, self.rows_read, self._it, self._carry = self.epoch + 1, 0, None, []
+                obj = next(it)
+            except StopIteration:
+                raise ConfigError(f"{self.name}: part {v} of {self.parts} has fewer than the {rows} rows the "
+                                  f"checkpoint read in epoch {epoch}: the data changed since") from None
+            if row in hold:
+                held[row] = obj
+        return it, [(row, held[row]) for row in hold if row in held]
+
+    def cursor(self) -> dict:
+        """Where this rank stands: each of its parts' [part, epoch, rows read in it], and the rows read but
+        waiting (their positive was already in a batch) with their fields. JSON."""
+        return {"parts": self.parts, "state": [[v, *self.state[v]] for v in self.owned],
+                "waiting": [[v, row, fields] for v, row, _, fields in self._carry]}
+
+    def seek(self, cursors: list) -> None:
+        """Resume from every rank's ``cursor()`` of the run that wrote the checkpoint, on any number of
+        processes up to its parts: this rank takes the parts ``v % world == rank`` with their positions and
+        waiting rows, and reads each past the rows already read. A checkpoint written before parts existed
+        (per rank ``[epoch, rows read, waiting rows]``) has one part per process, as split then."""
+        if cursors and isinstance(cursors[0], list):
+            parts = len(cursors)
+            state = {v: [int(c[0]), int(c[1])] for v, c in enumerate(cursors)}
+            waiting, legacy = [], {v: [int(r) for r in c[2]] for v, c in enumerate(cursors) if c[2]}
+        else:
+            parts = int(cursors[0]["parts"])
+            state = {int(v): [int(e), int(r)] for c in cursors for v, e, r in c["state"]}
+            waiting, legacy = [w for c in cursors for w in c["waiting"]], {}
+        if sorted(state) != list(range(parts)):
+            raise ConfigError(f"{self.name}: the checkpoint's stream position covers parts {sorted(state)} of "
+                              f"{parts}: it is damaged; resume from an earlier checkpoint")
+        self._split(parts)
+        self.state = {v: state[v] for v in self.owned}
+        self._carry = []
+        for v, row, fields in waiting:
+            if v in self.state:
+                self._carry.append((v, row, parse_record(fields, f"{self.name}:part {v} row {row}"), fields))
+        for v in [v for v in self.owned if v in legacy]:
+            _, held = self._replay(v, self.state[v][0], max(legacy[v]), hold=legacy[v])
+            for row, obj in held:
+                fields = {k: obj[k] for k in RECORD_FIELDS if k in obj}
+                self._carry.append((v, row, parse_record(fields, f"{self.name}:part {v} row {row}"), fields))
+        self._valid_in_pass = int(any(r for e, r in self.state.values() if e == self.epoch))
+
+    def _next_valid(self) -> tuple:
+        """(part, row number in its epoch, record, its fields) of the next valid row of this rank's parts:
+        the parts of its epoch in an order drawn per epoch, each read to its end."""
+        while True:
+            if self._cur is None:
+                e = self.epoch
+                order = np.random.default_rng([self.seed, 0x7061727473, e]).permutation(self.parts).tolist()
+                v = min((v for v in self.owned if self.state[v][0] == e), key=order.index)
+                self._cur = (v, self._replay(v, e, self.state[v][1])[0])
+            v, it = self._cur
+            e = self.state[v][0]
+            try:
+                obj = next(it)
+            except StopIteration:  # this part's epoch is read; the next part, or this rank's next epoch
+                self.state[v], self._cur = [e + 1, 0], None
+                if self.epoch > e:
+                    if not self._valid_in_pass:
+                        raise ConfigError(f"{self.name}: a whole pass over parts {self.owned} of {self.parts} "
+                                          f"(this process's share) found no valid row")
+                    self._valid_in_pass = 0
                 continue
-            self.rows_read += 1
-            where = f"{self.name}:rank {self.rank} epoch {self.epoch} row {self.rows_read}"
+            self.state[v][1] += 1
+            row = self.state[v][1]
+            where = f"{self.name}:part {v} of {self.parts} epoch {e} row {row}"
             try:
                 rec = parse_record(obj, where)
                 if self.k > 0 and not rec.neg:
@@ -129,31 +198,33 @@ class StreamingSource:
                 if self.task and rec.task not in ("default", self.task):
                     raise DataError(where, "task", f"{rec.task!r} in a streaming source of task {self.task!r} "
                                                    f"(one task per streaming source: split it into several)")
-            except DataError as e:
+            except DataError as err:
                 if self.on_error == "raise":
                     raise
-                self._reject(e, obj)
+                self._reject(err, obj)
                 continue
             if self.task is None:
                 self.task, self.task_names = rec.task, [rec.task]
             rec.task = self.task
-            return self.rows_read, rec
+            self._valid_in_pass += 1
+            return v, row, rec, {k: obj[k] for k in RECORD_FIELDS if k in obj}
 
     def take(self, n: int) -> list:
-        """The next ``n`` valid (row, record) pairs with pairwise-distinct first positives; a record whose
-        positive is already in this batch waits for the next one."""
+        """The next ``n`` valid rows with pairwise-distinct first positives, as (record id, record); a row
+        whose positive is already in this batch waits for the next one. The id is the part and the row in
+        its epoch, distinct across ranks (what negative sampling is seeded with)."""
         out, seen = [], set()
         waiting, self._carry = self._carry, []
         while len(out) < n:
-            row, rec = waiting.pop(0) if waiting else self._next_valid()
-            h = doc_hash(rec.pos[0])
+            item = waiting.pop(0) if waiting else self._next_valid()
+            h = doc_hash(item[2].pos[0])
             if h in seen:
-                self._carry.append((row, rec))
+                self._carry.append(item)
                 continue
             seen.add(h)
-            out.append((row, rec))
+            out.append(item)
         self._carry = waiting + self._carry
-        return out
+        return [(((v + 1) << 40) + row, rec) for v, row, rec, _ in out]
 
     def _reject(self, err: DataError, raw) -> None:
         key = f"{err.field}: {err.reason}"
@@ -166,6 +237,6 @@ class StreamingSource:
 
     def summary(self) -> dict:
         return {"records": None, "streaming": True, "source": self.name, "rank": self.rank, "tasks": self.task_names,
-                "dropped_duplicates": self.dropped_duplicates,
+                "parts": self.parts, "parts_read": self.owned,
                 "rejected": sum(self.rejected.values()), "rejected_by_reason": dict(self.rejected),
                 "rejects_file": str(self.rejects_path) if self.rejected and self.rejects_path else None}

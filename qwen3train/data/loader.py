@@ -4,7 +4,7 @@
 
 * **One source** (``data.train_files``): batches follow the source's epoch plans, epoch after epoch.
 * **Streamed sources** (``datasets`` with ``streaming: true``, ``data.hf``): each rank reads its own
-  shard in order; see that module for what is kept exact.
+  parts of the stream in order; see that module for what is kept exact (a resume on another process count too).
 * **A mixture** (``data.mixture``: several sources with weights, e.g. tasks or languages): each global
   step draws one source with probability ``weight / sum(weights)`` (a pure function of the seed and
   the step, so every rank draws the same and a resumed run draws on), and takes that source's next
@@ -99,7 +99,7 @@ class _Stream:
 
 
 class _StreamingStream:
-    """A streaming source (``data.hf.StreamingSource``): this rank's shard, read in order."""
+    """A streaming source (``data.hf.StreamingSource``): this rank's parts, read in order."""
 
     def __init__(self, source, weight: float, loader: "Loader") -> None:
         self.source, self.weight, self.loader = source, weight, loader
@@ -111,14 +111,12 @@ class _StreamingStream:
     def check(self) -> None:
         pass
 
-    def cursor(self) -> list:  # this rank's shard position (state() gathers every rank's)
+    def cursor(self) -> dict:  # this rank's parts' positions (state() gathers every rank's)
         return self.source.cursor()
 
     def next_rows(self) -> tuple[list, int]:
         epoch = self.source.epoch
-        rows = self.source.take(self.loader.local)
-        base = (self.source.rank + 1) << 40  # a record id for negative sampling, distinct across ranks
-        return [(base + row, rec, 0) for row, rec in rows], epoch
+        return [(rid, rec, 0) for rid, rec in self.source.take(self.loader.local)], epoch
 
 
 class Loader:
@@ -151,14 +149,22 @@ class Loader:
     def source(self):
         return self.streams[0].source
 
+    def _first(self) -> tuple[int, int]:
+        """The first source's (epoch, position) after the batches handed out (not those made ahead); a
+        streamed one's: its parts' lowest epoch on this rank and the rows read in it."""
+        c = self._at["cursors"][0]
+        if isinstance(c, dict):
+            e = min(e for _, e, _ in c["state"])
+            return e, sum(r for _, pe, r in c["state"] if pe == e)
+        return int(c[0]), int(c[1])
+
     @property
     def epoch(self) -> int:
-        """The first source's epoch after the batches handed out (not those made ahead)."""
-        return int(self._at["cursors"][0][0])
+        return self._first()[0]
 
     @property
     def position(self) -> int:
-        return int(self._at["cursors"][0][1])
+        return self._first()[1]
 
     @property
     def stats(self) -> dict | list[dict]:
@@ -210,11 +216,8 @@ class Loader:
             raise ConfigError(f"the checkpoint was written for {len(cursors)} data sources, this run has "
                               f"{len(self.streams)}: resume with the same data.mixture, or start a new run")
         for s, c in zip(self.streams, cursors):
-            if isinstance(s, _StreamingStream):
-                if len(c) != s.source.world:
-                    raise ConfigError(f"{s.source.name}: the checkpoint was written by {len(c)} processes; a "
-                                      f"streamed source resumes only on as many (this run has {s.source.world})")
-                s.source.seek(c[s.source.rank])
+            if isinstance(s, _StreamingStream):  # every rank's cursor: its parts go to this run's ranks
+                s.source.seek(c)
             else:
                 s.epoch, s.position = int(c[0]), int(c[1])
         self._at = self._cursor()

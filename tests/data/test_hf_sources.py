@@ -10,6 +10,7 @@ import pytest
 from qwen3train.data.hf import DatasetRef, StreamingSource, label, load
 from qwen3train.data.records import DataError
 from qwen3train.data.sources import IndexedSource, MixtureSource
+from qwen3train.errors import ConfigError
 
 
 def write(path, rows):
@@ -54,8 +55,71 @@ def test_streamed_batches_have_distinct_positives_and_resume_exactly(tmp_path):
     _drain(first, 9, 4)
     cursor = json.loads(json.dumps(first.cursor()))
     resumed = StreamingSource(spec(f), seed=0, rank=0, world=1, shuffle_buffer=8)
-    resumed.seek(cursor)
+    resumed.seek([cursor])
     assert _drain(resumed, 16, 4) == ref[9:]
+
+
+def _sources(files, world, **kw):
+    m = MixtureSource(dataset="json", data_files=[str(f) for f in files])
+    return [StreamingSource(m, seed=0, rank=r, world=world,
+                            shuffle_buffer=kw.get("buffer", 4)) for r in range(world)]
+
+
+def _epoch0(src):
+    """The rest of this rank's epoch 0, a row at a time (a row of epoch 1 is read, then dropped)."""
+    out = []
+    while True:
+        (_, rec), = src.take(1)
+        if src.epoch > 0:
+            return out
+        out.append(rec.query)
+
+
+@pytest.mark.parametrize("files,before,after", [(1, 2, 1), (4, 1, 2), (4, 2, 3), (4, 4, 1), (4, 2, 4)])
+def test_a_streamed_source_resumes_on_another_process_count(tmp_path, files, before, after):
+    """A job requeued on another number of GPUs: steps on ``before`` processes, the cursors through JSON (as
+    in a checkpoint), then the rest of the epoch on ``after``: every row read exactly once. The parts are
+    the files when their count divides the processes (4 files: 1 -> 2 -> 4 processes, or 3), else one per
+    process (1 file: 2 -> 1). Would catch a resumed rank that starts its parts again (rows twice), one that
+    skips the parts of the ranks that are gone (rows never read), or a refusal."""
+    rows = pairs(48)
+    paths = [write(tmp_path / f"d{k}.jsonl", rows[k::files]) for k in range(files)]
+    first = _sources(paths, before)
+    assert first[0].parts == (files if files % before == 0 else before)
+    read = [r.query for _ in range(3) for src in first for _, r in src.take(12 // before)]
+    cursors = json.loads(json.dumps([src.cursor() for src in first]))
+    resumed = _sources(paths, after)
+    for src in resumed:
+        src.seek(cursors)
+    rest = [q for src in resumed for q in _epoch0(src)]
+    assert len(read) == 36 and sorted(read + rest) == sorted(r["query"] for r in rows)
+
+
+def test_waiting_rows_go_to_the_new_owner_of_their_part(tmp_path):
+    """Rows read but held back (their positive was in the batch) are in the checkpoint with their fields and
+    come first on the rank that takes their part; a checkpoint written before parts (per rank [epoch, rows
+    read, waiting row numbers]) resumes the same. Would catch waiting rows lost (or read again from the
+    stream) on a resume, and an upgrade that cannot read the earlier cursor."""
+    f = write(tmp_path / "d.jsonl", pairs(40, dup_every=7))
+    first = _sources([f], 2, buffer=8)
+    for _ in range(3):
+        for src in first:
+            src.take(4)
+    cursors = json.loads(json.dumps([src.cursor() for src in first]))
+    waiting = [w for c in cursors for w in c["waiting"]]
+    assert waiting, "the cut must hold waiting rows"
+    one, = _sources([f], 1)
+    one.seek(cursors)
+    assert [r.query for _, r in one.take(len(waiting))] == [w[2]["query"] for w in waiting]
+    legacy = [[e, r, [w[1] for w in c["waiting"]]] for c in cursors for (_, e, r) in c["state"]]
+    assert all(e == 0 for e, _, _ in legacy)
+    a, b = _sources([f], 2, buffer=8), _sources([f], 2, buffer=8)
+    for x, y in zip(a, b):
+        x.seek(cursors), y.seek(legacy)
+        assert _drain(x, 6, 4) == _drain(y, 6, 4)
+    four, = _sources([f], 4)[:1]
+    with pytest.raises(ConfigError, match=r"in 2 parts .* at most 2 processes, this run has 4"):
+        four.seek(cursors)
 
 
 def test_ranks_read_disjoint_shards(tmp_path):

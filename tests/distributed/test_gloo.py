@@ -58,6 +58,43 @@ def test_two_process_gloo_equals_one_process(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_streamed_source_resumes_on_another_process_count(tiny_model_dir, tmp_path):
+    """A job with a streamed source (`datasets` streaming) requeued on fewer processes: steps 1-2 on 2
+    gloo processes, 3-4 resumed on 1. Each rank's position is gathered into the checkpoint and the one
+    process takes both parts on (data/hf.py; row by row exactness: tests/data/test_hf_sources.py). Would
+    catch the refusal this replaced, a resume that reads the parts from their start again, or one that
+    drops the part of the rank that is gone."""
+    import json
+
+    from conftest import REPO
+
+    data = make_pairs(tmp_path / "d.jsonl", n=64, k=0)
+    mix = f"data.mixture=[{{dataset: json, data_files: [{data}], streaming: true, shuffle_buffer: 4}}]"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+    def cli(steps, nproc, *extra):
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+        cmd = [sys.executable, *launcher, "-m", "qwen3train.cli.main", "--config-name=stage1", "engine=torch",
+               "engine.precision=fp32", "engine.micro_batch_size=4", "engine.global_batch_size=8",
+               f"run.max_steps={steps}", "run.save_every=2", f"run.output_dir={tmp_path / 'run'}",
+               f"model.name_or_path={tiny_model_dir}", "model.max_doc_length=32", "data.train_files=[]", mix, *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, crash_report(proc)
+
+    def position(step):
+        state = json.loads((tmp_path / "run" / "checkpoints" / f"step_{step:07d}" / "train_state.json").read_text())
+        return {v: (e, r) for c in state["cursors"][0] for v, e, r in c["state"]}
+
+    cli(2, 2)
+    assert position(2) == {0: (0, 8), 1: (0, 8)}  # 2 parts (one per process), 2 steps x 4 rows each
+    cli(4, 1, "run.resume=force")  # a longer run is another config: resumed on purpose
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    after = position(4)
+    assert set(after) == {0, 1} and sum(r for e, r in after.values() if e == 0) == 32, after
+
+
+@pytest.mark.slow
 def test_torch_engine_resumes_on_another_process_count(tiny_model_dir, tmp_path):
     """Steps 1-2 on 2 gloo processes, steps 3-4 resumed on 1 process == 4 steps on 1 process (GradCache,
     so the loss covers the same global batch either way). Catches state that only the writing
