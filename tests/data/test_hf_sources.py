@@ -149,3 +149,9 @@ def test_streamed_bad_rows_raise_or_are_kept(tmp_path):
                                                                                        "task": "u"}])
     with pytest.raises(DataError, match="one task per streaming source"):
         StreamingSource(spec(mixed), seed=0, rank=0, world=1, shuffle_buffer=1).take(2)
+    # every row bad and skipped: a whole pass finds none, which is said (it would read the stream for ever)
+    bad = write(tmp_path / "b.jsonl", [{"query": "q", "pos": "a string"}] * 3)
+    src = StreamingSource(spec(bad), seed=0, rank=0, world=1, shuffle_buffer=1, on_error="skip")
+    with pytest.raises(ConfigError, match="a whole pass over parts \\[0\\] of 1 .* found no valid row"):
+        src.take(1)
+    assert sum(src.rejected.values()) == 3
