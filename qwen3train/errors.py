@@ -34,6 +34,14 @@ class OutOfMemory(ConfigError):
     collective = False
 
 
+class SourceUnreachable(ConfigError):
+    """A streamed data source that kept failing to read (its host, the network, a rate limit) after the retries
+    (``data.stream_retries``); the last checkpoint is kept and the same command resumes. One rank may meet it
+    alone: that rank prints it."""
+
+    collective = False
+
+
 def disk_full(e: BaseException) -> bool:
     """A full disk or quota, as the OS reports it (OSError) or as torch.save's zip writer does (RuntimeError)."""
     if isinstance(e, OSError):

@@ -43,6 +43,11 @@ CASES = {
     "negative stall report in stage 0": (["--config-name=synth", "stall_report_s=-1"],
                                          "synth.stall_report_s must be >= 0"),
     "prepare unknown key": (["--config-name=prepare", "mixx=3"], "mixx"),
+    # a streamed JSONL with a line `datasets` cannot parse (it was a pyarrow traceback at the first batch)
+    "malformed streamed file": (["--config-name=stage1", "data.train_files=[]", "run.max_steps=2",
+                                 "data.mixture=[{{dataset: json, data_files: [{tmp}/notjson.jsonl], streaming: true}}]"],
+                                "field '<block>': the `datasets` reader failed: ArrowInvalid"),
+    "negative stream retries": (["--config-name=stage1", "data.stream_retries=-1"], "data.stream_retries must be >= 0"),
     "pipeline precision": (["--config-name=pipeline", "eval.precision=double"], "eval.precision must be one of"),
     # checked when the run knows its process count (it was a ValueError traceback and status 1)
     "micro batch not dividing the batch": (["--config-name=stage1", "data.train_files=[{good}]",

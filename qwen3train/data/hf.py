@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def load(spec, streaming: bool):
         kw["data_files"] = list(spec.data_files)
     try:
         return datasets.load_dataset(**kw)
-    except (FileNotFoundError, ValueError) as e:  # unknown name, missing files, bad split
+    except (FileNotFoundError, ValueError, ConnectionError) as e:  # unknown name, missing files, bad split, no hub
         raise ConfigError(f"data source {label(spec)}: {e}") from None
 
 
@@ -68,6 +69,19 @@ class DatasetRef:
 RECORD_FIELDS = ("query", "pos", "neg", "instruction", "prompt", "task", "type")
 
 
+NETWORK_MODULES = ("httpx", "aiohttp", "urllib3", "requests", "fsspec", "huggingface_hub", "h11", "h2", "ssl")
+
+
+def transient(err: BaseException) -> bool:
+    """An error worth reading again: the OS's or a network library's (a reset, a timeout, a 5xx or 429), not a
+    missing file or a refused permission, and not a decoding error."""
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(err, OSError):
+        return True
+    return any(c.__module__.split(".")[0] in NETWORK_MODULES for c in type(err).__mro__[:-2])
+
+
 class StreamingSource:
     """This rank's parts of a streamed dataset, as rows for the loader's batches (see the module doc)."""
 
@@ -75,8 +89,9 @@ class StreamingSource:
 
     def __init__(self, spec, *, seed: int, rank: int, world: int, on_error: str = "raise",
                  num_hard_negatives: int = 0, rejects_path: str | Path | None = None,
-                 shuffle_buffer: int = 10_000) -> None:
+                 shuffle_buffer: int = 10_000, retries: int = 5, retry_wait_s: float = 2.0) -> None:
         self.name = label(spec)
+        self.retries, self.retry_wait_s, self._failures = retries, retry_wait_s, 0
         self.k, self.on_error, self.seed = num_hard_negatives, on_error, seed
         self.rank, self.world = rank, world
         self.shuffle_buffer = shuffle_buffer
@@ -175,11 +190,13 @@ class StreamingSource:
                 e = self.epoch
                 order = np.random.default_rng([self.seed, 0x7061727473, e]).permutation(self.parts).tolist()
                 v = min((v for v in self.owned if self.state[v][0] == e), key=order.index)
-                self._cur = (v, self._replay(v, e, self.state[v][1])[0])
-            v, it = self._cur
+            else:
+                v = self._cur[0]
             e = self.state[v][0]
             try:
-                obj = next(it)
+                if self._cur is None:
+                    self._cur = (v, self._replay(v, e, self.state[v][1])[0])
+                obj = next(self._cur[1])
             except StopIteration:  # this part's epoch is read; the next part, or this rank's next epoch
                 self.state[v], self._cur = [e + 1, 0], None
                 if self.epoch > e:
@@ -188,6 +205,13 @@ class StreamingSource:
                                           f"(this process's share) found no valid row")
                     self._valid_in_pass = 0
                 continue
+            except (DataError, ConfigError):
+                raise
+            except Exception as err:  # noqa: BLE001 - the reader's: the network's (retried) or a malformed file
+                self._cur = None
+                self._read_failed(err, v, e)
+                continue
+            self._failures = 0
             self.state[v][1] += 1
             row = self.state[v][1]
             where = f"{self.name}:part {v} of {self.parts} epoch {e} row {row}"
@@ -208,6 +232,30 @@ class StreamingSource:
             rec.task = self.task
             self._valid_in_pass += 1
             return v, row, rec, {k: obj[k] for k in RECORD_FIELDS if k in obj}
+
+    def _read_failed(self, err: Exception, v: int, e: int) -> None:
+        """A read of part ``v`` failed: a network error is retried (the part opened again and read past the
+        rows already read: the same rows follow), after a wait; a malformed file, or failures past the
+        retries, stop the run with one line (its last checkpoint is kept)."""
+        what = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+        where = f"{self.name}:part {v} of {self.parts} epoch {e} after row {self.state[v][1]}"
+        if not transient(err):
+            if isinstance(err, ValueError):  # pyarrow's ArrowInvalid, a JSON or UTF-8 decoding error
+                raise DataError(where, "<block>", f"the `datasets` reader failed: {what}. It reads rows in blocks, so a "
+                                                  f"malformed row cannot be skipped (data.on_error): fix the file, "
+                                                  f"or load it with streaming: false (each line checked on its own)")
+            raise err
+        self._failures += 1
+        if self._failures > self.retries:
+            from qwen3train.errors import SourceUnreachable
+
+            raise SourceUnreachable(f"{where}: reading failed {self._failures} times in a row ({what}); the last "
+                                    f"checkpoint is kept: rerun the same command to resume once the source is "
+                                    f"reachable (data.stream_retries={self.retries})")
+        wait = min(self.retry_wait_s * 2 ** (self._failures - 1), 60.0)
+        print(f"note (rank {self.rank}): {where}: {what}; reading it again in {wait:g} s "
+              f"(try {self._failures} of {self.retries})", flush=True)
+        time.sleep(wait)
 
     def take(self, n: int) -> list:
         """The next ``n`` valid rows with pairwise-distinct first positives, as (record id, record); a row

@@ -65,6 +65,10 @@ class DataConfig:
     prefetch: batches made ahead on a background thread while a step runs (records read, tokenized, micro
         batches cut and packed: ``data.loader.Ahead``); 0 makes each in the loop. The same batches either
         way; ``data_wait_s`` in metrics.jsonl is what the step still waited for them.
+    stream_retries: a streamed source whose read fails (a connection reset, a timeout, a rate limit: the
+        network's errors, not a malformed file) is opened again and read past the rows already read, up to
+        this many times in a row, after waits of 2, 4, 8 ... 60 s; then the run stops with one line, its last
+        checkpoint kept. The same rows either way (``data.hf``).
     """
 
     train_files: list[str] = field(default_factory=list)
@@ -76,8 +80,11 @@ class DataConfig:
     symmetric_tasks: list[str] = field(default_factory=list)
     index_dir: str | None = None
     prefetch: int = 1
+    stream_retries: int = 5
 
     def __post_init__(self) -> None:
+        if self.stream_retries < 0:
+            raise ValueError(f"data.stream_retries must be >= 0, got {self.stream_retries}")
         if self.prefetch < 0:
             raise ValueError(f"data.prefetch must be >= 0, got {self.prefetch}")
         if self.on_error not in ("raise", "skip"):

@@ -31,7 +31,8 @@ def build_sources(cfg, run_dir) -> tuple[list, list[float]]:
             if cfg.run.max_steps <= 0:
                 raise ConfigError(f"{hf.label(m)} is streamed (its length is unknown): set run.max_steps")
             sources.append(hf.StreamingSource(m, seed=cfg.run.seed, rank=dist.rank(), world=dist.world_size(),
-                                              rejects_path=rej, shuffle_buffer=m.shuffle_buffer, **kw))
+                                              rejects_path=rej, shuffle_buffer=m.shuffle_buffer,
+                                              retries=data.stream_retries, **kw))
             continue
         inputs = [hf.DatasetRef(hf.label(m), hf.load(m, streaming=False))] if m.dataset else expand_files(m.files)
         sources.append(IndexedSource(inputs, rejects_path=rej, index_dir=data.index_dir, **kw))

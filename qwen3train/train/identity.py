@@ -29,7 +29,7 @@ LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_
 # Fields added after a release that only say what to write, never what is computed: left out at any value (as
 # NEUTRAL's are, and from the stage markers too). run.skip_nonfinite_steps changes nothing a finite run computes:
 # a run stopped by it resumes with a higher limit.
-LATE_NEUTRAL = ("run.final_engine_state", "data.prefetch", "run.skip_nonfinite_steps", "engine.rehearse_memory",
+LATE_NEUTRAL = ("run.final_engine_state", "data.prefetch", "data.stream_retries", "run.skip_nonfinite_steps", "engine.rehearse_memory",
                 "run.stall_report_s",
                 "stall_report_s")  # mining's and the filter's (their stage markers' configs have it at the top)
 # How a batch is cut into micro batches: memory, not results, where the loss does not depend on the cut

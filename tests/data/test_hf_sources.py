@@ -155,3 +155,62 @@ def test_streamed_bad_rows_raise_or_are_kept(tmp_path):
     with pytest.raises(ConfigError, match="a whole pass over parts \\[0\\] of 1 .* found no valid row"):
         src.take(1)
     assert sum(src.rejected.values()) == 3
+
+
+def _flaky(src, fail_at, times, err=ConnectionError("Connection reset by peer")):
+    """``src``'s parts read through the real `datasets` stream, raising ``err`` on reaching ``fail_at`` rows
+    of an opening, ``times`` times in all (a network that drops the connection)."""
+    real, left = src._part, [times]
+
+    def part(v, epoch):
+        ds = real(v, epoch)
+
+        class Flaky:
+            def __iter__(self):
+                for n, row in enumerate(ds):
+                    if n == fail_at and left[0] > 0:
+                        left[0] -= 1
+                        raise err
+                    yield row
+        return Flaky()
+
+    src._part = part
+    return src
+
+
+def test_a_dropped_connection_is_read_again_from_where_it_stood(tmp_path, capsys):
+    """A streamed source's read that fails with a network error (a reset connection, far into a run) is
+    retried: the part opened again and read past the rows already read, so the batches are the ones an
+    undisturbed read makes; past ``data.stream_retries`` failures in a row the run stops with one line
+    (``SourceUnreachable``: status 2, the checkpoint kept). Would catch a retry that starts the part over
+    (rows twice), one that skips what the buffer held, or a traceback at hour 30."""
+    from qwen3train.errors import SourceUnreachable
+
+    f = write(tmp_path / "d.jsonl", pairs(40))
+    ref = _drain(StreamingSource(spec(f), seed=0, rank=0, world=1, shuffle_buffer=8), 15, 4)  # crosses epochs
+    got = _drain(_flaky(StreamingSource(spec(f), seed=0, rank=0, world=1, shuffle_buffer=8, retry_wait_s=0),
+                        fail_at=23, times=3), 15, 4)
+    assert got == ref
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if "reading it again" in ln]
+    assert len(notes) == 3 and "ConnectionError: Connection reset by peer" in notes[0] and "try 3 of 5" in notes[2]
+    down = _flaky(StreamingSource(spec(f), seed=0, rank=0, world=1, shuffle_buffer=8, retry_wait_s=0, retries=2),
+                  fail_at=23, times=99)
+    with pytest.raises(SourceUnreachable, match=r"part 0 of 1 epoch 0 after row 23: reading failed 3 times in a "
+                                                r"row \(ConnectionError.*data.stream_retries=2\)"):
+        _drain(down, 15, 4)
+
+
+def test_a_malformed_streamed_file_is_one_line_and_an_unreachable_hub_name_too(tmp_path):
+    """A line `datasets` cannot parse in a streamed JSONL (it reads blocks, so no row-wise skip) names the
+    source, the part and the last row read, and the way out; not retried as a network error. A hub name
+    that cannot be reached (offline here) is a config error, not a traceback."""
+    rows = [json.dumps(r) for r in pairs(30)]
+    rows[17] = '{"query": "q17", "pos": ["p17"'
+    f = write(tmp_path / "bad.jsonl", rows)
+    src = StreamingSource(spec(f), seed=0, rank=0, world=1, shuffle_buffer=1, on_error="skip", retry_wait_s=0)
+    with pytest.raises(DataError, match=r"part 0 of 1 epoch 0 after row 0: field '<block>': the `datasets` reader "
+                                        r"failed: ArrowInvalid: .*streaming: false") as e:
+        src.take(4)
+    assert src._failures == 0, e.value
+    with pytest.raises(ConfigError, match=r"data source hf:someone/no-such-dataset\[train\]: Couldn't reach"):
+        load(MixtureSource(dataset="someone/no-such-dataset", streaming=True), streaming=True)
