@@ -1,5 +1,5 @@
 """A job that stops moving says where each rank stands (``run.stall_report_s``, ``mine.stall_report_s``,
-``filter.stall_report_s``, ``synth.stall_report_s``).
+``filter.stall_report_s``, ``synth.stall_report_s``, ``eval.stall_report_s``).
 
 A multi-GPU job can stop making progress without failing: one rank blocked reading a file on a network
 filesystem while the others wait for it in a collective, a data thread that never returns, a GPU kernel that

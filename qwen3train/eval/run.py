@@ -53,6 +53,9 @@ class EvalConfig:
     ignore_identical_ids: bool | None = None
     write_runs: bool = True  # TREC run files of every model x collection under <output_dir>/runs
     update_cards: bool = True  # add each qwen3train export's results to its model card (README.md)
+    # when no text was encoded and no set scored for this many seconds: one line naming the
+    # model and set evaluated, then every thread's stack (qwen3train.stall); nothing is stopped. 0: off
+    stall_report_s: float = 900.0
 
     def __post_init__(self) -> None:
         from qwen3train.precision import precision_name
@@ -61,6 +64,8 @@ class EvalConfig:
         rerank_short = self.rerank_max_length is not None and self.rerank_max_length < 2
         if self.max_docs < 0 or self.max_length < 2 or rerank_short:
             raise ValueError("eval.max_docs must be >= 0, eval.max_length and eval.rerank_max_length >= 2")
+        if self.stall_report_s < 0:
+            raise ValueError("eval.stall_report_s must be >= 0 (0: no report)")
         if self.rerank_fusion is not None and not 0.0 <= self.rerank_fusion <= 1.0:
             raise ValueError(f"eval.rerank_fusion is the reranker's weight, in [0, 1]; got {self.rerank_fusion}")
 
@@ -92,6 +97,14 @@ def evaluate_sts(encoder: Encoder, path: str | Path, instruction: str = "Retriev
 
 
 def run(cfg: EvalConfig) -> list[dict]:
+    from qwen3train.stall import StallReport
+
+    with StallReport(cfg.stall_report_s, "evaluation", "eval.stall_report_s", "no text encoded, no set scored"):
+        return _run(cfg)
+
+
+def _run(cfg: EvalConfig) -> list[dict]:
+    from qwen3train import stall
     from qwen3train.data.collections import cap_corpus, load_collection
     from qwen3train.eval.pairs import evaluate_pairs
     from qwen3train.eval.rerank import evaluate_rerank
@@ -100,6 +113,7 @@ def run(cfg: EvalConfig) -> list[dict]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    stall.enter("the loading of the collections")
     collections = [cap_corpus(load_collection(c), cfg.max_docs) for c in cfg.collections]
     seen: dict[str, str] = {}  # weights -> the label that scored them
     for label, path in cfg.models.items():
@@ -114,18 +128,22 @@ def run(cfg: EvalConfig) -> list[dict]:
             print(f"eval: {label} has the weights of {twin}: its rows are {twin}'s", flush=True)
             continue
         for dim in [None] + list(cfg.dims):
+            stall.enter(f"the loading of {label}")
             enc = Encoder(path, max_length=cfg.max_length, dim=dim, precision=cfg.precision,
                           end_token=cfg.end_tokens.get(label), label=label)
             for col in collections:
+                stall.enter(f"{label}{f' (dim {dim})' if dim else ''} on {col.name}")
                 r = evaluate_collection(path, col, encoder=enc, cache_dir=cfg.cache_dir, dim=dim,
                                         ignore_identical_ids=cfg.ignore_identical_ids)
                 save_run(cfg, r.pop("run"), label, col.name, dim)
                 rows.append({"model": label, "dataset": r["dataset"], "dim": dim, **{k: r[k] for k in
                              ("ndcg@10", "recall@100", "mrr@10", "queries")}})
             for pf in cfg.pairs:
+                stall.enter(f"{label}{f' (dim {dim})' if dim else ''} on {dataset_name(pf)}")
                 r = evaluate_pairs(path, pf, encoder=enc)
                 rows.append({"model": label, "dataset": dataset_name(pf), "dim": dim, **r})
             for sf in cfg.sts:
+                stall.enter(f"{label}{f' (dim {dim})' if dim else ''} on {dataset_name(sf)}")
                 rows.append({"model": label, "dataset": dataset_name(sf), "dim": dim, **evaluate_sts(enc, sf)})
             del enc
             if torch.cuda.is_available():
@@ -134,6 +152,7 @@ def run(cfg: EvalConfig) -> list[dict]:
         from qwen3train.eval.bm25 import LABEL, evaluate_collection_bm25, evaluate_pairs_bm25
         from qwen3train.progress import Progress
 
+        stall.enter("bm25")
         with Progress(len(collections) + len(cfg.pairs), "bm25", "sets") as bar:
             for col in collections:
                 r = evaluate_collection_bm25(col, cfg.ignore_identical_ids)
@@ -155,6 +174,7 @@ def run(cfg: EvalConfig) -> list[dict]:
         if cfg.rerank_fusion_dev_file:
             from qwen3train.eval.rerank import choose_fusion
 
+            stall.enter(f"{label}: the choice of its fusion weight on {cfg.rerank_fusion_dev_file}")
             chosen = choose_fusion(cfg.rerank_retriever, path, cfg.rerank_fusion_dev_file, cache_dir=cfg.cache_dir, **kw)
             weight = chosen["weight"]
             out.mkdir(parents=True, exist_ok=True)
@@ -162,6 +182,7 @@ def run(cfg: EvalConfig) -> list[dict]:
             print(f"[eval] {label}: fusion weight {weight:.1f} chosen on {cfg.rerank_fusion_dev_file} "
                   f"(dev nDCG@10 {chosen['dev_ndcg@10']})", flush=True)
         for col in collections:
+            stall.enter(f"{label} reranking {col.name}")
             r = evaluate_rerank(cfg.rerank_retriever, path, col, cache_dir=cfg.cache_dir,
                                 ignore_identical_ids=cfg.ignore_identical_ids, fusion=weight, **kw)
             save_run(cfg, r.pop("run"), f"{label}-rerank-top{cfg.rerank_top_k}", col.name, None)

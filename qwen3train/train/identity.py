@@ -31,7 +31,8 @@ LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_
 # a run stopped by it resumes with a higher limit.
 LATE_NEUTRAL = ("run.final_engine_state", "data.prefetch", "data.stream_retries", "run.skip_nonfinite_steps", "engine.rehearse_memory",
                 "run.stall_report_s",
-                "stall_report_s")  # mining's and the filter's (their stage markers' configs have it at the top)
+                "stall_report_s",  # mining's, the filter's, evaluation's (their stage markers' configs have it at the top)
+                "eval.stall_report_s")  # the pipeline's evaluation section
 # How a batch is cut into micro batches: memory, not results, where the loss does not depend on the cut
 # (GradCache, the reranker: ``train.memory.loss_keeps``). A run stopped out of memory resumes with a smaller
 # micro batch; the hash still covers them (a finished stage with another cut is another run of the pipeline).

