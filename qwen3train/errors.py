@@ -7,7 +7,10 @@ Bugs keep their tracebacks.
 
 import contextlib
 import errno
+import os
 import shutil
+import socket
+import threading
 from pathlib import Path
 
 
@@ -48,6 +51,15 @@ def disk_full(e: BaseException) -> bool:
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
     return isinstance(e, RuntimeError) and any(k in str(e) for k in ("No space left", "file write failed",
                                                                      "Disk quota exceeded"))
+
+
+def private_tmp(path, suffix: str = ".tmp") -> Path:
+    """A hidden temporary name beside ``path`` that no other writer uses (host, process, thread). Two jobs may
+    write one file at once (stage-0 array jobs that finish together both assemble the pairs; two evaluations
+    fill one embedding cache): each writes its own temporary and the last rename wins, where a shared name let
+    one writer rename the other's half-written file into place and then fail on its own rename."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}{suffix}")
 
 
 @contextlib.contextmanager

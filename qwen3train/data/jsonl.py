@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qwen3train.errors import private_tmp
+
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Every object of a JSONL file, split on ``\\n`` only (texts may hold U+2028)."""
@@ -43,7 +45,7 @@ def iter_json_lines(path: str | Path):
 def write_jsonl(path: str | Path, rows) -> Path:
     """Write rows atomically: a hidden temporary file renamed into place, so a kill never leaves half a file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = private_tmp(path)
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qwen3train.errors import OutOfMemory
+from qwen3train.errors import OutOfMemory, private_tmp
 from qwen3train.models.fit import is_out_of_memory
 from qwen3train.precision import cpu_has_native_bf16
 
@@ -180,7 +180,7 @@ class Encoder:
             return torch.from_numpy(np.load(path))
         vec = self._full(texts, instruction)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
+        tmp = private_tmp(path, ".tmp.npy")
         np.save(tmp, vec.numpy())
         tmp.replace(path)
         return vec

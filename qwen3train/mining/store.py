@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen3train import dist, stall
-from qwen3train.errors import writing
+from qwen3train.errors import private_tmp, writing
 from qwen3train.eval.encoder import Encoder
 
 
@@ -41,10 +41,12 @@ def encode_to_store(enc: Encoder, texts: list[str], store: str | Path, *, instru
             path = parts / f"{c:06d}.npy"
             if path.exists():
                 continue  # finished before an interruption
+            if final.exists():
+                break  # another job sharing this store (same model and texts) assembled it meanwhile
             stall.enter(f"the encoding of {what} (chunk {c + 1} of {n_chunks})")
             chunk = texts[c * chunk_size:(c + 1) * chunk_size]
             vec = enc.encode_queries(chunk, instruction) if query else enc.encode_docs(chunk, instruction)
-            tmp = parts / f".{c:06d}.tmp.npy"
+            tmp = private_tmp(path, ".tmp.npy")
             with writing(path, tmp, kept="every finished chunk is kept"):
                 np.save(tmp, vec.numpy().astype(np.float32, copy=False))
             tmp.replace(path)
@@ -64,7 +66,7 @@ def _assemble(parts: Path, n_chunks: int, n: int, final: Path) -> None:
     """The chunks streamed into one ``.npy`` file in order (written sequentially, not through a memory map:
     a full disk is then an error naming the file, where a write into a mapped page kills the process)."""
     first = np.load(parts / f"{0:06d}.npy", mmap_mode="r")
-    tmp = final.with_name(f".{final.stem}.tmp.npy")
+    tmp = private_tmp(final, ".tmp.npy")
     with writing(final, tmp, kept=f"every encoded chunk is kept ({parts})"), open(tmp, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
                                                  "fortran_order": False, "shape": (n, first.shape[1])})
@@ -76,7 +78,7 @@ def _assemble(parts: Path, n_chunks: int, n: int, final: Path) -> None:
         if row != n:
             raise RuntimeError(f"embedding store {parts}: chunks hold {row} rows, expected {n}")
     tmp.replace(final)
-    shutil.rmtree(parts)
+    shutil.rmtree(parts, ignore_errors=True)  # a job sharing this store may have assembled it too
 
 
 def join_parts(parts: list[Path], final: Path) -> None:

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from qwen3train.data.records import text_hash
-from qwen3train.errors import writing
+from qwen3train.errors import private_tmp, writing
 from qwen3train.synth.parse import normalize
 
 
@@ -29,7 +29,7 @@ def dedupe(rows: list[dict], seen_exact: set, seen_norm: set) -> tuple[list[dict
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = private_tmp(path)
     with writing(path, tmp, kept="every finished shard is kept"):
         tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)

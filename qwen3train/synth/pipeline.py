@@ -1,7 +1,7 @@
 """SynthConfig and ``run``: passages -> personas -> LLM (two steps for retrieval) -> validated pairs.
 
 Work is split into shards of ``shard_size`` passages; a job takes the shards with
-``index % num_shards == shard_index`` (SLURM arrays: one job per index). A shard's pairs, rejects and
+``index % num_shards == shard_index`` (SLURM arrays: one job per index; the pairs equal one job's). A shard's pairs, rejects and
 stats are written to temporary files and renamed into place, pairs last, so a finished shard is one
 whose ``shard_*.jsonl`` exists; a rerun skips it, and a kill loses at most the shard in progress.
 When every shard exists, ``pairs.jsonl`` is assembled with exact and normalised de-duplication,
@@ -344,6 +344,10 @@ def run(cfg: SynthConfig, backend=None) -> Path:
             bar.close()
             if own:
                 backend.close()
-    if all((shard_dir / f"shard_{k:05d}.jsonl").exists() for k in range(n_shards)):
+    done = sum((shard_dir / f"shard_{k:05d}.jsonl").exists() for k in range(n_shards))
+    if done == n_shards:  # two jobs that finish together both assemble: each writes its own temporaries
         finalize(cfg, out, n_shards, corpus_stats, len(psg))
+    else:
+        print(f"synth: this job's {len(mine)} shards are done; {done} of {n_shards} exist: the job that finishes "
+              f"the last assembles {out / 'pairs.jsonl'} (rerunning any job does it once all exist)", flush=True)
     return out

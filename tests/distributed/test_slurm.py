@@ -95,3 +95,33 @@ def test_sbatch_template_refuses_an_unknown_stage(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "scripts" / "train_slurm.sh"), "stage9"], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 2 and proc.stderr.startswith("error: usage:")
+
+
+@pytest.mark.slow
+def test_synth_array_tasks_split_the_shards_and_the_last_assembles(tiny_model_dir, tmp_path):
+    """scripts/synth_slurm.sh as `sbatch --array=3-5:2` runs it (task ids 3 and 5): each task takes the
+    shards of its place in the array ((id - min) / step, not the raw id, which would be out of range), the
+    first says it leaves the assembly to the last, the last assembles. Extra overrides pass through ARGS.
+    Would catch a task index out of range (ids that do not start at 0), tasks taking the same shards, or
+    an early assembly."""
+    sys.path.insert(0, str(REPO / "tests" / "synth"))
+    from test_pipeline import corpus
+
+    docs = corpus(tmp_path / "c.jsonl", n=4)
+    out = tmp_path / "synth"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PY=sys.executable, MODEL=str(tiny_model_dir), TP="1", OUT=str(out), PYTHONWARNINGS="ignore",
+               OMP_NUM_THREADS="1", SLURM_ARRAY_TASK_COUNT="2", SLURM_ARRAY_TASK_MIN="3", SLURM_ARRAY_TASK_STEP="2",
+               ARGS="backend=transformers shard_size=1 passage_words=60 min_passage_words=5 sampling.max_new_tokens=8 "
+                    "task_mix={sts:1.0}")
+    shards = lambda: sorted(p.name for p in (out / "shards").glob("shard_?????.jsonl"))  # noqa: E731
+    first = subprocess.run(["bash", str(REPO / "scripts" / "synth_slurm.sh"), str(docs)], capture_output=True, text=True,
+                           env=dict(env, SLURM_ARRAY_TASK_ID="5"), timeout=300, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert shards() == ["shard_00001.jsonl", "shard_00003.jsonl"] and not (out / "pairs.jsonl").exists()
+    assert "this job's 2 shards are done; 2 of 4 exist" in first.stdout
+    last = subprocess.run(["bash", str(REPO / "scripts" / "synth_slurm.sh"), str(docs)], capture_output=True, text=True,
+                          env=dict(env, SLURM_ARRAY_TASK_ID="3"), timeout=300, cwd=REPO)
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert len(shards()) == 4 and (out / "pairs.jsonl").exists()
+    assert json.loads((out / "stats.json").read_text())["shards"] == 4

@@ -91,6 +91,43 @@ def test_shard_resume_after_kill_never_duplicates(tmp_path, tokenizer):
     assert len(keys) == len(set(keys))
 
 
+def test_an_array_of_jobs_equals_one_job(tmp_path, tokenizer, capsys):
+    """Stage 0 as a SLURM array (``num_shards=2``, one job per ``shard_index``): the first job writes its
+    shards and says it leaves the assembly to the last; the last assembles pairs equal to one job's. Two
+    jobs that finish together both assemble: each writes its own temporary files (a shared name let one
+    rename the other's half-written file into place and then fail). Would catch jobs that overlap or miss
+    shards, an early job assembling a partial file, or the race."""
+    import threading
+
+    from qwen3train.synth.assemble import write_atomic
+
+    want = read(run(cfg_for(tmp_path / "a"), backend=ScriptedBackend(tokenizer)) / "pairs.jsonl")
+    out = tmp_path / "b" / "out"
+    run(cfg_for(tmp_path / "b", num_shards=2, shard_index=1), backend=ScriptedBackend(tokenizer))
+    assert sorted(p.name for p in (out / "shards").glob("shard_?????.jsonl")) == ["shard_00001.jsonl",
+                                                                                  "shard_00003.jsonl"]
+    assert not (out / "pairs.jsonl").exists()
+    assert "this job's 2 shards are done; 2 of 5 exist: the job that finishes the last assembles" in capsys.readouterr().out
+    run(cfg_for(tmp_path / "b", num_shards=2, shard_index=0), backend=ScriptedBackend(tokenizer))
+    assert read(out / "pairs.jsonl") == want
+
+    text = (out / "pairs.jsonl").read_text() * 200  # long enough for the two writes to overlap
+    failed = []
+
+    def assemble():
+        for _ in range(10):
+            try:
+                write_atomic(out / "pairs.jsonl", text)
+            except Exception as e:  # noqa: BLE001 - what the test looks for
+                failed.append(repr(e))
+
+    both = [threading.Thread(target=assemble) for _ in range(2)]
+    [t.start() for t in both]
+    [t.join() for t in both]
+    assert failed == [] and (out / "pairs.jsonl").read_text() == text
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
 def test_outputs_schema_rejects_and_stats(tmp_path, tokenizer):
     out = run(cfg_for(tmp_path), backend=ScriptedBackend(tokenizer))
     pairs = read(out / "pairs.jsonl")
