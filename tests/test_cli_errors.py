@@ -48,6 +48,7 @@ CASES = {
                                  "data.mixture=[{{dataset: json, data_files: [{tmp}/notjson.jsonl], streaming: true}}]"],
                                 "field '<block>': the `datasets` reader failed: ArrowInvalid"),
     "negative stream retries": (["--config-name=stage1", "data.stream_retries=-1"], "data.stream_retries must be >= 0"),
+    "floor above the learning rate": (["--config-name=stage2", "optim.min_lr_ratio=1.5"], "optim.min_lr_ratio is a share"),
     "negative stall report in evaluation": (["--config-name=eval", "stall_report_s=-1"], "eval.stall_report_s must be >= 0"),
     "pipeline precision": (["--config-name=pipeline", "eval.precision=double"], "eval.precision must be one of"),
     # checked when the run knows its process count (it was a ValueError traceback and status 1)

@@ -31,6 +31,11 @@ class OptimConfig:
             raise ValueError(f"optim.schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio is a share of optim.lr, in [0, 1]; got {self.min_lr_ratio}")
+        if not 0.0 <= self.warmup_ratio < 1.0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError(f"optim.warmup_ratio must be in [0, 1), optim.warmup_steps and optim.weight_decay >= 0; "
+                             f"got {self.warmup_ratio}, {self.warmup_steps}, {self.weight_decay}")
 
 
 def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
