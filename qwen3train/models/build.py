@@ -251,6 +251,26 @@ def _apply_common(model, cfg: ModelConfig, train_precision: str | None):
     return model
 
 
+def query_template(cfg: ModelConfig, meta: dict, path: str, train_precision: str | None) -> str:
+    """How queries are joined to their instruction. For inference (evaluation, mining, the filter) the export's
+    own, when ``model.query_template`` is left at the default: a model trained with another template was
+    encoded with the default one, silently (the train/serve mismatch the official formats suffer from). For
+    training the config's (it is part of the run's identity), with a note when the export it starts from was
+    trained with another."""
+    trained = meta.get("query_template")
+    if not trained or trained == cfg.query_template:
+        return cfg.query_template
+    if train_precision is None and cfg.query_template == DEFAULT_QUERY_TEMPLATE:
+        return trained
+    if train_precision is not None:
+        from qwen3train import dist
+
+        if dist.is_main():
+            print(f"note: model.query_template={cfg.query_template!r}, but {path} was trained with {trained!r}",
+                  flush=True)
+    return cfg.query_template
+
+
 def build_embedder(cfg: ModelConfig, path: str | None = None, train_precision: str | None = None):
     """Load the decoder with ``AutoModel`` (a ``Qwen3ForCausalLM`` checkpoint gives ``Qwen3Model``).
 
@@ -265,9 +285,10 @@ def build_embedder(cfg: ModelConfig, path: str | None = None, train_precision: s
     backbone = pretrained(AutoModel, path, dtype=load_dtype(cfg, train_precision), attn_implementation=pack_kw.pop("attn"))
     backbone = _apply_common(backbone, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)
-    emb = Embedder(backbone, tokenizer, query_template=cfg.query_template,
+    meta = export_meta(path)
+    emb = Embedder(backbone, tokenizer, query_template=query_template(cfg, meta, path, train_precision),
                    max_query_length=cfg.max_query_length, max_doc_length=cfg.max_doc_length,
-                   padding_side=cfg.padding_side, end_token=cfg.end_token or export_meta(path).get("end_token"),
+                   padding_side=cfg.padding_side, end_token=cfg.end_token or meta.get("end_token"),
                    length_buckets=cfg.length_buckets, **pack_kw)
     emb.export_dtype = DTYPES[cfg.dtype]
     return emb

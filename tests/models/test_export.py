@@ -135,3 +135,28 @@ def test_reranker_export_is_a_sentence_transformers_cross_encoder(tiny_model_dir
 
     assert AutoTokenizer.from_pretrained(out).apply_chat_template([{"role": "user", "content": "hi"}],
                                                                    tokenize=False) == chat
+
+
+def test_a_custom_query_template_is_what_evaluation_encodes_with(tiny_model_dir, tmp_path, capsys):
+    """A model trained with its own ``model.query_template`` (here E5's ``query: {query}`` after the
+    instruction) is exported with it; evaluation, mining and the filter (``Encoder``, built from the export
+    with the default setting) encode queries with that template, as sentence-transformers' ``query`` prompt
+    does, not with the default one. Training from such an export with another template says so. Would catch
+    the export's template ignored at inference (queries encoded in a format the model never saw)."""
+    from sentence_transformers import SentenceTransformer
+
+    from qwen3train.eval.encoder import Encoder
+
+    template = "{instruction} || query: {query}"
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), max_query_length=64, max_doc_length=64, query_template=template)
+    out = export_embedder(build_embedder(cfg), tmp_path / "emb", instruction=INSTR)
+    enc = Encoder(out, max_length=64)
+    assert enc.model.query_template == template
+    ours = enc.encode_queries(QUERIES, INSTR)
+    st = torch.as_tensor(SentenceTransformer(str(out), device="cpu").encode(QUERIES, prompt_name="query"))
+    assert (ours - st).abs().max() <= 1e-5
+    default = build_embedder(ModelConfig(name_or_path=str(tiny_model_dir), max_query_length=64, max_doc_length=64))
+    assert (ours - default.encode(QUERIES, instruction=INSTR)).abs().max() > 1e-3  # the template matters
+    trained = build_embedder(ModelConfig(name_or_path=str(out), max_query_length=64, max_doc_length=64),
+                             train_precision="fp32")
+    assert trained.query_template != template and "was trained with '{instruction} || query: {query}'" in capsys.readouterr().out
