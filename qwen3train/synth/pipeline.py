@@ -348,6 +348,6 @@ def run(cfg: SynthConfig, backend=None) -> Path:
     if done == n_shards:  # two jobs that finish together both assemble: each writes its own temporaries
         finalize(cfg, out, n_shards, corpus_stats, len(psg))
     else:
-        print(f"synth: this job's {len(mine)} shards are done; {done} of {n_shards} exist: the job that finishes "
-              f"the last assembles {out / 'pairs.jsonl'} (rerunning any job does it once all exist)", flush=True)
+        print(f"synth: this job is done ({len(mine)} of the {n_shards} shards); {done} of them exist: the job that "
+              f"finishes the last assembles {out / 'pairs.jsonl'} (rerunning any job does it once all exist)", flush=True)
     return out

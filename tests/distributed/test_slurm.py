@@ -107,7 +107,7 @@ def test_synth_array_tasks_split_the_shards_and_the_last_assembles(tiny_model_di
     sys.path.insert(0, str(REPO / "tests" / "synth"))
     from test_pipeline import corpus
 
-    docs = corpus(tmp_path / "c.jsonl", n=4)
+    docs = corpus(tmp_path / "c.jsonl", n=3)
     out = tmp_path / "synth"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PY=sys.executable, MODEL=str(tiny_model_dir), TP="1", OUT=str(out), PYTHONWARNINGS="ignore",
@@ -118,10 +118,10 @@ def test_synth_array_tasks_split_the_shards_and_the_last_assembles(tiny_model_di
     first = subprocess.run(["bash", str(REPO / "scripts" / "synth_slurm.sh"), str(docs)], capture_output=True, text=True,
                            env=dict(env, SLURM_ARRAY_TASK_ID="5"), timeout=300, cwd=REPO)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert shards() == ["shard_00001.jsonl", "shard_00003.jsonl"] and not (out / "pairs.jsonl").exists()
-    assert "this job's 2 shards are done; 2 of 4 exist" in first.stdout
+    assert shards() == ["shard_00001.jsonl"] and not (out / "pairs.jsonl").exists()
+    assert "this job is done (1 of the 3 shards); 1 of them exist" in first.stdout
     last = subprocess.run(["bash", str(REPO / "scripts" / "synth_slurm.sh"), str(docs)], capture_output=True, text=True,
                           env=dict(env, SLURM_ARRAY_TASK_ID="3"), timeout=300, cwd=REPO)
     assert last.returncode == 0, last.stderr[-3000:]
-    assert len(shards()) == 4 and (out / "pairs.jsonl").exists()
-    assert json.loads((out / "stats.json").read_text())["shards"] == 4
+    assert len(shards()) == 3 and (out / "pairs.jsonl").exists()
+    assert json.loads((out / "stats.json").read_text())["shards"] == 3

@@ -107,7 +107,7 @@ def test_an_array_of_jobs_equals_one_job(tmp_path, tokenizer, capsys):
     assert sorted(p.name for p in (out / "shards").glob("shard_?????.jsonl")) == ["shard_00001.jsonl",
                                                                                   "shard_00003.jsonl"]
     assert not (out / "pairs.jsonl").exists()
-    assert "this job's 2 shards are done; 2 of 5 exist: the job that finishes the last assembles" in capsys.readouterr().out
+    assert "this job is done (2 of the 5 shards); 2 of them exist: the job that finishes the last" in capsys.readouterr().out
     run(cfg_for(tmp_path / "b", num_shards=2, shard_index=0), backend=ScriptedBackend(tokenizer))
     assert read(out / "pairs.jsonl") == want
 
