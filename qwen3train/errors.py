@@ -53,6 +53,14 @@ def disk_full(e: BaseException) -> bool:
                                                                      "Disk quota exceeded"))
 
 
+def at_least(section: str, **limits: tuple[float | None, float]) -> None:
+    """Schema checks: ``at_least("mine", chunk_size=(cfg.chunk_size, 1))`` raises the one-line ValueError
+    ``mine.chunk_size must be >= 1, got 0`` for the first setting below its floor (None: unset, not checked)."""
+    for name, (value, low) in limits.items():
+        if value is not None and value < low:
+            raise ValueError(f"{section}.{name} must be >= {low:g}, got {value}")
+
+
 def private_tmp(path, suffix: str = ".tmp") -> Path:
     """A hidden temporary name beside ``path`` that no other writer uses (host, process, thread). Two jobs may
     write one file at once (stage-0 array jobs that finish together both assemble the pairs; two evaluations

@@ -49,6 +49,16 @@ CASES = {
                                 "field '<block>': the `datasets` reader failed: ArrowInvalid"),
     "negative stream retries": (["--config-name=stage1", "data.stream_retries=-1"], "data.stream_retries must be >= 0"),
     "floor above the learning rate": (["--config-name=stage2", "optim.min_lr_ratio=1.5"], "optim.min_lr_ratio is a share"),
+    # values no run can use, refused before anything loads (they were tracebacks deep in a run, or silently
+    # wrong: a negative Matryoshka dim sliced from the end, num_negatives=-1 dropped the last negative)
+    "no room for content": (["--config-name=stage1", "model.max_doc_length=1"], "model.max_doc_length must be >= 2"),
+    "a beta of Adam above 1": (["--config-name=stage1", "optim.betas=[1.5,0.9]"], "optim.betas must be two numbers"),
+    "LoRA of rank 0": (["--config-name=stage1", "model.lora.r=0"], "model.lora.r must be >= 1"),
+    "negative negatives to mine": (["--config-name=mine", "num_negatives=-1"], "mine.num_negatives must be >= 1"),
+    "empty encoding chunks": (["--config-name=filter", "batch_size=0"], "filter.batch_size must be >= 1"),
+    "a negative Matryoshka dimension": (["--config-name=eval", "dims=[64,-8]"], "eval.dims must be >= 1, got -8"),
+    "empty stage-0 shards": (["--config-name=synth", "shard_size=0"], "synth.shard_size must be >= 1"),
+    "everything held out": (["--config-name=synth", "heldout_fraction=1.5"], "synth.heldout_fraction must be in [0, 1)"),
     "negative stall report in evaluation": (["--config-name=eval", "stall_report_s=-1"], "eval.stall_report_s must be >= 0"),
     "pipeline precision": (["--config-name=pipeline", "eval.precision=double"], "eval.precision must be one of"),
     # checked when the run knows its process count (it was a ValueError traceback and status 1)

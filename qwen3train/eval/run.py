@@ -66,6 +66,9 @@ class EvalConfig:
             raise ValueError("eval.max_docs must be >= 0, eval.max_length and eval.rerank_max_length >= 2")
         if self.stall_report_s < 0:
             raise ValueError("eval.stall_report_s must be >= 0 (0: no report)")
+        from qwen3train.errors import at_least
+
+        at_least("eval", rerank_top_k=(self.rerank_top_k, 1), dims=(min(self.dims, default=None), 1))
         if self.rerank_fusion is not None and not 0.0 <= self.rerank_fusion <= 1.0:
             raise ValueError(f"eval.rerank_fusion is the reranker's weight, in [0, 1]; got {self.rerank_fusion}")
 

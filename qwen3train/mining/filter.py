@@ -55,6 +55,9 @@ class FilterConfig:
             raise ValueError(f"filter.threshold is a cosine, between -1 and 1; got {self.threshold}")
         if self.stall_report_s < 0:
             raise ValueError("filter.stall_report_s must be >= 0 (0: no report)")
+        from qwen3train.errors import at_least
+
+        at_least("filter", batch_size=(self.batch_size, 1))
 
 
 def score_pairs(encoder: Encoder, records, instructions: Instructions | None = None) -> torch.Tensor:

@@ -83,6 +83,14 @@ class MineConfig:
             raise ValueError("mine needs 0 <= range_min < range_max")
         if self.stall_report_s < 0:
             raise ValueError("mine.stall_report_s must be >= 0 (0: no report)")
+        from qwen3train.errors import at_least
+
+        at_least("mine", num_negatives=(self.num_negatives, 1), query_block=(self.query_block, 1),
+                 chunk_size=(self.chunk_size, 1), sample=(self.sample, 0))
+        if self.max_score_ratio is not None and self.max_score_ratio <= 0:
+            raise ValueError(f"mine.max_score_ratio must be > 0 (null: no ratio rule), got {self.max_score_ratio}")
+        if not 0.0 <= self.rerank_max_prob <= 1.0:
+            raise ValueError(f"mine.rerank_max_prob is a probability, in [0, 1]; got {self.rerank_max_prob}")
 
 
 def load_corpus(paths: list[str]) -> list[str]:

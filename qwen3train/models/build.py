@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwen3train.errors import ConfigError
+from qwen3train.errors import ConfigError, at_least
 from qwen3train.text import DEFAULT_INSTRUCTION, DEFAULT_QUERY_TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,13 @@ class ModelConfig:
             raise ValueError(f"model.length_buckets must be >= 1, got {self.length_buckets}")
         if "{query}" not in self.query_template:
             raise ValueError(f"model.query_template must contain {{query}}: {self.query_template!r}")
+        # a budget holds the end token and at least one token of content
+        at_least("model", max_query_length=(self.max_query_length, 2), max_doc_length=(self.max_doc_length, 2))
+        lora = self.lora if isinstance(self.lora, LoraConfig) else LoraConfig(**dict(self.lora))
+        at_least("model.lora", r=(lora.r, 1))
+        if lora.alpha <= 0 or not 0.0 <= lora.dropout < 1.0:
+            raise ValueError(f"model.lora.alpha must be > 0 and model.lora.dropout in [0, 1); got {lora.alpha}, "
+                             f"{lora.dropout}")
 
     @property
     def weights_path(self) -> str:

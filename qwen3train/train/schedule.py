@@ -31,6 +31,9 @@ class OptimConfig:
             raise ValueError(f"optim.schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas) or self.eps < 0:
+            raise ValueError(f"optim.betas must be two numbers in [0, 1) and optim.eps >= 0; got {list(self.betas)}, "
+                             f"{self.eps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio is a share of optim.lr, in [0, 1]; got {self.min_lr_ratio}")
         if not 0.0 <= self.warmup_ratio < 1.0 or self.warmup_steps < 0 or self.weight_decay < 0:
