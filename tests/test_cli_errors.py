@@ -59,6 +59,8 @@ CASES = {
     "a negative Matryoshka dimension": (["--config-name=eval", "dims=[64,-8]"], "eval.dims must be >= 1, got -8"),
     "empty stage-0 shards": (["--config-name=synth", "shard_size=0"], "synth.shard_size must be >= 1"),
     "everything held out": (["--config-name=synth", "heldout_fraction=1.5"], "synth.heldout_fraction must be in [0, 1)"),
+    "bad record in a prepare source": (["--config-name=prepare", "sources=[{{path:{bad}}}]", "output={tmp}/mix.jsonl"],
+                                       "bad.jsonl:1: field 'pos'"),
     "negative stall report in evaluation": (["--config-name=eval", "stall_report_s=-1"], "eval.stall_report_s must be >= 0"),
     "pipeline precision": (["--config-name=pipeline", "eval.precision=double"], "eval.precision must be one of"),
     # checked when the run knows its process count (it was a ValueError traceback and status 1)

@@ -16,7 +16,7 @@ import numpy as np
 
 from qwen3train.data.collections import load_collection
 from qwen3train.data.instructions import REGISTRY
-from qwen3train.data.records import DataError, parse_record
+from qwen3train.data.records import DataError, parse_json_line
 from qwen3train.data.sources import expand_files
 
 
@@ -27,15 +27,33 @@ class SourceConfig:
     instruction: str | None = None
     weight: float = 1.0
     count: int = 0  # exact number of records (sampled with replacement if larger than the source)
-    min_relevance: int = 1
+    min_relevance: int = 1  # a collection's documents judged at least this relevant are positives
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.count < 0 or self.min_relevance < 1:
+            raise ValueError(f"prepare source {self.path}: weight and count must be >= 0 and min_relevance >= 1; got "
+                             f"{self.weight}, {self.count}, {self.min_relevance}")
 
 
 @dataclass
 class PrepareConfig:
+    """``on_error``: ``raise`` (a bad JSONL record stops with its ``file:line`` and field) or ``skip`` (counted,
+    said, and kept with the reason in ``<output stem>_rejects.jsonl``)."""
+
     sources: list[SourceConfig] = field(default_factory=list)
     output: str = "outputs/prepare/stage2.jsonl"
     total: int = 0  # with weights: total records of the mix (0: every record of every source once)
     seed: int = 0
+    on_error: str = "raise"
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"prepare.on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.total < 0:
+            raise ValueError(f"prepare.total must be >= 0, got {self.total}")
+        weighted = [s for s in self.sources if not getattr(s, "count", 0)]
+        if self.total and weighted and sum(getattr(s, "weight", 1.0) for s in weighted) <= 0:
+            raise ValueError("prepare.total shares the records by weight: the sources without a count need a weight > 0")
 
 
 def import_collection(path: str | Path, task: str | None, instruction: str | None, min_relevance: int):
@@ -56,25 +74,31 @@ def import_collection(path: str | Path, task: str | None, instruction: str | Non
     return rows, {"source": str(path), "rows": len(rows), "queries_without_positive": no_pos, **col.missing}
 
 
-def import_jsonl(path: str, task: str | None, instruction: str | None):
-    """Validated training JSONL (our schema / FlagEmbedding's; ``prompt`` is read as the instruction).
-    Bad records are counted and left out (the prepare summary reports them)."""
+def import_jsonl(path: str, task: str | None, instruction: str | None, on_error: str = "skip",
+                 rejects: list | None = None):
+    """Validated training JSONL (our schema / FlagEmbedding's; ``prompt`` is read as the instruction). A bad
+    record raises its ``file:line`` and field (``on_error="raise"``) or is counted, left out and appended to
+    ``rejects`` with the reason."""
     rows, rejected = [], 0
     for p in expand_files([path]):
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
+        with open(p, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
                 try:
-                    obj = json.loads(line)
-                    r = parse_record(obj, f"{p}:{lineno}")
-                except (json.JSONDecodeError, DataError):
+                    r = parse_json_line(raw, f"{p}:{lineno}")
+                except DataError as e:
+                    if on_error == "raise":
+                        raise
                     rejected += 1
+                    if rejects is not None:
+                        rejects.append({"where": e.where, "field": e.field, "error": e.reason,
+                                        "raw": raw.decode("utf-8", "replace").rstrip("\n")})
                     continue
                 row = {"query": r.query, "pos": r.pos, "task": task or r.task}
                 if r.neg:
                     row["neg"] = r.neg
-                ins = instruction or r.instruction or obj.get("prompt")
+                ins = instruction or r.instruction  # FlagEmbedding's "prompt" is read as one
                 if ins:
                     row["instruction"] = ins
                 if r.type:
@@ -84,14 +108,20 @@ def import_jsonl(path: str, task: str | None, instruction: str | None):
 
 
 def run_prepare(cfg: PrepareConfig) -> dict:
+    from qwen3train.errors import ConfigError, private_tmp
+
     rng = np.random.default_rng(cfg.seed)
-    parts, report = [], []
+    parts, report, rejects = [], [], []
     for s in cfg.sources:
         p = Path(s.path)
         if p.is_dir():
             rows, st = import_collection(p, s.task, s.instruction, s.min_relevance)
         else:
-            rows, st = import_jsonl(s.path, s.task, s.instruction)
+            rows, st = import_jsonl(s.path, s.task, s.instruction, cfg.on_error, rejects)
+        if not rows:  # a source that gives nothing is a mistake in its setting, not a silent no-op
+            why = (f"{st.get('queries_without_positive', 0)} queries without a document judged >= min_relevance="
+                   f"{s.min_relevance}" if p.is_dir() else f"{st['rejected']} records rejected")
+            raise ConfigError(f"prepare source {s.path}: no records ({why})")
         parts.append((s, rows))
         report.append(st)
     total_w = sum(s.weight for s, _ in parts if not s.count)
@@ -106,11 +136,21 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     order = rng.permutation(len(mixed))
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = private_tmp(out)
     with open(tmp, "w", encoding="utf-8") as f:
         for i in order.tolist():
             f.write(json.dumps(mixed[i], ensure_ascii=False) + "\n")
     tmp.replace(out)
     summary = {"output": str(out), "records": len(mixed), "sources": report}
+    rejects_file = out.with_name(out.stem + "_rejects.jsonl")
+    if rejects:
+        rejects_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects), encoding="utf-8")
+        summary["rejects_file"] = str(rejects_file)
     out.with_name(out.stem + "_summary.json").write_text(json.dumps(summary, indent=2))
+    for st in report:
+        notes = [f"{st[k]} {k.replace('_', ' ')}" for k in ("rejected", "queries_without_positive") if st.get(k)]
+        print(f"prepare: {st['source']}: {st['rows']} records, {st.get('taken', 0)} taken"
+              + (f" ({', '.join(notes)})" if notes else ""), flush=True)
+    print(f"prepare: {len(mixed)} records -> {out}" + (f"; rejected records kept in {rejects_file}" if rejects else ""),
+          flush=True)
     return summary

@@ -100,3 +100,29 @@ def test_cap_corpus_keeps_relevant_documents_and_consistent_qrels():
     many = Collection("many", corpus, {"q": "x"}, {"q": {f"d{i}": 1 for i in range(60)}})
     capped = cap_corpus(many, 20)  # 60 relevant > half the budget: 10 relevant + 10 distractors
     assert sum(d in capped.qrels["q"] for d in capped.corpus) == 10 and len(capped.corpus) == 20
+
+
+def test_prepare_stops_on_a_bad_record_or_keeps_it_with_skip(tmp_path, capsys):
+    """``make prepare`` used to drop a bad JSONL record silently (a count in the summary file, nothing said,
+    nothing kept), and a source that gave nothing (a collection read with too high a ``min_relevance``) was
+    left out without a word. Now: the record's ``file:line`` and field stop it (``on_error=raise``, the
+    default, as in training); with ``skip`` it is counted, said and kept with its reason; an empty source is
+    an error naming why."""
+    from qwen3train.data.records import DataError
+    from qwen3train.errors import ConfigError
+
+    f = tmp_path / "fe.jsonl"
+    f.write_text('{"query": "q0", "pos": ["p0"]}\n{"query": "bad", "pos": "not a list"}\n{"query": "q2", "pos": ["p2"]}\n')
+    with pytest.raises(DataError, match=r"fe.jsonl:2: field 'pos': must be a list of strings"):
+        run_prepare(PrepareConfig(sources=[SourceConfig(path=str(f))], output=str(tmp_path / "a.jsonl")))
+    summary = run_prepare(PrepareConfig(sources=[SourceConfig(path=str(f))], output=str(tmp_path / "b.jsonl"),
+                                        on_error="skip"))
+    assert summary["records"] == 2 and summary["sources"][0]["rejected"] == 1
+    kept = [json.loads(x) for x in (tmp_path / "b_rejects.jsonl").read_text().splitlines()]
+    assert len(kept) == 1 and kept[0]["where"].endswith("fe.jsonl:2") and kept[0]["field"] == "pos"
+    assert kept[0]["raw"] == '{"query": "bad", "pos": "not a list"}'
+    out = capsys.readouterr().out
+    assert "fe.jsonl: 2 records, 2 taken (1 rejected)" in out and "rejected records kept in" in out
+    with pytest.raises(ConfigError, match=r"no records \(\d+ queries without a document judged >= min_relevance=5\)"):
+        run_prepare(PrepareConfig(sources=[SourceConfig(path=str(DATA / "vaswani"), min_relevance=5)],
+                                  output=str(tmp_path / "c.jsonl")))
