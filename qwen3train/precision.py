@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from qwen3train.errors import ConfigError
 
 TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
 # One vocabulary for every precision setting (training, evaluation, mining, filtering, MTEB, merge
@@ -73,6 +74,6 @@ def resolve_train_precision(precision: str, model_dtype: str, device_type: str |
         return "fp32"
     if precision == "bf16":
         if device_type == "cuda" and not native_bf16("cuda"):
-            raise ValueError("engine.precision=bf16: this GPU does not compute bf16; use engine.precision=fp32")
+            raise ConfigError("engine.precision=bf16: this GPU does not compute bf16; use engine.precision=fp32")
         return "bf16"
     return "bf16" if model_dtype == "bfloat16" and native_bf16(device_type) else "fp32"

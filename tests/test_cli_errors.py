@@ -59,6 +59,12 @@ CASES = {
     "a negative Matryoshka dimension": (["--config-name=eval", "dims=[64,-8]"], "eval.dims must be >= 1, got -8"),
     "empty stage-0 shards": (["--config-name=synth", "shard_size=0"], "synth.shard_size must be >= 1"),
     "everything held out": (["--config-name=synth", "heldout_fraction=1.5"], "synth.heldout_fraction must be in [0, 1)"),
+    # user settings met after the config was read (they were ValueError tracebacks; errors.ConfigError now)
+    "reranker without negatives": (["--config-name=rerank", "model.name_or_path={model}", "model.init_from=null",
+                                    "data.train_files=[{pairs}]", "data.num_hard_negatives=0",
+                                    "run.output_dir={tmp}/rr"], "the reranker needs data.num_hard_negatives >= 1"),
+    "a query template that does not end with the query": (["--config-name=stage1", "model.query_template='{{query}} ({{instruction}})'"],
+                                                           "model.query_template must end with {query}"),
     "bad record in a prepare source": (["--config-name=prepare", "sources=[{{path:{bad}}}]", "output={tmp}/mix.jsonl"],
                                        "bad.jsonl:1: field 'pos'"),
     "negative stall report in evaluation": (["--config-name=eval", "stall_report_s=-1"], "eval.stall_report_s must be >= 0"),

@@ -16,6 +16,7 @@ import torch
 from qwen3train.data.instructions import Instructions
 from qwen3train.data.records import Record, doc_hash
 from qwen3train.text import DEFAULT_QUERY_TEMPLATE, format_query
+from qwen3train.errors import ConfigError
 
 Row = tuple[int, Record, int]  # (record index, record, which positive)
 # What a batch carries besides its tokens, made once and reused (``train.loop.prepare_batch``, on the data thread):
@@ -115,7 +116,7 @@ class RerankCollator:
     def __init__(self, encode: Callable[..., list[list[int]]], instructions: Instructions, *, k: int,
                  seed: int) -> None:
         if k < 1:
-            raise ValueError("the reranker needs data.num_hard_negatives >= 1 (groups of 1 positive + n negatives)")
+            raise ConfigError("the reranker needs data.num_hard_negatives >= 1 (groups of 1 positive + n negatives)")
         self.encode, self.instructions, self.k, self.seed = encode, instructions, k, seed
 
     def __call__(self, rows: Sequence[Row], epoch: int) -> RerankBatch:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qwen3train.data.jsonl import iter_json_lines, read_text
 from qwen3train.data.records import DataError
+from qwen3train.errors import ConfigError
 
 
 @dataclass
@@ -64,12 +65,12 @@ def load_beir(folder: str | Path, split: str = "test") -> Collection:
     corpus = {}
     for lineno, obj in iter_json_lines(folder / "corpus.jsonl"):
         if "_id" not in obj or not isinstance(obj.get("text"), str):
-            raise ValueError(f"{folder / 'corpus.jsonl'}:{lineno}: needs '_id' and a string 'text'")
+            raise ConfigError(f"{folder / 'corpus.jsonl'}:{lineno}: needs '_id' and a string 'text'")
         corpus[str(obj["_id"])] = f"{obj['title']} {obj['text']}".strip() if obj.get("title") else obj["text"]
     queries = {}
     for lineno, obj in iter_json_lines(folder / "queries.jsonl"):
         if "_id" not in obj or not isinstance(obj.get("text"), str):
-            raise ValueError(f"{folder / 'queries.jsonl'}:{lineno}: needs '_id' and a string 'text'")
+            raise ConfigError(f"{folder / 'queries.jsonl'}:{lineno}: needs '_id' and a string 'text'")
         queries[str(obj["_id"])] = obj["text"]
     return _prune(Collection(folder.name, corpus, queries, _qrels(folder / "qrels" / f"{split}.tsv", trec=False)))
 
@@ -80,7 +81,7 @@ def load_trec(docs: str | Path, topics: str | Path, qrels: str | Path, name: str
     corpus = {m.group(1).strip(): " ".join(m.group(2).split())
               for m in re.finditer(r"<DOC>\s*<DOCNO>(.*?)</DOCNO>(.*?)</DOC>", text, flags=re.S)}
     if not corpus:
-        raise ValueError(f"{docs}: no <DOC><DOCNO>..</DOCNO>..</DOC> records")
+        raise ConfigError(f"{docs}: no <DOC><DOCNO>..</DOCNO>..</DOC> records")
     ttext = read_text(topics)
     queries = {}
     for m in re.finditer(r"<top>(.*?)</top>", ttext, flags=re.S):
@@ -88,7 +89,7 @@ def load_trec(docs: str | Path, topics: str | Path, qrels: str | Path, name: str
         title = re.search(r"<title>\s*(.*?)\s*(?:</title>|<desc>|$)", m.group(1), flags=re.S)
         if not num or not title:
             line = ttext[: m.start()].count("\n") + 1
-            raise ValueError(f"{topics}:{line}: topic without <num> or <title>")
+            raise ConfigError(f"{topics}:{line}: topic without <num> or <title>")
         queries[num.group(1).strip()] = " ".join(title.group(1).split())
     return _prune(Collection(name or docs.parent.name, corpus, queries, _qrels(qrels, trec=True)))
 
@@ -102,7 +103,7 @@ def load_collection(spec: str | Path) -> Collection:
     topics = sorted(p.glob("*query*.trec")) or sorted(p.glob("*topics*"))
     if trec_docs and topics and (p / "qrels").exists():
         return load_trec(trec_docs[0], topics[0], p / "qrels", name=p.name)
-    raise ValueError(f"{p}: neither a BEIR folder (corpus.jsonl, queries.jsonl, qrels/) nor a TREC folder")
+    raise ConfigError(f"{p}: neither a BEIR folder (corpus.jsonl, queries.jsonl, qrels/) nor a TREC folder")
 
 
 def cap_corpus(col: Collection, max_docs: int, seed: int = 0) -> Collection:

@@ -20,6 +20,7 @@ import numpy as np
 from qwen3train.data import index
 from qwen3train.data.hf import DatasetRef
 from qwen3train.data.records import DataError, Record, parse_json_line, parse_record
+from qwen3train.errors import ConfigError
 
 
 @dataclass
@@ -105,7 +106,7 @@ def expand_files(patterns: list[str]) -> list[Path]:
             raise FileNotFoundError(f"data file not found: {pat}")
         out += [Path(h) for h in hits]
     if not out:
-        raise ValueError("data.train_files is empty")
+        raise ConfigError("data.train_files is empty")
     return out
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from qwen3train.errors import ConfigError
 
 OBJECTIVES = ("sft", "binary", "listwise")
 
@@ -35,7 +36,7 @@ def rerank_loss(z: torch.Tensor, objective: str, temperature: float = 1.0) -> to
             raise ValueError("the sft objective needs the full-vocabulary logsumexp column")
         target = torch.where(labels.bool(), z[..., 1], z[..., 0])
         return (z[..., 2] - target).mean()
-    raise ValueError(f"unknown reranker objective {objective!r}; known: {OBJECTIVES}")
+    raise ConfigError(f"unknown reranker objective {objective!r}; known: {OBJECTIVES}")
 
 
 @dataclass

@@ -7,6 +7,7 @@ coefficients of the output as a linear combination of the inputs (see ``gram.py`
 from __future__ import annotations
 
 from qwen3train.merge import linear, multislerp, running_slerp, slerp
+from qwen3train.errors import ConfigError
 
 METHODS = {
     "slerp": slerp.coefficients,
@@ -18,5 +19,5 @@ METHODS = {
 
 def get_method(name: str):
     if name not in METHODS:
-        raise ValueError(f"unknown merge method {name!r}; known: {sorted(METHODS)}")
+        raise ConfigError(f"unknown merge method {name!r}; known: {sorted(METHODS)}")
     return METHODS[name]

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from qwen3train.errors import ConfigError
 from qwen3train.merge.apply import MergeConfig, merge_folders, select_checkpoints
 
 
@@ -13,9 +14,8 @@ def resolve_inputs(cfg: MergeConfig) -> list[Path]:
     if cfg.inputs:
         return [Path(p) for p in cfg.inputs]
     if not cfg.run_dir:
-        raise ValueError("merge: set inputs=[...] or run_dir=<training run>")
+        raise ConfigError("merge: set inputs=[...] or run_dir=<training run>")
     if cfg.select.best > 0:
-        from qwen3train.errors import ConfigError
         from qwen3train.train.checkpoint import step_dir
         from qwen3train.train.dev_eval import ranked_checkpoints
 
@@ -80,7 +80,6 @@ def _select_by_dev(cfg: MergeConfig, inputs: list[Path], out: Path, kw: dict) ->
     kept improving): when the best merge does not beat the best input checkpoint -- by its dev mean, and
     with ``confidence`` > 0 also with that probability under a paired bootstrap over the dev queries --
     that checkpoint is the output, and ``merge_selection.json`` says so (``fallback: true``)."""
-    from qwen3train.errors import ConfigError
     from qwen3train.eval.encoder import Encoder
     from qwen3train.eval.pairs import evaluate_pairs
     from qwen3train.models.build import export_meta

@@ -15,6 +15,7 @@ import math
 import torch
 
 from qwen3train.merge.gram import combine, gram
+from qwen3train.errors import ConfigError
 
 EPS = 1e-6
 
@@ -40,5 +41,5 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, eps: float = EPS) -> torch
 def coefficients(g: torch.Tensor, weights: torch.Tensor, t: float) -> torch.Tensor:
     """Registry entry: exactly two inputs, interpolation parameter ``t``."""
     if g.shape[0] != 2:
-        raise ValueError(f"slerp merges exactly 2 inputs, got {g.shape[0]}; use running_slerp or multislerp")
+        raise ConfigError(f"slerp merges exactly 2 inputs, got {g.shape[0]}; use running_slerp or multislerp")
     return slerp_coefficients(g, t)

@@ -112,8 +112,9 @@ class ModelConfig:
             raise ValueError(f"model.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.length_buckets is not None and self.length_buckets < 1:
             raise ValueError(f"model.length_buckets must be >= 1, got {self.length_buckets}")
-        if "{query}" not in self.query_template:
-            raise ValueError(f"model.query_template must contain {{query}}: {self.query_template!r}")
+        if not self.query_template.endswith("{query}"):  # an export serves it as sentence-transformers' prompt
+            raise ValueError(f"model.query_template must end with {{query}} (an export's query prompt is what comes "
+                             f"before it): {self.query_template!r}")
         # a budget holds the end token and at least one token of content
         at_least("model", max_query_length=(self.max_query_length, 2), max_doc_length=(self.max_doc_length, 2))
         lora = self.lora if isinstance(self.lora, LoraConfig) else LoraConfig(**dict(self.lora))

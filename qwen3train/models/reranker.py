@@ -97,7 +97,7 @@ class Reranker(nn.Module):
         self.yes_id, self.no_id = yes_no_ids(tokenizer)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         if self.max_length <= len(self.prefix_ids) + len(self.suffix_ids) + 8:
-            raise ValueError(f"max_length {max_length} leaves no room for the query and document")
+            raise ConfigError(f"max_length {max_length} leaves no room for the query and document")
 
     @property
     def device(self) -> torch.device:

