@@ -110,7 +110,8 @@ def test_an_evaluation_that_stops_moving_names_the_model_and_the_set(tmp_path, c
                           cache_dir=None, update_cards=False, write_runs=False, stall_report_s=0.5))
     assert len(rows) == 1 and rows[0]["model"] == "minilm"
     err = capfd.readouterr().err
+    # once for the held read (a loaded machine may add one while the pairs are encoded: once per stall)
     lines = [x for x in err.splitlines() if x.startswith("stall: ") and "/held: " in x]
-    assert len(lines) == 1 and lines[0].startswith(f"stall: evaluation in minilm on {tmp_path.name}/held: no text "
-                                                   f"encoded, no set scored for "), err[-2000:]
+    assert 1 <= len(lines) <= 2 and lines[0].startswith(f"stall: evaluation in minilm on {tmp_path.name}/held: no "
+                                                        f"text encoded, no set scored for "), err[-2000:]
     assert "(eval.stall_report_s=0.5); nothing is stopped" in lines[0]
