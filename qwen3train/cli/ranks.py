@@ -25,7 +25,8 @@ _CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedErr
 _SIGNALLED = "torch.distributed.elastic.multiprocessing.api.SignalException"  # torchrun itself got a signal
 _EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
 # torchrun's log lines about its workers (failure notices, the SIGTERM it sends to the others)
-_AGENT_LINE = re.compile(r"torch/distributed/elastic/|Sending process \d+ closing signal|failed \(exitcode: ")
+_AGENT_LINE = re.compile(r"torch/distributed/elastic/|Sending process \d+ closing signal|failed \(exitcode: "
+                         r"|^--- Logging error ---")  # the last: torchrun signalled again while it logged the first
 
 
 def filter_stream(lines, out) -> tuple[list[str], list[int]]:
@@ -36,6 +37,10 @@ def filter_stream(lines, out) -> tuple[list[str], list[int]]:
     in_report = False
     codes: list[int] = []
     for line in lines:
+        if line.startswith(preempt.STOPPED):  # a rank saved a checkpoint and stopped: said wherever it falls, even
+            out.write(line)  # inside torchrun's report (its second SIGTERM can start one before the ranks are done)
+            out.flush()
+            continue
         if in_report:
             held.append(line)
             codes += [int(c) for c in _EXITCODE.findall(line)]
