@@ -103,7 +103,7 @@ class StreamingSource:
         files = int(getattr(self.ds, "num_shards", 1) or 1)
         self._split(files if files % world == 0 else world)
         self._cur = None  # (part, its iterator) being read
-        self._carry: list = []  # (part, row, record, fields) read, waiting: its positive was already in the batch
+        self._carry: list = []  # (part, row, record, raw row) read, waiting: its positive was already in the batch
         self._valid_in_pass = 0  # valid rows since this rank's epoch began (none in a whole pass: an error)
 
     def _split(self, parts: int) -> None:
@@ -151,7 +151,7 @@ class StreamingSource:
         """Where this rank stands: each of its parts' [part, epoch, rows read in it], and the rows read but
         waiting (their positive was already in a batch) with their fields. JSON."""
         return {"parts": self.parts, "state": [[v, *self.state[v]] for v in self.owned],
-                "waiting": [[v, row, fields] for v, row, _, fields in self._carry]}
+                "waiting": [[v, row, {k: raw[k] for k in RECORD_FIELDS if k in raw}] for v, row, _, raw in self._carry]}
 
     def seek(self, cursors: list) -> None:
         """Resume from every rank's ``cursor()`` of the run that wrote the checkpoint, on any number of
@@ -171,19 +171,14 @@ class StreamingSource:
                               f"{parts}: it is damaged; resume from an earlier checkpoint")
         self._split(parts)
         self.state = {v: state[v] for v in self.owned}
-        self._carry = []
-        for v, row, fields in waiting:
-            if v in self.state:
-                self._carry.append((v, row, parse_record(fields, f"{self.name}:part {v} row {row}"), fields))
+        waiting = [(v, row, raw) for v, row, raw in waiting if v in self.state]
         for v in [v for v in self.owned if v in legacy]:
-            _, held = self._replay(v, self.state[v][0], max(legacy[v]), hold=legacy[v])
-            for row, obj in held:
-                fields = {k: obj[k] for k in RECORD_FIELDS if k in obj}
-                self._carry.append((v, row, parse_record(fields, f"{self.name}:part {v} row {row}"), fields))
+            waiting += [(v, row, raw) for row, raw in self._replay(v, self.state[v][0], max(legacy[v]), legacy[v])[1]]
+        self._carry = [(v, row, parse_record(raw, f"{self.name}:part {v} row {row}"), raw) for v, row, raw in waiting]
         self._valid_in_pass = int(any(r for e, r in self.state.values() if e == self.epoch))
 
     def _next_valid(self) -> tuple:
-        """(part, row number in its epoch, record, its fields) of the next valid row of this rank's parts:
+        """(part, row number in its epoch, record, raw row) of the next valid row of this rank's parts:
         the parts of its epoch in an order drawn per epoch, each read to its end."""
         while True:
             if self._cur is None:
@@ -231,13 +226,13 @@ class StreamingSource:
                 self.task, self.task_names = rec.task, [rec.task]
             rec.task = self.task
             self._valid_in_pass += 1
-            return v, row, rec, {k: obj[k] for k in RECORD_FIELDS if k in obj}
+            return v, row, rec, obj
 
     def _read_failed(self, err: Exception, v: int, e: int) -> None:
         """A read of part ``v`` failed: a network error is retried (the part opened again and read past the
         rows already read: the same rows follow), after a wait; a malformed file, or failures past the
         retries, stop the run with one line (its last checkpoint is kept)."""
-        what = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+        what = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
         where = f"{self.name}:part {v} of {self.parts} epoch {e} after row {self.state[v][1]}"
         if not transient(err):
             if isinstance(err, ValueError):  # pyarrow's ArrowInvalid, a JSON or UTF-8 decoding error

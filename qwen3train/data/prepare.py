@@ -51,8 +51,8 @@ class PrepareConfig:
             raise ValueError(f"prepare.on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.total < 0:
             raise ValueError(f"prepare.total must be >= 0, got {self.total}")
-        weighted = [s for s in self.sources if not getattr(s, "count", 0)]
-        if self.total and weighted and sum(getattr(s, "weight", 1.0) for s in weighted) <= 0:
+        weighted = [s for s in self.sources if not s.count]
+        if self.total and weighted and sum(s.weight for s in weighted) <= 0:
             raise ValueError("prepare.total shares the records by weight: the sources without a count need a weight > 0")
 
 

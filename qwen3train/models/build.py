@@ -29,6 +29,12 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
 
+    def __post_init__(self) -> None:
+        at_least("model.lora", r=(self.r, 1))
+        if self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.alpha must be > 0 and model.lora.dropout in [0, 1); got {self.alpha}, "
+                             f"{self.dropout}")
+
 
 @dataclass
 class ModelConfig:
@@ -117,11 +123,6 @@ class ModelConfig:
                              f"before it): {self.query_template!r}")
         # a budget holds the end token and at least one token of content
         at_least("model", max_query_length=(self.max_query_length, 2), max_doc_length=(self.max_doc_length, 2))
-        lora = self.lora if isinstance(self.lora, LoraConfig) else LoraConfig(**dict(self.lora))
-        at_least("model.lora", r=(lora.r, 1))
-        if lora.alpha <= 0 or not 0.0 <= lora.dropout < 1.0:
-            raise ValueError(f"model.lora.alpha must be > 0 and model.lora.dropout in [0, 1); got {lora.alpha}, "
-                             f"{lora.dropout}")
 
     @property
     def weights_path(self) -> str:

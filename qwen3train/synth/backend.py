@@ -38,6 +38,11 @@ class SamplingConfig:
     top_p: float = 0.9
     stop: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        from qwen3train.errors import at_least
+
+        at_least("synth.sampling", max_new_tokens=(self.max_new_tokens, 1), temperature=(self.temperature, 0))
+
 
 class Backend(Protocol):
     name: str

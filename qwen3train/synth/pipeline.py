@@ -131,10 +131,8 @@ class SynthConfig:
             raise ValueError(f"synth.persona_max_length must be >= 8, got {self.persona_max_length}")
         from qwen3train.errors import at_least
 
-        s = self.sampling if isinstance(self.sampling, SamplingConfig) else SamplingConfig(**dict(self.sampling))
         at_least("synth", shard_size=(self.shard_size, 1), num_personas=(self.num_personas, 1),
                  max_passages=(self.max_passages, 0), passage_overlap=(self.passage_overlap, 0))
-        at_least("synth.sampling", max_new_tokens=(s.max_new_tokens, 1), temperature=(s.temperature, 0))
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"synth.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
 
