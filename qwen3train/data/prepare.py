@@ -57,11 +57,13 @@ class PrepareConfig:
 
 
 def import_collection(path: str | Path, task: str | None, instruction: str | None, min_relevance: int):
-    """BEIR/TREC -> training rows (one per query with at least one relevant document); stats."""
+    """BEIR/TREC -> training rows (one per query with at least one document judged >= ``min_relevance``);
+    stats. The documents judged relevant below it are the row's ``not_neg``: not positives, and never mined
+    as its negatives either (a 1 on a 0-2 scale is partly relevant, not a negative)."""
     col = load_collection(path)
     task = task or col.name
     instr = instruction or REGISTRY.get(task.lower())
-    rows, no_pos = [], 0
+    rows, no_pos, partial = [], 0, 0
     for qid, rels in col.qrels.items():
         pos = [col.corpus[d] for d, r in sorted(rels.items()) if r >= min_relevance and d in col.corpus]
         if not pos:
@@ -70,8 +72,13 @@ def import_collection(path: str | Path, task: str | None, instruction: str | Non
         row = {"query": col.queries[qid], "pos": pos, "task": task}
         if instr:
             row["instruction"] = instr
+        below = [col.corpus[d] for d, r in sorted(rels.items()) if 0 < r < min_relevance and d in col.corpus]
+        if below:
+            row["not_neg"] = below
+            partial += len(below)
         rows.append(row)
-    return rows, {"source": str(path), "rows": len(rows), "queries_without_positive": no_pos, **col.missing}
+    return rows, {"source": str(path), "rows": len(rows), "queries_without_positive": no_pos,
+                  "not_neg_documents": partial, **col.missing}
 
 
 def import_jsonl(path: str, task: str | None, instruction: str | None, on_error: str = "skip",
@@ -101,9 +108,7 @@ def import_jsonl(path: str, task: str | None, instruction: str | None, on_error:
                 ins = instruction or r.instruction  # FlagEmbedding's "prompt" is read as one
                 if ins:
                     row["instruction"] = ins
-                if r.type:
-                    row["type"] = r.type
-                rows.append(row)
+                rows.append(row | r.carried())
     return rows, {"source": path, "rows": len(rows), "rejected": rejected}
 
 
@@ -148,7 +153,9 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         summary["rejects_file"] = str(rejects_file)
     out.with_name(out.stem + "_summary.json").write_text(json.dumps(summary, indent=2))
     for st in report:
-        notes = [f"{st[k]} {k.replace('_', ' ')}" for k in ("rejected", "queries_without_positive") if st.get(k)]
+        notes = [f"{st[k]} {what}" for k, what in (("rejected", "rejected"), ("queries_without_positive", "queries "
+                 "without positive"), ("not_neg_documents", "documents judged below min_relevance, kept as not_neg: "
+                 "never mined as negatives")) if st.get(k)]
         print(f"prepare: {st['source']}: {st['rows']} records, {st.get('taken', 0)} taken"
               + (f" ({', '.join(notes)})" if notes else ""), flush=True)
     print(f"prepare: {len(mixed)} records -> {out}" + (f"; rejected records kept in {rejects_file}" if rejects else ""),

@@ -1,8 +1,11 @@
 """Typed training records and their validation.
 
 Schema (FlagEmbedding-compatible): ``{"query": str, "pos": [str, ...], "neg": [str, ...]?,
-"instruction": str?, "task": str?, "type": str?}``; FlagEmbedding's ``prompt`` is read as ``instruction``
-when that is absent. Extra keys (scores, provenance) are ignored.
+"instruction": str?, "task": str?, "type": str?, "not_neg": [str, ...]?}``; FlagEmbedding's ``prompt`` is
+read as ``instruction`` when that is absent. ``not_neg``: texts that must never serve as the query's
+negatives although they are not positives (``make prepare`` writes there the documents a collection judges
+relevant below its ``min_relevance``; mining drops them as it drops the positives). Extra keys (scores,
+provenance) are ignored.
 Every error names the file, the line (1-based) and the field.
 """
 
@@ -29,6 +32,11 @@ class Record:
     instruction: str | None = None
     task: str = "default"
     type: str | None = None
+    not_neg: list[str] = field(default_factory=list)
+
+    def carried(self) -> dict:
+        """The optional fields a stage that rewrites records (prepare, filter, mine) passes on when set."""
+        return {k: v for k, v in (("type", self.type), ("not_neg", self.not_neg)) if v}
 
 
 def _text(val: str, where: str, key: str) -> str:
@@ -82,7 +90,7 @@ def parse_record(obj, where: str) -> Record:
     _text(query, where, "query")
     return Record(query=query, pos=_str_list(obj, "pos", where, True), neg=_str_list(obj, "neg", where, False),
                   instruction=_opt_str(obj, "instruction", where) or _opt_str(obj, "prompt", where), task=_opt_str(obj, "task", where) or "default",
-                  type=_opt_str(obj, "type", where))
+                  type=_opt_str(obj, "type", where), not_neg=_str_list(obj, "not_neg", where, False))
 
 
 BOM = b"\xef\xbb\xbf"
@@ -146,6 +154,7 @@ def fast_line_parser():
         instruction: str | None = None
         prompt: str | None = None
         type: str | None = None
+        not_neg: list[str] | None = None
 
     decode = msgspec.json.Decoder(_Row).decode
     errors = (msgspec.DecodeError, msgspec.ValidationError)
@@ -156,7 +165,7 @@ def fast_line_parser():
             r = decode(line)
         except (UnicodeDecodeError, *errors):
             return None
-        if not r.query.strip() or not r.pos or not all(p.strip() for p in r.pos) or not all(n.strip() for n in r.neg or ()):
+        if not r.query.strip() or not r.pos or not all(s.strip() for s in (*r.pos, *(r.neg or ()), *(r.not_neg or ()))):
             return None
         return r.task or "default", r.pos, bool(r.neg)
 

@@ -120,7 +120,7 @@ _OPTIONAL_STR = ("task", "instruction", "prompt", "type")
 def _arrow_schema():
     import pyarrow as pa
 
-    return pa.schema([("query", pa.string()), ("pos", pa.list_(pa.string())), ("neg", pa.list_(pa.string()))]
+    return pa.schema([("query", pa.string())] + [(k, pa.list_(pa.string())) for k in ("pos", "neg", "not_neg")]
                      + [(k, pa.string()) for k in _OPTIONAL_STR])
 
 
@@ -197,7 +197,7 @@ def _scan_block(block: bytes, base: int, line0: int, part: _Part, require_neg: b
     pos = table.column("pos").chunk(0)
     pos_ok, pos_count = _list_ok(pos, n, required=True)
     neg_ok, neg_count = _list_ok(table.column("neg").chunk(0), n, required=False)
-    ok &= pos_ok & neg_ok
+    ok &= pos_ok & neg_ok & _list_ok(table.column("not_neg").chunk(0), n, required=False)[0]
     if require_neg:
         ok &= neg_count > 0
     bad = np.flatnonzero(~ok)

@@ -117,9 +117,7 @@ def _filter(cfg: FilterConfig) -> dict:
             blocks.append(block_scores.numpy())
             for r, s in zip(records, block_scores.tolist()):
                 row = {"query": r.query, "pos": r.pos, "neg": r.neg, "task": r.task, "instruction": r.instruction,
-                       "score": round(s, 6)}
-                if r.type:
-                    row["type"] = r.type
+                       "score": round(s, 6)} | r.carried()
                 (fk if s > cfg.threshold else fd).write(json.dumps(row, ensure_ascii=False) + "\n")
             bar.update(len(records))
     bar.close()

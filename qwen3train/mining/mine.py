@@ -2,7 +2,7 @@
 a rank window, guard against false negatives, optionally rescore with a reranker.
 
 For each query: candidates = top ``range_max`` documents by cosine; drop ranks before ``range_min``,
-the query's positives (by text), and any candidate scoring above ``max_score_ratio * s(q, d+)``
+the query's positives and its ``not_neg`` texts (by text), and any candidate scoring above ``max_score_ratio * s(q, d+)``
 (NV-Retriever's relative rule) or above ``s(q, d+) - margin`` when ``margin`` is set; optionally a
 reranker drops candidates it judges relevant (probability > ``rerank_max_prob``). Then ``num_negatives``
 are taken (``top`` or seeded ``random``). Output: the input records with ``neg`` and ``neg_scores``
@@ -101,8 +101,9 @@ def load_corpus(paths: list[str]) -> list[str]:
 
 
 def select_negatives(cands: list[tuple[int, float]], pos_texts: set[str], pos_score: float, docs: list[str],
-                     cfg: MineConfig) -> tuple[list[int], dict]:
-    """Apply the window and the false-negative guards to one query's ranked candidates."""
+                     cfg: MineConfig, not_neg: set[str] = frozenset()) -> tuple[list[int], dict]:
+    """Apply the window and the false-negative guards to one query's ranked candidates (``not_neg``: the
+    record's texts that are never negatives, e.g. documents judged relevant below prepare's threshold)."""
     dropped = defaultdict(int)
     keep = []
     for rank, (j, s) in enumerate(cands):
@@ -110,6 +111,8 @@ def select_negatives(cands: list[tuple[int, float]], pos_texts: set[str], pos_sc
             dropped["rank_window"] += 1
         elif docs[j] in pos_texts:
             dropped["is_positive"] += 1
+        elif docs[j] in not_neg:
+            dropped["not_neg"] += 1
         elif cfg.max_score_ratio is not None and s > cfg.max_score_ratio * pos_score:
             dropped["above_ratio"] += 1
         elif cfg.margin is not None and s > pos_score - cfg.margin:
@@ -274,7 +277,7 @@ def _gather_queries(qstores: list[np.ndarray], groups: np.ndarray, rows: np.ndar
 def _mine_one(r, idx: list[int], scores: list[float], pos_score: float, docs: list[str], cfg: MineConfig,
               reranker, stats, seed: tuple[int, int]) -> dict:
     cands = list(zip(idx, scores))
-    keep, dropped = select_negatives(cands, set(r.pos), pos_score, docs, cfg)
+    keep, dropped = select_negatives(cands, set(r.pos), pos_score, docs, cfg, set(r.not_neg))
     for k, v in dropped.items():
         stats[f"dropped_{k}"] += v
     if reranker is not None and keep:
@@ -286,9 +289,7 @@ def _mine_one(r, idx: list[int], scores: list[float], pos_score: float, docs: li
         keep = sorted(np.random.default_rng(seed).choice(keep, cfg.num_negatives, replace=False).tolist())
     keep = keep[:cfg.num_negatives]
     row = {"query": r.query, "pos": r.pos, "task": r.task, "instruction": r.instruction,
-           "pos_score": round(pos_score, 6)}
-    if r.type:
-        row["type"] = r.type
+           "pos_score": round(pos_score, 6)} | r.carried()
     if not keep:
         stats["no_negatives"] += 1
         return row

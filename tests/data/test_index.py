@@ -142,6 +142,11 @@ LINES = [
     {"query": "q", "pos": ["p"], "neg": ["  "]}, {"query": "q", "pos": ["p"], "task": 3}, {"pos": ["p"]},
     {"query": 1, "pos": ["p"]}, {"query": "q", "pos": ["p"], "instruction": ["x"]}, [1, 2], "just a string",
     '{"query": "q", "pos": ["p"]', '{"query": "q\\u2028", "pos": ["\\u00e9"]}', '\xff\xfe',
+    # documents never to be negatives: a list of non-blank strings like neg (a string, a blank or a null item is
+    # refused by the record parser, so the index must refuse it too, not let it fail at the batch that reads it)
+    {"query": "q", "pos": ["p"], "not_neg": ["partly relevant"]}, {"query": "q", "pos": ["p"], "not_neg": "x"},
+    {"query": "q", "pos": ["p"], "not_neg": [" "]}, {"query": "q", "pos": ["p"], "not_neg": [None]},
+    {"query": "q", "pos": ["p"], "not_neg": [3]},
 ]
 
 
@@ -164,7 +169,7 @@ def test_fast_path_accepts_exactly_what_the_record_parser_accepts():
         if hit is not None:
             accepted += 1
             assert rec is not None and hit == (rec.task, rec.pos, bool(rec.neg)), row
-    assert accepted == 6  # the fast path is used for the ordinary good records, not only avoided
+    assert accepted == 7  # the fast path is used for the ordinary good records, not only avoided
 
 
 EXTRA = ["", "   ", "null", '{"query": "q", "pos": ["p"]} {"query": "r", "pos": ["s"]}', '{"query": "\\ud800", "pos": ["p"]}',

@@ -107,3 +107,36 @@ def test_mine_sample_mines_a_seeded_subset(tmp_path, arcd_rows):
     c, _ = mined(20, 1, "c.jsonl")
     assert n_full > 20 and n_a == 20 and a == b and set(a) != set(c)
     assert all(full[q] == negs for q, negs in a.items())
+
+
+def test_documents_judged_below_min_relevance_are_never_mined(tmp_path):
+    """``make prepare`` with min_relevance=2 on graded qrels (TREC DL: 0-3) keeps the documents judged 1 as
+    the row's ``not_neg``, and mining drops them as it drops the positives. Would catch prepare leaving them
+    out (they were then free to be mined: the same rows without ``not_neg`` mine some of them as negatives,
+    checked here so the test can fail) or mining ignoring the field."""
+    from qwen3train.data.collections import load_collection
+
+    col = load_collection(FIXTURES / "trec-dl-2019-subset")
+    rows, stats = import_collection(FIXTURES / "trec-dl-2019-subset", "msmarco", None, 2)
+    by_query = {col.queries[q]: q for q in col.qrels}
+    for r in rows:
+        rels = col.qrels[by_query[r["query"]]]
+        assert sorted(r.get("not_neg", [])) == sorted(col.corpus[d] for d, g in rels.items() if g == 1 and d in col.corpus)
+        assert sorted(r["pos"]) == sorted(col.corpus[d] for d, g in rels.items() if g >= 2 and d in col.corpus)
+    assert stats["not_neg_documents"] == sum(len(r.get("not_neg", [])) for r in rows) > 0
+
+    def mine(name, data):
+        out = tmp_path / name / "mined.jsonl"
+        summary = run_mine(MineConfig(inputs=[str(write(tmp_path / f"{name}.jsonl", data))], embedder=str(MINILM),
+                                      corpus=[str(FIXTURES / "trec-dl-2019-subset" / "corpus.jsonl")],
+                                      output=str(out), cache_dir=str(tmp_path / "cache"), num_negatives=5,
+                                      range_max=30, max_score_ratio=None))
+        return summary, {r["query"]: r for r in map(json.loads, out.read_text().splitlines())}
+
+    _, blind = mine("blind", [{k: v for k, v in r.items() if k != "not_neg"} for r in rows])
+    partial = {r["query"]: set(r.get("not_neg", [])) for r in rows}
+    assert sum(len(set(r["neg"]) & partial[q]) for q, r in blind.items()) > 0
+    summary, mined = mine("guarded", rows)
+    assert summary["dropped_not_neg"] > 0
+    for q, r in mined.items():
+        assert not set(r["neg"]) & partial[q] and set(r.get("not_neg", [])) == partial[q]  # passed on to stage 2
