@@ -305,6 +305,15 @@ def test_an_upgrade_keeps_the_config_hash_of_finished_stages(compose):
     # nor does the limit of skipped non-finite steps: a run it stopped resumes with a higher one
     patient = compose("stage1", ["run.output_dir=x", "run.skip_nonfinite_steps=10"])
     assert config_hash(patient) == got[0] and identity.config_hash(patient) == "231f5894c766"
+    # a field of each source of a mixture (data.mixture[].stream_split, 2026-12-06): a run begun before it
+    # recorded the sources without it
+    mix = "data.mixture=[{dataset: json, data_files: [a.jsonl], streaming: true}, {files: [b.jsonl]}]"
+    streamed = compose("stage1", ["run.output_dir=x", "data.train_files=[]", mix])
+    before = identity.config_dict(streamed)
+    assert [m.pop("stream_split") for m in before["data"]["mixture"]] == ["auto", "auto"]
+    assert identity.config_hash(streamed) == identity.config_hash(before) and config_hash(streamed) == config_hash(before)
+    split = compose("stage1", ["run.output_dir=x", "data.train_files=[]", mix.replace("streaming: true", "streaming: true, stream_split: files")])
+    assert identity.config_hash(split) != identity.config_hash(before) and config_hash(split) != config_hash(before)
 
 
 def test_training_stages_write_their_last_checkpoint_export_only_unless_the_engine_state_is_kept(compose, tmp_path):

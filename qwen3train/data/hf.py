@@ -5,8 +5,9 @@
   batches are planned over it (epochs, duplicate control, exact resume) as for JSONL.
 * **Streaming** (``streaming: true``), for corpora larger than the disk: no cache, no random access.
   The stream is cut into **parts** when the run begins: its files when their count is a multiple of the
-  process count, else one part per process (every ``parts``-th row, ``datasets.distributed.
-  split_dataset_by_node``). Each rank reads the parts ``v % world == rank``, one after another in an order
+  process count (or ``stream_split: files``: whenever there are as many as processes), else one part per
+  process (every ``parts``-th row, ``datasets.distributed.split_dataset_by_node``: each process reads the
+  whole stream, as the start says in a note). Each rank reads the parts ``v % world == rank``, one after another in an order
   drawn per epoch, each shuffled with a buffer per epoch (``shuffle(seed, buffer_size)`` + ``set_epoch``);
   validates every row as it arrives (bad rows: the usual error naming the part and row, or counted and
   written to this rank's rejects file), and fills its share of each global batch with rows of distinct
@@ -100,11 +101,26 @@ class StreamingSource:
         self.ds = load(spec, streaming=True)
         self.rejects_path = Path(rejects_path).with_suffix(f".rank{rank}.jsonl") if rejects_path else None
         self.rejected: dict[str, int] = {}
-        files = int(getattr(self.ds, "num_shards", 1) or 1)
-        self._split(files if files % world == 0 else world)
+        self._split(self._parts(int(getattr(self.ds, "num_shards", 1) or 1), getattr(spec, "stream_split", "auto")))
         self._cur = None  # (part, its iterator) being read
         self._carry: list = []  # (part, row, record, raw row) read, waiting: its positive was already in the batch
         self._valid_in_pass = 0  # valid rows since this rank's epoch began (none in a whole pass: an error)
+
+    def _parts(self, files: int, how: str) -> int:
+        """The parts a new run cuts the stream into: its files, or one per process (rows)."""
+        if how == "files" and files < self.world:
+            raise ConfigError(f"{self.name}: stream_split=files gives each process files of its own, but the "
+                              f"stream has {files} file(s) for {self.world} processes (stream_split=rows shares "
+                              f"rows; or split the data into more files)")
+        if how == "files" or (how == "auto" and files % self.world == 0):
+            return files
+        if self.rank == 0 and self.world > 1:
+            print(f"note: {self.name}: {files} file(s) over {self.world} processes: each process reads the whole "
+                  f"stream and keeps every {self.world}th row ({self.world}x the reading"
+                  + (f"; stream_split=files reads each file once, with shares unequal by up to one file)"
+                     if files >= self.world else "; more files than processes would let each read its own)"),
+                  flush=True)
+        return self.world
 
     def _split(self, parts: int) -> None:
         if parts < self.world:

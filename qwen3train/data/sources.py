@@ -23,13 +23,23 @@ from qwen3train.data.records import DataError, Record, parse_json_line, parse_re
 from qwen3train.errors import ConfigError
 
 
+STREAM_SPLITS = ("auto", "files", "rows")
+
+
 @dataclass
 class MixtureSource:
     """One source of a mixture: its share of the global batches, and either ``files`` (as
     ``train_files``) or a ``datasets`` source: ``dataset`` (a hub name, or a builder such as ``json``
     / ``parquet`` with ``data_files``), ``dataset_config``, ``split``; ``streaming: true`` streams it
-    (corpora larger than the disk; ``task`` names its one task, ``shuffle_buffer`` its shuffling),
-    ``false`` loads it into the Arrow cache and indexes it like a file (``qwen3train.data.hf``)."""
+    (corpora larger than the disk; ``task`` names its one task, ``shuffle_buffer`` its shuffling,
+    ``stream_split`` how the processes share it), ``false`` loads it into the Arrow cache and indexes it
+    like a file (``qwen3train.data.hf``).
+
+    stream_split: ``auto`` (its files when each process gets as many, else rows), ``files`` (each file read
+        by one process, whatever their count: read once, but a process with one file more than another
+        goes through its share more slowly, so its files' rows come less often), ``rows`` (every process
+        reads the whole stream and keeps every n-th row: equal shares, n times the reading).
+    """
 
     files: list[str] = field(default_factory=list)
     weight: float = 1.0
@@ -40,10 +50,14 @@ class MixtureSource:
     streaming: bool = False
     task: str | None = None
     shuffle_buffer: int = 10_000
+    stream_split: str = "auto"
 
     def __post_init__(self) -> None:
         if bool(self.files) == bool(self.dataset):
             raise ValueError("a data.mixture source needs files or dataset (one of the two)")
+        if self.stream_split not in STREAM_SPLITS:
+            raise ValueError(f"a data.mixture source's stream_split must be one of {STREAM_SPLITS}, got "
+                             f"{self.stream_split!r}")
 
 
 @dataclass

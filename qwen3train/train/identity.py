@@ -25,7 +25,9 @@ RESUME_MODES = ("auto", "force", "never")
 # the pipeline's stage markers (skipping a finished one) leave them out while they hold that default, so a run
 # started by the previous version resumes after an upgrade: a new field changes the resolved config. Dotted from
 # the config's top; a field set to anything else counts as usual. Add each new field here with that default.
-LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_file": None}
+# ``name[]`` stands for every item of the list ``name`` (the sources of a mixture).
+LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_file": None,
+                 "data.mixture[].stream_split": "auto"}
 # Fields added after a release that only say what to write, never what is computed: left out at any value (as
 # NEUTRAL's are, and from the stage markers too). run.skip_nonfinite_steps changes nothing a finite run computes:
 # a run stopped by it resumes with a higher limit.
@@ -61,11 +63,14 @@ def drop_late_defaults(tree: dict) -> dict:
     without the ``LATE_NEUTRAL`` ones; in place."""
     for dotted, default in [*LATE_DEFAULTS.items(), *((d, _ANY) for d in LATE_NEUTRAL)]:
         *parents, key = dotted.split(".")
-        node = tree
+        nodes = [tree]
         for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict) and key in node and (default is _ANY or node[key] == default):
-            del node[key]
+            nodes = [n.get(p.removesuffix("[]")) for n in nodes if isinstance(n, dict)]
+            if p.endswith("[]"):
+                nodes = [item for n in nodes if isinstance(n, list) for item in n]
+        for node in nodes:
+            if isinstance(node, dict) and key in node and (default is _ANY or node[key] == default):
+                del node[key]
     return tree
 
 

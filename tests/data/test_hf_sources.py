@@ -60,7 +60,7 @@ def test_streamed_batches_have_distinct_positives_and_resume_exactly(tmp_path):
 
 
 def _sources(files, world, **kw):
-    m = MixtureSource(dataset="json", data_files=[str(f) for f in files])
+    m = MixtureSource(dataset="json", data_files=[str(f) for f in files], stream_split=kw.get("split", "auto"))
     return [StreamingSource(m, seed=0, rank=r, world=world,
                             shuffle_buffer=kw.get("buffer", 4)) for r in range(world)]
 
@@ -75,24 +75,28 @@ def _epoch0(src):
         out.append(rec.query)
 
 
-@pytest.mark.parametrize("files,before,after", [(1, 2, 1), (4, 1, 2), (4, 2, 3), (4, 4, 1), (4, 2, 4)])
-def test_a_streamed_source_resumes_on_another_process_count(tmp_path, files, before, after):
+@pytest.mark.parametrize("files,before,after,split", [(1, 2, 1, "auto"), (4, 1, 2, "auto"), (4, 2, 3, "auto"),
+                                                     (4, 4, 1, "auto"), (4, 2, 4, "auto"), (3, 2, 1, "files"),
+                                                     (3, 2, 3, "files")])
+def test_a_streamed_source_resumes_on_another_process_count(tmp_path, files, before, after, split):
     """A job requeued on another number of GPUs: steps on ``before`` processes, the cursors through JSON (as
     in a checkpoint), then the rest of the epoch on ``after``: every row read exactly once. The parts are
     the files when their count divides the processes (4 files: 1 -> 2 -> 4 processes, or 3), else one per
     process (1 file: 2 -> 1). Would catch a resumed rank that starts its parts again (rows twice), one that
-    skips the parts of the ranks that are gone (rows never read), or a refusal."""
+    skips the parts of the ranks that are gone (rows never read), or a refusal. ``stream_split=files``: the
+    3 files are the parts over 2 processes too (unequal shares)."""
     rows = pairs(48)
     paths = [write(tmp_path / f"d{k}.jsonl", rows[k::files]) for k in range(files)]
-    first = _sources(paths, before)
-    assert first[0].parts == (files if files % before == 0 else before)
-    read = [r.query for _ in range(3) for src in first for _, r in src.take(12 // before)]
+    first = _sources(paths, before, split=split)
+    assert first[0].parts == (files if files % before == 0 or split == "files" else before)
+    rounds = 3 if split == "auto" else 2  # process 1 has one file of 16 rows: 2 rounds of 6 stay in its epoch 0
+    read = [r.query for _ in range(rounds) for src in first for _, r in src.take(12 // before)]
     cursors = json.loads(json.dumps([src.cursor() for src in first]))
     resumed = _sources(paths, after)
     for src in resumed:
         src.seek(cursors)
     rest = [q for src in resumed for q in _epoch0(src)]
-    assert len(read) == 36 and sorted(read + rest) == sorted(r["query"] for r in rows)
+    assert len(read) == 12 * rounds and sorted(read + rest) == sorted(r["query"] for r in rows)
 
 
 def test_waiting_rows_go_to_the_new_owner_of_their_part(tmp_path):
@@ -120,6 +124,40 @@ def test_waiting_rows_go_to_the_new_owner_of_their_part(tmp_path):
     four, = _sources([f], 4)[:1]
     with pytest.raises(ConfigError, match=r"in 2 parts .* at most 2 processes, this run has 4"):
         four.seek(cursors)
+
+
+def _reads(src) -> list:
+    """Counts the rows ``src`` reads from its files (before any split keeps some), in a one-item list."""
+    n = [0]
+
+    def count(row):
+        n[0] += 1
+        return row
+
+    src.ds = src.ds.map(count)
+    return n
+
+
+def test_stream_split_files_reads_each_row_once_and_rows_reads_it_on_every_process(tmp_path, capsys):
+    """3 files (16 rows each) over 2 processes: by rows (``auto`` here, as ``datasets`` splits), each process
+    reads all 48 rows to keep its 24, and the start says so; with ``stream_split=files`` process 0 reads files
+    0 and 2, process 1 file 1: 48 rows read in all. Both give every row to exactly one process. Would catch
+    ``files`` still filtering rows (twice the reading), a split that loses or repeats rows, or a silent 2x read."""
+    rows = pairs(48)
+    paths = [write(tmp_path / f"d{k}.jsonl", rows[k::3]) for k in range(3)]
+    for split, shares, said in (("auto", (24, 24), True), ("rows", (24, 24), True), ("files", (32, 16), False)):
+        capsys.readouterr()
+        srcs = _sources(paths, 2, split=split)
+        assert ("note: hf:json[train]" in capsys.readouterr().out) is said
+        counts = [_reads(src) for src in srcs]
+        got = [[r.query for _, r in src.take(n)] for src, n in zip(srcs, shares)]
+        assert sorted(got[0] + got[1]) == sorted(r["query"] for r in rows) and all(src.epoch == 0 for src in srcs)
+        read = sum(c[0] for c in counts)
+        assert read == 48 if split == "files" else read >= 94, (split, read)  # every other row, on both
+    with pytest.raises(ConfigError, match=r"stream_split=files .* 3 file\(s\) for 4 processes"):
+        _sources(paths, 4, split="files")
+    with pytest.raises(ValueError, match="stream_split must be one of"):
+        MixtureSource(dataset="json", data_files=[str(paths[0])], stream_split="shards")
 
 
 def test_ranks_read_disjoint_shards(tmp_path):
