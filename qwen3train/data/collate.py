@@ -36,15 +36,32 @@ def sample_negatives(rec: Record, k: int, seed: int, epoch: int, idx: int) -> li
     return [rec.neg[int(t)] for t in pick]
 
 
+NO_HASH = -(1 << 63)  # the padding of ``not_neg_hash`` (no text hashes to it but with probability 2^-64)
+
+
+def not_neg_hashes(rows: Sequence[Row]) -> torch.Tensor | None:
+    """Per row, the hashes of its record's positives other than the one it trains on, and of its ``not_neg``
+    texts; ``[b, M]`` padded with ``NO_HASH``, or None when no row has any (single-positive data)."""
+    known = [{doc_hash(t) for t in (*rec.pos[:j], *rec.pos[j + 1:], *rec.not_neg)} - {doc_hash(rec.pos[j])}
+             for _, rec, j in rows]
+    m = max(map(len, known), default=0)
+    if m == 0:
+        return None
+    return torch.tensor([sorted(h) + [NO_HASH] * (m - len(h)) for h in known], dtype=torch.long)
+
+
 @dataclass
 class EmbeddingBatch:
-    """Token ids per row: one query, one positive, K negatives; text hashes for the identical rule."""
+    """Token ids per row: one query, one positive, K negatives; text hashes for the identical rule, and per
+    row the hashes of the texts that are no negatives of it: its record's other positives and ``not_neg``
+    texts (``[b, M]``, padded with ``NO_HASH``; the loss masks pool documents among them)."""
 
     q: list[list[int]]
     pos: list[list[int]]
     neg: list[list[list[int]]]  # [b][K]
     pos_hash: torch.Tensor  # [b] int64
     neg_hash: torch.Tensor  # [b, K] int64
+    not_neg_hash: torch.Tensor | None = None  # [b, M] int64; None: no row has any
     packed: Any = field(**_MEMO)
     micro: Any = field(**_MEMO)
     records: Any = field(**_MEMO)
@@ -61,7 +78,8 @@ class EmbeddingBatch:
         return self.q + self.pos + [n for row in self.neg for n in row]
 
     def rows(self, sl: slice) -> "EmbeddingBatch":
-        return EmbeddingBatch(self.q[sl], self.pos[sl], self.neg[sl], self.pos_hash[sl], self.neg_hash[sl])
+        return EmbeddingBatch(self.q[sl], self.pos[sl], self.neg[sl], self.pos_hash[sl], self.neg_hash[sl],
+                              None if self.not_neg_hash is None else self.not_neg_hash[sl])
 
 
 @dataclass
@@ -106,7 +124,7 @@ class EmbeddingCollator:
         neg_ids = [d_ids[b + r * self.k: b + (r + 1) * self.k] for r in range(b)]
         pos_hash = torch.tensor([doc_hash(p) for p in pos], dtype=torch.long)
         neg_hash = torch.tensor([[doc_hash(n) for n in row] for row in negs], dtype=torch.long).view(b, self.k)
-        return EmbeddingBatch(q_ids, d_ids[:b], neg_ids, pos_hash, neg_hash)
+        return EmbeddingBatch(q_ids, d_ids[:b], neg_ids, pos_hash, neg_hash, not_neg_hashes(rows))
 
 
 class RerankCollator:

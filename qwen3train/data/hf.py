@@ -67,7 +67,7 @@ class DatasetRef:
 
 
 # the fields ``parse_record`` reads: what a checkpoint keeps of a row read but not yet batched
-RECORD_FIELDS = ("query", "pos", "neg", "instruction", "prompt", "task", "type")
+RECORD_FIELDS = ("query", "pos", "neg", "instruction", "prompt", "task", "type", "not_neg")
 
 
 NETWORK_MODULES = ("httpx", "aiohttp", "urllib3", "requests", "fsspec", "huggingface_hub", "h11", "h2", "ssl")

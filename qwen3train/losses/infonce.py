@@ -12,7 +12,9 @@ For anchor query i, with the document pool D = every positive and every hard neg
 and the false-negative mask m = 0 when
   - (q-d and q-q) the candidate's cosine exceeds s(q_i, d_i+) + fn_margin (threshold detached;
     margin on raw cosine, before dividing by tau); or
-  - (q-d and d-d) the pool document is identical to d_i+ (``doc_ids`` equal), other than d_i+ itself.
+  - (q-d and d-d) the pool document is identical to d_i+ (``doc_ids`` equal), other than d_i+ itself; or
+  - (q-d and d-d) the pool document is known to be no negative of row i (``no_neg``: another positive of
+    its record, or one of its ``not_neg`` texts, e.g. a document judged partly relevant).
 The d-d block has no margin rule (spec §2.3, as ms-swift's "align with Qwen3-Embedding"), and
 excludes d_i+ itself. Implemented as one cross-entropy over the concatenated logits
 [S_qd | S_qq | S_dd] / tau with masked entries at -inf and the target at d_i+'s column (spec §2.4).
@@ -28,6 +30,8 @@ Inputs (L2-normalised):
     rows                  [R] LongTensor  anchors to compute the loss for (default: all).
                                           Cross-device: the rank's own rows of the gathered
                                           batch, so labels are offset by rank.
+    no_neg                [R, P] bool     pool documents that are no negatives of each anchor
+                                          (``known_mask``), or None
     ====================  ==============  =============================================
 
 Relations: with ``qq=False, dd=False, fn_margin=None`` and no ``doc_ids`` this is the standard
@@ -51,7 +55,7 @@ NEG_INF = float("-inf")
 def info_nce(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, *,
              temperature: float, fn_margin: float | None = 0.1, qq: bool = True, dd: bool = True,
              doc_ids: torch.Tensor | None = None, rows: torch.Tensor | None = None,
-             return_stats: bool = False):
+             no_neg: torch.Tensor | None = None, return_stats: bool = False):
     """Mean loss over ``rows`` (see the module docstring); with ``return_stats`` also a dict of
     detached telemetry: top-1 accuracy, mean positive cosine, mean hardest-negative cosine, margin
     and the fraction of q-d/q-q candidates masked as false negatives."""
@@ -78,6 +82,9 @@ def info_nce(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None
         if doc_ids.numel() != pool.shape[0]:
             raise ValueError(f"doc_ids has {doc_ids.numel()} ids, the pool has {pool.shape[0]} documents")
         same_doc = doc_ids.unsqueeze(0) == doc_ids[target].unsqueeze(1)  # [R, P]
+    if no_neg is not None:
+        same_doc = no_neg if same_doc is None else same_doc | no_neg
+    if same_doc is not None:
         drop_qd |= same_doc
     drop_qd &= ~is_target
     blocks = [s_qd.masked_fill(drop_qd, NEG_INF)]
@@ -122,6 +129,19 @@ def info_nce(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None
     return loss, stats
 
 
+def known_mask(pool_ids: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor | None:
+    """``[R, P]``: pool document p is among row r's ``row_ids`` (``[R, M]`` text hashes, padded with a value no
+    pool document has). Only the pool columns holding any of the hashes are compared element-wise, so the cost
+    is that of ``isin`` over the pool, not R x P x M. None when no pool document is among them."""
+    cols = torch.isin(pool_ids, row_ids.flatten()).nonzero().squeeze(1)
+    if cols.numel() == 0:
+        return None
+    hit = (pool_ids[cols].view(1, -1, 1) == row_ids.unsqueeze(1)).any(-1)  # [R, C]
+    out = torch.zeros(row_ids.shape[0], pool_ids.numel(), dtype=torch.bool, device=pool_ids.device)
+    out[:, cols] = hit
+    return out
+
+
 @dataclass
 class InfoNCEConfig:
     """Hyper-parameters of the improved InfoNCE.
@@ -129,6 +149,9 @@ class InfoNCEConfig:
     temperature: UNCONFIRMED in the paper (spec §2.3); 0.05 here for contrastive training from an LLM
         (spec recommends 0.02-0.05), ms-swift uses 0.1 for fine-tuning released checkpoints.
     fn_margin: the paper's 0.1 false-negative margin; null disables the margin rule.
+    mask_not_neg: a pool document that is another positive of a row's record, or among its ``not_neg``
+        texts, is no negative of that row (masked in the q-d and d-d blocks). Not in the paper (its records
+        have one positive); false only to reproduce a loss that treats them as negatives.
     matryoshka_dims: dims the loss is also computed at (truncate, then normalise); empty = full only.
         The paper's MRL set is UNCONFIRMED (spec §1.6); the full dim is always included.
     cross_device: gather embeddings from every rank (gradient kept on each rank's own slice).
@@ -140,6 +163,7 @@ class InfoNCEConfig:
     qq: bool = True
     dd: bool = True
     mask_identical_docs: bool = True
+    mask_not_neg: bool = True
     matryoshka_dims: list[int] = field(default_factory=list)
     matryoshka_weights: list[float] = field(default_factory=list)
     cross_device: bool = True
@@ -157,8 +181,10 @@ class InfoNCELoss:
 
     def __init__(self, temperature: float, fn_margin: float | None = 0.1, qq: bool = True, dd: bool = True,
                  mask_identical_docs: bool = True, matryoshka_dims: list[int] | None = None,
-                 matryoshka_weights: list[float] | None = None, cross_device: bool = True) -> None:
+                 matryoshka_weights: list[float] | None = None, cross_device: bool = True,
+                 mask_not_neg: bool = True) -> None:
         self.temperature = temperature
+        self.mask_not_neg = mask_not_neg
         self.fn_margin = fn_margin
         self.qq, self.dd = qq, dd
         self.mask_identical_docs = mask_identical_docs
@@ -169,8 +195,10 @@ class InfoNCELoss:
         self.cross_device = cross_device
 
     def __call__(self, q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None,
-                 pos_ids: torch.Tensor | None = None, neg_ids: torch.Tensor | None = None):
-        """q, pos: [b, H]; neg: [b, K, H] (this rank's rows); ids: [b] and [b, K]. Returns
+                 pos_ids: torch.Tensor | None = None, neg_ids: torch.Tensor | None = None,
+                 not_neg_ids: torch.Tensor | None = None):
+        """q, pos: [b, H]; neg: [b, K, H] (this rank's rows); ids: [b] and [b, K]; ``not_neg_ids``: [b, M]
+        hashes of the texts that are no negatives of each row (``data.collate.not_neg_hashes``). Returns
         (loss for this rank's rows, stats at the full dim)."""
         rows = None
         if self.cross_device and dist.world_size() > 1:
@@ -182,15 +210,17 @@ class InfoNCELoss:
                 neg_ids = dist.all_gather_nograd(neg_ids) if neg_ids is not None else None
             start = dist.rank() * b
             rows = torch.arange(start, start + b, device=q.device)
-        doc_ids = None
-        if self.mask_identical_docs and pos_ids is not None:
-            doc_ids = pos_ids if neg_ids is None else torch.cat([pos_ids, neg_ids.reshape(-1)])
+        pool_ids = None if pos_ids is None else pos_ids if neg_ids is None else torch.cat([pos_ids, neg_ids.reshape(-1)])
+        doc_ids = pool_ids if self.mask_identical_docs else None
+        # the rows' own hashes: the mask is for this rank's rows against the gathered pool, nothing to gather
+        no_neg = (known_mask(pool_ids, not_neg_ids) if self.mask_not_neg and not_neg_ids is not None
+                  and pool_ids is not None else None)
         total, stats = 0.0, {}
         for dim, weight in self.dims:
             out = info_nce(normalize(q, dim), normalize(pos, dim),
                            normalize(neg, dim) if neg is not None else None,
                            temperature=self.temperature, fn_margin=self.fn_margin, qq=self.qq, dd=self.dd,
-                           doc_ids=doc_ids, rows=rows, return_stats=dim is None)
+                           doc_ids=doc_ids, rows=rows, no_neg=no_neg, return_stats=dim is None)
             if dim is None:
                 out, stats = out
             total = total + weight * out
@@ -199,4 +229,4 @@ class InfoNCELoss:
 
 def build_infonce(cfg: InfoNCEConfig) -> InfoNCELoss:
     return InfoNCELoss(cfg.temperature, cfg.fn_margin, cfg.qq, cfg.dd, cfg.mask_identical_docs,
-                       cfg.matryoshka_dims, cfg.matryoshka_weights, cfg.cross_device)
+                       cfg.matryoshka_dims, cfg.matryoshka_weights, cfg.cross_device, cfg.mask_not_neg)

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from qwen3train.losses.infonce import InfoNCELoss, info_nce
 
 
-def reference(q, p, n, tau, margin, qq, dd, ids):
-    """Eq. 1 written term by term, with plain loops (spec §2.1, pool = positives + all negatives)."""
+def reference(q, p, n, tau, margin, qq, dd, ids, known=None):
+    """Eq. 1 written term by term, with plain loops (spec §2.1, pool = positives + all negatives); ``known``:
+    row -> ids of pool documents that are no negatives of it (dropped from its q-d and d-d terms)."""
+    known = known or {}
     q, p = q.astype(np.float64), p.astype(np.float64)
     B = q.shape[0]
     K = 0 if n is None else n.shape[1]
@@ -29,7 +31,7 @@ def reference(q, p, n, tau, margin, qq, dd, ids):
             if j == i:
                 continue
             s = cos(q[i], d)
-            if s > thr or ids[j] == ids[i]:
+            if s > thr or ids[j] == ids[i] or ids[j] in known.get(i, ()):
                 continue
             z += math.exp(s / tau)
         if qq:  # term (3)
@@ -42,7 +44,7 @@ def reference(q, p, n, tau, margin, qq, dd, ids):
                 z += math.exp(s / tau)
         if dd:  # term (4), no margin rule
             for j, d in enumerate(pool):
-                if j == i or ids[j] == ids[i]:
+                if j == i or ids[j] == ids[i] or ids[j] in known.get(i, ()):
                     continue
                 z += math.exp(cos(p[i], d) / tau)
         losses.append(-math.log(math.exp(s_pos / tau) / z))
@@ -104,6 +106,44 @@ def test_identical_document_rule():
     assert abs(got.item() - ref) < 1e-5
     plain = info_nce(q, p, n, temperature=0.05, fn_margin=None, qq=True, dd=True)
     assert abs(got.item() - plain.item()) > 1e-4  # the rule changed something
+
+
+def test_other_positives_and_not_neg_texts_are_no_negatives_of_their_row():
+    """Row 0's record has positives a and b (it trains on a) and not_neg c; row 1 trains on b with c as its
+    hard negative. For row 0, b and c are masked (q-d and d-d), as the loop reference drops them; for row 1
+    they are its positive and negative as usual. The hashes come from the collator's rule
+    (``not_neg_hashes``), the masked loss through ``InfoNCELoss`` and, by rows, ``info_nce``. Would catch
+    in-batch documents judged relevant to a query pushed away from it, a mask on the wrong row, or the
+    chosen positive masked."""
+    from qwen3train.data.collate import not_neg_hashes
+    from qwen3train.data.records import Record, doc_hash
+
+    recs = [Record("q0", ["a", "b"], ["x"], not_neg=["c"]), Record("q1", ["b"], ["c"]), Record("q2", ["d"], ["e"])]
+    rows = [(i, r, 0) for i, r in enumerate(recs)]
+    known = not_neg_hashes(rows)
+    assert known.shape == (3, 2) and sorted(known[0].tolist()) == sorted([doc_hash("b"), doc_hash("c")])
+    assert (known[1:] == known.min()).all()  # rows 1 and 2: padding only
+    assert not_neg_hashes(rows[1:]) is None  # single-positive rows: nothing to mask, nothing built
+    B, K, D = 3, 1, 8
+    q, p, n = unit(B, D, seed=11), unit(B, D, seed=12), unit(B, K, D, seed=13)
+    pos_ids = torch.tensor([doc_hash(r.pos[0]) for r in recs])
+    neg_ids = torch.tensor([[doc_hash(r.neg[0])] for r in recs])
+    ids = torch.cat([pos_ids, neg_ids.reshape(-1)]).tolist()
+    ref = reference(q.numpy(), p.numpy(), n.numpy(), 0.05, None, True, True, ids,
+                    known={0: {doc_hash("b"), doc_hash("c")}})
+    loss = InfoNCELoss(0.05, fn_margin=None)
+    got, _ = loss(q, p, n, pos_ids, neg_ids, not_neg_ids=known)
+    assert abs(got.item() - ref) < 1e-5
+    blind, _ = InfoNCELoss(0.05, fn_margin=None, mask_not_neg=False)(q, p, n, pos_ids, neg_ids, not_neg_ids=known)
+    assert abs(blind.item() - reference(q.numpy(), p.numpy(), n.numpy(), 0.05, None, True, True, ids)) < 1e-5
+    assert abs(blind.item() - got.item()) > 1e-4
+    # a rank's own rows against the whole pool (the cross-device case): the mask of those rows only
+    from qwen3train.losses.infonce import known_mask
+
+    mask = known_mask(torch.tensor(ids), known)
+    parts = [info_nce(q, p, n, temperature=0.05, fn_margin=None, doc_ids=torch.tensor(ids), rows=torch.arange(a, b),
+                      no_neg=mask[a:b]) * (b - a) for a, b in ((0, 1), (1, 3))]
+    assert abs(sum(x.item() for x in parts) / 3 - ref) < 1e-5
 
 
 def test_rows_subset_and_equivalence_to_standard_infonce():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 from helpers import make_pairs, train_cfg
 from qwen3train.train.build import build_task
@@ -14,9 +17,23 @@ def grads_of(engine):
     return {n: p.grad.detach().clone() for n, p in engine.module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("k", [0, 2])
-def test_gradcache_equals_uncached(tiny_model_dir, tmp_path, k):
-    cfg = train_cfg(tiny_model_dir, make_pairs(tmp_path / "d.jsonl", k=max(k, 1)), tmp_path / "run", k=k)
+def _related(path):
+    """Each even record also has the next record's positive as a positive of its own, and the record after
+    that's first negative as ``not_neg``: pool documents the loss must mask for it (``loss.mask_not_neg``)."""
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    for i in range(0, len(rows) - 2, 2):
+        rows[i]["pos"].append(rows[i + 1]["pos"][0])
+        rows[i]["not_neg"] = [rows[i + 2]["neg"][0]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("k,related", [(0, False), (2, False), (2, True)])
+def test_gradcache_equals_uncached(tiny_model_dir, tmp_path, k, related):
+    """GradCache's loss and gradients equal the uncached step's, also when rows carry pool documents that are
+    no negatives of theirs (other positives, not_neg: the masked loss must hold across the cached chunks)."""
+    data = make_pairs(tmp_path / "d.jsonl", k=max(k, 1))
+    cfg = train_cfg(tiny_model_dir, _related(data) if related else data, tmp_path / "run", k=k)
     task, loader = build_task(cfg, tmp_path / "run")
     engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
     items = [(i, 0) for i in range(8)]
@@ -37,6 +54,12 @@ def test_gradcache_equals_uncached(tiny_model_dir, tmp_path, k):
         scale = max(ref[name].abs().max().item(), 1e-8)
         assert (got[name] - ref[name]).abs().max().item() <= 1e-5 * max(1.0, scale), name
     assert float(stats_gc["acc"]) == pytest.approx(float(stats_ref["acc"]))
+    if related:  # the mask was live in this batch: without it the loss differs
+        assert batch.not_neg_hash is not None
+        task.loss_fn.mask_not_neg = False
+        with torch.no_grad():
+            blind, _ = task.loss(task.forward(engine, batch), batch)
+        assert abs(blind.item() - loss_ref.item()) > 1e-4
 
 
 def _step_grads(cfg, tmp_path, packing, grad_cache, token_budget, n_micro, rerank=False, prepared=False):
