@@ -114,6 +114,13 @@ LONGEST_FIRST = ("distributed/test_deepspeed.py", "models/test_families.py", "te
                  "mining/test_store.py", "distributed/test_gloo.py", "train/test_preempt.py", "eval/test_mteb.py")
 
 
+def pytest_configure(config):
+    # pytest-xdist (3.6+) sorts the files by their number of tests unless told not to, which put a long file
+    # of one test (the chaos test) near the end of the queue and ignored the order below
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(session, config, items):
     def rank(item) -> int:
         path = item.nodeid.split("::", 1)[0].removeprefix("tests/")
