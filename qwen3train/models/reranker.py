@@ -17,7 +17,7 @@ from qwen3train.errors import ConfigError
 from qwen3train.models import fit as fitting
 from qwen3train.models import packing
 from qwen3train.models.pooling import last_token_pool
-from qwen3train.text import pad_batch
+from qwen3train.text import pad_batch, tokenize_capped
 
 RERANK_SYSTEM = (
     'Judge whether the Document meets the requirements based on the Query and the Instruct '
@@ -118,8 +118,8 @@ class Reranker(nn.Module):
             RERANK_BODY.format(instruction=i or self.default_instruction, query=q, document=d)
             for q, d, i in zip(queries, docs, instructions)
         ]
-        enc = self.tokenizer(bodies, add_special_tokens=False, truncation=True, max_length=budget)
-        return [self.prefix_ids + list(ids) + self.suffix_ids for ids in enc["input_ids"]]
+        enc = tokenize_capped(self.tokenizer, bodies, budget)
+        return [self.prefix_ids + list(ids) + self.suffix_ids for ids in enc]
 
     def pad(self, seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         return pad_batch(seqs, self.pad_id, self.padding_side)

