@@ -106,3 +106,27 @@ def test_german_sentences_words_and_persona_tokens(tmp_path):
     doc.write_text(json.dumps({"text": text, "language": "de"}, ensure_ascii=False) + "\n", encoding="utf-8")
     got, stats = passages([doc], max_words=40, overlap=0, min_words=20, default_language="x")
     assert stats["too_short"] == 0 and len(got) == len(parts) and {p.language for p in got} == {"de"}
+
+
+def test_token_passages_of_a_huge_document_are_cut_a_window_at_a_time(tokenizer, monkeypatch):
+    """A document is tokenized a window at a time (whole, 100M characters took 11 GB), ending each window at a
+    space between two words: the token spans, and so the passages, equal the whole document's. Mixed words,
+    whitespace runs, line breaks, CJK, combining marks and contractions; windows of 2,000 and 7,000
+    characters over a ~100,000-character text. Would catch a window that shifts offsets or splits a token."""
+    import random
+
+    from qwen3train.synth import corpus
+
+    rng = random.Random(0)
+    pieces = ["gravity", "tensor", "  ", "\n\n", "ünïcödé", "e\u0301", "数据检索", "=====", "x" * 300, "\t", "it's"]
+    text = "".join(rng.choice(pieces) + rng.choice(["", " ", " "]) for _ in range(5000))
+    whole = corpus.token_spans(text, tokenizer, window=10 ** 9)
+    calls = []
+    real = type(tokenizer).__call__
+    for window in (2000, 7000):
+        assert corpus.token_spans(text, tokenizer, window=window) == whole, window
+    monkeypatch.setattr(corpus, "TOKEN_WINDOW", 7000)
+    want = corpus.chunk(text, 64, 8, lambda t, **kw: calls.append(len(t)) or real(tokenizer, t, **kw))
+    assert len(calls) > len(text) // 7000 and max(calls) <= 7000  # windows, not the whole text
+    monkeypatch.setattr(corpus, "TOKEN_WINDOW", 10 ** 9)
+    assert corpus.chunk(text, 64, 8, tokenizer) == want and len(want) > 100
