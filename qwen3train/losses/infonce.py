@@ -210,7 +210,9 @@ class InfoNCELoss:
                 neg_ids = dist.all_gather_nograd(neg_ids) if neg_ids is not None else None
             start = dist.rank() * b
             rows = torch.arange(start, start + b, device=q.device)
-        pool_ids = None if pos_ids is None else pos_ids if neg_ids is None else torch.cat([pos_ids, neg_ids.reshape(-1)])
+        pool_ids = pos_ids
+        if pos_ids is not None and neg_ids is not None:
+            pool_ids = torch.cat([pos_ids, neg_ids.reshape(-1)])
         doc_ids = pool_ids if self.mask_identical_docs else None
         # the rows' own hashes: the mask is for this rank's rows against the gathered pool, nothing to gather
         no_neg = (known_mask(pool_ids, not_neg_ids) if self.mask_not_neg and not_neg_ids is not None

@@ -100,10 +100,11 @@ _WORD_GAP = re.compile(r"(?<=\S) (?=\S)")
 
 
 def token_spans(text: str, tokenizer, window: int | None = None) -> list[tuple[int, int]]:
-    """(start, end) of each token of ``text``, tokenized a window at a time: a document of 20M characters took
-    +2.5 GB tokenized whole with Qwen's tokenizer, +0.4 GB by windows (the spans kept). Windows end at a single space between two words (the next one begins with
-    it, as the word's token does), so the tokens are those of the whole text; a window with no such space in
-    its last 4,096 characters ends where it is (a token there may differ)."""
+    """(start, end) of each token of ``text``, tokenized a window at a time: a document of 20M characters
+    took +2.5 GB tokenized whole with Qwen's tokenizer, +0.4 GB by windows (the spans kept). Windows end at
+    a single space between two words (the next one begins with it, as the word's token does), so the tokens
+    are those of the whole text; a window with no such space in its last 4,096 characters ends where it is
+    (a token there may differ)."""
     spans, start, window = [], 0, window or TOKEN_WINDOW
     while start < len(text):
         end = min(len(text), start + window)
