@@ -16,12 +16,13 @@ from qwen3train.train.engine import TorchEngine
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS / "train"))
 from conftest import crash_report  # noqa: E402
-from helpers import make_pairs, rerank_cfg, train_cfg  # noqa: E402
+from helpers import make_pairs, related_rows, rerank_cfg, train_cfg  # noqa: E402
 
 
 @pytest.mark.slow
 def test_two_process_gloo_equals_one_process(tiny_model_dir, tmp_path):
-    data = make_pairs(tmp_path / "d.jsonl", k=2)
+    # rows with pool documents that are no negatives of theirs, some on the other rank (loss.mask_not_neg)
+    data = related_rows(make_pairs(tmp_path / "d.jsonl", k=2))
     out = tmp_path / "grads.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS / "train"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -37,6 +38,9 @@ def test_two_process_gloo_equals_one_process(tiny_model_dir, tmp_path):
     loss, _ = task.loss(task.forward(engine, batch), batch)
     loss.backward()
     ref = {n: p.grad for n, p in engine.module.named_parameters()}
+    task.loss_fn.mask_not_neg = False
+    with torch.no_grad():
+        assert abs(task.loss(task.forward(engine, batch), batch)[0].item() - loss.item()) > 1e-4  # the mask acts
     for mode in ("plain", "gradcache"):
         loss2, grads2 = two[mode]
         assert abs(loss2 - loss.item()) <= 1e-5, mode

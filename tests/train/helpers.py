@@ -19,6 +19,18 @@ def make_pairs(path: Path, n: int = 48, k: int = 2, tasks=("alpha",)) -> Path:
     return path
 
 
+def related_rows(path: Path) -> Path:
+    """Each even record of ``path`` also gets the next record's positive as a positive of its own, and the first
+    negative of the record after that as ``not_neg``: pool documents the loss must mask for it
+    (``loss.mask_not_neg``), from the same and, in a batch split over processes, another rank's rows."""
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    for i in range(0, len(rows) - 2, 2):
+        rows[i]["pos"].append(rows[i + 1]["pos"][0])
+        rows[i]["not_neg"] = [rows[i + 2]["neg"][0]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def train_cfg(model_dir, data_file, out_dir, **over):
     """A TrainConfig for the tiny model (typed objects, as the CLI would produce)."""
     from qwen3train.train.config import RunConfig, TrainConfig

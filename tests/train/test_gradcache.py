@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import make_pairs, train_cfg
+from helpers import make_pairs, related_rows, train_cfg
 from qwen3train.train.build import build_task
 from qwen3train.train.engine import TorchEngine
 from qwen3train.train.gradcache import grad_cache_step
@@ -17,23 +17,12 @@ def grads_of(engine):
     return {n: p.grad.detach().clone() for n, p in engine.module.named_parameters() if p.grad is not None}
 
 
-def _related(path):
-    """Each even record also has the next record's positive as a positive of its own, and the record after
-    that's first negative as ``not_neg``: pool documents the loss must mask for it (``loss.mask_not_neg``)."""
-    rows = [json.loads(x) for x in path.read_text().splitlines()]
-    for i in range(0, len(rows) - 2, 2):
-        rows[i]["pos"].append(rows[i + 1]["pos"][0])
-        rows[i]["not_neg"] = [rows[i + 2]["neg"][0]]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.mark.parametrize("k,related", [(0, False), (2, False), (2, True)])
 def test_gradcache_equals_uncached(tiny_model_dir, tmp_path, k, related):
     """GradCache's loss and gradients equal the uncached step's, also when rows carry pool documents that are
     no negatives of theirs (other positives, not_neg: the masked loss must hold across the cached chunks)."""
     data = make_pairs(tmp_path / "d.jsonl", k=max(k, 1))
-    cfg = train_cfg(tiny_model_dir, _related(data) if related else data, tmp_path / "run", k=k)
+    cfg = train_cfg(tiny_model_dir, related_rows(data) if related else data, tmp_path / "run", k=k)
     task, loader = build_task(cfg, tmp_path / "run")
     engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
     items = [(i, 0) for i in range(8)]
