@@ -17,6 +17,8 @@ the step and, per source, the epoch and the next batch of that epoch's plan.
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from typing import Callable, Iterator
 
@@ -237,18 +239,26 @@ class Loader:
         """Per source, what ``IndexedSource.fingerprint`` says (a streamed source: its name only)."""
         return [s.source.fingerprint() if isinstance(s, _Stream) else {"streamed": s.source.name} for s in self.streams]
 
-    def heaviest(self, n: int):
-        """A batch of the ``n`` largest records of the indexed sources (each with its longest positive),
-        largest first; None when every source is streamed. For the memory rehearsal (``train.memory``)."""
+    def heaviest(self, n: int, pool: int = 8):
+        """A batch of the ``n`` heaviest records of the indexed sources, heaviest first: each with its longest
+        positive and its longest K negatives, weighed by their tokens as a batch holds them (truncated), among
+        the ``pool * n`` (at least 64) largest on disk. Size on disk alone picked records made large by what
+        no batch holds (a long ``not_neg`` list, many positives, scores). None when every source is streamed.
+        For the memory rehearsal (``train.memory``)."""
+        m = max(pool * n, 64)
         found = sorted(((size, k, i) for k, s in enumerate(self.streams) if isinstance(s, _Stream)
-                        for size, i in s.source.heaviest(n)), key=lambda t: -t[0])[:n]
+                        for size, i in s.source.heaviest(m)), key=lambda t: -t[0])[:m]
         if not found:
             return None
+        k_neg = getattr(self.collate, "k", 0)
         rows = []
         for _, k, i in found:
             rec = self.streams[k].source[i]
+            if k_neg and len(rec.neg) > k_neg:  # the K longest: a draw of K of K takes them all
+                rec = dataclasses.replace(rec, neg=sorted(rec.neg, key=len)[-k_neg:])
             rows.append((self.streams[k].base + i, rec, max(range(len(rec.pos)), key=lambda j: len(rec.pos[j]))))
-        return self.collate(rows, 0)
+        weight = [self.collate([row], 0).num_tokens for row in rows]
+        return self.collate([rows[t] for t in sorted(range(len(rows)), key=lambda t: -weight[t])[:n]], 0)
 
     def _make(self, prepare: Callable | None = None) -> tuple:
         rows, epoch = self.streams[self._pick(self.step)].next_rows()

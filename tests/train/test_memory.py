@@ -168,6 +168,29 @@ def test_heaviest_records_by_their_size_on_disk(tmp_path):
     assert [i for _, i in both.heaviest(2)][:2] in ([19, 39], [39, 19])
 
 
+def test_the_rehearsal_weighs_records_by_the_tokens_a_batch_holds(tiny_model_dir, tmp_path):
+    """The largest line on disk can be light in a batch: a record made large by a long ``not_neg`` list (what
+    ``make prepare`` writes for graded qrels) and by many short negatives of which a step takes K. The rehearsal
+    takes the record heaviest in tokens (LONG, smaller on disk), with its longest K negatives. Would catch the
+    pick by size on disk alone (the light record), or K negatives drawn at random instead of the longest."""
+    from qwen3train.train.build import build_task
+
+    path = data_with_a_long_record(tmp_path)
+    lines = path.read_text().splitlines()
+    bulky = {"query": "short one", "pos": ["a short positive"], "task": "alpha",
+             "neg": ["tiny"] * 40 + [" ".join(["violin galaxy"] * 60), " ".join(["protein compiler"] * 60)],
+             "not_neg": [f"a partly relevant document number {i} " * 8 for i in range(60)]}
+    lines[10] = json.dumps(bulky)
+    path.write_text("\n".join(lines) + "\n")
+    assert len(lines[10]) > 5 * len(lines[30])  # the bulky record is by far the largest on disk
+    cfg = cfg_for(tiny_model_dir, path, tmp_path / "r")
+    task, loader = build_task(cfg, tmp_path / "r")
+    one = loader.heaviest(1)
+    assert [task.embedder.tok.tokenizer.decode(ids).split("Query:")[1][:20] for ids in one.q] == [LONG["query"][:20]]
+    two = loader.heaviest(2)  # then the bulky one, with its 2 longest negatives (not 2 of the 40 "tiny")
+    assert [len(ids) for ids in two.neg[1]] == [32, 32]
+
+
 def test_a_resume_with_another_micro_batch(tiny_model_dir, tmp_path):
     """Allowed where the loss does not depend on it (GradCache; the reranker), refused where it does (the
     embedder without GradCache: each micro batch is its own contrastive batch) and when anything else changed
