@@ -73,6 +73,10 @@ class EmbeddingBatch:
     def num_tokens(self) -> int:
         return sum(map(len, self.q)) + sum(map(len, self.pos)) + sum(len(n) for row in self.neg for n in row)
 
+    def row_tokens(self) -> list[int]:
+        """Tokens of each row: its query, its positive and its negatives."""
+        return [len(q) + len(p) + sum(map(len, n)) for q, p, n in zip(self.q, self.pos, self.neg)]
+
     def sequences(self) -> list[list[int]]:
         """Every sequence, as a packed forward takes them: the queries, the positives, then the negatives row by row."""
         return self.q + self.pos + [n for row in self.neg for n in row]
@@ -96,6 +100,10 @@ class RerankBatch:
     @property
     def num_tokens(self) -> int:
         return sum(map(len, self.ids))
+
+    def row_tokens(self) -> list[int]:
+        """Tokens of each row (a query's group of prompts)."""
+        return [sum(map(len, self.ids[r * self.group:(r + 1) * self.group])) for r in range(len(self))]
 
     def sequences(self) -> list[list[int]]:
         return self.ids

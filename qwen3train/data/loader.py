@@ -242,10 +242,10 @@ class Loader:
     def heaviest(self, n: int, pool: int = 8):
         """A batch of the ``n`` heaviest records of the indexed sources, heaviest first: each with its longest
         positive and its longest K negatives, weighed by their tokens as a batch holds them (truncated), among
-        the ``pool * n`` (at least 64) largest on disk. Size on disk alone picked records made large by what
+        the ``pool * n`` (at least 64, at most ``n + 4096``) largest on disk. Size on disk alone picked records made large by what
         no batch holds (a long ``not_neg`` list, many positives, scores). None when every source is streamed.
         For the memory rehearsal (``train.memory``)."""
-        m = max(pool * n, 64)
+        m = min(max(pool * n, 64), n + 4096)
         found = sorted(((size, k, i) for k, s in enumerate(self.streams) if isinstance(s, _Stream)
                         for size, i in s.source.heaviest(m)), key=lambda t: -t[0])[:m]
         if not found:
@@ -257,7 +257,7 @@ class Loader:
             if k_neg and len(rec.neg) > k_neg:  # the K longest: a draw of K of K takes them all
                 rec = dataclasses.replace(rec, neg=sorted(rec.neg, key=len)[-k_neg:])
             rows.append((self.streams[k].base + i, rec, max(range(len(rec.pos)), key=lambda j: len(rec.pos[j]))))
-        weight = [self.collate([row], 0).num_tokens for row in rows]
+        weight = self.collate(rows, 0).row_tokens()  # one tokenizer call for all of them
         return self.collate([rows[t] for t in sorted(range(len(rows)), key=lambda t: -weight[t])[:n]], 0)
 
     def _make(self, prepare: Callable | None = None) -> tuple:

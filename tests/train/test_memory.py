@@ -189,6 +189,9 @@ def test_the_rehearsal_weighs_records_by_the_tokens_a_batch_holds(tiny_model_dir
     assert [task.embedder.tok.tokenizer.decode(ids).split("Query:")[1][:20] for ids in one.q] == [LONG["query"][:20]]
     two = loader.heaviest(2)  # then the bulky one, with its 2 longest negatives (not 2 of the 40 "tiny")
     assert [len(ids) for ids in two.neg[1]] == [32, 32]
+    rtask, rloader = build_task(rerank_cfg(tiny_model_dir, path, tmp_path / "rr"), tmp_path / "rr")
+    group = rloader.heaviest(1)  # the reranker's rows are groups of prompts: the same record
+    assert len(group) == 1 and "why glacier tensor" in rtask.reranker.tokenizer.decode(group.ids[0])
 
 
 def test_a_resume_with_another_micro_batch(tiny_model_dir, tmp_path):
