@@ -28,12 +28,18 @@ _MEMO = dict(default=None, repr=False, compare=False)
 
 def sample_negatives(rec: Record, k: int, seed: int, epoch: int, idx: int) -> list[str]:
     """K of the record's negatives, fixed by (seed, epoch, record): the same on every rank and resume;
-    drawn with replacement only when the record has fewer than K."""
+    drawn with replacement only when the record has fewer than K. A "negative" that is one of the record's
+    positives or ``not_neg`` texts (data mined without excluding them, duplicates) is not drawn while others
+    remain: the embedder's loss would mask it (a wasted slot), the reranker would learn to say no to a positive."""
     if k == 0:
         return []
+    negs = rec.neg
+    known = set(rec.pos).union(rec.not_neg)
+    if not known.isdisjoint(negs):
+        negs = [n for n in negs if n not in known] or negs
     rng = np.random.default_rng([seed, epoch, idx])
-    pick = rng.choice(len(rec.neg), size=k, replace=len(rec.neg) < k)
-    return [rec.neg[int(t)] for t in pick]
+    pick = rng.choice(len(negs), size=k, replace=len(negs) < k)
+    return [negs[int(t)] for t in pick]
 
 
 NO_HASH = -(1 << 63)  # the padding of ``not_neg_hash`` (no text hashes to it but with probability 2^-64)

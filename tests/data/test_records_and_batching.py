@@ -107,3 +107,26 @@ def test_plan_is_single_task_duplicate_free_and_deterministic(tmp_path, version)
         assert len(seen) == 4  # the pool's own tail is left out, other records in other epochs
         assert stats["dropped_tail"] < plan_epoch(src, 6, seed=1, epoch=0, version=1)[1]["dropped_tail"]
         assert len(batches) > len(plan_epoch(src, 6, seed=1, epoch=0, version=1)[0])
+
+
+def test_a_negative_that_is_a_positive_or_not_neg_is_not_drawn():
+    """Data mined without excluding the positives (or with duplicates) lists a positive, or a text judged partly
+    relevant, among the negatives. Over 50 epochs neither is drawn while a real negative remains: the reranker's
+    group never asks it to say no to a positive (checked through its collator), the embedder gets no wasted
+    slot; a record whose every negative is such a text keeps its list (nothing better to draw). Would catch the
+    draw from the raw list (each bad text comes up in ~2/3 of the epochs)."""
+    from qwen3train.data.collate import RerankCollator, sample_negatives
+    from qwen3train.data.instructions import Instructions
+    from qwen3train.data.records import Record
+
+    rec = Record("q", ["p1", "p2"], ["p2", "n1", "partly", "n2"], not_neg=["partly"])
+    drawn = {n for e in range(50) for n in sample_negatives(rec, 2, 0, e, 7)}
+    assert drawn == {"n1", "n2"}
+    docs = []
+    collate = RerankCollator(lambda q, d, i: docs.extend(d) or [[1]] * len(d), Instructions(), k=3, seed=0)
+    for e in range(20):
+        collate([(7, rec, 0)], e)
+    groups = [docs[i:i + 4] for i in range(0, len(docs), 4)]
+    assert all(g[0] == "p1" and set(g[1:]) <= {"n1", "n2"} for g in groups)
+    only_bad = Record("q", ["p1"], ["p1"])
+    assert sample_negatives(only_bad, 2, 0, 0, 1) == ["p1", "p1"]
