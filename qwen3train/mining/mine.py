@@ -94,10 +94,13 @@ class MineConfig:
 
 
 def load_corpus(paths: list[str]) -> list[str]:
-    """Document texts of JSONL / Parquet / text files (the stage-0 corpus reader; title prepended)."""
+    """Document texts of JSONL / Parquet / text files (the stage-0 corpus reader), a title joined as BEIR and
+    ``make prepare`` join it (``title text``): the positives and ``not_neg`` texts of prepared rows are found in
+    the corpus by their text. With stage 0's ``Title. Text`` none of a titled collection's were (DBpedia: no
+    positive recognised, only the score-ratio guard kept them out of the negatives)."""
     from qwen3train.synth.corpus import read_documents
 
-    return [text for _, text, _ in read_documents(expand_files(paths), "English")]
+    return [text for _, text, _ in read_documents(expand_files(paths), "English", title_sep=" ")]
 
 
 def select_negatives(cands: list[tuple[int, float]], pos_texts: set[str], pos_score: float, docs: list[str],

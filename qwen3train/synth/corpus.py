@@ -31,8 +31,10 @@ class Passage:
     doc_id: str
 
 
-def read_documents(paths: list[Path], default_language: str):
-    """Yield (doc_id, text, language) in a deterministic order; bad JSON lines name file:line."""
+def read_documents(paths: list[Path], default_language: str, title_sep: str = ". "):
+    """Yield (doc_id, text, language) in a deterministic order; bad JSON lines name file:line. A title goes
+    before the text with ``title_sep`` (stage 0's prompts read ``Title. Text``; mining passes ``" "``, the
+    BEIR/MTEB join that ``data.collections`` and so ``make prepare`` write)."""
     for path in paths:
         if path.suffix in (".jsonl", ".json"):
             for lineno, obj in iter_json_lines(path):
@@ -40,7 +42,7 @@ def read_documents(paths: list[Path], default_language: str):
                 if not isinstance(text, str):
                     raise DataError(f"{path}:{lineno}", "text", "missing or not a string")
                 if obj.get("title"):
-                    text = f"{obj['title']}. {text}"
+                    text = f"{obj['title']}{title_sep}{text}".strip()
                 yield str(obj.get("_id") or obj.get("id") or f"{path.name}:{lineno}"), text, \
                     obj.get("language") or default_language
         elif path.suffix == ".parquet":

@@ -140,3 +140,29 @@ def test_documents_judged_below_min_relevance_are_never_mined(tmp_path):
     assert summary["dropped_not_neg"] > 0
     for q, r in mined.items():
         assert not set(r["neg"]) & partial[q] and set(r.get("not_neg", [])) == partial[q]  # passed on to stage 2
+
+
+def test_a_titled_collection_prepared_then_mined_knows_its_positives(tmp_path):
+    """DBpedia's documents have titles. ``make prepare`` writes a document as BEIR joins it (``title text``);
+    mining read the corpus as stage 0 does (``Title. Text``), so no positive and no ``not_neg`` text of a
+    prepared row was found in the corpus by its text, and without the score-ratio guard the positives' own
+    corpus copies were mined as negatives. Now every mined negative is a corpus document as the collection
+    reads it, none is judged relevant (>= 1) for its query, and positives are recognised. Would catch the two
+    joins parting again."""
+    from qwen3train.data.collections import load_collection
+
+    col = load_collection(FIXTURES / "dbpedia")
+    rows, _ = import_collection(FIXTURES / "dbpedia", None, None, 2)
+    ids = {t: d for d, t in col.corpus.items()}
+    by_query = {col.queries[q]: q for q in col.qrels}
+    out = tmp_path / "mined.jsonl"
+    summary = run_mine(MineConfig(inputs=[str(write(tmp_path / "rows.jsonl", rows))], embedder=str(MINILM),
+                                  corpus=[str(FIXTURES / "dbpedia" / "corpus.jsonl")], output=str(out),
+                                  cache_dir=None, num_negatives=5, range_max=30, max_score_ratio=None))
+    assert summary["dropped_is_positive"] >= len(rows) and summary["dropped_not_neg"] > 0, summary
+    mined = [json.loads(x) for x in out.read_text().split("\n") if x]
+    assert mined
+    for r in mined:
+        judged = col.qrels[by_query[r["query"]]]
+        assert all(n in ids for n in r["neg"])  # the collection's own text of a corpus document
+        assert not [n for n in r["neg"] if judged.get(ids[n], 0) >= 1], r["query"]
