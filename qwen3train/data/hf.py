@@ -116,7 +116,7 @@ class StreamingSource:
             return files
         if self.rank == 0 and self.world > 1:
             print(f"note: {self.name}: {files} file(s) over {self.world} processes: each process reads the whole "
-                  f"stream and keeps every {self.world}th row ({self.world}x the reading"
+                  f"stream and keeps one row in {self.world} ({self.world}x the reading"
                   + (f"; stream_split=files reads each file once, with shares unequal by up to one file)"
                      if files >= self.world else "; more files than processes would let each read its own)"),
                   flush=True)
