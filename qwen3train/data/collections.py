@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen3train.data.jsonl import iter_json_lines, read_text
-from qwen3train.data.records import DataError
+from qwen3train.data.records import DataError, join_title
 from qwen3train.errors import ConfigError
 
 
@@ -66,7 +66,7 @@ def load_beir(folder: str | Path, split: str = "test") -> Collection:
     for lineno, obj in iter_json_lines(folder / "corpus.jsonl"):
         if "_id" not in obj or not isinstance(obj.get("text"), str):
             raise ConfigError(f"{folder / 'corpus.jsonl'}:{lineno}: needs '_id' and a string 'text'")
-        corpus[str(obj["_id"])] = f"{obj['title']} {obj['text']}".strip() if obj.get("title") else obj["text"]
+        corpus[str(obj["_id"])] = join_title(obj.get("title"), obj["text"])
     queries = {}
     for lineno, obj in iter_json_lines(folder / "queries.jsonl"):
         if "_id" not in obj or not isinstance(obj.get("text"), str):

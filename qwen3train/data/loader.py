@@ -242,9 +242,9 @@ class Loader:
     def heaviest(self, n: int, pool: int = 8):
         """A batch of the ``n`` heaviest records of the indexed sources, heaviest first: each with its longest
         positive and its longest K negatives, weighed by their tokens as a batch holds them (truncated), among
-        the ``pool * n`` (at least 64, at most ``n + 4096``) largest on disk. Size on disk alone picked records made large by what
-        no batch holds (a long ``not_neg`` list, many positives, scores). None when every source is streamed.
-        For the memory rehearsal (``train.memory``)."""
+        the ``pool * n`` (at least 64, at most ``n + 4096``) largest on disk. Size on disk alone picked records
+        made large by what no batch holds (a long ``not_neg`` list, many positives, scores). None when every
+        source is streamed. For the memory rehearsal (``train.memory``)."""
         m = min(max(pool * n, 64), n + 4096)
         found = sorted(((size, k, i) for k, s in enumerate(self.streams) if isinstance(s, _Stream)
                         for size, i in s.source.heaviest(m)), key=lambda t: -t[0])[:m]

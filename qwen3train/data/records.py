@@ -93,6 +93,12 @@ def parse_record(obj, where: str) -> Record:
                   type=_opt_str(obj, "type", where), not_neg=_str_list(obj, "not_neg", where, False))
 
 
+def join_title(title, text: str, sep: str = " ") -> str:
+    """A titled document as one text: BEIR's / MTEB's ``title text`` (evaluation, ``make prepare``, mining's
+    corpus), or stage 0's ``Title. Text`` (``sep=". "``); untitled text as it is."""
+    return f"{title}{sep}{text}".strip() if title else text
+
+
 BOM = b"\xef\xbb\xbf"
 
 

@@ -77,15 +77,15 @@ def info_nce(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None
     if fn_margin is not None:
         thr = (s_pos.detach() + fn_margin).unsqueeze(1)  # [R, 1]
         drop_qd |= s_qd.detach() > thr
-    same_doc = None
+    not_neg_doc = None
     if doc_ids is not None:
         if doc_ids.numel() != pool.shape[0]:
             raise ValueError(f"doc_ids has {doc_ids.numel()} ids, the pool has {pool.shape[0]} documents")
-        same_doc = doc_ids.unsqueeze(0) == doc_ids[target].unsqueeze(1)  # [R, P]
+        not_neg_doc = doc_ids.unsqueeze(0) == doc_ids[target].unsqueeze(1)  # [R, P]
     if no_neg is not None:
-        same_doc = no_neg if same_doc is None else same_doc | no_neg
-    if same_doc is not None:
-        drop_qd |= same_doc
+        not_neg_doc = no_neg if not_neg_doc is None else not_neg_doc | no_neg
+    if not_neg_doc is not None:
+        drop_qd |= not_neg_doc
     drop_qd &= ~is_target
     blocks = [s_qd.masked_fill(drop_qd, NEG_INF)]
     n_cand = is_target.numel() - R
@@ -105,8 +105,8 @@ def info_nce(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None
     if dd:
         s_dd = pos[rows] @ pool.T  # [R, P]
         drop_dd = is_target.clone()  # d_i+ against itself
-        if same_doc is not None:
-            drop_dd |= same_doc
+        if not_neg_doc is not None:
+            drop_dd |= not_neg_doc
         blocks.append(s_dd.masked_fill(drop_dd, NEG_INF))
 
     logits = torch.cat(blocks, dim=1) / temperature

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen3train.data.jsonl import iter_json_lines, read_text
-from qwen3train.data.records import DataError, text_hash
+from qwen3train.data.records import DataError, join_title, text_hash
 
 
 @dataclass
@@ -41,8 +41,7 @@ def read_documents(paths: list[Path], default_language: str, title_sep: str = ".
                 text = obj.get("text") or obj.get("contents") if isinstance(obj, dict) else None
                 if not isinstance(text, str):
                     raise DataError(f"{path}:{lineno}", "text", "missing or not a string")
-                if obj.get("title"):
-                    text = f"{obj['title']}{title_sep}{text}".strip()
+                text = join_title(obj.get("title"), text, title_sep)
                 yield str(obj.get("_id") or obj.get("id") or f"{path.name}:{lineno}"), text, \
                     obj.get("language") or default_language
         elif path.suffix == ".parquet":
