@@ -37,26 +37,27 @@ def read_documents(paths: list[Path], default_language: str, title_sep: str = ".
     BEIR/MTEB join that ``data.collections`` and so ``make prepare`` write)."""
     for path in paths:
         if path.suffix in (".jsonl", ".json"):
-            for lineno, obj in iter_json_lines(path):
-                text = obj.get("text") or obj.get("contents") if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{lineno}", "text", "missing or not a string")
-                text = join_title(obj.get("title"), text, title_sep)
-                yield str(obj.get("_id") or obj.get("id") or f"{path.name}:{lineno}"), text, \
-                    obj.get("language") or default_language
+            rows = ((f"{path}:{lineno}", f"{path.name}:{lineno}", obj) for lineno, obj in iter_json_lines(path))
         elif path.suffix == ".parquet":
             import datasets
 
-            ds = datasets.Dataset.from_parquet(str(path))
-            for row, obj in enumerate(ds):
-                text = obj.get("text") or obj.get("contents") or ""
-                yield str(obj.get("_id") or obj.get("id") or f"{path.name}:{row}"), text, \
-                    obj.get("language") or default_language
-        else:
+            rows = ((f"{path}:row {i}", f"{path.name}:{i}", obj)
+                    for i, obj in enumerate(datasets.Dataset.from_parquet(str(path))))
+        else:  # plain text: one document per blank-line-separated block
             blocks = read_text(path).split("\n\n")
-            for i, block in enumerate(blocks):
-                if block.strip():
-                    yield f"{path.name}:{i}", block, default_language
+            yield from ((f"{path.name}:{i}", block, default_language) for i, block in enumerate(blocks) if block.strip())
+            continue
+        for where, default_id, obj in rows:
+            yield _document(obj, where, default_id, default_language, title_sep)
+
+
+def _document(obj, where: str, default_id: str, default_language: str, title_sep: str):
+    """(doc_id, text, language) of one JSONL line or Parquet row, the title joined before the text."""
+    text = obj.get("text") or obj.get("contents") if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        raise DataError(where, "text", "missing or not a string")
+    return (str(obj.get("_id") or obj.get("id") or default_id), join_title(obj.get("title"), text, title_sep),
+            obj.get("language") or default_language)
 
 
 # scripts written without spaces between words: each character is a unit

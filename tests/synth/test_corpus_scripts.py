@@ -130,3 +130,28 @@ def test_token_passages_of_a_huge_document_are_cut_a_window_at_a_time(tokenizer,
     assert len(calls) > len(text) // 7000 and max(calls) <= 7000  # windows, not the whole text
     monkeypatch.setattr(corpus, "TOKEN_WINDOW", 10 ** 9)
     assert corpus.chunk(text, 64, 8, tokenizer) == want and len(want) > 100
+
+
+def test_a_parquet_corpus_reads_as_its_jsonl_copy_titles_included(tmp_path):
+    """A Parquet corpus lost its titles (a BEIR corpus converted to Parquet gave 'Text' where its JSONL gave
+    'Title. Text') and a row without text became an empty document; now both formats read alike, and a row
+    without text is refused by its row."""
+    import datasets
+
+    from qwen3train.data.records import DataError
+    from qwen3train.synth.corpus import read_documents
+
+    src = FIXTURES / "dbpedia" / "corpus.jsonl"
+    rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines()[:40]]
+    assert sum(bool(r.get("title")) for r in rows) > 30  # the fixture's documents are titled
+    jsonl, parquet = tmp_path / "c.jsonl", tmp_path / "c.parquet"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    datasets.Dataset.from_list(rows).to_parquet(str(parquet))
+    for sep in (". ", " "):
+        a, b = list(read_documents([jsonl], "en", sep)), list(read_documents([parquet], "en", sep))
+        assert a == b and len(a) == len(rows)
+        assert a[0][1] == f"{rows[0]['title']}{sep}{rows[0]['text']}"
+    broken = tmp_path / "broken.parquet"
+    datasets.Dataset.from_list(rows[:3] + [dict(rows[3], text=None)]).to_parquet(str(broken))
+    with pytest.raises(DataError, match=r"broken\.parquet:row 3.*'text'"):
+        list(read_documents([broken], "en"))
