@@ -3,6 +3,7 @@ no traceback (QWEN3TRAIN_DEBUG=1 shows it). A bug would still print its tracebac
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
@@ -47,6 +48,13 @@ CASES = {
     "malformed streamed file": (["--config-name=stage1", "data.train_files=[]", "run.max_steps=2",
                                  "data.mixture=[{{dataset: json, data_files: [{tmp}/notjson.jsonl], streaming: true}}]"],
                                 "field '<block>': the `datasets` reader failed: ArrowInvalid"),
+    # the same file loaded into `datasets`' Arrow cache (streaming: false): it was a DatasetGenerationError traceback
+    "malformed file of a datasets source": (["--config-name=stage1", "data.train_files=[]", "run.max_steps=2",
+                                             "data.mixture=[{{dataset: json, data_files: [{tmp}/notjson.jsonl]}}]"],
+                                            "field '<block>': the `datasets` reader failed: ArrowInvalid"),
+    # records are read at their byte offsets: a gzipped file was read as UTF-8 and refused at its first byte
+    "compressed training file": (["--config-name=stage1", "data.train_files=[{tmp}/pairs.jsonl.gz]"],
+                                 "pairs.jsonl.gz: a compressed file cannot be indexed"),
     "negative stream retries": (["--config-name=stage1", "data.stream_retries=-1"], "data.stream_retries must be >= 0"),
     "floor above the learning rate": (["--config-name=stage2", "optim.min_lr_ratio=1.5"], "optim.min_lr_ratio is a share"),
     # values no run can use, refused before anything loads (they were tracebacks deep in a run, or silently
@@ -134,6 +142,7 @@ def test_user_mistake_is_one_line_and_status_2(case, tiny_model_dir, tmp_path):
     (tmp_path / "notjson.jsonl").write_text('{"text": "a document about rivers and their deltas"}\n{"text": oops}\n')
     (tmp_path / "docs.jsonl").write_text('{"text": "' + "a long enough document about rivers " * 10 + '"}\n')
     (tmp_path / "pairs.jsonl").write_text("".join(f'{{"query": "question {i}", "pos": ["answer {i}"]}}\n' for i in range(8)))
+    (tmp_path / "pairs.jsonl.gz").write_bytes(gzip.compress((tmp_path / "pairs.jsonl").read_bytes()))
     fill = {"bad": tmp_path / "bad.jsonl", "good": tmp_path / "good.jsonl", "tmp": tmp_path, "model": tiny_model_dir,
             "pairs": tmp_path / "pairs.jsonl"}
     argv = [a.format(**fill) for a in args] + [f"model.name_or_path={tiny_model_dir}"] * (

@@ -60,19 +60,28 @@ def _prune(c: Collection) -> Collection:
     return c
 
 
+def found(path: Path) -> Path:
+    """``path``, or its compressed copy (``corpus.jsonl.gz``: how BEIR's collections are kept on the hub)."""
+    if path.exists():
+        return path
+    return next((c for c in (path.with_name(path.name + z) for z in (".gz", ".bz2", ".xz")) if c.exists()), path)
+
+
 def load_beir(folder: str | Path, split: str = "test") -> Collection:
     folder = Path(folder)
     corpus = {}
-    for lineno, obj in iter_json_lines(folder / "corpus.jsonl"):
+    path = found(folder / "corpus.jsonl")
+    for lineno, obj in iter_json_lines(path):
         if "_id" not in obj or not isinstance(obj.get("text"), str):
-            raise ConfigError(f"{folder / 'corpus.jsonl'}:{lineno}: needs '_id' and a string 'text'")
+            raise ConfigError(f"{path}:{lineno}: needs '_id' and a string 'text'")
         corpus[str(obj["_id"])] = join_title(obj.get("title"), obj["text"])
     queries = {}
-    for lineno, obj in iter_json_lines(folder / "queries.jsonl"):
+    path = found(folder / "queries.jsonl")
+    for lineno, obj in iter_json_lines(path):
         if "_id" not in obj or not isinstance(obj.get("text"), str):
-            raise ConfigError(f"{folder / 'queries.jsonl'}:{lineno}: needs '_id' and a string 'text'")
+            raise ConfigError(f"{path}:{lineno}: needs '_id' and a string 'text'")
         queries[str(obj["_id"])] = obj["text"]
-    return _prune(Collection(folder.name, corpus, queries, _qrels(folder / "qrels" / f"{split}.tsv", trec=False)))
+    return _prune(Collection(folder.name, corpus, queries, _qrels(found(folder / "qrels" / f"{split}.tsv"), trec=False)))
 
 
 def load_trec(docs: str | Path, topics: str | Path, qrels: str | Path, name: str | None = None) -> Collection:
@@ -97,7 +106,7 @@ def load_trec(docs: str | Path, topics: str | Path, qrels: str | Path, name: str
 def load_collection(spec: str | Path) -> Collection:
     """A BEIR folder, or a folder with the TREC layout of ../shared/data/vaswani."""
     p = Path(spec)
-    if (p / "corpus.jsonl").exists():
+    if found(p / "corpus.jsonl").exists():
         return load_beir(p)
     trec_docs = sorted((p / "corpus").glob("*.trec")) if (p / "corpus").is_dir() else []
     topics = sorted(p.glob("*query*.trec")) or sorted(p.glob("*topics*"))

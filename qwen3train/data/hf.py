@@ -44,6 +44,15 @@ def load(spec, streaming: bool):
         return datasets.load_dataset(**kw)
     except (FileNotFoundError, ValueError, ConnectionError) as e:  # unknown name, missing files, bad split, no hub
         raise ConfigError(f"data source {label(spec)}: {e}") from None
+    except datasets.exceptions.DatasetGenerationError as e:  # a malformed file met building the Arrow cache
+        cause = e.__cause__ or e
+        what = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:300]}"
+        raise DataError(label(spec), "<block>", f"the `datasets` reader failed: {what}. {BLOCK_READ}") from None
+
+
+# what a malformed row in a `datasets` source leaves the user (it reads blocks of rows, not lines)
+BLOCK_READ = ("It reads rows in blocks, so a malformed row cannot be skipped (data.on_error): fix the file, or, "
+              "for a JSONL file, list it in data.train_files, where each line is checked on its own")
 
 
 def label(spec) -> str:
@@ -252,9 +261,7 @@ class StreamingSource:
         where = f"{self.name}:part {v} of {self.parts} epoch {e} after row {self.state[v][1]}"
         if not transient(err):
             if isinstance(err, ValueError):  # pyarrow's ArrowInvalid, a JSON or UTF-8 decoding error
-                raise DataError(where, "<block>", f"the `datasets` reader failed: {what}. It reads rows in blocks, so a "
-                                                  f"malformed row cannot be skipped (data.on_error): fix the file, "
-                                                  f"or load it with streaming: false (each line checked on its own)")
+                raise DataError(where, "<block>", f"the `datasets` reader failed: {what}. {BLOCK_READ}")
             raise err
         self._failures += 1
         if self._failures > self.retries:

@@ -2,15 +2,65 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 from qwen3train.errors import private_tmp
 
+# compressed files read as they stream (Python's own codecs), and the command that decompresses each
+COMPRESSED = {".gz": "gunzip -k", ".bz2": "bunzip2 -k", ".xz": "unxz -k", ".zst": "unzstd", ".zstd": "unzstd"}
+
+
+def plain_suffix(path: str | Path) -> str:
+    """The format's suffix of a file, compressed or not: ``.jsonl`` for ``corpus.jsonl.gz``."""
+    p = Path(path)
+    return Path(p.stem).suffix.lower() if p.suffix.lower() in COMPRESSED else p.suffix.lower()
+
+
+def open_bytes(path: str | Path):
+    """A file opened for reading bytes, decompressed where its name ends in ``.gz``, ``.bz2`` or ``.xz`` (a
+    BEIR collection from the hub holds ``corpus.jsonl.gz``). Zstandard is refused with what to do."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    if suffix == ".bz2":
+        import bz2
+
+        return bz2.open(path, "rb")
+    if suffix == ".xz":
+        import lzma
+
+        return lzma.open(path, "rb")
+    if suffix in (".zst", ".zstd"):
+        from qwen3train.errors import ConfigError
+
+        raise ConfigError(f"{path}: Zstandard files are not read: decompress it once (unzstd {path}) or save it "
+                          f"as .gz, .bz2 or .xz")
+    return open(path, "rb")
+
+
+@contextlib.contextmanager
+def decompressing(path):
+    """A compressed file that is truncated or not what its name says: one line naming it (was a traceback)."""
+    import lzma
+
+    from qwen3train.data.records import DataError
+
+    try:
+        yield
+    except (EOFError, lzma.LZMAError, OSError) as e:
+        if Path(path).suffix.lower() not in COMPRESSED or isinstance(e, FileNotFoundError):
+            raise
+        raise DataError(str(path), "<file>", f"cannot be decompressed ({type(e).__name__}: {e}); a download cut "
+                                             f"short? fetch it again") from None
+
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Every object of a JSONL file, split on ``\\n`` only (texts may hold U+2028)."""
-    return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").split("\n") if x.strip()]
+    return [json.loads(x) for x in read_text(path).split("\n") if x.strip()]
 
 
 def read_text(path: str | Path) -> str:
@@ -18,7 +68,8 @@ def read_text(path: str | Path) -> str:
     raise DataError naming ``file:line`` instead of a decoder traceback (or silent replacement)."""
     from qwen3train.data.records import BOM, utf8_error
 
-    data = Path(path).read_bytes().removeprefix(BOM)
+    with open_bytes(path) as f, decompressing(path):
+        data = f.read().removeprefix(BOM)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -31,15 +82,16 @@ def iter_json_lines(path: str | Path):
     ``file:line`` (the command line prints it as one line). Splits on ``\n`` only (texts may hold U+2028)."""
     from qwen3train.data.records import DataError, decode_line
 
-    with open(path, "rb") as f:
+    with open_bytes(path) as f, decompressing(path):
         for lineno, raw in enumerate(f, 1):  # binary lines end at b"\n" only
             line = decode_line(raw, f"{path}:{lineno}")
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}", "<json>", f"not valid JSON ({e.msg})") from None
+            yield lineno, obj
 
 
 def write_jsonl(path: str | Path, rows) -> Path:

@@ -19,6 +19,7 @@ import numpy as np
 
 from qwen3train.data import index
 from qwen3train.data.hf import DatasetRef
+from qwen3train.data.jsonl import COMPRESSED
 from qwen3train.data.records import DataError, Record, parse_json_line, parse_record
 from qwen3train.errors import ConfigError
 
@@ -134,6 +135,12 @@ class IndexedSource:
         from qwen3train import dist
 
         self.paths = [p if isinstance(p, DatasetRef) else Path(p) for p in paths]
+        for p in self.paths:
+            if not isinstance(p, DatasetRef) and p.suffix.lower() in COMPRESSED:
+                raise ConfigError(f"{p}: a compressed file cannot be indexed (records are read at their byte "
+                                  f"offsets): decompress it once ({COMPRESSED[p.suffix.lower()]} {p}), or, for "
+                                  f"training, name it as a `datasets` source: data.mixture=[{{dataset: json, "
+                                  f"data_files: [{p}]}}]")
         self.k = num_hard_negatives
         self.on_error = on_error
         # what each file was when indexed (taken first: a change during the indexing is a change too)

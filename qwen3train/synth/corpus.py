@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3train.data.jsonl import iter_json_lines, read_text
+from qwen3train.data.jsonl import iter_json_lines, plain_suffix, read_text
 from qwen3train.data.records import DataError, join_title, text_hash
 
 
@@ -36,7 +36,7 @@ def read_documents(paths: list[Path], default_language: str, title_sep: str = ".
     before the text with ``title_sep`` (stage 0's prompts read ``Title. Text``; mining passes ``" "``, the
     BEIR/MTEB join that ``data.collections`` and so ``make prepare`` write)."""
     for path in paths:
-        if path.suffix in (".jsonl", ".json"):
+        if plain_suffix(path) in (".jsonl", ".json"):
             rows = ((f"{path}:{lineno}", f"{path.name}:{lineno}", obj) for lineno, obj in iter_json_lines(path))
         elif path.suffix == ".parquet":
             import datasets

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen3train.data.jsonl import iter_json_lines
+from qwen3train.data.jsonl import iter_json_lines, plain_suffix
 from qwen3train.data.records import DataError
 from qwen3train.synth.corpus import NO_SPACE_CHARS
 from qwen3train.errors import ConfigError
@@ -36,7 +36,7 @@ PERSONA_FIELDS = ("persona", "input persona", "input_persona", "text")
 
 def load_personas(path: str | Path | None) -> list[str]:
     p = Path(path) if path else DEFAULT_PERSONAS
-    if p.suffix == ".jsonl":
+    if plain_suffix(p) == ".jsonl":
         personas = []
         for lineno, obj in iter_json_lines(p):
             text = next((obj[k] for k in PERSONA_FIELDS if isinstance(obj, dict) and isinstance(obj.get(k), str)), None)

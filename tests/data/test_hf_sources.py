@@ -247,7 +247,7 @@ def test_a_malformed_streamed_file_is_one_line_and_an_unreachable_hub_name_too(t
     f = write(tmp_path / "bad.jsonl", rows)
     src = StreamingSource(spec(f), seed=0, rank=0, world=1, shuffle_buffer=1, on_error="skip", retry_wait_s=0)
     with pytest.raises(DataError, match=r"part 0 of 1 epoch 0 after row 0: field '<block>': the `datasets` reader "
-                                        r"failed: ArrowInvalid: .*streaming: false") as e:
+                                        r"failed: ArrowInvalid: .*list it in data.train_files") as e:
         src.take(4)
     assert src._failures == 0, e.value
     with pytest.raises(ConfigError, match=r"data source hf:someone/no-such-dataset\[train\]: Couldn't reach"):
