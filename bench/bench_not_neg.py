@@ -42,7 +42,7 @@ def main() -> None:
     out.mkdir(parents=True)
     for name in ("trec-dl-2019-subset", "dbpedia"):
         folder = Path(args.data) / name
-        rows, stats = import_collection(folder, None, None, 2)
+        rows, stats = import_collection(folder, None, None, 2, split="test")
         partial = {r["query"]: set(r.get("not_neg", [])) for r in rows}
         _, blind = mine(out, f"{name}-blind", [{k: v for k, v in r.items() if k != "not_neg"} for r in rows],
                         folder / "corpus.jsonl")

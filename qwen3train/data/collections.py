@@ -69,6 +69,10 @@ def found(path: Path) -> Path:
 
 def load_beir(folder: str | Path, split: str = "test") -> Collection:
     folder = Path(folder)
+    qrels = found(folder / "qrels" / f"{split}.tsv")  # first: a wrong split is said before a large corpus is read
+    if not qrels.exists():
+        have = sorted({q.name.split(".")[0] for q in (folder / "qrels").glob("*.tsv*")})
+        raise ConfigError(f"{folder}: no qrels/{split}.tsv (its splits: {', '.join(have) or 'none'})")
     corpus = {}
     path = found(folder / "corpus.jsonl")
     for lineno, obj in iter_json_lines(path):
@@ -81,7 +85,7 @@ def load_beir(folder: str | Path, split: str = "test") -> Collection:
         if "_id" not in obj or not isinstance(obj.get("text"), str):
             raise ConfigError(f"{path}:{lineno}: needs '_id' and a string 'text'")
         queries[str(obj["_id"])] = obj["text"]
-    return _prune(Collection(folder.name, corpus, queries, _qrels(found(folder / "qrels" / f"{split}.tsv"), trec=False)))
+    return _prune(Collection(folder.name, corpus, queries, _qrels(qrels, trec=False)))
 
 
 def load_trec(docs: str | Path, topics: str | Path, qrels: str | Path, name: str | None = None) -> Collection:
@@ -103,11 +107,15 @@ def load_trec(docs: str | Path, topics: str | Path, qrels: str | Path, name: str
     return _prune(Collection(name or docs.parent.name, corpus, queries, _qrels(qrels, trec=True)))
 
 
-def load_collection(spec: str | Path) -> Collection:
-    """A BEIR folder, or a folder with the TREC layout of ../shared/data/vaswani."""
+def load_collection(spec: str | Path, split: str = "test") -> Collection:
+    """A BEIR folder (the judgments of ``split``: ``qrels/<split>.tsv``), or a folder with the TREC layout of
+    ../shared/data/vaswani (one set of judgments: an evaluation set, read as ``split="test"`` only)."""
     p = Path(spec)
     if found(p / "corpus.jsonl").exists():
-        return load_beir(p)
+        return load_beir(p, split)
+    if split != "test":
+        raise ConfigError(f"{p}: a TREC folder holds one set of judgments, an evaluation set (split: test), not "
+                          f"'{split}'; to train on it anyway, say split: test for this source")
     trec_docs = sorted((p / "corpus").glob("*.trec")) if (p / "corpus").is_dir() else []
     topics = sorted(p.glob("*query*.trec")) or sorted(p.glob("*topics*"))
     if trec_docs and topics and (p / "qrels").exists():

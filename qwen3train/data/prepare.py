@@ -29,6 +29,9 @@ class SourceConfig:
     weight: float = 1.0
     count: int = 0  # exact number of records (sampled with replacement if larger than the source)
     min_relevance: int = 1  # a collection's documents judged at least this relevant are positives
+    # a BEIR collection's judgments to train on: qrels/<split>.tsv. Not its test split unless said: BEIR's
+    # msmarco/test.tsv is TREC-DL 2019 (43 queries), its train.tsv the 500k training queries
+    split: str = "train"
 
     def __post_init__(self) -> None:
         if self.weight < 0 or self.count < 0 or self.min_relevance < 1:
@@ -57,11 +60,12 @@ class PrepareConfig:
             raise ValueError("prepare.total shares the records by weight: the sources without a count need a weight > 0")
 
 
-def import_collection(path: str | Path, task: str | None, instruction: str | None, min_relevance: int):
+def import_collection(path: str | Path, task: str | None, instruction: str | None, min_relevance: int,
+                      split: str = "train"):
     """BEIR/TREC -> training rows (one per query with at least one document judged >= ``min_relevance``);
     stats. The documents judged relevant below it are the row's ``not_neg``: not positives, and never mined
     as its negatives either (a 1 on a 0-2 scale is partly relevant, not a negative)."""
-    col = load_collection(path)
+    col = load_collection(path, split)
     task = task or col.name
     instr = instruction or REGISTRY.get(task.lower())
     rows, no_pos, partial = [], 0, 0
@@ -78,7 +82,7 @@ def import_collection(path: str | Path, task: str | None, instruction: str | Non
             row["not_neg"] = below
             partial += len(below)
         rows.append(row)
-    return rows, {"source": str(path), "rows": len(rows), "queries_without_positive": no_pos,
+    return rows, {"source": str(path), "split": split, "rows": len(rows), "queries_without_positive": no_pos,
                   "not_neg_documents": partial, **col.missing}
 
 
@@ -121,7 +125,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     for s in cfg.sources:
         p = Path(s.path)
         if p.is_dir():
-            rows, st = import_collection(p, s.task, s.instruction, s.min_relevance)
+            rows, st = import_collection(p, s.task, s.instruction, s.min_relevance, s.split)
         else:
             rows, st = import_jsonl(s.path, s.task, s.instruction, cfg.on_error, rejects)
         if not rows:  # a source that gives nothing is a mistake in its setting, not a silent no-op
@@ -157,7 +161,8 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         notes = [f"{st[k]} {what}" for k, what in (("rejected", "rejected"), ("queries_without_positive", "queries "
                  "without positive"), ("not_neg_documents", "documents judged below min_relevance, kept as not_neg: "
                  "never mined as negatives")) if st.get(k)]
-        print(f"prepare: {st['source']}: {st['rows']} records, {st.get('taken', 0)} taken"
+        split = f" (split {st['split']})" if "split" in st else ""
+        print(f"prepare: {st['source']}{split}: {st['rows']} records, {st.get('taken', 0)} taken"
               + (f" ({', '.join(notes)})" if notes else ""), flush=True)
     print(f"prepare: {len(mixed)} records -> {out}" + (f"; rejected records kept in {rejects_file}" if rejects else ""),
           flush=True)

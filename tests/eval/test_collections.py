@@ -25,16 +25,16 @@ def test_real_collections_load(name, docs, queries, judged):
 def test_missing_ids_are_counted_not_fatal():
     c = load_collection(DATA / "arcd")
     assert c.missing["qrels_queries_absent"] > 0 and c.missing["qrels_docs_absent"] > 0
-    rows, stats = import_collection(DATA / "arcd", None, None, 1)
+    rows, stats = import_collection(DATA / "arcd", None, None, 1, split="test")
     assert stats["qrels_docs_absent"] == c.missing["qrels_docs_absent"] and rows
     assert all(r["pos"] and r["task"] == "arcd" for r in rows)
 
 
 def test_import_beir_and_trec_to_training_rows():
-    rows, stats = import_collection(DATA / "trec-dl-2019-subset", "msmarco", None, 2)
+    rows, stats = import_collection(DATA / "trec-dl-2019-subset", "msmarco", None, 2, split="test")
     assert rows[0]["instruction"].startswith("Given a web search query")
     assert stats["rows"] + stats["queries_without_positive"] == 43  # 7 of the 50 queries have no qrels
-    rows, stats = import_collection(DATA / "vaswani", None, None, 1)
+    rows, stats = import_collection(DATA / "vaswani", None, None, 1, split="test")
     # every query is judged; the cut keeps relevant documents of 35 of them (a row needs a present positive)
     assert len(rows) == 35 and stats["rows"] + stats["queries_without_positive"] == 93 and rows[0]["query"].isupper()
 
@@ -63,7 +63,7 @@ def test_malformed_inputs_name_file_and_line(tmp_path):
 def test_mix_counts_weights_and_tasks(tmp_path):
     j = tmp_path / "syn.jsonl"
     j.write_text("".join(json.dumps({"query": f"q{i}", "pos": [f"p{i}"], "task": "syn"}) + "\n" for i in range(10)))
-    cfg = PrepareConfig(sources=[SourceConfig(path=str(DATA / "vaswani"), count=20),
+    cfg = PrepareConfig(sources=[SourceConfig(path=str(DATA / "vaswani"), count=20, split="test"),
                                  SourceConfig(path=str(j), weight=1.0)], output=str(tmp_path / "mix.jsonl"))
     summary = run_prepare(cfg)
     rows = [json.loads(x) for x in (tmp_path / "mix.jsonl").read_text().splitlines()]
@@ -124,5 +124,30 @@ def test_prepare_stops_on_a_bad_record_or_keeps_it_with_skip(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fe.jsonl: 2 records, 2 taken (1 rejected)" in out and "rejected records kept in" in out
     with pytest.raises(ConfigError, match=r"no records \(\d+ queries without a document judged >= min_relevance=5\)"):
-        run_prepare(PrepareConfig(sources=[SourceConfig(path=str(DATA / "vaswani"), min_relevance=5)],
+        run_prepare(PrepareConfig(sources=[SourceConfig(path=str(DATA / "vaswani"), min_relevance=5, split="test")],
                                   output=str(tmp_path / "c.jsonl")))
+
+
+def test_prepare_trains_on_a_collections_train_split_never_its_test_split_unasked(tmp_path, capsys):
+    """`make prepare` read every BEIR folder's qrels/test.tsv: the README's example (BEIR msmarco, count 500,000)
+    made 500,000 records of TREC-DL 2019's 43 test queries, so a model was trained on what it is evaluated on.
+    Now a source reads ``split`` (default train); a folder without it, or a TREC folder (one set of
+    judgments), is refused with what it holds, unless the source says ``split: test``."""
+    from qwen3train.errors import ConfigError
+
+    b = tmp_path / "beir"
+    (b / "qrels").mkdir(parents=True)
+    (b / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": f"doc {i}"}) + "\n" for i in range(6)))
+    (b / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"query {i}"}) + "\n" for i in range(6)))
+    (b / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t1\n")
+    with pytest.raises(ConfigError, match=r"beir: no qrels/train.tsv \(its splits: test\)"):
+        run_prepare(PrepareConfig(sources=[SourceConfig(path=str(b))], output=str(tmp_path / "a.jsonl")))
+    (b / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq2\td2\t1\nq3\td3\t1\nq4\td4\t1\n")
+    summary = run_prepare(PrepareConfig(sources=[SourceConfig(path=str(b), count=30)], output=str(tmp_path / "b.jsonl")))
+    rows = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and {r["query"] for r in rows} == {"query 2", "query 3", "query 4"}
+    assert summary["sources"][0]["split"] == "train" and "beir (split train): 3 records" in capsys.readouterr().out
+    rows, _ = import_collection(b, None, None, 1, split="test")
+    assert {r["query"] for r in rows} == {"query 0", "query 1"}
+    with pytest.raises(ConfigError, match=r"vaswani: a TREC folder holds one set of judgments"):
+        import_collection(DATA / "vaswani", None, None, 1)

@@ -26,7 +26,7 @@ def write(path, rows):
 
 @pytest.fixture(scope="module")
 def arcd_rows(tmp_path_factory):
-    rows, _ = import_collection(FIXTURES / "arcd", None, None, 1)
+    rows, _ = import_collection(FIXTURES / "arcd", None, None, 1, split="test")
     return write(tmp_path_factory.mktemp("arcd") / "arcd.jsonl", rows)
 
 
@@ -117,7 +117,7 @@ def test_documents_judged_below_min_relevance_are_never_mined(tmp_path):
     from qwen3train.data.collections import load_collection
 
     col = load_collection(FIXTURES / "trec-dl-2019-subset")
-    rows, stats = import_collection(FIXTURES / "trec-dl-2019-subset", "msmarco", None, 2)
+    rows, stats = import_collection(FIXTURES / "trec-dl-2019-subset", "msmarco", None, 2, split="test")
     by_query = {col.queries[q]: q for q in col.qrels}
     for r in rows:
         rels = col.qrels[by_query[r["query"]]]
@@ -152,7 +152,7 @@ def test_a_titled_collection_prepared_then_mined_knows_its_positives(tmp_path):
     from qwen3train.data.collections import load_collection
 
     col = load_collection(FIXTURES / "dbpedia")
-    rows, _ = import_collection(FIXTURES / "dbpedia", None, None, 2)
+    rows, _ = import_collection(FIXTURES / "dbpedia", None, None, 2, split="test")
     ids = {t: d for d, t in col.corpus.items()}
     by_query = {col.queries[q]: q for q in col.qrels}
     out = tmp_path / "mined.jsonl"

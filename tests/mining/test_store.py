@@ -80,7 +80,7 @@ def test_two_process_mining_equals_one_process(tmp_path):
     report that names the wrong phase."""
     from qwen3train.data.prepare import import_collection
 
-    rows, _ = import_collection(FIXTURES / "dbpedia", None, None, 1)  # the queries with a positive in the cut
+    rows, _ = import_collection(FIXTURES / "dbpedia", None, None, 1, split="test")  # the queries with a positive in the cut
     data = tmp_path / "dbpedia.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     corpus = tmp_path / "corpus.jsonl"  # 182 passages: 5 chunks over 2 ranks
@@ -204,7 +204,7 @@ def test_two_process_filter_equals_one_process(tmp_path):
     is what this catches)."""
     from qwen3train.data.prepare import import_collection
 
-    rows, _ = import_collection(FIXTURES / "dbpedia", None, None, 1)
+    rows, _ = import_collection(FIXTURES / "dbpedia", None, None, 1, split="test")
     pairs = [{"query": r["query"], "pos": [p], "task": r["task"]} for r in rows[:20] for p in r["pos"][:3]]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in pairs) + "{broken\n")  # one bad line, counted

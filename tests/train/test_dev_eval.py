@@ -163,3 +163,25 @@ def test_sigterm_saves_without_waiting_for_the_dev_evaluation(tiny_model_dir, tm
     run(cfg)
     got = rows(tmp_path / "run" / "dev_eval.jsonl")
     assert [r["step"] for r in got] == [2, 4] and got[0]["checkpoint"].endswith("step_0000002")
+
+
+def test_a_collection_scores_the_run_on_its_dev_split_where_it_has_one(tmp_path, capsys):
+    """The dev scores pick best.json's step: a BEIR folder was read at its test split even when it had a dev
+    split (choosing the checkpoint on the evaluation set). Now qrels/dev.tsv where present; else the test
+    split, with a note saying its figures are not held out."""
+    import json
+    from types import SimpleNamespace
+
+    from qwen3train.train.dev_eval import DevEval
+
+    b = tmp_path / "beir"
+    (b / "qrels").mkdir(parents=True)
+    (b / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": f"doc {i}"}) + "\n" for i in range(4)))
+    (b / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"query {i}"}) + "\n" for i in range(4)))
+    (b / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\n")
+    task = SimpleNamespace(embedder=None, module=None)
+    assert set(DevEval(str(b), task).collection.qrels) == {"q0"}
+    assert "has no dev split (qrels/dev.tsv)" in capsys.readouterr().out
+    (b / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\n")
+    assert set(DevEval(str(b), task).collection.qrels) == {"q1", "q2"}
+    assert "no dev split" not in capsys.readouterr().out
