@@ -67,25 +67,31 @@ def found(path: Path) -> Path:
     return next((c for c in (path.with_name(path.name + z) for z in (".gz", ".bz2", ".xz")) if c.exists()), path)
 
 
-def load_beir(folder: str | Path, split: str = "test") -> Collection:
+def load_beir(folder: str | Path, split: str = "test", judged_only: bool = False) -> Collection:
+    """``judged_only``: keep only the documents and queries the split judges (what an import for training
+    reads: BEIR msmarco's train split judges ~0.5M of its 8.8M passages, held as text otherwise)."""
     folder = Path(folder)
     qrels = found(folder / "qrels" / f"{split}.tsv")  # first: a wrong split is said before a large corpus is read
     if not qrels.exists():
         have = sorted({q.name.split(".")[0] for q in (folder / "qrels").glob("*.tsv*")})
         raise ConfigError(f"{folder}: no qrels/{split}.tsv (its splits: {', '.join(have) or 'none'})")
-    corpus = {}
-    path = found(folder / "corpus.jsonl")
-    for lineno, obj in iter_json_lines(path):
-        if "_id" not in obj or not isinstance(obj.get("text"), str):
-            raise ConfigError(f"{path}:{lineno}: needs '_id' and a string 'text'")
-        corpus[str(obj["_id"])] = join_title(obj.get("title"), obj["text"])
+    judged = _qrels(qrels, trec=False)
     queries = {}
     path = found(folder / "queries.jsonl")
     for lineno, obj in iter_json_lines(path):
         if "_id" not in obj or not isinstance(obj.get("text"), str):
             raise ConfigError(f"{path}:{lineno}: needs '_id' and a string 'text'")
-        queries[str(obj["_id"])] = obj["text"]
-    return _prune(Collection(folder.name, corpus, queries, _qrels(qrels, trec=False)))
+        if not judged_only or str(obj["_id"]) in judged:
+            queries[str(obj["_id"])] = obj["text"]
+    docs = {d for r in judged.values() for d in r} if judged_only else None  # (the absent ones are counted)
+    corpus = {}
+    path = found(folder / "corpus.jsonl")
+    for lineno, obj in iter_json_lines(path):
+        if "_id" not in obj or not isinstance(obj.get("text"), str):
+            raise ConfigError(f"{path}:{lineno}: needs '_id' and a string 'text'")
+        if docs is None or str(obj["_id"]) in docs:
+            corpus[str(obj["_id"])] = join_title(obj.get("title"), obj["text"])
+    return _prune(Collection(folder.name, corpus, queries, judged))
 
 
 def load_trec(docs: str | Path, topics: str | Path, qrels: str | Path, name: str | None = None) -> Collection:
@@ -107,12 +113,12 @@ def load_trec(docs: str | Path, topics: str | Path, qrels: str | Path, name: str
     return _prune(Collection(name or docs.parent.name, corpus, queries, _qrels(qrels, trec=True)))
 
 
-def load_collection(spec: str | Path, split: str = "test") -> Collection:
+def load_collection(spec: str | Path, split: str = "test", judged_only: bool = False) -> Collection:
     """A BEIR folder (the judgments of ``split``: ``qrels/<split>.tsv``), or a folder with the TREC layout of
     ../shared/data/vaswani (one set of judgments: an evaluation set, read as ``split="test"`` only)."""
     p = Path(spec)
     if found(p / "corpus.jsonl").exists():
-        return load_beir(p, split)
+        return load_beir(p, split, judged_only)
     if split != "test":
         raise ConfigError(f"{p}: a TREC folder holds one set of judgments, an evaluation set (split: test), not "
                           f"'{split}'; to train on it anyway, say split: test for this source")

@@ -65,7 +65,7 @@ def import_collection(path: str | Path, task: str | None, instruction: str | Non
     """BEIR/TREC -> training rows (one per query with at least one document judged >= ``min_relevance``);
     stats. The documents judged relevant below it are the row's ``not_neg``: not positives, and never mined
     as its negatives either (a 1 on a 0-2 scale is partly relevant, not a negative)."""
-    col = load_collection(path, split)
+    col = load_collection(path, split, judged_only=True)  # only what a row can hold: judged documents
     task = task or col.name
     instr = instruction or REGISTRY.get(task.lower())
     rows, no_pos, partial = [], 0, 0

@@ -151,3 +151,18 @@ def test_prepare_trains_on_a_collections_train_split_never_its_test_split_unaske
     assert {r["query"] for r in rows} == {"query 0", "query 1"}
     with pytest.raises(ConfigError, match=r"vaswani: a TREC folder holds one set of judgments"):
         import_collection(DATA / "vaswani", None, None, 1)
+
+
+@pytest.mark.parametrize("name", ["arcd", "trec-dl-2019-subset", "dbpedia"])
+def test_an_import_for_training_holds_only_the_judged_documents(name):
+    """`make prepare` held a collection's whole corpus as text to build rows from its judged documents (BEIR
+    msmarco: 8.8M passages for ~0.5M judged in train). Reading only the judged ones must leave the rows as they
+    were: the same judgments, the same counts of absent ones, every judged document and query that exists."""
+    from qwen3train.data.collections import _qrels
+
+    full, judged = load_collection(DATA / name), load_collection(DATA / name, judged_only=True)
+    ids = {d for r in _qrels(DATA / name / "qrels" / "test.tsv", trec=False).values() for d in r}
+    assert len(judged.corpus) < len(full.corpus)  # the fixture holds unjudged documents: the filter is exercised
+    assert judged.corpus == {d: t for d, t in full.corpus.items() if d in ids}
+    assert judged.queries == {q: t for q, t in full.queries.items() if q in full.qrels}
+    assert (judged.qrels, judged.missing) == (full.qrels, full.missing)

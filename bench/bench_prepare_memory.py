@@ -1,0 +1,81 @@
+"""`make prepare`'s import of a large BEIR collection for training: peak memory holding the whole corpus as
+text (before) vs only the documents the split judges (now), on a synthetic collection shaped like BEIR msmarco's
+train split in miniature (each query judges 1 document; 5% of the corpus judged), fresh processes, alternating.
+
+    .venv/bin/python bench/bench_prepare_memory.py [--docs 1000000] [--repeats 2]
+
+Checks that both give the same rows. Results: ``outputs/bench/prepare_memory.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+ONE = """
+import hashlib, json, resource, sys, time
+import qwen3train.data.prepare as p
+if sys.argv[2] == "whole-corpus":
+    real = p.load_collection
+    p.load_collection = lambda path, split, judged_only=False: real(path, split)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the interpreter and the imports
+t = time.perf_counter()
+rows, stats = p.import_collection(sys.argv[1], "msmarco", None, 1, split="train")
+secs = time.perf_counter() - t
+digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base,
+                  "seconds": secs,
+                  "rows": len(rows), "digest": digest}))
+"""
+
+
+def build(root: Path, docs: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(5000)]
+    (root / "qrels").mkdir(parents=True)
+    with open(root / "corpus.jsonl", "w") as f:
+        for i in range(docs):
+            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": " ".join(rng.choices(words, k=55))}) + "\n")
+    judged = rng.sample(range(docs), docs // 20)
+    with open(root / "queries.jsonl", "w") as f:
+        for q in range(len(judged)):
+            f.write(json.dumps({"_id": f"q{q}", "text": " ".join(rng.choices(words, k=8))}) + "\n")
+    with open(root / "qrels" / "train.tsv", "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n" + "".join(f"q{q}\td{d}\t1\n" for q, d in enumerate(judged)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--docs", type=int, default=1_000_000)
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "msmarco-like"
+        build(root, a.docs)
+        size_mb = (root / "corpus.jsonl").stat().st_size / 2**20
+        got = {"whole-corpus": [], "judged-only": []}
+        for _ in range(a.repeats):
+            for variant in got:
+                out = subprocess.run([sys.executable, "-c", ONE, str(root), variant], cwd=REPO, capture_output=True,
+                                     text=True, check=True).stdout
+                got[variant].append(json.loads(out.strip().splitlines()[-1]))
+    res = {"docs": a.docs, "corpus_mb": round(size_mb, 1), "runs": got,
+           "same_rows": len({r["digest"] for v in got.values() for r in v}) == 1,
+           **{f"{v}_{k}": statistics.median(r[k] for r in runs) for v, runs in got.items()
+              for k in ("peak_rss_mb", "base_rss_mb", "seconds")}}
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
+    out = REPO / "outputs" / "bench" / "prepare_memory.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
