@@ -76,22 +76,20 @@ def load_beir(folder: str | Path, split: str = "test", judged_only: bool = False
         have = sorted({q.name.split(".")[0] for q in (folder / "qrels").glob("*.tsv*")})
         raise ConfigError(f"{folder}: no qrels/{split}.tsv (its splits: {', '.join(have) or 'none'})")
     judged = _qrels(qrels, trec=False)
-    queries = {}
-    path = found(folder / "queries.jsonl")
-    for lineno, obj in iter_json_lines(path):
-        if "_id" not in obj or not isinstance(obj.get("text"), str):
-            raise ConfigError(f"{path}:{lineno}: needs '_id' and a string 'text'")
-        if not judged_only or str(obj["_id"]) in judged:
-            queries[str(obj["_id"])] = obj["text"]
+    queries = {i: obj["text"] for i, obj in _by_id(folder / "queries.jsonl") if not judged_only or i in judged}
     docs = {d for r in judged.values() for d in r} if judged_only else None  # (the absent ones are counted)
-    corpus = {}
-    path = found(folder / "corpus.jsonl")
+    corpus = {i: join_title(obj.get("title"), obj["text"]) for i, obj in _by_id(folder / "corpus.jsonl")
+              if docs is None or i in docs}
+    return _prune(Collection(folder.name, corpus, queries, judged))
+
+
+def _by_id(path: Path):
+    """(id, object) of each line of a BEIR corpus or queries file (or its compressed copy), checked."""
+    path = found(path)
     for lineno, obj in iter_json_lines(path):
         if "_id" not in obj or not isinstance(obj.get("text"), str):
             raise ConfigError(f"{path}:{lineno}: needs '_id' and a string 'text'")
-        if docs is None or str(obj["_id"]) in docs:
-            corpus[str(obj["_id"])] = join_title(obj.get("title"), obj["text"])
-    return _prune(Collection(folder.name, corpus, queries, judged))
+        yield str(obj["_id"]), obj
 
 
 def load_trec(docs: str | Path, topics: str | Path, qrels: str | Path, name: str | None = None) -> Collection:

@@ -34,6 +34,11 @@ from qwen3train.data.records import DataError, parse_record, doc_hash
 from qwen3train.errors import ConfigError
 
 
+# what a malformed row in a `datasets` source leaves the user (it reads blocks of rows, not lines)
+BLOCK_READ = ("It reads rows in blocks, so a malformed row cannot be skipped (data.on_error): fix the file, or, "
+              "for a JSONL file, list it in data.train_files, where each line is checked on its own")
+
+
 def load(spec, streaming: bool):
     import datasets
 
@@ -49,10 +54,6 @@ def load(spec, streaming: bool):
         what = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:300]}"
         raise DataError(label(spec), "<block>", f"the `datasets` reader failed: {what}. {BLOCK_READ}") from None
 
-
-# what a malformed row in a `datasets` source leaves the user (it reads blocks of rows, not lines)
-BLOCK_READ = ("It reads rows in blocks, so a malformed row cannot be skipped (data.on_error): fix the file, or, "
-              "for a JSONL file, list it in data.train_files, where each line is checked on its own")
 
 
 def label(spec) -> str:

@@ -18,44 +18,32 @@ def plain_suffix(path: str | Path) -> str:
     return Path(p.stem).suffix.lower() if p.suffix.lower() in COMPRESSED else p.suffix.lower()
 
 
+@contextlib.contextmanager
 def open_bytes(path: str | Path):
     """A file opened for reading bytes, decompressed where its name ends in ``.gz``, ``.bz2`` or ``.xz`` (a
-    BEIR collection from the hub holds ``corpus.jsonl.gz``). Zstandard is refused with what to do."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".gz":
-        import gzip
-
-        return gzip.open(path, "rb")
-    if suffix == ".bz2":
-        import bz2
-
-        return bz2.open(path, "rb")
-    if suffix == ".xz":
-        import lzma
-
-        return lzma.open(path, "rb")
-    if suffix in (".zst", ".zstd"):
-        from qwen3train.errors import ConfigError
-
-        raise ConfigError(f"{path}: Zstandard files are not read: decompress it once (unzstd {path}) or save it "
-                          f"as .gz, .bz2 or .xz")
-    return open(path, "rb")
-
-
-@contextlib.contextmanager
-def decompressing(path):
-    """A compressed file that is truncated or not what its name says: one line naming it (was a traceback)."""
+    BEIR collection from the hub holds ``corpus.jsonl.gz``); one that is cut short or not what its name says is
+    one line naming it (a traceback before). Zstandard is refused with what to do."""
+    import bz2
+    import gzip
     import lzma
 
     from qwen3train.data.records import DataError
+    from qwen3train.errors import ConfigError
 
-    try:
-        yield
-    except (EOFError, lzma.LZMAError, OSError) as e:
-        if Path(path).suffix.lower() not in COMPRESSED or isinstance(e, FileNotFoundError):
-            raise
-        raise DataError(str(path), "<file>", f"cannot be decompressed ({type(e).__name__}: {e}); a download cut "
-                                             f"short? fetch it again") from None
+    suffix = Path(path).suffix.lower()
+    if suffix in (".zst", ".zstd"):
+        raise ConfigError(f"{path}: Zstandard files are not read: decompress it once (unzstd {path}) or save it "
+                          f"as .gz, .bz2 or .xz")
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(suffix)
+    with (opener or open)(path, "rb") as f:
+        if opener is None:
+            yield f
+            return
+        try:
+            yield f
+        except (EOFError, lzma.LZMAError, OSError) as e:
+            raise DataError(str(path), "<file>", f"cannot be decompressed ({type(e).__name__}: {e}); a download "
+                                                 f"cut short? fetch it again") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -68,7 +56,7 @@ def read_text(path: str | Path) -> str:
     raise DataError naming ``file:line`` instead of a decoder traceback (or silent replacement)."""
     from qwen3train.data.records import BOM, utf8_error
 
-    with open_bytes(path) as f, decompressing(path):
+    with open_bytes(path) as f:
         data = f.read().removeprefix(BOM)
     try:
         return data.decode("utf-8")
@@ -82,7 +70,7 @@ def iter_json_lines(path: str | Path):
     ``file:line`` (the command line prints it as one line). Splits on ``\n`` only (texts may hold U+2028)."""
     from qwen3train.data.records import DataError, decode_line
 
-    with open_bytes(path) as f, decompressing(path):
+    with open_bytes(path) as f:
         for lineno, raw in enumerate(f, 1):  # binary lines end at b"\n" only
             line = decode_line(raw, f"{path}:{lineno}")
             if not line.strip():

@@ -16,7 +16,7 @@ import numpy as np
 
 from qwen3train.data.collections import load_collection
 from qwen3train.data.instructions import REGISTRY
-from qwen3train.data.jsonl import decompressing, open_bytes
+from qwen3train.data.jsonl import open_bytes
 from qwen3train.data.records import DataError, parse_json_line
 from qwen3train.data.sources import expand_files
 
@@ -93,7 +93,7 @@ def import_jsonl(path: str, task: str | None, instruction: str | None, on_error:
     ``rejects`` with the reason."""
     rows, rejected = [], 0
     for p in expand_files([path]):
-        with open_bytes(p) as f, decompressing(p):
+        with open_bytes(p) as f:
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue

@@ -3,10 +3,9 @@ a rank window, guard against false negatives, optionally rescore with a reranker
 
 For each query: candidates = top ``range_max`` documents by cosine; drop ranks before ``range_min``,
 the query's positives and its ``not_neg`` texts (by text), and any candidate scoring above
-``max_score_ratio * s(q, d+)``
-(NV-Retriever's relative rule) or above ``s(q, d+) - margin`` when ``margin`` is set; optionally a
-reranker drops candidates it judges relevant (probability > ``rerank_max_prob``). Then ``num_negatives``
-are taken (``top`` or seeded ``random``). Output: the input records with ``neg`` and ``neg_scores``
+``max_score_ratio * s(q, d+)`` (NV-Retriever's relative rule) or above ``s(q, d+) - margin`` when ``margin``
+is set; optionally a reranker drops candidates it judges relevant (probability > ``rerank_max_prob``). Then
+``num_negatives`` are taken (``top`` or seeded ``random``). Output: the input records with ``neg`` and ``neg_scores``
 (and ``pos_score``); records left with no negative are counted and written without ``neg`` to
 ``no_negatives.jsonl``.
 

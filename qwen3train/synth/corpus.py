@@ -45,7 +45,7 @@ def read_documents(paths: list[Path], default_language: str, title_sep: str = ".
                     for i, obj in enumerate(datasets.Dataset.from_parquet(str(path))))
         else:  # plain text: one document per blank-line-separated block
             blocks = read_text(path).split("\n\n")
-            yield from ((f"{path.name}:{i}", block, default_language) for i, block in enumerate(blocks) if block.strip())
+            yield from ((f"{path.name}:{i}", b, default_language) for i, b in enumerate(blocks) if b.strip())
             continue
         for where, default_id, obj in rows:
             yield _document(obj, where, default_id, default_language, title_sep)
