@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from qwen3train.errors import ConfigError, StoppedBySignal
 from qwen3train.stage_marker import config_hash, path_fingerprint, unchanged
 from qwen3train.train.config import RunConfig, TrainConfig
+from qwen3train.data.collections import parse_spec
 from qwen3train.data.sources import DataConfig
 from qwen3train.eval.run import EvalConfig
 from qwen3train.merge.apply import MergeConfig
@@ -372,7 +373,7 @@ class Pipeline:
             pairs.append(str(held))
         cols = []
         for col in c.eval.collections:
-            if Path(col).exists():
+            if parse_spec(col)[0].exists():
                 cols.append(col)
             else:
                 print(f"[pipeline] eval: collection {col} not found, left out", flush=True)

@@ -113,6 +113,26 @@ def test_a_new_key_of_a_mapping_needs_no_plus():
     assert e.value.code == 2
 
 
+def test_a_mapping_given_whole_replaces_the_default_one(compose):
+    """README's `make eval ARGS="models={ours:outputs/merged,minilm:...}"` kept the default entry beside them
+    (Hydra merges a mapping into the default): it evaluated outputs/stage2/final too, or stopped with "Path
+    outputs/stage2/final not found" before a stage 2 had run; `make synth ARGS="task_mix={retrieval:1.0}"` kept the
+    other tasks of the default mix at 0.1 each, silently. A mapping given whole replaces it (the same
+    keys or none included); a section of a schema given whole still sets only the fields it names."""
+    from qwen3train.cli.main import precheck
+
+    for given, want in (("{ours:/a,minilm:/b}", {"ours": "/a", "minilm": "/b"}), ("{stage2:/a}", {"stage2": "/a"}),
+                        ("{}", {})):
+        argv = precheck(["--config-name=eval", f"models={given}", "pairs=[]"])
+        assert argv == ["--config-name=eval", "~models", f"+models={given}", "pairs=[]"]
+        assert compose("eval", argv[1:]).models == want
+    argv = precheck(["--config-name=synth", "task_mix={retrieval:1.0}"])  # the keys of the default: merged, it kept
+    assert compose("synth", argv[1:]).task_mix == {"retrieval": 1.0}  # sts, bitext, classification at 0.1 each
+    argv = precheck(["--config-name=stage1", "optim={lr:1e-4}"])
+    cfg = compose("stage1", argv[1:])
+    assert argv[1:] == ["optim={lr:1e-4}"] and cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.01
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--config-name=stage7"], "Cannot find primary config 'stage7'"),
     (["stage7", "optim.lr=1"], "Cannot find primary config 'stage7'"),

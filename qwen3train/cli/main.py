@@ -173,19 +173,24 @@ def precheck(argv: list[str]) -> list[str]:
         try:
             with init:
                 cfg = compose(config_name=name, overrides=overrides)
-                OmegaConf.to_object(cfg)
-            return argv
+                merged = [o for o in overrides if _whole_mapping(o) and _plain_mapping(cfg, o.split("=", 1)[0])]
+                if not merged:
+                    OmegaConf.to_object(cfg)
+                    return argv
+            for o in merged:  # Hydra merged a mapping given whole into the default; it replaces it
+                _respell(argv, overrides, o, [f"~{o.split('=', 1)[0]}", f"+{o}"])
+            continue
         except Exception as e:  # noqa: BLE001 - composition failures are the command line's mistakes
             if os.environ.get("QWEN3TRAIN_DEBUG") == "1":
                 raise
             text = f"{e} {e.__cause__ or ''}"
             new_key = re.search(r"Could not override '([^']+)'", text)
             if new_key and "is not in struct" in text:  # a new key: fine in a mapping (a dataclass refuses
-                key = new_key.group(1)  # it again below, naming it), so retry it with Hydra's +
+                key = new_key.group(1)  # it again below, naming it), so retry it with Hydra's +; a mapping
                 at = next((i for i, o in enumerate(overrides) if o.split("=", 1)[0] == key), None)
-                if at is not None:
-                    argv[argv.index(overrides[at])] = "+" + overrides[at]
-                    overrides[at] = "+" + overrides[at]
+                if at is not None:  # given whole (models={a: x}) replaces the default one: ~ then +
+                    o = overrides[at]
+                    _respell(argv, overrides, o, [f"~{key}", f"+{o}"] if _whole_mapping(o) else [f"+{o}"])
                     continue
             lines = [ln.strip() for ln in str(e).strip().splitlines()
                      if ln.strip() and not ln.startswith("To append")][:2]  # no "+" hint: a schema refuses it
@@ -195,6 +200,24 @@ def precheck(argv: list[str]) -> list[str]:
         finally:
             GlobalHydra.instance().clear()
     return argv
+
+
+def _whole_mapping(override: str) -> bool:
+    """``key={...}``: a mapping given whole (not ``key.sub=...``, not already ``+``/``~``)."""
+    key, eq, value = override.partition("=")
+    return bool(eq) and not key.startswith(("+", "~")) and value.lstrip().startswith("{")
+
+
+def _plain_mapping(cfg, key: str) -> bool:
+    """Whether ``key`` is a free mapping of the config (``eval.models``), not a schema's section (``optim``,
+    whose ``optim={lr: 1e-4}`` sets fields and keeps the others)."""
+    node = OmegaConf.select(cfg, key)
+    return isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict
+
+
+def _respell(argv: list[str], overrides: list[str], old: str, new: list[str]) -> None:
+    i, j = argv.index(old), overrides.index(old)
+    argv[i:i + 1], overrides[j:j + 1] = new, new
 
 
 ALIASES = {"mteb": {"model": "export"}}  # command -> {key users type: the config's key}

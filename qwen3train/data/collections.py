@@ -1,9 +1,12 @@
-"""Retrieval collections: BEIR folders and TREC files -> corpus, queries and graded qrels.
+"""Retrieval collections: BEIR folders, MS MARCO's TSV folders and TREC files -> corpus, queries, graded qrels.
 
 BEIR: ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id``, ``text``),
-``qrels/<split>.tsv`` (``query-id corpus-id score``, header optional). TREC: documents
-``<DOC><DOCNO>id</DOCNO>text</DOC>``, topics ``<top><num>id</num><title>text</title></top>``, qrels
-``qid 0 docid rel``. JSONL is split on ``\\n`` only (texts may hold U+2028). qrels that name absent
+``qrels/<split>.tsv`` (``query-id corpus-id score``, header optional). MS MARCO as distributed:
+``collection.tsv`` (``pid<TAB>passage``), ``queries.<split>.tsv`` (``qid<TAB>query``) and ``qrels.<split>.tsv``
+(``qid 0 pid rel``, or BEIR's three columns), the split being ``train``, ``dev``, ``dev.small``...
+TREC: documents ``<DOC><DOCNO>id</DOCNO>text</DOC>`` (every ``*.trec`` file of ``corpus/``), topics
+``<top><num>id</num><title>text</title></top>``, qrels ``qid 0 docid rel``. Any of these files may be
+compressed (``.gz``, ``.bz2``, ``.xz``). JSONL is split on ``\\n`` only (texts may hold U+2028). qrels that name absent
 queries are counted and dropped; those naming absent documents are counted and kept (they belong to
 the ideal ranking, as in trec_eval); never an error. Malformed lines raise an error naming file and line.
 """
@@ -14,8 +17,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen3train.data.jsonl import iter_json_lines, read_text
-from qwen3train.data.records import DataError, join_title
+from qwen3train.data.jsonl import COMPRESSED, iter_json_lines, open_bytes, read_text
+from qwen3train.data.records import DataError, decode_line, join_title
 from qwen3train.errors import ConfigError
 
 
@@ -28,12 +31,15 @@ class Collection:
     missing: dict[str, int] = field(default_factory=dict)
 
 
-def _qrels(path: Path, trec: bool) -> dict[str, dict[str, int]]:
+def _qrels(path: Path, trec: bool | None) -> dict[str, dict[str, int]]:
+    """``trec``: ``qid 0 docid rel`` (True), BEIR's ``query-id corpus-id score`` (False), either (None: by the
+    line's columns, as MS MARCO's qrels files come in both)."""
     out: dict[str, dict[str, int]] = {}
     for lineno, line in enumerate(read_text(path).splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
+        trec = len(parts) == 4 if trec is None and len(parts) in (3, 4) else bool(trec)
         if not trec and lineno == 1 and not parts[-1].lstrip("-").isdigit():
             continue  # BEIR header
         if trec:
@@ -67,14 +73,43 @@ def found(path: Path) -> Path:
     return next((c for c in (path.with_name(path.name + z) for z in (".gz", ".bz2", ".xz")) if c.exists()), path)
 
 
+def _plain_name(path: Path) -> str:
+    return path.name[: -len(path.suffix)] if path.suffix.lower() in COMPRESSED else path.name
+
+
+def _glob(folder: Path, suffix: str) -> list[Path]:
+    """The files of ``folder`` whose name ends in ``suffix``, compressed or not, by name."""
+    return sorted(q for q in folder.glob("*") if q.is_file() and _plain_name(q).endswith(suffix))
+
+
+def layout(folder: Path) -> str:
+    """``beir``, ``tsv`` (MS MARCO's files), ``trec`` or ``""``."""
+    if found(folder / "corpus.jsonl").exists():
+        return "beir"
+    if found(folder / "collection.tsv").exists():
+        return "tsv"
+    return "trec" if (folder / "corpus").is_dir() and _glob(folder / "corpus", ".trec") else ""
+
+
+def splits(folder: str | Path) -> list[str]:
+    """The splits a collection folder judges: BEIR's ``qrels/<split>.tsv``, MS MARCO's ``qrels.<split>.tsv``;
+    a TREC folder has one set of judgments, read as ``test``."""
+    folder = Path(folder)
+    kind = layout(folder)
+    if kind == "beir":
+        return sorted({_plain_name(q)[:-4] for q in _glob(folder / "qrels", ".tsv")})
+    if kind == "tsv":
+        return sorted({_plain_name(q)[6:-4] for q in _glob(folder, ".tsv") if _plain_name(q).startswith("qrels.")})
+    return ["test"] if kind == "trec" else []
+
+
 def load_beir(folder: str | Path, split: str = "test", judged_only: bool = False) -> Collection:
     """``judged_only``: keep only the documents and queries the split judges (what an import for training
     reads: BEIR msmarco's train split judges ~0.5M of its 8.8M passages, held as text otherwise)."""
     folder = Path(folder)
     qrels = found(folder / "qrels" / f"{split}.tsv")  # first: a wrong split is said before a large corpus is read
     if not qrels.exists():
-        have = sorted({q.name.split(".")[0] for q in (folder / "qrels").glob("*.tsv*")})
-        raise ConfigError(f"{folder}: no qrels/{split}.tsv (its splits: {', '.join(have) or 'none'})")
+        raise ConfigError(f"{folder}: no qrels/{split}.tsv (its splits: {', '.join(splits(folder)) or 'none'})")
     judged = _qrels(qrels, trec=False)
     queries = {i: obj["text"] for i, obj in _by_id(folder / "queries.jsonl") if not judged_only or i in judged}
     docs = {d for r in judged.values() for d in r} if judged_only else None  # (the absent ones are counted)
@@ -92,13 +127,50 @@ def _by_id(path: Path):
         yield str(obj["_id"]), obj
 
 
-def load_trec(docs: str | Path, topics: str | Path, qrels: str | Path, name: str | None = None) -> Collection:
-    docs, topics, qrels = Path(docs), Path(topics), Path(qrels)
-    text = read_text(docs)
-    corpus = {m.group(1).strip(): " ".join(m.group(2).split())
-              for m in re.finditer(r"<DOC>\s*<DOCNO>(.*?)</DOCNO>(.*?)</DOC>", text, flags=re.S)}
+def _tsv(path: Path, keep=None):
+    """(id, text) of each line ``id<TAB>text`` of an MS MARCO file, streamed (its collection.tsv is 3 GB);
+    ``keep``: only these ids. A line without a tab or an id is an error naming its line."""
+    with open_bytes(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            line = decode_line(raw, f"{path}:{lineno}").rstrip("\r\n")
+            if not line.strip():
+                continue
+            key, tab, text = line.partition("\t")
+            if not tab or not key.strip():
+                raise DataError(f"{path}:{lineno}", "<tsv>", f"expected 'id<TAB>text', got {line[:80]!r}")
+            if keep is None or key.strip() in keep:
+                yield key.strip(), text.strip()
+
+
+def load_tsv(folder: str | Path, split: str = "test", judged_only: bool = False) -> Collection:
+    """MS MARCO's layout (``collection.tsv``, ``queries.<split>.tsv``, ``qrels.<split>.tsv``)."""
+    folder = Path(folder)
+    qrels, qfile = found(folder / f"qrels.{split}.tsv"), found(folder / f"queries.{split}.tsv")
+    if not qrels.exists() or not qfile.exists():
+        missing = qrels.name if not qrels.exists() else qfile.name
+        raise ConfigError(f"{folder}: no {missing} (its splits: {', '.join(splits(folder)) or 'none'})")
+    judged = _qrels(qrels, trec=None)
+    queries = dict(_tsv(qfile, judged if judged_only else None))
+    docs = {d for r in judged.values() for d in r} if judged_only else None
+    corpus = dict(_tsv(found(folder / "collection.tsv"), docs))
+    return _prune(Collection(folder.name, corpus, queries, judged))
+
+
+def load_trec(docs, topics: str | Path, qrels: str | Path, name: str | None = None) -> Collection:
+    """``docs``: a file, or a list of files (a collection kept in parts); an id twice is an error."""
+    files = [Path(d) for d in docs] if isinstance(docs, (list, tuple)) else [Path(docs)]
+    topics, qrels = Path(topics), Path(qrels)
+    corpus, where = {}, {}
+    for docs in files:
+        text = read_text(docs)
+        for m in re.finditer(r"<DOC>\s*<DOCNO>(.*?)</DOCNO>(.*?)</DOC>", text, flags=re.S):
+            key = m.group(1).strip()
+            if key in corpus:
+                line = text[: m.start()].count("\n") + 1
+                raise DataError(f"{docs}:{line}", "<DOCNO>", f"{key!r} again (first in {where[key]})")
+            corpus[key], where[key] = " ".join(m.group(2).split()), docs.name
     if not corpus:
-        raise ConfigError(f"{docs}: no <DOC><DOCNO>..</DOCNO>..</DOC> records")
+        raise ConfigError(f"{', '.join(map(str, files))}: no <DOC><DOCNO>..</DOCNO>..</DOC> records")
     ttext = read_text(topics)
     queries = {}
     for m in re.finditer(r"<top>(.*?)</top>", ttext, flags=re.S):
@@ -112,19 +184,44 @@ def load_trec(docs: str | Path, topics: str | Path, qrels: str | Path, name: str
 
 
 def load_collection(spec: str | Path, split: str = "test", judged_only: bool = False) -> Collection:
-    """A BEIR folder (the judgments of ``split``: ``qrels/<split>.tsv``), or a folder with the TREC layout of
-    ../shared/data/vaswani (one set of judgments: an evaluation set, read as ``split="test"`` only)."""
+    """A BEIR folder (the judgments of ``split``: ``qrels/<split>.tsv``), MS MARCO's TSV folder (``qrels.<split>.tsv``),
+    or a folder with the TREC layout of ../shared/data/vaswani (``corpus/*.trec``, ``*query*.trec`` or
+    ``*topics*``, ``qrels``: one set of judgments, an evaluation set, read as ``split="test"`` only)."""
     p = Path(spec)
-    if found(p / "corpus.jsonl").exists():
+    kind = layout(p)
+    if kind == "beir":
         return load_beir(p, split, judged_only)
-    if split != "test":
+    if kind == "tsv":
+        return load_tsv(p, split, judged_only)
+    if kind == "trec" and split != "test":
         raise ConfigError(f"{p}: a TREC folder holds one set of judgments, an evaluation set (split: test), not "
                           f"'{split}'; to train on it anyway, say split: test for this source")
-    trec_docs = sorted((p / "corpus").glob("*.trec")) if (p / "corpus").is_dir() else []
-    topics = sorted(p.glob("*query*.trec")) or sorted(p.glob("*topics*"))
-    if trec_docs and topics and (p / "qrels").exists():
-        return load_trec(trec_docs[0], topics[0], p / "qrels", name=p.name)
-    raise ConfigError(f"{p}: neither a BEIR folder (corpus.jsonl, queries.jsonl, qrels/) nor a TREC folder")
+    topics = _glob(p, ".trec")
+    topics = [t for t in topics if "query" in t.name] or [t for t in sorted(p.glob("*topics*")) if t.is_file()]
+    if kind == "trec" and topics and found(p / "qrels").is_file():
+        return load_trec(_glob(p / "corpus", ".trec"), topics[0], found(p / "qrels"), name=p.name)
+    raise ConfigError(f"{p}: neither a BEIR folder (corpus.jsonl, queries.jsonl, qrels/), an MS MARCO folder "
+                      f"(collection.tsv, queries.<split>.tsv, qrels.<split>.tsv) nor a TREC folder (corpus/*.trec, "
+                      f"*query*.trec or *topics*, qrels)")
+
+
+def parse_spec(spec: str | Path) -> tuple[Path, str]:
+    """An evaluation's collection: ``folder`` (its test split) or ``folder@split`` (``/data/msmarco@dev``: MS
+    MARCO and BEIR's msmarco are scored on their dev split). A folder whose own name holds ``@`` is itself."""
+    p = Path(spec)
+    head, at, split = str(spec).rpartition("@")
+    if at and not p.exists() and split and "/" not in split:
+        return Path(head), split
+    return p, "test"
+
+
+def load_spec(spec: str | Path) -> Collection:
+    """``parse_spec``'s collection, named ``<folder>@<split>`` where the split is not ``test``."""
+    path, split = parse_spec(spec)
+    col = load_collection(path, split)
+    if split != "test":
+        col.name = f"{col.name}@{split}"
+    return col
 
 
 def cap_corpus(col: Collection, max_docs: int, seed: int = 0) -> Collection:

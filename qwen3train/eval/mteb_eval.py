@@ -119,34 +119,34 @@ def _encoder_class():
 
 
 def local_retrieval_task(folder: str | Path):
-    """A BEIR/TREC folder as an MTEB retrieval task (in memory; test split)."""
+    """A BEIR/MS MARCO/TREC folder as an MTEB retrieval task (in memory): its test split, or ``folder@split``'s."""
     from datasets import Dataset
     from mteb.abstasks.retrieval import AbsTaskRetrieval
     from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
     from mteb.abstasks.task_metadata import TaskMetadata
 
-    from qwen3train.data.collections import load_collection
+    from qwen3train.data.collections import load_spec, parse_spec
 
     from qwen3train.eval.metrics import shares_ids
 
-    col = load_collection(folder)
-    name = col.name.split("@")[0]
+    col = load_spec(folder)
+    name, (folder, split) = col.name.split("@")[0], parse_spec(folder)
 
     class LocalRetrieval(AbsTaskRetrieval):
         ignore_identical_ids = shares_ids(col.queries, col.corpus)  # the rule of our evaluator (eval/metrics.py)
         metadata = TaskMetadata(
             name=name, description=f"Local BEIR/TREC collection {folder}", type="Retrieval", category="t2t",
-            dataset={"path": str(Path(folder).resolve()), "revision": "local"}, eval_splits=["test"],
+            dataset={"path": str(Path(folder).resolve()), "revision": "local"}, eval_splits=[split],
             eval_langs=["eng-Latn"], main_score="ndcg_at_10", modalities=["text"], date=None, domains=[],
             task_subtypes=[], license=None, annotations_creators=None, dialect=[], sample_creation=None,
             bibtex_citation="", reference=None)
 
         def load_data(self, num_proc: int | None = None, **kwargs) -> None:
-            split = RetrievalSplitData(
+            data = RetrievalSplitData(
                 corpus=Dataset.from_list([{"id": d, "text": t} for d, t in col.corpus.items()]),
                 queries=Dataset.from_list([{"id": q, "text": t} for q, t in col.queries.items()]),
                 relevant_docs={q: dict(r) for q, r in col.qrels.items()}, top_ranked=None)
-            self.dataset = {"default": {"test": split}}
+            self.dataset = {"default": {split: data}}
             self.data_loaded = True
 
     return LocalRetrieval()
@@ -166,9 +166,11 @@ def get_tasks(cfg: MtebConfig) -> list:
             tasks += list(mteb.get_tasks(tasks=list(cfg.tasks), languages=list(cfg.languages) or None))
         except (KeyError, ValueError) as e:
             raise ConfigError(f"mteb.tasks: {e}") from None
+    from qwen3train.data.collections import parse_spec
+
     for c in cfg.collections:
-        if not Path(c).is_dir():
-            raise ConfigError(f"mteb.collections: {c} is not a folder")
+        if not parse_spec(c)[0].is_dir():
+            raise ConfigError(f"mteb.collections: {c} is not a folder (or folder@split)")
         tasks.append(local_retrieval_task(c))
     if not tasks:
         raise ConfigError("mteb: name tasks=[...], benchmark=... or collections=[...]")

@@ -108,7 +108,7 @@ def run(cfg: EvalConfig) -> list[dict]:
 
 def _run(cfg: EvalConfig) -> list[dict]:
     from qwen3train import stall
-    from qwen3train.data.collections import cap_corpus, load_collection
+    from qwen3train.data.collections import cap_corpus, load_spec
     from qwen3train.eval.pairs import evaluate_pairs
     from qwen3train.eval.rerank import evaluate_rerank
     from qwen3train.eval.retrieval import evaluate_collection
@@ -117,7 +117,7 @@ def _run(cfg: EvalConfig) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     stall.enter("the loading of the collections")
-    collections = [cap_corpus(load_collection(c), cfg.max_docs) for c in cfg.collections]
+    collections = [cap_corpus(load_spec(c), cfg.max_docs) for c in cfg.collections]
     seen: dict[str, str] = {}  # weights -> the label that scored them
     for label, path in cfg.models.items():
         twin = seen.setdefault(_weights_key(path, cfg.end_tokens.get(label)), label)

@@ -50,11 +50,11 @@ class DevEval:
             if self.kind == "reranker":
                 raise ConfigError("run.eval_file: the reranker scores a pair file (query, pos, neg), not a collection")
             from qwen3train import dist
-            from qwen3train.data.collections import found, load_collection
+            from qwen3train.data.collections import load_collection, splits
 
             # the best step is chosen on these scores: a collection's dev split where it has one (BEIR's
-            # qrels/dev.tsv), else its test split, said once: its figures are then not held out
-            split = "dev" if found(self.path / "qrels" / "dev.tsv").exists() else "test"
+            # qrels/dev.tsv, MS MARCO's qrels.dev.tsv), else its test split, said once: then not held out
+            split = "dev" if "dev" in splits(self.path) else "test"
             if split == "test" and dist.rank() == 0:
                 print(f"note: run.eval_file {path} has no dev split (qrels/dev.tsv): its test judgments score the "
                       f"run and pick best.json's step; do not report this collection's figures as held out",

@@ -166,3 +166,118 @@ def test_an_import_for_training_holds_only_the_judged_documents(name):
     assert judged.corpus == {d: t for d, t in full.corpus.items() if d in ids}
     assert judged.queries == {q: t for q, t in full.queries.items() if q in full.qrels}
     assert (judged.qrels, judged.missing) == (full.qrels, full.missing)
+
+
+def _flat(text: str) -> str:
+    return text.replace("\t", " ").replace("\r", " ").replace("\n", " ").strip()
+
+
+def _msmarco_copy(src, dst, splits=("train", "dev")):
+    """A BEIR fixture written as MS MARCO distributes its files: collection.tsv (the title joined to the text,
+    as a BEIR import joins it; a tab or line break inside a text, which a TSV cannot hold, as a space: see
+    ``_flat``), queries.<split>.tsv, qrels.<split>.tsv (the train split in TREC's four columns with tabs, the dev
+    split in BEIR's three without a header). Both splits hold the fixture's test judgments."""
+    from qwen3train.data.records import join_title
+
+    dst.mkdir()
+    docs = [json.loads(x) for x in (src / "corpus.jsonl").read_text().splitlines() if x.strip()]
+    (dst / "collection.tsv").write_text("".join(f"{d['_id']}\t{_flat(join_title(d.get('title'), d['text']))}\n"
+                                                for d in docs))
+    qs = [json.loads(x) for x in (src / "queries.jsonl").read_text().splitlines() if x.strip()]
+    judged = [ln.split() for ln in (src / "qrels" / "test.tsv").read_text().splitlines() if ln.strip()]
+    judged = [j for j in judged if j[-1].isdigit()]  # a header left out
+    for split in splits:
+        (dst / f"queries.{split}.tsv").write_text("".join(f"{q['_id']}\t{_flat(q['text'])}\n" for q in qs))
+        four = split == "train"
+        (dst / f"qrels.{split}.tsv").write_text("".join(f"{q}\t0\t{d}\t{r}\n" if four else f"{q} {d} {r}\n"
+                                                        for q, d, r in judged))
+
+
+@pytest.mark.parametrize("name", ["dbpedia", "trec-dl-2019-subset"])
+def test_an_msmarco_folder_reads_as_its_beir_copy(name, tmp_path):
+    """MS MARCO as distributed (collection.tsv, queries.train.tsv, qrels.train.tsv) was "neither a BEIR folder
+    nor a TREC folder": the paper's stage-2 collection needed converting first. Each split of the TSV copy
+    must give what the BEIR folder gives: the same documents (titles joined), queries, graded judgments and
+    absent counts; the judged-only read too; a compressed collection.tsv.gz the same."""
+    import gzip
+
+    beir = load_collection(DATA / name)
+    assert any("\n" in t for t in beir.corpus.values()) == (name == "dbpedia")  # the copy then differs there:
+    beir.corpus = {d: _flat(t) for d, t in beir.corpus.items()}  # as flattened
+    _msmarco_copy(DATA / name, tmp_path / "msmarco")
+    for split in ("train", "dev"):
+        got = load_collection(tmp_path / "msmarco", split)
+        assert (got.corpus, got.queries, got.qrels, got.missing) == (beir.corpus, beir.queries, beir.qrels, beir.missing)
+    judged = load_collection(DATA / name, judged_only=True)
+    judged.corpus = {d: _flat(t) for d, t in judged.corpus.items()}
+    c = tmp_path / "msmarco" / "collection.tsv"
+    c.with_name("collection.tsv.gz").write_bytes(gzip.compress(c.read_bytes()))
+    c.unlink()
+    got = load_collection(tmp_path / "msmarco", "train", judged_only=True)
+    assert (got.corpus, got.queries, got.qrels) == (judged.corpus, judged.queries, judged.qrels)
+    rows, stats = import_collection(tmp_path / "msmarco", "msmarco", None, 1)  # make prepare's default: train
+    assert stats["split"] == "train" and rows == [
+        dict(r, pos=[_flat(p) for p in r["pos"]], **({"not_neg": [_flat(p) for p in r["not_neg"]]} if "not_neg" in r else {}))
+        for r in import_collection(DATA / name, "msmarco", None, 1, split="test")[0]]
+
+
+def test_an_msmarco_folder_names_its_splits_and_bad_lines(tmp_path):
+    """A split it does not have is refused naming the ones it has (the default test split of `make eval`
+    included: MS MARCO's is dev); a line without a tab names its file and line."""
+    from qwen3train.data.collections import splits
+    from qwen3train.data.records import DataError
+    from qwen3train.errors import ConfigError
+
+    m = tmp_path / "msmarco"
+    _msmarco_copy(DATA / "dbpedia", m, splits=("train", "dev", "dev.small"))
+    assert splits(m) == ["dev", "dev.small", "train"]
+    with pytest.raises(ConfigError, match=r"msmarco: no qrels.test.tsv \(its splits: dev, dev.small, train\)"):
+        load_collection(m)
+    (m / "queries.dev.small.tsv").unlink()
+    with pytest.raises(ConfigError, match=r"no queries.dev.small.tsv"):
+        load_collection(m, "dev.small")
+    lines = (m / "collection.tsv").read_text().splitlines(keepends=True)
+    (m / "collection.tsv").write_text("".join(lines[:3]) + "a passage without its id\n" + "".join(lines[3:]))
+    with pytest.raises(DataError, match=r"collection.tsv:4: field '<tsv>': expected 'id<TAB>text'"):
+        load_collection(m, "train")
+
+
+def test_a_trec_folder_reads_every_corpus_file(tmp_path):
+    """A TREC collection kept in parts (corpus/a.trec, corpus/b.trec.gz) was read from its first file only: the
+    other parts' documents were absent, silently, and their judgments counted as judgments of absent documents.
+    Now every part, compressed or not; a DOCNO in two parts is an error naming both."""
+    import gzip
+
+    from qwen3train.data.records import DataError
+
+    src = DATA / "vaswani"
+    whole = load_collection(src)
+    t = tmp_path / "vaswani"
+    (t / "corpus").mkdir(parents=True)
+    docs = (src / "corpus" / "doc-text.trec").read_text()
+    cut = docs.index("<DOC>", len(docs) // 2)
+    (t / "corpus" / "a.trec").write_text(docs[:cut])
+    (t / "corpus" / "b.trec.gz").write_bytes(gzip.compress(docs[cut:].encode()))
+    for f in ("query-text.trec", "qrels"):
+        (t / f).write_text((src / f).read_text())
+    got = load_collection(t)
+    assert (got.corpus, got.queries, got.qrels, got.missing) == (whole.corpus, whole.queries, whole.qrels, whole.missing)
+    (t / "corpus" / "c.trec").write_text(docs[cut:docs.index("</DOC>", cut) + 6])
+    with pytest.raises(DataError, match=r"c.trec:1: field '<DOCNO>': '\d+' again \(first in b.trec.gz\)"):
+        load_collection(t)
+
+
+def test_an_evaluation_names_a_collections_split(tmp_path):
+    """`make eval collections=[/data/msmarco@dev]`: MS MARCO (and BEIR's msmarco) are scored on their dev split;
+    every collection was read at its test split. The split is named in the results; a folder whose own name
+    holds '@' is still that folder."""
+    from qwen3train.data.collections import load_spec, parse_spec
+
+    m = tmp_path / "msmarco"
+    _msmarco_copy(DATA / "dbpedia", m)
+    (m / "qrels.dev.tsv").write_text("SemSearch_ES-2 <dbpedia:Oceanic_Airlines> 2\n")
+    col = load_spec(f"{m}@dev")
+    assert col.name == "msmarco@dev" and col.qrels == {"SemSearch_ES-2": {"<dbpedia:Oceanic_Airlines>": 2}}
+    odd = tmp_path / "beir@2024"
+    odd.symlink_to(DATA / "dbpedia")
+    assert parse_spec(odd) == (odd, "test") and load_spec(odd).name == "beir@2024"

@@ -85,3 +85,20 @@ def test_benchmark_and_task_names_resolve_offline():
         "Given a claim, find documents that refute the claim"
     names = [x.metadata.name for x in get_tasks(MtebConfig(tasks=["SciFact", "STS12"]))]
     assert names == ["SciFact", "STS12"]
+
+
+def test_a_local_collection_runs_through_mteb_at_the_split_named(tmp_path):
+    """`make mteb collections=[<folder>@dev]` gives MTEB the folder's dev judgments under the split name dev
+    (every local collection was its test split, and `<folder>@dev` was "not a folder")."""
+    from qwen3train.eval.mteb_eval import MtebConfig, get_tasks
+
+    b = tmp_path / "beir"
+    (b / "qrels").mkdir(parents=True)
+    (b / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": f"doc {i}"}) + "\n" for i in range(4)))
+    (b / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"query {i}"}) + "\n" for i in range(4)))
+    (b / "qrels" / "test.tsv").write_text("q0\td0\t1\n")
+    (b / "qrels" / "dev.tsv").write_text("q1\td1\t1\nq2\td3\t2\n")
+    (task,) = get_tasks(MtebConfig(collections=[f"{b}@dev"]))
+    task.load_data()
+    assert task.metadata.eval_splits == ["dev"] and task.metadata.name == "beir"
+    assert task.dataset["default"]["dev"]["relevant_docs"] == {"q1": {"d1": 1}, "q2": {"d3": 2}}

@@ -185,3 +185,10 @@ def test_a_collection_scores_the_run_on_its_dev_split_where_it_has_one(tmp_path,
     (b / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\n")
     assert set(DevEval(str(b), task).collection.qrels) == {"q1", "q2"}
     assert "no dev split" not in capsys.readouterr().out
+    m = tmp_path / "msmarco"  # MS MARCO's own layout: qrels.dev.tsv (with dev.small beside it)
+    m.mkdir()
+    (m / "collection.tsv").write_text("".join(f"d{i}\tdoc {i}\n" for i in range(4)))
+    for split, judged in (("train", "q0"), ("dev", "q3"), ("dev.small", "q2")):
+        (m / f"queries.{split}.tsv").write_text("".join(f"q{i}\tquery {i}\n" for i in range(4)))
+        (m / f"qrels.{split}.tsv").write_text(f"{judged}\t0\td1\t1\n")
+    assert set(DevEval(str(m), task).collection.qrels) == {"q3"}
