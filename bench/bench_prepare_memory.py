@@ -1,6 +1,8 @@
 """`make prepare`'s import of a large BEIR collection for training: peak memory holding the whole corpus as
 text (before) vs only the documents the split judges (now), on a synthetic collection shaped like BEIR msmarco's
 train split in miniature (each query judges 1 document; 5% of the corpus judged), fresh processes, alternating.
+A third variant reads the same collection written as MS MARCO distributes it (collection.tsv, queries.train.tsv,
+qrels.train.tsv in TREC's four columns).
 
     .venv/bin/python bench/bench_prepare_memory.py [--docs 1000000] [--repeats 2]
 
@@ -28,7 +30,8 @@ if sys.argv[2] == "whole-corpus":
     p.load_collection = lambda path, split, judged_only=False: real(path, split)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the interpreter and the imports
 t = time.perf_counter()
-rows, stats = p.import_collection(sys.argv[1], "msmarco", None, 1, split="train")
+rows, stats = p.import_collection(sys.argv[1] + ("-tsv" if sys.argv[2] == "msmarco-tsv" else ""), "msmarco", None, 1,
+                                  split="train")
 secs = time.perf_counter() - t
 digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base,
@@ -41,15 +44,22 @@ def build(root: Path, docs: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(5000)]
     (root / "qrels").mkdir(parents=True)
-    with open(root / "corpus.jsonl", "w") as f:
+    tsv = root.with_name(root.name + "-tsv")
+    tsv.mkdir()
+    with open(root / "corpus.jsonl", "w") as f, open(tsv / "collection.tsv", "w") as g:
         for i in range(docs):
-            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": " ".join(rng.choices(words, k=55))}) + "\n")
+            text = " ".join(rng.choices(words, k=55))
+            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": text}) + "\n")
+            g.write(f"d{i}\t{text}\n")
     judged = rng.sample(range(docs), docs // 20)
-    with open(root / "queries.jsonl", "w") as f:
+    with open(root / "queries.jsonl", "w") as f, open(tsv / "queries.train.tsv", "w") as g:
         for q in range(len(judged)):
-            f.write(json.dumps({"_id": f"q{q}", "text": " ".join(rng.choices(words, k=8))}) + "\n")
-    with open(root / "qrels" / "train.tsv", "w") as f:
+            text = " ".join(rng.choices(words, k=8))
+            f.write(json.dumps({"_id": f"q{q}", "text": text}) + "\n")
+            g.write(f"q{q}\t{text}\n")
+    with open(root / "qrels" / "train.tsv", "w") as f, open(tsv / "qrels.train.tsv", "w") as g:
         f.write("query-id\tcorpus-id\tscore\n" + "".join(f"q{q}\td{d}\t1\n" for q, d in enumerate(judged)))
+        g.write("".join(f"q{q}\t0\td{d}\t1\n" for q, d in enumerate(judged)))
 
 
 def main() -> None:
@@ -61,7 +71,7 @@ def main() -> None:
         root = Path(tmp) / "msmarco-like"
         build(root, a.docs)
         size_mb = (root / "corpus.jsonl").stat().st_size / 2**20
-        got = {"whole-corpus": [], "judged-only": []}
+        got = {"whole-corpus": [], "judged-only": [], "msmarco-tsv": []}
         for _ in range(a.repeats):
             for variant in got:
                 out = subprocess.run([sys.executable, "-c", ONE, str(root), variant], cwd=REPO, capture_output=True,
