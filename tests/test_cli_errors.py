@@ -55,6 +55,8 @@ CASES = {
     # records are read at their byte offsets: a gzipped file was read as UTF-8 and refused at its first byte
     "compressed training file": (["--config-name=stage1", "data.train_files=[{tmp}/pairs.jsonl.gz]"],
                                  "pairs.jsonl.gz: a compressed file cannot be indexed"),
+    "misspelt data format": (["--config-name=stage1", "data.mixture=[{{dataset:json,data_files:[{good}],format:tevatrn}}]"],
+                             "format must be one of ('qwen3train', 'tevatron', 'sentence-transformers')"),
     "negative stream retries": (["--config-name=stage1", "data.stream_retries=-1"], "data.stream_retries must be >= 0"),
     "floor above the learning rate": (["--config-name=stage2", "optim.min_lr_ratio=1.5"], "optim.min_lr_ratio is a share"),
     # values no run can use, refused before anything loads (they were tracebacks deep in a run, or silently

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen3train.data import formats
 from qwen3train.data.records import DataError, parse_record, doc_hash
 from qwen3train.errors import ConfigError
 
@@ -67,13 +68,30 @@ class DatasetRef:
 
     name: str
     dataset: object
+    mapping: tuple | None = None  # its rows in another tool's format (qwen3train.data.formats)
 
     def __str__(self) -> str:
         return self.name
 
     @property
     def fingerprint(self) -> str:
-        return str(getattr(self.dataset, "_fingerprint", "")) or self.name
+        """Its content's (``datasets``' fingerprint) and, in another format, how it is read (the index holds the
+        records as read)."""
+        fp = str(getattr(self.dataset, "_fingerprint", "")) or self.name
+        return fp if self.mapping is None else f"{fp}+{formats.digest(self.mapping)}"
+
+
+def mapping(spec, ds):
+    """How ``spec``'s rows are read as ours (``formats.resolve`` on the dataset's columns, where it knows them)."""
+    names = getattr(ds, "column_names", None)
+    return formats.resolve(getattr(spec, "format", "qwen3train"), getattr(spec, "columns", None),
+                           list(names) if names is not None else None, label(spec))
+
+
+def ref(spec) -> DatasetRef:
+    """A non-streamed ``datasets`` source as the record index takes it."""
+    ds = load(spec, streaming=False)
+    return DatasetRef(label(spec), ds, mapping(spec, ds))
 
 
 # the fields ``parse_record`` reads: what a checkpoint keeps of a row read but not yet batched
@@ -109,6 +127,7 @@ class StreamingSource:
         self.task = spec.task or None
         self.task_names = [self.task] if self.task else []
         self.ds = load(spec, streaming=True)
+        self.mapping = mapping(spec, self.ds)  # another tool's format: each row read as ours
         self.rejects_path = Path(rejects_path).with_suffix(f".rank{rank}.jsonl") if rejects_path else None
         self.rejected: dict[str, int] = {}
         self._split(self._parts(int(getattr(self.ds, "num_shards", 1) or 1), getattr(spec, "stream_split", "auto")))
@@ -237,6 +256,7 @@ class StreamingSource:
             row = self.state[v][1]
             where = f"{self.name}:part {v} of {self.parts} epoch {e} row {row}"
             try:
+                obj = formats.to_ours(obj, self.mapping, where)  # kept as ours (a checkpoint holds its fields)
                 rec = parse_record(obj, where)
                 if self.k > 0 and not rec.neg:
                     raise DataError(where, "neg", f"no hard negatives, but data.num_hard_negatives={self.k}")

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from qwen3train.data.collections import load_collection
 from qwen3train.data.instructions import REGISTRY
 from qwen3train.data.jsonl import open_bytes
-from qwen3train.data.records import DataError, parse_json_line
+from qwen3train.data.formats import FORMATS, resolve, to_ours
+from qwen3train.data.records import DataError, json_object, parse_json_line, parse_record
 from qwen3train.data.sources import expand_files
 
 
@@ -32,8 +34,14 @@ class SourceConfig:
     # a BEIR collection's judgments to train on: qrels/<split>.tsv. Not its test split unless said: BEIR's
     # msmarco/test.tsv is TREC-DL 2019 (43 queries), its train.tsv the 500k training queries
     split: str = "train"
+    # a JSONL source in another tool's format, converted to ours (qwen3train.data.formats): tevatron,
+    # sentence-transformers (keys in order: query, positive, negatives), and/or columns: {query: ..., pos: ...}
+    format: str = "qwen3train"
+    columns: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"prepare source {self.path}: format must be one of {FORMATS}, got {self.format!r}")
         if self.weight < 0 or self.count < 0 or self.min_relevance < 1:
             raise ValueError(f"prepare source {self.path}: weight and count must be >= 0 and min_relevance >= 1; got "
                              f"{self.weight}, {self.count}, {self.min_relevance}")
@@ -87,18 +95,26 @@ def import_collection(path: str | Path, task: str | None, instruction: str | Non
 
 
 def import_jsonl(path: str, task: str | None, instruction: str | None, on_error: str = "skip",
-                 rejects: list | None = None):
-    """Validated training JSONL (our schema / FlagEmbedding's; ``prompt`` is read as the instruction). A bad
-    record raises its ``file:line`` and field (``on_error="raise"``) or is counted, left out and appended to
-    ``rejects`` with the reason."""
+                 rejects: list | None = None, fmt: str = "qwen3train", columns: dict | None = None):
+    """Validated training JSONL (our schema / FlagEmbedding's; ``prompt`` is read as the instruction; another
+    tool's with ``fmt``/``columns``: ``qwen3train.data.formats``). A bad record raises its ``file:line`` and
+    field (``on_error="raise"``) or is counted, left out and appended to ``rejects`` with the reason."""
     rows, rejected = [], 0
+    ours = fmt == "qwen3train" and not columns
     for p in expand_files([path]):
+        mapping = None if ours else ()  # resolved at the file's first object (its keys: the columns in order)
         with open_bytes(p) as f:
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
                 try:
-                    r = parse_json_line(raw, f"{p}:{lineno}")
+                    if ours:
+                        r = parse_json_line(raw, f"{p}:{lineno}")
+                    else:
+                        obj = json_object(raw, f"{p}:{lineno}")
+                        if mapping == ():
+                            mapping = resolve(fmt, columns, list(obj) if isinstance(obj, dict) else None, str(p))
+                        r = parse_record(to_ours(obj, mapping, f"{p}:{lineno}"), f"{p}:{lineno}")
                 except DataError as e:
                     if on_error == "raise":
                         raise
@@ -125,9 +141,12 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     for s in cfg.sources:
         p = Path(s.path)
         if p.is_dir():
+            if s.format != "qwen3train" or s.columns:
+                raise ConfigError(f"prepare source {s.path}: format/columns read a JSONL file in another tool's format, "
+                                  f"not a collection folder")
             rows, st = import_collection(p, s.task, s.instruction, s.min_relevance, s.split)
         else:
-            rows, st = import_jsonl(s.path, s.task, s.instruction, cfg.on_error, rejects)
+            rows, st = import_jsonl(s.path, s.task, s.instruction, cfg.on_error, rejects, s.format, s.columns)
         if not rows:  # a source that gives nothing is a mistake in its setting, not a silent no-op
             why = (f"{st.get('queries_without_positive', 0)} queries without a document judged >= min_relevance="
                    f"{s.min_relevance}" if p.is_dir() else f"{st['rejected']} records rejected")

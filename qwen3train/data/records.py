@@ -84,13 +84,28 @@ def parse_record(obj, where: str) -> Record:
         raise DataError(where, "<record>", f"must be a JSON object, got {type(obj).__name__}")
     query = obj.get("query")
     if not isinstance(query, str):
-        raise DataError(where, "query", "missing" if query is None else f"must be a string, got {type(query).__name__}")
+        raise DataError(where, "query", "missing" + _format_hint(obj) if query is None else
+                        f"must be a string, got {type(query).__name__}")
     if not query.strip():
         raise DataError(where, "query", "is empty")
     _text(query, where, "query")
+    if obj.get("pos") is None and _format_hint(obj):
+        raise DataError(where, "pos", "missing" + _format_hint(obj))
     return Record(query=query, pos=_str_list(obj, "pos", where, True), neg=_str_list(obj, "neg", where, False),
                   instruction=_opt_str(obj, "instruction", where) or _opt_str(obj, "prompt", where), task=_opt_str(obj, "task", where) or "default",
                   type=_opt_str(obj, "type", where), not_neg=_str_list(obj, "not_neg", where, False))
+
+
+WHERE_FORMATS = " in a data.mixture `datasets` source or a make prepare source"
+
+
+def _format_hint(obj: dict) -> str:
+    """What a record in another tool's format needs said (its fields are ours under other names)."""
+    if "positive_passages" in obj:
+        return f" (Tevatron's format: read it with format: tevatron{WHERE_FORMATS})"
+    if "anchor" in obj or "positive" in obj:
+        return f" (sentence-transformers' columns: read them with format: sentence-transformers{WHERE_FORMATS})"
+    return ""
 
 
 def join_title(title, text: str, sep: str = " ") -> str:
@@ -117,13 +132,17 @@ def decode_line(line: bytes, where: str) -> str:
         raise utf8_error(where, e, e.start) from None
 
 
-def parse_json_line(line: bytes | str, where: str) -> Record:
+def json_object(line: bytes | str, where: str):
+    """A line's decoded JSON value (not yet checked as a record)."""
     text = decode_line(line, where) if isinstance(line, bytes) else line
     try:
-        obj = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(where, "<json>", f"not valid JSON ({e.msg} at column {e.colno})") from None
-    return parse_record(obj, where)
+
+
+def parse_json_line(line: bytes | str, where: str) -> Record:
+    return parse_record(json_object(line, where), where)
 
 
 def text_hash(text: str) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen3train.data.formats import to_ours
 from qwen3train.data.hf import DatasetRef
 from qwen3train.data.records import DataError, doc_hash, fast_line_parser, parse_json_line, parse_record
 
@@ -279,11 +280,11 @@ def scan_unit(path: Path, start: int, end: int, require_neg: bool, on_error: str
             if part.error:
                 break
     else:
-        ds = _arrow(path)
+        ds, mapping = _arrow(path), getattr(path, "mapping", None)  # another tool's format: read as ours
         for row in range(start, end):
             part.lines += 1
             obj = ds[row]
-            if not take(row, part.lines, lambda: parse_record(obj, ""), obj):
+            if not take(row, part.lines, lambda: parse_record(to_ours(obj, mapping, ""), ""), obj):
                 break
     return part
 

@@ -13,11 +13,13 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 
 from qwen3train.data import index
+from qwen3train.data.formats import FORMATS, to_ours
 from qwen3train.data.hf import DatasetRef
 from qwen3train.data.jsonl import COMPRESSED
 from qwen3train.data.records import DataError, Record, parse_json_line, parse_record
@@ -52,10 +54,20 @@ class MixtureSource:
     task: str | None = None
     shuffle_buffer: int = 10_000
     stream_split: str = "auto"
+    # a dataset in another tool's format, read as ours row by row (qwen3train.data.formats): tevatron
+    # (positive_passages / negative_passages), sentence-transformers (columns in order: query, positive,
+    # negatives), and/or columns: {query: <column>, pos: <column or [columns]>, neg: ...}
+    format: str = "qwen3train"
+    columns: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if bool(self.files) == bool(self.dataset):
             raise ValueError("a data.mixture source needs files or dataset (one of the two)")
+        if self.format not in FORMATS:
+            raise ValueError(f"a data.mixture source's format must be one of {FORMATS}, got {self.format!r}")
+        if self.files and (self.format != "qwen3train" or self.columns):
+            raise ValueError("a data.mixture source's format/columns read a `datasets` source (dataset: json, "
+                             "data_files: [...] for JSONL files), or convert the files once with make prepare")
         if self.stream_split not in STREAM_SPLITS:
             raise ValueError(f"a data.mixture source's stream_split must be one of {STREAM_SPLITS}, got "
                              f"{self.stream_split!r}")
@@ -220,7 +232,8 @@ class IndexedSource:
             if fi not in self._arrow:  # loaded once (an Arrow copy): later changes to the file cannot reach it
                 self.check_unchanged([fi])
                 self._arrow[fi] = index._arrow(path)
-            return parse_record(self._arrow[fi][off], f"{path}:row {off + 1}")
+            where = f"{path}:row {off + 1}"
+            return parse_record(to_ours(self._arrow[fi][off], getattr(path, "mapping", None), where), where)
         if fi not in self._handles:
             self._handles[fi] = open(path, "rb")
             self.check_unchanged([fi])  # the file this handle reads is the one indexed

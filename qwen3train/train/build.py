@@ -34,7 +34,7 @@ def build_sources(cfg, run_dir) -> tuple[list, list[float]]:
                                               rejects_path=rej, shuffle_buffer=m.shuffle_buffer,
                                               retries=data.stream_retries, **kw))
             continue
-        inputs = [hf.DatasetRef(hf.label(m), hf.load(m, streaming=False))] if m.dataset else expand_files(m.files)
+        inputs = [hf.ref(m)] if m.dataset else expand_files(m.files)
         sources.append(IndexedSource(inputs, rejects_path=rej, index_dir=data.index_dir, **kw))
     return sources, [m.weight for m in parts]
 

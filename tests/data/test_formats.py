@@ -1,0 +1,132 @@
+"""Other tools' training data read as ours (qwen3train.data.formats): Tevatron's passages and
+sentence-transformers' column order, as `datasets` sources (indexed and streamed) and `make prepare` sources.
+Before, a Tevatron or sentence-transformers dataset had to be rewritten by hand ("field 'pos': missing")."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import FIXTURES
+from qwen3train.data.hf import StreamingSource, ref
+from qwen3train.data.prepare import PrepareConfig, SourceConfig, run_prepare
+from qwen3train.data.records import DataError, join_title
+from qwen3train.data.sources import IndexedSource, MixtureSource
+from qwen3train.errors import ConfigError
+
+DBPEDIA = FIXTURES / "dbpedia"
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _dbpedia_rows():
+    """(Tevatron rows, the same as our records) from the DBpedia fixture: each judged query, its documents
+    judged relevant as positives and those judged 0 as negatives, as passages {docid, title, text}."""
+    docs = {d["_id"]: d for d in map(json.loads, (DBPEDIA / "corpus.jsonl").read_text().splitlines()) if d}
+    queries = {q["_id"]: q["text"] for q in map(json.loads, (DBPEDIA / "queries.jsonl").read_text().splitlines())}
+    judged: dict[str, dict[str, int]] = {}
+    for line in (DBPEDIA / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        q, d, r = line.split("\t")
+        if d in docs and q in queries:
+            judged.setdefault(q, {})[d] = int(r)
+    tev, ours = [], []
+    for q, rels in sorted(judged.items()):
+        pos = [d for d, r in sorted(rels.items()) if r >= 1]
+        neg = [d for d, r in sorted(rels.items()) if r == 0]
+        if not pos or not neg:
+            continue
+        passage = lambda d: {"docid": d, "title": docs[d].get("title", ""), "text": docs[d]["text"]}  # noqa: E731
+        tev.append({"query_id": q, "query": queries[q], "positive_passages": [passage(d) for d in pos],
+                    "negative_passages": [passage(d) for d in neg]})
+        text = lambda d: join_title(docs[d].get("title"), docs[d]["text"])  # noqa: E731
+        ours.append((queries[q], [text(d) for d in pos], [text(d) for d in neg]))
+    assert len(ours) >= 8 and any(len(p) > 1 for _, p, _ in ours)  # several positives: lists kept whole
+    return tev, ours
+
+
+def _records(src):
+    return [(r.query, r.pos, r.neg) for r in (src[i] for i in range(len(src)))]
+
+
+def test_a_tevatron_dataset_reads_as_our_records_indexed_and_streamed(tmp_path):
+    tev, ours = _dbpedia_rows()
+    f = _write(tmp_path / "tevatron.jsonl", tev)
+    m = MixtureSource(dataset="json", data_files=[str(f)], format="tevatron")
+    src = IndexedSource([ref(m)], index_dir=tmp_path / "ix")
+    assert _records(src) == ours
+    stream = StreamingSource(m, seed=0, rank=0, world=1, shuffle_buffer=1)
+    got = [(r.query, r.pos, r.neg) for _, r in stream.take(len(ours))]
+    assert sorted(got) == sorted(ours)
+    # the index holds the records as read: the same dataset read another way is indexed anew, not reused
+    plain = MixtureSource(dataset="json", data_files=[str(f)], columns={"query": "query", "pos": "negative_passages"})
+    again = IndexedSource([ref(plain)], index_dir=tmp_path / "ix")
+    assert again.index_stats["built"] and again[0].pos == ours[0][2]
+
+
+def test_sentence_transformers_columns_by_order_or_by_name(tmp_path):
+    """ST trains on (anchor, positive, negative_1..n) by column order; (query, answer) pairs likewise."""
+    rows = [{"anchor": f"q{i}", "positive": f"p{i}", "negative_1": f"n{i}a", "negative_2": f"n{i}b"} for i in range(6)]
+    f = _write(tmp_path / "triplets.jsonl", rows)
+    src = IndexedSource([ref(MixtureSource(dataset="json", data_files=[str(f)], format="sentence-transformers"))],
+                        index_dir=tmp_path / "ix")
+    assert _records(src) == [(f"q{i}", [f"p{i}"], [f"n{i}a", f"n{i}b"]) for i in range(6)]
+    qa = _write(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}", "id": i} for i in range(4)])
+    m = MixtureSource(dataset="json", data_files=[str(qa)], columns={"query": "question", "pos": "answer"})
+    assert _records(IndexedSource([ref(m)], index_dir=tmp_path / "ix")) == [(f"q{i}", [f"a{i}"], []) for i in range(4)]
+
+
+def test_a_wrong_mapping_is_one_line_before_any_row_is_read(tmp_path):
+    f = _write(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(ConfigError, match=r"no column 'negative_passages', 'positive_passages', 'query' \(its columns: question, answer\)"):
+        ref(MixtureSource(dataset="json", data_files=[str(f)], format="tevatron"))
+    with pytest.raises(ConfigError, match=r"columns.answer: not a field of a record"):
+        ref(MixtureSource(dataset="json", data_files=[str(f)], columns={"query": "question", "answer": "answer"}))
+    one = _write(tmp_path / "one.jsonl", [{"text": "q"}])
+    with pytest.raises(ConfigError, match=r"reads the columns in order .* its columns are \['text'\]"):
+        ref(MixtureSource(dataset="json", data_files=[str(one)], format="sentence-transformers"))
+    with pytest.raises(ValueError, match=r"format/columns read a `datasets` source"):
+        MixtureSource(files=[str(f)], format="tevatron")
+
+
+def test_a_row_that_cannot_be_read_so_is_a_bad_record_like_any_other(tmp_path):
+    """A passage without text: its row and field named (raise), or counted and kept as a reject (skip)."""
+    tev, ours = _dbpedia_rows()
+    tev[2]["positive_passages"][0] = {"docid": "x", "title": "no text"}
+    f = _write(tmp_path / "tevatron.jsonl", tev)
+    m = MixtureSource(dataset="json", data_files=[str(f)], format="tevatron")
+    with pytest.raises(DataError, match=r"row 3: field 'pos': column positive_passages\[0\] holds a dict"):
+        IndexedSource([ref(m)], index_dir=tmp_path / "ix")
+    src = IndexedSource([ref(m)], index_dir=tmp_path / "ix2", on_error="skip", rejects_path=tmp_path / "rej.jsonl")
+    assert _records(src) == ours[:2] + ours[3:]
+    rej = [json.loads(x) for x in (tmp_path / "rej.jsonl").read_text().splitlines()]
+    assert len(rej) == 1 and rej[0]["field"] == "pos"
+
+
+def test_make_prepare_converts_a_file_in_another_format(tmp_path):
+    tev, ours = _dbpedia_rows()
+    f = _write(tmp_path / "tevatron.jsonl", tev)
+    st = _write(tmp_path / "st.jsonl", [{"anchor": q, "positive": p[0], "negative": n[0]} for q, p, n in ours])
+    run_prepare(PrepareConfig(sources=[SourceConfig(path=str(f), task="dbp", format="tevatron"),
+                                       SourceConfig(path=str(st), task="st", format="sentence-transformers")],
+                              output=str(tmp_path / "mix.jsonl")))
+    rows = [json.loads(x) for x in (tmp_path / "mix.jsonl").read_text().splitlines()]
+    assert sorted((r["query"], r["pos"], r["neg"]) for r in rows if r["task"] == "dbp") == sorted(ours)
+    assert sorted((r["query"], r["pos"], r["neg"]) for r in rows if r["task"] == "st") == \
+        sorted((q, p[:1], n[:1]) for q, p, n in ours)
+
+
+def test_a_record_of_another_format_says_how_to_read_it(tmp_path):
+    """Given as training JSONL, a Tevatron or sentence-transformers row was "field 'pos': missing" alone."""
+    from qwen3train.data.records import parse_record
+
+    tev, _ = _dbpedia_rows()
+    with pytest.raises(DataError, match=r"field 'pos': missing \(Tevatron's format: read it with format: tevatron"):
+        parse_record(tev[0], "f:1")
+    with pytest.raises(DataError, match=r"field 'query': missing \(sentence-transformers' columns"):
+        parse_record({"anchor": "q", "positive": "p"}, "f:1")
+    with pytest.raises(DataError, match=r"field 'pos': missing \(a list of strings is required\)$"):
+        parse_record({"query": "q"}, "f:1")
