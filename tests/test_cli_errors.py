@@ -57,6 +57,8 @@ CASES = {
                                  "pairs.jsonl.gz: a compressed file cannot be indexed"),
     "misspelt data format": (["--config-name=stage1", "data.mixture=[{{dataset:json,data_files:[{good}],format:tevatrn}}]"],
                              "format must be one of ('qwen3train', 'tevatron', 'sentence-transformers')"),
+    "one file where a list belongs": (["--config-name=stage1", "data.train_files={good}"],
+                                      "(a list: data.train_files=[...], e.g. data.train_files=[a,b])"),
     "negative stream retries": (["--config-name=stage1", "data.stream_retries=-1"], "data.stream_retries must be >= 0"),
     "floor above the learning rate": (["--config-name=stage2", "optim.min_lr_ratio=1.5"], "optim.min_lr_ratio is a share"),
     # values no run can use, refused before anything loads (they were tracebacks deep in a run, or silently

@@ -196,6 +196,9 @@ def precheck(argv: list[str]) -> list[str]:
                      if ln.strip() and not ln.startswith("To append")][:2]  # no "+" hint: a schema refuses it
             if e.__cause__ is not None and str(e.__cause__).strip():  # Hydra puts the reason in the cause
                 lines.append(str(e.__cause__).strip().splitlines()[0])
+            key = re.search(r"override (\S+?)=", text)
+            if "is not a ListConfig, list or tuple" in text and key:  # a list given as one value
+                lines.append(f"(a list: {key.group(1)}=[...], e.g. {key.group(1)}=[a,b])")
             report(" ".join(lines) if lines else type(e).__name__)
         finally:
             GlobalHydra.instance().clear()
