@@ -39,7 +39,8 @@ def _qrels(path: Path, trec: bool | None) -> dict[str, dict[str, int]]:
         parts = line.split()
         if not parts:
             continue
-        trec = len(parts) == 4 if trec is None and len(parts) in (3, 4) else bool(trec)
+        if trec is None:  # the file's first line says which
+            trec = len(parts) == 4
         if not trec and lineno == 1 and not parts[-1].lstrip("-").isdigit():
             continue  # BEIR header
         if trec:
