@@ -99,8 +99,8 @@ mine: $(STAMP) ## hard-negative mining, encoding sharded over NGPU processes (co
 prepare: $(STAMP) ## import BEIR/TREC/JSONL sources and mix them for stage 2 (configs/prepare.yaml)
 	$(PY) -m qwen3train.cli.main --config-name=prepare $(ARGS)
 
-eval: $(STAMP) ## evaluate models on BEIR/TREC folders, held-out pairs, STS (configs/eval.yaml)
-	$(PY) -m qwen3train.cli.main --config-name=eval $(ARGS)
+eval: $(STAMP) ## evaluate models on BEIR/MS MARCO/TREC folders, held-out pairs, STS; documents encoded over NGPU processes (configs/eval.yaml)
+	$(LAUNCH) --config-name=eval $(ARGS)
 
 mteb: $(STAMP) ## MTEB/MMTEB on an export with Qwen3's per-task instructions: ARGS="model=... tasks=[...]|benchmark=...|collections=[...]" (configs/mteb.yaml)
 	$(PY) -m qwen3train.cli.main --config-name=mteb $(ARGS)

@@ -345,7 +345,7 @@ class Pipeline:
         else:
             self.drop("rerank_merge", [o / "rerank_merged"])
         ev = self.eval_cfg()
-        self.stage("eval", list(ev.models.values()), [o / "eval" / "results.jsonl"], lambda: self.launch("eval", ev), ev)
+        self.stage("eval", list(ev.models.values()), [o / "eval" / "results.jsonl"], lambda: self.launch("eval", ev, c.ngpu), ev)
         from qwen3train.report import write_report
 
         self.stage("report", [o / "eval" / "results.jsonl"], [o / "report.md"], lambda: write_report(o, self.cfg))

@@ -119,6 +119,10 @@ class Encoder:
             print(f"note: out of device memory encoding with {self.path}; going on with batches of "
                   f"{self.batch_size} (the same results, more forwards)", flush=True)
 
+    def encode_full(self, texts: list[str], instruction: str | None = None) -> torch.Tensor:
+        """Every dimension, normalised, whatever ``dim`` says (what a store or the cache holds)."""
+        return self._full(texts, instruction)
+
     def _dim(self, v: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(v[:, : self.dim], dim=-1) if self.dim else v
 

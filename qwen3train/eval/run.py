@@ -13,7 +13,7 @@ on these files).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,12 @@ class EvalConfig:
     # when no text was encoded and no set scored for this many seconds: one line naming the
     # model and set evaluated, then every thread's stack (qwen3train.stall); nothing is stopped. 0: off
     stall_report_s: float = 900.0
+    # on several processes (make eval NGPU=8): the collections' documents are encoded by all of them, in chunks of
+    # this many texts (the unit of sharding and of resuming), into cache_dir (or a store removed at the end);
+    # the rest (queries, search, pairs, rerankers) runs on rank 0. encode_timeout_min: how long ranks wait for
+    # each other's chunks
+    encode_chunk_size: int = 16384
+    encode_timeout_min: int = 720
 
     def __post_init__(self) -> None:
         from qwen3train.precision import precision_name
@@ -66,6 +72,8 @@ class EvalConfig:
             raise ValueError("eval.max_docs must be >= 0, eval.max_length and eval.rerank_max_length >= 2")
         if self.stall_report_s < 0:
             raise ValueError("eval.stall_report_s must be >= 0 (0: no report)")
+        if self.encode_chunk_size < 1 or self.encode_timeout_min < 1:
+            raise ValueError("eval.encode_chunk_size and eval.encode_timeout_min must be >= 1")
         from qwen3train.errors import at_least
 
         at_least("eval", rerank_top_k=(self.rerank_top_k, 1), dims=(min(self.dims, default=None), 1))
@@ -100,10 +108,56 @@ def evaluate_sts(encoder: Encoder, path: str | Path, instruction: str = "Retriev
 
 
 def run(cfg: EvalConfig) -> list[dict]:
+    """Every row of the table (on rank 0; other ranks of a multi-process run return [] after encoding)."""
+    import shutil
+
+    from qwen3train import dist
     from qwen3train.stall import StallReport
 
-    with StallReport(cfg.stall_report_s, "evaluation", "eval.stall_report_s", "no text encoded, no set scored"):
-        return _run(cfg)
+    dist.init(timeout_min=cfg.encode_timeout_min)
+    world, store = dist.world_size(), None
+    if world > 1 and not cfg.cache_dir:  # the ranks share their chunks through a store of this run
+        store = Path(cfg.output_dir) / ".eval_store"
+        cfg = replace(cfg, cache_dir=str(store))
+    try:
+        with StallReport(cfg.stall_report_s, dist.rank() if world > 1 else "evaluation", "eval.stall_report_s",
+                         "no text encoded, no set scored"):
+            if world > 1:
+                _encode_corpora(cfg)
+            if not dist.is_main():
+                return []  # rank 0 scores with what all of them encoded (read from the store)
+            return _run(cfg)
+    finally:
+        if store is not None and dist.is_main():
+            shutil.rmtree(store, ignore_errors=True)
+        dist.cleanup()
+
+
+def _encode_corpora(cfg: EvalConfig) -> None:
+    """Every model's document vectors of every collection, encoded by all ranks into ``cfg.cache_dir`` (chunk
+    ``c`` by rank ``c % world``: ``qwen3train.mining.store``), where rank 0's evaluation finds them (the key of
+    ``Encoder.cached_docs``: the same weights, settings and texts)."""
+    from qwen3train import dist, stall
+    from qwen3train.data.collections import cap_corpus, load_spec
+    from qwen3train.mining.store import encode_to_store
+
+    stall.enter("the loading of the collections")
+    texts = [list(cap_corpus(load_spec(c), cfg.max_docs).corpus.values()) for c in cfg.collections]
+    seen = set()
+    for label, path in cfg.models.items():
+        key = _weights_key(path, cfg.end_tokens.get(label))
+        if key in seen or not texts:
+            continue
+        seen.add(key)
+        stall.enter(f"the loading of {label}")
+        enc = Encoder(path, max_length=cfg.max_length, precision=cfg.precision, end_token=cfg.end_tokens.get(label),
+                      label=label if dist.is_main() else None)
+        for docs in texts:
+            encode_to_store(enc, docs, cfg.cache_dir, chunk_size=cfg.encode_chunk_size,
+                            log=lambda m: print(f"eval: {m}", flush=True))
+        del enc
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _run(cfg: EvalConfig) -> list[dict]:

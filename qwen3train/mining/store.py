@@ -8,7 +8,8 @@ missing ones. When all chunks exist, rank 0 streams them into ``<store>/<key>.np
 ``[N, D]``) and removes the parts; every rank then reads the result memory-mapped, so the resident
 memory of a caller is one chunk of embeddings, not the corpus. ``key`` is ``Encoder.cache_key``
 (weights, settings, instruction, texts): a store is reused by later mining runs and by evaluation
-(``Encoder.cached_docs``) with the same model.
+(``Encoder.cached_docs``) with the same model; it holds full-dimension vectors (a Matryoshka dim is applied
+on read, ``Encoder._dim``). Evaluation on several processes encodes its corpora here (``eval.run``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def encode_to_store(enc: Encoder, texts: list[str], store: str | Path, *, instru
                 break  # another job sharing this store (same model and texts) assembled it meanwhile
             stall.enter(f"the encoding of {what} (chunk {c + 1} of {n_chunks})")
             chunk = texts[c * chunk_size:(c + 1) * chunk_size]
-            vec = enc.encode_queries(chunk, instruction) if query else enc.encode_docs(chunk, instruction)
+            vec = enc.encode_full(chunk, instruction)  # every dim: the key names full vectors (Encoder._dim)
             tmp = private_tmp(path, ".tmp.npy")
             with writing(path, tmp, kept="every finished chunk is kept"):
                 np.save(tmp, vec.numpy().astype(np.float32, copy=False))

@@ -35,7 +35,10 @@ LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_
 LATE_NEUTRAL = ("run.final_engine_state", "data.prefetch", "data.stream_retries", "run.skip_nonfinite_steps", "engine.rehearse_memory",
                 "run.stall_report_s",
                 "stall_report_s",  # mining's, the filter's, evaluation's (their stage markers' configs have it at the top)
-                "eval.stall_report_s")  # the pipeline's evaluation section
+                "eval.stall_report_s",  # the pipeline's evaluation section
+                # how evaluation on several processes cuts and waits for its encoding (the scores do not change):
+                # at the top of evaluation's stage marker, in the pipeline's eval section
+                "encode_chunk_size", "encode_timeout_min", "eval.encode_chunk_size", "eval.encode_timeout_min")
 # How a batch is cut into micro batches: memory, not results, where the loss does not depend on the cut
 # (GradCache, the reranker: ``train.memory.loss_keeps``). A run stopped out of memory resumes with a smaller
 # micro batch; the hash still covers them (a finished stage with another cut is another run of the pipeline).

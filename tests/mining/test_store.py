@@ -32,9 +32,9 @@ class CountingEncoder(Encoder):
 
     encoded = 0
 
-    def encode_docs(self, texts, instruction=None):
+    def _full(self, texts, instruction=None):  # what every encode method calls
         CountingEncoder.encoded += len(texts)
-        return super().encode_docs(texts, instruction)
+        return super()._full(texts, instruction)
 
 
 def test_store_equals_memory_and_resumes(tmp_path):
@@ -57,6 +57,18 @@ def test_store_equals_memory_and_resumes(tmp_path):
     CountingEncoder.encoded = 0
     again = encode_to_store(enc, texts, tmp_path, chunk_size=20)  # reused whole
     assert CountingEncoder.encoded == 0 and np.array_equal(np.asarray(again), np.asarray(mem))
+
+
+def test_a_store_holds_full_vectors_whatever_the_encoders_dim(tmp_path):
+    """The store's key names full-dimension vectors (evaluation's cache reads them under that key for every
+    Matryoshka dim): an encoder set to dim 32 wrote 32-dim vectors there, which a full-dim read then took."""
+    texts = corpus_texts(12)
+    small = Encoder(MINILM, max_length=128, dim=32)
+    mem = encode_to_store(small, texts, tmp_path, chunk_size=5)
+    full = Encoder(MINILM, max_length=128)
+    assert mem.shape == (12, 384)
+    assert torch.allclose(full.cached_docs(texts, tmp_path), full.encode_docs(texts), atol=1e-5)
+    assert torch.allclose(small.cached_docs(texts, tmp_path), small.encode_docs(texts), atol=1e-5)
 
 
 def test_precision_resolution_and_bf16_agreement():
@@ -312,3 +324,35 @@ def test_a_store_deleted_after_its_run_is_keyed_without_reading_the_weights(tmp_
                         max_score_ratio=None))
     assert hashed == [weights]  # the kept cache: by content, once
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+
+
+def test_two_process_evaluation_equals_one_process(tmp_path):
+    """`make eval NGPU=2`: both ranks encode the collections' documents (chunks of 40: rank 1 encodes some), rank 0
+    scores; the table (full dim and a Matryoshka dim: the store holds full vectors) equals one process's, and the
+    run files too. Evaluation ran on one process only: on a node of 8 GPUs, MS MARCO's 8.8M passages were encoded by one.
+    The store of a run without a cache folder is removed at its end."""
+    common = ["--config-name=eval", f"models={{minilm:{MINILM}}}", "pairs=[]", "precision=float32", "max_length=128",
+              f"collections=[{FIXTURES / 'dbpedia'}]", "dims=[32]", "cache_dir=null",
+              "encode_chunk_size=40", "update_cards=false"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    tables = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"p{nproc}"
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if nproc == 2 else []
+        cmd = [sys.executable, *launch, "-m", "qwen3train.cli.main"]
+        proc = subprocess.run([*cmd, *common, f"output_dir={out}"], env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, crash_report(proc)
+        if nproc == 2:
+            assert "on rank 1" in proc.stdout and "on rank 0" in proc.stdout, proc.stdout[-2000:]
+            assert not (out / ".eval_store").exists()
+        tables[nproc] = {(r["model"], r["dataset"], r["dim"]): r for r in map(json.loads, (out / "results.jsonl")
+                                                                              .read_text().splitlines())}
+    assert set(tables[1]) == set(tables[2]) and len(tables[1]) == 2  # full dim and 32
+    for key, a in tables[1].items():
+        for m in ("ndcg@10", "recall@100", "mrr@10"):
+            assert abs(a[m] - tables[2][key][m]) < 1e-6, (key, m, a[m], tables[2][key][m])
+    for f in (tmp_path / "p1" / "runs").glob("*.trec"):
+        one = [ln.split()[:3] for ln in f.read_text().splitlines()]
+        two = [ln.split()[:3] for ln in (tmp_path / "p2" / "runs" / f.name).read_text().splitlines()]
+        assert one == two, f.name
