@@ -157,10 +157,8 @@ def load_tsv(folder: str | Path, split: str = "test", judged_only: bool = False)
     return _prune(Collection(folder.name, corpus, queries, judged))
 
 
-def load_trec(docs, topics: str | Path, qrels: str | Path, name: str | None = None) -> Collection:
-    """``docs``: a file, or a list of files (a collection kept in parts); an id twice is an error."""
-    files = [Path(d) for d in docs] if isinstance(docs, (list, tuple)) else [Path(docs)]
-    topics, qrels = Path(topics), Path(qrels)
+def trec_documents(files: list[Path]) -> dict[str, str]:
+    """The ``<DOC><DOCNO>id</DOCNO>text</DOC>`` records of a collection's parts; an id twice is an error."""
     corpus, where = {}, {}
     for docs in files:
         text = read_text(docs)
@@ -172,6 +170,29 @@ def load_trec(docs, topics: str | Path, qrels: str | Path, name: str | None = No
             corpus[key], where[key] = " ".join(m.group(2).split()), docs.name
     if not corpus:
         raise ConfigError(f"{', '.join(map(str, files))}: no <DOC><DOCNO>..</DOCNO>..</DOC> records")
+    return corpus
+
+
+def documents(folder: Path):
+    """(id, text) of every document of a collection folder, any layout, a title joined (``title text``), in
+    its files' order: a mining or stage-0 corpus given as the collection itself (``mine.corpus=[/data/msmarco]``)."""
+    kind = layout(folder)
+    if kind == "beir":
+        yield from ((i, join_title(obj.get("title"), obj["text"])) for i, obj in _by_id(folder / "corpus.jsonl"))
+    elif kind == "tsv":
+        yield from _tsv(found(folder / "collection.tsv"))
+    elif kind == "trec":
+        yield from trec_documents(_glob(folder / "corpus", ".trec")).items()
+    else:
+        raise ConfigError(f"{folder}: a folder of documents is a collection (BEIR: corpus.jsonl; MS MARCO: "
+                          f"collection.tsv; TREC: corpus/*.trec); name its files instead")
+
+
+def load_trec(docs, topics: str | Path, qrels: str | Path, name: str | None = None) -> Collection:
+    """``docs``: a file, or a list of files (a collection kept in parts); an id twice is an error."""
+    files = [Path(d) for d in docs] if isinstance(docs, (list, tuple)) else [Path(docs)]
+    topics, qrels = Path(topics), Path(qrels)
+    corpus = trec_documents(files)
     ttext = read_text(topics)
     queries = {}
     for m in re.finditer(r"<top>(.*?)</top>", ttext, flags=re.S):

@@ -1,7 +1,8 @@
 """Corpus reading and passage chunking.
 
 Inputs: JSONL (``text`` or ``contents``, optional ``title``, ``language``, ``_id``/``id``), Parquet
-with the same columns, or plain ``.txt`` files (one document per blank-line-separated block). Each
+with the same columns, TSV (``id<TAB>text``: MS MARCO's ``collection.tsv``), plain ``.txt`` files (one document
+per blank-line-separated block), or a collection folder (BEIR, MS MARCO, TREC: its documents). Each
 document is split into passages of at most ``max_words`` units (``overlap`` units shared between
 neighbours); passages shorter than ``min_words`` units are dropped and counted.
 
@@ -21,7 +22,9 @@ from pathlib import Path
 
 from qwen3train.data.jsonl import iter_json_lines, plain_suffix, read_text
 from qwen3train.data.records import DataError, join_title, text_hash
+from qwen3train.errors import ConfigError
 
+TEXT_SUFFIXES = (".txt", ".text", ".md", "")
 
 @dataclass
 class Passage:
@@ -35,18 +38,31 @@ def read_documents(paths: list[Path], default_language: str, title_sep: str = ".
     """Yield (doc_id, text, language) in a deterministic order; bad JSON lines name file:line. A title goes
     before the text with ``title_sep`` (stage 0's prompts read ``Title. Text``; mining passes ``" "``, the
     BEIR/MTEB join that ``data.collections`` and so ``make prepare`` write)."""
+    from qwen3train.data.collections import _tsv, documents
+
     for path in paths:
-        if plain_suffix(path) in (".jsonl", ".json"):
+        kind = plain_suffix(path)
+        if path.is_dir():  # a collection (BEIR, MS MARCO, TREC): its documents
+            yield from ((i, t, default_language) for i, t in documents(path))
+            continue
+        if kind in (".jsonl", ".json"):
             rows = ((f"{path}:{lineno}", f"{path.name}:{lineno}", obj) for lineno, obj in iter_json_lines(path))
-        elif path.suffix == ".parquet":
+        elif kind == ".parquet":
             import datasets
 
             rows = ((f"{path}:row {i}", f"{path.name}:{i}", obj)
                     for i, obj in enumerate(datasets.Dataset.from_parquet(str(path))))
-        else:  # plain text: one document per blank-line-separated block
+        elif kind == ".tsv":  # id<TAB>text: MS MARCO's collection.tsv
+            yield from ((i, t, default_language) for i, t in _tsv(path))
+            continue
+        elif kind in TEXT_SUFFIXES:  # plain text: one document per blank-line-separated block
             blocks = read_text(path).split("\n\n")
             yield from ((f"{path.name}:{i}", b, default_language) for i, b in enumerate(blocks) if b.strip())
             continue
+        else:  # a .csv read as one plain-text document was silently one huge passage
+            raise ConfigError(f"{path}: a corpus file is JSONL (.jsonl), Parquet, TSV (id<TAB>text) or plain text "
+                              f"({', '.join(s or 'no suffix' for s in TEXT_SUFFIXES)}), or a collection folder; "
+                              f"not {kind}")
         for where, default_id, obj in rows:
             yield _document(obj, where, default_id, default_language, title_sep)
 

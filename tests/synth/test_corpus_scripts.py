@@ -155,3 +155,29 @@ def test_a_parquet_corpus_reads_as_its_jsonl_copy_titles_included(tmp_path):
     datasets.Dataset.from_list(rows[:3] + [dict(rows[3], text=None)]).to_parquet(str(broken))
     with pytest.raises(DataError, match=r"broken\.parquet:row 3.*'text'"):
         list(read_documents([broken], "en"))
+
+
+def test_a_mining_corpus_may_be_a_collection_or_its_tsv(tmp_path):
+    """`mine.corpus=[/data/msmarco/collection.tsv]` was read as plain text: MS MARCO's 8.8M passages as one
+    document (no blank line in it), silently; a collection folder was not a corpus at all. Now a TSV file reads
+    as its documents, a collection folder (BEIR, MS MARCO, TREC) as its documents, each as its BEIR JSONL reads
+    (title joined); another suffix is refused instead of read as one document."""
+    from qwen3train.errors import ConfigError
+    from qwen3train.mining.mine import load_corpus
+
+    beir = FIXTURES / "dbpedia"
+    want = load_corpus([str(beir / "corpus.jsonl")])
+    assert len(want) == 182 and load_corpus([str(beir)]) == want
+    flat = [" ".join(t.split()) for t in want]  # a TSV holds no tab or line break
+    tsv = tmp_path / "msmarco"
+    tsv.mkdir()
+    ids = [json.loads(x)["_id"] for x in (beir / "corpus.jsonl").read_text().splitlines()]
+    (tsv / "collection.tsv").write_text("".join(f"{i}\t{t}\n" for i, t in zip(ids, flat)))
+    assert load_corpus([str(tsv / "collection.tsv")]) == flat == load_corpus([str(tsv)])
+    trec = FIXTURES / "vaswani"
+    assert len(load_corpus([str(trec)])) == 241
+    (tmp_path / "c.csv").write_text("id,text\n1,a passage\n2,another\n")
+    with pytest.raises(ConfigError, match=r"c.csv: a corpus file is JSONL .* not .csv"):
+        load_corpus([str(tmp_path / "c.csv")])
+    with pytest.raises(ConfigError, match=r"a folder of documents is a collection"):
+        load_corpus([str(tmp_path)])
