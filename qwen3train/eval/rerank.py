@@ -31,37 +31,62 @@ def fuse(first: dict[str, list[tuple[str, float]]], second: dict[str, list[tuple
     return out
 
 
-def evaluate_rerank(retriever: str | Path, reranker: str | Path, collection, *, top_k: int = 100,
-                    batch_size: int = 16, cache_dir: str | None = None, max_length: int = 512,
-                    precision: str = "float32", ignore_identical_ids: bool | None = None,
-                    rerank_max_length: int | None = None, fusion: float | None = None) -> dict:
-    """``max_length``: the first stage's token budget; ``rerank_max_length``: the reranker's whole prompt
-    (template, instruction, query and the document, of which only the document is cut); None: ``max_length``.
-    ``fusion``: the reranker's weight in a fused score (``fuse``); ``after`` is then the fused ranking's,
-    ``alone`` the reranker's own. None: the reranker alone (the paper's use)."""
+def first_stage(retriever: str | Path, col: Collection, top_k: int, cache_dir: str | None, max_length: int,
+                precision: str, ignore_identical_ids: bool | None) -> tuple[str, dict]:
+    """(the query instruction, the retriever's top-k run): the first stage as make eval scores that embedder (its
+    query instruction: the collection's, else the default; before, an unregistered collection's first-stage
+    queries went without an instruction)."""
+    instr = collection_instruction(col)
+    enc = Encoder(retriever, max_length=max_length, precision=precision, label=f"first stage {col.name}")
+    return instr, retrieve(enc, col, instr, top_k, cache_dir, ignore_identical_ids)
+
+
+def load_reranker(reranker: str | Path, precision: str, max_length: int):
     import torch
 
     from qwen3train.models.build import ModelConfig, build_reranker
 
-    col = collection if isinstance(collection, Collection) else load_collection(collection)
-    # the first stage as make eval scores that embedder (its query instruction: the collection's, else the
-    # default); before, an unregistered collection's first-stage queries went without an instruction
-    instr = collection_instruction(col)
-    first = retrieve(Encoder(retriever, max_length=max_length, precision=precision, label=f"first stage {col.name}"),
-                     col, instr, top_k, cache_dir, ignore_identical_ids)
     rr = build_reranker(ModelConfig(name_or_path=str(reranker), padding_side="left", dtype=resolve_precision(precision)),
-                        max_length=rerank_max_length or max_length)
+                        max_length=max_length)
     if torch.cuda.is_available():
         rr.cuda()
+    return rr
+
+
+def rerank(rr, col: Collection, first: dict, instr: str, qids, batch_size: int = 16, desc: str | None = None) -> dict:
+    """The reranker's probabilities of each query's candidates (``qids``: the queries to score, a rank's share)."""
     from qwen3train.progress import Progress
 
     second = {}
-    with Progress(len(first), f"rerank {col.name} top-{top_k}", "queries") as bar:
-        for qid, cands in first.items():
-            probs = rr.score(col.queries[qid], [col.corpus[d] for d, _ in cands],
-                             instruction=instr or DEFAULT_RERANK_INSTRUCTION, batch_size=batch_size)
+    with Progress(len(qids), desc, "queries") as bar:
+        for qid in qids:
+            cands = first[qid]
+            probs = rr.score(col.queries[qid], [col.corpus[d] for d, _ in cands], instruction=instr,
+                             batch_size=batch_size)
             second[qid] = [(d, float(p)) for (d, _), p in zip(cands, probs.tolist())]
             bar.update()
+    return second
+
+
+def evaluate_rerank(retriever: str | Path, reranker: str | Path, collection, *, top_k: int = 100,
+                    batch_size: int = 16, cache_dir: str | None = None, max_length: int = 512,
+                    precision: str = "float32", ignore_identical_ids: bool | None = None,
+                    rerank_max_length: int | None = None, fusion: float | None = None,
+                    scores: dict | None = None) -> dict:
+    """``max_length``: the first stage's token budget; ``rerank_max_length``: the reranker's whole prompt
+    (template, instruction, query and the document, of which only the document is cut); None: ``max_length``.
+    ``fusion``: the reranker's weight in a fused score (``fuse``); ``after`` is then the fused ranking's,
+    ``alone`` the reranker's own. None: the reranker alone (the paper's use). ``scores``: the reranker's
+    scores of this first stage already computed (``rerank`` on the processes of a multi-process evaluation)."""
+    col = collection if isinstance(collection, Collection) else load_collection(collection)
+    instr, first = first_stage(retriever, col, top_k, cache_dir, max_length, precision, ignore_identical_ids)
+    if scores is not None:
+        if {q: [d for d, _ in c] for q, c in scores.items()} != {q: [d for d, _ in c] for q, c in first.items()}:
+            raise RuntimeError(f"reranker scores of {col.name} were computed on other candidates than its first stage")
+        second = scores
+    else:
+        rr = load_reranker(reranker, precision, rerank_max_length or max_length)
+        second = rerank(rr, col, first, instr, list(first), batch_size, f"rerank {col.name} top-{top_k}")
     before, alone = evaluate_run(first, col.qrels), evaluate_run(second, col.qrels)
     final = second if fusion is None else fuse(first, second, fusion)
     after = alone if fusion is None else evaluate_run(final, col.qrels)

@@ -122,35 +122,41 @@ def run(cfg: EvalConfig) -> list[dict]:
     try:
         with StallReport(cfg.stall_report_s, dist.rank() if world > 1 else "evaluation", "eval.stall_report_s",
                          "no text encoded, no set scored"):
+            from qwen3train import stall
+            from qwen3train.data.collections import cap_corpus, load_spec
+
+            stall.enter("the loading of the collections")
+            collections = [cap_corpus(load_spec(c), cfg.max_docs) for c in cfg.collections]
+            reranked = {}
             if world > 1:
-                _encode_corpora(cfg)
+                _encode_corpora(cfg, collections)
+                reranked = _rerank_shards(cfg, collections)
             if not dist.is_main():
-                return []  # rank 0 scores with what all of them encoded (read from the store)
-            return _run(cfg)
+                return []  # rank 0 scores with what all of them encoded (read from the store) and reranked
+            return _run(cfg, collections, reranked)
     finally:
         if store is not None and dist.is_main():
             shutil.rmtree(store, ignore_errors=True)
         dist.cleanup()
 
 
-def _encode_corpora(cfg: EvalConfig) -> None:
+def _encode_corpora(cfg: EvalConfig, collections: list) -> None:
     """Every model's document vectors of every collection, encoded by all ranks into ``cfg.cache_dir`` (chunk
     ``c`` by rank ``c % world``: ``qwen3train.mining.store``), where rank 0's evaluation finds them (the key of
     ``Encoder.cached_docs``: the same weights, settings and texts)."""
     from qwen3train import dist, stall
-    from qwen3train.data.collections import cap_corpus, load_spec
     from qwen3train.mining.store import encode_to_store
 
-    stall.enter("the loading of the collections")
-    texts = [list(cap_corpus(load_spec(c), cfg.max_docs).corpus.values()) for c in cfg.collections]
+    texts = [list(col.corpus.values()) for col in collections]
     seen = set()
-    for label, path in cfg.models.items():
-        key = _weights_key(path, cfg.end_tokens.get(label))
+    retriever = [("first stage", cfg.rerank_retriever, None)] if cfg.rerankers and cfg.rerank_retriever else []
+    for label, path, end_token in [(k, v, cfg.end_tokens.get(k)) for k, v in cfg.models.items()] + retriever:
+        key = _weights_key(path, end_token)
         if key in seen or not texts:
             continue
         seen.add(key)
         stall.enter(f"the loading of {label}")
-        enc = Encoder(path, max_length=cfg.max_length, precision=cfg.precision, end_token=cfg.end_tokens.get(label),
+        enc = Encoder(path, max_length=cfg.max_length, precision=cfg.precision, end_token=end_token,
                       label=label if dist.is_main() else None)
         for docs in texts:
             encode_to_store(enc, docs, cfg.cache_dir, chunk_size=cfg.encode_chunk_size,
@@ -160,9 +166,40 @@ def _encode_corpora(cfg: EvalConfig) -> None:
             torch.cuda.empty_cache()
 
 
-def _run(cfg: EvalConfig) -> list[dict]:
+def _rerank_shards(cfg: EvalConfig, collections: list) -> dict:
+    """Each reranker's scores of each collection's first stage, every rank scoring its share of the queries (every
+    ``world``-th), gathered: {(reranker label, collection name): {query: [(document, probability)]}}."""
+    from qwen3train import dist, stall
+    from qwen3train.eval.rerank import first_stage, load_reranker, rerank
+
+    if not cfg.rerankers or not cfg.rerank_retriever:
+        return {}
+    rank, world = dist.rank(), dist.world_size()
+    firsts = []
+    for col in collections:  # from the store the ranks filled: every rank gets the same candidates
+        stall.enter(f"the first stage of {col.name}")
+        firsts.append(first_stage(cfg.rerank_retriever, col, cfg.rerank_top_k, cfg.cache_dir, cfg.max_length,
+                                  cfg.precision, cfg.ignore_identical_ids))
+    out = {}
+    for label, path in cfg.rerankers.items():
+        stall.enter(f"the loading of {label}")
+        rr = load_reranker(path, cfg.precision, cfg.rerank_max_length or cfg.max_length)
+        for col, (instr, first) in zip(collections, firsts):
+            stall.enter(f"{label} reranking its share of {col.name}")
+            mine = rerank(rr, col, first, instr, sorted(first)[rank::world], 16,
+                          f"rerank {col.name} top-{cfg.rerank_top_k} (rank {rank})" if rank == 0 else None)
+            print(f"eval: {label} reranked {len(mine)} of {len(first)} queries of {col.name} on rank {rank}", flush=True)
+            stall.enter(f"the wait for the other ranks' reranking of {col.name}")
+            merged = {q: v for part in dist.all_gather_object(mine) for q, v in part.items()}
+            out[(label, col.name)] = {q: merged[q] for q in first}  # the first stage's order
+        del rr
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return out
+
+
+def _run(cfg: EvalConfig, collections: list, reranked: dict) -> list[dict]:
     from qwen3train import stall
-    from qwen3train.data.collections import cap_corpus, load_spec
     from qwen3train.eval.pairs import evaluate_pairs
     from qwen3train.eval.rerank import evaluate_rerank
     from qwen3train.eval.retrieval import evaluate_collection
@@ -170,8 +207,6 @@ def _run(cfg: EvalConfig) -> list[dict]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    stall.enter("the loading of the collections")
-    collections = [cap_corpus(load_spec(c), cfg.max_docs) for c in cfg.collections]
     seen: dict[str, str] = {}  # weights -> the label that scored them
     for label, path in cfg.models.items():
         twin = seen.setdefault(_weights_key(path, cfg.end_tokens.get(label)), label)
@@ -241,7 +276,8 @@ def _run(cfg: EvalConfig) -> list[dict]:
         for col in collections:
             stall.enter(f"{label} reranking {col.name}")
             r = evaluate_rerank(cfg.rerank_retriever, path, col, cache_dir=cfg.cache_dir,
-                                ignore_identical_ids=cfg.ignore_identical_ids, fusion=weight, **kw)
+                                ignore_identical_ids=cfg.ignore_identical_ids, fusion=weight,
+                                scores=reranked.get((label, col.name)), **kw)
             save_run(cfg, r.pop("run"), f"{label}-rerank-top{cfg.rerank_top_k}", col.name, None)
             rows.append({"model": f"{label} (rerank top-{cfg.rerank_top_k})", "dataset": r["dataset"], "dim": None,
                          **{k: r["after"][k] for k in ("ndcg@10", "recall@100", "mrr@10")},

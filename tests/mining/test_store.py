@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -328,14 +329,16 @@ def test_a_store_deleted_after_its_run_is_keyed_without_reading_the_weights(tmp_
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
 
 
-def test_two_process_evaluation_equals_one_process(tmp_path):
-    """`make eval NGPU=2`: both ranks encode the collections' documents (chunks of 40: rank 1 encodes some), rank 0
-    scores; the table (full dim and a Matryoshka dim: the store holds full vectors) equals one process's, and the
-    run files too. Evaluation ran on one process only: on a node of 8 GPUs, MS MARCO's 8.8M passages were encoded by one.
-    The store of a run without a cache folder is removed at its end."""
+def test_two_process_evaluation_equals_one_process(tmp_path, tiny_model_dir):
+    """`make eval NGPU=2`: both ranks encode the collections' documents (chunks of 40: rank 1 encodes some) and
+    rerank a share of the queries, rank 0 scores; the table (full dim, a Matryoshka dim: the store holds full
+    vectors, and a reranker's row) equals one process's, and the run files too. Evaluation ran on one process
+    only: on a node of 8 GPUs, MS MARCO's 8.8M passages were encoded, and 698k pairs reranked, by one. The store of
+    a run without a cache folder is removed at its end."""
     common = ["--config-name=eval", f"models={{minilm:{MINILM}}}", "pairs=[]", "precision=float32", "max_length=128",
               f"collections=[{FIXTURES / 'dbpedia'}]", "dims=[32]", "cache_dir=null",
-              "encode_chunk_size=40", "update_cards=false"]
+              "encode_chunk_size=40", "update_cards=false", f"rerankers={{tiny:{tiny_model_dir}}}",
+              f"rerank_retriever={MINILM}", "rerank_top_k=5"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     tables = {}
     for nproc in (1, 2):
@@ -347,10 +350,11 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
         assert proc.returncode == 0, crash_report(proc)
         if nproc == 2:
             assert "on rank 1" in proc.stdout and "on rank 0" in proc.stdout, proc.stdout[-2000:]
+            assert re.search(r"tiny reranked \d+ of (\d+) queries of dbpedia on rank 1", proc.stdout), proc.stdout[-2000:]
             assert not (out / ".eval_store").exists()
         tables[nproc] = {(r["model"], r["dataset"], r["dim"]): r for r in map(json.loads, (out / "results.jsonl")
                                                                               .read_text().splitlines())}
-    assert set(tables[1]) == set(tables[2]) and len(tables[1]) == 2  # full dim and 32
+    assert set(tables[1]) == set(tables[2]) and len(tables[1]) == 3  # full dim, 32, the reranker
     for key, a in tables[1].items():
         for m in ("ndcg@10", "recall@100", "mrr@10"):
             assert abs(a[m] - tables[2][key][m]) < 1e-6, (key, m, a[m], tables[2][key][m])
