@@ -6,8 +6,9 @@
   MultipleNegativesRankingLoss): the first column is the query (the anchor), the second the positive, every
   further one a hard negative (``negative``, or ``negative_1`` .. ``negative_n``).
 * ``columns``: any other naming, ``{query: question, pos: answer, neg: [hard_1, hard_2]}`` (on top of a
-  format's, or alone): each of our fields from one column or several. A column of ``pos``, ``neg`` or ``not_neg``
-  may hold a string, a list of strings, or passages (``{title?, text}``); the others a string.
+  format's, or alone): each of our fields from one column or several (``neg: []``: none, for a split without
+  negatives). A column of ``pos``, ``neg`` or ``not_neg`` may hold a string, a list of strings, or passages
+  (``{title?, text}``); the others a string.
 
 A row whose value cannot be read so (a passage without text, a number) is a bad record like any other: its
 field is named, and ``data.on_error`` stops or skips it.
@@ -48,6 +49,9 @@ def resolve(fmt: str, columns: dict | None, names: list[str] | None, where: str)
         if key not in FIELDS:
             raise ConfigError(f"{where}: columns.{key}: not a field of a record ({', '.join(FIELDS)})")
         cols = (cols,) if isinstance(cols, str) else tuple(cols)
+        if key in LISTS and not cols and key != "pos":  # neg: [] reads none (a Tevatron split without negatives)
+            out.pop(key, None)
+            continue
         if not cols or (key not in LISTS and len(cols) != 1):
             raise ConfigError(f"{where}: columns.{key}: {'one column' if key not in LISTS else 'at least one column'}")
         out[key] = cols

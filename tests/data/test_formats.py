@@ -88,6 +88,10 @@ def test_a_wrong_mapping_is_one_line_before_any_row_is_read(tmp_path):
     one = _write(tmp_path / "one.jsonl", [{"text": "q"}])
     with pytest.raises(ConfigError, match=r"reads the columns in order .* its columns are \['text'\]"):
         ref(MixtureSource(dataset="json", data_files=[str(one)], format="sentence-transformers"))
+    no_neg = _write(tmp_path / "dev.jsonl", [{"query": "q", "positive_passages": [{"docid": "1", "text": "p"}]}])
+    got = IndexedSource([ref(MixtureSource(dataset="json", data_files=[str(no_neg)], format="tevatron",
+                                           columns={"neg": []}))], index_dir=tmp_path / "ix")
+    assert _records(got) == [("q", ["p"], [])]  # a Tevatron split without negative_passages, read with neg: []
     with pytest.raises(ValueError, match=r"format/columns read a `datasets` source"):
         MixtureSource(files=[str(f)], format="tevatron")
 
