@@ -128,7 +128,7 @@ def _by_id(path: Path):
         yield str(obj["_id"]), obj
 
 
-def _tsv(path: Path, keep=None):
+def read_tsv(path: Path, keep=None):
     """(id, text) of each line ``id<TAB>text`` of an MS MARCO file, streamed (its collection.tsv is 3 GB);
     ``keep``: only these ids. A line without a tab or an id is an error naming its line."""
     with open_bytes(path) as f:
@@ -151,9 +151,9 @@ def load_tsv(folder: str | Path, split: str = "test", judged_only: bool = False)
         missing = qrels.name if not qrels.exists() else qfile.name
         raise ConfigError(f"{folder}: no {missing} (its splits: {', '.join(splits(folder)) or 'none'})")
     judged = _qrels(qrels, trec=None)
-    queries = dict(_tsv(qfile, judged if judged_only else None))
+    queries = dict(read_tsv(qfile, judged if judged_only else None))
     docs = {d for r in judged.values() for d in r} if judged_only else None
-    corpus = dict(_tsv(found(folder / "collection.tsv"), docs))
+    corpus = dict(read_tsv(found(folder / "collection.tsv"), docs))
     return _prune(Collection(folder.name, corpus, queries, judged))
 
 
@@ -180,7 +180,7 @@ def documents(folder: Path):
     if kind == "beir":
         yield from ((i, join_title(obj.get("title"), obj["text"])) for i, obj in _by_id(folder / "corpus.jsonl"))
     elif kind == "tsv":
-        yield from _tsv(found(folder / "collection.tsv"))
+        yield from read_tsv(found(folder / "collection.tsv"))
     elif kind == "trec":
         yield from trec_documents(_glob(folder / "corpus", ".trec")).items()
     else:

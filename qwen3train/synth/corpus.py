@@ -26,6 +26,7 @@ from qwen3train.errors import ConfigError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", "")
 
+
 @dataclass
 class Passage:
     pid: str
@@ -38,7 +39,7 @@ def read_documents(paths: list[Path], default_language: str, title_sep: str = ".
     """Yield (doc_id, text, language) in a deterministic order; bad JSON lines name file:line. A title goes
     before the text with ``title_sep`` (stage 0's prompts read ``Title. Text``; mining passes ``" "``, the
     BEIR/MTEB join that ``data.collections`` and so ``make prepare`` write)."""
-    from qwen3train.data.collections import _tsv, documents
+    from qwen3train.data.collections import documents, read_tsv
 
     for path in paths:
         kind = plain_suffix(path)
@@ -53,7 +54,7 @@ def read_documents(paths: list[Path], default_language: str, title_sep: str = ".
             rows = ((f"{path}:row {i}", f"{path.name}:{i}", obj)
                     for i, obj in enumerate(datasets.Dataset.from_parquet(str(path))))
         elif kind == ".tsv":  # id<TAB>text: MS MARCO's collection.tsv
-            yield from ((i, t, default_language) for i, t in _tsv(path))
+            yield from ((i, t, default_language) for i, t in read_tsv(path))
             continue
         elif kind in TEXT_SUFFIXES:  # plain text: one document per blank-line-separated block
             blocks = read_text(path).split("\n\n")
