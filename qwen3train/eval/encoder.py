@@ -87,9 +87,10 @@ class Encoder:
             if self.precision != "float32":
                 self.model.to(getattr(torch, self.precision))
 
-    def _full(self, texts: list[str], instruction: str | None) -> torch.Tensor:
-        """Full-dimension, normalised. Matryoshka dims are applied afterwards (``_dim``): since
-        normalize(normalize(x)[:d]) == normalize(x[:d]), one encoding (and one cache) serves every dim."""
+    def encode_full(self, texts: list[str], instruction: str | None = None) -> torch.Tensor:
+        """Full-dimension, normalised, whatever ``dim`` says (what a store or the cache holds). Matryoshka dims
+        are applied afterwards (``_dim``): since normalize(normalize(x)[:d]) == normalize(x[:d]), one encoding
+        (and one cache) serves every dim."""
         from qwen3train.progress import Progress, mode
 
         desc = f"encode {self.label} {'queries' if instruction else 'documents'}" if self.label else None
@@ -119,18 +120,19 @@ class Encoder:
             print(f"note: out of device memory encoding with {self.path}; going on with batches of "
                   f"{self.batch_size} (the same results, more forwards)", flush=True)
 
-    def encode_full(self, texts: list[str], instruction: str | None = None) -> torch.Tensor:
-        """Every dimension, normalised, whatever ``dim`` says (what a store or the cache holds)."""
-        return self._full(texts, instruction)
-
-    def _dim(self, v: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(v[:, : self.dim], dim=-1) if self.dim else v
+    def _dim(self, v):
+        """``v`` (a tensor, or the cache's memory map) cut to ``dim`` and normalised again; as it is without one."""
+        if not self.dim:
+            return v
+        v = v[:, : self.dim]
+        v = torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+        return torch.nn.functional.normalize(v, dim=-1)
 
     def encode_queries(self, texts: list[str], instruction: str | None) -> torch.Tensor:
-        return self._dim(self._full(texts, instruction))
+        return self._dim(self.encode_full(texts, instruction))
 
     def encode_docs(self, texts: list[str], instruction: str | None = None) -> torch.Tensor:
-        return self._dim(self._full(texts, instruction))
+        return self._dim(self.encode_full(texts, instruction))
 
     def fingerprint(self, by_content: bool = True) -> str:
         """Names the weights by content, not by path or time: a copy of a checkpoint (the merge stage's
@@ -169,11 +171,7 @@ class Encoder:
         (``eval.search``) streams through a chunk at a time."""
         if not cache_dir:
             return self.encode_docs(texts, instruction)
-        full = self._cached_full(texts, cache_dir, instruction)
-        if not self.dim:
-            return full
-        return self._dim(torch.from_numpy(np.ascontiguousarray(full[:, : self.dim])) if isinstance(full, np.ndarray)
-                         else full)
+        return self._dim(self._cached_full(texts, cache_dir, instruction))
 
     def cache_key(self, texts: list[str], instruction: str | None = None, by_content: bool = True) -> str:
         """Names the embeddings of ``texts`` by this model's weights (``fingerprint``), settings and the texts."""
@@ -189,7 +187,7 @@ class Encoder:
         path = Path(cache_dir) / f"{key}.npy"
         if path.exists():
             return np.load(path, mmap_mode="r")
-        vec = self._full(texts, instruction)
+        vec = self.encode_full(texts, instruction)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = private_tmp(path, ".tmp.npy")
         np.save(tmp, vec.numpy())

@@ -111,7 +111,8 @@ def run(cfg: EvalConfig) -> list[dict]:
     """Every row of the table (on rank 0; other ranks of a multi-process run return [] after encoding)."""
     import shutil
 
-    from qwen3train import dist
+    from qwen3train import dist, stall
+    from qwen3train.data.collections import cap_corpus, load_spec
     from qwen3train.stall import StallReport
 
     dist.init(timeout_min=cfg.encode_timeout_min)
@@ -122,9 +123,6 @@ def run(cfg: EvalConfig) -> list[dict]:
     try:
         with StallReport(cfg.stall_report_s, dist.rank() if world > 1 else "evaluation", "eval.stall_report_s",
                          "no text encoded, no set scored"):
-            from qwen3train import stall
-            from qwen3train.data.collections import cap_corpus, load_spec
-
             stall.enter("the loading of the collections")
             collections = [cap_corpus(load_spec(c), cfg.max_docs) for c in cfg.collections]
             reranked = {}

@@ -33,9 +33,9 @@ class CountingEncoder(Encoder):
 
     encoded = 0
 
-    def _full(self, texts, instruction=None):  # what every encode method calls
+    def encode_full(self, texts, instruction=None):  # what every encode method calls
         CountingEncoder.encoded += len(texts)
-        return super()._full(texts, instruction)
+        return super().encode_full(texts, instruction)
 
 
 def test_store_equals_memory_and_resumes(tmp_path):
