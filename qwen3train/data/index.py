@@ -106,6 +106,7 @@ class FileIndex:
     rejected: dict[str, int]
     rejects: Path | None
     folder: Path
+    content: str | None = None  # digest of the bytes (rows) it was built from; None: an index built before it
 
     @classmethod
     def load(cls, path: Path, folder: Path) -> "FileIndex":
@@ -113,7 +114,7 @@ class FileIndex:
         arr = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("offset", "task", "pos_ptr", "pos_hash")}
         rej = folder / "rejects.jsonl"
         return cls(path, arr["offset"], arr["task"], arr["pos_ptr"], arr["pos_hash"], meta["tasks"],
-                   meta["rejected"], rej if rej.exists() else None, folder)
+                   meta["rejected"], rej if rej.exists() else None, folder, meta.get("content"))
 
     def __len__(self) -> int:
         return len(self.offset)
@@ -157,8 +158,11 @@ def _join(path: Path, parts: list[Path], out: Path, build_s: float) -> None:
     del offset, task, pos_ptr, pos_hash
     if not rejected:
         (out / "rejects.jsonl").unlink()
+    from xxhash import xxh3_128
+
+    content = xxh3_128("".join(m["content"] or "" for m in metas).encode()).hexdigest()  # the units' in order
     meta = {"version": INDEX_VERSION, "path": str(path), "records": n, "tasks": list(tasks), "rejected": rejected,
-            "lines": line0, "units": len(parts), "build_seconds": round(build_s, 3)}
+            "lines": line0, "units": len(parts), "content": content, "build_seconds": round(build_s, 3)}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
 
 

@@ -1,7 +1,8 @@
 """Labelled-data import and mixing for stage 2 (``make prepare``).
 
-Sources are BEIR folders, TREC folders, or training JSONL (FlagEmbedding-style, or our own outputs:
-filtered synthetic pairs, mined files). Each source has a task name (instruction from the registry
+Sources are BEIR folders, MS MARCO's TSV folders, TREC folders, or training JSONL (FlagEmbedding-style, our
+own outputs: filtered synthetic pairs, mined files; another tool's format; rows naming documents by id, joined
+with their ``corpus``). Each source has a task name (instruction from the registry
 unless given) and either a ``weight`` or a fixed ``count``; the mix is written as one JSONL whose
 records keep their ``task``, so training batches stay single-task.
 """
@@ -38,6 +39,9 @@ class SourceConfig:
     # sentence-transformers (keys in order: query, positive, negatives), and/or columns: {query: ..., pos: ...}
     format: str = "qwen3train"
     columns: dict[str, Any] = field(default_factory=dict)
+    # a JSONL source whose pos/neg name documents by id (Tevatron's positive_document_ids...): the documents,
+    # a collection folder (BEIR, MS MARCO, TREC) or a corpus file (JSONL {_id|docid|id, title?, text}, id<TAB>text)
+    corpus: str | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -94,12 +98,8 @@ def import_collection(path: str | Path, task: str | None, instruction: str | Non
                   "not_neg_documents": partial, **col.missing}
 
 
-def import_jsonl(path: str, task: str | None, instruction: str | None, on_error: str = "skip",
-                 rejects: list | None = None, fmt: str = "qwen3train", columns: dict | None = None):
-    """Validated training JSONL (our schema / FlagEmbedding's; ``prompt`` is read as the instruction; another
-    tool's with ``fmt``/``columns``: ``qwen3train.data.formats``). A bad record raises its ``file:line`` and
-    field (``on_error="raise"``) or is counted, left out and appended to ``rejects`` with the reason."""
-    rows, rejected = [], 0
+def _rows(path: str, fmt: str, columns: dict | None, by_id: bool):
+    """(where, raw line, object or the DataError it raised, mapping) of each record line of a JSONL source."""
     for p in expand_files([path]):
         mapping, resolved = None, fmt == "qwen3train" and not columns
         with open_bytes(p) as f:
@@ -111,24 +111,62 @@ def import_jsonl(path: str, task: str | None, instruction: str | None, on_error:
                     obj = json_object(raw, where)
                     if not resolved:  # at the file's first object: its keys are the columns, in order
                         names = list(obj) if isinstance(obj, dict) else None
-                        mapping, resolved = resolve(fmt, columns, names, str(p)), True
-                    r = parse_record(to_ours(obj, mapping, where), where)
+                        mapping, resolved = resolve(fmt, columns, names, str(p), by_id), True
                 except DataError as e:
-                    if on_error == "raise":
-                        raise
-                    rejected += 1
-                    if rejects is not None:
-                        rejects.append({"where": e.where, "field": e.field, "error": e.reason,
-                                        "raw": raw.decode("utf-8", "replace").rstrip("\n")})
-                    continue
-                row = {"query": r.query, "pos": r.pos, "task": task or r.task}
-                if r.neg:
-                    row["neg"] = r.neg
-                ins = instruction or r.instruction  # FlagEmbedding's "prompt" is read as one
-                if ins:
-                    row["instruction"] = ins
-                rows.append(row | r.carried())
-    return rows, {"source": path, "rows": len(rows), "rejected": rejected}
+                    obj = e
+                yield where, raw, obj, mapping
+
+
+def corpus_lookup(corpus: str, rows) -> tuple[dict[str, str], dict]:
+    """id -> text of the documents the rows name (only those are held, and the rows are read again after, not
+    held: a corpus of MS MARCO's 8.8M passages is read as a stream), and what was found: an id the corpus gives twice with two texts is an error naming it."""
+    from qwen3train.data.formats import ids
+    from qwen3train.errors import ConfigError
+    from qwen3train.synth.corpus import read_documents
+
+    wanted = {i for _, _, obj, mapping in rows if not isinstance(obj, DataError) for i in ids(obj, mapping)}
+    lookup, read = {}, 0
+    for doc_id, text, _ in read_documents(expand_files([corpus]), "English", title_sep=" "):
+        read += 1
+        if doc_id in wanted:
+            if lookup.setdefault(doc_id, text) != text:
+                raise ConfigError(f"{corpus}: document {doc_id!r} twice, with two texts")
+    return lookup, {"corpus": corpus, "corpus_documents": read, "documents_named": len(wanted),
+                    "documents_not_in_corpus": len(wanted - lookup.keys())}
+
+
+def import_jsonl(path: str, task: str | None, instruction: str | None, on_error: str = "skip",
+                 rejects: list | None = None, fmt: str = "qwen3train", columns: dict | None = None,
+                 corpus: str | None = None):
+    """Validated training JSONL (our schema / FlagEmbedding's; ``prompt`` is read as the instruction; another
+    tool's with ``fmt``/``columns``: ``qwen3train.data.formats``; lists of document ids with ``corpus``: each
+    read as its document's text). A bad record raises its ``file:line`` and field (``on_error="raise"``) or is
+    counted, left out and appended to ``rejects`` with the reason (a document id the corpus lacks is one)."""
+    rows, rejected, stats = [], 0, {}
+    lookup = None
+    if corpus is not None:  # two passes: the ids named, then those documents alone read from the corpus
+        lookup, stats = corpus_lookup(corpus, _rows(path, fmt, columns, True))
+    for where, raw, obj, mapping in _rows(path, fmt, columns, corpus is not None):
+        try:
+            if isinstance(obj, DataError):
+                raise obj
+            r = parse_record(to_ours(obj, mapping, where, lookup), where)
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            rejected += 1
+            if rejects is not None:
+                rejects.append({"where": e.where, "field": e.field, "error": e.reason,
+                                "raw": raw.decode("utf-8", "replace").rstrip("\n")})
+            continue
+        row = {"query": r.query, "pos": r.pos, "task": task or r.task}
+        if r.neg:
+            row["neg"] = r.neg
+        ins = instruction or r.instruction  # FlagEmbedding's "prompt" is read as one
+        if ins:
+            row["instruction"] = ins
+        rows.append(row | r.carried())
+    return rows, {"source": path, "rows": len(rows), "rejected": rejected, **stats}
 
 
 def run_prepare(cfg: PrepareConfig) -> dict:
@@ -139,12 +177,13 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     for s in cfg.sources:
         p = Path(s.path)
         if p.is_dir():
-            if s.format != "qwen3train" or s.columns:
-                raise ConfigError(f"prepare source {s.path}: format/columns read a JSONL file in another tool's format, "
-                                  f"not a collection folder")
+            if s.format != "qwen3train" or s.columns or s.corpus:
+                raise ConfigError(f"prepare source {s.path}: format/columns/corpus read a JSONL file in another "
+                                  f"tool's format or by document id, not a collection folder")
             rows, st = import_collection(p, s.task, s.instruction, s.min_relevance, s.split)
         else:
-            rows, st = import_jsonl(s.path, s.task, s.instruction, cfg.on_error, rejects, s.format, s.columns)
+            rows, st = import_jsonl(s.path, s.task, s.instruction, cfg.on_error, rejects, s.format, s.columns,
+                                    s.corpus)
         if not rows:  # a source that gives nothing is a mistake in its setting, not a silent no-op
             why = (f"{st.get('queries_without_positive', 0)} queries without a document judged >= min_relevance="
                    f"{s.min_relevance}" if p.is_dir() else f"{st['rejected']} records rejected")
@@ -178,6 +217,9 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         notes = [f"{st[k]} {what}" for k, what in (("rejected", "rejected"), ("queries_without_positive", "queries "
                  "without positive"), ("not_neg_documents", "documents judged below min_relevance, kept as not_neg: "
                  "never mined as negatives")) if st.get(k)]
+        if "corpus" in st:
+            notes.append(f"{st['documents_named']} documents named by id, read from {st['corpus']} "
+                         f"({st['corpus_documents']} documents), {st['documents_not_in_corpus']} not in it")
         split = f" (split {st['split']})" if "split" in st else ""
         print(f"prepare: {st['source']}{split}: {st['rows']} records, {st.get('taken', 0)} taken"
               + (f" ({', '.join(notes)})" if notes else ""), flush=True)

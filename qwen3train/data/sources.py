@@ -272,10 +272,12 @@ class IndexedSource:
                                 f"a new file; run.resume=force resumes on changed data)")
 
     def fingerprint(self) -> list[dict]:
-        """What each file held when indexed: its records and an XXH3-128 digest of its index (every record's
-        offset or row, task, positives' count and hashes), a few GB/s from the memory-mapped arrays. Not the
-        file's time stamp: a copy or a ``touch`` leaves the content, and the digest, as they were. Read on
-        resume (``train.identity.check_data``): another order of batches would follow from other data."""
+        """What each file held when indexed: its records, an XXH3-128 digest of its index (every record's
+        offset or row, task, positives' count and hashes), a few GB/s from the memory-mapped arrays, and the
+        digest of its bytes (rows) the index build took as it read them (``content``: a negative or a query
+        edited in place to the same length changes no offset). Not the file's time stamp: a copy or a ``touch``
+        leaves the content, and the digests, as they were. Read on resume (``train.identity.check_data``):
+        another order of batches, or other texts in them, would follow from other data."""
         from xxhash import xxh3_128
 
         out = []
@@ -284,7 +286,8 @@ class IndexedSource:
             for arr in (f.offset, f.task, f.pos_ptr, f.pos_hash):
                 h.update(np.ascontiguousarray(arr).data)
             name = path.name if isinstance(path, DatasetRef) else str(path)
-            out.append({"file": name, "records": len(f), "digest": h.hexdigest()})
+            out.append({"file": name, "records": len(f), "digest": h.hexdigest()}
+                       | ({"content": f.content} if f.content else {}))
         return out
 
     def heaviest(self, n: int, sample: int = 4096) -> list[tuple[int, int]]:

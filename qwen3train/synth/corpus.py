@@ -1,6 +1,6 @@
 """Corpus reading and passage chunking.
 
-Inputs: JSONL (``text`` or ``contents``, optional ``title``, ``language``, ``_id``/``id``), Parquet
+Inputs: JSONL (``text``/``contents``/``document_text``, optional ``title``, ``language``, ``_id``/``id``/``docid``), Parquet
 with the same columns, TSV (``id<TAB>text``: MS MARCO's ``collection.tsv``), plain ``.txt`` files (one document
 per blank-line-separated block), or a collection folder (BEIR, MS MARCO, TREC: its documents). Each
 document is split into passages of at most ``max_words`` units (``overlap`` units shared between
@@ -68,12 +68,20 @@ def read_documents(paths: list[Path], default_language: str, title_sep: str = ".
             yield _document(obj, where, default_id, default_language, title_sep)
 
 
+def _first(obj: dict, keys: tuple[str, ...]):
+    """The first of these fields that holds something (not null, not empty: an empty text is a missing one)."""
+    return next((obj[k] for k in keys if obj.get(k) not in (None, "")), None)
+
+
 def _document(obj, where: str, default_id: str, default_language: str, title_sep: str):
-    """(doc_id, text, language) of one JSONL line or Parquet row, the title joined before the text."""
-    text = obj.get("text") or obj.get("contents") if isinstance(obj, dict) else None
+    """(doc_id, text, language) of one JSONL line or Parquet row, the title joined before the text. Ids and
+    texts by BEIR's, Pyserini's and Tevatron's names (``_id``/``id``/``docid``; ``text``/``contents``/
+    ``document_text``); an id 0 is the id "0"."""
+    text = _first(obj, ("text", "contents", "document_text")) if isinstance(obj, dict) else None
     if not isinstance(text, str):
         raise DataError(where, "text", "missing or not a string")
-    return (str(obj.get("_id") or obj.get("id") or default_id), join_title(obj.get("title"), text, title_sep),
+    doc_id = _first(obj, ("_id", "id", "docid"))
+    return (default_id if doc_id is None else str(doc_id), join_title(obj.get("title"), text, title_sep),
             obj.get("language") or default_language)
 
 

@@ -134,3 +134,72 @@ def test_a_record_of_another_format_says_how_to_read_it(tmp_path):
         parse_record({"anchor": "q", "positive": "p"}, "f:1")
     with pytest.raises(DataError, match=r"field 'pos': missing \(a list of strings is required\)$"):
         parse_record({"query": "q"}, "f:1")
+
+
+def _by_id(tev):
+    """Tevatron's README layout of the same rows: ids in the rows, the texts in a corpus of {docid, title, text}."""
+    rows = [{"query_id": r["query_id"], "query_text": r["query"],
+             "positive_document_ids": [p["docid"] for p in r["positive_passages"]],
+             "negative_document_ids": [p["docid"] for p in r["negative_passages"]]} for r in tev]
+    docs = {p["docid"]: p for r in tev for p in r["positive_passages"] + r["negative_passages"]}
+    return rows, [docs[d] for d in sorted(docs)]
+
+
+def test_make_prepare_joins_rows_by_document_id_with_their_corpus(tmp_path):
+    """Tevatron's README format (and ours with ids in pos/neg): before, no reader took it; `format: tevatron`
+    wanted positive_passages. The corpus may be a corpus file or the collection folder itself."""
+    tev, ours = _dbpedia_rows()
+    rows, corpus = _by_id(tev)
+    f = _write(tmp_path / "train.jsonl", rows)
+    c = _write(tmp_path / "corpus.jsonl", corpus + [{"docid": "unnamed", "text": "a document no row names"}])
+    ids_ours = _write(tmp_path / "ours.jsonl", [{"query": r["query_text"], "pos": r["positive_document_ids"],
+                                                 "neg": r["negative_document_ids"], "task": "x"} for r in rows])
+    out = tmp_path / "mix.jsonl"
+    summary = run_prepare(PrepareConfig(sources=[
+        SourceConfig(path=str(f), task="tev", format="tevatron", corpus=str(c)),
+        SourceConfig(path=str(ids_ours), task="ours", corpus=str(DBPEDIA))], output=str(out)))
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    for task in ("tev", "ours"):
+        assert sorted((r["query"], r["pos"], r["neg"]) for r in got if r["task"] == task) == sorted(ours)
+    tev_stats = summary["sources"][0]
+    assert tev_stats["documents_named"] == len(corpus) and tev_stats["corpus_documents"] == len(corpus) + 1
+    assert tev_stats["documents_not_in_corpus"] == 0
+
+
+def test_a_document_id_the_corpus_lacks_is_a_bad_record(tmp_path):
+    tev, ours = _dbpedia_rows()
+    rows, corpus = _by_id(tev)
+    rows[1]["negative_document_ids"].append("lost-42")
+    f, c = _write(tmp_path / "train.jsonl", rows), _write(tmp_path / "corpus.jsonl", corpus)
+    src = SourceConfig(path=str(f), format="tevatron", corpus=str(c))
+    with pytest.raises(DataError, match=r"train.jsonl:2: field 'neg': document 'lost-42' "
+                                        r"\(column negative_document_ids\[\d+\]\) is not in the corpus"):
+        run_prepare(PrepareConfig(sources=[src], output=str(tmp_path / "a.jsonl")))
+    summary = run_prepare(PrepareConfig(sources=[src], output=str(tmp_path / "b.jsonl"), on_error="skip"))
+    assert summary["records"] == len(ours) - 1 and summary["sources"][0]["documents_not_in_corpus"] == 1
+    rej = [json.loads(x) for x in (tmp_path / "b_rejects.jsonl").read_text().splitlines()]
+    assert [r["field"] for r in rej] == ["neg"] and "lost-42" in rej[0]["raw"]
+
+
+def test_rows_by_id_without_a_corpus_and_a_corpus_that_disagrees_are_refused(tmp_path):
+    tev, _ = _dbpedia_rows()
+    rows, corpus = _by_id(tev)
+    f, c = _write(tmp_path / "train.jsonl", rows), _write(tmp_path / "corpus.jsonl", corpus)
+    out = str(tmp_path / "o.jsonl")
+    by_id = r"Tevatron's rows by document id \(positive_document_ids\): make prepare joins them .* corpus:"
+    with pytest.raises(ConfigError, match=by_id):  # read as passages, every row was "no column positive_passages"
+        run_prepare(PrepareConfig(sources=[SourceConfig(path=str(f), format="tevatron")], output=out))
+    with pytest.raises(ConfigError, match=by_id):
+        ref(MixtureSource(dataset="json", data_files=[str(f)], format="tevatron"))
+    from qwen3train.data.formats import resolve, to_ours
+
+    with pytest.raises(DataError, match=r"no column '\w+_passages' in this row \(Tevatron's rows by document id"):
+        to_ours(rows[0], resolve("tevatron", None, None, "stream"), "stream:1")  # a stream's columns known late
+    inline = _write(tmp_path / "inline.jsonl", tev)
+    with pytest.raises(ConfigError, match=r"hold their passages \(positive_passages\), not document ids"):
+        run_prepare(PrepareConfig(sources=[SourceConfig(path=str(inline), format="tevatron", corpus=str(c))],
+                                  output=out))
+    twice = _write(tmp_path / "twice.jsonl", corpus + [dict(corpus[0], text="another text")])
+    with pytest.raises(ConfigError, match=rf"document {corpus[0]['docid']!r} twice, with two texts"):
+        run_prepare(PrepareConfig(sources=[SourceConfig(path=str(f), format="tevatron", corpus=str(twice))],
+                                  output=out))

@@ -26,7 +26,7 @@ def crash_at(step):
 
 def test_resume_on_changed_data_is_refused_unless_forced(tiny_model_dir, tmp_path, capsys):
     """Records appended after the crash change every later batch plan: refused, naming the file and both
-    counts; a record edited in place (the same count) too; run.resume=force goes on with a note. A copy of
+    counts; a record edited in place (the same count) too, to the same length also; run.resume=force goes on with a note. A copy of
     the same bytes (a new time stamp, a new index) resumes as before, to the weights of a run never stopped.
     Would catch: a resume that silently trains on other batches, or a false alarm on a touched file."""
     data = make_pairs(tmp_path / "d.jsonl", n=48, k=2)
@@ -46,6 +46,13 @@ def test_resume_on_changed_data_is_refused_unless_forced(tiny_model_dir, tmp_pat
     lines = original.decode().splitlines(keepends=True)
     data.write_text("".join(lines[:5]) + lines[5].replace("what is", "what was") + "".join(lines[6:]))
     with pytest.raises(ConfigError, match="48 records then and now, with other content"):
+        run(cfg)
+    # a negative edited in place to the same length: no offset, task or positive moves (the index's own digest
+    # is the same), only the text a batch reads. Before the content digest, this resumed silently.
+    data.write_text("".join(lines[:5]) + lines[5].replace("unrelated text", "UNRELATED TEXT") + "".join(lines[6:]))
+    assert data.stat().st_size == len(original)
+    with pytest.raises(ConfigError, match=rf"{data}: the same 48 records at the same places, with other text in "
+                                          r"them \(edited in place\)"):
         run(cfg)
 
     data.write_bytes(original)  # the same bytes again: a new time stamp (a new index), the same content
@@ -152,3 +159,20 @@ def test_data_rewritten_under_the_running_job_stops_it_and_restoring_it_resumes(
     resumed = run(cfg)
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_fingerprint_recorded_before_the_content_digest_is_compared_on_what_it_holds(tmp_path):
+    """A run begun before files' ``content`` digests were recorded resumes on the same data (not a false "data
+    changed" for every run in progress on upgrade), and is still refused on an index of other records."""
+    from qwen3train.train.identity import DATA, check_data
+
+    then = [[{"file": "/d.jsonl", "records": 48, "digest": "a" * 32}]]
+    (tmp_path / DATA).write_text(json.dumps({"sources": then}))
+    check_data(tmp_path, [[{"file": "/d.jsonl", "records": 48, "digest": "a" * 32, "content": "c" * 32}]], "auto", 2)
+    with pytest.raises(ConfigError, match="48 records then and now, with other content"):
+        check_data(tmp_path, [[{"file": "/d.jsonl", "records": 48, "digest": "b" * 32, "content": "c" * 32}]],
+                   "auto", 2)
+    (tmp_path / DATA).write_text(json.dumps({"sources": [[dict(then[0][0], content="c" * 32)]]}))
+    with pytest.raises(ConfigError, match="with other text in them"):
+        check_data(tmp_path, [[{"file": "/d.jsonl", "records": 48, "digest": "a" * 32, "content": "d" * 32}]],
+                   "auto", 2)
