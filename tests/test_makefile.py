@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO
 
-STAGES = ["synth", "stage1", "filter", "mine", "prepare", "stage2", "rerank", "merge", "eval", "pipeline"]
+STAGES = ["synth", "stage1", "filter", "mine", "score", "prepare", "stage2", "rerank", "merge", "eval", "pipeline"]
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")

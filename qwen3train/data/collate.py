@@ -31,15 +31,30 @@ def sample_negatives(rec: Record, k: int, seed: int, epoch: int, idx: int) -> li
     drawn with replacement only when the record has fewer than K. A "negative" that is one of the record's
     positives or ``not_neg`` texts (data mined without excluding them, duplicates) is not drawn while others
     remain: the embedder's loss would mask it (a wasted slot), the reranker would learn to say no to a positive."""
+    return [rec.neg[i] for i in negative_indices(rec, k, seed, epoch, idx)]
+
+
+def negative_indices(rec: Record, k: int, seed: int, epoch: int, idx: int) -> list[int]:
+    """Where in ``rec.neg`` the K negatives of ``sample_negatives`` are (their teacher's scores go with them)."""
     if k == 0:
         return []
-    negs = rec.neg
+    at = list(range(len(rec.neg)))
     known = set(rec.pos).union(rec.not_neg)
-    if not known.isdisjoint(negs):
-        negs = [n for n in negs if n not in known] or negs
+    if not known.isdisjoint(rec.neg):
+        at = [i for i in at if rec.neg[i] not in known] or at
     rng = np.random.default_rng([seed, epoch, idx])
-    pick = rng.choice(len(negs), size=k, replace=len(negs) < k)
-    return [negs[int(t)] for t in pick]
+    pick = rng.choice(len(at), size=k, replace=len(at) < k)
+    return [at[int(t)] for t in pick]
+
+
+def teacher_scores(rows: Sequence[Row], picks: list[list[int]]) -> torch.Tensor:
+    """``[b, 1 + K]``: each row's teacher's scores of its positive and its K negatives (distillation); a row
+    whose record has none is NaN throughout (it trains without the distillation term)."""
+    out = torch.full((len(rows), 1 + (len(picks[0]) if picks else 0)), float("nan"))
+    for r, ((_, rec, j), at) in enumerate(zip(rows, picks)):
+        if rec.has_teacher:
+            out[r] = torch.tensor([rec.pos_scores[j]] + [rec.neg_scores[i] for i in at])
+    return out
 
 
 NO_HASH = -(1 << 63)  # the padding of ``not_neg_hash`` (no text hashes to it but with probability 2^-64)
@@ -68,6 +83,7 @@ class EmbeddingBatch:
     pos_hash: torch.Tensor  # [b] int64
     neg_hash: torch.Tensor  # [b, K] int64
     not_neg_hash: torch.Tensor | None = None  # [b, M] int64; None: no row has any
+    teacher: torch.Tensor | None = None  # [b, 1 + K] float32, a teacher's scores (NaN: none); None: no distillation
     packed: Any = field(**_MEMO)
     micro: Any = field(**_MEMO)
     records: Any = field(**_MEMO)
@@ -89,7 +105,8 @@ class EmbeddingBatch:
 
     def rows(self, sl: slice) -> "EmbeddingBatch":
         return EmbeddingBatch(self.q[sl], self.pos[sl], self.neg[sl], self.pos_hash[sl], self.neg_hash[sl],
-                              None if self.not_neg_hash is None else self.not_neg_hash[sl])
+                              None if self.not_neg_hash is None else self.not_neg_hash[sl],
+                              None if self.teacher is None else self.teacher[sl])
 
 
 @dataclass
@@ -116,20 +133,23 @@ class RerankBatch:
 
 
 class EmbeddingCollator:
-    """``tokenizer.token_ids(texts, max_length)`` (``qwen3train.text.EmbeddingTokenizer``) does the tokens."""
+    """``tokenizer.token_ids(texts, max_length)`` (``qwen3train.text.EmbeddingTokenizer``) does the tokens;
+    ``teacher``: batches carry the records' teacher scores (``loss.kd_weight`` > 0)."""
 
     def __init__(self, tokenizer, instructions: Instructions, *, k: int, seed: int, max_query_length: int,
-                 max_doc_length: int, query_template: str = DEFAULT_QUERY_TEMPLATE) -> None:
+                 max_doc_length: int, query_template: str = DEFAULT_QUERY_TEMPLATE, teacher: bool = False) -> None:
         self.tok, self.instructions, self.k, self.seed = tokenizer, instructions, k, seed
         self.max_query_length, self.max_doc_length, self.template = max_query_length, max_doc_length, query_template
+        self.teacher = teacher
 
     def __call__(self, rows: Sequence[Row], epoch: int) -> EmbeddingBatch:
-        queries, pos, negs, d_instr = [], [], [], []
+        queries, pos, negs, d_instr, picks = [], [], [], [], []
         for idx, rec, j in rows:
             queries.append(format_query(rec.query, self.instructions.of(rec), self.template))
             d_instr.append(self.instructions.document(rec.task, rec.type, rec.instruction))
             pos.append(rec.pos[j])
-            negs.append(sample_negatives(rec, self.k, self.seed, epoch, idx))
+            picks.append(negative_indices(rec, self.k, self.seed, epoch, idx))
+            negs.append([rec.neg[i] for i in picks[-1]])
         q_ids = self.tok.token_ids(queries, self.max_query_length)
         docs = [format_query(d, i, self.template) for d, i in zip(pos, d_instr)]
         docs += [format_query(n, i, self.template) for row, i in zip(negs, d_instr) for n in row]
@@ -138,7 +158,8 @@ class EmbeddingCollator:
         neg_ids = [d_ids[b + r * self.k: b + (r + 1) * self.k] for r in range(b)]
         pos_hash = torch.tensor([doc_hash(p) for p in pos], dtype=torch.long)
         neg_hash = torch.tensor([[doc_hash(n) for n in row] for row in negs], dtype=torch.long).view(b, self.k)
-        return EmbeddingBatch(q_ids, d_ids[:b], neg_ids, pos_hash, neg_hash, not_neg_hashes(rows))
+        return EmbeddingBatch(q_ids, d_ids[:b], neg_ids, pos_hash, neg_hash, not_neg_hashes(rows),
+                              teacher_scores(rows, picks) if self.teacher else None)
 
 
 class RerankCollator:

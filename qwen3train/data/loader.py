@@ -254,8 +254,10 @@ class Loader:
         rows = []
         for _, k, i in found:
             rec = self.streams[k].source[i]
-            if k_neg and len(rec.neg) > k_neg:  # the K longest: a draw of K of K takes them all
-                rec = dataclasses.replace(rec, neg=sorted(rec.neg, key=len)[-k_neg:])
+            if k_neg and len(rec.neg) > k_neg:  # the K longest: a draw of K of K takes them all (scores with them)
+                at = sorted(range(len(rec.neg)), key=lambda t: len(rec.neg[t]))[-k_neg:]
+                rec = dataclasses.replace(rec, neg=[rec.neg[t] for t in at], neg_scores=None if rec.neg_scores is None
+                                          else [rec.neg_scores[t] for t in at])
             rows.append((self.streams[k].base + i, rec, max(range(len(rec.pos)), key=lambda j: len(rec.pos[j]))))
         weight = self.collate(rows, 0).row_tokens()  # one tokenizer call for all of them
         return self.collate([rows[t] for t in sorted(range(len(rows)), key=lambda t: -weight[t])[:n]], 0)

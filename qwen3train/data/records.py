@@ -1,11 +1,12 @@
 """Typed training records and their validation.
 
 Schema (FlagEmbedding-compatible): ``{"query": str, "pos": [str, ...], "neg": [str, ...]?,
-"instruction": str?, "task": str?, "type": str?, "not_neg": [str, ...]?}``; FlagEmbedding's ``prompt`` is
-read as ``instruction`` when that is absent. ``not_neg``: texts that must never serve as the query's
+"instruction": str?, "task": str?, "type": str?, "not_neg": [str, ...]?, "pos_scores": [number, ...]?,
+"neg_scores": [number, ...]?}``; FlagEmbedding's ``prompt`` is read as ``instruction`` when that is absent; the
+scores are a teacher's, one per positive / negative (``loss.kd_weight``: distillation). ``not_neg``: texts that must never serve as the query's
 negatives although they are not positives (``make prepare`` writes there the documents a collection judges
-relevant below its ``min_relevance``; mining drops them as it drops the positives). Extra keys (scores,
-provenance) are ignored.
+relevant below its ``min_relevance``; mining drops them as it drops the positives). Other keys (mining's
+``pos_score``, provenance) are ignored.
 Every error names the file, the line (1-based) and the field.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 
@@ -33,10 +35,21 @@ class Record:
     task: str = "default"
     type: str | None = None
     not_neg: list[str] = field(default_factory=list)
+    pos_scores: list[float] | None = None  # a teacher's scores of pos / neg, in their order (distillation)
+    neg_scores: list[float] | None = None
 
-    def carried(self) -> dict:
-        """The optional fields a stage that rewrites records (prepare, filter, mine) passes on when set."""
-        return {k: v for k, v in (("type", self.type), ("not_neg", self.not_neg)) if v}
+    def carried(self, scores: bool = True) -> dict:
+        """The optional fields a stage that rewrites records (prepare, filter, mine) passes on when set; the
+        teacher's scores unless ``scores`` is False (a stage that changes the negatives: mining)."""
+        keep = (("type", self.type), ("not_neg", self.not_neg))
+        if scores:
+            keep += (("pos_scores", self.pos_scores), ("neg_scores", self.neg_scores))
+        return {k: v for k, v in keep if v}
+
+    @property
+    def has_teacher(self) -> bool:
+        """A teacher scored every positive and every negative (``pos_scores``, and ``neg_scores`` if any)."""
+        return self.pos_scores is not None and (self.neg_scores is not None or not self.neg)
 
 
 def _text(val: str, where: str, key: str) -> str:
@@ -71,6 +84,22 @@ def _str_list(obj: dict, key: str, where: str, required: bool) -> list[str]:
     return val
 
 
+def _scores(obj: dict, key: str, texts: list[str], where: str) -> list[float] | None:
+    """A teacher's scores of the texts of ``key[:-7]``: finite numbers, one per text (FlagEmbedding's
+    ``pos_scores``/``neg_scores``)."""
+    val = obj.get(key)
+    if val is None:
+        return None
+    if not isinstance(val, list):
+        raise DataError(where, key, f"must be a list of numbers, got {type(val).__name__}")
+    for k, x in enumerate(val):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            raise DataError(where, f"{key}[{k}]", f"must be a finite number, got {x!r}")
+    if len(val) != len(texts):
+        raise DataError(where, key, f"{len(val)} scores for {len(texts)} {key[:-7]} texts: one score per text")
+    return [float(x) for x in val]
+
+
 def _opt_str(obj: dict, key: str, where: str) -> str | None:
     val = obj.get(key)
     if val is not None and not isinstance(val, str):
@@ -92,9 +121,11 @@ def parse_record(obj, where: str) -> Record:
     hint = _format_hint(obj) if obj.get("pos") is None else ""
     if hint:  # else _str_list says "missing" alone
         raise DataError(where, "pos", "missing" + hint)
-    return Record(query=query, pos=_str_list(obj, "pos", where, True), neg=_str_list(obj, "neg", where, False),
+    pos, neg = _str_list(obj, "pos", where, True), _str_list(obj, "neg", where, False)
+    return Record(query=query, pos=pos, neg=neg,
                   instruction=_opt_str(obj, "instruction", where) or _opt_str(obj, "prompt", where), task=_opt_str(obj, "task", where) or "default",
-                  type=_opt_str(obj, "type", where), not_neg=_str_list(obj, "not_neg", where, False))
+                  type=_opt_str(obj, "type", where), not_neg=_str_list(obj, "not_neg", where, False),
+                  pos_scores=_scores(obj, "pos_scores", pos, where), neg_scores=_scores(obj, "neg_scores", neg, where))
 
 
 WHERE_FORMATS = " in a data.mixture `datasets` source or a make prepare source"
@@ -181,6 +212,8 @@ def fast_line_parser():
         prompt: str | None = None
         type: str | None = None
         not_neg: list[str] | None = None
+        pos_scores: list[float] | None = None
+        neg_scores: list[float] | None = None
 
     decode = msgspec.json.Decoder(_Row).decode
     errors = (msgspec.DecodeError, msgspec.ValidationError)
@@ -193,6 +226,9 @@ def fast_line_parser():
             return None
         if not r.query.strip() or not r.pos or not all(s.strip() for s in (*r.pos, *(r.neg or ()), *(r.not_neg or ()))):
             return None
+        for scores, texts in ((r.pos_scores, r.pos), (r.neg_scores, r.neg or ())):
+            if scores is not None and (len(scores) != len(texts) or not all(map(math.isfinite, scores))):
+                return None
         return r.task or "default", r.pos, bool(r.neg)
 
     return parse

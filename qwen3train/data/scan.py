@@ -124,7 +124,23 @@ def _arrow_schema():
     import pyarrow as pa
 
     return pa.schema([("query", pa.string())] + [(k, pa.list_(pa.string())) for k in ("pos", "neg", "not_neg")]
-                     + [(k, pa.string()) for k in _OPTIONAL_STR])
+                     + [(k, pa.string()) for k in _OPTIONAL_STR]
+                     + [(k, pa.list_(pa.float64())) for k in ("pos_scores", "neg_scores")])
+
+
+def _scores_ok(scores, length: np.ndarray) -> np.ndarray:
+    """Per row: no scores, or one finite score per text (``records._scores``)."""
+    import pyarrow.compute as pc
+
+    n = len(length)
+    have = pc.is_valid(scores).to_numpy(zero_copy_only=False)
+    count = pc.fill_null(pc.list_value_length(scores), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    ok = ~have | (count == length)
+    flat = scores.flatten()
+    if len(flat):
+        bad = ~pc.fill_null(pc.is_finite(flat), False).to_numpy(zero_copy_only=False)
+        ok[pc.list_parent_indices(scores).to_numpy(zero_copy_only=False)[bad]] = False
+    return ok[:n]
 
 
 def _blank(strings) -> np.ndarray:
@@ -201,6 +217,8 @@ def _scan_block(block: bytes, base: int, line0: int, part: _Part, require_neg: b
     pos_ok, pos_count = _list_ok(pos, n, required=True)
     neg_ok, neg_count = _list_ok(table.column("neg").chunk(0), n, required=False)
     ok &= pos_ok & neg_ok & _list_ok(table.column("not_neg").chunk(0), n, required=False)[0]
+    ok &= _scores_ok(table.column("pos_scores").chunk(0), pos_count)
+    ok &= _scores_ok(table.column("neg_scores").chunk(0), neg_count)
     if require_neg:
         ok &= neg_count > 0
     bad = np.flatnonzero(~ok)

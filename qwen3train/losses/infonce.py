@@ -129,6 +129,22 @@ def info_nce(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None
     return loss, stats
 
 
+def distill(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None, teacher: torch.Tensor, *,
+            temperature: float, teacher_temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distillation from a teacher's scores (not in the paper; FlagEmbedding's ``kl_div``, as a KL divergence):
+    per row, KL(softmax(t / teacher_temperature) || softmax(s / temperature)) over its own candidates, its
+    positive and its K negatives, ``s`` the student's cosines (L2-normalised inputs) and ``t`` the teacher's
+    scores (``[B, 1 + K]``). A row whose teacher scores are NaN (none) adds 0. The sum is divided by the number
+    of rows, not of scored rows: each rank's share of a batch split over ranks then adds up to the mean over
+    the global batch, whatever the ranks hold. Returns (loss, fraction of rows with a teacher)."""
+    cand = pos.unsqueeze(1) if neg is None else torch.cat([pos.unsqueeze(1), neg], dim=1)  # [B, 1 + K, D]
+    student = F.log_softmax(torch.einsum("bd,bkd->bk", q, cand) / temperature, dim=1)
+    have = ~torch.isnan(teacher).any(dim=1)
+    target = F.log_softmax(teacher.masked_fill(~have.unsqueeze(1), 0.0).to(student.dtype) / teacher_temperature, 1)
+    kl = (target.exp() * (target - student)).sum(dim=1)
+    return torch.where(have, kl, 0.0).sum() / max(q.shape[0], 1), have.float().mean()
+
+
 def known_mask(pool_ids: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor | None:
     """``[R, P]``: pool document p is among row r's ``row_ids`` (``[R, M]`` text hashes, padded with a value no
     pool document has). Only the pool columns holding any of the hashes are compared element-wise, so the cost
@@ -155,6 +171,11 @@ class InfoNCEConfig:
     matryoshka_dims: dims the loss is also computed at (truncate, then normalise); empty = full only.
         The paper's MRL set is UNCONFIRMED (spec §1.6); the full dim is always included.
     cross_device: gather embeddings from every rank (gradient kept on each rank's own slice).
+    kd_weight: weight of the distillation term (``distill``) from the records' teacher scores (``pos_scores``,
+        ``neg_scores``: FlagEmbedding's fields; ``make score`` writes them). Not in the paper: 0 (off) by
+        default. Records without scores train on InfoNCE alone.
+    kd_temperature: the teacher's scores are divided by it before their softmax: 1 for a reranker's logits
+        (FlagEmbedding's setting), about the student's temperature for an embedder teacher's cosines.
     """
 
     name: str = "infonce"
@@ -167,10 +188,15 @@ class InfoNCEConfig:
     matryoshka_dims: list[int] = field(default_factory=list)
     matryoshka_weights: list[float] = field(default_factory=list)
     cross_device: bool = True
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
+        if self.kd_weight < 0 or self.kd_temperature <= 0:
+            raise ValueError(f"loss.kd_weight must be >= 0 and loss.kd_temperature > 0, got {self.kd_weight} and "
+                             f"{self.kd_temperature}")
         if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims):
             raise ValueError("loss.matryoshka_weights must be empty or as long as loss.matryoshka_dims")
 
@@ -182,8 +208,9 @@ class InfoNCELoss:
     def __init__(self, temperature: float, fn_margin: float | None = 0.1, qq: bool = True, dd: bool = True,
                  mask_identical_docs: bool = True, matryoshka_dims: list[int] | None = None,
                  matryoshka_weights: list[float] | None = None, cross_device: bool = True,
-                 mask_not_neg: bool = True) -> None:
+                 mask_not_neg: bool = True, kd_weight: float = 0.0, kd_temperature: float = 1.0) -> None:
         self.temperature = temperature
+        self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
         self.mask_not_neg = mask_not_neg
         self.fn_margin = fn_margin
         self.qq, self.dd = qq, dd
@@ -196,10 +223,14 @@ class InfoNCELoss:
 
     def __call__(self, q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None,
                  pos_ids: torch.Tensor | None = None, neg_ids: torch.Tensor | None = None,
-                 not_neg_ids: torch.Tensor | None = None):
+                 not_neg_ids: torch.Tensor | None = None, teacher: torch.Tensor | None = None):
         """q, pos: [b, H]; neg: [b, K, H] (this rank's rows); ids: [b] and [b, K]; ``not_neg_ids``: [b, M]
-        hashes of the texts that are no negatives of each row (``data.collate.not_neg_hashes``). Returns
-        (loss for this rank's rows, stats at the full dim)."""
+        hashes of the texts that are no negatives of each row (``data.collate.not_neg_hashes``); ``teacher``:
+        [b, 1 + K] a teacher's scores (``kd_weight``). Returns (loss for this rank's rows, stats at the full dim)."""
+        kd = None
+        if self.kd_weight and teacher is not None:  # each row's own candidates: this rank's rows, not gathered
+            kd = distill(normalize(q), normalize(pos), normalize(neg) if neg is not None else None, teacher,
+                         temperature=self.temperature, teacher_temperature=self.kd_temperature)
         rows = None
         if self.cross_device and dist.world_size() > 1:
             b = q.shape[0]
@@ -226,9 +257,13 @@ class InfoNCELoss:
             if dim is None:
                 out, stats = out
             total = total + weight * out
+        if kd is not None:
+            total = total + self.kd_weight * kd[0]
+            stats = stats | {"kd": kd[0].detach(), "kd_rows": kd[1]}
         return total, stats
 
 
 def build_infonce(cfg: InfoNCEConfig) -> InfoNCELoss:
     return InfoNCELoss(cfg.temperature, cfg.fn_margin, cfg.qq, cfg.dd, cfg.mask_identical_docs,
-                       cfg.matryoshka_dims, cfg.matryoshka_weights, cfg.cross_device, cfg.mask_not_neg)
+                       cfg.matryoshka_dims, cfg.matryoshka_weights, cfg.cross_device, cfg.mask_not_neg,
+                       cfg.kd_weight, cfg.kd_temperature)

@@ -292,7 +292,7 @@ def _mine_one(r, idx: list[int], scores: list[float], pos_score: float, docs: li
         keep = sorted(np.random.default_rng(seed).choice(keep, cfg.num_negatives, replace=False).tolist())
     keep = keep[:cfg.num_negatives]
     row = {"query": r.query, "pos": r.pos, "task": r.task, "instruction": r.instruction,
-           "pos_score": round(pos_score, 6)} | r.carried()
+           "pos_score": round(pos_score, 6)} | r.carried(scores=False)  # a teacher's scores: not of these negatives
     if not keep:
         stats["no_negatives"] += 1
         return row

@@ -172,19 +172,25 @@ class Reranker(nn.Module):
             h = last_token_pool(hidden, attention_mask)  # [B, D]
         return self.yes_no_logits(h, with_logsumexp)
 
-    @torch.inference_mode()
     def score(self, query: str, docs: Sequence[str], instruction: str | None = None,
               batch_size: int = 16) -> torch.Tensor:
         """Probability of "yes" for each document: ``[len(docs)]`` float32 in ``[0, 1]``."""
+        return torch.sigmoid(self.relevance([query] * len(docs), docs, [instruction] * len(docs), batch_size))
+
+    @torch.inference_mode()
+    def relevance(self, queries: Sequence[str], docs: Sequence[str], instructions: Sequence[str | None],
+                  batch_size: int = 16) -> torch.Tensor:
+        """The relevance logit ``z_yes - z_no`` of each (query, document, instruction): ``[len(docs)]`` float32
+        (its sigmoid is the probability of "yes"; a teacher's score for distillation, ``make score``)."""
         was_training = self.training
         self.eval()
-        ids = self.token_ids([query] * len(docs), docs, [instruction] * len(docs))
+        ids = self.token_ids(queries, docs, instructions)
         lengths, retry = [len(x) for x in ids], not fitting.partitioned(self)
         out = []
         for b in range(0, len(ids), batch_size):
             for _, z in fitting.forward_in_pieces(self.fit, list(range(b, min(b + batch_size, len(ids)))), lengths,
                                                   lambda sel: self(**self.inputs([ids[k] for k in sel])),
                                                   padded=not self.packing, retry=retry, what="reranking"):
-                out.append(torch.sigmoid(z[:, 1] - z[:, 0]).cpu())
+                out.append((z[:, 1] - z[:, 0]).cpu())
         self.train(was_training)
         return torch.cat(out) if out else torch.empty(0)

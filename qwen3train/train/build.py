@@ -61,7 +61,7 @@ def build_task(cfg, run_dir, train_precision: str = "fp32"):
     instructions = Instructions(data.task_instructions, cfg.model.default_instruction, data.symmetric_tasks)
     collate = EmbeddingCollator(embedder.tok, instructions, k=data.num_hard_negatives, seed=seed,
                                 max_query_length=embedder.max_query_length, max_doc_length=embedder.max_doc_length,
-                                query_template=embedder.query_template)
+                                query_template=embedder.query_template, teacher=cfg.loss.kd_weight > 0)
     task = EmbeddingTask(embedder, build_loss(cfg.loss), cfg.model.default_instruction,
                          instructions.named([t for s in sources for t in s.task_names]))
     task.instructions = instructions

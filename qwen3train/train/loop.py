@@ -251,6 +251,7 @@ def train(cfg, task, batches, engine, total: int, hooks=None) -> Path:
     stop = preempt.StopSignal().install()  # SIGTERM: finish the step, save, stop (train/preempt.py)
     stall = StallReport(cfg.run.stall_report_s, dist.rank())  # no progress for long: where it stands
     stall.phase(f"step {state.step + 1}")
+    first_step = state.step + 1
     try:
         for batch in ahead:
             try:
@@ -274,6 +275,9 @@ def train(cfg, task, batches, engine, total: int, hooks=None) -> Path:
             tokens *= world
             metrics = {"loss": loss_all, "lr": engine.lr(), "grad_norm": grad_norm, "epoch": state.epoch,
                        **dict(zip(keys, stat_vals)), "data_wait_s": data_wait}
+            if metrics.get("kd_rows") == 0 and state.step == first_step and dist.is_main():  # distillation of nothing
+                print("warning: loss.kd_weight > 0 but no row of the first batch has a teacher's scores (pos_scores, "
+                      "neg_scores: make score writes them); rows without them train on InfoNCE alone", flush=True)
             if engine.step_applied and math.isfinite(loss_all):
                 in_a_row = 0
             else:  # every rank takes this branch: the loss is the ranks' mean, the norm a global one

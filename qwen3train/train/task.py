@@ -146,7 +146,8 @@ class EmbeddingTask:
         q, pos, neg = reps
         dev = q.device
         return self.loss_fn(q, pos, neg, batch.pos_hash.to(dev), batch.neg_hash.to(dev) if neg is not None else None,
-                            not_neg_ids=None if batch.not_neg_hash is None else batch.not_neg_hash.to(dev))
+                            not_neg_ids=None if batch.not_neg_hash is None else batch.not_neg_hash.to(dev),
+                            teacher=None if batch.teacher is None else batch.teacher.to(dev))
 
     def export(self, out_dir, state_dict=None):
         from qwen3train.models.export import export_embedder

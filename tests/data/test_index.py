@@ -176,7 +176,35 @@ EXTRA = ["", "   ", "null", '{"query": "q", "pos": ["p"]} {"query": "r", "pos": 
          '{"query": "q", "pos": [null]}', '{"query": "q", "pos": ["p"], "x": NaN}', '{"query": "q", "pos": ["p"], "x": 1e999}',
          '{"query": "\\u3000\\u2028", "pos": ["p"]}', '{"query": "\\u001c", "pos": ["p"]}', '{"query": "q", "pos": ["p"], "neg": []}',
          '{"query": "q", "query": "r", "pos": ["p"]}', '  {"query": "q", "pos": ["p"]}', '{"query": "q", "pos": ["p"]}\r',
-         '{"query": "x\\u00a0", "pos": ["\\u0085"]}']
+         '{"query": "x\\u00a0", "pos": ["\\u0085"]}'] + [
+    '{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1.5], "neg_scores": [-2]}',  # good: a teacher's
+    '{"query": "q", "pos": ["p", "p2"], "pos_scores": [1.0]}', '{"query": "q", "pos": ["p"], "neg_scores": [0.1]}',
+    '{"query": "q", "pos": ["p"], "pos_scores": [1e999]}', '{"query": "q", "pos": ["p"], "pos_scores": [NaN]}',
+    '{"query": "q", "pos": ["p"], "pos_scores": [true]}', '{"query": "q", "pos": ["p"], "pos_scores": null}',
+    '{"query": "q", "pos": ["p"], "pos_scores": ["1"]}', '{"query": "q", "pos": ["p"], "pos_scores": [null]}',
+    '{"query": "q", "pos": ["p"], "pos_scores": 1.0}']
+SCORED = EXTRA[-10:]
+
+
+def test_teacher_scores_are_checked_alike_by_every_path():
+    """One finite score per positive / negative, or none: the fast line parser accepts only what the record
+    parser accepts (a score list of the wrong length, inf, NaN, a boolean would enter training unchecked)."""
+    from qwen3train.data.records import fast_line_parser, parse_json_line
+
+    fast, good = fast_line_parser(), []
+    for line in SCORED:
+        try:
+            rec = parse_json_line(line, "x")
+            good.append(line)
+        except DataError:
+            rec = None
+        hit = fast(line.encode())
+        assert hit is None or (rec is not None and hit == (rec.task, rec.pos, bool(rec.neg))), line
+    assert good == [SCORED[0], SCORED[6]]
+    rec = parse_json_line(SCORED[0], "x")
+    assert (rec.pos_scores, rec.neg_scores, rec.has_teacher) == ([1.5], [-2.0], True)
+    with pytest.raises(DataError, match=r"x: field 'pos_scores': 1 scores for 2 pos texts: one score per text"):
+        parse_json_line(SCORED[1], "x")
 
 
 def _both_paths(f, monkeypatch, **kw):

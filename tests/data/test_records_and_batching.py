@@ -130,3 +130,28 @@ def test_a_negative_that_is_a_positive_or_not_neg_is_not_drawn():
     assert all(g[0] == "p1" and set(g[1:]) <= {"n1", "n2"} for g in groups)
     only_bad = Record("q", ["p1"], ["p1"])
     assert sample_negatives(only_bad, 2, 0, 0, 1) == ["p1", "p1"]
+
+
+def test_a_teacher_score_travels_with_its_negative_and_its_positive():
+    """Each row's teacher scores are those of the positive it trains on and of the K negatives drawn (in their
+    drawn order, a negative that is a positive skipped), NaN for a record without scores. Would catch scores
+    taken in list order rather than the drawn one (the distillation target of another text)."""
+    import math
+
+    from qwen3train.data.collate import sample_negatives, teacher_scores, negative_indices
+    from qwen3train.data.records import Record
+
+    score = {"p1": 9.0, "p2": 8.0, "n1": 1.0, "n2": 2.0, "n3": 3.0, "n4": 4.0}
+    rec = Record("q", ["p1", "p2"], ["n1", "p2", "n2", "n3", "n4"], pos_scores=[9.0, 8.0],
+                 neg_scores=[1.0, 8.0, 2.0, 3.0, 4.0])
+    bare = Record("r", ["x"], ["y", "z", "w"])
+    orders = set()
+    for e in range(6):
+        picks = [negative_indices(rec, 3, 0, e, 5), negative_indices(bare, 3, 0, e, 6)]
+        assert [rec.neg[i] for i in picks[0]] == sample_negatives(rec, 3, 0, e, 5)
+        t = teacher_scores([(5, rec, 1), (6, bare, 0)], picks)
+        drawn = sample_negatives(rec, 3, 0, e, 5)
+        assert t[0].tolist() == [score["p2"]] + [score[n] for n in drawn] and "p2" not in drawn
+        assert all(math.isnan(x) for x in t[1].tolist())
+        orders.add(tuple(drawn))
+    assert len(orders) > 1  # the draws differ between epochs: the scores follow them

@@ -174,3 +174,40 @@ def test_matryoshka_sum_over_dims():
     parts = [info_nce(F.normalize(q[:, :d], dim=-1), F.normalize(p[:, :d], dim=-1), temperature=0.05)
              for d in (H, 8, 16)]
     assert abs(got.item() - (parts[0] + 0.5 * parts[1] + 2.0 * parts[2]).item()) < 1e-5
+
+
+def test_distillation_matches_a_loop_over_rows_and_adds_to_the_loss():
+    """The distillation term (loss.kd_weight) against KL(teacher || student) written row by row in float64:
+    softmax of the teacher's scores / kd_temperature, of the student's cosines / temperature, over the row's
+    own positive and K negatives; a row without scores (NaN) adds 0 and the sum is over all rows. Would catch
+    a missing temperature, the KL's arguments swapped, the in-batch pool used instead of the row's group, or a
+    mean over the scored rows only."""
+    from qwen3train.losses.infonce import distill
+
+    g = torch.Generator().manual_seed(3)
+    B, K, D, tau, t_tau = 5, 3, 8, 0.05, 2.0
+    q, p, n = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g), torch.randn(B, K, D, generator=g)
+    teacher = torch.randn(B, 1 + K, generator=g) * 3
+    teacher[2] = float("nan")
+    qn, pn, nn = (F.normalize(x.double(), dim=-1) for x in (q, p, n))
+    want = 0.0
+    for i in range(B):
+        if i == 2:
+            continue
+        s = [float(qn[i] @ pn[i]) / tau] + [float(qn[i] @ nn[i, k]) / tau for k in range(K)]
+        t = [float(x) / t_tau for x in teacher[i]]
+        ls = [x - math.log(sum(math.exp(y) for y in s)) for x in s]
+        lt = [x - math.log(sum(math.exp(y) for y in t)) for x in t]
+        want += sum(math.exp(a) * (a - b) for a, b in zip(lt, ls))
+    got, frac = distill(F.normalize(q, dim=-1), F.normalize(p, dim=-1), F.normalize(n, dim=-1), teacher,
+                        temperature=tau, teacher_temperature=t_tau)
+    assert got.item() == pytest.approx(want / B, rel=1e-5) and frac.item() == pytest.approx(4 / 5)
+    plain = InfoNCELoss(tau)(q, p, n)[0]
+    with_kd, stats = InfoNCELoss(tau, kd_weight=0.3, kd_temperature=t_tau)(q, p, n, teacher=teacher)
+    assert with_kd.item() == pytest.approx(plain.item() + 0.3 * want / B, rel=1e-5)
+    assert float(stats["kd"]) == pytest.approx(want / B, rel=1e-5)
+    agree = teacher.clone()
+    agree[:, :] = torch.einsum("bd,bkd->bk", F.normalize(q, dim=-1),
+                               torch.cat([F.normalize(p, dim=-1).unsqueeze(1), F.normalize(n, dim=-1)], 1)) / tau
+    assert distill(F.normalize(q, dim=-1), F.normalize(p, dim=-1), F.normalize(n, dim=-1), agree, temperature=tau,
+                   teacher_temperature=1.0)[0].item() == pytest.approx(0.0, abs=1e-6)  # the student is the teacher

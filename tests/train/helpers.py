@@ -19,6 +19,19 @@ def make_pairs(path: Path, n: int = 48, k: int = 2, tasks=("alpha",)) -> Path:
     return path
 
 
+def with_teacher(path: Path) -> Path:
+    """A teacher's scores on every record but each fifth (those train without the distillation term): one per
+    positive and per negative, spread so that the teacher's order is not the student's (random at the start). In
+    the first 8 rows only row 4 has none: split over 2 ranks, one rank holds it, the other none."""
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    for i, r in enumerate(rows):
+        if i % 5 != 4:
+            r["pos_scores"] = [4.0 - 0.5 * j for j in range(len(r["pos"]))]
+            r["neg_scores"] = [((i * 7 + j * 3) % 5) - 2.0 for j in range(len(r.get("neg", [])))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def related_rows(path: Path) -> Path:
     """Each even record of ``path`` also gets the next record's positive as a positive of its own, and the first
     negative of the record after that as ``not_neg``: pool documents the loss must mask for it
@@ -45,7 +58,7 @@ def train_cfg(model_dir, data_file, out_dir, **over):
                       save_every=over.pop("save_every", 0), keep_last=over.pop("keep_last", 2)),
         model=ModelConfig(name_or_path=str(model_dir), max_query_length=32, max_doc_length=32),
         data=DataConfig(train_files=[str(data_file)], num_hard_negatives=over.pop("k", 2)),
-        loss=InfoNCEConfig(temperature=over.pop("temperature", 0.05)),
+        loss=InfoNCEConfig(temperature=over.pop("temperature", 0.05), kd_weight=over.pop("kd_weight", 0.0)),
         engine=EngineConfig(micro_batch_size=over.pop("micro", 4), global_batch_size=over.pop("global_batch", 8),
                             grad_cache=over.pop("grad_cache", False),
                             micro_batch_tokens=over.pop("micro_batch_tokens", None)),

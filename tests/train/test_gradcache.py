@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import make_pairs, related_rows, train_cfg
+from helpers import make_pairs, related_rows, train_cfg, with_teacher
 from qwen3train.train.build import build_task
 from qwen3train.train.engine import TorchEngine
 from qwen3train.train.gradcache import grad_cache_step
@@ -17,12 +17,16 @@ def grads_of(engine):
     return {n: p.grad.detach().clone() for n, p in engine.module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("k,related", [(0, False), (2, False), (2, True)])
+@pytest.mark.parametrize("k,related", [(0, False), (2, False), (2, True), (2, "teacher")])
 def test_gradcache_equals_uncached(tiny_model_dir, tmp_path, k, related):
     """GradCache's loss and gradients equal the uncached step's, also when rows carry pool documents that are
-    no negatives of theirs (other positives, not_neg: the masked loss must hold across the cached chunks)."""
+    no negatives of theirs (other positives, not_neg: the masked loss must hold across the cached chunks), and
+    with distillation from a teacher's scores (each row's own candidates, some rows without scores)."""
     data = make_pairs(tmp_path / "d.jsonl", k=max(k, 1))
-    cfg = train_cfg(tiny_model_dir, related_rows(data) if related else data, tmp_path / "run", k=k)
+    if related == "teacher":
+        data = with_teacher(related_rows(data))
+    cfg = train_cfg(tiny_model_dir, related_rows(data) if related is True else data, tmp_path / "run", k=k,
+                    kd_weight=0.5 if related == "teacher" else 0.0)
     task, loader = build_task(cfg, tmp_path / "run")
     engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
     items = [(i, 0) for i in range(8)]
@@ -43,7 +47,14 @@ def test_gradcache_equals_uncached(tiny_model_dir, tmp_path, k, related):
         scale = max(ref[name].abs().max().item(), 1e-8)
         assert (got[name] - ref[name]).abs().max().item() <= 1e-5 * max(1.0, scale), name
     assert float(stats_gc["acc"]) == pytest.approx(float(stats_ref["acc"]))
-    if related:  # the mask was live in this batch: without it the loss differs
+    if related == "teacher":  # the distillation term was live: rows with and without scores, and it adds
+        assert batch.teacher is not None and 0 < torch.isnan(batch.teacher).any(1).sum() < len(batch)
+        assert 0 < float(stats_ref["kd_rows"]) < 1 and float(stats_ref["kd"]) > 0
+        task.loss_fn.kd_weight = 0.0
+        with torch.no_grad():
+            plain, _ = task.loss(task.forward(engine, batch), batch)
+        assert abs(loss_ref.item() - plain.item() - 0.5 * float(stats_ref["kd"])) <= 1e-5
+    elif related:  # the mask was live in this batch: without it the loss differs
         assert batch.not_neg_hash is not None
         task.loss_fn.mask_not_neg = False
         with torch.no_grad():

@@ -1,0 +1,174 @@
+"""A teacher's scores on training records, for distillation (``make score``; ``loss.kd_weight``).
+
+Not in the paper. Each record's query is scored against each of its positives and negatives by a teacher:
+a reranker (``kind: reranker``, a Qwen3-Reranker-style yes/no model: our reranker exports or the released
+ones) gives its relevance logit ``z_yes - z_no``; an embedder (``kind: embedder``) gives the cosine, each
+text formatted as training formats it. The records are written again with ``pos_scores`` and ``neg_scores``
+(FlagEmbedding's fields, one score per text, in order), which stage 1 or 2 then distils with
+``loss.kd_weight > 0`` (``loss.kd_temperature``: 1 for a reranker's logits, about the student's temperature
+for an embedder's cosines). Records are scored ``block`` at a time; under ``torchrun`` (``make score
+NGPU=n``) each process scores a contiguous share and rank 0 joins them in input order.
+
+Outputs: ``output`` and ``<stem>_summary.json``: the counts, the mean scores, and how many records the teacher
+ranks a negative of above a positive (``negatives_over_a_positive``: false negatives, or a positive the
+teacher doubts; ``mine.rerank_max_prob`` drops such negatives when mining). Bad records are skipped, counted
+and kept in ``<stem>_rejects.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qwen3train import dist, stall
+from qwen3train.data.instructions import Instructions
+from qwen3train.data.sources import IndexedSource, expand_files
+from qwen3train.mining.store import join_parts
+from qwen3train.stall import StallReport
+
+KINDS = ("reranker", "embedder")
+
+
+@dataclass
+class ScoreConfig:
+    inputs: list[str]
+    teacher: str = "outputs/rerank/final"
+    kind: str = "reranker"  # reranker (relevance logit) | embedder (cosine)
+    output: str = "outputs/score/scored.jsonl"
+    max_length: int = 512
+    batch_size: int = 16
+    precision: str = "auto"  # auto | float32 | bfloat16 | float16
+    block: int = 4096  # records scored and written at a time
+    # the instructions training uses (data.instructions.Instructions); None: the teacher kind's default
+    task_instructions: dict[str, str] = field(default_factory=dict)
+    default_instruction: str | None = None
+    symmetric_tasks: list[str] = field(default_factory=list)
+    stall_report_s: float = 900.0  # no record scored this long: each rank prints its phase and stacks; 0: off
+
+    def __post_init__(self) -> None:
+        from qwen3train.errors import at_least
+        from qwen3train.precision import precision_name
+
+        precision_name(self.precision, "score.precision")
+        if self.kind not in KINDS:
+            raise ValueError(f"score.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        at_least("score", batch_size=(self.batch_size, 1), block=(self.block, 1), max_length=(self.max_length, 8))
+        if self.stall_report_s < 0:
+            raise ValueError("score.stall_report_s must be >= 0 (0: no report)")
+
+
+class RerankerTeacher:
+    def __init__(self, cfg: ScoreConfig) -> None:
+        from qwen3train.eval.rerank import load_reranker
+        from qwen3train.models.reranker import DEFAULT_RERANK_INSTRUCTION
+
+        self.model = load_reranker(cfg.teacher, cfg.precision, cfg.max_length)
+        self.instructions = Instructions(cfg.task_instructions, cfg.default_instruction or DEFAULT_RERANK_INSTRUCTION,
+                                         cfg.symmetric_tasks)
+        self.batch_size = cfg.batch_size
+
+    def __call__(self, records) -> list[torch.Tensor]:
+        """Per record, its scores of ``pos + neg``, in order."""
+        queries, docs, instr, sizes = [], [], [], []
+        for r in records:
+            texts = r.pos + r.neg
+            queries += [r.query] * len(texts)
+            docs += texts
+            instr += [self.instructions.of(r)] * len(texts)
+            sizes.append(len(texts))
+        return list(torch.split(self.model.relevance(queries, docs, instr, self.batch_size), sizes))
+
+
+class EmbedderTeacher:
+    def __init__(self, cfg: ScoreConfig) -> None:
+        from qwen3train.eval.encoder import Encoder
+        from qwen3train.text import DEFAULT_INSTRUCTION
+
+        self.encoder = Encoder(cfg.teacher, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                               precision=cfg.precision)
+        self.instructions = Instructions(cfg.task_instructions, cfg.default_instruction or DEFAULT_INSTRUCTION,
+                                         cfg.symmetric_tasks)
+
+    def __call__(self, records) -> list[torch.Tensor]:
+        q = _grouped(self.encoder.encode_queries, [(self.instructions.of(r), r.query) for r in records])
+        docs = [(self.instructions.document(r.task, r.type, r.instruction), t) for r in records for t in r.pos + r.neg]
+        d = _grouped(self.encoder.encode_docs, docs)
+        sizes = [len(r.pos) + len(r.neg) for r in records]
+        rows = torch.repeat_interleave(torch.arange(len(records)), torch.tensor(sizes, dtype=torch.long))
+        return list(torch.split((q[rows] * d).sum(dim=1), sizes))
+
+
+def _grouped(encode, items: list[tuple[str | None, str]]) -> torch.Tensor:
+    """Vectors of (instruction, text) items, encoded one instruction at a time, in the items' order."""
+    by: dict[str | None, list[int]] = defaultdict(list)
+    for i, (instr, _) in enumerate(items):
+        by[instr].append(i)
+    out = None
+    for instr, ids in by.items():
+        vec = encode([items[i][1] for i in ids], instr)
+        out = torch.empty((len(items), vec.shape[1])) if out is None else out
+        out[ids] = vec.float()
+    return out if out is not None else torch.empty((0, 1))
+
+
+def run_score(cfg: ScoreConfig) -> dict:
+    dist.init()
+    with StallReport(cfg.stall_report_s, dist.rank(), "score.stall_report_s", "no record scored"):
+        return _score(cfg)
+
+
+def _score(cfg: ScoreConfig) -> dict:
+    from qwen3train.progress import Progress
+
+    stall.enter("the reading of the inputs")
+    rank, world = dist.rank(), dist.world_size()
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stem = out.with_suffix("") if out.suffix else out
+    source = IndexedSource(expand_files(cfg.inputs), on_error="skip",
+                           rejects_path=Path(f"{stem}_rejects.jsonl") if rank == 0 else None)
+    n = len(source)
+    mine = range(rank * n // world, (rank + 1) * n // world)
+    stall.enter("the loading of the teacher")
+    teacher = (RerankerTeacher if cfg.kind == "reranker" else EmbedderTeacher)(cfg)
+    part = out.with_name(f".{out.name}.rank{rank}.tmp")
+    stats = np.zeros(5)  # records, positives, negatives, sum of positive scores, sum of negative scores
+    over = 0
+    bar = Progress(len(mine), "score (this rank's records)" if world > 1 else "score", "records")
+    with open(part, "w", encoding="utf-8") as f:
+        for b in range(mine.start, mine.stop, cfg.block):
+            ids = list(range(b, min(b + cfg.block, mine.stop)))
+            stall.enter(f"the scoring of records {b + 1}-{ids[-1] + 1} of {n}")
+            records = source.records(ids)
+            for r, s in zip(records, teacher(records)):
+                s = s.tolist()
+                pos, neg = s[:len(r.pos)], s[len(r.pos):]
+                row = {"query": r.query, "pos": r.pos, "neg": r.neg, "task": r.task, "instruction": r.instruction}
+                row |= r.carried() | {"pos_scores": [round(x, 6) for x in pos], "neg_scores": [round(x, 6) for x in neg]}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                stats += (1, len(pos), len(neg), sum(pos), sum(neg))
+                over += bool(neg) and max(neg) > min(pos)
+            bar.update(len(records))
+    bar.close()
+    stall.enter("the wait for the other ranks' records")
+    total = np.sum(dist.all_gather_object([*stats.tolist(), over]), axis=0).tolist()  # every rank's, summed
+    summary = {}
+    if rank == 0:
+        join_parts([out.with_name(f".{out.name}.rank{r}.tmp") for r in range(world)], out)
+        recs, npos, nneg, spos, sneg, over = total
+        summary = {"teacher": cfg.teacher, "kind": cfg.kind, "output": str(out), "processes": world,
+                   "records": int(recs), "skipped_bad_records": sum(source.rejected.values()),
+                   "mean_positive_score": spos / max(npos, 1), "mean_negative_score": sneg / max(nneg, 1),
+                   "negatives_over_a_positive": int(over)}
+        Path(f"{stem}_summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"score: {int(recs)} records scored by {cfg.kind} {cfg.teacher} -> {out} (mean score: positives "
+              f"{summary['mean_positive_score']:.3f}, negatives {summary['mean_negative_score']:.3f}; "
+              f"{int(over)} records with a negative scored above a positive)", flush=True)
+    summary = dist.broadcast_object(summary)
+    dist.cleanup()
+    return summary

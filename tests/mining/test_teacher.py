@@ -1,0 +1,133 @@
+"""`make score`: a teacher's scores on training records (qwen3train.mining.teacher), then distilled by training
+(loss.kd_weight). Before, distillation needed scores made by another tool and a trainer that reads them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FIXTURES, REPO, crash_report
+from qwen3train.data.instructions import Instructions
+from qwen3train.data.prepare import import_collection
+from qwen3train.eval.encoder import Encoder
+from qwen3train.mining.teacher import ScoreConfig, run_score
+from test_filter_and_mine import MINILM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """ARCD's judged queries, each with the positives of the next three records as its negatives."""
+    rows, _ = import_collection(FIXTURES / "arcd", None, None, 1, split="test")
+    rows = rows[:24]
+    for i, r in enumerate(rows):
+        r["neg"] = [rows[(i + k) % len(rows)]["pos"][0] for k in (1, 2, 3)]
+    path = tmp_path_factory.mktemp("score") / "rows.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path, rows
+
+
+def _scored(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+def test_an_embedders_scores_are_each_texts_own_cosine(tmp_path, records):
+    """Scores batched across records and grouped by instruction equal each (query, text) pair encoded alone,
+    in the order of pos and neg. Would catch a score given to the wrong text or record (the grouping)."""
+    path, rows = records
+    out = tmp_path / "scored.jsonl"
+    summary = run_score(ScoreConfig(inputs=[str(path)], teacher=str(MINILM), kind="embedder", output=str(out),
+                                    precision="float32", block=7, batch_size=5))
+    got = _scored(out)
+    assert [r["query"] for r in got] == [r["query"] for r in rows] and summary["records"] == len(rows)
+    from qwen3train.data.records import parse_record
+    from qwen3train.text import DEFAULT_INSTRUCTION
+
+    enc, instr = Encoder(MINILM), Instructions({}, DEFAULT_INSTRUCTION, [])
+    for row in got[:6]:
+        rec = parse_record(row, "x")
+        q = enc.encode_queries([rec.query], instr.of(rec))[0]
+        want = [float(q @ enc.encode_docs([t], instr.document(rec.task, rec.type, rec.instruction))[0])
+                for t in rec.pos + rec.neg]
+        assert row["pos_scores"] + row["neg_scores"] == pytest.approx(want, abs=1e-5)
+    assert summary["negatives_over_a_positive"] == sum(max(r["neg_scores"]) > min(r["pos_scores"]) for r in got)
+
+
+def test_a_rerankers_logits_then_stage_2_distils_them(tmp_path, records, tiny_model_dir):
+    """The reranker teacher's scores are its relevance logits (the log-odds of its "yes" probability for each
+    pair scored alone); training with loss.kd_weight reads them for every row (kd_rows 1) and the distillation
+    term is logged. Would catch probabilities written instead of logits, or scores never reaching the loss."""
+    from helpers import train_cfg
+
+    from qwen3train.eval.rerank import load_reranker
+    from qwen3train.models.reranker import DEFAULT_RERANK_INSTRUCTION
+    from qwen3train.train.loop import run
+
+    path, rows = records
+    out = tmp_path / "scored.jsonl"
+    run_score(ScoreConfig(inputs=[str(path)], teacher=str(tiny_model_dir), kind="reranker", output=str(out),
+                          precision="float32", max_length=256, batch_size=4))
+    got = _scored(out)
+    rr = load_reranker(tiny_model_dir, "float32", 256)
+    for row in got[:3]:
+        instr = row.get("instruction") or DEFAULT_RERANK_INSTRUCTION
+        p = rr.score(row["query"], row["pos"] + row["neg"], instruction=instr, batch_size=1).double()
+        assert row["pos_scores"] + row["neg_scores"] == pytest.approx(torch.logit(p).tolist(), abs=1e-4)
+    assert len({round(x, 3) for r in got for x in r["neg_scores"]}) > 10  # scores, not a constant
+
+    cfg = train_cfg(tiny_model_dir, out, tmp_path / "s2", max_steps=2, k=3, global_batch=8, kd_weight=1.0)
+    run(cfg)
+    metrics = [json.loads(x) for x in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "kd" in m]
+    assert len(steps) == 2 and all(m["kd_rows"] == 1.0 and m["kd"] > 0 and math.isfinite(m["kd"]) for m in steps)
+
+
+def test_distillation_without_any_teacher_scores_says_so(tmp_path, records, tiny_model_dir, capsys):
+    """loss.kd_weight on data no teacher scored trains on InfoNCE alone: said once, at the first step, not
+    silently ignored (a wrong train_files, the file before make score)."""
+    from helpers import train_cfg
+
+    from qwen3train.train.loop import run
+
+    path, _ = records
+    run(train_cfg(tiny_model_dir, path, tmp_path / "s", max_steps=2, k=3, global_batch=8, kd_weight=1.0))
+    warned = [x for x in capsys.readouterr().out.splitlines() if x.startswith("warning: loss.kd_weight")]
+    assert len(warned) == 1 and "make score writes them" in warned[0]
+
+
+@pytest.mark.slow
+def test_two_process_scoring_equals_one_process(tmp_path, records):
+    """`make score NGPU=2`: each rank scores a contiguous share, rank 0 joins them in input order; a bad line is
+    skipped, counted once and kept. The same file and summary as one process. Would catch a share scored twice
+    or lost, parts joined out of order, or counts of one rank only."""
+    path, rows = records
+    data = tmp_path / "rows.jsonl"
+    data.write_text(path.read_text() + "{broken\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    got = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"p{nproc}" / "scored.jsonl"
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if nproc == 2 else []
+        proc = subprocess.run([sys.executable, *launch, "-m", "qwen3train.cli.main", "--config-name=score",
+                               f"inputs=[{data}]", f"teacher={MINILM}", "kind=embedder", "precision=float32",
+                               "block=5", f"output={out}"], env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, crash_report(proc)
+        summary = json.loads((out.parent / "scored_summary.json").read_text())
+        assert summary["processes"] == nproc and summary["records"] == len(rows) and summary["skipped_bad_records"] == 1
+        assert len((out.parent / "scored_rejects.jsonl").read_text().splitlines()) == 1
+        got[nproc] = ([json.loads(x) for x in out.read_text().splitlines()], summary)
+    one, two = got[1][0], got[2][0]
+    assert [r["query"] for r in two] == [r["query"] for r in rows]
+    for a, b in zip(one, two):
+        assert a["pos_scores"] + a["neg_scores"] == pytest.approx(b["pos_scores"] + b["neg_scores"], abs=1e-5)
+    for k in ("mean_positive_score", "mean_negative_score", "negatives_over_a_positive"):
+        assert got[1][1][k] == pytest.approx(got[2][1][k], abs=1e-5), k
