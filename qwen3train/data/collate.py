@@ -113,6 +113,7 @@ class EmbeddingBatch:
 class RerankBatch:
     ids: list[list[int]]  # [b * G] token ids, group by group (positive first)
     group: int
+    teacher: torch.Tensor | None = None  # [b, G] a teacher's scores of each group's texts (NaN: none)
     packed: Any = field(**_MEMO)
     micro: Any = field(**_MEMO)
     records: Any = field(**_MEMO)
@@ -130,6 +131,11 @@ class RerankBatch:
 
     def sequences(self) -> list[list[int]]:
         return self.ids
+
+    def rows(self, sl: slice) -> "RerankBatch":
+        """The groups of rows ``sl`` (a group never straddles two parts)."""
+        g = self.group
+        return RerankBatch(self.ids[sl.start * g:sl.stop * g], g, None if self.teacher is None else self.teacher[sl])
 
 
 class EmbeddingCollator:
@@ -167,16 +173,19 @@ class RerankCollator:
     ``token_ids``: the same prompt and truncation as ``Reranker.score``)."""
 
     def __init__(self, encode: Callable[..., list[list[int]]], instructions: Instructions, *, k: int,
-                 seed: int) -> None:
+                 seed: int, teacher: bool = False) -> None:
         if k < 1:
             raise ConfigError("the reranker needs data.num_hard_negatives >= 1 (groups of 1 positive + n negatives)")
         self.encode, self.instructions, self.k, self.seed = encode, instructions, k, seed
+        self.teacher = teacher
 
     def __call__(self, rows: Sequence[Row], epoch: int) -> RerankBatch:
-        queries, docs, instr = [], [], []
+        queries, docs, instr, picks = [], [], [], []
         for idx, rec, j in rows:
-            group = [rec.pos[j]] + sample_negatives(rec, self.k, self.seed, epoch, idx)
+            picks.append(negative_indices(rec, self.k, self.seed, epoch, idx))
+            group = [rec.pos[j]] + [rec.neg[i] for i in picks[-1]]
             queries += [rec.query] * len(group)
             docs += group
             instr += [self.instructions.of(rec)] * len(group)
-        return RerankBatch(self.encode(queries, docs, instr), 1 + self.k)
+        return RerankBatch(self.encode(queries, docs, instr), 1 + self.k,
+                           teacher_scores(rows, picks) if self.teacher else None)

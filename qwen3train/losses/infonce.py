@@ -138,11 +138,18 @@ def distill(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None, teache
     of rows, not of scored rows: each rank's share of a batch split over ranks then adds up to the mean over
     the global batch, whatever the ranks hold. Returns (loss, fraction of rows with a teacher)."""
     cand = pos.unsqueeze(1) if neg is None else torch.cat([pos.unsqueeze(1), neg], dim=1)  # [B, 1 + K, D]
-    student = F.log_softmax(torch.einsum("bd,bkd->bk", q, cand) / temperature, dim=1)
+    return soft_target_kl(torch.einsum("bd,bkd->bk", q, cand) / temperature, teacher, teacher_temperature)
+
+
+def soft_target_kl(student: torch.Tensor, teacher: torch.Tensor, teacher_temperature: float):
+    """Sum over rows of KL(softmax(teacher / teacher_temperature) || softmax(student)), ``[R, G]`` logits each,
+    rows whose teacher holds a NaN left out, divided by R; and the fraction of rows with a teacher. The
+    embedder's distillation (``distill``) and the reranker's (``losses.rerank``) both take it."""
+    student = F.log_softmax(student, dim=1)
     have = ~torch.isnan(teacher).any(dim=1)
     target = F.log_softmax(teacher.masked_fill(~have.unsqueeze(1), 0.0).to(student.dtype) / teacher_temperature, 1)
     kl = (target.exp() * (target - student)).sum(dim=1)
-    return torch.where(have, kl, 0.0).sum() / max(q.shape[0], 1), have.float().mean()
+    return torch.where(have, kl, 0.0).sum() / max(student.shape[0], 1), have.float().mean()
 
 
 def known_mask(pool_ids: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor | None:

@@ -53,7 +53,8 @@ def build_task(cfg, run_dir, train_precision: str = "fp32"):
     if isinstance(cfg.loss, RerankLossConfig):  # the reranker track: same loop, another task
         reranker = build_reranker(cfg.model, max_length=cfg.model.max_doc_length, train_precision=train_precision)
         instructions = Instructions(data.task_instructions, DEFAULT_RERANK_INSTRUCTION, data.symmetric_tasks)
-        collate = RerankCollator(reranker.token_ids, instructions, k=data.num_hard_negatives, seed=seed)
+        collate = RerankCollator(reranker.token_ids, instructions, k=data.num_hard_negatives, seed=seed,
+                                 teacher=cfg.loss.kd_weight > 0)
         task = RerankTask(reranker, build_loss(cfg.loss))
         task.instructions = instructions  # the dev evaluation's instruction rule (train/dev_eval.py)
         return task, Loader(sources, collate, **loader_kw)

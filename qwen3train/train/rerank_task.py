@@ -23,8 +23,8 @@ class RerankTask:
 
     @staticmethod
     def split(batch: RerankBatch, n: int) -> list[RerankBatch]:
-        per = len(batch) // n * batch.group
-        return [RerankBatch(batch.ids[i * per:(i + 1) * per], batch.group) for i in range(n)]
+        per = len(batch) // n
+        return [batch.rows(slice(i * per, (i + 1) * per)) for i in range(n)]
 
     @staticmethod
     def unit_tokens(batch: RerankBatch) -> list[int]:
@@ -33,8 +33,7 @@ class RerankTask:
 
     @staticmethod
     def take(batch: RerankBatch, units: slice) -> RerankBatch:
-        g = batch.group
-        return RerankBatch(batch.ids[units.start * g:units.stop * g], g)
+        return batch.rows(units)
 
     def pack(self, batch: RerankBatch):
         return memo_pack(self.reranker, batch, lambda: batch.ids)
@@ -50,7 +49,7 @@ class RerankTask:
         return torch.cat(parts)
 
     def loss(self, z: torch.Tensor, batch: RerankBatch):
-        return self.loss_fn(z)
+        return self.loss_fn(z, None if batch.teacher is None else batch.teacher.to(z.device))
 
     def export(self, out_dir, state_dict=None):
         from qwen3train.models.export import export_reranker

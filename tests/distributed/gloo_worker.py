@@ -38,7 +38,7 @@ def main(tests_dir, model_dir, data_file, out_file):
     result["gradcache"] = (dist.all_reduce_mean(loss).item(),
                            {n: p.grad.clone() for n, p in engine.module.named_parameters()})
     # reranker (sft loss, groups of 4): 2 queries per rank
-    rcfg = rerank_cfg(model_dir, data_file, out_file + ".rr", global_batch=4, micro=2)
+    rcfg = rerank_cfg(model_dir, data_file, out_file + ".rr", global_batch=4, micro=2, kd_weight=0.5)
     rtask, rloader = build_task(rcfg, rcfg.run.output_dir)
     rengine = TorchEngine(rtask.module, rcfg.engine, rcfg.optim, 10)
     rbatch = rloader.collate_items([(i, 0) for i in range(4)][r * 2:(r + 1) * 2], 0)

@@ -51,7 +51,7 @@ def test_two_process_gloo_equals_one_process(tiny_model_dir, tmp_path):
             assert (grads2[n] - g).abs().max().item() <= 1e-5 * max(1.0, g.abs().max().item()), (mode, n)
 
     # reranker: one process on the 4 queries == 2 processes with 2 each (DDP averages the gradients)
-    rcfg = rerank_cfg(tiny_model_dir, data, tmp_path / "rr1", global_batch=4, micro=4)
+    rcfg = rerank_cfg(tiny_model_dir, data, tmp_path / "rr1", global_batch=4, micro=4, kd_weight=0.5)
     rtask, rloader = build_task(rcfg, tmp_path / "rr1")
     rengine = TorchEngine(rtask.module, rcfg.engine, rcfg.optim, 10)
     rbatch = rloader.collate_items([(i, 0) for i in range(4)], 0)

@@ -63,9 +63,10 @@ def test_an_embedders_scores_are_each_texts_own_cosine(tmp_path, records):
 
 def test_a_rerankers_logits_then_stage_2_distils_them(tmp_path, records, tiny_model_dir):
     """The reranker teacher's scores are its relevance logits (the log-odds of its "yes" probability for each
-    pair scored alone); training with loss.kd_weight reads them for every row (kd_rows 1) and the distillation
-    term is logged. Would catch probabilities written instead of logits, or scores never reaching the loss."""
-    from helpers import train_cfg
+    pair scored alone); training with loss.kd_weight, the embedder's and the reranker's, reads them for every row
+    (kd_rows 1) and logs the distillation term. Would catch probabilities written instead of logits, or scores
+    never reaching the loss."""
+    from helpers import rerank_cfg, train_cfg
 
     from qwen3train.eval.rerank import load_reranker
     from qwen3train.models.reranker import DEFAULT_RERANK_INSTRUCTION
@@ -83,11 +84,14 @@ def test_a_rerankers_logits_then_stage_2_distils_them(tmp_path, records, tiny_mo
         assert row["pos_scores"] + row["neg_scores"] == pytest.approx(torch.logit(p).tolist(), abs=1e-4)
     assert len({round(x, 3) for r in got for x in r["neg_scores"]}) > 10  # scores, not a constant
 
-    cfg = train_cfg(tiny_model_dir, out, tmp_path / "s2", max_steps=2, k=3, global_batch=8, kd_weight=1.0)
-    run(cfg)
-    metrics = [json.loads(x) for x in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in metrics if "kd" in m]
-    assert len(steps) == 2 and all(m["kd_rows"] == 1.0 and m["kd"] > 0 and math.isfinite(m["kd"]) for m in steps)
+    for name, cfg in (("s2", train_cfg(tiny_model_dir, out, tmp_path / "s2", max_steps=2, k=3, global_batch=8,
+                                       kd_weight=1.0)),
+                      ("rr", rerank_cfg(tiny_model_dir, out, tmp_path / "rr", max_steps=2, kd_weight=1.0))):
+        run(cfg)  # the embedder's stage 2, and the reranker track, distilling the teacher
+        metrics = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        steps = [m for m in metrics if "kd" in m]
+        assert len(steps) == 2 and all(m["kd_rows"] == 1.0 and m["kd"] > 0 and math.isfinite(m["kd"])
+                                       for m in steps), name
 
 
 def test_distillation_without_any_teacher_scores_says_so(tmp_path, records, tiny_model_dir, capsys):

@@ -74,7 +74,8 @@ def rerank_cfg(model_dir, data_file, out_dir, objective="sft", **over):
 
     over.setdefault("global_batch", 4)
     over.setdefault("micro", 2)
+    kd = over.pop("kd_weight", 0.0)
     cfg = train_cfg(model_dir, data_file, out_dir, k=3, **over)
-    cfg.loss = RerankLossConfig(objective=objective)
+    cfg.loss = RerankLossConfig(objective=objective, kd_weight=kd)
     cfg.model.max_doc_length = 160
     return cfg

@@ -109,12 +109,18 @@ def test_token_budget_gradcache_equals_the_padded_full_batch(tiny_model_dir, tmp
 
 def test_token_budget_micro_batches_leave_the_reranker_loss_unchanged(tiny_model_dir, tmp_path):
     """Reranker groups are independent, so token-budget micro batches without GradCache (each weighted by
-    its groups) give the full batch's loss and gradients."""
+    its groups) give the full batch's loss and gradients; with distillation too (each micro batch takes its
+    groups' teacher scores: scores of other groups, or none, would change the loss)."""
     from helpers import rerank_cfg
 
-    cfg = rerank_cfg(tiny_model_dir, make_pairs(tmp_path / "d.jsonl", n=32, k=3), tmp_path / "run",
-                     objective="listwise", global_batch=4, micro=4)
+    data = with_teacher(make_pairs(tmp_path / "d.jsonl", n=32, k=3))
+    cfg = rerank_cfg(tiny_model_dir, data, tmp_path / "run", objective="listwise", global_batch=4, micro=4,
+                     kd_weight=0.5)
     ref = _step_grads(cfg, tmp_path, packing=True, grad_cache=False, token_budget=None, n_micro=1, rerank=True)
+    cfg.loss.kd_weight = 0.0
+    assert abs(_step_grads(cfg, tmp_path, packing=True, grad_cache=False, token_budget=None, n_micro=1,
+                           rerank=True)[0] - ref[0]) > 1e-4  # the distillation term is live
+    cfg.loss.kd_weight = 0.5
     got = _step_grads(cfg, tmp_path, packing=True, grad_cache=False, token_budget=250, n_micro=1, rerank=True)
     assert got[2] >= 2
     _same(got, ref)

@@ -49,6 +49,29 @@ def test_losses_match_independent_computation(objective):
         assert abs(got - reference(z, objective, t)) < 1e-6
 
 
+def test_distillation_adds_the_groups_kl_to_the_objective():
+    """RerankLoss with kd_weight: the objective plus kd_weight x KL(softmax(t / kd_temperature) || softmax(s)) over
+    each group, s = z_yes - z_no, written out by hand; a group without scores adds 0 (the sum over all groups).
+    Would catch the student's probabilities used instead of its logits, or the teacher's temperature left out."""
+    from qwen3train.losses.rerank import RerankLoss
+
+    z = torch.tensor([[[0.1, 2.0, 5.0], [1.0, -0.5, 4.0], [0.3, 0.2, 6.0]],
+                      [[2.0, 0.0, 3.5], [-1.0, 1.5, 4.5], [0.0, 0.0, 2.0]],
+                      [[0.5, 0.5, 3.0], [0.2, 0.9, 3.0], [1.0, -1.0, 3.0]]])
+    teacher = torch.tensor([[3.0, -1.0, 0.5], [float("nan")] * 3, [0.0, 2.0, -2.0]])
+    for objective in ("sft", "listwise"):
+        loss, stats = RerankLoss(objective, kd_weight=0.7, kd_temperature=2.0)(z, teacher)
+        kl = 0.0
+        for q in (0, 2):
+            s = [float(z[q, g, 1] - z[q, g, 0]) for g in range(3)]
+            t = [float(x) / 2.0 for x in teacher[q]]
+            ls = [x - math.log(sum(math.exp(y) for y in s)) for x in s]
+            lt = [x - math.log(sum(math.exp(y) for y in t)) for x in t]
+            kl += sum(math.exp(a) * (a - b) for a, b in zip(lt, ls))
+        assert loss.item() == pytest.approx(rerank_loss(z, objective).item() + 0.7 * kl / 3, rel=1e-6)
+        assert float(stats["kd"]) == pytest.approx(kl / 3, rel=1e-6) and float(stats["kd_rows"]) == pytest.approx(2 / 3)
+
+
 def rerank_cfg(tiny_model_dir, tmp_path, objective="sft", **kw):
     return helpers.rerank_cfg(tiny_model_dir, make_pairs(tmp_path / "d.jsonl", n=32, k=3), tmp_path / "r",
                               objective, **kw)
