@@ -1,6 +1,9 @@
 # qwen3train — every target takes Hydra overrides through ARGS="..." and processes through NGPU=.
 #   make stage1 ARGS="model=qwen3-0.6b engine=zero2 optim.lr=2e-5" NGPU=8
 SHELL := /bin/bash
+# no brace expansion, no globbing in recipes: ARGS="models={a:x,b:y}" reached Hydra as models=a:x models=b:y,
+# and data.train_files=[a] as a file's name where one matched the bracket pattern
+.SHELLFLAGS := -f +B -c
 .DEFAULT_GOAL := help
 
 VENV   ?= .venv

@@ -226,9 +226,46 @@ def _respell(argv: list[str], overrides: list[str], old: str, new: list[str]) ->
 ALIASES = {"mteb": {"model": "export"}}  # command -> {key users type: the config's key}
 
 
+def _depth(text: str) -> int:
+    """Brackets ``[`` / ``{`` opened and not closed in an argument, outside quoted strings."""
+    depth, quote = 0, None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+    return depth
+
+
+def rejoin(argv: list[str]) -> list[str]:
+    """An override that a shell split at its spaces, put back together: ``make prepare ARGS="sources=[{path:
+    a.jsonl, count: 10}]"`` reaches us as ``sources=[{path:``, ``a.jsonl,``, ``count:``, ``10}]`` (the
+    Makefile passes ARGS unquoted, to split the overrides). Pieces are joined with one space while brackets
+    stay open, which Hydra's grammar reads alike; an argument whose brackets never close is left as it was."""
+    out, i = [], 0
+    while i < len(argv):
+        j, joined = i, argv[i]
+        while _depth(joined) > 0 and j + 1 < len(argv):
+            j += 1
+            joined += " " + argv[j]
+        if _depth(joined) == 0 and j > i:
+            out.append(joined)
+            i = j + 1
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def apply_aliases(argv: list[str]) -> list[str]:
     """``make mteb ARGS="model=<export>"``: ``model`` is a config group of the training commands, so the
-    MTEB command's model folder is the key ``export``; the spelling users expect is accepted for it."""
+    MTEB command's model folder is the key ``export``; the spelling users expect is accepted for it. First,
+    an override split at its spaces is put back together (``rejoin``)."""
+    argv = rejoin(argv)
     name = next((a.split("=", 1)[1] for a in argv if a.startswith("--config-name=")), None)
     alias = ALIASES.get(name or "", {})
     out = []
