@@ -119,7 +119,8 @@ def _rows(path: str, fmt: str, columns: dict | None, by_id: bool):
 
 def corpus_lookup(corpus: str, rows) -> tuple[dict[str, str], dict]:
     """id -> text of the documents the rows name (only those are held, and the rows are read again after, not
-    held: a corpus of MS MARCO's 8.8M passages is read as a stream), and what was found: an id the corpus gives twice with two texts is an error naming it."""
+    held: a corpus of MS MARCO's 8.8M passages is read as a stream), and what was found. An id the corpus gives
+    twice with two texts is an error naming it."""
     from qwen3train.data.formats import ids
     from qwen3train.errors import ConfigError
     from qwen3train.synth.corpus import read_documents

@@ -1,12 +1,12 @@
 """Typed training records and their validation.
 
-Schema (FlagEmbedding-compatible): ``{"query": str, "pos": [str, ...], "neg": [str, ...]?,
-"instruction": str?, "task": str?, "type": str?, "not_neg": [str, ...]?, "pos_scores": [number, ...]?,
-"neg_scores": [number, ...]?}``; FlagEmbedding's ``prompt`` is read as ``instruction`` when that is absent; the
-scores are a teacher's, one per positive / negative (``loss.kd_weight``: distillation). ``not_neg``: texts that must never serve as the query's
-negatives although they are not positives (``make prepare`` writes there the documents a collection judges
-relevant below its ``min_relevance``; mining drops them as it drops the positives). Other keys (mining's
-``pos_score``, provenance) are ignored.
+Schema (FlagEmbedding-compatible): ``{"query": str, "pos": [str, ...], "neg": [str, ...]?, "instruction": str?,
+"task": str?, "type": str?, "not_neg": [str, ...]?, "pos_scores": [number, ...]?, "neg_scores": [number, ...]?}``;
+FlagEmbedding's ``prompt`` is read as ``instruction`` when that is absent; the scores are a teacher's, one per
+positive / negative (``loss.kd_weight``: distillation). ``not_neg``: texts that must never serve as the query's
+negatives although they are not positives (``make prepare`` writes there the documents a collection judges relevant
+below its ``min_relevance``; mining drops them as it drops the positives). Other keys (mining's ``pos_score``,
+provenance) are ignored.
 Every error names the file, the line (1-based) and the field.
 """
 

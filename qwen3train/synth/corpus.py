@@ -1,10 +1,10 @@
 """Corpus reading and passage chunking.
 
-Inputs: JSONL (``text``/``contents``/``document_text``, optional ``title``, ``language``, ``_id``/``id``/``docid``), Parquet
-with the same columns, TSV (``id<TAB>text``: MS MARCO's ``collection.tsv``), plain ``.txt`` files (one document
-per blank-line-separated block), or a collection folder (BEIR, MS MARCO, TREC: its documents). Each
-document is split into passages of at most ``max_words`` units (``overlap`` units shared between
-neighbours); passages shorter than ``min_words`` units are dropped and counted.
+Inputs: JSONL (``text``/``contents``/``document_text``, optional ``title``, ``language``,
+``_id``/``id``/``docid``), Parquet with the same columns, TSV (``id<TAB>text``: MS MARCO's ``collection.tsv``),
+plain ``.txt`` files (one document per blank-line-separated block), or a collection folder (BEIR, MS MARCO, TREC:
+its documents). Each document is split into passages of at most ``max_words`` units (``overlap`` units shared
+between neighbours); passages shorter than ``min_words`` units are dropped and counted.
 
 A unit is a whitespace-separated word in scripts written with spaces and a single character in scripts
 written without them (Han, kana, Thai, Lao, Khmer, Myanmar, Tibetan): a Chinese or Japanese document is
