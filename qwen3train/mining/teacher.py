@@ -7,7 +7,9 @@ text formatted as training formats it. The records are written again with ``pos_
 (FlagEmbedding's fields, one score per text, in order), which stage 1 or 2 then distils with
 ``loss.kd_weight > 0`` (``loss.kd_temperature``: 1 for a reranker's logits, about the student's temperature
 for an embedder's cosines). Records are scored ``block`` at a time; under ``torchrun`` (``make score
-NGPU=n``) each process scores a contiguous share and rank 0 joins them in input order.
+NGPU=n``) the processes take the blocks in turn and rank 0 joins them in input order. Each block is kept as it
+is done, so a job killed midway (a preempted node, hours into a large file) and run again scores only the
+blocks it had not finished, with as many processes or not.
 
 Outputs: ``output`` and ``<stem>_summary.json``: the counts, the mean scores, and how many records the teacher
 ranks a negative of above a positive (``negatives_over_a_positive``: false negatives, or a positive the
@@ -18,6 +20,7 @@ and kept in ``<stem>_rejects.jsonl``.
 from __future__ import annotations
 
 import json
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +125,42 @@ def run_score(cfg: ScoreConfig) -> dict:
         return _score(cfg)
 
 
+def _parts_dir(cfg: ScoreConfig, out: Path, source: IndexedSource) -> Path:
+    """Where the blocks of this job are kept until joined: named by what decides their scores (the records as
+    indexed, the teacher's files, the settings), so a rerun of the same job reuses them and another never does."""
+    import hashlib
+
+    from qwen3train.stage_marker import path_fingerprint
+
+    teacher = Path(cfg.teacher)
+    key = json.dumps({"data": source.fingerprint(), "teacher": cfg.teacher, "kind": cfg.kind,
+                      "files": path_fingerprint(teacher) if teacher.exists() else "hub", "max_length": cfg.max_length,
+                      "precision": cfg.precision, "block": cfg.block, "instructions": [cfg.task_instructions,
+                      cfg.default_instruction, cfg.symmetric_tasks]}, sort_keys=True, default=str)
+    return out.with_name(f".{out.name}.parts-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+
+
+def _score_block(teacher, records, path: Path) -> None:
+    """One block's scored records (``block-N.jsonl``) and its figures (``block-N.json``), each written whole
+    under a temporary name and renamed: the JSONL's presence says the block is done."""
+    stats = np.zeros(6)  # records, positives, negatives, sum of positive scores, sum of negative scores, over
+    lines = []
+    for r, s in zip(records, teacher(records)):
+        s = s.tolist()
+        pos, neg = s[:len(r.pos)], s[len(r.pos):]
+        row = {"query": r.query, "pos": r.pos, "neg": r.neg, "task": r.task, "instruction": r.instruction}
+        row |= r.carried() | {"pos_scores": [round(x, 6) for x in pos], "neg_scores": [round(x, 6) for x in neg]}
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+        stats += (1, len(pos), len(neg), sum(pos), sum(neg), bool(neg) and max(neg) > min(pos))
+    for target, text in ((path.with_suffix(".json"), json.dumps(stats.tolist())), (path, "".join(lines))):
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(target)
+
+
 def _score(cfg: ScoreConfig) -> dict:
+    """Blocks of ``cfg.block`` records, taken by the ranks in turn; each kept as it is done, so a job killed
+    midway and run again (with as many processes or not) scores only the blocks it had not finished."""
     from qwen3train.progress import Progress
 
     stall.enter("the reading of the inputs")
@@ -133,34 +171,35 @@ def _score(cfg: ScoreConfig) -> dict:
     source = IndexedSource(expand_files(cfg.inputs), on_error="skip",
                            rejects_path=Path(f"{stem}_rejects.jsonl") if rank == 0 else None)
     n = len(source)
-    mine = range(rank * n // world, (rank + 1) * n // world)
-    stall.enter("the loading of the teacher")
-    teacher = (RerankerTeacher if cfg.kind == "reranker" else EmbedderTeacher)(cfg)
-    part = out.with_name(f".{out.name}.rank{rank}.tmp")
-    stats = np.zeros(5)  # records, positives, negatives, sum of positive scores, sum of negative scores
-    over = 0
-    bar = Progress(len(mine), "score (this rank's records)" if world > 1 else "score", "records")
-    with open(part, "w", encoding="utf-8") as f:
-        for b in range(mine.start, mine.stop, cfg.block):
-            ids = list(range(b, min(b + cfg.block, mine.stop)))
-            stall.enter(f"the scoring of records {b + 1}-{ids[-1] + 1} of {n}")
-            records = source.records(ids)
-            for r, s in zip(records, teacher(records)):
-                s = s.tolist()
-                pos, neg = s[:len(r.pos)], s[len(r.pos):]
-                row = {"query": r.query, "pos": r.pos, "neg": r.neg, "task": r.task, "instruction": r.instruction}
-                row |= r.carried() | {"pos_scores": [round(x, 6) for x in pos], "neg_scores": [round(x, 6) for x in neg]}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                stats += (1, len(pos), len(neg), sum(pos), sum(neg))
-                over += bool(neg) and max(neg) > min(pos)
-            bar.update(len(records))
-    bar.close()
+    parts = _parts_dir(cfg, out, source)
+    blocks = [parts / f"block-{b:07d}.jsonl" for b in range(-(-n // cfg.block))]
+    kept = sum(f.exists() for f in blocks)
+    todo = [b for b in range(rank, len(blocks), world) if not blocks[b].exists()]
+    if rank == 0 and kept:
+        print(f"score: {kept} blocks of {len(blocks)} kept from an earlier run of this job ({parts}): not scored "
+              f"again", flush=True)
+    if todo:
+        stall.enter("the loading of the teacher")
+        parts.mkdir(exist_ok=True)
+        teacher = (RerankerTeacher if cfg.kind == "reranker" else EmbedderTeacher)(cfg)
+        bar = Progress(sum(min(cfg.block, n - b * cfg.block) for b in todo),
+                       "score (this rank's records)" if world > 1 else "score", "records")
+        for b in todo:
+            ids = list(range(b * cfg.block, min((b + 1) * cfg.block, n)))
+            stall.enter(f"the scoring of records {ids[0] + 1}-{ids[-1] + 1} of {n}")
+            _score_block(teacher, source.records(ids), blocks[b])
+            bar.update(len(ids))
+        bar.close()
     stall.enter("the wait for the other ranks' records")
-    total = np.sum(dist.all_gather_object([*stats.tolist(), over]), axis=0).tolist()  # every rank's, summed
+    dist.barrier()
     summary = {}
     if rank == 0:
-        join_parts([out.with_name(f".{out.name}.rank{r}.tmp") for r in range(world)], out)
-        recs, npos, nneg, spos, sneg, over = total
+        total = np.sum([json.loads(f.with_suffix(".json").read_text()) for f in blocks] or [np.zeros(6)], axis=0)
+        recs, npos, nneg, spos, sneg, over = total.tolist()
+        join_parts(blocks, out)
+        for f in blocks:
+            f.with_suffix(".json").unlink()
+        shutil.rmtree(parts, ignore_errors=True)
         summary = {"teacher": cfg.teacher, "kind": cfg.kind, "output": str(out), "processes": world,
                    "records": int(recs), "skipped_bad_records": sum(source.rejected.values()),
                    "mean_positive_score": spos / max(npos, 1), "mean_negative_score": sneg / max(nneg, 1),

@@ -135,3 +135,37 @@ def test_two_process_scoring_equals_one_process(tmp_path, records):
         assert a["pos_scores"] + a["neg_scores"] == pytest.approx(b["pos_scores"] + b["neg_scores"], abs=1e-5)
     for k in ("mean_positive_score", "mean_negative_score", "negatives_over_a_positive"):
         assert got[1][1][k] == pytest.approx(got[2][1][k], abs=1e-5), k
+
+
+def test_a_killed_scoring_job_run_again_scores_only_what_it_had_not_finished(tmp_path, records, monkeypatch):
+    """A job killed in its third block keeps the two it finished: run again, it scores the rest only and
+    writes the file an uninterrupted run writes. Would catch a rerun that starts over (hours of a large file
+    on GPUs) or one that reuses blocks of another job (other data or teacher)."""
+    from qwen3train.mining import teacher as mod
+
+    path, rows = records
+    cfg = dict(inputs=[str(path)], teacher=str(MINILM), kind="embedder", precision="float32", block=5)
+    run_score(ScoreConfig(**cfg, output=str(tmp_path / "full.jsonl")))
+    calls, real = [], mod.EmbedderTeacher.__call__
+
+    def dies_in_the_third_block(self, recs):
+        calls.append(len(recs))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a kill
+        return real(self, recs)
+
+    monkeypatch.setattr(mod.EmbedderTeacher, "__call__", dies_in_the_third_block)
+    out = tmp_path / "scored.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_score(ScoreConfig(**cfg, output=str(out)))
+    assert not out.exists() and len(list(tmp_path.glob(".scored.jsonl.parts-*/block-*.jsonl"))) == 2
+    calls.clear()
+    monkeypatch.setattr(mod.EmbedderTeacher, "__call__", lambda self, recs: calls.append(len(recs)) or real(self, recs))
+    summary = run_score(ScoreConfig(**cfg, output=str(out)))
+    assert calls == [5, 5, 4] and summary["records"] == len(rows) == 24  # blocks 3-5 of 5: 5 + 5 + 4 records
+    assert out.read_text() == (tmp_path / "full.jsonl").read_text()
+    assert not list(tmp_path.glob(".scored.jsonl.parts-*"))  # joined, the blocks removed
+    calls.clear()
+    other = ScoreConfig(**{**cfg, "block": 6}, output=str(tmp_path / "other.jsonl"))
+    run_score(other)
+    assert calls == [6, 6, 6, 6]  # another job: nothing of the first reused
