@@ -41,7 +41,7 @@ def _tevatron(names: list[str] | None, by_id: bool, where: str) -> dict:
     ids = names is not None and TEVATRON_IDS["pos"][0] in names and TEVATRON["pos"][0] not in names
     if ids and not by_id:
         raise ConfigError(f"{where}: Tevatron's rows by document id (positive_document_ids): {BY_ID_HINT}")
-    if by_id and not ids and names is not None:
+    if by_id and names is not None and TEVATRON["pos"][0] in names:
         raise ConfigError(f"{where}: these rows hold their passages (positive_passages), not document ids: "
                           f"read them without corpus")
     return dict(TEVATRON_IDS if by_id else TEVATRON)

@@ -107,16 +107,20 @@ class EmbedderTeacher:
 
 
 def _grouped(encode, items: list[tuple[str | None, str]]) -> torch.Tensor:
-    """Vectors of (instruction, text) items, encoded one instruction at a time, in the items' order."""
+    """Vectors of (instruction, text) items in the items' order, each distinct item encoded once (a mined
+    negative recurs across a block's records), one instruction at a time."""
+    first: dict[tuple[str | None, str], int] = {}
+    where = [first.setdefault(item, len(first)) for item in items]  # item -> its distinct item
     by: dict[str | None, list[int]] = defaultdict(list)
-    for i, (instr, _) in enumerate(items):
-        by[instr].append(i)
+    distinct = list(first)
+    for u, (instr, _) in enumerate(distinct):
+        by[instr].append(u)
     out = None
     for instr, ids in by.items():
-        vec = encode([items[i][1] for i in ids], instr)
-        out = torch.empty((len(items), vec.shape[1])) if out is None else out
+        vec = encode([distinct[u][1] for u in ids], instr)
+        out = torch.empty((len(distinct), vec.shape[1])) if out is None else out
         out[ids] = vec.float()
-    return out if out is not None else torch.empty((0, 1))
+    return out[where] if out is not None else torch.empty((0, 1))
 
 
 def run_score(cfg: ScoreConfig) -> dict:

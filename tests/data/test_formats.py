@@ -199,6 +199,11 @@ def test_rows_by_id_without_a_corpus_and_a_corpus_that_disagrees_are_refused(tmp
     with pytest.raises(ConfigError, match=r"hold their passages \(positive_passages\), not document ids"):
         run_prepare(PrepareConfig(sources=[SourceConfig(path=str(inline), format="tevatron", corpus=str(c))],
                                   output=out))
+    neither = _write(tmp_path / "qa.jsonl", [{"question": "q", "answer": "1"}])  # a wrong file: its columns named
+    with pytest.raises(ConfigError, match=r"no column 'negative_document_ids', 'positive_document_ids', 'query_text' "
+                                          r"\(its columns: question, answer\)"):
+        run_prepare(PrepareConfig(sources=[SourceConfig(path=str(neither), format="tevatron", corpus=str(c))],
+                                  output=out))
     twice = _write(tmp_path / "twice.jsonl", corpus + [dict(corpus[0], text="another text")])
     with pytest.raises(ConfigError, match=rf"document {corpus[0]['docid']!r} twice, with two texts"):
         run_prepare(PrepareConfig(sources=[SourceConfig(path=str(f), format="tevatron", corpus=str(twice))],
