@@ -132,7 +132,6 @@ def _scores_ok(scores, length: np.ndarray) -> np.ndarray:
     """Per row: no scores, or one finite score per text (``records._scores``)."""
     import pyarrow.compute as pc
 
-    n = len(length)
     have = pc.is_valid(scores).to_numpy(zero_copy_only=False)
     count = pc.fill_null(pc.list_value_length(scores), 0).to_numpy(zero_copy_only=False).astype(np.int64)
     ok = ~have | (count == length)
@@ -140,7 +139,7 @@ def _scores_ok(scores, length: np.ndarray) -> np.ndarray:
     if len(flat):
         bad = ~pc.fill_null(pc.is_finite(flat), False).to_numpy(zero_copy_only=False)
         ok[pc.list_parent_indices(scores).to_numpy(zero_copy_only=False)[bad]] = False
-    return ok[:n]
+    return ok
 
 
 def _blank(strings) -> np.ndarray:

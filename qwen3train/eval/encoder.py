@@ -193,3 +193,21 @@ class Encoder:
         np.save(tmp, vec.numpy())
         tmp.replace(path)
         return vec
+
+
+def encode_grouped(encode, items: list[tuple[str | None, str]]) -> torch.Tensor:
+    """``[len(items), D]``: the vectors of (instruction, text) items in their order, ``encode(texts, instruction)``
+    called once per instruction and each distinct item encoded once (a mined negative recurs across records).
+    The cosine filter's pairs and ``make score``'s embedder teacher."""
+    first: dict[tuple[str | None, str], int] = {}
+    where = [first.setdefault(item, len(first)) for item in items]  # item -> its distinct item
+    distinct = list(first)
+    by: dict[str | None, list[int]] = {}
+    for u, (instr, _) in enumerate(distinct):
+        by.setdefault(instr, []).append(u)
+    out = None
+    for instr, ids in by.items():
+        vec = encode([distinct[u][1] for u in ids], instr)
+        out = torch.empty((len(distinct), vec.shape[1])) if out is None else out
+        out[ids] = vec.float()
+    return out[where] if out is not None else torch.empty((0, 1))

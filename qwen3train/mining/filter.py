@@ -13,7 +13,6 @@ rank 0 joins the outputs in input order. ``precision: auto`` scores in bf16 wher
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from qwen3train import dist, stall
 from qwen3train.data.instructions import Instructions
 from qwen3train.data.sources import IndexedSource, expand_files
-from qwen3train.eval.encoder import Encoder
+from qwen3train.eval.encoder import Encoder, encode_grouped
 from qwen3train.mining.store import join_parts
 from qwen3train.stall import StallReport
 from qwen3train.text import DEFAULT_INSTRUCTION
@@ -63,22 +62,10 @@ class FilterConfig:
 def score_pairs(encoder: Encoder, records, instructions: Instructions | None = None) -> torch.Tensor:
     """Cosine of each record's query and first positive, each formatted as training formats them."""
     instructions = instructions or Instructions()
-    by_instr: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(records):
-        by_instr[instructions.of(r)].append(i)
-    parts = {}
-    for instr, ids in by_instr.items():
-        parts[instr] = (ids, encoder.encode_queries([records[i].query for i in ids], instr))
-    dim = next(iter(parts.values()))[1].shape[1]
-    q = torch.empty((len(records), dim))
-    for ids, vec in parts.values():
-        q[ids] = vec
-    d = torch.empty_like(q)
-    by_doc: dict[str | None, list[int]] = defaultdict(list)  # symmetric tasks: documents get it too
-    for i, r in enumerate(records):
-        by_doc[instructions.document(r.task, r.type, r.instruction)].append(i)
-    for instr, ids in by_doc.items():
-        d[ids] = encoder.encode_docs([records[i].pos[0] for i in ids], instr)
+    q = encode_grouped(encoder.encode_queries, [(instructions.of(r), r.query) for r in records])
+    # symmetric tasks: documents get the instruction too
+    d = encode_grouped(encoder.encode_docs, [(instructions.document(r.task, r.type, r.instruction), r.pos[0])
+                                             for r in records])
     return (q * d).sum(dim=1)
 
 

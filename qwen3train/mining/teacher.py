@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 from qwen3train import dist, stall
 from qwen3train.data.instructions import Instructions
 from qwen3train.data.sources import IndexedSource, expand_files
+from qwen3train.eval.encoder import encode_grouped
 from qwen3train.mining.store import join_parts
 from qwen3train.stall import StallReport
 
@@ -98,29 +98,12 @@ class EmbedderTeacher:
                                          cfg.symmetric_tasks)
 
     def __call__(self, records) -> list[torch.Tensor]:
-        q = _grouped(self.encoder.encode_queries, [(self.instructions.of(r), r.query) for r in records])
+        q = encode_grouped(self.encoder.encode_queries, [(self.instructions.of(r), r.query) for r in records])
         docs = [(self.instructions.document(r.task, r.type, r.instruction), t) for r in records for t in r.pos + r.neg]
-        d = _grouped(self.encoder.encode_docs, docs)
+        d = encode_grouped(self.encoder.encode_docs, docs)
         sizes = [len(r.pos) + len(r.neg) for r in records]
         rows = torch.repeat_interleave(torch.arange(len(records)), torch.tensor(sizes, dtype=torch.long))
         return list(torch.split((q[rows] * d).sum(dim=1), sizes))
-
-
-def _grouped(encode, items: list[tuple[str | None, str]]) -> torch.Tensor:
-    """Vectors of (instruction, text) items in the items' order, each distinct item encoded once (a mined
-    negative recurs across a block's records), one instruction at a time."""
-    first: dict[tuple[str | None, str], int] = {}
-    where = [first.setdefault(item, len(first)) for item in items]  # item -> its distinct item
-    by: dict[str | None, list[int]] = defaultdict(list)
-    distinct = list(first)
-    for u, (instr, _) in enumerate(distinct):
-        by[instr].append(u)
-    out = None
-    for instr, ids in by.items():
-        vec = encode([distinct[u][1] for u in ids], instr)
-        out = torch.empty((len(distinct), vec.shape[1])) if out is None else out
-        out[ids] = vec.float()
-    return out[where] if out is not None else torch.empty((0, 1))
 
 
 def run_score(cfg: ScoreConfig) -> dict:
