@@ -11,6 +11,10 @@ NGPU=n``) the processes take the blocks in turn and rank 0 joins them in input o
 is done, so a job killed midway (a preempted node, hours into a large file) and run again scores only the
 blocks it had not finished, with as many processes or not.
 
+``backend: vllm`` serves a reranker teacher by vLLM instead (one process; ``tensor_parallel_size`` spreads it over
+GPUs): the same logits of the same token ids (``RerankPrompt``), the engine batching a whole block and running each
+query's prompt once for all its documents (prefix caching).
+
 Outputs: ``output`` and ``<stem>_summary.json``: the counts, the mean scores, and how many records the teacher
 ranks a negative of above a positive (``negatives_over_a_positive``: false negatives, or a positive the
 teacher doubts; ``mine.rerank_max_prob`` drops such negatives when mining). Bad records are skipped, counted
@@ -35,6 +39,7 @@ from qwen3train.mining.store import join_parts
 from qwen3train.stall import StallReport
 
 KINDS = ("reranker", "embedder")
+BACKENDS = ("transformers", "vllm")
 
 
 @dataclass
@@ -47,6 +52,11 @@ class ScoreConfig:
     batch_size: int = 16
     precision: str = "auto"  # auto | float32 | bfloat16 | float16
     block: int = 4096  # records scored and written at a time
+    # transformers | vllm: a reranker teacher served by vLLM's pooling runner (one process; the same logits,
+    # from the same token ids; prefix caching runs each query's prompt once for all its documents)
+    backend: str = "transformers"
+    tensor_parallel_size: int = 1  # vllm: GPUs one teacher is spread over (an 8B reranker on small GPUs)
+    gpu_memory_utilization: float = 0.9  # vllm: the share of each GPU's memory the engine takes
     # the instructions training uses (data.instructions.Instructions); None: the teacher kind's default
     task_instructions: dict[str, str] = field(default_factory=dict)
     default_instruction: str | None = None
@@ -60,20 +70,35 @@ class ScoreConfig:
         precision_name(self.precision, "score.precision")
         if self.kind not in KINDS:
             raise ValueError(f"score.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        at_least("score", batch_size=(self.batch_size, 1), block=(self.block, 1), max_length=(self.max_length, 8))
+        if self.backend not in BACKENDS:
+            raise ValueError(f"score.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "vllm" and self.kind != "reranker":
+            raise ValueError("score.backend=vllm serves a reranker teacher; an embedder teacher (kind=embedder) "
+                             "encodes each text once and runs with backend=transformers")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"score.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        at_least("score", batch_size=(self.batch_size, 1), block=(self.block, 1), max_length=(self.max_length, 8),
+                 tensor_parallel_size=(self.tensor_parallel_size, 1))
         if self.stall_report_s < 0:
             raise ValueError("score.stall_report_s must be >= 0 (0: no report)")
 
 
 class RerankerTeacher:
+    """A yes/no reranker's relevance logits, through transformers (``Reranker.relevance``)."""
+
     def __init__(self, cfg: ScoreConfig) -> None:
         from qwen3train.eval.rerank import load_reranker
-        from qwen3train.models.reranker import DEFAULT_RERANK_INSTRUCTION
 
         self.model = load_reranker(cfg.teacher, cfg.precision, cfg.max_length)
-        self.instructions = Instructions(cfg.task_instructions, cfg.default_instruction or DEFAULT_RERANK_INSTRUCTION,
-                                         cfg.symmetric_tasks)
+        self.instructions = self._instructions(cfg)
         self.batch_size = cfg.batch_size
+
+    @staticmethod
+    def _instructions(cfg: ScoreConfig) -> Instructions:
+        from qwen3train.models.reranker import DEFAULT_RERANK_INSTRUCTION
+
+        return Instructions(cfg.task_instructions, cfg.default_instruction or DEFAULT_RERANK_INSTRUCTION,
+                            cfg.symmetric_tasks)
 
     def __call__(self, records) -> list[torch.Tensor]:
         """Per record, its scores of ``pos + neg``, in order."""
@@ -84,7 +109,35 @@ class RerankerTeacher:
             docs += texts
             instr += [self.instructions.of(r)] * len(texts)
             sizes.append(len(texts))
-        return list(torch.split(self.model.relevance(queries, docs, instr, self.batch_size), sizes))
+        return list(torch.split(self.relevance(queries, docs, instr), sizes))
+
+    def relevance(self, queries, docs, instructions) -> torch.Tensor:
+        return self.model.relevance(queries, docs, instructions, self.batch_size)
+
+
+class VLLMRerankerTeacher(RerankerTeacher):
+    """The same logits served by vLLM (``backend: vllm``) from the same token ids (``RerankPrompt``): the engine
+    batches the whole block itself and runs each query's prompt once for all its documents (prefix caching)."""
+
+    def __init__(self, cfg: ScoreConfig) -> None:
+        from qwen3train.eval.encoder import resolve_precision
+        from qwen3train.models.build import load_tokenizer
+        from qwen3train.models.reranker import RerankPrompt
+        from qwen3train.synth.vllm_backend import VLLMRelevance
+
+        self.prompt = RerankPrompt(load_tokenizer(cfg.teacher), cfg.max_length)
+        no, yes = self.prompt.tokenizer.convert_ids_to_tokens([self.prompt.no_id, self.prompt.yes_id])
+        self.engine = VLLMRelevance(cfg.teacher, yes_token=yes, no_token=no, max_model_len=cfg.max_length,
+                                    dtype=resolve_precision(cfg.precision, "score.precision"),
+                                    tensor_parallel_size=cfg.tensor_parallel_size,
+                                    gpu_memory_utilization=cfg.gpu_memory_utilization)
+        self.instructions = self._instructions(cfg)
+
+    def relevance(self, queries, docs, instructions) -> torch.Tensor:
+        return self.engine(self.prompt.token_ids(queries, docs, instructions))
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 class EmbedderTeacher:
@@ -106,8 +159,19 @@ class EmbedderTeacher:
         return list(torch.split((q[rows] * d).sum(dim=1), sizes))
 
 
+def _teacher(cfg: ScoreConfig):
+    if cfg.kind == "embedder":
+        return EmbedderTeacher(cfg)
+    return VLLMRerankerTeacher(cfg) if cfg.backend == "vllm" else RerankerTeacher(cfg)
+
+
 def run_score(cfg: ScoreConfig) -> dict:
     dist.init()
+    if cfg.backend == "vllm" and dist.world_size() > 1:
+        from qwen3train.errors import ConfigError
+
+        raise ConfigError(f"score.backend=vllm runs in one process ({dist.world_size()} were started): vLLM places "
+                          f"the teacher on the GPUs itself (score.tensor_parallel_size); run make score without NGPU")
     with StallReport(cfg.stall_report_s, dist.rank(), "score.stall_report_s", "no record scored"):
         return _score(cfg)
 
@@ -120,10 +184,13 @@ def _parts_dir(cfg: ScoreConfig, out: Path, source: IndexedSource) -> Path:
     from qwen3train.stage_marker import path_fingerprint
 
     teacher = Path(cfg.teacher)
-    key = json.dumps({"data": source.fingerprint(), "teacher": cfg.teacher, "kind": cfg.kind,
-                      "files": path_fingerprint(teacher) if teacher.exists() else "hub", "max_length": cfg.max_length,
-                      "precision": cfg.precision, "block": cfg.block, "instructions": [cfg.task_instructions,
-                      cfg.default_instruction, cfg.symmetric_tasks]}, sort_keys=True, default=str)
+    settings = {"data": source.fingerprint(), "teacher": cfg.teacher, "kind": cfg.kind,
+                "files": path_fingerprint(teacher) if teacher.exists() else "hub", "max_length": cfg.max_length,
+                "precision": cfg.precision, "block": cfg.block,
+                "instructions": [cfg.task_instructions, cfg.default_instruction, cfg.symmetric_tasks]}
+    if cfg.backend != "transformers":  # (keyed only when not the default: the blocks of a job begun before it kept)
+        settings["backend"] = cfg.backend
+    key = json.dumps(settings, sort_keys=True, default=str)
     return out.with_name(f".{out.name}.parts-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
 
 
@@ -168,14 +235,17 @@ def _score(cfg: ScoreConfig) -> dict:
     if todo:
         stall.enter("the loading of the teacher")
         parts.mkdir(exist_ok=True)
-        teacher = (RerankerTeacher if cfg.kind == "reranker" else EmbedderTeacher)(cfg)
+        teacher = _teacher(cfg)
         bar = Progress(sum(min(cfg.block, n - b * cfg.block) for b in todo),
                        "score (this rank's records)" if world > 1 else "score", "records")
-        for b in todo:
-            ids = list(range(b * cfg.block, min((b + 1) * cfg.block, n)))
-            stall.enter(f"the scoring of records {ids[0] + 1}-{ids[-1] + 1} of {n}")
-            _score_block(teacher, source.records(ids), blocks[b])
-            bar.update(len(ids))
+        try:
+            for b in todo:
+                ids = list(range(b * cfg.block, min((b + 1) * cfg.block, n)))
+                stall.enter(f"the scoring of records {ids[0] + 1}-{ids[-1] + 1} of {n}")
+                _score_block(teacher, source.records(ids), blocks[b])
+                bar.update(len(ids))
+        finally:
+            getattr(teacher, "close", lambda: None)()
         bar.close()
     stall.enter("the wait for the other ranks' records")
     dist.barrier()
@@ -187,8 +257,8 @@ def _score(cfg: ScoreConfig) -> dict:
         for f in blocks:
             f.with_suffix(".json").unlink()
         shutil.rmtree(parts, ignore_errors=True)
-        summary = {"teacher": cfg.teacher, "kind": cfg.kind, "output": str(out), "processes": world,
-                   "records": int(recs), "skipped_bad_records": sum(source.rejected.values()),
+        summary = {"teacher": cfg.teacher, "kind": cfg.kind, "backend": cfg.backend, "output": str(out),
+                   "processes": world, "records": int(recs), "skipped_bad_records": sum(source.rejected.values()),
                    "mean_positive_score": spos / max(npos, 1), "mean_negative_score": sneg / max(nneg, 1),
                    "negatives_over_a_positive": int(over)}
         Path(f"{stem}_summary.json").write_text(json.dumps(summary, indent=2))

@@ -163,13 +163,21 @@ def _usage_embedder(meta: dict) -> list[str]:
 
 
 def _usage_reranker(meta: dict) -> list[str]:
+    import json
+
+    tokens = json.dumps([meta.get("no_token", "no"), meta.get("yes_token", "yes")])
     return ["sentence-transformers (6.x) `CrossEncoder` (scores = P(yes)):", "", "```python",
             "from sentence_transformers import CrossEncoder", 'model = CrossEncoder("<this folder or repo>")',
             'print(model.predict([("what is the capital of China?", "The capital of China is Beijing.")]))', "```", "",
             "transformers: apply the tokenizer's chat template to the (instruction, query, document) message, read the "
             "logits of the `yes` and `no` tokens at the last position, score = softmax over the two [yes].",
-            "", "vLLM: `LLM(model=..., runner=\"pooling\")` with `llm.score(query, documents)` where the sequence-"
-            "classification conversion of yes/no is configured (see the qwen3train README)."]
+            "", "vLLM (the LM served as a one-label classifier, its `yes` row minus its `no` row; the chat template "
+            "puts each pair in the reranker prompt; score = P(yes)):", "", "```python", "from vllm import LLM",
+            'llm = LLM(model="<this folder or repo>", runner="pooling", convert="classify",',
+            f'          hf_overrides={{"classifier_from_token": {tokens}, "method": "from_2_way_softmax"}})',
+            'outputs = llm.score("what is the capital of China?", ["The capital of China is Beijing."],',
+            "                    chat_template=llm.get_tokenizer().chat_template)",
+            "print([o.outputs.score for o in outputs])", "```"]
 
 
 def check_hub_token(repo_id: str) -> None:

@@ -196,7 +196,8 @@ def export_reranker(reranker, out_dir: str | os.PathLike, state_dict: dict | Non
                                                reranker.default_instruction)
     tok.save_pretrained(out)
     write_cross_encoder_files(out, reranker.yes_id, reranker.no_id)
+    no, yes = reranker.tokenizer.convert_ids_to_tokens([reranker.no_id, reranker.yes_id])
     meta = {"kind": "reranker", "max_length": reranker.max_length,
-            "default_instruction": reranker.default_instruction}
+            "default_instruction": reranker.default_instruction, "yes_token": yes, "no_token": no}
     (out / EXPORT_META).write_text(json.dumps(meta, indent=2))
     return out

@@ -60,6 +60,41 @@ def yes_no_ids(tokenizer) -> tuple[int, int]:
     return out[0], out[1]
 
 
+class RerankPrompt:
+    """The reranker's input ids, without a model (``Reranker`` and ``make score``'s vLLM teacher use it alike):
+    the prompt around the pair from the tokenizer (``reranker_prompt``), its "yes"/"no" ids, and the token budget
+    ``max_length`` in which prefix and suffix are always kept and the document is cut."""
+
+    def __init__(self, tokenizer, max_length: int = 8192,
+                 default_instruction: str = DEFAULT_RERANK_INSTRUCTION) -> None:
+        self.tokenizer, self.max_length, self.default_instruction = tokenizer, max_length, default_instruction
+        self.prefix, self.suffix = reranker_prompt(tokenizer)
+        self.prefix_ids = tokenizer.encode(self.prefix, add_special_tokens=False)
+        self.suffix_ids = tokenizer.encode(self.suffix, add_special_tokens=False)
+        self.yes_id, self.no_id = yes_no_ids(tokenizer)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        if self.max_length <= len(self.prefix_ids) + len(self.suffix_ids) + 8:
+            raise ConfigError(f"max_length {max_length} leaves no room for the query and document")
+
+    def token_ids(self, queries: Sequence[str], docs: Sequence[str],
+                  instructions: Sequence[str | None] | None = None) -> list[list[int]]:
+        """``prefix + body + suffix`` per pair; only the tail of the body (the document) is cut.
+
+        The body is tokenized whole (as the official recipe does), so tokens at the
+        ``<Document>: `` boundary match it exactly; if even the instruction and query overflow the
+        budget, the query's tail is cut and the document is dropped rather than the prompt.
+        """
+        if instructions is None:
+            instructions = [None] * len(queries)
+        budget = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        bodies = [
+            RERANK_BODY.format(instruction=i or self.default_instruction, query=q, document=d)
+            for q, d, i in zip(queries, docs, instructions)
+        ]
+        enc = tokenize_capped(self.tokenizer, bodies, budget)
+        return [self.prefix_ids + list(ids) + self.suffix_ids for ids in enc]
+
+
 class Reranker(nn.Module):
     """Qwen3 causal LM scored as a yes/no classifier (spec §3).
 
@@ -83,43 +118,21 @@ class Reranker(nn.Module):
                  pack_share: int = 0) -> None:
         super().__init__()
         self.lm = lm
-        self.tokenizer = tokenizer
-        self.max_length = max_length
         self.padding_side = padding_side
-        self.default_instruction = default_instruction
         self.packing, self.pack_multiple, self.pack_grouped = packing, pack_multiple, pack_grouped
         self.pack_tokens = pack_tokens
         self.pack_share = pack_share
         self.fit = fitting.Fit()  # what one inference forward holds, once it ran out of memory (models/fit.py)
-        self.prefix, self.suffix = reranker_prompt(tokenizer)
-        self.prefix_ids = tokenizer.encode(self.prefix, add_special_tokens=False)
-        self.suffix_ids = tokenizer.encode(self.suffix, add_special_tokens=False)
-        self.yes_id, self.no_id = yes_no_ids(tokenizer)
-        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-        if self.max_length <= len(self.prefix_ids) + len(self.suffix_ids) + 8:
-            raise ConfigError(f"max_length {max_length} leaves no room for the query and document")
+        p = RerankPrompt(tokenizer, max_length, default_instruction)
+        self.tokenizer, self.max_length, self.default_instruction = p.tokenizer, p.max_length, p.default_instruction
+        self.prefix, self.suffix, self.prefix_ids, self.suffix_ids = p.prefix, p.suffix, p.prefix_ids, p.suffix_ids
+        self.yes_id, self.no_id, self.pad_id = p.yes_id, p.no_id, p.pad_id
 
     @property
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
 
-    def token_ids(self, queries: Sequence[str], docs: Sequence[str],
-                  instructions: Sequence[str | None] | None = None) -> list[list[int]]:
-        """``prefix + body + suffix`` per pair; only the tail of the body (the document) is cut.
-
-        The body is tokenized whole (as the official recipe does), so tokens at the
-        ``<Document>: `` boundary match it exactly; if even the instruction and query overflow the
-        budget, the query's tail is cut and the document is dropped rather than the prompt.
-        """
-        if instructions is None:
-            instructions = [None] * len(queries)
-        budget = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
-        bodies = [
-            RERANK_BODY.format(instruction=i or self.default_instruction, query=q, document=d)
-            for q, d, i in zip(queries, docs, instructions)
-        ]
-        enc = tokenize_capped(self.tokenizer, bodies, budget)
-        return [self.prefix_ids + list(ids) + self.suffix_ids for ids in enc]
+    token_ids = RerankPrompt.token_ids  # from this model's own attributes (max_length, default_instruction)
 
     def pad(self, seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         return pad_batch(seqs, self.pad_id, self.padding_side)

