@@ -57,6 +57,25 @@ def load(spec, streaming: bool):
 
 
 
+def stream_files(spec) -> list[str] | None:
+    """The files ``datasets`` resolves ``spec`` to (its builder's ``data_files`` for the split), in order; None where
+    it cannot say (a loading script, no files listed)."""
+    import datasets
+
+    kw = dict(path=spec.dataset, name=spec.dataset_config)
+    if spec.data_files:
+        kw["data_files"] = list(spec.data_files)
+    try:
+        data_files = datasets.load_dataset_builder(**kw).config.data_files
+    except Exception:  # noqa: BLE001 - what load() met already said; a fingerprint is not the place to fail
+        return None
+    if not data_files:
+        return None
+    split = str(spec.split).split("[")[0]
+    chosen = data_files.get(split) if split in data_files else [f for v in data_files.values() for f in v]
+    return [str(f) for f in chosen] if chosen is not None else None
+
+
 def label(spec) -> str:
     files = f" files={list(spec.data_files)}" if spec.data_files else ""
     return f"hf:{spec.dataset}{'/' + spec.dataset_config if spec.dataset_config else ''}[{spec.split}]{files}"
@@ -119,7 +138,7 @@ class StreamingSource:
     def __init__(self, spec, *, seed: int, rank: int, world: int, on_error: str = "raise",
                  num_hard_negatives: int = 0, rejects_path: str | Path | None = None,
                  shuffle_buffer: int = 10_000, retries: int = 5, retry_wait_s: float = 2.0) -> None:
-        self.name = label(spec)
+        self.name, self.spec = label(spec), spec
         self.retries, self.retry_wait_s, self._failures = retries, retry_wait_s, 0
         self.k, self.on_error, self.seed = num_hard_negatives, on_error, seed
         self.rank, self.world = rank, world
@@ -321,6 +340,18 @@ class StreamingSource:
             with open(self.rejects_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"where": err.where, "field": err.field, "error": err.reason, "raw": raw},
                                    ensure_ascii=False, default=str) + "\n")
+
+    def fingerprint(self) -> dict:
+        """What can be known of a stream without reading it (it may be larger than the disk): its name, the files
+        ``datasets`` resolves it to (a hub dataset's name its commit: ``hf://datasets/<repo>@<sha>/...``), and
+        the size of each local one. Another revision, a file added, removed or grown is seen on resume (a local file
+        edited to the same size is not: its bytes are not read). ``train.identity.check_data`` compares it."""
+        out = {"streamed": self.name}
+        files = stream_files(self.spec)
+        if files is not None:
+            out["files"] = [{"file": f} | ({"bytes": Path(f).stat().st_size} if Path(f).is_file() else {})
+                            for f in files]
+        return out
 
     def summary(self) -> dict:
         return {"records": None, "streaming": True, "source": self.name, "rank": self.rank, "tasks": self.task_names,

@@ -236,8 +236,8 @@ class Loader:
         return self.collate([(s.base + i, s.source[i], j) for i, j in items], epoch)
 
     def fingerprint(self) -> list:
-        """Per source, what ``IndexedSource.fingerprint`` says (a streamed source: its name only)."""
-        return [s.source.fingerprint() if isinstance(s, _Stream) else {"streamed": s.source.name} for s in self.streams]
+        """Per source, what its ``fingerprint`` says (``IndexedSource``'s; a streamed source's name and files)."""
+        return [s.source.fingerprint() for s in self.streams]
 
     def heaviest(self, n: int, pool: int = 8):
         """A batch of the ``n`` heaviest records of the indexed sources, heaviest first: each with its longest

@@ -211,14 +211,19 @@ def write_data(run_dir: Path, fingerprint: list) -> None:
     tmp.replace(run_dir / DATA)
 
 
+# what a data fingerprint came to hold after runs had begun: compared only where the run's first one has it
+LATER_FINGERPRINT_KEYS = ("content", "files")
+
+
 def _as_then(old: list, new: list) -> list:
-    """``new`` without the files' ``content`` digest where the run's first fingerprint has none (a run begun
-    before it was recorded, or on an index built before it): compared on what both know."""
+    """``new`` without what the run's first fingerprint lacks of ``LATER_FINGERPRINT_KEYS`` (a file's ``content``
+    digest, a stream's ``files``: a run begun before they were recorded, or on an index built before): compared on
+    what both know."""
     def strip(a, b):
         if isinstance(a, list) and isinstance(b, list):
             return [strip(x, y) for x, y in zip(a, b)] + b[len(a):]
-        if isinstance(a, dict) and isinstance(b, dict) and "content" in b and "content" not in a:
-            return {k: v for k, v in b.items() if k != "content"}
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {k: v for k, v in b.items() if k in a or k not in LATER_FINGERPRINT_KEYS}
         return b
 
     return strip(old, new)
@@ -228,6 +233,8 @@ def _data_change(old: list, new: list) -> str:
     if len(old) != len(new):
         return f"{len(old)} sources then, {len(new)} now"
     for a, b in zip(old, new):
+        if isinstance(a, dict) and "streamed" in a:
+            return _stream_change(a, b)
         a, b = (x if isinstance(x, list) else [x] for x in (a, b))
         if [f.get("file") for f in a] != [f.get("file") for f in b]:
             return f"files {[f.get('file') for f in a]} then, {[f.get('file') for f in b]} now"
@@ -240,3 +247,19 @@ def _data_change(old: list, new: list) -> str:
                             f"other text in them (edited in place)")
                 return f"{fa['file']}: {fa.get('records', 0):,} records then and now, with other content"
     return "other sources"
+
+
+def _stream_change(a: dict, b) -> str:
+    now_name = b.get("streamed") if isinstance(b, dict) else None
+    if now_name != a["streamed"]:
+        return f"the streamed source {a['streamed']} then, {now_name or 'an indexed one'} now"
+    then, now = a.get("files", []), b.get("files", [])
+    if [f["file"] for f in then] != [f["file"] for f in now]:
+        gone = [f["file"] for f in then if f not in now][:3]
+        new = [f["file"] for f in now if f not in then][:3]
+        return (f"{a['streamed']}: {len(then)} files then, {len(now)} now (another revision or other files; "
+                f"then: {gone}, now: {new})")
+    for fa, fb in zip(then, now):
+        if fa != fb:
+            return f"{fa['file']}: {fa.get('bytes')} bytes then, {fb.get('bytes')} now"
+    return f"{a['streamed']}: other files"

@@ -176,3 +176,39 @@ def test_a_fingerprint_recorded_before_the_content_digest_is_compared_on_what_it
     with pytest.raises(ConfigError, match="with other text in them"):
         check_data(tmp_path, [[{"file": "/d.jsonl", "records": 48, "digest": "a" * 32, "content": "d" * 32}]],
                    "auto", 2)
+
+
+def test_a_streamed_source_grown_or_moved_to_other_files_is_refused_on_resume(tiny_model_dir, tmp_path):
+    """A streamed source's fingerprint holds the files ``datasets`` resolves it to (a hub dataset's commit is in
+    their names) and each local one's size: rows appended after the crash, or another file listed, are refused on
+    resume, naming the file; the same file resumes. Before, a stream's fingerprint was its name, so a resume read
+    on into other data silently (a shuffled stream's rows at other places). A run begun before the files were
+    recorded is compared on its name. Would catch the files left out of the fingerprint or a false alarm."""
+    from qwen3train.data.sources import MixtureSource
+    from qwen3train.train.identity import DATA, check_data
+
+    data = make_pairs(tmp_path / "d.jsonl", n=24, k=2)
+    original = data.read_bytes()
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=4, save_every=2)
+    cfg.data.train_files = []
+    cfg.data.mixture = [MixtureSource(weight=1.0, dataset="json", data_files=[str(data)], streaming=True,
+                                      shuffle_buffer=8)]
+    with pytest.raises(Crash):
+        run(cfg, hooks=crash_at(3))
+    fp = json.loads((tmp_path / "r" / DATA).read_text())["sources"]
+    assert fp[0]["files"] == [{"file": str(data), "bytes": len(original)}]
+    data.write_bytes(original + original.splitlines(keepends=True)[0])
+    with pytest.raises(ConfigError, match=rf"changed since this run started: {data}: {len(original)} bytes then, "
+                                          rf"{len(original) + len(original.splitlines(keepends=True)[0])} now"):
+        run(cfg)
+    other = tmp_path / "e.jsonl"
+    other.write_bytes(original)
+    moved = [dict(fp[0], files=[{"file": str(other), "bytes": len(original)}])]
+    with pytest.raises(ConfigError, match=r"1 files then, 1 now \(another revision or other files"):
+        check_data(tmp_path / "r", moved, "auto", 2)
+    (tmp_path / "r" / DATA).write_text(json.dumps({"sources": [{"streamed": fp[0]["streamed"]}]}))  # an older run
+    check_data(tmp_path / "r", moved, "auto", 2)
+    (tmp_path / "r" / DATA).write_text(json.dumps({"sources": fp}))
+    data.write_bytes(original)
+    run(cfg)  # the same file: resumes to the end
+    assert json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
