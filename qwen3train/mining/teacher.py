@@ -40,6 +40,9 @@ from qwen3train.stall import StallReport
 
 KINDS = ("reranker", "embedder")
 BACKENDS = ("transformers", "vllm")
+# pairs tokenized and scored at a time: a block of records with many mined negatives each (4,096 x 200) would
+# otherwise hold every pair's token ids at once (~36 bytes a token as Python lists: GBs)
+PAIRS_PER_CALL = 16384
 
 
 @dataclass
@@ -109,7 +112,9 @@ class RerankerTeacher:
             docs += texts
             instr += [self.instructions.of(r)] * len(texts)
             sizes.append(len(texts))
-        return list(torch.split(self.relevance(queries, docs, instr), sizes))
+        n = PAIRS_PER_CALL
+        scores = [self.relevance(queries[i:i + n], docs[i:i + n], instr[i:i + n]) for i in range(0, len(docs), n)]
+        return list(torch.split(torch.cat(scores) if scores else torch.empty(0), sizes))
 
     def relevance(self, queries, docs, instructions) -> torch.Tensor:
         return self.model.relevance(queries, docs, instructions, self.batch_size)

@@ -219,3 +219,25 @@ def test_vllm_scoring_in_several_processes_is_refused_before_loading(tmp_path, r
         run_score(ScoreConfig(inputs=[str(records[0])], teacher="x", backend="vllm", output=str(tmp_path / "o.jsonl")))
     with pytest.raises(ValueError, match="serves a reranker teacher"):
         ScoreConfig(inputs=["x"], kind="embedder", backend="vllm")
+
+
+def test_a_blocks_pairs_scored_a_share_at_a_time_give_the_same_file(tmp_path, records, tiny_model_dir, monkeypatch):
+    """A block's pairs go to the teacher PAIRS_PER_CALL at a time (bounded memory for records with hundreds of mined
+    negatives): shares of 5 pairs, cutting records apart, write the scores one call per block writes. Would catch
+    a share's scores given to the next share's pairs, or a pair lost at a cut."""
+    from qwen3train.mining import teacher as mod
+
+    path, _ = records
+    cfg = dict(inputs=[str(path)], teacher=str(tiny_model_dir), kind="reranker", precision="float32", max_length=96,
+               block=10, batch_size=4)
+    run_score(ScoreConfig(**cfg, output=str(tmp_path / "whole.jsonl")))
+    calls, real = [], mod.RerankerTeacher.relevance
+    monkeypatch.setattr(mod, "PAIRS_PER_CALL", 5)
+    monkeypatch.setattr(mod.RerankerTeacher, "relevance",
+                        lambda self, q, d, i: calls.append(len(d)) or real(self, q, d, i))
+    run_score(ScoreConfig(**cfg, output=str(tmp_path / "shares.jsonl")))
+    assert calls[:8] == [5] * 8 and sum(calls) == 24 * 4  # 10 records x 4 texts = 40 pairs: 8 shares of 5
+    whole, shares = _scored(tmp_path / "whole.jsonl"), _scored(tmp_path / "shares.jsonl")
+    for a, b in zip(whole, shares):
+        assert b["pos_scores"] + b["neg_scores"] == pytest.approx(a["pos_scores"] + a["neg_scores"], abs=1e-5)
+    assert len(shares) == len(whole) == 24
