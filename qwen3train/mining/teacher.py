@@ -11,9 +11,10 @@ NGPU=n``) the processes take the blocks in turn and rank 0 joins them in input o
 is done, so a job killed midway (a preempted node, hours into a large file) and run again scores only the
 blocks it had not finished, with as many processes or not.
 
-``backend: vllm`` serves a reranker teacher by vLLM instead (one process; ``tensor_parallel_size`` spreads it over
-GPUs): the same logits of the same token ids (``RerankPrompt``), the engine batching a whole block and running each
-query's prompt once for all its documents (prefix caching).
+``backend: vllm`` serves a reranker teacher by vLLM instead: the same logits of the same token ids
+(``RerankPrompt``), the engine batching a whole block and running each query's prompt once for all its documents
+(prefix caching). ``tensor_parallel_size`` spreads one engine over GPUs; under ``make score NGPU=n`` n engines run
+side by side, one per process on its own GPUs (``_own_gpus``), taking the blocks in turn like the ranks above.
 
 Outputs: ``output`` and ``<stem>_summary.json``: the counts, the mean scores, and how many records the teacher
 ranks a negative of above a positive (``negatives_over_a_positive``: false negatives, or a positive the
@@ -55,10 +56,10 @@ class ScoreConfig:
     batch_size: int = 16
     precision: str = "auto"  # auto | float32 | bfloat16 | float16
     block: int = 4096  # records scored and written at a time
-    # transformers | vllm: a reranker teacher served by vLLM's pooling runner (one process; the same logits,
-    # from the same token ids; prefix caching runs each query's prompt once for all its documents)
+    # transformers | vllm: a reranker teacher served by vLLM's pooling runner (the same logits from the same token
+    # ids; prefix caching runs each query's prompt once for all its documents; NGPU=n: n engines side by side)
     backend: str = "transformers"
-    tensor_parallel_size: int = 1  # vllm: GPUs one teacher is spread over (an 8B reranker on small GPUs)
+    tensor_parallel_size: int = 1  # vllm: GPUs one engine is spread over (an 8B reranker on small GPUs)
     gpu_memory_utilization: float = 0.9  # vllm: the share of each GPU's memory the engine takes
     # the instructions training uses (data.instructions.Instructions); None: the teacher kind's default
     task_instructions: dict[str, str] = field(default_factory=dict)
@@ -130,6 +131,8 @@ class VLLMRerankerTeacher(RerankerTeacher):
         from qwen3train.models.reranker import RerankPrompt
         from qwen3train.synth.vllm_backend import VLLMRelevance
 
+        if dist.is_dist():  # in-process, vLLM takes an existing group for its world: a rank without blocks
+            raise RuntimeError("bug: a vLLM engine was to start inside the job's process group")  # would hang it
         self.prompt = RerankPrompt(load_tokenizer(cfg.teacher), cfg.max_length)
         no, yes = self.prompt.tokenizer.convert_ids_to_tokens([self.prompt.no_id, self.prompt.yes_id])
         self.engine = VLLMRelevance(cfg.teacher, yes_token=yes, no_token=no, max_model_len=cfg.max_length,
@@ -171,14 +174,44 @@ def _teacher(cfg: ScoreConfig):
 
 
 def run_score(cfg: ScoreConfig) -> dict:
+    side_by_side = cfg.backend == "vllm" and dist.world_size() > 1
+    if side_by_side:
+        _own_gpus(cfg.tensor_parallel_size)
     dist.init()
-    if cfg.backend == "vllm" and dist.world_size() > 1:
-        from qwen3train.errors import ConfigError
-
-        raise ConfigError(f"score.backend=vllm runs in one process ({dist.world_size()} were started): vLLM places "
-                          f"the teacher on the GPUs itself (score.tensor_parallel_size); run make score without NGPU")
     with StallReport(cfg.stall_report_s, dist.rank(), "score.stall_report_s", "no record scored"):
-        return _score(cfg)
+        return _score(cfg, grouped=not side_by_side)
+
+
+def _own_gpus(tensor_parallel_size: int) -> None:
+    """``make score NGPU=n backend=vllm``: n vLLM engines side by side, one per process, each seeing only its own
+    GPUs (the local rank's ``tensor_parallel_size`` of those visible), set before anything touches CUDA. The
+    processes build the record index together, then leave their group before the engines start (an engine
+    started inside it would take it for its own) and meet again through the block files (``_score``)."""
+    import os
+
+    from qwen3train.errors import ConfigError
+
+    lr, tp = dist.local_rank(), tensor_parallel_size
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range((lr + 1) * tp)]
+    mine = ids[lr * tp:(lr + 1) * tp]
+    if len(mine) < tp:
+        raise ConfigError(f"make score with {dist.world_size()} processes of score.tensor_parallel_size={tp} needs "
+                          f"{tp} GPUs for local rank {lr}; CUDA_VISIBLE_DEVICES={visible} leaves {len(mine)}")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+
+
+def _wait_for_blocks(blocks: list[Path]) -> None:
+    """Rank 0 of engines side by side: until every block is written (each new one re-arms the stall report; a
+    rank that failed ends the job through torchrun)."""
+    import time
+
+    done = -1
+    while (now := sum(f.exists() for f in blocks)) < len(blocks):
+        if now > done:
+            stall.beat()
+            done = now
+        time.sleep(1.0)
 
 
 def _parts_dir(cfg: ScoreConfig, out: Path, source: IndexedSource) -> Path:
@@ -217,7 +250,7 @@ def _score_block(teacher, records, path: Path) -> None:
         tmp.replace(target)
 
 
-def _score(cfg: ScoreConfig) -> dict:
+def _score(cfg: ScoreConfig, grouped: bool = True) -> dict:
     """Blocks of ``cfg.block`` records, taken by the ranks in turn; each kept as it is done, so a job killed
     midway and run again (with as many processes or not) scores only the blocks it had not finished."""
     from qwen3train.progress import Progress
@@ -237,6 +270,8 @@ def _score(cfg: ScoreConfig) -> dict:
     if rank == 0 and kept:
         print(f"score: {kept} blocks of {len(blocks)} kept from an earlier run of this job ({parts}): not scored "
               f"again", flush=True)
+    if not grouped:  # engines side by side: the index is built, the group is left (see _own_gpus)
+        dist.cleanup()
     if todo:
         stall.enter("the loading of the teacher")
         parts.mkdir(exist_ok=True)
@@ -253,7 +288,10 @@ def _score(cfg: ScoreConfig) -> dict:
             getattr(teacher, "close", lambda: None)()
         bar.close()
     stall.enter("the wait for the other ranks' records")
-    dist.barrier()
+    if grouped:
+        dist.barrier()
+    elif rank == 0:
+        _wait_for_blocks(blocks)
     summary = {}
     if rank == 0:
         total = np.sum([json.loads(f.with_suffix(".json").read_text()) for f in blocks] or [np.zeros(6)], axis=0)
@@ -270,6 +308,7 @@ def _score(cfg: ScoreConfig) -> dict:
         print(f"score: {int(recs)} records scored by {cfg.kind} {cfg.teacher} -> {out} (mean score: positives "
               f"{summary['mean_positive_score']:.3f}, negatives {summary['mean_negative_score']:.3f}; "
               f"{int(over)} records with a negative scored above a positive)", flush=True)
-    summary = dist.broadcast_object(summary)
-    dist.cleanup()
+    if grouped:
+        summary = dist.broadcast_object(summary)
+        dist.cleanup()
     return summary

