@@ -203,15 +203,17 @@ def _own_gpus(tensor_parallel_size: int) -> None:
 
 def _wait_for_blocks(blocks: list[Path]) -> None:
     """Rank 0 of engines side by side: until every block is written (each new one re-arms the stall report; a
-    rank that failed ends the job through torchrun)."""
+    rank that failed ends the job through torchrun). One look a second at the first block not yet seen, not a
+    look at every block: a large file has tens of thousands, on a shared file system."""
     import time
 
-    done = -1
-    while (now := sum(f.exists() for f in blocks)) < len(blocks):
-        if now > done:
+    at = 0
+    while at < len(blocks):
+        if blocks[at].exists():
+            at += 1
             stall.beat()
-            done = now
-        time.sleep(1.0)
+        else:
+            time.sleep(1.0)
 
 
 def _parts_dir(cfg: ScoreConfig, out: Path, source: IndexedSource) -> Path:

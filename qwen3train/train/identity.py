@@ -233,6 +233,8 @@ def _data_change(old: list, new: list) -> str:
     if len(old) != len(new):
         return f"{len(old)} sources then, {len(new)} now"
     for a, b in zip(old, new):
+        if a == b:
+            continue
         if isinstance(a, dict) and "streamed" in a:
             return _stream_change(a, b)
         a, b = (x if isinstance(x, list) else [x] for x in (a, b))

@@ -212,3 +212,15 @@ def test_a_streamed_source_grown_or_moved_to_other_files_is_refused_on_resume(ti
     data.write_bytes(original)
     run(cfg)  # the same file: resumes to the end
     assert json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
+def test_a_change_after_an_unchanged_streamed_source_is_named(tmp_path):
+    """A mixture whose streamed source is as it was and whose indexed file changed: the line names the indexed file,
+    not the stream. Would catch the first streamed source taken for the change whatever it holds."""
+    from qwen3train.train.identity import DATA, check_data
+
+    stream = {"streamed": "hf:json[train]", "files": [{"file": "/s.jsonl", "bytes": 10}]}
+    then = [stream, [{"file": "/d.jsonl", "records": 48, "digest": "a" * 32}]]
+    (tmp_path / DATA).write_text(json.dumps({"sources": then}))
+    with pytest.raises(ConfigError, match=r"/d\.jsonl: 48 records then, 49 now"):
+        check_data(tmp_path, [stream, [{"file": "/d.jsonl", "records": 49, "digest": "b" * 32}]], "auto", 2)
