@@ -388,7 +388,9 @@ def section_stages(out: Path, quick: bool) -> dict:
 def section_two_procs(out: Path, quick: bool) -> dict:
     """Stage 1 with GradCache on 2 processes sharing one GPU (gloo carries the CUDA tensors: NCCL refuses two
     ranks on one device) equals 1 process on the same global batch: the multi-rank CUDA code (the
-    gathered loss, DDP's reduction, the logged statistics) as far as one GPU can show it."""
+    gathered loss, DDP's reduction, the logged statistics) as far as one GPU can show it. Then engine=fsdp on 1
+    process (NCCL) and on 2 sharing the GPU (gloo), each against the same 1-process torch run (FSDP's CUDA path
+    has never run on a GPU; its CPU equivalence is tests/distributed/test_fsdp.py)."""
     if not _run_here():
         return {"skipped": "needs CUDA (the CPU equivalence is tests/distributed/test_gloo.py)"}
     from qwen3train.models.tiny import make_tiny_qwen3
@@ -396,25 +398,35 @@ def section_two_procs(out: Path, quick: bool) -> dict:
     model = make_tiny_qwen3(out / "models" / "tiny-qwen3")
     data = _demo_data() / "train_pairs.jsonl"
     res: dict = {}
-    for n in (1, 2):
-        run_dir = out / "two_procs" / f"n{n}"
+    for name, engine, n in (("n1", "torch", 1), ("n2", "torch", 2), ("fsdp1", "fsdp", 1), ("fsdp2", "fsdp", 2)):
+        run_dir = out / "two_procs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)] if n > 1 else []
-        cmd = [sys.executable, *launcher, "-m", "qwen3train.cli.main", "--config-name=stage1", "engine=torch",
+        cmd = [sys.executable, *launcher, "-m", "qwen3train.cli.main", "--config-name=stage1", f"engine={engine}",
                "engine.precision=fp32", "engine.grad_cache=true", "engine.micro_batch_size=4",
                "engine.global_batch_size=16", "run.max_steps=3", "run.save_every=0", "run.resume=false",
                f"run.output_dir={run_dir}", f"model.name_or_path={model}", "model.max_doc_length=128",
                f"data.train_files=[{data}]", "optim.lr=5e-4"]
-        env = dict(os.environ, PYTHONWARNINGS="ignore", QWEN3TRAIN_DIST_BACKEND="gloo")
+        # two ranks on one GPU: gloo carries the CUDA tensors (NCCL refuses two ranks on one device); one: NCCL
+        env = dict(os.environ, PYTHONWARNINGS="ignore", **({"QWEN3TRAIN_DIST_BACKEND": "gloo"} if n > 1 else {}))
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
         if proc.returncode != 0:
-            return {**res, "error": f"{n} process(es): {proc.stderr[-1500:]}"}
-        res[f"n{n}"] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    one, two = res.pop("n1"), res.pop("n2")
-    res["max_loss_diff"] = max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two))
-    res["max_grad_norm_diff"] = max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(one, two))
-    res["steps"] = len(two)
-    res["equal"] = res["steps"] == 3 and res["max_loss_diff"] <= 1e-4 and res["max_grad_norm_diff"] <= 1e-3
+            res[f"{name}_error"] = proc.stderr[-1500:]
+            continue
+        res[name] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    one = res.get("n1")
+    for name, key in (("n2", "equal"), ("fsdp1", "fsdp1_equal"), ("fsdp2", "fsdp2_equal")):
+        got = res.pop(name, None)
+        if one is None or got is None:
+            continue
+        loss = max(abs(a["loss"] - b["loss"]) for a, b in zip(one, got))
+        norm = max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(one, got))
+        prefix = "" if name == "n2" else f"{name}_"
+        res[f"{prefix}max_loss_diff"], res[f"{prefix}max_grad_norm_diff"], res[f"{prefix}steps"] = loss, norm, len(got)
+        res[key] = len(got) == 3 and loss <= 1e-4 and norm <= 1e-3
+    res.pop("n1", None)
+    if "n1_error" in res or "n2_error" in res:
+        res["error"] = res.get("n1_error") or res.get("n2_error")
     return res
 
 
@@ -499,8 +511,9 @@ def markdown(results: dict) -> str:
         if "skipped" in sec:
             lines.append(f"- {key[0]}. skipped: {sec['skipped']}")
         else:
-            lines.append(f"- {key[0]}. " + json.dumps({k: v for k, v in sec.items() if k != "error"})
-                         + (" (error, see results.json)" if "error" in sec else ""))
+            failed = [k for k in sec if k == "error" or k.endswith("_error")]
+            lines.append(f"- {key[0]}. " + json.dumps({k: v for k, v in sec.items() if k not in failed})
+                         + (f" ({', '.join(failed)}: see results.json)" if failed else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -44,12 +44,12 @@ def test_other_primaries_reject_mistakes(compose, name, override, needle):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_groups_compose(compose, model, engine):
     cfg = compose("stage1", [f"model={model}", f"engine={engine}"])
-    assert cfg.model.name == model and cfg.engine.backend in ("torch", "deepspeed")
+    assert cfg.model.name == model and cfg.engine.backend == {"torch": "torch", "fsdp": "fsdp"}.get(engine, "deepspeed")
 
 
 def test_required_groups_exist():
     assert {"tiny", "qwen3-0.6b", "qwen3-4b", "qwen3-8b"} <= set(MODELS)
-    assert {"torch", "zero1", "zero2", "zero3"} <= set(ENGINES)
+    assert {"torch", "zero1", "zero2", "zero3", "fsdp"} <= set(ENGINES)
 
 
 @pytest.mark.parametrize("override,needle", [

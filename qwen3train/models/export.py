@@ -20,6 +20,17 @@ from qwen3train.text import query_prompt
 EXPORT_META = "qwen3train.json"
 
 
+def retie(module: nn.Module, full: dict) -> dict:
+    """A state dict with ``module``'s tied weights made one tensor again: gathering (ZeRO-3, FSDP) or folding LoRA
+    in copies an LM head that is the embedding (Qwen3-0.6B/4B) into a tensor of its own, which an export would
+    then write twice (a second 0.3 GB for Qwen3-0.6B in bf16)."""
+    first: dict[int, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if name in full:
+            full[name] = full[first.setdefault(id(p), name)]
+    return full
+
+
 def plain_state_dict(model: nn.Module, state_dict: dict | None = None) -> tuple[nn.Module, dict | None]:
     """(module to save, weights under the plain architecture's names), LoRA folded in.
 
@@ -46,7 +57,7 @@ def plain_state_dict(model: nn.Module, state_dict: dict | None = None) -> tuple[
                 val = (val.float() + scale * (b.float() @ a.float())).to(val.dtype)
             name = name.replace(".base_layer.", ".")
         out[name] = val.detach().clone()
-    return model.get_base_model(), out
+    return model.get_base_model(), retie(model.get_base_model(), out)
 
 
 def _save_weights(model: nn.Module, out: Path, state_dict: dict | None = None, dtype=None) -> None:

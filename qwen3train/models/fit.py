@@ -32,9 +32,10 @@ class Fit:
 
 
 def partitioned(module: torch.nn.Module) -> bool:
-    """Parameters held as ZeRO-3 partitions (DeepSpeed marks each with ``ds_id``)."""
+    """Parameters held as ZeRO-3 partitions (DeepSpeed marks each with ``ds_id``) or FSDP shards (DTensors):
+    every rank gathers them in the same forwards, so one rank cannot retry alone."""
     p = next(module.parameters(), None)
-    return p is not None and hasattr(p, "ds_id")
+    return p is not None and (hasattr(p, "ds_id") or type(p).__name__ == "DTensor")
 
 
 def cost(lengths: Sequence[int], group: Sequence[int], padded: bool) -> int:
@@ -108,6 +109,6 @@ def _too_big(lengths: Sequence[int], piece: list[int], what: str, retry: bool) -
     if retry:
         return OutOfMemory(f"out of device memory {what} a single text of {n:,} tokens: lower the maximum length "
                            f"(max_length / max_doc_length) or free the device")
-    return OutOfMemory(f"out of device memory {what} {len(piece)} text(s) of up to {n:,} tokens with ZeRO-3 "
-                       f"partitioned parameters (no retry: the ranks gather them together); lower the batch of "
-                       f"this evaluation or use ZeRO 1-2")
+    return OutOfMemory(f"out of device memory {what} {len(piece)} text(s) of up to {n:,} tokens with "
+                       f"parameters sharded over the ranks (ZeRO-3 or FSDP; no retry: the ranks gather them together); "
+                       f"lower the batch of this evaluation or use ZeRO 1-2 or the torch engine")

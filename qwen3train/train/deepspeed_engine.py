@@ -14,7 +14,8 @@ from torch import nn
 
 from qwen3train import dist
 from qwen3train.train.ds_config import deepspeed_config, offloads_optimizer
-from qwen3train.train.engine import EngineConfig
+from qwen3train.models.export import retie
+from qwen3train.train.engine import EngineConfig, check_written_by
 from qwen3train.train.schedule import OptimConfig, build_optimizer
 
 
@@ -104,6 +105,7 @@ class DeepSpeedEngine:
     def load(self, path: Path, saved_world: int | None = None) -> None:
         """ZeRO partitions the weights' fp32 copy and the optimizer's moments by rank: a checkpoint written by
         another process count is first made whole (``_load_resharded``)."""
+        check_written_by(path, "deepspeed")
         world = dist.world_size()
         if saved_world is not None and saved_world != world and self.cfg.zero_stage > 0:
             self._load_resharded(path, saved_world, world)
@@ -178,7 +180,8 @@ class DeepSpeedEngine:
         params = list(self.engine.module.parameters())
         with self._deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if dist.is_main():
-                return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+                return retie(self.engine.module,
+                             {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()})
         return None
 
 

@@ -1,7 +1,8 @@
-"""EngineConfig and the two engines: plain torch (single process or DDP), here, and DeepSpeed ZeRO-1/2/3
-(``train.deepspeed_engine``, the only module that imports deepspeed, and only when ``engine.backend=deepspeed``).
+"""EngineConfig and the three engines: plain torch (single process or DDP), here; DeepSpeed ZeRO-1/2/3
+(``train.deepspeed_engine``, the only module that imports deepspeed, and only when ``engine.backend=deepspeed``);
+torch's FSDP2 (``train.fsdp_engine``, ``engine.backend=fsdp``).
 
-Both engines implement ``Engine`` (below), the surface the loop uses: ``forward(**batch)``;
+All engines implement ``Engine`` (below), the surface the loop uses: ``forward(**batch)``;
 ``micro(last)``, the context of one micro-step (forward + backward; ``last`` marks the accumulation
 boundary); ``backward(loss)``, which only back-propagates; ``step() -> grad norm``, the one optimizer
 step per global batch; ``save(dir)`` / ``load(dir, saved_world)``; ``full_state_dict()`` (rank 0);
@@ -30,6 +31,9 @@ from qwen3train import dist
 from qwen3train.errors import ConfigError
 from qwen3train.precision import precision_name
 from qwen3train.train.schedule import OptimConfig, build_optimizer
+
+
+BACKENDS = ("torch", "deepspeed", "fsdp")
 
 
 @dataclass
@@ -71,8 +75,8 @@ class EngineConfig:
     rehearse_memory: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.backend not in ("torch", "deepspeed"):
-            raise ValueError(f"engine.backend must be torch or deepspeed, got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"engine.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"engine.zero_stage must be 0-3, got {self.zero_stage}")
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
@@ -82,7 +86,8 @@ class EngineConfig:
         self.precision = precision_name(self.precision, "engine.precision", training=True)
         if self.backend != "deepspeed" and (self.offload_optimizer or self.deepspeed_config):
             key = "engine.offload_optimizer" if self.offload_optimizer else "engine.deepspeed_config"
-            raise ValueError(f"{key} needs a DeepSpeed engine (engine=zero1|zero2|zero3), got engine.backend=torch")
+            raise ValueError(f"{key} needs a DeepSpeed engine (engine=zero1|zero2|zero3), got engine.backend="
+                             f"{self.backend}")
         if self.rehearse_memory and self.backend == "deepspeed" and self.zero_stage == 0:
             raise ValueError("engine.rehearse_memory=true needs the torch engine or ZeRO stage 1-3 (DeepSpeed without "
                              "ZeRO does not drop a step whose gradients are not finite)")
@@ -114,6 +119,38 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", dist.device_index())
     return torch.device("cpu")
+
+
+ENGINE_FILES = {"torch": "engine.pt", "deepspeed": "deepspeed", "fsdp": "fsdp"}  # what each writes in <ckpt>/engine/
+
+
+def check_written_by(path: Path, backend: str) -> None:
+    """A checkpoint's engine state (``path``: its ``engine/`` folder) must be this engine's: resumed with another
+    (``run.resume=force`` after changing ``engine=``) it is one line naming both, not a traceback."""
+    if (path / ENGINE_FILES[backend]).exists():
+        return
+    other = next((b for b, f in ENGINE_FILES.items() if (path / f).exists()), None)
+    by = f"engine.backend={other}" if other else "no engine this version knows"
+    raise ConfigError(f"{path.parent} was written by {by}, not engine.backend={backend}: resume it with the engine it "
+                      f"was started with, or start a new run from its weights with model.init_from="
+                      f"{path.parent / 'model'} run.output_dir=<new folder>")
+
+
+def clipped_step(params: list, grad_clip: float, optimizer, scheduler) -> tuple[float, bool]:
+    """Clip, update, schedule: (the gradients' global norm, whether the update was applied). Gradients that are not
+    finite are dropped instead: weights, optimizer moments and the schedule stay as they were. FSDP's sharded
+    gradients (DTensors) give the norm over every rank's shards."""
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    applied = math.isfinite(norm)
+    if applied:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, applied
 
 
 class Engine(Protocol):
@@ -182,15 +219,7 @@ class TorchEngine:
         were, as DeepSpeed's ZeRO optimizers do on an overflow. The norm is taken after DDP's all-reduce,
         so every rank decides alike."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.cfg.grad_clip > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
-        else:
-            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        self.step_applied = math.isfinite(norm)
-        if self.step_applied:
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm, self.step_applied = clipped_step(params, self.cfg.grad_clip, self.optimizer, self.scheduler)
         return norm
 
     def lr(self) -> float:
@@ -207,6 +236,7 @@ class TorchEngine:
 
     def load(self, path: Path, saved_world: int | None = None) -> None:
         """Model, optimizer and schedule are replicated, so any process count can resume them."""
+        check_written_by(path, "torch")
         state = torch.load(path / "engine.pt", map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

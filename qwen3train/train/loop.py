@@ -26,6 +26,7 @@ from qwen3train.train import checkpoint, identity, memory, preempt
 from qwen3train.train.checkpoint import TrainState
 from qwen3train.train.deepspeed_engine import DeepSpeedEngine, before_process_group
 from qwen3train.train.engine import TorchEngine
+from qwen3train.train.fsdp_engine import FSDPEngine
 from qwen3train.train.gradcache import grad_cache_step
 from qwen3train.train.task import token_chunks
 from qwen3train.train.telemetry import Telemetry
@@ -75,7 +76,7 @@ def train_step(engine, task, batch, n_micro: int, grad_cache: bool, token_budget
     stay on the device until the step is done and are read then, all at once: no micro step waits for
     the GPU between its forward and its backward."""
     chunks = micro_batches(task, batch, n_micro, token_budget)
-    if grad_cache:  # one loss over the whole batch, backward chunk by chunk
+    if grad_cache and task.whole_batch_loss:  # one loss over the whole batch, backward chunk by chunk
         loss, stats = grad_cache_step(engine, task, batch, chunks)
     else:  # each micro batch is its own contrastive batch; gradients accumulate, weighted by rows
         loss, per = 0.0, []
@@ -163,11 +164,15 @@ def run(cfg, hooks=None) -> Path:
     print0(f"compute precision {precision} (engine.precision={cfg.engine.precision}, model.dtype={cfg.model.dtype}); "
            f"trainable weights and optimizer state float32, exports {cfg.model.dtype}")
     task, batches = build_task(cfg, run_dir, precision)
+    if cfg.engine.grad_cache and not task.whole_batch_loss:
+        print0("note: engine.grad_cache=true is not needed here: the reranker's loss is a mean over independent query "
+               "groups, so the micro batches' accumulated gradients are the whole batch's already (GradCache would "
+               "only add a second forward); trained without it")
     if cfg.run.resume != "never":  # a run resumes with the batch plans it began with (data/batching.py)
         batches.use_plan_version(checkpoint.plan_version(run_dir, batches.plan_version))
     batches.check()  # an indexed source that makes no global batch is an error now, not mid-run
     total = cfg.run.max_steps if cfg.run.max_steps > 0 else cfg.run.epochs * batches.steps_per_epoch()
-    make = DeepSpeedEngine if cfg.engine.backend == "deepspeed" else TorchEngine
+    make = {"deepspeed": DeepSpeedEngine, "fsdp": FSDPEngine}.get(cfg.engine.backend, TorchEngine)
     engine = make(task.module, cfg.engine, cfg.optim, total, precision)
     ended = False
     try:

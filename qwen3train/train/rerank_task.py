@@ -14,6 +14,10 @@ from qwen3train.train.task import memo_pack
 
 
 class RerankTask:
+    # the loss is a mean over independent query groups, never across them: accumulated micro batches give the
+    # whole batch's gradients, so GradCache (train.gradcache) is never run for it (engine.grad_cache: a note)
+    whole_batch_loss = False
+
     def __init__(self, reranker, loss_fn) -> None:
         self.reranker, self.loss_fn = reranker, loss_fn
 

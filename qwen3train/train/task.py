@@ -19,6 +19,8 @@ from qwen3train.data.collate import EmbeddingBatch
 
 
 class Task(Protocol):
+    whole_batch_loss: bool  # the loss couples the batch's rows (in-batch negatives): GradCache keeps it whole
+
     @property
     def module(self) -> torch.nn.Module: ...
 
@@ -90,6 +92,8 @@ class EmbeddingTask:
     """Embedder + InfoNCE. ``instruction``: the export's ``query`` prompt (``model.default_instruction``,
     which task-less records also train with); ``prompts``: task -> instruction of the tasks trained on,
     exported as named prompts."""
+
+    whole_batch_loss = True  # in-batch negatives: every row is scored against the whole batch's documents
 
     def __init__(self, embedder, loss_fn, instruction: str, prompts: dict[str, str] | None = None) -> None:
         self.embedder = embedder

@@ -149,3 +149,20 @@ def test_retired_checkpoints_keep_their_exports_and_refuse_to_resume(tiny_model_
     cfg.run.max_steps = 6  # more steps than the run trained: nothing can resume them
     with pytest.raises(ConfigError, match=r"keep only their exported model .*model.init_from=.*step_0000004/model"):
         run(cfg)
+
+
+def test_a_checkpoint_resumed_by_another_engine_is_one_line_naming_both(tmp_path):
+    """``run.resume=force`` after ``engine=`` changed: each engine's load found none of its files and ended in a
+    traceback (torch: FileNotFoundError for engine.pt; FSDP and DeepSpeed: their reader's error). Now one line
+    names the engine that wrote it (checked end to end by hand: exit status 2 both ways between torch and fsdp)."""
+    from qwen3train.train.engine import ENGINE_FILES, check_written_by
+
+    engine = tmp_path / "step_0000002" / "engine"
+    (engine / ENGINE_FILES["fsdp"]).mkdir(parents=True)
+    check_written_by(engine, "fsdp")  # its own: no error
+    for backend in ("torch", "deepspeed"):
+        with pytest.raises(ConfigError, match=f"written by engine.backend=fsdp, not engine.backend={backend}"):
+            check_written_by(engine, backend)
+    (engine / ENGINE_FILES["fsdp"]).rmdir()
+    with pytest.raises(ConfigError, match="no engine this version knows.*model.init_from="):
+        check_written_by(engine, "torch")

@@ -110,7 +110,9 @@ def test_token_budget_gradcache_equals_the_padded_full_batch(tiny_model_dir, tmp
 def test_token_budget_micro_batches_leave_the_reranker_loss_unchanged(tiny_model_dir, tmp_path):
     """Reranker groups are independent, so token-budget micro batches without GradCache (each weighted by
     its groups) give the full batch's loss and gradients; with distillation too (each micro batch takes its
-    groups' teacher scores: scores of other groups, or none, would change the loss)."""
+    groups' teacher scores: scores of other groups, or none, would change the loss). ``engine.grad_cache=true`` on
+    the reranker trains the same way (it used to end the first step in a TypeError: GradCache took the reranker's
+    logits tensor for a tuple of towers)."""
     from helpers import rerank_cfg
 
     data = with_teacher(make_pairs(tmp_path / "d.jsonl", n=32, k=3))
@@ -128,3 +130,4 @@ def test_token_budget_micro_batches_leave_the_reranker_loss_unchanged(tiny_model
                         prepared=True)
     assert ahead[2] == got[2] and ahead[3] == 0  # packed on the data thread, none in the step
     _same(ahead, ref)
+    _same(_step_grads(cfg, tmp_path, packing=True, grad_cache=True, token_budget=250, n_micro=1, rerank=True), ref)

@@ -1,0 +1,114 @@
+"""The FSDP engine (``engine=fsdp``): torch's own fully sharded data parallel (FSDP2, ``fully_shard``), with no
+DeepSpeed. It implements ``train.engine.Engine``.
+
+Each decoder layer is one unit and the rest of the model (embeddings, final norm, the LM head) another: a rank
+holds 1/world of every float32 weight, gradient and AdamW moment, and a unit's weights are whole only while it
+runs (gathered before its forward and its backward, freed after). Gradients are reduce-scattered (averaged, as
+DDP's are) after every backward call, so accumulation and GradCache chunks never hold whole gradients either.
+
+Precision, the package's rule (``qwen3train.precision``): float32 masters and optimizer state. bf16 compute is
+FSDP's own mixed precision (``MixedPrecisionPolicy``): each unit's shard is cast to bf16 before it is gathered,
+so the forward and backward run on bf16 weights with no autocast, and gradients are reduced in float32.
+
+Checkpoints are torch's distributed checkpoints (``torch.distributed.checkpoint``): every rank writes its own
+shards of the weights and the optimizer moments, and a checkpoint resumes on any process count (the load
+reshards). Exports gather the whole weights on rank 0 (``full_state_dict``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qwen3train import dist
+from qwen3train.errors import ConfigError
+from qwen3train.models.export import retie
+from qwen3train.train.engine import ENGINE_FILES, EngineConfig, TorchEngine, check_written_by, device
+from qwen3train.train.schedule import OptimConfig, build_optimizer
+
+FOLDER = ENGINE_FILES["fsdp"]  # the distributed checkpoint under <checkpoint>/engine/
+
+
+def units(module: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    """(decoder layers, the module whose forward every use of the model goes through): the Embedder's
+    backbone (its ``encode`` calls the backbone directly) and the Reranker itself (its LM head's rows are
+    read in its own forward). Every trainable parameter must lie inside the second: one outside would be
+    neither sharded nor averaged."""
+    layers = [m for m in module.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise ConfigError(f"engine=fsdp: no decoder layers found in {type(module).__name__}")
+    root = getattr(module, "backbone", None) or module
+    inside = {id(p) for p in root.parameters()}
+    outside = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in inside]
+    if outside:
+        raise RuntimeError(f"bug: engine=fsdp would leave trainable parameters out of its units: {outside[:3]}")
+    return layers, root
+
+
+class FSDPEngine(TorchEngine):
+    """FSDP2 over all processes (CUDA with NCCL, or the CPU with gloo); AdamW + LambdaLR; clipping. The step (the
+    norm over every rank's shards), the schedule and a dropped step are the torch engine's."""
+
+    def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig, total_steps: int,
+                 precision: str = "fp32") -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        dist.init(single_process=True)  # a mesh needs a process group, even of one
+        self.cfg, self.precision, self.device = cfg, precision, device()
+        self.model = model.to(self.device)
+        self.mesh = mesh = init_device_mesh(self.device.type, (dist.world_size(),))
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if precision == "bf16" else MixedPrecisionPolicy())
+        layers, root = units(model)
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(root, mesh=mesh, mp_policy=policy)
+        self.optimizer, self.scheduler = build_optimizer(model.named_parameters(), optim, total_steps)
+        # no DDP wrapper (gradients are reduce-scattered at every backward: no micro step holds them back) and no
+        # autocast (bf16 compute is the units' mixed precision)
+        self.wrapped, self.autocast, self.step_applied = model, False, True
+
+    def save(self, path: Path) -> None:
+        """Every rank writes its shards (``torch.distributed.checkpoint``); rank 0 the schedule."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        path.mkdir(parents=True, exist_ok=True)
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model, "optimizer": optimizer}, checkpoint_id=str(path / FOLDER))
+        if dist.is_main():
+            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+
+    def load(self, path: Path, saved_world: int | None = None) -> None:
+        """Any process count: each rank reads the slices of the saved shards its own shards cover."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        check_written_by(path, "fsdp")
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        state = {"model": model, "optimizer": optimizer}
+        dcp.load(state, checkpoint_id=str(path / FOLDER))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        if saved_world not in (None, dist.world_size()) and dist.is_main():
+            print(f"note: {path.parent} was written by {saved_world} processes; its FSDP shards were read "
+                  f"resharded for {dist.world_size()}", flush=True)
+
+    def full_state_dict(self):
+        """The whole weights on rank 0 (gathered from every rank's shards; collective), on the CPU; None elsewhere."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return retie(self.model, full) if dist.is_main() else None
+
+    def close(self, ended: bool) -> None:
+        """The mesh keeps the world group in a registry of its own, and torch's caches keep the mesh: the group
+        then outlived its destruction (``dist``) into the interpreter's teardown, its gloo threads still running
+        at exit (seen by the 2-process test's exit probe), where a rank can abort after its work is done. The
+        registry is emptied; the model's FSDP state, which also names the group, goes with the model."""
+        registry = getattr(self.mesh, "_pg_registry", None)  # torch 2.13; where it is missing nothing is held
+        if isinstance(registry, dict):
+            registry.clear()

@@ -1,0 +1,104 @@
+"""engine=fsdp (torch's FSDP2, no DeepSpeed) with 2 gloo processes, through the real entry point: it trains as the
+torch engine does on one process (GradCache, packed, the memory rehearsal), its sharded checkpoint resumes on
+another process count, the reranker trains under it with LoRA in bf16, and its exports are the torch engine's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, crash_report
+from test_deepspeed import ENV, _same_curve, command, group_threads_at_exit, launch, probed
+
+
+def _weights(run) -> dict:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def _rerank_launch(out, model_dir, data, overrides, nproc):
+    cmd = command(out, model_dir, data, overrides, nproc=nproc)
+    cmd[cmd.index("--config-name=stage2")] = "--config-name=rerank"
+    proc = subprocess.run(cmd, env=probed(out), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + crash_report(proc, 4000)
+    (out / "stdout.log").write_text(proc.stdout)
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    sys.path.insert(0, str(REPO / "tests" / "train"))
+    from helpers import make_pairs
+
+    tmp = tmp_path_factory.mktemp("fsdp")
+    data = make_pairs(tmp / "d.jsonl", n=64, k=2)
+    fp32 = ["engine.precision=fp32"]
+    out = {"torch": launch(tmp / "torch", tiny_model_dir, data, ["engine=torch", *fp32]),
+           # 2 processes, fp32, rehearsed after step 1 (a dropped step: the curve must not move)
+           "fsdp": launch(tmp / "fsdp", tiny_model_dir, data, ["engine=fsdp", *fp32, "engine.rehearse_memory=true"])}
+    # the same run stopped after step 2 (its step-2 checkpoint), resumed on one process
+    shutil.copytree(tmp / "fsdp", tmp / "resumed")
+    shutil.rmtree(tmp / "resumed" / "checkpoints" / "step_0000003")
+    shutil.rmtree(tmp / "resumed" / "final")
+    cmd = command(tmp / "resumed", tiny_model_dir, data, ["engine=fsdp", *fp32], nproc=1)
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, crash_report(proc)
+    out["resumed_log"] = proc.stdout
+    lora = ["engine.precision=bf16", "model.lora.enabled=true", "engine.grad_cache=false"]
+    out["rr-torch"] = _rerank_launch(tmp / "rr-torch", tiny_model_dir, data, ["engine=torch", *lora], 1)
+    out["rr-fsdp"] = _rerank_launch(tmp / "rr-fsdp", tiny_model_dir, data, ["engine=fsdp", *lora], 2)
+    out["_dir"] = tmp
+    yield out
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_trains_and_exports_as_the_torch_engine_on_one(runs):
+    """Same losses, gradient norms (the norm over both ranks' shards) and final weights, to fp32 rounding. Would
+    catch: gradients summed instead of averaged over the ranks (the norm doubles), a shard left out of the norm or
+    of the clipping, a unit whose parameters are not gathered for encode's direct call of the backbone (an error),
+    a rehearsal step that moved the weights, an export of one rank's shards."""
+    tmp = runs["_dir"]
+    _same_curve(runs["torch"], runs["fsdp"], 1e-5, 1e-5)
+    a, b = _weights(tmp / "torch"), _weights(tmp / "fsdp")
+    assert sorted(a) == sorted(b)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert "memory rehearsal: the heaviest micro batch" in (tmp / "fsdp" / "stdout.log").read_text()
+    assert (tmp / "fsdp" / "checkpoints" / "step_0000002" / "engine" / "fsdp").is_dir()
+    assert group_threads_at_exit(tmp / "fsdp") == {0: [], 1: []}
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_of_two_processes_resumes_on_one_as_if_never_stopped(runs):
+    """The step-2 checkpoint of the 2-process run (each rank's shards of the weights and AdamW moments), resumed on
+    1 process: step 3 and the final weights are the uninterrupted run's. Would catch: moments or schedule not
+    restored (step 3's update differs), shards read unresharded (an error or half the weights), weights restored
+    but not the optimizer."""
+    tmp = runs["_dir"]
+    assert "written by 2 processes; its FSDP shards were read resharded for 1" in runs["resumed_log"]
+    got = [json.loads(line) for line in open(tmp / "resumed" / "metrics.jsonl")]
+    _same_curve(runs["fsdp"], got, 1e-6, 1e-6)
+    a, b = _weights(tmp / "fsdp"), _weights(tmp / "resumed")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+@pytest.mark.slow
+def test_the_reranker_trains_lora_in_bf16_under_fsdp_as_under_the_torch_engine(runs, tiny_model_dir):
+    """The reranker's forward reads two LM-head rows outside the decoder: under FSDP they must be gathered. LoRA
+    (frozen and trainable weights in one unit) in bf16 (FSDP's bf16 weight copies vs the torch engine's autocast:
+    not bit-equal, so within bf16's rounding) follows the torch engine, and the export holds the same weights under
+    the same names, the tied LM head once (gathering copied it: an export wrote it a second time)."""
+    tmp = runs["_dir"]
+    _same_curve(runs["rr-torch"], runs["rr-fsdp"], 1e-2, 2e-2)
+    assert runs["rr-fsdp"][-1]["loss"] != runs["rr-fsdp"][0]["loss"]
+    a, b = _weights(tmp / "rr-torch"), _weights(tmp / "rr-fsdp")
+    assert sorted(a) == sorted(b) and "lm_head.weight" not in b
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    da, db = a[key].float() - base[key].float(), b[key].float() - base[key].float()
+    assert da.norm() > 0 and torch.nn.functional.cosine_similarity(da.flatten(), db.flatten(), dim=0) > 0.98
