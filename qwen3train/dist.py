@@ -114,6 +114,24 @@ def is_default_group(group) -> bool:
     return group is dist.group.WORLD
 
 
+def world_mesh(device_type: str):
+    """A one-dimensional device mesh over every process (FSDP's); torch builds it on the world group (measured with
+    torch 2.13 on gloo), or on a group of its own, which the destruction of every group at exit (``_destroy_at_exit``)
+    ends too."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world_size(),))
+
+
+def release_mesh(mesh) -> None:
+    """Empty the mesh's own registry of its group (``_pg_registry``): torch's caches keep the mesh, and through it the
+    group, past ``destroy_process_group``, its gloo threads still alive at exit (the state in which a rank can abort
+    after its work is done)."""
+    registry = getattr(mesh, "_pg_registry", None)  # torch 2.13; where it is missing the mesh holds no group
+    if isinstance(registry, dict):
+        registry.clear()
+
+
 def comm_device() -> torch.device:
     """Where the tensors of this module's collectives live: the local GPU when the group has NCCL."""
     if torch.cuda.is_available() and is_dist() and "nccl" in str(dist.get_backend()):

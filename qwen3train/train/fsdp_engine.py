@@ -1,5 +1,6 @@
 """The FSDP engine (``engine=fsdp``): torch's own fully sharded data parallel (FSDP2, ``fully_shard``), with no
-DeepSpeed. It implements ``train.engine.Engine``.
+DeepSpeed. It implements ``train.engine.Engine``. Besides ``qwen3train.dist`` (the mesh), the one module that
+imports FSDP and torch's distributed checkpoints; it issues no collective of its own.
 
 Each decoder layer is one unit and the rest of the model (embeddings, final norm, the LM head) another: a rank
 holds 1/world of every float32 weight, gradient and AdamW moment, and a unit's weights are whole only while it
@@ -38,7 +39,7 @@ def units(module: nn.Module) -> tuple[list[nn.Module], nn.Module]:
     layers = [m for m in module.modules() if type(m).__name__.endswith("DecoderLayer")]
     if not layers:
         raise ConfigError(f"engine=fsdp: no decoder layers found in {type(module).__name__}")
-    root = getattr(module, "backbone", None) or module
+    root = module.backbone if getattr(module, "backbone", None) is not None else module
     inside = {id(p) for p in root.parameters()}
     outside = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in inside]
     if outside:
@@ -52,13 +53,12 @@ class FSDPEngine(TorchEngine):
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig, total_steps: int,
                  precision: str = "fp32") -> None:
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         dist.init(single_process=True)  # a mesh needs a process group, even of one
         self.cfg, self.precision, self.device = cfg, precision, device()
         self.model = model.to(self.device)
-        self.mesh = mesh = init_device_mesh(self.device.type, (dist.world_size(),))
+        self.mesh = mesh = dist.world_mesh(self.device.type)
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if precision == "bf16" else MixedPrecisionPolicy())
         layers, root = units(model)
@@ -109,6 +109,4 @@ class FSDPEngine(TorchEngine):
         then outlived its destruction (``dist``) into the interpreter's teardown, its gloo threads still running
         at exit (seen by the 2-process test's exit probe), where a rank can abort after its work is done. The
         registry is emptied; the model's FSDP state, which also names the group, goes with the model."""
-        registry = getattr(self.mesh, "_pg_registry", None)  # torch 2.13; where it is missing nothing is held
-        if isinstance(registry, dict):
-            registry.clear()
+        dist.release_mesh(self.mesh)
