@@ -256,9 +256,10 @@ def _stream_change(a: dict, b) -> str:
     if now_name != a["streamed"]:
         return f"the streamed source {a['streamed']} then, {now_name or 'an indexed one'} now"
     then, now = a.get("files", []), b.get("files", [])
-    if [f["file"] for f in then] != [f["file"] for f in now]:
-        gone = [f["file"] for f in then if f not in now][:3]
-        new = [f["file"] for f in now if f not in then][:3]
+    names_then, names_now = [f["file"] for f in then], [f["file"] for f in now]
+    if names_then != names_now:
+        gone = [f for f in names_then if f not in names_now][:3]
+        new = [f for f in names_now if f not in names_then][:3]
         return (f"{a['streamed']}: {len(then)} files then, {len(now)} now (another revision or other files; "
                 f"then: {gone}, now: {new})")
     for fa, fb in zip(then, now):
