@@ -3,9 +3,10 @@ otherwise pick) and ZeRO-2 / DDP, two gloo processes each, the same model, data,
 
     .venv/bin/python bench/bench_fsdp.py              # SmolLM2-135M (make smollm2), ~6 min on 2 cores
     .venv/bin/python bench/bench_fsdp.py --quick      # the tiny Qwen3, a smoke
+    .venv/bin/python bench/bench_fsdp.py --load       # engine.fsdp_load=rank0 vs every_rank: host memory per rank
 
-Per engine: the median step time after two warm-up steps, the peak resident memory of the larger rank (the whole
-model is loaded on each rank before it is sharded, so the peak includes that load), the losses, and the largest
+Per engine: the median step time after two warm-up steps, the peak resident memory of the larger rank (rank 0
+loads the whole model before it is sharded, so the peak includes that load), the losses, and the largest
 difference of the losses from the DDP run (fp32: the engines compute the same steps). Engines alternate over the
 repeats; medians are kept. Ratios matter, not absolute times (2 shared cores)."""
 
@@ -44,10 +45,55 @@ def one(engine: str, model: Path, data: Path, out: Path, steps: int, batch: int,
             "losses": [r["loss"] for r in rows]}
 
 
+def load_peaks(mode: str, nproc: int, model: Path, data: Path, out: Path) -> list[int]:
+    """Each rank's host memory peak once the model is sharded and its weights in place (the engine's own line)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
+           "qwen3train.cli.main", "--config-name=stage1", "engine=fsdp", f"engine.fsdp_load={mode}",
+           "engine.precision=fp32", f"engine.micro_batch_size={nproc}", f"engine.global_batch_size={2 * nproc}",
+           "run.max_steps=1", "run.save_every=0", "run.resume=never", f"run.output_dir={out / f'{mode}{nproc}'}",
+           f"model.name_or_path={model}", "model.max_query_length=32", "model.max_doc_length=64",
+           f"data.train_files=[{data}]"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode}: status {proc.returncode}\n{proc.stderr[-3000:]}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("engine=fsdp: "))
+    return json.loads(line.split("MB: ")[1].rstrip(")"))
+
+
+def bf16_copy(model: Path, out: Path) -> Path:
+    """The model saved in bf16, as the released Qwen3 checkpoints are: training loads float32 masters from it, so
+    every process that reads it converts it into memory of its own (an fp32 file is memory-mapped instead, its
+    pages shared between the processes and counted in each one's resident memory)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    dst = out / f"{model.name}-bf16"
+    if not (dst / "config.json").exists():
+        AutoModel.from_pretrained(model, dtype=torch.bfloat16).save_pretrained(dst)
+        AutoTokenizer.from_pretrained(model).save_pretrained(dst)
+    return dst
+
+
+def main_load(model: Path, data: Path, out: Path) -> int:
+    model = bf16_copy(model, out)
+    print(f"\n{model.name} (bf16 file, fp32 masters), engine=fsdp, host memory peak per rank (MB) after the weights "
+          f"are in place\n")
+    print("| processes | fsdp_load | rank 0 | each other rank (max) | all ranks | vs every_rank |")
+    print("|---|---|---|---|---|---|")
+    for nproc in (2, 4):
+        got = {m: load_peaks(m, nproc, model, data, out) for m in ("every_rank", "rank0")}
+        for mode, peaks in got.items():
+            print(f"| {nproc} | {mode} | {peaks[0]:,} | {max(peaks[1:]):,} | {sum(peaks):,} | "
+                  f"{sum(peaks) / sum(got['every_rank']):.2f} |", flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--load", action="store_true", help="host memory of the two ways of loading, 2 and 4 processes")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from qwen3train.data.demo import build
@@ -64,6 +110,8 @@ def main() -> int:
         model, steps, batch, micro = REPO / "outputs" / "models" / "smollm2-135m-instruct", 6, 16, 4
         if not (model / "config.json").exists():
             raise SystemExit(f"{model} is missing: run `make smollm2` first")
+    if args.load:
+        return main_load(model, data, out)
     got: dict[str, list] = {e: [] for e in ENGINES}
     for r in range(args.repeats):
         for engine in (ENGINES if r % 2 == 0 else ENGINES[::-1]):

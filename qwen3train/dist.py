@@ -215,6 +215,14 @@ def broadcast_object(obj):
     return box[0]
 
 
+def broadcast_(tensors) -> None:
+    """Rank 0's values of ``tensors`` into every rank's, in place (each where it lives: a GPU's go over NCCL)."""
+    if not is_dist() or world_size() == 1:
+        return
+    for t in tensors:
+        dist.broadcast(t, src=0)
+
+
 def all_gather_object(obj) -> list:
     """Every rank's ``obj``, in rank order (a list of one without a group)."""
     if not is_dist() or world_size() == 1:

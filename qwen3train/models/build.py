@@ -142,6 +142,24 @@ def pretrained(loader, path: str, **kw):
         raise ConfigError(f"cannot load {loader.__name__} from {path!r}: {where}") from e
 
 
+def load_model(loader, path: str, *, empty: bool = False, **kw):
+    """``pretrained(loader, path, **kw)``; ``empty``: the same model with its parameters on the meta device, built
+    from the checkpoint's config alone (no weight is read, no memory is taken). The FSDP engine's ranks other
+    than 0 build it so; rank 0 broadcasts the weights into their shards (``train/fsdp_engine.py``), and checks
+    that every rank built the same parameters. Buffers (rotary frequencies) are real: the constructor computes
+    them."""
+    if not empty:
+        return pretrained(loader, path, **kw)
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = pretrained(AutoConfig, path)
+    with init_empty_weights(include_buffers=False):
+        model = loader.from_config(config, **kw)
+    model.tie_weights()  # from_pretrained ties after loading; from_config under this context does not
+    return model
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -280,10 +298,12 @@ def query_template(cfg: ModelConfig, meta: dict, path: str, train_precision: str
     return cfg.query_template
 
 
-def build_embedder(cfg: ModelConfig, path: str | None = None, train_precision: str | None = None):
+def build_embedder(cfg: ModelConfig, path: str | None = None, train_precision: str | None = None,
+                   empty: bool = False):
     """Load the decoder with ``AutoModel`` (a ``Qwen3ForCausalLM`` checkpoint gives ``Qwen3Model``).
 
-    ``train_precision`` (``"bf16"``/``"fp32"``) is given when the model is built for training.
+    ``train_precision`` (``"bf16"``/``"fp32"``) is given when the model is built for training; ``empty``: the
+    parameters on the meta device, their values to come from rank 0 (``load_model``).
     """
     from transformers import AutoModel
 
@@ -291,7 +311,8 @@ def build_embedder(cfg: ModelConfig, path: str | None = None, train_precision: s
 
     path = path or cfg.weights_path
     pack_kw = packing_setup(cfg, train_precision)
-    backbone = pretrained(AutoModel, path, dtype=load_dtype(cfg, train_precision), attn_implementation=pack_kw.pop("attn"))
+    backbone = load_model(AutoModel, path, empty=empty, dtype=load_dtype(cfg, train_precision),
+                          attn_implementation=pack_kw.pop("attn"))
     backbone = _apply_common(backbone, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)
     meta = export_meta(path)
@@ -304,15 +325,16 @@ def build_embedder(cfg: ModelConfig, path: str | None = None, train_precision: s
 
 
 def build_reranker(cfg: ModelConfig, path: str | None = None, max_length: int | None = None,
-                   train_precision: str | None = None):
-    """Load the LM with ``AutoModelForCausalLM``; the reranker prompt is fixed by the spec."""
+                   train_precision: str | None = None, empty: bool = False):
+    """Load the LM with ``AutoModelForCausalLM``; the reranker prompt is fixed by the spec. ``empty``: as
+    ``build_embedder``'s."""
     from transformers import AutoModelForCausalLM
 
     from qwen3train.models.reranker import Reranker
 
     path = path or cfg.weights_path
     pack_kw = packing_setup(cfg, train_precision)
-    lm = pretrained(AutoModelForCausalLM, path, dtype=load_dtype(cfg, train_precision),
+    lm = load_model(AutoModelForCausalLM, path, empty=empty, dtype=load_dtype(cfg, train_precision),
                     attn_implementation=pack_kw.pop("attn"))
     lm = _apply_common(lm, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)

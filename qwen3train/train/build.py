@@ -48,17 +48,20 @@ def build_task(cfg, run_dir, train_precision: str = "fp32"):
 
     data, seed = cfg.data, cfg.run.seed
     sources, weights = build_sources(cfg, run_dir)
+    # FSDP over several processes: rank 0 reads the weights, the others build the model empty (train/fsdp_engine.py)
+    empty = cfg.engine.broadcast_load(dist.world_size()) and not dist.is_main()
     loader_kw = dict(global_batch=cfg.engine.global_batch_size, seed=seed, rank=dist.rank(), world=dist.world_size(),
                      weights=weights)
     if isinstance(cfg.loss, RerankLossConfig):  # the reranker track: same loop, another task
-        reranker = build_reranker(cfg.model, max_length=cfg.model.max_doc_length, train_precision=train_precision)
+        reranker = build_reranker(cfg.model, max_length=cfg.model.max_doc_length, train_precision=train_precision,
+                                  empty=empty)
         instructions = Instructions(data.task_instructions, DEFAULT_RERANK_INSTRUCTION, data.symmetric_tasks)
         collate = RerankCollator(reranker.token_ids, instructions, k=data.num_hard_negatives, seed=seed,
                                  teacher=cfg.loss.kd_weight > 0)
         task = RerankTask(reranker, build_loss(cfg.loss))
         task.instructions = instructions  # the dev evaluation's instruction rule (train/dev_eval.py)
         return task, Loader(sources, collate, **loader_kw)
-    embedder = build_embedder(cfg.model, train_precision=train_precision)
+    embedder = build_embedder(cfg.model, train_precision=train_precision, empty=empty)
     instructions = Instructions(data.task_instructions, cfg.model.default_instruction, data.symmetric_tasks)
     collate = EmbeddingCollator(embedder.tok, instructions, k=data.num_hard_negatives, seed=seed,
                                 max_query_length=embedder.max_query_length, max_doc_length=embedder.max_doc_length,

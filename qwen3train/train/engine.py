@@ -34,6 +34,7 @@ from qwen3train.train.schedule import OptimConfig, build_optimizer
 
 
 BACKENDS = ("torch", "deepspeed", "fsdp")
+FSDP_LOADS = ("rank0", "every_rank")
 
 
 @dataclass
@@ -60,6 +61,10 @@ class EngineConfig:
     rehearse_memory: after the first step, run one dropped step on the heaviest micro batch the data
     can make, so a micro batch that does not fit stops the run in its first minute, not at the step
     that draws it (``train/memory.py``); null (auto): on CUDA (the torch engine or ZeRO 1-3).
+    fsdp_load: how ``engine=fsdp`` on several processes gets the starting weights. ``rank0`` (default): rank 0
+    reads the checkpoint; the others build the model with no weights (on the meta device) and receive their
+    shards from rank 0 (host memory: one copy of the model per node instead of one per process; one read of
+    the files). ``every_rank``: every process reads the whole checkpoint, then keeps its shard.
     """
 
     backend: str = "torch"
@@ -73,6 +78,7 @@ class EngineConfig:
     offload_optimizer: bool = False
     deepspeed_config: str | None = None
     rehearse_memory: bool | None = None
+    fsdp_load: str = "rank0"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -91,8 +97,14 @@ class EngineConfig:
         if self.rehearse_memory and self.backend == "deepspeed" and self.zero_stage == 0:
             raise ValueError("engine.rehearse_memory=true needs the torch engine or ZeRO stage 1-3 (DeepSpeed without "
                              "ZeRO does not drop a step whose gradients are not finite)")
+        if self.fsdp_load not in FSDP_LOADS:
+            raise ValueError(f"engine.fsdp_load must be one of {FSDP_LOADS}, got {self.fsdp_load!r}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("engine.offload_optimizer needs ZeRO stage 1, 2 or 3")
+
+    def broadcast_load(self, world: int) -> bool:
+        """Whether rank 0 alone reads the starting weights and broadcasts them (FSDP over several processes)."""
+        return self.backend == "fsdp" and self.fsdp_load == "rank0" and world > 1
 
     def local_batch(self, world: int) -> int:
         if self.global_batch_size % world:

@@ -11,6 +11,12 @@ Precision, the package's rule (``qwen3train.precision``): float32 masters and op
 FSDP's own mixed precision (``MixedPrecisionPolicy``): each unit's shard is cast to bf16 before it is gathered,
 so the forward and backward run on bf16 weights with no autocast, and gradients are reduced in float32.
 
+Loading (``engine.fsdp_load=rank0``, the default on several processes): rank 0 reads the checkpoint; the other
+ranks build the model with no weights (meta device, ``models.build.load_model``), and after sharding receive their
+shards from rank 0 (``broadcast_from_rank0``), one tensor at a time. Host memory holds one copy of the model per
+node, not one per process, and the files are read once. Every rank's parameters (names, shapes, dtypes, ties) are
+checked against rank 0's before anything is sent.
+
 Checkpoints are torch's distributed checkpoints (``torch.distributed.checkpoint``): every rank writes its own
 shards of the weights and the optimizer moments, and a checkpoint resumes on any process count (the load
 reshards). Exports gather the whole weights on rank 0 (``full_state_dict``)."""
@@ -47,6 +53,43 @@ def units(module: nn.Module) -> tuple[list[nn.Module], nn.Module]:
     return layers, root
 
 
+def signature(module: nn.Module) -> list[tuple]:
+    """What every rank's model must share with rank 0's before weights are sent: each parameter's name, shape,
+    dtype, trainability and the first name it goes by (tied weights), and each buffer's name, shape and dtype."""
+    first: dict[int, str] = {}
+    rows = [(name, tuple(p.shape), str(p.dtype), p.requires_grad, first.setdefault(id(p), name))
+            for name, p in module.named_parameters(remove_duplicate=False)]
+    return rows + [(name, tuple(b.shape), str(b.dtype)) for name, b in module.named_buffers()]
+
+
+def same_structure(module: nn.Module) -> None:
+    """Every rank built the parameters rank 0 loaded (collective); else every rank stops with the first difference
+    (a model the empty build does not reproduce would otherwise hang or crash inside a collective)."""
+    mine = signature(module)
+    ref = dist.broadcast_object(mine if dist.is_main() else None)
+    diff = None
+    if mine != ref:
+        diff = next((f"{a} vs rank 0's {b}" for a, b in zip(mine, ref) if a != b),
+                    f"{len(mine)} parameters and buffers vs rank 0's {len(ref)}")
+    bad = [(r, d) for r, d in enumerate(dist.all_gather_object(diff)) if d is not None]
+    if bad:
+        rank, what = bad[0]
+        raise RuntimeError(f"engine.fsdp_load=rank0: rank {rank} built the model without weights differently from "
+                           f"rank 0 ({what}); engine.fsdp_load=every_rank reads the weights on every rank")
+
+
+def _report_load(empty: bool) -> None:
+    """One line from rank 0: how the weights came to the ranks, and each rank's host memory peak so far (collective)."""
+    import resource
+
+    ranks = dist.all_gather_object((empty, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024))
+    if dist.is_main():
+        n = sum(e for e, _ in ranks)
+        how = (f"rank 0 read the weights; {n} of the {len(ranks) - 1} other ranks built the model without them and "
+               f"received their shards" if n else f"each of the {len(ranks)} ranks read the weights")
+        print(f"engine=fsdp: {how} (host memory peak per rank, MB: {[mb for _, mb in ranks]})", flush=True)
+
+
 class FSDPEngine(TorchEngine):
     """FSDP2 over all processes (CUDA with NCCL, or the CPU with gloo); AdamW + LambdaLR; clipping. The step (the
     norm over every rank's shards), the schedule and a dropped step are the torch engine's."""
@@ -57,7 +100,13 @@ class FSDPEngine(TorchEngine):
 
         dist.init(single_process=True)  # a mesh needs a process group, even of one
         self.cfg, self.precision, self.device = cfg, precision, device()
-        self.model = model.to(self.device)
+        broadcast, full = cfg.broadcast_load(dist.world_size()), None
+        if broadcast:  # sharding moves each unit to the device as it goes; rank 0 keeps the whole weights on the host
+            same_structure(model)
+            full = model.state_dict() if dist.is_main() else {}
+        else:
+            model = model.to(self.device)
+        self.model = model
         self.mesh = mesh = dist.world_mesh(self.device.type)
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if precision == "bf16" else MixedPrecisionPolicy())
@@ -65,10 +114,27 @@ class FSDPEngine(TorchEngine):
         for layer in layers:
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(root, mesh=mesh, mp_policy=policy)
+        empty = self._receive(full) if broadcast else False
+        full = None  # rank 0's host copy goes
+        if dist.world_size() > 1:
+            _report_load(empty)
         self.optimizer, self.scheduler = build_optimizer(model.named_parameters(), optim, total_steps)
         # no DDP wrapper (gradients are reduce-scattered at every backward: no micro step holds them back) and no
         # autocast (bf16 compute is the units' mixed precision)
         self.wrapped, self.autocast, self.step_applied = model, False, True
+
+    def _receive(self, full: dict) -> bool:
+        """Rank 0's weights into every rank's shards (collective). The empty ranks' shards are first made real on
+        the device (uninitialised), so that every rank loads on the same device; buffers, which FSDP does not
+        shard, and which are not all in a state dict (non-persistent rotary frequencies), are broadcast whole."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        empty = any(p.is_meta for p in self.model.parameters())
+        if empty:
+            self.model.to_empty(device=self.device)
+        set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        dist.broadcast_(list(self.model.buffers()))
+        return empty
 
     def save(self, path: Path) -> None:
         """Every rank writes its shards (``torch.distributed.checkpoint``); rank 0 the schedule."""

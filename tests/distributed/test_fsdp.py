@@ -65,8 +65,8 @@ def runs(tiny_model_dir, tmp_path_factory):
     out["resumed_log"] = proc.stdout
     lora = ["engine.precision=bf16", "model.lora.enabled=true", "engine.grad_cache=false"]
     out["rr-torch"] = _rerank_launch(tmp / "rr-torch", tiny_model_dir, data, ["engine=torch", *lora], 1)
-    # one process: the reranker's own FSDP logic (its LM head gathered by its unit) is the same on any count
-    out["rr-fsdp"] = _rerank_launch(tmp / "rr-fsdp", tiny_model_dir, data, ["engine=fsdp", *lora], 1)
+    # two processes: rank 1 builds the LM (tied head, LoRA, frozen bf16 base) without weights and receives rank 0's
+    out["rr-fsdp"] = _rerank_launch(tmp / "rr-fsdp", tiny_model_dir, data, ["engine=fsdp", *lora], 2)
     out["_dir"] = tmp
     yield out
     shutil.rmtree(tmp, ignore_errors=True)
@@ -83,6 +83,10 @@ def test_fsdp_on_two_processes_trains_and_exports_as_the_torch_engine_on_one(run
     a, b = _weights(tmp / "torch"), _weights(tmp / "fsdp")
     assert sorted(a) == sorted(b)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    # rank 1 read no weight: it built the model empty and received rank 0's (engine.fsdp_load=rank0, the default);
+    # checked to fail when rank 1's buffers (the rotary frequencies, not in the state dict) are not sent
+    assert "rank 0 read the weights; 1 of the 1 other ranks built the model without them" in (
+        tmp / "fsdp" / "stdout.log").read_text()
     assert "memory rehearsal: the heaviest micro batch" in (tmp / "fsdp" / "stdout.log").read_text()
     assert (tmp / "fsdp" / "checkpoints" / "step_0000002" / "engine" / "fsdp").is_dir()
     assert group_threads_at_exit(tmp / "fsdp") == {0: [], 1: []}
@@ -104,11 +108,13 @@ def test_an_fsdp_checkpoint_of_two_processes_resumes_on_one_as_if_never_stopped(
 
 @pytest.mark.slow
 def test_the_reranker_trains_lora_in_bf16_under_fsdp_as_under_the_torch_engine(runs, tiny_model_dir):
-    """The reranker's forward reads two LM-head rows outside the decoder: under FSDP they must be gathered. LoRA
+    """The reranker's forward reads two LM-head rows outside the decoder: under FSDP they must be gathered. On 2
+    processes, rank 1 built without weights: its tied LM head, its adapters and its bf16 base come from rank 0. LoRA
     (frozen and trainable weights in one unit) in bf16 (FSDP's bf16 weight copies vs the torch engine's autocast:
     not bit-equal, so within bf16's rounding) follows the torch engine, and the export holds the same weights under
     the same names, the tied LM head once (gathering copied it: an export wrote it a second time)."""
     tmp = runs["_dir"]
+    assert "1 of the 1 other ranks built the model without them" in (tmp / "rr-fsdp" / "stdout.log").read_text()
     _same_curve(runs["rr-torch"], runs["rr-fsdp"], 1e-2, 2e-2)
     assert runs["rr-fsdp"][-1]["loss"] != runs["rr-fsdp"][0]["loss"]
     a, b = _weights(tmp / "rr-torch"), _weights(tmp / "rr-fsdp")
@@ -117,3 +123,38 @@ def test_the_reranker_trains_lora_in_bf16_under_fsdp_as_under_the_torch_engine(r
     key = "model.layers.0.self_attn.q_proj.weight"
     da, db = a[key].float() - base[key].float(), b[key].float() - base[key].float()
     assert da.norm() > 0 and torch.nn.functional.cosine_similarity(da.flatten(), db.flatten(), dim=0) > 0.98
+
+
+RANKS_DIFFER = """
+import sys
+from pathlib import Path
+from torch import nn
+from qwen3train import dist
+from qwen3train.train.fsdp_engine import same_structure
+dist.init()
+same_structure(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)))  # the same on both ranks: passes
+try:
+    same_structure(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2 + dist.rank())))
+    said = "went on"
+except RuntimeError as e:  # kept, and a clean exit: torchrun stops the other ranks when one fails
+    said = str(e)
+(Path(sys.argv[1]) / f"rank{dist.rank()}.txt").write_text(said)
+dist.barrier()  # where a rank that went on waits for one that stopped
+"""
+
+
+def test_ranks_that_built_another_model_stop_together_naming_the_difference(tmp_path):
+    """engine.fsdp_load=rank0 sends rank 0's weights into every rank's shards: a rank whose weightless build differs
+    (a layer's shape, an untied head) would hang or crash inside the broadcast. Every rank stops at once with the
+    first difference, rank 1's second layer here; would catch a check on rank 0 only or on rank 1 only (the other
+    goes on to wait in a collective) or none."""
+    script = tmp_path / "differ.py"
+    script.write_text(RANKS_DIFFER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, crash_report(proc)
+    for rank in (0, 1):
+        line = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "rank 1 built the model without weights differently from rank 0" in line
+        assert "('1.weight', (3, 3), 'torch.float32', True, '1.weight') vs rank 0's ('1.weight', (2, 3)" in line
+        assert "engine.fsdp_load=every_rank" in line
