@@ -114,13 +114,17 @@ def is_default_group(group) -> bool:
     return group is dist.group.WORLD
 
 
-def world_mesh(device_type: str):
-    """A one-dimensional device mesh over every process (FSDP's); torch builds it on the world group (measured with
-    torch 2.13 on gloo), or on a group of its own, which the destruction of every group at exit (``_destroy_at_exit``)
-    ends too."""
+def world_mesh(device_type: str, shard: int | None = None):
+    """A device mesh over every process (FSDP's): one-dimensional, or with ``shard`` < world processes, two
+    dimensions (``replicate``, ``shard``): groups of ``shard`` consecutive ranks (a node's, under torchrun) each
+    hold one sharded copy. torch builds the 1-D mesh on the world group (measured with torch 2.13 on gloo), the 2-D
+    one on groups of its own, which the destruction of every group at exit (``_destroy_at_exit``) ends too."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device_type, (world_size(),))
+    world = world_size()
+    if shard is None or shard >= world:
+        return init_device_mesh(device_type, (world,))
+    return init_device_mesh(device_type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
 def release_mesh(mesh) -> None:

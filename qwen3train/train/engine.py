@@ -65,6 +65,10 @@ class EngineConfig:
     reads the checkpoint; the others build the model with no weights (on the meta device) and receive their
     shards from rank 0 (host memory: one copy of the model per node instead of one per process; one read of
     the files). ``every_rank``: every process reads the whole checkpoint, then keeps its shard.
+    fsdp_shard_size: ``engine=fsdp``: the processes one copy of the model's state is sharded over; the others hold
+    copies of their own (hybrid sharding, HSDP: shard within a node, replicate across nodes, so that only the
+    gradients' all-reduce crosses nodes, not every layer's gather). null, or at least the process count (a run
+    resumed on fewer GPUs): all processes (plain FSDP). It must divide the process count.
     """
 
     backend: str = "torch"
@@ -79,6 +83,7 @@ class EngineConfig:
     deepspeed_config: str | None = None
     rehearse_memory: bool | None = None
     fsdp_load: str = "rank0"
+    fsdp_shard_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -99,12 +104,25 @@ class EngineConfig:
                              "ZeRO does not drop a step whose gradients are not finite)")
         if self.fsdp_load not in FSDP_LOADS:
             raise ValueError(f"engine.fsdp_load must be one of {FSDP_LOADS}, got {self.fsdp_load!r}")
+        if self.fsdp_shard_size is not None and (self.fsdp_shard_size < 1 or self.backend != "fsdp"):
+            raise ValueError(f"engine.fsdp_shard_size needs engine=fsdp and a value >= 1, got {self.fsdp_shard_size} "
+                             f"with engine.backend={self.backend}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("engine.offload_optimizer needs ZeRO stage 1, 2 or 3")
 
     def broadcast_load(self, world: int) -> bool:
         """Whether rank 0 alone reads the starting weights and broadcasts them (FSDP over several processes)."""
         return self.backend == "fsdp" and self.fsdp_load == "rank0" and world > 1
+
+    def hybrid_shard(self, world: int) -> int | None:
+        """``fsdp_shard_size`` against the process count: the shard group size of a hybrid (2-D) mesh, or None for
+        plain FSDP over every process (no size, or one of at least the process count)."""
+        size = self.fsdp_shard_size
+        if size is None or size >= world:
+            return None
+        if world % size:
+            raise ConfigError(f"engine.fsdp_shard_size={size} does not divide the {world} processes")
+        return size
 
     def local_batch(self, world: int) -> int:
         if self.global_batch_size % world:

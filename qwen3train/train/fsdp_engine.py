@@ -107,13 +107,16 @@ class FSDPEngine(TorchEngine):
         else:
             model = model.to(self.device)
         self.model = model
-        self.mesh = mesh = dist.world_mesh(self.device.type)
+        self.mesh = mesh = dist.world_mesh(self.device.type, cfg.hybrid_shard(dist.world_size()))
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if precision == "bf16" else MixedPrecisionPolicy())
         layers, root = units(model)
         for layer in layers:
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(root, mesh=mesh, mp_policy=policy)
+        if mesh.ndim == 2 and dist.is_main():  # what FSDP made of it, read off a parameter
+            print(f"engine=fsdp: hybrid sharding, {mesh.shape[0]} copies of the model's state, each sharded over "
+                  f"{mesh.shape[1]} processes (placements {tuple(next(model.parameters()).placements)})", flush=True)
         empty = self._receive(full) if broadcast else False
         full = None  # rank 0's host copy goes
         if dist.world_size() > 1:

@@ -155,6 +155,7 @@ def run(cfg, hooks=None) -> Path:
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
     cfg.engine.micro_steps(dist.world_size())  # a batch split that does not divide: one line before the model loads
+    cfg.engine.hybrid_shard(dist.world_size())  # likewise an FSDP shard size
     if cfg.export.push_to_hub:  # every rank: a mistake they all meet, printed once, before anything is trained
         from qwen3train.models.card import check_hub_token
 

@@ -54,12 +54,14 @@ def runs(tiny_model_dir, tmp_path_factory):
            # checkpointing (the Qwen3 model configs' default: each layer's forward runs again inside its backward)
            "fsdp": launch(tmp / "fsdp", tiny_model_dir, data, ["engine=fsdp", *fp32, "engine.rehearse_memory=true",
                                                                "model.gradient_checkpointing=true"], steps=4)}
-    # the same run stopped after step 2 (its step-2 checkpoint), resumed on one process
-    shutil.copytree(tmp / "fsdp", tmp / "resumed")
+    # hybrid sharding on 4 processes: 2 copies of the state, each sharded over 2
+    hsdp = ["engine=fsdp", *fp32, "engine.fsdp_shard_size=2"]
+    out["hsdp"] = launch(tmp / "hsdp", tiny_model_dir, data, hsdp, steps=4, nproc=4)
+    # that run stopped after step 2 (its step-2 checkpoint), resumed on one process
+    shutil.copytree(tmp / "hsdp", tmp / "resumed")
     shutil.rmtree(tmp / "resumed" / "checkpoints" / "step_0000004")
     shutil.rmtree(tmp / "resumed" / "final")
-    cmd = command(tmp / "resumed", tiny_model_dir, data, ["engine=fsdp", *fp32, "model.gradient_checkpointing=true"],
-                  nproc=1, steps=4)
+    cmd = command(tmp / "resumed", tiny_model_dir, data, hsdp, nproc=1, steps=4)
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, crash_report(proc)
     out["resumed_log"] = proc.stdout
@@ -93,16 +95,35 @@ def test_fsdp_on_two_processes_trains_and_exports_as_the_torch_engine_on_one(run
 
 
 @pytest.mark.slow
-def test_an_fsdp_checkpoint_of_two_processes_resumes_on_one_as_if_never_stopped(runs):
-    """The step-2 checkpoint of the 2-process run (each rank's shards of the weights and AdamW moments), resumed on
-    1 process: steps 3-4 and the final weights are the uninterrupted run's. Would catch: moments or schedule not
-    restored (step 3's or step 4's update differs; checked: without the schedule's restore the weights differ), shards read unresharded (an error or half the weights), weights restored
-    but not the optimizer."""
+def test_hybrid_sharding_on_four_processes_trains_as_the_torch_engine_on_one(runs):
+    """engine.fsdp_shard_size=2 on 4 processes: a 2-D mesh, each parameter replicated over 2 copies and sharded
+    within each (read off a parameter's placements); gradients reduce-scattered in a copy and all-reduced across,
+    averaged over all 4. Same curve and weights as 1 process. Would catch: the size ignored (a 1-D mesh: the
+    placements), gradients summed across the copies instead of averaged (the norm doubles), a copy that does not
+    receive rank 0's starting weights (rank 2's shards: another curve), the mesh's groups alive at exit."""
     tmp = runs["_dir"]
-    assert "written by 2 processes; its FSDP shards were read resharded for 1" in runs["resumed_log"]
+    log = (tmp / "hsdp" / "stdout.log").read_text()
+    assert ("hybrid sharding, 2 copies of the model's state, each sharded over 2 processes (placements (Replicate(), "
+            "Shard(dim=0)))") in log
+    assert "rank 0 read the weights; 3 of the 3 other ranks built the model without them" in log
+    _same_steps(runs["torch"], runs["hsdp"], 1e-5)
+    a, b = _weights(tmp / "torch"), _weights(tmp / "hsdp")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert group_threads_at_exit(tmp / "hsdp", ranks=(0, 1, 2, 3)) == {0: [], 1: [], 2: [], 3: []}
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_of_four_processes_resumes_on_one_as_if_never_stopped(runs):
+    """The step-2 checkpoint of the 4-process hybrid run (each rank's shards of the weights and AdamW moments, one
+    copy's written), resumed on 1 process: steps 3-4 and the final weights are the uninterrupted run's. Would catch:
+    moments or schedule not restored (step 3's or step 4's update differs; checked on the 2-process run: without the
+    schedule's restore the weights differ), shards read unresharded (an error or part of the weights), weights
+    restored but not the optimizer."""
+    tmp = runs["_dir"]
+    assert "written by 4 processes; its FSDP shards were read resharded for 1" in runs["resumed_log"]
     got = [json.loads(line) for line in open(tmp / "resumed" / "metrics.jsonl")]
-    _same_steps(runs["fsdp"], got, 1e-6)
-    a, b = _weights(tmp / "fsdp"), _weights(tmp / "resumed")
+    _same_steps(runs["hsdp"], got, 1e-6)
+    a, b = _weights(tmp / "hsdp"), _weights(tmp / "resumed")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
@@ -158,3 +179,27 @@ def test_ranks_that_built_another_model_stop_together_naming_the_difference(tmp_
         assert "rank 1 built the model without weights differently from rank 0" in line
         assert "('1.weight', (3, 3), 'torch.float32', True, '1.weight') vs rank 0's ('1.weight', (2, 3)" in line
         assert "engine.fsdp_load=every_rank" in line
+
+
+def test_fsdp_settings_are_checked_before_anything_loads():
+    """engine.fsdp_shard_size: a hybrid mesh only where it divides the processes into groups of that size; at least
+    the process count (a run resumed on fewer GPUs) or null is plain FSDP; a size that does not divide is one line
+    (the run checks it before the model loads, as it does the batch split), not torch's mesh error; either setting on another engine or a misspelt load is refused."""
+    from qwen3train.errors import ConfigError
+    from qwen3train.train.engine import EngineConfig
+
+    def shard(size, world):
+        return EngineConfig(backend="fsdp", fsdp_shard_size=size).hybrid_shard(world)
+
+    assert [shard(s, 8) for s in (None, 1, 2, 4, 8, 16)] == [None, 1, 2, 4, None, None]
+    with pytest.raises(ConfigError, match="engine.fsdp_shard_size=3 does not divide the 8 processes"):
+        shard(3, 8)
+    with pytest.raises(ValueError, match="engine.fsdp_shard_size needs engine=fsdp"):
+        EngineConfig(backend="torch", fsdp_shard_size=2)
+    with pytest.raises(ValueError, match="needs engine=fsdp and a value >= 1, got 0"):
+        EngineConfig(backend="fsdp", fsdp_shard_size=0)
+    with pytest.raises(ValueError, match="engine.fsdp_load must be one of"):
+        EngineConfig(backend="fsdp", fsdp_load="rank_0")
+    assert EngineConfig(backend="fsdp").broadcast_load(2) and not EngineConfig(backend="fsdp").broadcast_load(1)
+    assert not EngineConfig(backend="fsdp", fsdp_load="every_rank").broadcast_load(2)
+    assert not EngineConfig(backend="deepspeed", zero_stage=3).broadcast_load(2)
