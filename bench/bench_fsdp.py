@@ -21,7 +21,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ENGINES = ("torch", "fsdp", "zero3", "zero2")
+# name -> overrides; fsdp-keep: each layer keeps its gathered weights from forward to backward
+VARIANTS = {"torch": ["engine=torch"], "fsdp": ["engine=fsdp"],
+            "fsdp-keep": ["engine=fsdp", "engine.fsdp_reshard_after_forward=false"], "zero3": ["engine=zero3"],
+            "zero2": ["engine=zero2"]}
+ENGINES = tuple(VARIANTS)
 # run as a process of its own: the peak resident memory of its largest descendant (a rank) is its children's
 PEAK = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
         "print('PEAK_MB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); sys.exit(rc)")
@@ -30,7 +34,7 @@ PEAK = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).ret
 def one(engine: str, model: Path, data: Path, out: Path, steps: int, batch: int, micro: int) -> dict:
     run_dir = out / engine
     cmd = [sys.executable, "-c", PEAK, sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", "2", "-m", "qwen3train.cli.main", "--config-name=stage1", f"engine={engine}",
+           "--nproc_per_node", "2", "-m", "qwen3train.cli.main", "--config-name=stage1", *VARIANTS[engine],
            "engine.precision=fp32", "engine.grad_cache=true", f"engine.micro_batch_size={micro}",
            f"engine.global_batch_size={batch}", f"run.max_steps={steps}", "run.save_every=0", "run.resume=never",
            f"run.output_dir={run_dir}", f"model.name_or_path={model}", "model.max_query_length=48",
@@ -93,6 +97,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--engines", default=",".join(ENGINES), help="a comma-separated subset of " + ",".join(ENGINES))
     ap.add_argument("--load", action="store_true", help="host memory of the two ways of loading, 2 and 4 processes")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
@@ -112,9 +117,10 @@ def main() -> int:
             raise SystemExit(f"{model} is missing: run `make smollm2` first")
     if args.load:
         return main_load(model, data, out)
-    got: dict[str, list] = {e: [] for e in ENGINES}
+    engines = tuple(e for e in ENGINES if e in args.engines.split(","))
+    got: dict[str, list] = {e: [] for e in engines}
     for r in range(args.repeats):
-        for engine in (ENGINES if r % 2 == 0 else ENGINES[::-1]):
+        for engine in (engines if r % 2 == 0 else engines[::-1]):
             got[engine].append(one(engine, model, data, out / f"r{r}", steps, batch, micro))
             print(engine, r, got[engine][-1]["step_s"], got[engine][-1]["peak_mb"], flush=True)
     ref = got["torch"][0]["losses"]
@@ -123,10 +129,11 @@ def main() -> int:
     print("| engine | step s | vs DDP | vs ZeRO-3 | peak MB (larger rank) | vs DDP | largest loss difference from DDP |")
     print("|---|---|---|---|---|---|---|")
     med = {e: (statistics.median(x["step_s"] for x in got[e]), statistics.median(x["peak_mb"] for x in got[e]))
-           for e in ENGINES}
-    for e in ENGINES:
+           for e in engines}
+    for e in engines:
         diff = max(abs(a - b) for x in got[e] for a, b in zip(ref, x["losses"]))
-        print(f"| {e} | {med[e][0]:.2f} | {med['torch'][0] / med[e][0]:.2f}x | {med['zero3'][0] / med[e][0]:.2f}x | "
+        z3 = f"{med['zero3'][0] / med[e][0]:.2f}x" if "zero3" in med else "-"
+        print(f"| {e} | {med[e][0]:.2f} | {med['torch'][0] / med[e][0]:.2f}x | {z3} | "
               f"{med[e][1]:,.0f} | {med[e][1] / med['torch'][1]:.2f} | {diff:.1e} |")
     return 0
 

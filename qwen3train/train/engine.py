@@ -69,6 +69,10 @@ class EngineConfig:
     copies of their own (hybrid sharding, HSDP: shard within a node, replicate across nodes, so that only the
     gradients' all-reduce crosses nodes, not every layer's gather). null, or at least the process count (a run
     resumed on fewer GPUs): all processes (plain FSDP). It must divide the process count.
+    fsdp_reshard_after_forward: ``engine=fsdp``: free each decoder layer's gathered weights after its forward (true,
+    the least memory: gathered again for its backward) or keep them until its backward (false: one gather fewer
+    per layer and micro batch, and a GradCache step's no-grad pass gathers once for all its chunks; the whole
+    model's compute-precision weights held during a step).
     """
 
     backend: str = "torch"
@@ -84,6 +88,7 @@ class EngineConfig:
     rehearse_memory: bool | None = None
     fsdp_load: str = "rank0"
     fsdp_shard_size: int | None = None
+    fsdp_reshard_after_forward: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -104,6 +109,8 @@ class EngineConfig:
                              "ZeRO does not drop a step whose gradients are not finite)")
         if self.fsdp_load not in FSDP_LOADS:
             raise ValueError(f"engine.fsdp_load must be one of {FSDP_LOADS}, got {self.fsdp_load!r}")
+        if not self.fsdp_reshard_after_forward and self.backend != "fsdp":
+            raise ValueError(f"engine.fsdp_reshard_after_forward=false needs engine=fsdp, got {self.backend}")
         if self.fsdp_shard_size is not None and (self.fsdp_shard_size < 1 or self.backend != "fsdp"):
             raise ValueError(f"engine.fsdp_shard_size needs engine=fsdp and a value >= 1, got {self.fsdp_shard_size} "
                              f"with engine.backend={self.backend}")

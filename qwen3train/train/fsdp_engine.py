@@ -112,7 +112,7 @@ class FSDPEngine(TorchEngine):
                   if precision == "bf16" else MixedPrecisionPolicy())
         layers, root = units(model)
         for layer in layers:
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
+            fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
         fully_shard(root, mesh=mesh, mp_policy=policy)
         if mesh.ndim == 2 and dist.is_main():  # what FSDP made of it, read off a parameter
             print(f"engine=fsdp: hybrid sharding, {mesh.shape[0]} copies of the model's state, each sharded over "

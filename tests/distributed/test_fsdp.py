@@ -51,9 +51,11 @@ def runs(tiny_model_dir, tmp_path_factory):
     # 4 steps, checkpoints at 2 and 4: the resumed run below takes two steps, so the schedule it restores counts
     out = {"torch": launch(tmp / "torch", tiny_model_dir, data, ["engine=torch", *fp32], steps=4),
            # 2 processes, fp32, rehearsed after step 1 (a dropped step: the curve must not move), with activation
-           # checkpointing (the Qwen3 model configs' default: each layer's forward runs again inside its backward)
+           # checkpointing (the Qwen3 model configs' default: each layer's forward runs again inside its backward),
+           # each layer's weights kept gathered from forward to backward (across GradCache's no-grad pass too)
            "fsdp": launch(tmp / "fsdp", tiny_model_dir, data, ["engine=fsdp", *fp32, "engine.rehearse_memory=true",
-                                                               "model.gradient_checkpointing=true"], steps=4)}
+                                                               "model.gradient_checkpointing=true",
+                                                               "engine.fsdp_reshard_after_forward=false"], steps=4)}
     # hybrid sharding on 4 processes: 2 copies of the state, each sharded over 2
     hsdp = ["engine=fsdp", *fp32, "engine.fsdp_shard_size=2"]
     out["hsdp"] = launch(tmp / "hsdp", tiny_model_dir, data, hsdp, steps=4, nproc=4)
@@ -76,8 +78,8 @@ def runs(tiny_model_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_fsdp_on_two_processes_trains_and_exports_as_the_torch_engine_on_one(runs):
-    """Same losses, gradient norms (the norm over both ranks' shards) and final weights, to fp32 rounding. Would
-    catch: gradients summed instead of averaged over the ranks (the norm doubles), a shard left out of the norm or
+    """Same losses, gradient norms (the norm over both ranks' shards) and final weights, to fp32 rounding, with the
+    layers' weights kept gathered from forward to backward. Would catch: gradients summed instead of averaged over the ranks (the norm doubles), a shard left out of the norm or
     of the clipping, a unit whose parameters are not gathered for encode's direct call of the backbone (an error),
     a rehearsal step that moved the weights, an export of one rank's shards."""
     tmp = runs["_dir"]
@@ -198,6 +200,8 @@ def test_fsdp_settings_are_checked_before_anything_loads():
         EngineConfig(backend="torch", fsdp_shard_size=2)
     with pytest.raises(ValueError, match="needs engine=fsdp and a value >= 1, got 0"):
         EngineConfig(backend="fsdp", fsdp_shard_size=0)
+    with pytest.raises(ValueError, match="engine.fsdp_reshard_after_forward=false needs engine=fsdp"):
+        EngineConfig(backend="deepspeed", fsdp_reshard_after_forward=False)
     with pytest.raises(ValueError, match="engine.fsdp_load must be one of"):
         EngineConfig(backend="fsdp", fsdp_load="rank_0")
     assert EngineConfig(backend="fsdp").broadcast_load(2) and not EngineConfig(backend="fsdp").broadcast_load(1)
