@@ -389,8 +389,9 @@ def section_two_procs(out: Path, quick: bool) -> dict:
     """Stage 1 with GradCache on 2 processes sharing one GPU (gloo carries the CUDA tensors: NCCL refuses two
     ranks on one device) equals 1 process on the same global batch: the multi-rank CUDA code (the
     gathered loss, DDP's reduction, the logged statistics) as far as one GPU can show it. Then engine=fsdp on 1
-    process (NCCL) and on 2 sharing the GPU (gloo), each against the same 1-process torch run (FSDP's CUDA path
-    has never run on a GPU; its CPU equivalence is tests/distributed/test_fsdp.py)."""
+    process (NCCL) and on 2 sharing the GPU (gloo: rank 1 built without weights, filled from rank 0), and hybrid
+    (2 copies of 1 shard, layers kept gathered from forward to backward), each against the same 1-process torch run
+    (FSDP's CUDA path has never run on a GPU; its CPU equivalence is tests/distributed/test_fsdp.py)."""
     if not _run_here():
         return {"skipped": "needs CUDA (the CPU equivalence is tests/distributed/test_gloo.py)"}
     from qwen3train.models.tiny import make_tiny_qwen3
@@ -399,12 +400,15 @@ def section_two_procs(out: Path, quick: bool) -> dict:
     data = _demo_data() / "train_pairs.jsonl"
     res: dict = {}
     # on the CPU rehearsal, FSDP on 1 process only: its 2-process run is tests/distributed/test_fsdp.py's
-    runs = (("n1", "torch", 1), ("n2", "torch", 2), ("fsdp1", "fsdp", 1)) + ((("fsdp2", "fsdp", 2),) if _cuda() else ())
+    # hsdp2: a 2-D mesh (2 copies of 1 shard) with each layer kept gathered from forward to backward
+    hsdp = ["engine=fsdp", "engine.fsdp_shard_size=1", "engine.fsdp_reshard_after_forward=false"]
+    runs = ((("n1", ["engine=torch"], 1), ("n2", ["engine=torch"], 2), ("fsdp1", ["engine=fsdp"], 1))
+            + ((("fsdp2", ["engine=fsdp"], 2), ("hsdp2", hsdp, 2)) if _cuda() else ()))
     for name, engine, n in runs:
         run_dir = out / "two_procs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)] if n > 1 else []
-        cmd = [sys.executable, *launcher, "-m", "qwen3train.cli.main", "--config-name=stage1", f"engine={engine}",
+        cmd = [sys.executable, *launcher, "-m", "qwen3train.cli.main", "--config-name=stage1", *engine,
                "engine.precision=fp32", "engine.grad_cache=true", "engine.micro_batch_size=4",
                "engine.global_batch_size=16", "run.max_steps=3", "run.save_every=0", "run.resume=false",
                f"run.output_dir={run_dir}", f"model.name_or_path={model}", "model.max_doc_length=128",
@@ -417,7 +421,7 @@ def section_two_procs(out: Path, quick: bool) -> dict:
             continue
         res[name] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     one = res.get("n1")
-    for name, key in (("n2", "equal"), ("fsdp1", "fsdp1_equal"), ("fsdp2", "fsdp2_equal")):
+    for name, key in (("n2", "equal"), ("fsdp1", "fsdp1_equal"), ("fsdp2", "fsdp2_equal"), ("hsdp2", "hsdp2_equal")):
         got = res.pop(name, None)
         if one is None or got is None:
             continue
