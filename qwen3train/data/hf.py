@@ -81,6 +81,24 @@ def label(spec) -> str:
     return f"hf:{spec.dataset}{'/' + spec.dataset_config if spec.dataset_config else ''}[{spec.split}]{files}"
 
 
+ENDS = 64 * 1024
+
+
+def ends_digest(path: Path) -> str:
+    """A digest of a file's first and last ``ENDS`` bytes (all of a smaller file): read in constant time whatever its
+    size, it tells a rewritten file from the one a run began with where the sizes agree."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        h.update(f.read(ENDS))
+        size = f.seek(0, 2)
+        if size > ENDS:
+            f.seek(max(ENDS, size - ENDS))
+            h.update(f.read(ENDS))
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class DatasetRef:
     """An Arrow dataset from ``load_dataset``, standing where a file path stands in the record index."""
@@ -343,14 +361,15 @@ class StreamingSource:
 
     def fingerprint(self) -> dict:
         """What can be known of a stream without reading it (it may be larger than the disk): its name, the files
-        ``datasets`` resolves it to (a hub dataset's name its commit: ``hf://datasets/<repo>@<sha>/...``), and
-        the size of each local one. Another revision, a file added, removed or grown is seen on resume (a local file
-        edited to the same size is not: its bytes are not read). ``train.identity.check_data`` compares it."""
+        ``datasets`` resolves it to (a hub dataset's name its commit: ``hf://datasets/<repo>@<sha>/...``), and of
+        each local one its size and a digest of its first and last 64 KiB. Another revision, a file added, removed,
+        grown, or rewritten to the same size (other records, or an edit near either end) is seen on resume; an edit
+        of the same size inside a large file's middle is not. ``train.identity.check_data`` compares it."""
         out = {"streamed": self.name}
         files = stream_files(self.spec)
         if files is not None:
-            out["files"] = [{"file": f} | ({"bytes": Path(f).stat().st_size} if Path(f).is_file() else {})
-                            for f in files]
+            out["files"] = [{"file": f} | ({"bytes": Path(f).stat().st_size, "ends": ends_digest(Path(f))}
+                                           if Path(f).is_file() else {}) for f in files]
         return out
 
     def summary(self) -> dict:

@@ -213,18 +213,19 @@ def write_data(run_dir: Path, fingerprint: list) -> None:
 
 
 # what a data fingerprint came to hold after runs had begun: compared only where the run's first one has it
-LATER_FINGERPRINT_KEYS = ("content", "files")
+LATER_FINGERPRINT_KEYS = ("content", "files", "ends")
 
 
 def _as_then(old: list, new: list) -> list:
     """``new`` without what the run's first fingerprint lacks of ``LATER_FINGERPRINT_KEYS`` (a file's ``content``
-    digest, a stream's ``files``: a run begun before they were recorded, or on an index built before): compared on
-    what both know."""
+    digest, a stream's ``files`` or their ``ends`` digests: a run begun before they were recorded, or on an index
+    built before): compared on what both know."""
     def strip(a, b):
         if isinstance(a, list) and isinstance(b, list):
             return [strip(x, y) for x, y in zip(a, b)] + b[len(a):]
         if isinstance(a, dict) and isinstance(b, dict):
-            return {k: v for k, v in b.items() if k in a or k not in LATER_FINGERPRINT_KEYS}
+            return {k: strip(a[k], v) if k in a else v for k, v in b.items()
+                    if k in a or k not in LATER_FINGERPRINT_KEYS}
         return b
 
     return strip(old, new)
@@ -265,5 +266,7 @@ def _stream_change(a: dict, b) -> str:
                 f"then: {gone}, now: {new})")
     for fa, fb in zip(then, now):
         if fa != fb:
+            if fa.get("bytes") == fb.get("bytes"):
+                return f"{fa['file']}: the same {fa.get('bytes')} bytes, rewritten (other content at its start or end)"
             return f"{fa['file']}: {fa.get('bytes')} bytes then, {fb.get('bytes')} now"
     return f"{a['streamed']}: other files"

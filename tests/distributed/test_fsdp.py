@@ -1,7 +1,8 @@
-"""engine=fsdp (torch's FSDP2, no DeepSpeed) with 2 gloo processes, through the real entry point: it trains as the
-torch engine does on one process (GradCache, packed, the memory rehearsal), its sharded checkpoint resumes on
-another process count, the reranker trains under it with LoRA in bf16 (1 process), and its exports are the torch
-engine's."""
+"""engine=fsdp (torch's FSDP2, no DeepSpeed) with gloo processes, through the real entry point: on 4 processes with
+hybrid sharding (2 copies of 2 shards; ranks 1-3 built without weights, filled from rank 0) it trains as the torch
+engine does on one process (GradCache, packed, activation checkpointing, the memory rehearsal, layers kept gathered
+from forward to backward), its sharded checkpoint resumes on 1 process, the reranker trains under it on 2 processes
+with LoRA in bf16, and its exports are the torch engine's; ranks that built different models stop together."""
 
 from __future__ import annotations
 
@@ -49,15 +50,13 @@ def runs(tiny_model_dir, tmp_path_factory):
     data = make_pairs(tmp / "d.jsonl", n=64, k=2)
     fp32 = ["engine.precision=fp32"]
     # 4 steps, checkpoints at 2 and 4: the resumed run below takes two steps, so the schedule it restores counts
-    out = {"torch": launch(tmp / "torch", tiny_model_dir, data, ["engine=torch", *fp32], steps=4),
-           # 2 processes, fp32, rehearsed after step 1 (a dropped step: the curve must not move), with activation
-           # checkpointing (the Qwen3 model configs' default: each layer's forward runs again inside its backward),
-           # each layer's weights kept gathered from forward to backward (across GradCache's no-grad pass too)
-           "fsdp": launch(tmp / "fsdp", tiny_model_dir, data, ["engine=fsdp", *fp32, "engine.rehearse_memory=true",
-                                                               "model.gradient_checkpointing=true",
-                                                               "engine.fsdp_reshard_after_forward=false"], steps=4)}
-    # hybrid sharding on 4 processes: 2 copies of the state, each sharded over 2
-    hsdp = ["engine=fsdp", *fp32, "engine.fsdp_shard_size=2"]
+    out = {"torch": launch(tmp / "torch", tiny_model_dir, data, ["engine=torch", *fp32], steps=4)}
+    # 4 processes, hybrid sharding (2 copies of the state, each sharded over 2), fp32, rehearsed after step 1 (a
+    # dropped step: the curve must not move), with activation checkpointing (the Qwen3 model configs' default: each
+    # layer's forward runs again inside its backward), each layer's weights kept gathered from forward to backward
+    # (across GradCache's no-grad pass too); ranks 1-3 built without weights
+    hsdp = ["engine=fsdp", *fp32, "engine.fsdp_shard_size=2", "engine.rehearse_memory=true",
+            "model.gradient_checkpointing=true", "engine.fsdp_reshard_after_forward=false"]
     out["hsdp"] = launch(tmp / "hsdp", tiny_model_dir, data, hsdp, steps=4, nproc=4)
     # that run stopped after step 2 (its step-2 checkpoint), resumed on one process
     shutil.copytree(tmp / "hsdp", tmp / "resumed")
@@ -77,40 +76,27 @@ def runs(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_fsdp_on_two_processes_trains_and_exports_as_the_torch_engine_on_one(runs):
-    """Same losses, gradient norms (the norm over both ranks' shards) and final weights, to fp32 rounding, with the
-    layers' weights kept gathered from forward to backward. Would catch: gradients summed instead of averaged over the ranks (the norm doubles), a shard left out of the norm or
-    of the clipping, a unit whose parameters are not gathered for encode's direct call of the backbone (an error),
-    a rehearsal step that moved the weights, an export of one rank's shards."""
-    tmp = runs["_dir"]
-    _same_steps(runs["torch"], runs["fsdp"], 1e-5)
-    a, b = _weights(tmp / "torch"), _weights(tmp / "fsdp")
-    assert sorted(a) == sorted(b)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
-    # rank 1 read no weight: it built the model empty and received rank 0's (engine.fsdp_load=rank0, the default);
-    # checked to fail when rank 1's buffers (the rotary frequencies, not in the state dict) are not sent
-    assert "rank 0 read the weights; 1 of the 1 other ranks built the model without them" in (
-        tmp / "fsdp" / "stdout.log").read_text()
-    assert "memory rehearsal: the heaviest micro batch" in (tmp / "fsdp" / "stdout.log").read_text()
-    assert (tmp / "fsdp" / "checkpoints" / "step_0000002" / "engine" / "fsdp").is_dir()
-    assert group_threads_at_exit(tmp / "fsdp") == {0: [], 1: []}
-
-
-@pytest.mark.slow
-def test_hybrid_sharding_on_four_processes_trains_as_the_torch_engine_on_one(runs):
-    """engine.fsdp_shard_size=2 on 4 processes: a 2-D mesh, each parameter replicated over 2 copies and sharded
-    within each (read off a parameter's placements); gradients reduce-scattered in a copy and all-reduced across,
-    averaged over all 4. Same curve and weights as 1 process. Would catch: the size ignored (a 1-D mesh: the
-    placements), gradients summed across the copies instead of averaged (the norm doubles), a copy that does not
-    receive rank 0's starting weights (rank 2's shards: another curve), the mesh's groups alive at exit."""
+def test_fsdp_on_four_processes_trains_and_exports_as_the_torch_engine_on_one(runs):
+    """Hybrid sharding on 4 processes (engine.fsdp_shard_size=2): a 2-D mesh, each parameter replicated over 2 copies
+    and sharded within each (read off a parameter's placements); gradients reduce-scattered in a copy, all-reduced
+    across, averaged over all 4. Same losses, gradient norms (the norm over every shard) and final weights as the
+    torch engine on 1 process, to fp32 rounding, with each layer kept gathered from forward to backward. Would catch:
+    the size ignored (a 1-D mesh: the placements), gradients summed instead of averaged (the norm doubles), a shard
+    left out of the norm or of the clipping, a unit whose parameters are not gathered for encode's direct call of the
+    backbone (an error), a rank that did not receive rank 0's starting weights (checked to fail when the rotary
+    buffers, not in the state dict, are not sent), a rehearsal step that moved the weights, an export of one rank's
+    shards, the mesh's groups alive at exit."""
     tmp = runs["_dir"]
     log = (tmp / "hsdp" / "stdout.log").read_text()
     assert ("hybrid sharding, 2 copies of the model's state, each sharded over 2 processes (placements (Replicate(), "
             "Shard(dim=0)))") in log
     assert "rank 0 read the weights; 3 of the 3 other ranks built the model without them" in log
+    assert "memory rehearsal: the heaviest micro batch" in log
     _same_steps(runs["torch"], runs["hsdp"], 1e-5)
     a, b = _weights(tmp / "torch"), _weights(tmp / "hsdp")
+    assert sorted(a) == sorted(b)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert (tmp / "hsdp" / "checkpoints" / "step_0000002" / "engine" / "fsdp").is_dir()
     assert group_threads_at_exit(tmp / "hsdp", ranks=(0, 1, 2, 3)) == {0: [], 1: [], 2: [], 3: []}
 
 
@@ -118,7 +104,7 @@ def test_hybrid_sharding_on_four_processes_trains_as_the_torch_engine_on_one(run
 def test_an_fsdp_checkpoint_of_four_processes_resumes_on_one_as_if_never_stopped(runs):
     """The step-2 checkpoint of the 4-process hybrid run (each rank's shards of the weights and AdamW moments, one
     copy's written), resumed on 1 process: steps 3-4 and the final weights are the uninterrupted run's. Would catch:
-    moments or schedule not restored (step 3's or step 4's update differs; checked on the 2-process run: without the
+    moments or schedule not restored (step 3's or step 4's update differs; checked on a 2-process run: without the
     schedule's restore the weights differ), shards read unresharded (an error or part of the weights), weights
     restored but not the optimizer."""
     tmp = runs["_dir"]

@@ -9,6 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from helpers import make_pairs, train_cfg
+from qwen3train.data.hf import ends_digest
 from qwen3train.errors import ConfigError
 from qwen3train.train.loop import run
 
@@ -180,8 +181,9 @@ def test_a_fingerprint_recorded_before_the_content_digest_is_compared_on_what_it
 
 def test_a_streamed_source_grown_or_moved_to_other_files_is_refused_on_resume(tiny_model_dir, tmp_path):
     """A streamed source's fingerprint holds the files ``datasets`` resolves it to (a hub dataset's commit is in
-    their names) and each local one's size: rows appended after the crash, or another file listed, are refused on
-    resume, naming the file; the same file resumes. Before, a stream's fingerprint was its name, so a resume read
+    their names) and each local one's size and a digest of its ends: rows appended after the crash, a file rewritten
+    to the same size, or another file listed, are refused on resume, naming the file; the same file resumes, and so
+    does a run begun before the ends digest existed. Before, a stream's fingerprint was its name, so a resume read
     on into other data silently (a shuffled stream's rows at other places). A run begun before the files were
     recorded is compared on its name. Would catch the files left out of the fingerprint or a false alarm."""
     from qwen3train.data.sources import MixtureSource
@@ -196,7 +198,11 @@ def test_a_streamed_source_grown_or_moved_to_other_files_is_refused_on_resume(ti
     with pytest.raises(Crash):
         run(cfg, hooks=crash_at(3))
     fp = json.loads((tmp_path / "r" / DATA).read_text())["sources"]
-    assert fp[0]["files"] == [{"file": str(data), "bytes": len(original)}]
+    assert fp[0]["files"] == [{"file": str(data), "bytes": len(original), "ends": ends_digest(data)}]
+    # rewritten to the same size: another record's text in the first line
+    data.write_bytes(original.replace(b"number", b"NUMBER", 1))
+    with pytest.raises(ConfigError, match=rf"{data}: the same {len(original)} bytes, rewritten"):
+        run(cfg)
     data.write_bytes(original + original.splitlines(keepends=True)[0])
     with pytest.raises(ConfigError, match=rf"changed since this run started: {data}: {len(original)} bytes then, "
                                           rf"{len(original) + len(original.splitlines(keepends=True)[0])} now"):
@@ -208,6 +214,9 @@ def test_a_streamed_source_grown_or_moved_to_other_files_is_refused_on_resume(ti
         check_data(tmp_path / "r", moved, "auto", 2)
     (tmp_path / "r" / DATA).write_text(json.dumps({"sources": [{"streamed": fp[0]["streamed"]}]}))  # an older run
     check_data(tmp_path / "r", moved, "auto", 2)
+    sized = [dict(fp[0], files=[{"file": str(data), "bytes": len(original)}])]  # begun before the ends digest
+    (tmp_path / "r" / DATA).write_text(json.dumps({"sources": sized}))
+    check_data(tmp_path / "r", fp, "auto", 2)
     (tmp_path / "r" / DATA).write_text(json.dumps({"sources": fp}))
     data.write_bytes(original)
     run(cfg)  # the same file: resumes to the end
