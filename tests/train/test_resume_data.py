@@ -233,3 +233,28 @@ def test_a_change_after_an_unchanged_streamed_source_is_named(tmp_path):
     (tmp_path / DATA).write_text(json.dumps({"sources": then}))
     with pytest.raises(ConfigError, match=r"/d\.jsonl: 48 records then, 49 now"):
         check_data(tmp_path, [stream, [{"file": "/d.jsonl", "records": 49, "digest": "b" * 32}]], "auto", 2)
+
+
+def test_the_ends_digest_reads_both_ends_of_a_large_file_and_all_of_a_small_one(tmp_path):
+    """A streamed file's ``ends`` digest covers its first and last 64 KiB: a byte changed in either is seen, a byte
+    changed in the middle of a larger file is not (the documented limit: the file is not read); a file of at most
+    64 KiB is digested whole, and one between 64 and 128 KiB in every byte. Would catch a tail not read (no seek, or
+    a seek past the end), bytes between the two parts skipped, or a digest of the name or size alone."""
+    from qwen3train.data.hf import ENDS
+
+    def digest_after(size, where):
+        path = tmp_path / f"f{size}_{where}.bin"
+        body = bytearray(b"a" * size)
+        if where is not None:
+            body[where] = ord("b")
+        path.write_bytes(bytes(body))
+        return ends_digest(path)
+
+    big = 3 * ENDS
+    base = digest_after(big, None)
+    assert digest_after(big, 0) != base and digest_after(big, big - 1) != base
+    assert digest_after(big, ENDS + 10) == base  # the middle: not read
+    small = ENDS // 2
+    assert digest_after(small, small // 2) != digest_after(small, None)
+    mid = ENDS + ENDS // 2  # head and tail overlap: every byte read once
+    assert all(digest_after(mid, w) != digest_after(mid, None) for w in (0, ENDS - 1, ENDS, mid - 1))
