@@ -45,6 +45,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def local_world_size() -> int:
+    """Processes on this node (torchrun's ``LOCAL_WORLD_SIZE``; the world where it is not set)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+
+
 def device_index() -> int:
     """The GPU this process computes on: its local rank, wrapped over the GPUs present, so that several
     processes can share one GPU (with ``QWEN3TRAIN_DIST_BACKEND=gloo``: NCCL refuses two ranks per GPU)."""

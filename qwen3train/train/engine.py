@@ -131,6 +131,17 @@ class EngineConfig:
             raise ConfigError(f"engine.fsdp_shard_size={size} does not divide the {world} processes")
         return size
 
+    def shard_groups_note(self, world: int, per_node: int) -> str | None:
+        """A hybrid mesh's shard groups are runs of consecutive ranks; with ``per_node`` processes a node, a group
+        that is not a whole number of nodes, nor a whole fraction of one, straddles two nodes: its every gather
+        crosses them, which hybrid sharding is for avoiding. The note saying so, or None."""
+        size = self.hybrid_shard(world)
+        if size is None or per_node >= world or size % per_node == 0 or per_node % size == 0:
+            return None
+        return (f"note: engine.fsdp_shard_size={size} with {per_node} processes a node: some shard groups span two "
+                f"nodes (their every layer gather crosses nodes); a multiple or a divisor of {per_node} keeps them "
+                f"whole")
+
     def local_batch(self, world: int) -> int:
         if self.global_batch_size % world:
             raise ConfigError(f"engine.global_batch_size={self.global_batch_size} is not divisible by "

@@ -114,6 +114,9 @@ class FSDPEngine(TorchEngine):
         for layer in layers:
             fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
         fully_shard(root, mesh=mesh, mp_policy=policy)
+        note = cfg.shard_groups_note(dist.world_size(), dist.local_world_size())
+        if note and dist.is_main():
+            print(note, flush=True)
         if mesh.ndim == 2 and dist.is_main():  # what FSDP made of it, read off a parameter
             print(f"engine=fsdp: hybrid sharding, {mesh.shape[0]} copies of the model's state, each sharded over "
                   f"{mesh.shape[1]} processes (placements {tuple(next(model.parameters()).placements)})", flush=True)

@@ -190,6 +190,14 @@ def test_fsdp_settings_are_checked_before_anything_loads():
         EngineConfig(backend="deepspeed", fsdp_reshard_after_forward=False)
     with pytest.raises(ValueError, match="engine.fsdp_load must be one of"):
         EngineConfig(backend="fsdp", fsdp_load="rank_0")
+    # shard groups are consecutive ranks: with 8 a node, 16 (two whole nodes) or 4 (half a node) keep groups whole,
+    # 6 or 12 do not (a group across two nodes: its gathers cross them); one node alone has nothing to straddle
+    notes = {s: EngineConfig(backend="fsdp", fsdp_shard_size=s).shard_groups_note(32, 8) for s in (4, 16, 8, 2)}
+    assert notes == {4: None, 16: None, 8: None, 2: None}
+    assert "fsdp_shard_size=12 with 8 processes a node: some shard groups span two nodes" in (
+        EngineConfig(backend="fsdp", fsdp_shard_size=12).shard_groups_note(48, 8))
+    assert EngineConfig(backend="fsdp", fsdp_shard_size=6).shard_groups_note(24, 8) is not None
+    assert EngineConfig(backend="fsdp", fsdp_shard_size=2).shard_groups_note(4, 4) is None
     assert EngineConfig(backend="fsdp").broadcast_load(2) and not EngineConfig(backend="fsdp").broadcast_load(1)
     assert not EngineConfig(backend="fsdp", fsdp_load="every_rank").broadcast_load(2)
     assert not EngineConfig(backend="deepspeed", zero_stage=3).broadcast_load(2)
