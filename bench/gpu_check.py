@@ -399,7 +399,7 @@ def section_two_procs(out: Path, quick: bool) -> dict:
     model = make_tiny_qwen3(out / "models" / "tiny-qwen3")
     data = _demo_data() / "train_pairs.jsonl"
     res: dict = {}
-    # on the CPU rehearsal, FSDP on 1 process only: its 2-process run is tests/distributed/test_fsdp.py's
+    # on the CPU rehearsal, FSDP on 1 process only: its multi-process runs are tests/distributed/test_fsdp.py's
     # hsdp2: a 2-D mesh (2 copies of 1 shard) with each layer kept gathered from forward to backward
     hsdp = ["engine=fsdp", "engine.fsdp_shard_size=1", "engine.fsdp_reshard_after_forward=false"]
     runs = ((("n1", ["engine=torch"], 1), ("n2", ["engine=torch"], 2), ("fsdp1", ["engine=fsdp"], 1))

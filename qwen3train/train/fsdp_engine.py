@@ -1,6 +1,7 @@
 """The FSDP engine (``engine=fsdp``): torch's own fully sharded data parallel (FSDP2, ``fully_shard``), with no
 DeepSpeed. It implements ``train.engine.Engine``. Besides ``qwen3train.dist`` (the mesh), the one module that
-imports FSDP and torch's distributed checkpoints; it issues no collective of its own.
+imports FSDP and torch's distributed checkpoints; its own collectives (the structure check, the load report, the
+buffers' broadcast) go through ``qwen3train.dist``.
 
 Each decoder layer is one unit and the rest of the model (embeddings, final norm, the LM head) another: a rank
 holds 1/world of every float32 weight, gradient and AdamW moment, and a unit's weights are whole only while it

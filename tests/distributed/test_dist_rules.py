@@ -47,7 +47,7 @@ def test_cuda_process_group_has_a_cpu_backend(monkeypatch):
 
 
 # torch's sharding, imported by the FSDP engine only: FSDP's own collectives run on the mesh's device (the mesh is
-# dist.world_mesh's), and the engine issues none itself
+# dist.world_mesh's), and the engine's own go through dist
 SHARDING = {"train/fsdp_engine.py": ("torch.distributed.fsdp", "torch.distributed.checkpoint",
                                      "torch.distributed.checkpoint.state_dict")}
 
