@@ -3,7 +3,8 @@ otherwise pick) and ZeRO-2 / DDP, two gloo processes each, the same model, data,
 
     .venv/bin/python bench/bench_fsdp.py              # SmolLM2-135M (make smollm2), ~6 min on 2 cores
     .venv/bin/python bench/bench_fsdp.py --quick      # the tiny Qwen3, a smoke
-    .venv/bin/python bench/bench_fsdp.py --load       # engine.fsdp_load=rank0 vs every_rank: host memory per rank
+    .venv/bin/python bench/bench_fsdp.py --load       # rank 0 alone reads the weights, or every rank: host memory
+                                                      # per rank (engine.fsdp_load; ZeRO-3: engine.zero3_init)
 
 Per engine: the median step time after two warm-up steps, the peak resident memory of the larger rank (rank 0
 loads the whole model before it is sharded, so the peak includes that load), the losses, and the largest
@@ -49,20 +50,31 @@ def one(engine: str, model: Path, data: Path, out: Path, steps: int, batch: int,
             "losses": [r["loss"] for r in rows]}
 
 
-def load_peaks(mode: str, nproc: int, model: Path, data: Path, out: Path) -> list[int]:
-    """Each rank's host memory peak once the model is sharded and its weights in place (the engine's own line)."""
+# --load: engine -> (how its line starts, the overrides of each way of loading: every rank reads, rank 0 alone)
+LOADS = {"fsdp": ("engine=fsdp: ", {"every_rank": ["engine.fsdp_load=every_rank"], "rank0": ["engine.fsdp_load=rank0"]}),
+         "zero3": ("engine=zero3: ", {"every_rank": ["engine.zero3_init=false"], "rank0": ["engine.zero3_init=true"]})}
+
+
+def load_peaks(engine: str, mode: str, nproc: int, model: Path, data: Path, out: Path) -> list[int]:
+    """Each rank's host memory peak once the model is sharded and its weights in place (the engine's own line); for
+    ZeRO-3 the peak with the model built, before ``deepspeed.initialize``, whose buffers (the fp32 partitions, the
+    gradient buckets) live on the GPU in a real run and in host memory only here."""
+    start, modes = LOADS[engine]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
-           "qwen3train.cli.main", "--config-name=stage1", "engine=fsdp", f"engine.fsdp_load={mode}",
+           "qwen3train.cli.main", "--config-name=stage1", f"engine={engine}", *modes[mode],
            "engine.precision=fp32", f"engine.micro_batch_size={nproc}", f"engine.global_batch_size={2 * nproc}",
-           "run.max_steps=1", "run.save_every=0", "run.resume=never", f"run.output_dir={out / f'{mode}{nproc}'}",
-           f"model.name_or_path={model}", "model.max_query_length=32", "model.max_doc_length=64",
-           f"data.train_files=[{data}]"]
+           "run.max_steps=1", "run.save_every=0", "run.resume=never",
+           f"run.output_dir={out / f'{engine}-{mode}{nproc}'}", f"model.name_or_path={model}",
+           "model.max_query_length=32", "model.max_doc_length=64", f"data.train_files=[{data}]"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"{mode}: status {proc.returncode}\n{proc.stderr[-3000:]}")
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("engine=fsdp: "))
-    return json.loads(line.split("MB: ")[1].rstrip(")"))
+        raise SystemExit(f"{engine} {mode}: status {proc.returncode}\n{proc.stderr[-3000:]}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(start))
+    peaks = line.split("MB: ")[1].rstrip(")")
+    if "; with the model built" in peaks:  # ZeRO-3: the peak before DeepSpeed's own allocations (on the CPU, host)
+        peaks = peaks.split(": ")[-1]
+    return json.loads(peaks)
 
 
 def bf16_copy(model: Path, out: Path) -> Path:
@@ -79,17 +91,18 @@ def bf16_copy(model: Path, out: Path) -> Path:
     return dst
 
 
-def main_load(model: Path, data: Path, out: Path) -> int:
+def main_load(model: Path, data: Path, out: Path, engines) -> int:
     model = bf16_copy(model, out)
-    print(f"\n{model.name} (bf16 file, fp32 masters), engine=fsdp, host memory peak per rank (MB) after the weights "
-          f"are in place\n")
-    print("| processes | fsdp_load | rank 0 | each other rank (max) | all ranks | vs every_rank |")
-    print("|---|---|---|---|---|---|")
-    for nproc in (2, 4):
-        got = {m: load_peaks(m, nproc, model, data, out) for m in ("every_rank", "rank0")}
-        for mode, peaks in got.items():
-            print(f"| {nproc} | {mode} | {peaks[0]:,} | {max(peaks[1:]):,} | {sum(peaks):,} | "
-                  f"{sum(peaks) / sum(got['every_rank']):.2f} |", flush=True)
+    print(f"\n{model.name} (bf16 file, fp32 masters), host memory peak per rank (MB) after the weights are in "
+          f"place\n")
+    print("| engine | processes | loaded by | rank 0 | each other rank (max) | all ranks | vs every rank |")
+    print("|---|---|---|---|---|---|---|")
+    for engine in [e for e in LOADS if e in engines]:
+        for nproc in (2, 4):
+            got = {m: load_peaks(engine, m, nproc, model, data, out) for m in LOADS[engine][1]}
+            for mode, peaks in got.items():
+                print(f"| {engine} | {nproc} | {mode} | {peaks[0]:,} | {max(peaks[1:]):,} | {sum(peaks):,} | "
+                      f"{sum(peaks) / sum(got['every_rank']):.2f} |", flush=True)
     return 0
 
 
@@ -98,7 +111,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--engines", default=",".join(ENGINES), help="a comma-separated subset of " + ",".join(ENGINES))
-    ap.add_argument("--load", action="store_true", help="host memory of the two ways of loading, 2 and 4 processes")
+    ap.add_argument("--load", action="store_true", help="host memory of the two ways of loading, 2 and 4 processes "
+                    "(the engines among --engines: fsdp, zero3)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from qwen3train.data.demo import build
@@ -116,7 +130,7 @@ def main() -> int:
         if not (model / "config.json").exists():
             raise SystemExit(f"{model} is missing: run `make smollm2` first")
     if args.load:
-        return main_load(model, data, out)
+        return main_load(model, data, out, args.engines.split(","))
     engines = tuple(e for e in ENGINES if e in args.engines.split(","))
     got: dict[str, list] = {e: [] for e in engines}
     for r in range(args.repeats):

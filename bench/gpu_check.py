@@ -390,8 +390,9 @@ def section_two_procs(out: Path, quick: bool) -> dict:
     ranks on one device) equals 1 process on the same global batch: the multi-rank CUDA code (the
     gathered loss, DDP's reduction, the logged statistics) as far as one GPU can show it. Then engine=fsdp on 1
     process (NCCL) and on 2 sharing the GPU (gloo: rank 1 built without weights, filled from rank 0), and hybrid
-    (2 copies of 1 shard, layers kept gathered from forward to backward), each against the same 1-process torch run
-    (FSDP's CUDA path has never run on a GPU; its CPU equivalence is tests/distributed/test_fsdp.py)."""
+    (2 copies of 1 shard, layers kept gathered from forward to backward), and ZeRO-3 on 2 (the model built partitioned
+    on the GPU, ``engine.zero3_init``), each against the same 1-process torch run (FSDP's and the partitioned build's
+    CUDA paths have never run on a GPU; their CPU equivalence is tests/distributed/test_fsdp.py, test_deepspeed.py)."""
     if not _run_here():
         return {"skipped": "needs CUDA (the CPU equivalence is tests/distributed/test_gloo.py)"}
     from qwen3train.models.tiny import make_tiny_qwen3
@@ -402,8 +403,9 @@ def section_two_procs(out: Path, quick: bool) -> dict:
     # on the CPU rehearsal, FSDP on 1 process only: its multi-process runs are tests/distributed/test_fsdp.py's
     # hsdp2: a 2-D mesh (2 copies of 1 shard) with each layer kept gathered from forward to backward
     hsdp = ["engine=fsdp", "engine.fsdp_shard_size=1", "engine.fsdp_reshard_after_forward=false"]
+    # zero3_2: ZeRO-3 on 2 processes, the model built partitioned on the GPU (zero.Init), rank 0 reading the weights
     runs = ((("n1", ["engine=torch"], 1), ("n2", ["engine=torch"], 2), ("fsdp1", ["engine=fsdp"], 1))
-            + ((("fsdp2", ["engine=fsdp"], 2), ("hsdp2", hsdp, 2)) if _cuda() else ()))
+            + ((("fsdp2", ["engine=fsdp"], 2), ("hsdp2", hsdp, 2), ("zero3_2", ["engine=zero3"], 2)) if _cuda() else ()))
     for name, engine, n in runs:
         run_dir = out / "two_procs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -421,7 +423,8 @@ def section_two_procs(out: Path, quick: bool) -> dict:
             continue
         res[name] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     one = res.get("n1")
-    for name, key in (("n2", "equal"), ("fsdp1", "fsdp1_equal"), ("fsdp2", "fsdp2_equal"), ("hsdp2", "hsdp2_equal")):
+    for name, key in (("n2", "equal"), ("fsdp1", "fsdp1_equal"), ("fsdp2", "fsdp2_equal"), ("hsdp2", "hsdp2_equal"),
+                      ("zero3_2", "zero3_2_equal")):
         got = res.pop(name, None)
         if one is None or got is None:
             continue

@@ -142,18 +142,30 @@ def pretrained(loader, path: str, **kw):
         raise ConfigError(f"cannot load {loader.__name__} from {path!r}: {where}") from e
 
 
-def load_model(loader, path: str, *, empty: bool = False, **kw):
+def load_model(loader, path: str, *, empty: bool = False, partition=None, **kw):
     """``pretrained(loader, path, **kw)``; ``empty``: the same model with its parameters on the meta device, built
     from the checkpoint's config alone (no weight is read, no memory is taken). The FSDP engine's ranks other
     than 0 build it so; rank 0 broadcasts the weights into their shards (``train/fsdp_engine.py``), and checks
     that every rank built the same parameters. Buffers (rotary frequencies) are real: the constructor computes
-    them."""
-    if not empty:
+    them. ``partition`` (ZeRO-3 over several processes, ``train/deepspeed_engine.py Zero3Build``): every rank
+    builds the model partitioned from the config, rank 0 alone loads the checkpoint and fills every rank's
+    partitions from it."""
+    if not empty and partition is None:
         return pretrained(loader, path, **kw)
-    from accelerate import init_empty_weights
     from transformers import AutoConfig
 
+    from qwen3train import dist
+
     config = pretrained(AutoConfig, path)
+    if partition is not None:
+        source = pretrained(loader, path, **kw) if dist.is_main() else None
+        with partition.building(kw.get("dtype") or torch.float32):
+            model = loader.from_config(config, **kw)
+        model.tie_weights()
+        partition.fill(model, source)
+        return model
+    from accelerate import init_empty_weights
+
     with init_empty_weights(include_buffers=False):
         model = loader.from_config(config, **kw)
     model.tie_weights()  # from_pretrained ties after loading; from_config under this context does not
@@ -299,11 +311,12 @@ def query_template(cfg: ModelConfig, meta: dict, path: str, train_precision: str
 
 
 def build_embedder(cfg: ModelConfig, path: str | None = None, train_precision: str | None = None,
-                   empty: bool = False):
+                   empty: bool = False, partition=None):
     """Load the decoder with ``AutoModel`` (a ``Qwen3ForCausalLM`` checkpoint gives ``Qwen3Model``).
 
     ``train_precision`` (``"bf16"``/``"fp32"``) is given when the model is built for training; ``empty``: the
-    parameters on the meta device, their values to come from rank 0 (``load_model``).
+    parameters on the meta device, their values to come from rank 0; ``partition``: built partitioned under ZeRO-3
+    (``load_model``).
     """
     from transformers import AutoModel
 
@@ -311,7 +324,7 @@ def build_embedder(cfg: ModelConfig, path: str | None = None, train_precision: s
 
     path = path or cfg.weights_path
     pack_kw = packing_setup(cfg, train_precision)
-    backbone = load_model(AutoModel, path, empty=empty, dtype=load_dtype(cfg, train_precision),
+    backbone = load_model(AutoModel, path, empty=empty, partition=partition, dtype=load_dtype(cfg, train_precision),
                           attn_implementation=pack_kw.pop("attn"))
     backbone = _apply_common(backbone, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)
@@ -325,16 +338,16 @@ def build_embedder(cfg: ModelConfig, path: str | None = None, train_precision: s
 
 
 def build_reranker(cfg: ModelConfig, path: str | None = None, max_length: int | None = None,
-                   train_precision: str | None = None, empty: bool = False):
-    """Load the LM with ``AutoModelForCausalLM``; the reranker prompt is fixed by the spec. ``empty``: as
-    ``build_embedder``'s."""
+                   train_precision: str | None = None, empty: bool = False, partition=None):
+    """Load the LM with ``AutoModelForCausalLM``; the reranker prompt is fixed by the spec. ``empty``,
+    ``partition``: as ``build_embedder``'s."""
     from transformers import AutoModelForCausalLM
 
     from qwen3train.models.reranker import Reranker
 
     path = path or cfg.weights_path
     pack_kw = packing_setup(cfg, train_precision)
-    lm = load_model(AutoModelForCausalLM, path, empty=empty, dtype=load_dtype(cfg, train_precision),
+    lm = load_model(AutoModelForCausalLM, path, empty=empty, partition=partition, dtype=load_dtype(cfg, train_precision),
                     attn_implementation=pack_kw.pop("attn"))
     lm = _apply_common(lm, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)

@@ -50,18 +50,24 @@ def build_task(cfg, run_dir, train_precision: str = "fp32"):
     sources, weights = build_sources(cfg, run_dir)
     # FSDP over several processes: rank 0 reads the weights, the others build the model empty (train/fsdp_engine.py)
     empty = cfg.engine.broadcast_load(dist.world_size()) and not dist.is_main()
+    partition = None  # ZeRO-3 over several processes: built partitioned, rank 0 reads (train/deepspeed_engine.py)
+    if cfg.engine.partitioned_build(dist.world_size()):
+        from qwen3train.train.deepspeed_engine import Zero3Build
+        from qwen3train.train.ds_config import deepspeed_config
+
+        partition = Zero3Build(deepspeed_config(cfg.engine, dist.world_size(), train_precision))
     loader_kw = dict(global_batch=cfg.engine.global_batch_size, seed=seed, rank=dist.rank(), world=dist.world_size(),
                      weights=weights)
     if isinstance(cfg.loss, RerankLossConfig):  # the reranker track: same loop, another task
         reranker = build_reranker(cfg.model, max_length=cfg.model.max_doc_length, train_precision=train_precision,
-                                  empty=empty)
+                                  empty=empty, partition=partition)
         instructions = Instructions(data.task_instructions, DEFAULT_RERANK_INSTRUCTION, data.symmetric_tasks)
         collate = RerankCollator(reranker.token_ids, instructions, k=data.num_hard_negatives, seed=seed,
                                  teacher=cfg.loss.kd_weight > 0)
         task = RerankTask(reranker, build_loss(cfg.loss))
         task.instructions = instructions  # the dev evaluation's instruction rule (train/dev_eval.py)
         return task, Loader(sources, collate, **loader_kw)
-    embedder = build_embedder(cfg.model, train_precision=train_precision, empty=empty)
+    embedder = build_embedder(cfg.model, train_precision=train_precision, empty=empty, partition=partition)
     instructions = Instructions(data.task_instructions, cfg.model.default_instruction, data.symmetric_tasks)
     collate = EmbeddingCollator(embedder.tok, instructions, k=data.num_hard_negatives, seed=seed,
                                 max_query_length=embedder.max_query_length, max_doc_length=embedder.max_doc_length,
@@ -77,5 +83,5 @@ def flops_per_token(module) -> float:
     n = 0
     for name, p in module.named_parameters():
         if "embed_tokens" not in name:
-            n += p.numel()
+            n += getattr(p, "ds_numel", None) or p.numel()  # a ZeRO-3 partitioned parameter holds 1/N (or none)
     return 6.0 * n

@@ -15,7 +15,7 @@ from torch import nn
 from qwen3train import dist
 from qwen3train.train.ds_config import deepspeed_config, offloads_optimizer
 from qwen3train.models.export import retie
-from qwen3train.train.engine import EngineConfig, check_written_by
+from qwen3train.train.engine import EngineConfig, check_written_by, host_peak_mb, report_load
 from qwen3train.train.schedule import OptimConfig, build_optimizer
 
 
@@ -29,12 +29,7 @@ class DeepSpeedEngine:
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig, total_steps: int,
                  precision: str = "fp32") -> None:
-        import deepspeed
-
-        if not torch.cuda.is_available():
-            # the shm all-reduce op JIT-compiles for ~1 min on first use and gloo does not need it
-            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        dist.init(single_process=True)  # DeepSpeed needs a process group even for one process
+        deepspeed = _deepspeed()
         self.cfg = cfg
         self.precision = precision
         world = dist.world_size()
@@ -47,9 +42,15 @@ class DeepSpeedEngine:
             def make(groups, lr, betas, eps):
                 return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
         opt, sched = build_optimizer(model.named_parameters(), optim, total_steps, make=make, drop_empty=True)
+        partitioned = any(hasattr(p, "ds_id") for p in model.parameters())  # built under zero.Init (Zero3Build)
+        built_mb = host_peak_mb()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=self.ds_config)
         self._zero3 = cfg.zero_stage == 3
+        if self._zero3 and world > 1:
+            report_load("engine=zero3", partitioned, "the model was built partitioned over the {ranks} ranks "
+                        "(zero.Init) and rank 0 alone read the weights", "each of the {ranks} ranks loaded the whole "
+                        "model before it was partitioned (engine.zero3_init=false)", built_mb)
         self._deepspeed = deepspeed
         self.step_applied = True
 
@@ -183,6 +184,69 @@ class DeepSpeedEngine:
                 return retie(self.engine.module,
                              {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()})
         return None
+
+
+def _deepspeed():
+    """deepspeed, imported, with a process group to run in (DeepSpeed needs one even for one process)."""
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        # the shm all-reduce op JIT-compiles for ~1 min on first use and gloo does not need it
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    dist.init(single_process=True)
+    return deepspeed
+
+
+class Zero3Build:
+    """ZeRO-3 over several processes (``engine.zero3_init``): the model is built partitioned from the start, as
+    DeepSpeed's ``zero.Init`` does, each process holding 1/N of every parameter, never the whole model; rank 0
+    alone reads the checkpoint and each module's weights go from it into every rank's partitions. Without it each
+    process loads the whole model in float32 (an 8B model: 32 GB a process, 256 GB on a node of 8) before
+    ``deepspeed.initialize`` partitions it. ``models/build.py load_model`` drives the two steps below."""
+
+    def __init__(self, ds_config: dict) -> None:
+        self.ds_config = ds_config
+
+    @contextlib.contextmanager
+    def building(self, dtype: torch.dtype):
+        """The context the model is constructed in: each parameter partitioned as its module is made (the same
+        values on every rank: rank 0's, broadcast); no random initialisation (every value comes from rank 0's
+        checkpoint next)."""
+        from transformers.initialization import no_init_weights
+
+        deepspeed = _deepspeed()
+        deepspeed.init_distributed()  # its view of our group: the config's batch check counts the processes in it
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=self.ds_config, dtype=dtype):
+            yield
+
+    def fill(self, model: nn.Module, source: nn.Module | None) -> int:
+        """Rank 0's loaded ``source`` (the same class, None on the other ranks) into the partitioned ``model``, one
+        module's parameters at a time (gathered, written by rank 0, partitioned again: DeepSpeed broadcasts the
+        change). Every rank takes part in every gather. Buffers, which ZeRO does not partition, are rank 0's
+        loaded ones on every rank. Returns the number of tensors filled."""
+        deepspeed = _deepspeed()
+        values = dict(source.named_parameters(remove_duplicate=False)) if source is not None else {}
+        seen: set[int] = set()
+        filled = 0
+        for prefix, module in model.named_modules():
+            own = [(f"{prefix}.{n}" if prefix else n, p) for n, p in module.named_parameters(recurse=False)
+                   if id(p) not in seen]
+            if not own:
+                continue
+            seen.update(id(p) for _, p in own)
+            with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
+                if source is not None:
+                    with torch.no_grad():
+                        for name, p in own:
+                            p.data.copy_(values[name].data)
+            filled += len(own)
+        # rank 0's buffers as they are, dtype included (built under a bf16 default the rotary frequencies come
+        # out bf16, loaded they are float32); small (no decoder LM keeps large buffers): sent as one object
+        buffers = dist.broadcast_object({n: b.detach().cpu() for n, b in source.named_buffers()}
+                                        if source is not None else None)
+        for name, b in model.named_buffers():
+            b.data = buffers[name].to(b.device)
+        return filled + len(list(model.named_buffers()))
 
 
 def _clear_cache(fn, depth: int = 3) -> None:

@@ -65,6 +65,9 @@ class EngineConfig:
     reads the checkpoint; the others build the model with no weights (on the meta device) and receive their
     shards from rank 0 (host memory: one copy of the model per node instead of one per process; one read of
     the files). ``every_rank``: every process reads the whole checkpoint, then keeps its shard.
+    zero3_init: ZeRO-3 on several processes: every process builds the model partitioned (DeepSpeed's ``zero.Init``:
+    1/N of each parameter, never the whole model) and rank 0 alone reads the checkpoint, whose weights go into
+    every rank's partitions. false: every process loads the whole model in float32 first (as ZeRO-1/2 do).
     fsdp_shard_size: ``engine=fsdp``: the processes one copy of the model's state is sharded over; the others hold
     copies of their own (hybrid sharding, HSDP: shard within a node, replicate across nodes, so that only the
     gradients' all-reduce crosses nodes, not every layer's gather). null, or at least the process count (a run
@@ -87,6 +90,7 @@ class EngineConfig:
     deepspeed_config: str | None = None
     rehearse_memory: bool | None = None
     fsdp_load: str = "rank0"
+    zero3_init: bool = True
     fsdp_shard_size: int | None = None
     fsdp_reshard_after_forward: bool = True
 
@@ -120,6 +124,10 @@ class EngineConfig:
     def broadcast_load(self, world: int) -> bool:
         """Whether rank 0 alone reads the starting weights and broadcasts them (FSDP over several processes)."""
         return self.backend == "fsdp" and self.fsdp_load == "rank0" and world > 1
+
+    def partitioned_build(self, world: int) -> bool:
+        """Whether the model is built partitioned, rank 0 reading the weights (ZeRO-3 over several processes)."""
+        return self.backend == "deepspeed" and self.zero_stage == 3 and self.zero3_init and world > 1
 
     def hybrid_shard(self, world: int) -> int | None:
         """``fsdp_shard_size`` against the process count: the shard group size of a hybrid (2-D) mesh, or None for
@@ -167,6 +175,26 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", dist.device_index())
     return torch.device("cpu")
+
+
+def host_peak_mb() -> int:
+    """This process's host memory peak so far (resident, MB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
+def report_load(engine: str, spared: bool, if_spared: str, if_not: str, built_mb: int | None = None) -> None:
+    """One line from rank 0 on how the starting weights came to the ranks (``spared``: this rank did not load the
+    whole model; ``if_spared``'s ``{n}`` counts those ranks, ``{others}`` the ranks but 0, ``{ranks}`` all), with each
+    rank's host memory peak so far and, given ``built_mb``, when the model was built (before the engine's own
+    allocations, which on the CPU are host memory too). Collective."""
+    ranks = dist.all_gather_object((spared, host_peak_mb(), built_mb))
+    if dist.is_main():
+        n = sum(e for e, _, _ in ranks)
+        how = (if_spared if n else if_not).format(n=n, others=len(ranks) - 1, ranks=len(ranks))
+        built = f"; with the model built, before the engine: {[b for _, _, b in ranks]}" if built_mb is not None else ""
+        print(f"{engine}: {how} (host memory peak per rank, MB: {[mb for _, mb, _ in ranks]}{built})", flush=True)
 
 
 ENGINE_FILES = {"torch": "engine.pt", "deepspeed": "deepspeed", "fsdp": "fsdp"}  # what each writes in <ckpt>/engine/

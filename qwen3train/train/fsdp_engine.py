@@ -32,7 +32,7 @@ from torch import nn
 from qwen3train import dist
 from qwen3train.errors import ConfigError
 from qwen3train.models.export import retie
-from qwen3train.train.engine import ENGINE_FILES, EngineConfig, TorchEngine, check_written_by, device
+from qwen3train.train.engine import ENGINE_FILES, EngineConfig, TorchEngine, check_written_by, device, report_load
 from qwen3train.train.schedule import OptimConfig, build_optimizer
 
 FOLDER = ENGINE_FILES["fsdp"]  # the distributed checkpoint under <checkpoint>/engine/
@@ -79,18 +79,6 @@ def same_structure(module: nn.Module) -> None:
                            f"rank 0 ({what}); engine.fsdp_load=every_rank reads the weights on every rank")
 
 
-def _report_load(empty: bool) -> None:
-    """One line from rank 0: how the weights came to the ranks, and each rank's host memory peak so far (collective)."""
-    import resource
-
-    ranks = dist.all_gather_object((empty, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024))
-    if dist.is_main():
-        n = sum(e for e, _ in ranks)
-        how = (f"rank 0 read the weights; {n} of the {len(ranks) - 1} other ranks built the model without them and "
-               f"received their shards" if n else f"each of the {len(ranks)} ranks read the weights")
-        print(f"engine=fsdp: {how} (host memory peak per rank, MB: {[mb for _, mb in ranks]})", flush=True)
-
-
 class FSDPEngine(TorchEngine):
     """FSDP2 over all processes (CUDA with NCCL, or the CPU with gloo); AdamW + LambdaLR; clipping. The step (the
     norm over every rank's shards), the schedule and a dropped step are the torch engine's."""
@@ -124,7 +112,8 @@ class FSDPEngine(TorchEngine):
         empty = self._receive(full) if broadcast else False
         full = None  # rank 0's host copy goes
         if dist.world_size() > 1:
-            _report_load(empty)
+            report_load("engine=fsdp", empty, "rank 0 read the weights; {n} of the {others} other ranks built the model "
+                        "without them and received their shards", "each of the {ranks} ranks read the weights")
         self.optimizer, self.scheduler = build_optimizer(model.named_parameters(), optim, total_steps)
         # no DDP wrapper (gradients are reduce-scattered at every backward: no micro step holds them back) and no
         # autocast (bf16 compute is the units' mixed precision)

@@ -34,7 +34,7 @@ LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_
 # NEUTRAL's are, and from the stage markers too). run.skip_nonfinite_steps changes nothing a finite run computes:
 # a run stopped by it resumes with a higher limit.
 LATE_NEUTRAL = ("run.final_engine_state", "data.prefetch", "data.stream_retries", "run.skip_nonfinite_steps", "engine.rehearse_memory",
-                "engine.fsdp_load", "engine.fsdp_shard_size",
+                "engine.fsdp_load", "engine.fsdp_shard_size", "engine.zero3_init",
                 "engine.fsdp_reshard_after_forward", "run.stall_report_s",
                 "stall_report_s",  # mining's, the filter's, evaluation's (their stage markers' configs have it at the top)
                 "eval.stall_report_s",  # the pipeline's evaluation section

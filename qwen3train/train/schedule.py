@@ -67,7 +67,8 @@ def build_optimizer(params, cfg: OptimConfig, total_steps: int, make=None, drop_
     for name, p in params:
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partitioned parameter: its whole shape
+        (no_decay if len(shape) < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if drop_empty:

@@ -111,6 +111,8 @@ def test_zero_with_gradcache_matches_ddp_and_saves_loadable_checkpoints(runs, en
 
     out, got = runs[engine]
     _same_curve(runs["torch"][1], got, 1e-4, 1e-3)
+    if engine == "zero3":  # built partitioned, rank 0 reading the weights (engine.zero3_init's default)
+        assert "engine=zero3: the model was built partitioned over the 2 ranks" in (out / "stdout.log").read_text()
     assert (out / "checkpoints" / "step_0000002" / "engine").exists()
     texts = ["what is gravity?", "a tensor is an array"]
     ours = build_embedder(ModelConfig(name_or_path=str(out / "final"), max_query_length=32,
@@ -283,3 +285,94 @@ def test_reranker_trains_under_zero3_skips_a_nonfinite_step_and_exports(tiny_mod
     assert skipped["step"] == 2 and len({r["query"] for r in skipped["records"]}) == len(skipped["records"]) == batch
     rr = build_reranker(ModelConfig(name_or_path=str(out / "final")), max_length=160)
     assert torch.isfinite(rr.score("what is gravity number 1?", ["gravity 1 is described here."])).all()
+
+
+# run by torchrun on 2 processes: <out> <model>. Each rank builds the model partitioned (ZeRO-3, rank 0 reading) and
+# loaded whole, as one process would, gathers the partitioned one and writes what differs to <out>/rank<r>.json.
+PARTITIONED_BUILD = r"""
+import json, sys
+from pathlib import Path
+
+import torch
+
+from qwen3train import dist
+from qwen3train.models.build import LoraConfig, ModelConfig, build_embedder, build_reranker
+from qwen3train.train.build import flops_per_token
+from qwen3train.train.deepspeed_engine import Zero3Build, _deepspeed
+from qwen3train.train.ds_config import deepspeed_config
+from qwen3train.train.engine import EngineConfig
+from qwen3train.train.schedule import OptimConfig, build_optimizer
+
+dist.init()
+out, model = Path(sys.argv[1]), sys.argv[2]
+cases = {  # name -> (builder, model config, compute precision)
+    "embedder-lora-bf16": (build_embedder, ModelConfig(name_or_path=model, dtype="bfloat16",
+                                                       lora=LoraConfig(enabled=True)), "bf16"),
+    "reranker-fp32": (build_reranker, ModelConfig(name_or_path=model), "fp32"),
+}
+found = {}
+for name, (build, cfg, precision) in cases.items():
+    engine = EngineConfig(backend="deepspeed", zero_stage=3, micro_batch_size=1, global_batch_size=2)
+    parts = build(cfg, train_precision=precision, partition=Zero3Build(deepspeed_config(engine, 2, precision)))
+    whole = build(cfg, train_precision=precision)
+    parts, whole = (getattr(m, "backbone", None) or m.lm for m in (parts, whole))
+    params = list(parts.parameters())
+    with _deepspeed().zero.GatheredParameters(params, modifier_rank=None):
+        got = {n: (p.detach().clone(), p.requires_grad) for n, p in parts.named_parameters()}
+    # LoRA's adapters are made after the build, outside it (peft draws lora_A at random on each rank): ZeRO-3
+    # partitions them in deepspeed.initialize, from rank 0's values; here their names, dtypes and trainability count
+    want = {n: (p.detach(), p.requires_grad) for n, p in whole.named_parameters()}
+    adapters = [n for n in want if "lora_" in n]
+    wbuf = dict(whole.named_buffers())
+    found[name] = {
+        "names": sorted(got) == sorted(want),
+        "worst": max(((got[n][0].float() - want[n][0].float()).abs().max().item() for n in want
+                      if n in got and n not in adapters), default=None),
+        "dtypes": sorted({f"{n.split('.')[-2]}:{got[n][0].dtype}" for n in got if n in want
+                          and got[n][0].dtype != want[n][0].dtype}),
+        "trainable": [n for n in want if n in got and got[n][1] != want[n][1]],
+        "buffers": [n for n, b in parts.named_buffers()
+                    if b.dtype != wbuf[n].dtype or not torch.equal(b, wbuf[n])],
+        "partitioned": all(hasattr(p, "ds_id") and p.numel() < p.ds_numel
+                           for n, p in parts.named_parameters() if n not in adapters),
+        "tied": [n for n, m in parts.named_modules() if n.endswith("lm_head")]
+                and parts.get_output_embeddings().weight is parts.get_input_embeddings().weight,
+        "lora": len(adapters),
+        "flops": [flops_per_token(parts), flops_per_token(whole)],  # MFU's model size, read off partitions
+        # AdamW's groups: weight decay on matrices, none on norms (a partition's shape is 1-D: all went undecayed)
+        "groups": [[len(g["params"]) for g in build_optimizer(m.named_parameters(), OptimConfig(), 4)[0].param_groups]
+                   for m in (parts, whole)],
+    }
+(out / f"rank{dist.rank()}.json").write_text(json.dumps(found))
+dist.barrier()
+"""
+
+
+@pytest.mark.slow
+def test_zero3_builds_the_model_partitioned_with_rank_0s_weights(tiny_model_dir, tmp_path):
+    """engine.zero3_init (ZeRO-3 on several processes): every rank builds the model partitioned, rank 0 alone reads
+    the checkpoint. Gathered, the partitioned model equals the model loaded whole, on both ranks, exactly: the
+    embedder with LoRA over a frozen bf16 base (bf16 compute) and the reranker in fp32 with its head tied to the
+    embeddings. Would catch: a parameter left unfilled (its random or uninitialised values), rank 1 keeping its
+    own values, a dtype changed by the partitioned build (the frozen base's bf16, the fp32 masters), an untied head,
+    trainability lost, rotary buffers that differ (built under a bf16 default they came out bf16 on rank 1 and the
+    broadcast of rank 0's fp32 ones crashed in gloo: 64 vs 32 bytes), a model not partitioned at all, and the FLOPs
+    per token (MFU's numerator) counted from what a partition holds (too few; under ZeRO-3 always), or AdamW's
+    no-decay group chosen by a partition's shape (all 1-D: no weight decay at all; found by the resume test below,
+    whose universal checkpoint then had one optimizer group, not two). The training
+    runs above (``zero3``, ``zero3-offload-bf16``) take this path and follow the torch engine."""
+    script = tmp_path / "build.py"
+    script.write_text(PARTITIONED_BUILD)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path), str(tiny_model_dir)], env=ENV, capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, crash_report(proc)
+    for rank in (0, 1):
+        found = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for name, f in found.items():
+            assert f["names"] and f["worst"] == 0.0 and not f["dtypes"] and not f["trainable"], (rank, name, f)
+            assert not f["buffers"] and f["partitioned"], (rank, name, f)
+            assert f["flops"][0] == f["flops"][1] > 0, (rank, name, f["flops"])  # 0 from partitions' numel()
+            assert f["groups"][0] == f["groups"][1], (rank, name, f["groups"])
+        assert found["reranker-fp32"]["tied"] and found["embedder-lora-bf16"]["lora"] > 0, found
+        assert min(found["reranker-fp32"]["groups"][1]) > 0  # both groups (LoRA's adapters are all matrices)
