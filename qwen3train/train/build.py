@@ -39,6 +39,32 @@ def build_sources(cfg, run_dir) -> tuple[list, list[float]]:
     return sources, [m.weight for m in parts]
 
 
+ZERO3_COMPILE = ("DeepSpeed ZeRO-3 gathers and frees each submodule's weights in hooks that run inside a compiled "
+                 "layer: dynamo traces them, breaks the graph at each and recompiles every layer to its limit, then "
+                 "runs it eagerly (100 recompilations in 2 steps of the tiny model, measured on CPU)")
+
+
+def compile_under(model, engine):
+    """``model.compile`` as the engine can use it: under ZeRO-3 compiled layers cost compilation and give nothing back
+    (``ZERO3_COMPILE``), so auto (null) is off there, said once on CUDA (where auto would be on); an explicit true is
+    kept, with a warning. -> the ModelConfig to build with (the run's own config keeps what it says)."""
+    from dataclasses import replace
+
+    if not (engine.backend == "deepspeed" and engine.zero_stage == 3) or model.compile is False:
+        return model
+    if model.compile is None:
+        import torch
+
+        if torch.cuda.is_available() and dist.is_main():
+            print(f"note: model.compile (auto) is off under engine=zero3: {ZERO3_COMPILE}; engine=fsdp shards as "
+                  "ZeRO-3 does and compiles", flush=True)
+        return replace(model, compile=False)
+    if dist.is_main():
+        print(f"warning: model.compile=true under engine=zero3: {ZERO3_COMPILE}; model.compile=false, or "
+              "engine=fsdp, which shards as ZeRO-3 does and compiles", flush=True)
+    return model
+
+
 def build_task(cfg, run_dir, train_precision: str = "fp32"):
     """-> (task, loader). ``train_precision``: the run's compute precision (``qwen3train.precision``);
     trainable weights are loaded in float32 whatever ``model.dtype`` says, exports are written in
@@ -56,10 +82,11 @@ def build_task(cfg, run_dir, train_precision: str = "fp32"):
         from qwen3train.train.ds_config import deepspeed_config
 
         partition = Zero3Build(deepspeed_config(cfg.engine, dist.world_size(), train_precision))
+    model = compile_under(cfg.model, cfg.engine)
     loader_kw = dict(global_batch=cfg.engine.global_batch_size, seed=seed, rank=dist.rank(), world=dist.world_size(),
                      weights=weights)
     if isinstance(cfg.loss, RerankLossConfig):  # the reranker track: same loop, another task
-        reranker = build_reranker(cfg.model, max_length=cfg.model.max_doc_length, train_precision=train_precision,
+        reranker = build_reranker(model, max_length=cfg.model.max_doc_length, train_precision=train_precision,
                                   empty=empty, partition=partition)
         instructions = Instructions(data.task_instructions, DEFAULT_RERANK_INSTRUCTION, data.symmetric_tasks)
         collate = RerankCollator(reranker.token_ids, instructions, k=data.num_hard_negatives, seed=seed,
@@ -67,7 +94,7 @@ def build_task(cfg, run_dir, train_precision: str = "fp32"):
         task = RerankTask(reranker, build_loss(cfg.loss))
         task.instructions = instructions  # the dev evaluation's instruction rule (train/dev_eval.py)
         return task, Loader(sources, collate, **loader_kw)
-    embedder = build_embedder(cfg.model, train_precision=train_precision, empty=empty, partition=partition)
+    embedder = build_embedder(model, train_precision=train_precision, empty=empty, partition=partition)
     instructions = Instructions(data.task_instructions, cfg.model.default_instruction, data.symmetric_tasks)
     collate = EmbeddingCollator(embedder.tok, instructions, k=data.num_hard_negatives, seed=seed,
                                 max_query_length=embedder.max_query_length, max_doc_length=embedder.max_doc_length,

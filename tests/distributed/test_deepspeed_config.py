@@ -117,3 +117,28 @@ def test_a_micro_batch_above_the_per_process_batch_is_capped_to_it():
         EngineConfig(micro_batch_size=8, global_batch_size=24).micro_steps(2)
     with pytest.raises(ConfigError, match="not divisible by the 3 processes"):
         EngineConfig(micro_batch_size=8, global_batch_size=8).micro_steps(3)
+
+
+def test_compiled_layers_are_left_off_under_zero3_unless_asked(monkeypatch, capsys):
+    """Under ZeRO-3, dynamo traces DeepSpeed's gather/free hooks inside each compiled layer and recompiles to its
+    limit (100 recompilations in 2 steps of the tiny model, then eager): model.compile's auto (on for CUDA) is off
+    there, said once; an explicit true is kept with a warning naming the way out; other engines keep the setting as
+    it is. Would catch: ZeRO-3 runs compiling by default on a GPU, the run's own config changed (its identity), a
+    user's explicit choice overridden, or ZeRO-1/2 and FSDP (which compile well) switched off."""
+    import torch
+
+    from qwen3train.models.build import ModelConfig
+    from qwen3train.train.build import compile_under
+    from qwen3train.train.engine import EngineConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    auto = ModelConfig(compile=None)
+    got = compile_under(auto, EngineConfig(backend="deepspeed", zero_stage=3))
+    assert got.compile is False and auto.compile is None
+    assert "note: model.compile (auto) is off under engine=zero3" in capsys.readouterr().out
+    asked = ModelConfig(compile=True)
+    assert compile_under(asked, EngineConfig(backend="deepspeed", zero_stage=3)) is asked
+    assert "warning: model.compile=true under engine=zero3" in capsys.readouterr().out
+    for engine in (EngineConfig(backend="deepspeed", zero_stage=2), EngineConfig(backend="fsdp"), EngineConfig()):
+        assert compile_under(auto, engine) is auto
+    assert capsys.readouterr().out == ""
