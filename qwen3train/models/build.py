@@ -158,7 +158,9 @@ def load_model(loader, path: str, *, empty: bool = False, partition=None, **kw):
 
     config = pretrained(AutoConfig, path)
     if partition is not None:
-        source = pretrained(loader, path, **kw) if dist.is_main() else None
+        # rank 0 reads the checkpoint in its own dtype (a bf16 release: half of float32, and no conversion); its
+        # values go into the partitions in the training dtype, as a load in that dtype would convert them
+        source = pretrained(loader, path, **{**kw, "dtype": "auto"}) if dist.is_main() else None
         with partition.building(kw.get("dtype") or torch.float32):
             model = loader.from_config(config, **kw)
         model.tie_weights()

@@ -305,10 +305,18 @@ from qwen3train.train.schedule import OptimConfig, build_optimizer
 
 dist.init()
 out, model = Path(sys.argv[1]), sys.argv[2]
+released = out / "bf16"  # the checkpoint stored in bf16, as the Qwen3 releases are; trained with fp32 masters
+if dist.is_main():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).save_pretrained(released)
+    AutoTokenizer.from_pretrained(model).save_pretrained(released)
+dist.barrier()
 cases = {  # name -> (builder, model config, compute precision)
     "embedder-lora-bf16": (build_embedder, ModelConfig(name_or_path=model, dtype="bfloat16",
                                                        lora=LoraConfig(enabled=True)), "bf16"),
     "reranker-fp32": (build_reranker, ModelConfig(name_or_path=model), "fp32"),
+    "embedder-fp32-from-bf16": (build_embedder, ModelConfig(name_or_path=str(released)), "fp32"),
 }
 found = {}
 for name, (build, cfg, precision) in cases.items():
@@ -351,9 +359,9 @@ dist.barrier()
 @pytest.mark.slow
 def test_zero3_builds_the_model_partitioned_with_rank_0s_weights(tiny_model_dir, tmp_path):
     """engine.zero3_init (ZeRO-3 on several processes): every rank builds the model partitioned, rank 0 alone reads
-    the checkpoint. Gathered, the partitioned model equals the model loaded whole, on both ranks, exactly: the
-    embedder with LoRA over a frozen bf16 base (bf16 compute) and the reranker in fp32 with its head tied to the
-    embeddings. Would catch: a parameter left unfilled (its random or uninitialised values), rank 1 keeping its
+    the checkpoint (in the file's dtype). Gathered, the partitioned model equals the model loaded whole, on both
+    ranks, exactly: the embedder with LoRA over a frozen bf16 base (bf16 compute), the reranker in fp32 with its head
+    tied to the embeddings, and the embedder in fp32 from a checkpoint stored in bf16. Would catch: a parameter left unfilled (its random or uninitialised values), rank 1 keeping its
     own values, a dtype changed by the partitioned build (the frozen base's bf16, the fp32 masters), an untied head,
     trainability lost, rotary buffers that differ (built under a bf16 default they came out bf16 on rank 1 and the
     broadcast of rank 0's fp32 ones crashed in gloo: 64 vs 32 bytes), a model not partitioned at all, and the FLOPs
