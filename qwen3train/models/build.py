@@ -349,8 +349,8 @@ def build_reranker(cfg: ModelConfig, path: str | None = None, max_length: int | 
 
     path = path or cfg.weights_path
     pack_kw = packing_setup(cfg, train_precision)
-    lm = load_model(AutoModelForCausalLM, path, empty=empty, partition=partition, dtype=load_dtype(cfg, train_precision),
-                    attn_implementation=pack_kw.pop("attn"))
+    lm = load_model(AutoModelForCausalLM, path, empty=empty, partition=partition,
+                    dtype=load_dtype(cfg, train_precision), attn_implementation=pack_kw.pop("attn"))
     lm = _apply_common(lm, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)
     rr = Reranker(lm, tokenizer, max_length=max_length or cfg.max_doc_length,

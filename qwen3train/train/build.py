@@ -41,7 +41,7 @@ def build_sources(cfg, run_dir) -> tuple[list, list[float]]:
 
 ZERO3_COMPILE = ("DeepSpeed ZeRO-3 gathers and frees each submodule's weights in hooks that run inside a compiled "
                  "layer: dynamo traces them, breaks the graph at each and recompiles every layer to its limit, then "
-                 "runs it eagerly (100 recompilations in 2 steps of the tiny model, measured on CPU)")
+                 "runs it eagerly (50 recompilations a process in 2 steps of the tiny model, measured on CPU)")
 
 
 def compile_under(model, engine):

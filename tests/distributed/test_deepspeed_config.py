@@ -121,7 +121,7 @@ def test_a_micro_batch_above_the_per_process_batch_is_capped_to_it():
 
 def test_compiled_layers_are_left_off_under_zero3_unless_asked(monkeypatch, capsys):
     """Under ZeRO-3, dynamo traces DeepSpeed's gather/free hooks inside each compiled layer and recompiles to its
-    limit (100 recompilations in 2 steps of the tiny model, then eager): model.compile's auto (on for CUDA) is off
+    limit (50 recompilations a process in 2 steps of the tiny model, then eager): model.compile's auto (on for CUDA) is off
     there, said once; an explicit true is kept with a warning naming the way out; other engines keep the setting as
     it is. Would catch: ZeRO-3 runs compiling by default on a GPU, the run's own config changed (its identity), a
     user's explicit choice overridden, or ZeRO-1/2 and FSDP (which compile well) switched off."""
