@@ -219,15 +219,14 @@ class Zero3Build:
         with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=self.ds_config, dtype=dtype):
             yield
 
-    def fill(self, model: nn.Module, source: nn.Module | None) -> int:
+    def fill(self, model: nn.Module, source: nn.Module | None) -> None:
         """Rank 0's loaded ``source`` (the same class, None on the other ranks) into the partitioned ``model``, one
         module's parameters at a time (gathered, written by rank 0, partitioned again: DeepSpeed broadcasts the
         change). Every rank takes part in every gather. Buffers, which ZeRO does not partition, are rank 0's
-        loaded ones on every rank. Returns the number of tensors filled."""
+        loaded ones on every rank."""
         deepspeed = _deepspeed()
         values = dict(source.named_parameters(remove_duplicate=False)) if source is not None else {}
         seen: set[int] = set()
-        filled = 0
         for prefix, module in model.named_modules():
             own = [(f"{prefix}.{n}" if prefix else n, p) for n, p in module.named_parameters(recurse=False)
                    if id(p) not in seen]
@@ -239,14 +238,12 @@ class Zero3Build:
                     with torch.no_grad():
                         for name, p in own:
                             p.data.copy_(values[name].data)
-            filled += len(own)
         # rank 0's buffers as they are, dtype included (built under a bf16 default the rotary frequencies come
         # out bf16, loaded they are float32); small (no decoder LM keeps large buffers): sent as one object
         buffers = dist.broadcast_object({n: b.detach().cpu() for n, b in source.named_buffers()}
                                         if source is not None else None)
         for name, b in model.named_buffers():
             b.data = buffers[name].to(b.device)
-        return filled + len(list(model.named_buffers()))
 
 
 def _clear_cache(fn, depth: int = 3) -> None:
