@@ -197,6 +197,17 @@ def _deepspeed():
     return deepspeed
 
 
+def init_config(ds_config: dict, dtype: torch.dtype) -> dict:
+    """The config ``zero.Init`` builds the parameters in ``dtype`` from. The dtype goes through the config's
+    ``bf16``/``fp16`` sections, not ``zero.Init``'s own ``dtype`` argument: DeepSpeed (0.19.8) ignores that argument
+    on an accelerator it thinks cannot compute in fp16 (``dtype or fp16 if fp16 else bf16 if bf16 else fp32``), and
+    builds in bf16 instead: the CPU wherever oneDNN lacks fp16 (seen on one of the two kinds of CI machine:
+    fp32 masters built in bf16, the runs off the torch engine's curve by 3e-3)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"bug: zero.Init cannot build in {dtype}")
+    return {**ds_config, "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
+
+
 class Zero3Build:
     """ZeRO-3 over several processes (``engine.zero3_init``): the model is built partitioned from the start, as
     DeepSpeed's ``zero.Init`` does, each process holding 1/N of every parameter, never the whole model; rank 0
@@ -216,7 +227,7 @@ class Zero3Build:
 
         deepspeed = _deepspeed()
         deepspeed.init_distributed()  # its view of our group: the config's batch check counts the processes in it
-        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=self.ds_config, dtype=dtype):
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=init_config(self.ds_config, dtype)):
             yield
 
     def fill(self, model: nn.Module, source: nn.Module | None) -> None:

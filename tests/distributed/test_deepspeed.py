@@ -304,6 +304,9 @@ from qwen3train.train.engine import EngineConfig
 from qwen3train.train.schedule import OptimConfig, build_optimizer
 
 dist.init()
+# as on a CPU whose oneDNN lacks fp16 (one of the CI machines' kinds), where DeepSpeed's zero.Init ignores its dtype
+# argument and builds in bf16: the build must come out in the asked dtype on either kind of machine
+_deepspeed().accelerator.get_accelerator().is_fp16_supported = lambda: False
 out, model = Path(sys.argv[1]), sys.argv[2]
 released = out / "bf16"  # the checkpoint stored in bf16, as the Qwen3 releases are; trained with fp32 masters
 if dist.is_main():
@@ -370,7 +373,9 @@ def test_zero3_builds_the_model_partitioned_with_rank_0s_weights(tiny_model_dir,
     broadcast of rank 0's fp32 ones crashed in gloo: 64 vs 32 bytes), a model not partitioned at all, and the FLOPs
     per token (MFU's numerator) counted from what a partition holds (too few; under ZeRO-3 always), or AdamW's
     no-decay group chosen by a partition's shape (all 1-D: no weight decay at all; found by the resume test below,
-    whose universal checkpoint then had one optimizer group, not two). The training
+    whose universal checkpoint then had one optimizer group, not two), or a build in bf16 where fp32 was asked on an
+    accelerator without fp16 (DeepSpeed's zero.Init then ignores its dtype argument; the script makes every machine
+    such a one). The training
     runs above (``zero3``, ``zero3-offload-bf16``) take this path and follow the torch engine."""
     script = tmp_path / "build.py"
     script.write_text(PARTITIONED_BUILD)
