@@ -108,8 +108,8 @@ class SynthConfig:
     max_query_words: int = 64
     backend: str = "transformers"
     generator: str = "outputs/models/smollm2-135m-instruct"
-    # the generator's dtype: auto | float32 | bfloat16 | float16; auto = the checkpoint's (vLLM: bf16 for float32),
-    # float32 on a CPU without bf16 dot products (generator_dtype above)
+    # the generator's dtype: auto | float32 | bfloat16 | float16 (or fp32, bf16, fp16); auto = the checkpoint's
+    # (vLLM: bf16 for float32), float32 on a CPU without bf16 dot products (generator_dtype above)
     dtype: str = "auto"
     batch_size: int = 16
     tensor_parallel_size: int = 1
@@ -129,6 +129,9 @@ class SynthConfig:
     stall_report_s: float = 900.0
 
     def __post_init__(self) -> None:
+        from qwen3train.precision import DTYPE_NAMES, precision_name
+
+        self.dtype = DTYPE_NAMES[precision_name(self.dtype, "synth.dtype")]  # bf16 -> bfloat16; a typo: one line
         if not self.query_languages or any(w < 0 for w in self.query_languages.values()) or \
                 sum(self.query_languages.values()) <= 0:
             raise ValueError(f"synth.query_languages: positive weights needed, got {dict(self.query_languages)}")

