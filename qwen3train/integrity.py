@@ -30,13 +30,70 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in UNCHECKED)
 
 
-def write_manifest(folder: Path) -> Path:
-    """Record the files now under ``folder`` (call it when the folder is complete, before publishing it)."""
-    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "xxh3_128": file_digest(p)}
-               for p in _files(folder)}
+# files hashed at once: XXH3 releases the GIL, so threads overlap reading and hashing (a checkpoint's few large
+# files: the engine state beside the export's weights)
+HASH_THREADS = 4
+
+
+def entries(folder: Path, rels: list[str], unseen_ok: bool = False) -> dict[str, dict | None]:
+    """``{rel: {"size", "xxh3_128"}}`` of these files under ``folder``, hashed on up to ``HASH_THREADS`` threads.
+    ``unseen_ok``: a file this process cannot find gets None (another node's disk), not FileNotFoundError."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(rel: str) -> dict | None:
+        p = folder / rel
+        try:
+            return {"size": p.stat().st_size, "xxh3_128": file_digest(p)}
+        except FileNotFoundError:
+            if not unseen_ok:
+                raise
+            return None
+
+    if len(rels) <= 1:
+        return {rel: one(rel) for rel in rels}
+    with ThreadPoolExecutor(min(HASH_THREADS, len(rels))) as pool:
+        return dict(zip(rels, pool.map(one, rels)))
+
+
+def listing(folder: Path) -> dict[str, int]:
+    """The files a manifest of ``folder`` records, relative, with their sizes."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in _files(folder)}
+
+
+def shares(sizes: dict[str, int], n: int) -> list[list[str]]:
+    """``sizes``' files dealt to ``n`` hashers by bytes (largest first, each to the least loaded), so ranks
+    that hash a checkpoint together finish together whatever its files' sizes."""
+    load, out = [0] * n, [[] for _ in range(n)]
+    for rel in sorted(sizes, key=lambda r: (-sizes[r], r)):
+        i = load.index(min(load))
+        out[i].append(rel)
+        load[i] += sizes[rel]
+    return out
+
+
+def recorded(folder: Path) -> dict[str, dict]:
+    """The entries ``folder``'s manifest records; {} when it has none or it is unreadable."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        return {rel: {"size": int(e["size"]), "xxh3_128": str(e["xxh3_128"])} for rel, e in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def reusable(known: dict[str, dict], sizes: dict[str, int]) -> dict[str, dict]:
+    """``known`` entries (hashed earlier by this run) of the files in ``sizes`` (a listing) still of that size."""
+    return {rel: e for rel, e in known.items() if sizes.get(rel) == e["size"]}
+
+
+def write_manifest(folder: Path, files: dict[str, dict] | None = None) -> Path:
+    """Record the files now under ``folder`` (call it when the folder is complete, before publishing it);
+    ``files``: their entries when the caller hashed them already (``entries``), else they are hashed here."""
+    if files is None:
+        files = entries(folder, list(listing(folder)))
+    files = dict(sorted(files.items()))
     path = folder / MANIFEST
     tmp = path.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(json.dumps({"version": 1, "files": entries}, indent=1))
+    tmp.write_text(json.dumps({"version": 1, "files": files}, indent=1))
     tmp.replace(path)
     return path
 
@@ -51,16 +108,18 @@ def verify(folder: Path) -> list[str] | None:
         files = json.loads(path.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return [f"{MANIFEST}: unreadable"]
-    problems = []
+    found, present = {}, {}  # rel -> what is wrong with it; rel -> the digest to check
     for rel, want in files.items():
         p = folder / rel
         if not p.is_file():
-            problems.append(f"{rel}: missing")
+            found[rel] = "missing"
         elif p.stat().st_size != want["size"]:
-            problems.append(f"{rel}: {p.stat().st_size} bytes, {want['size']} expected")
-        elif file_digest(p) != want["xxh3_128"]:
-            problems.append(f"{rel}: checksum differs")
-    return problems
+            found[rel] = f"{p.stat().st_size} bytes, {want['size']} expected"
+        else:
+            present[rel] = want["xxh3_128"]
+    got = entries(folder, list(present))
+    found.update({rel: "checksum differs" for rel, digest in present.items() if got[rel]["xxh3_128"] != digest})
+    return [f"{rel}: {found[rel]}" for rel in files if rel in found]  # in the manifest's order
 
 
 def describe(problems: list[str], limit: int = 3) -> str:

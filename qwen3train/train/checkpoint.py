@@ -27,7 +27,7 @@ import torch
 
 from qwen3train import dist
 from qwen3train.errors import ConfigError, DiskFull, disk_full
-from qwen3train.integrity import describe, verify, write_manifest
+from qwen3train.integrity import describe, entries, listing, recorded, reusable, shares, verify, write_manifest
 
 
 @dataclass
@@ -115,8 +115,9 @@ def save(root: Path, state: TrainState, engine, task, *, export_model: bool, kee
                 write_manifest(tmp / "model")  # the export checks itself where it is read (merge, eval)
             (tmp / "train_state.json").write_text(json.dumps(dict(asdict(state), resumable=engine_state), indent=2))
         dist.barrier()
+        files = hash_together(tmp)
         if dist.is_main():
-            write_manifest(tmp)
+            write_manifest(tmp, files)
     except (OSError, RuntimeError) as e:
         if not disk_full(e):
             raise
@@ -132,6 +133,29 @@ def save(root: Path, state: TrainState, engine, task, *, export_model: bool, kee
         prune(root, keep_last, keep_every, keep_steps)
     dist.barrier()
     return final
+
+
+def hash_together(folder: Path) -> dict | None:
+    """Collective: the manifest entries of a checkpoint's files, for rank 0 (None elsewhere). Rank 0 lists them
+    and deals them out by bytes; every rank hashes its share (engine shards, the export's weights) at once, and
+    the export's files keep the digests its own manifest took a moment ago: nothing is read twice, and no rank
+    reads the whole checkpoint alone. A file some rank cannot see (a disk of its own) is hashed by rank 0."""
+    work = None
+    if dist.is_main():
+        sizes = listing(folder)
+        known = reusable({f"model/{rel}": e for rel, e in recorded(folder / "model").items()}, sizes)
+        work = shares({rel: n for rel, n in sizes.items() if rel not in known}, dist.world_size())
+    work = dist.broadcast_object(work)
+    mine = entries(folder, work[dist.rank()], unseen_ok=dist.rank() > 0)
+    got = dist.all_gather_object(mine)
+    if not dist.is_main():
+        return None
+    files = dict(known)
+    for part in got:
+        files.update(part)
+    unseen = [rel for rel, e in files.items() if e is None]
+    files.update(entries(folder, unseen))
+    return files
 
 
 def retire(path: Path) -> int:
@@ -155,7 +179,9 @@ def retire(path: Path) -> int:
     shutil.rmtree(path / "engine", ignore_errors=True)
     for f in path.glob("rng_rank*.pt"):
         f.unlink()
-    write_manifest(path)
+    sizes = listing(path)  # what is left was hashed when it was saved, but for the state file just rewritten
+    files = reusable({rel: e for rel, e in recorded(path).items() if rel != state_file.name}, sizes)
+    write_manifest(path, {**files, **entries(path, [rel for rel in sizes if rel not in files])})
     return freed
 
 

@@ -107,6 +107,7 @@ def _same_curve(ref, got, loss_tol, norm_tol):
 def test_zero_with_gradcache_matches_ddp_and_saves_loadable_checkpoints(runs, engine):
     from sentence_transformers import SentenceTransformer
 
+    from qwen3train.integrity import entries, listing, recorded
     from qwen3train.models.build import ModelConfig, build_embedder
 
     out, got = runs[engine]
@@ -114,6 +115,10 @@ def test_zero_with_gradcache_matches_ddp_and_saves_loadable_checkpoints(runs, en
     if engine == "zero3":  # built partitioned, rank 0 reading the weights (engine.zero3_init's default)
         assert "engine=zero3: the model was built partitioned over the 2 ranks" in (out / "stdout.log").read_text()
     assert (out / "checkpoints" / "step_0000002" / "engine").exists()
+    # the manifests, hashed by the two ranks together (each a share, the export's digests taken from its own
+    # manifest), are what one process finds hashing every file: fails on a share left out or a stale digest
+    for ckpt in (out / "checkpoints").glob("step_*"):
+        assert recorded(ckpt) == entries(ckpt, list(listing(ckpt))) and len(listing(ckpt)) >= 8, ckpt
     texts = ["what is gravity?", "a tensor is an array"]
     ours = build_embedder(ModelConfig(name_or_path=str(out / "final"), max_query_length=32,
                                       max_doc_length=32)).encode(texts)

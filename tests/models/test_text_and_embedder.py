@@ -85,6 +85,27 @@ def test_end_token_once_even_if_tokenizer_appends_it(tokenizer):
     assert appending(["test"]).input_ids[0] == [1944, EOT]  # like the released tokenizer
     ids = EmbeddingTokenizer(appending).token_ids(["test", LONG], 16)
     assert ids[0] == [1944, EOT] and all(s.count(EOT) == 1 for s in ids)
+    assert tokenizer(["test"]).input_ids[0] == [1944]  # the copy's post-processor, not the original's
+
+
+def test_the_end_token_copy_is_made_once_per_tokenizer(tokenizer, monkeypatch):
+    """Every checkpoint exports the tokenizer; a deep copy each time cost ~1.2 s of CPU per checkpoint. The copy
+    is made once per tokenizer and end token (fails if every export copies again, or if a copy for another end
+    token or another tokenizer is handed out)."""
+    import copy
+
+    from qwen3train.models.export import tokenizer_with_end_token
+
+    real = copy.deepcopy
+    tokenizer, copies = real(tokenizer), []  # one no other test has exported
+    monkeypatch.setattr(copy, "deepcopy", lambda x, *a: copies.append(x) or real(x, *a))
+    first = tokenizer_with_end_token(tokenizer, "<|im_end|>")
+    assert tokenizer_with_end_token(tokenizer, "<|im_end|>") is first and len(copies) == 1
+    other = tokenizer_with_end_token(tokenizer, "<|endoftext|>")
+    assert other is not first and len(copies) == 2
+    assert first(["test"]).input_ids[0][-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert other(["test"]).input_ids[0] == [1944, EOT]
+    assert tokenizer_with_end_token(real(tokenizer), "<|im_end|>") is not first  # another tokenizer, its own copy
 
 
 def test_pooling_index_for_both_padding_sides():

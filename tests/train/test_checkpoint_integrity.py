@@ -166,3 +166,63 @@ def test_a_checkpoint_resumed_by_another_engine_is_one_line_naming_both(tmp_path
     (engine / ENGINE_FILES["fsdp"]).rmdir()
     with pytest.raises(ConfigError, match="no engine this version knows.*model.init_from="):
         check_written_by(engine, "torch")
+
+
+def test_a_save_reads_each_file_once(tiny_model_dir, tmp_path, monkeypatch):
+    """A checkpoint's manifest takes its export's digests from the export's own manifest, written a moment
+    before, instead of reading those weights again (they were hashed twice per save); every other file is hashed
+    once. Fails on a save that hashes a file twice or leaves one out of the manifest."""
+    from collections import Counter
+
+    from qwen3train import integrity
+    from qwen3train.train.checkpoint import list_checkpoints
+
+    hashed, real = Counter(), integrity.file_digest
+    monkeypatch.setattr(integrity, "file_digest", lambda p, *a: hashed.update([str(p)]) or real(p, *a))
+    run(_cfg(tiny_model_dir, tmp_path, tmp_path / "r", steps=4))
+    ckpts = list_checkpoints(tmp_path / "r")
+    assert len(ckpts) == 2 and max(hashed.values()) == 1, hashed.most_common(3)
+    for c in ckpts:
+        files = integrity.recorded(c)
+        assert "model/model.safetensors" in files and "engine/engine.pt" in files
+        assert sorted(files) == sorted(integrity.listing(c))  # every file, none twice
+        written = {k.split(f".{c.name}.tmp/", 1)[1] for k in hashed if f"/.{c.name}.tmp/" in k}  # saved as .tmp
+        assert written == set(files), written ^ set(files)
+        monkeypatch.setattr(integrity, "file_digest", real)
+        assert verify(c) == []
+        monkeypatch.setattr(integrity, "file_digest", lambda p, *a: hashed.update([str(p)]) or real(p, *a))
+
+
+def test_files_are_dealt_to_hashers_by_bytes():
+    """Ranks hash a checkpoint's files together; each file goes to exactly one, by size, so the largest
+    shares stay within one file of each other (catches a file dealt twice or dropped, and dealing by count,
+    which gives one rank the engine state and the export's weights together)."""
+    from qwen3train.integrity import shares
+
+    sizes = {"engine/engine.pt": 1600, "model/model.safetensors": 540, "model/tokenizer.json": 4, "a": 1, "b": 1}
+    got = shares(sizes, 2)
+    assert sorted(sum(got, [])) == sorted(sizes)
+    assert got[0] == ["engine/engine.pt"] and "model/model.safetensors" in got[1]
+    assert shares(sizes, 1) == [sorted(sizes, key=lambda r: (-sizes[r], r))] and shares({}, 3) == [[], [], []]
+
+
+def test_retire_keeps_the_digests_it_was_saved_with(tmp_path):
+    """``retire`` rewrites a checkpoint's manifest after deleting its engine state; the digests of what stays
+    are the ones taken when it was saved, so an export damaged before it was retired is still named as
+    damaged (hashing it again would record the damaged bytes as good)."""
+    from qwen3train.integrity import write_manifest
+    from qwen3train.train.checkpoint import retire
+
+    c = tmp_path / "checkpoints" / "step_0000002"
+    for rel in ("engine/engine.pt", "rng_rank0.pt", "model/model.safetensors", "model/config.json"):
+        (c / rel).parent.mkdir(parents=True, exist_ok=True)
+        (c / rel).write_bytes(bytes(range(256)) * 4)
+    (c / "train_state.json").write_text('{"step": 2}')
+    write_manifest(c / "model")
+    write_manifest(c)
+    _damage(c / "model" / "model.safetensors", "flip")
+    assert retire(c) == 2048
+    assert verify(c) == ["model/model.safetensors: checksum differs"]
+    assert '"resumable": false' in (c / "train_state.json").read_text()
+    (c / "model" / "model.safetensors").write_bytes(bytes(range(256)) * 4)  # repaired
+    assert verify(c) == [] and verify(c / "model") == []
