@@ -98,17 +98,19 @@ def write_manifest(folder: Path, files: dict[str, dict] | None = None) -> Path:
     return path
 
 
-def verify(folder: Path) -> list[str] | None:
-    """Problems found (``"<file>: missing"``, ``"<file>: 12 bytes, 40 expected"``, ``"<file>: checksum
-    differs"``, ``"checksums.json: unreadable"``); ``[]`` when every file matches; None without a manifest."""
+def precheck(folder: Path) -> tuple[dict, dict, dict] | list[str] | None:
+    """``verify`` up to the reading of the files: None without a manifest, ``["checksums.json: unreadable"]``,
+    else (the manifest's entries, ``{rel: problem}`` of files missing or of another size, ``{rel: size}`` of the
+    files left to hash)."""
     path = folder / MANIFEST
     if not path.exists():
         return None
     try:
         files = json.loads(path.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        files = {rel: {"size": int(e["size"]), "xxh3_128": str(e["xxh3_128"])} for rel, e in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return [f"{MANIFEST}: unreadable"]
-    found, present = {}, {}  # rel -> what is wrong with it; rel -> the digest to check
+    found, present = {}, {}
     for rel, want in files.items():
         p = folder / rel
         if not p.is_file():
@@ -116,10 +118,25 @@ def verify(folder: Path) -> list[str] | None:
         elif p.stat().st_size != want["size"]:
             found[rel] = f"{p.stat().st_size} bytes, {want['size']} expected"
         else:
-            present[rel] = want["xxh3_128"]
-    got = entries(folder, list(present))
-    found.update({rel: "checksum differs" for rel, digest in present.items() if got[rel]["xxh3_128"] != digest})
+            present[rel] = want["size"]
+    return files, found, present
+
+
+def judged(files: dict, found: dict, got: dict) -> list[str]:
+    """``verify``'s answer from ``precheck``'s entries and problems and the hashed files' ``entries``."""
+    found = dict(found)
+    found.update({rel: "checksum differs" for rel, e in got.items() if e["xxh3_128"] != files[rel]["xxh3_128"]})
     return [f"{rel}: {found[rel]}" for rel in files if rel in found]  # in the manifest's order
+
+
+def verify(folder: Path) -> list[str] | None:
+    """Problems found (``"<file>: missing"``, ``"<file>: 12 bytes, 40 expected"``, ``"<file>: checksum
+    differs"``, ``"checksums.json: unreadable"``); ``[]`` when every file matches; None without a manifest."""
+    pre = precheck(folder)
+    if not isinstance(pre, tuple):
+        return pre
+    files, found, present = pre
+    return judged(files, found, entries(folder, list(present)))
 
 
 def describe(problems: list[str], limit: int = 3) -> str:

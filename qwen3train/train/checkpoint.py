@@ -27,7 +27,8 @@ import torch
 
 from qwen3train import dist
 from qwen3train.errors import ConfigError, DiskFull, disk_full
-from qwen3train.integrity import describe, entries, listing, recorded, reusable, shares, verify, write_manifest
+from qwen3train.integrity import (describe, entries, judged, listing, precheck, recorded, reusable, shares, verify,
+                                  write_manifest)
 
 
 @dataclass
@@ -135,27 +136,43 @@ def save(root: Path, state: TrainState, engine, task, *, export_model: bool, kee
     return final
 
 
-def hash_together(folder: Path) -> dict | None:
-    """Collective: the manifest entries of a checkpoint's files, for rank 0 (None elsewhere). Rank 0 lists them
-    and deals them out by bytes; every rank hashes its share (engine shards, the export's weights) at once, and
-    the export's files keep the digests its own manifest took a moment ago: nothing is read twice, and no rank
-    reads the whole checkpoint alone. A file some rank cannot see (a disk of its own) is hashed by rank 0."""
-    work = None
-    if dist.is_main():
-        sizes = listing(folder)
-        known = reusable({f"model/{rel}": e for rel, e in recorded(folder / "model").items()}, sizes)
-        work = shares({rel: n for rel, n in sizes.items() if rel not in known}, dist.world_size())
-    work = dist.broadcast_object(work)
-    mine = entries(folder, work[dist.rank()], unseen_ok=dist.rank() > 0)
+def _hashed_together(folder: Path, sizes: dict[str, int]) -> dict | None:
+    """Collective (``sizes`` the same on every rank): these files' manifest entries, each rank hashing the share
+    ``shares`` deals it by bytes; for rank 0 (None elsewhere). A file some rank cannot see (a disk of its own)
+    is hashed by rank 0."""
+    mine = entries(folder, shares(sizes, dist.world_size())[dist.rank()], unseen_ok=dist.rank() > 0)
     got = dist.all_gather_object(mine)
     if not dist.is_main():
         return None
-    files = dict(known)
+    files = {}
     for part in got:
         files.update(part)
-    unseen = [rel for rel, e in files.items() if e is None]
-    files.update(entries(folder, unseen))
+    files.update(entries(folder, [rel for rel, e in files.items() if e is None]))
     return files
+
+
+def hash_together(folder: Path) -> dict | None:
+    """Collective: the manifest entries of a checkpoint's files, for rank 0 (None elsewhere). Every rank hashes a
+    share (engine shards, the export's weights) at once, and the export's files keep the digests its own
+    manifest took a moment ago: nothing is read twice, and no rank reads the whole checkpoint alone."""
+    known, todo = {}, None
+    if dist.is_main():
+        sizes = listing(folder)
+        known = reusable({f"model/{rel}": e for rel, e in recorded(folder / "model").items()}, sizes)
+        todo = {rel: n for rel, n in sizes.items() if rel not in known}
+    files = _hashed_together(folder, dist.broadcast_object(todo))
+    return {**known, **files} if dist.is_main() else None
+
+
+def verify_together(folder: Path) -> list[str] | None:
+    """Collective: ``verify(folder)``, every rank's answer, with the files dealt to the ranks to read (resuming
+    an 8-GPU ZeRO-3 run reads every rank's shards: not rank 0 alone while the others wait)."""
+    pre = dist.broadcast_object(precheck(folder) if dist.is_main() else None)
+    if not isinstance(pre, tuple):
+        return pre
+    files, found, present = pre
+    got = _hashed_together(folder, present)
+    return dist.broadcast_object(judged(files, found, got) if dist.is_main() else None)
 
 
 def retire(path: Path) -> int:
@@ -186,23 +203,24 @@ def retire(path: Path) -> int:
 
 
 def resume_point(root: Path) -> Path | None:
-    """The newest checkpoint whose files match their checksums (rank 0 checks, every rank gets its
-    answer). Damaged ones are named in one line each and skipped; when every one is damaged the run stops
+    """The newest checkpoint whose files match their checksums (the ranks read its files together, every rank
+    gets the answer). Damaged ones are named in one line each and skipped; when every one is damaged the run stops
     with one line. Checkpoints without checksums (older versions) are trusted."""
     chosen, damaged, retired = None, [], []
-    if dist.is_main():
-        for path in reversed(list_checkpoints(root)):
-            if not _resumable(path):
-                retired.append(path)
-                continue
-            problems = verify(path)
-            if not problems:
-                chosen = path
-                break
-            damaged.append(path)
+    found = dist.broadcast_object([(path, _resumable(path)) for path in reversed(list_checkpoints(root))]
+                                  if dist.is_main() else None)
+    for path, resumable in found:  # every rank in step: each verification is collective
+        if not resumable:
+            retired.append(path)
+            continue
+        problems = verify_together(path)
+        if not problems:
+            chosen = path
+            break
+        damaged.append(path)
+        if dist.is_main():
             print(f"warning: checkpoint {path} is damaged ({describe(problems)}): skipped, trying the one before",
                   flush=True)
-    chosen, damaged, retired = dist.broadcast_object((chosen, damaged, retired))
     if chosen is None and retired and not damaged:
         raise ConfigError(f"the checkpoints under {root / 'checkpoints'} ({', '.join(p.name for p in retired)}) keep only "
                           f"their exported model (their run finished and the pipeline removed the optimizer state: "

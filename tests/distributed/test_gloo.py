@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,7 +142,19 @@ def test_torch_engine_resumes_on_another_process_count(tiny_model_dir, tmp_path)
     # first of these rehearses its heaviest micro batch after step 1 (train/memory.py: a step DDP all-reduces
     # and the torch engine drops): the curve must not move
     cli(tmp_path / "c", 2, 2, "engine.rehearse_memory=true")
+    # a newer checkpoint whose damage lies in the file that rank 1 reads when the two verify it together: the
+    # resume must name it and take step 2 (a rank whose share went unread would resume from the damaged copy)
+    from qwen3train.integrity import listing, shares
+
+    good = tmp_path / "c" / "checkpoints" / "step_0000002"
+    bad = good.with_name("step_0000003")
+    shutil.copytree(good, bad)
+    rel = shares(listing(bad), 2)[1][0]
+    blob = bytearray((bad / rel).read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (bad / rel).write_bytes(bytes(blob))
     got = cli(tmp_path / "c", 4, 2, "run.resume=force", "engine.rehearse_memory=true")
+    assert f"checkpoint {bad} is damaged ({rel}: checksum differs)" in (tmp_path / "c" / "stdout.log").read_text()
     for a, b in zip(ref, got):
         assert abs(a["loss"] - b["loss"]) <= 1e-4, (a["step"], a["loss"], b["loss"])
     assert (tmp_path / "c" / "stdout.log").read_text().count("memory rehearsal: the heaviest micro batch") == 2
