@@ -76,29 +76,36 @@ def _save_weights(model: nn.Module, out: Path, state_dict: dict | None = None, d
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-# tokenizer -> {end token: its copy}: every checkpoint of a run exports the same tokenizer, and a deep copy of a
-# 151k-token one costs ~1.2 s of CPU (the Qwen3 tokenizer, 2 cores, 2026-12-07), so it is made once per process
-_END_TOKEN_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# tokenizer -> {what was changed: its changed copy}: every checkpoint of a run exports the same tokenizer, and a deep
+# copy of a 151k-token one costs ~1.2 s of CPU (the Qwen3 tokenizer, 2 cores, 2026-12-07): made once per process
+_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _changed_copy(tokenizer, key: tuple, change):
+    """A deep copy of ``tokenizer`` that ``change(copy)`` altered, made once per tokenizer and ``key``."""
+    import copy
+
+    made = _COPIES.setdefault(tokenizer, {})
+    if key not in made:
+        tok = copy.deepcopy(tokenizer)
+        change(tok)
+        made[key] = tok
+    return made[key]
 
 
 def tokenizer_with_end_token(tokenizer, end_token: str):
     """A copy of ``tokenizer`` whose post-processor appends ``end_token`` (single and pair); ``tokenizer`` itself
     is left as it is. Made once per tokenizer and end token; callers may set ``padding_side`` on it."""
-    import copy
-
     from tokenizers import processors
 
-    made = _END_TOKEN_COPIES.setdefault(tokenizer, {})
-    if end_token not in made:
-        tok = copy.deepcopy(tokenizer)
-        end_id = tok.convert_tokens_to_ids(end_token)
+    def append(tok) -> None:
         tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
             single=f"$A:0 {end_token}:0",
             pair=f"$A:0 {end_token}:0 $B:1 {end_token}:1",
-            special_tokens=[(end_token, end_id)],
+            special_tokens=[(end_token, tok.convert_tokens_to_ids(end_token))],
         )
-        made[end_token] = tok
-    return made[end_token]
+
+    return _changed_copy(tokenizer, ("end_token", end_token), append)
 
 
 def write_sentence_transformers_files(out: Path, *, dim: int, max_seq_length: int, instruction: str,
@@ -207,14 +214,12 @@ def write_cross_encoder_files(out: Path, yes_id: int, no_id: int) -> None:
 def export_reranker(reranker, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
     """Write a folder that ``AutoModelForCausalLM`` and the official usage code load as is, and that
     sentence-transformers (6.x) loads as a ``CrossEncoder`` scoring exactly like ``Reranker.score``."""
-    import copy
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _save_weights(reranker.lm, out, state_dict, getattr(reranker, "export_dtype", None))
-    tok = copy.deepcopy(reranker.tokenizer)
-    tok.chat_template = reranker_chat_template(reranker.tokenizer.chat_template, reranker.prefix, reranker.suffix,
-                                               reranker.default_instruction)
+    template = reranker_chat_template(reranker.tokenizer.chat_template, reranker.prefix, reranker.suffix,
+                                      reranker.default_instruction)
+    tok = _changed_copy(reranker.tokenizer, ("chat_template", template), lambda t: setattr(t, "chat_template", template))
     tok.save_pretrained(out)
     write_cross_encoder_files(out, reranker.yes_id, reranker.no_id)
     no, yes = reranker.tokenizer.convert_ids_to_tokens([reranker.no_id, reranker.yes_id])

@@ -73,11 +73,23 @@ def test_official_usage_recipe_matches_encode(exported):
     assert (again.encode(DOCS) - emb.encode(DOCS)).abs().max() <= 1e-6
 
 
-def test_reranker_score_equals_official_recipe(tiny_model_dir, tmp_path):
+def test_reranker_score_equals_official_recipe(tiny_model_dir, tmp_path, monkeypatch):
+    """Also: the tokenizer with the reranker's chat template is copied once however many times the reranker
+    is exported (every checkpoint exports it; a deep copy of the Qwen3 tokenizer is ~1.2 s of CPU), the copy
+    of each export carries the template, and the reranker's own tokenizer keeps its own template."""
+    import copy
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     rr = build_reranker(ModelConfig(name_or_path=str(tiny_model_dir), padding_side="left"), max_length=96)
+    own, copies, real = rr.tokenizer.chat_template, [], copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda x, *a: copies.append(type(x).__name__) or real(x, *a))
+    export_reranker(rr, tmp_path / "rr0")
     out = export_reranker(rr, tmp_path / "rr")
+    monkeypatch.undo()
+    assert copies.count(type(rr.tokenizer).__name__) == 1, copies
+    assert rr.tokenizer.chat_template == own and "<Document>: " in AutoTokenizer.from_pretrained(out).chat_template
+    assert (out / "tokenizer_config.json").read_text() == (tmp_path / "rr0" / "tokenizer_config.json").read_text()
     ours = rr.score(QUERIES[0], DOCS, instruction=INSTR)
 
     # official usage code (Qwen3-Reranker README), with max_length shrunk to the tiny budget
