@@ -71,12 +71,20 @@ def shares(sizes: dict[str, int], n: int) -> list[list[str]]:
     return out
 
 
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError)
+
+
+def _read(folder: Path) -> dict[str, dict]:
+    """The entries of ``folder``'s manifest; raises one of ``_UNREADABLE`` when it is absent or malformed."""
+    files = json.loads((folder / MANIFEST).read_text())["files"]
+    return {rel: {"size": int(e["size"]), "xxh3_128": str(e["xxh3_128"])} for rel, e in files.items()}
+
+
 def recorded(folder: Path) -> dict[str, dict]:
     """The entries ``folder``'s manifest records; {} when it has none or it is unreadable."""
     try:
-        files = json.loads((folder / MANIFEST).read_text())["files"]
-        return {rel: {"size": int(e["size"]), "xxh3_128": str(e["xxh3_128"])} for rel, e in files.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return _read(folder)
+    except _UNREADABLE:
         return {}
 
 
@@ -106,9 +114,8 @@ def precheck(folder: Path) -> tuple[dict, dict, dict] | list[str] | None:
     if not path.exists():
         return None
     try:
-        files = json.loads(path.read_text())["files"]
-        files = {rel: {"size": int(e["size"]), "xxh3_128": str(e["xxh3_128"])} for rel, e in files.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        files = _read(folder)
+    except _UNREADABLE:
         return [f"{MANIFEST}: unreadable"]
     found, present = {}, {}
     for rel, want in files.items():

@@ -219,7 +219,8 @@ def export_reranker(reranker, out_dir: str | os.PathLike, state_dict: dict | Non
     _save_weights(reranker.lm, out, state_dict, getattr(reranker, "export_dtype", None))
     template = reranker_chat_template(reranker.tokenizer.chat_template, reranker.prefix, reranker.suffix,
                                       reranker.default_instruction)
-    tok = _changed_copy(reranker.tokenizer, ("chat_template", template), lambda t: setattr(t, "chat_template", template))
+    tok = _changed_copy(reranker.tokenizer, ("chat_template", template),
+                        lambda t: setattr(t, "chat_template", template))
     tok.save_pretrained(out)
     write_cross_encoder_files(out, reranker.yes_id, reranker.no_id)
     no, yes = reranker.tokenizer.convert_ids_to_tokens([reranker.no_id, reranker.yes_id])
