@@ -49,6 +49,10 @@ def test_verify_finds_flipped_truncated_and_deleted_files(tmp_path):
         _damage(tmp_path / name, how)
     assert verify(tmp_path) == ["a.bin: checksum differs", "b.bin: 682 bytes, 2048 expected", "c.bin: missing"]
     assert verify(tmp_path / "nothing") is None  # no manifest: not verifiable, not damaged
+    from qwen3train.integrity import recorded
+
+    (tmp_path / "checksums.json").write_text('{"version": 1, "files": {"a.bin": {"size": "x"}}}')  # malformed
+    assert verify(tmp_path) == ["checksums.json: unreadable"] and recorded(tmp_path) == {}
 
 
 @pytest.mark.parametrize("how", ["flip"])
