@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from qwen3train.config import register_configs, runner_for
+from qwen3train.startup import lean_transformers
 
 register_configs()
 
@@ -316,6 +317,7 @@ def cli() -> None:
         sys.argv = apply_aliases([sys.argv[0], f"--config-name={args[0]}", *args[1:]])
     sys.argv[1:] = precheck(sys.argv[1:])
     crash_stacks()
+    lean_transformers()
     main()
 
 
@@ -323,4 +325,5 @@ if __name__ == "__main__":
     sys.argv = apply_aliases(sys.argv)
     sys.argv[1:] = precheck(sys.argv[1:])
     crash_stacks()
+    lean_transformers()
     main()

@@ -91,7 +91,7 @@ def test_end_token_once_even_if_tokenizer_appends_it(tokenizer):
 def test_the_end_token_copy_is_made_once_per_tokenizer(tokenizer, monkeypatch):
     """Every checkpoint exports the tokenizer; a deep copy each time cost ~1.2 s of CPU per checkpoint. The copy
     is made once per tokenizer and end token (fails if every export copies again, or if a copy for another end
-    token or another tokenizer is handed out)."""
+    token or another tokenizer is handed out, or if the change reaches the original)."""
     import copy
 
     from qwen3train.models.export import tokenizer_with_end_token
@@ -106,6 +106,8 @@ def test_the_end_token_copy_is_made_once_per_tokenizer(tokenizer, monkeypatch):
     assert first(["test"]).input_ids[0][-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert other(["test"]).input_ids[0] == [1944, EOT]
     assert tokenizer_with_end_token(real(tokenizer), "<|im_end|>") is not first  # another tokenizer, its own copy
+    # the copies share the long vocabulary and merges lists with it, never the backend the change is made on
+    assert tokenizer(["test"]).input_ids[0] == [1944] and first.backend_tokenizer is not tokenizer.backend_tokenizer
 
 
 def test_pooling_index_for_both_padding_sides():

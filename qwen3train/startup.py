@@ -1,0 +1,42 @@
+"""What a process of ours does first, before it imports anything heavy.
+
+transformers' generation package imports scikit-learn (and with it scipy, pandas and pyarrow) whenever it is
+installed, for one thing: the adaptive confidence threshold of assisted generation (a draft model proposing
+tokens), which no stage uses. That import costs every process that loads a model 1.0-1.6 s of CPU on 2 cores
+(`python -X importtime`, 2026-12-07), about a sixth of its start, and a run starts a process per stage and per
+rank. ``lean_transformers`` makes transformers' generation code see scikit-learn as absent; scikit-learn itself
+stays importable (sentence-transformers' evaluators import it as they always did)."""
+
+from __future__ import annotations
+
+import importlib.abc
+import sys
+
+
+def _absent() -> bool:
+    return False
+
+
+class _SklearnHidden(importlib.abc.MetaPathFinder):
+    """Just before ``transformers.generation`` is imported, the ``is_sklearn_available`` it takes from
+    ``transformers.utils`` says False. Finds nothing itself: every import goes on to the usual finders."""
+
+    done = False
+
+    def find_spec(self, name, path=None, target=None):
+        if not self.done and name == "transformers.generation":
+            self.done = True  # (not removed from sys.meta_path: the import system is iterating over it)
+            utils = sys.modules.get("transformers.utils")
+            if utils is not None and hasattr(utils, "is_sklearn_available"):
+                utils.is_sklearn_available = _absent
+        return None
+
+
+def lean_transformers() -> bool:
+    """Install the hook above; False (and nothing done) where transformers' generation code is already
+    imported, as in a process that loaded a model before calling this."""
+    if "transformers.generation" in sys.modules:
+        return False
+    if not any(isinstance(f, _SklearnHidden) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SklearnHidden())
+    return True
