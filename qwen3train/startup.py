@@ -4,8 +4,9 @@ transformers' generation package imports scikit-learn (and with it scipy, pandas
 installed, for one thing: the adaptive confidence threshold of assisted generation (a draft model proposing
 tokens), which no stage uses. That import costs every process that loads a model 1.0-1.6 s of CPU on 2 cores
 (`python -X importtime`, 2026-12-07), about a sixth of its start, and a run starts a process per stage and per
-rank. ``lean_transformers`` makes transformers' generation code see scikit-learn as absent; scikit-learn itself
-stays importable (sentence-transformers' evaluators import it as they always did)."""
+rank. ``lean_transformers`` makes transformers' generation code (and whatever else takes ``is_sklearn_available``
+from ``transformers.utils`` after it: the legacy GLUE metrics) see scikit-learn as absent; scikit-learn itself stays
+importable (sentence-transformers' evaluators import it as they always did)."""
 
 from __future__ import annotations
 
