@@ -315,6 +315,12 @@ def cli() -> None:
         sys.exit(2)
     else:
         sys.argv = apply_aliases([sys.argv[0], f"--config-name={args[0]}", *args[1:]])
+    start()
+
+
+def start() -> None:
+    """Both spellings of the entry point, once their command line is in Hydra's form: the overrides checked, the
+    process set up (fatal signals' stacks, transformers without scikit-learn), then the command."""
     sys.argv[1:] = precheck(sys.argv[1:])
     crash_stacks()
     lean_transformers()
@@ -323,7 +329,4 @@ def cli() -> None:
 
 if __name__ == "__main__":
     sys.argv = apply_aliases(sys.argv)
-    sys.argv[1:] = precheck(sys.argv[1:])
-    crash_stacks()
-    lean_transformers()
-    main()
+    start()
