@@ -404,15 +404,22 @@ def section_two_procs(out: Path, quick: bool) -> dict:
     # hsdp2: a 2-D mesh (2 copies of 1 shard) with each layer kept gathered from forward to backward
     hsdp = ["engine=fsdp", "engine.fsdp_shard_size=1", "engine.fsdp_reshard_after_forward=false"]
     # zero3_2: ZeRO-3 on 2 processes, the model built partitioned on the GPU (zero.Init), rank 0 reading the weights
+    # save_fg / save_bg: checkpoints every step written in the foreground and in the background (pinned host
+    # copies of CUDA tensors: train/background.py); zero3_2 and fsdp2 save every step too (DeepSpeed's files through
+    # the writer)
+    every = ["run.save_every=1", "run.keep_last=10"]
     runs = ((("n1", ["engine=torch"], 1), ("n2", ["engine=torch"], 2), ("fsdp1", ["engine=fsdp"], 1))
-            + ((("fsdp2", ["engine=fsdp"], 2), ("hsdp2", hsdp, 2), ("zero3_2", ["engine=zero3"], 2)) if _cuda() else ()))
+            + ((("fsdp2", ["engine=fsdp", *every], 2), ("hsdp2", hsdp, 2), ("zero3_2", ["engine=zero3", *every], 2),
+                ("save_fg", ["engine=torch", *every, "run.save_in_background=false"], 1),
+                ("save_bg", ["engine=torch", *every, "run.save_in_background=true"], 1)) if _cuda() else ()))
     for name, engine, n in runs:
         run_dir = out / "two_procs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)] if n > 1 else []
         cmd = [sys.executable, *launcher, "-m", "qwen3train.cli.main", "--config-name=stage1", *engine,
                "engine.precision=fp32", "engine.grad_cache=true", "engine.micro_batch_size=4",
-               "engine.global_batch_size=16", "run.max_steps=3", "run.save_every=0", "run.resume=false",
+               "engine.global_batch_size=16", "run.max_steps=3", "run.resume=false",
+               *([] if any(a.startswith("run.save_every=") for a in engine) else ["run.save_every=0"]),
                f"run.output_dir={run_dir}", f"model.name_or_path={model}", "model.max_doc_length=128",
                f"data.train_files=[{data}]", "optim.lr=5e-4"]
         # two ranks on one GPU: gloo carries the CUDA tensors (NCCL refuses two ranks on one device); one: NCCL
@@ -422,6 +429,11 @@ def section_two_procs(out: Path, quick: bool) -> dict:
             res[f"{name}_error"] = proc.stderr[-1500:]
             continue
         res[name] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if "save_fg" in res and "save_bg" in res:
+        res["save_bg_max_diff"] = _checkpoints_differ(out / "two_procs" / "save_fg", out / "two_procs" / "save_bg")
+        res["save_bg_equal"] = res["save_bg_max_diff"] <= 1e-6  # a step apart differs by ~lr (5e-4)
+    for name in ("save_fg", "save_bg"):
+        res.pop(name, None)
     one = res.get("n1")
     for name, key in (("n2", "equal"), ("fsdp1", "fsdp1_equal"), ("fsdp2", "fsdp2_equal"), ("hsdp2", "hsdp2_equal"),
                       ("zero3_2", "zero3_2_equal")):
@@ -437,6 +449,31 @@ def section_two_procs(out: Path, quick: bool) -> dict:
     if "n1_error" in res or "n2_error" in res:
         res["error"] = res.get("n1_error") or res.get("n2_error")
     return res
+
+
+def _checkpoints_differ(a: Path, b: Path) -> float:
+    """The largest difference between two runs' checkpoints of steps 1 and 2 (every tensor of the engine state and
+    of the export): CUDA's atomics leave ~1e-9 between runs; a writer that read the live tensors a step later, ~lr."""
+    import torch
+    from safetensors.torch import load_file
+
+    def tensors(x):
+        if torch.is_tensor(x):
+            yield x
+        elif isinstance(x, dict):
+            for v in x.values():
+                yield from tensors(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                yield from tensors(v)
+
+    worst = 0.0
+    for step in ("step_0000001", "step_0000002"):
+        for load in (lambda d: torch.load(d / "engine" / "engine.pt", weights_only=False),
+                     lambda d: load_file(str(d / "model" / "model.safetensors"))):
+            got = [list(tensors(load(run / "checkpoints" / step))) for run in (a, b)]
+            worst = max([worst, *((x.double() - y.double()).abs().max().item() for x, y in zip(*got) if x.numel())])
+    return worst
 
 
 def section_throughput(out: Path, quick: bool) -> dict:

@@ -41,7 +41,8 @@ def main() -> int:
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         # phases are timed on the loop's thread: batches made there too (data.prefetch=0), unless overridden
-        cfg = OmegaConf.to_object(compose(config_name=args.config_name, overrides=["data.prefetch=0", *args.overrides]))
+        overrides = ["data.prefetch=0", "run.save_every=0", *args.overrides]
+        cfg = OmegaConf.to_object(compose(config_name=args.config_name, overrides=overrides))
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     times: dict[str, list[float]] = defaultdict(list)

@@ -11,8 +11,8 @@
   raises (``torch.OutOfMemoryError``), from inside the engine's forward, as a real one does; ``wrapped``: a
   ``RuntimeError`` raised from it, as compiled code may report one.
 
-* ``slow(rank, module, name, seconds)``: on that rank (``RANK``; 0 without torchrun) the first call of
-  ``module.name`` waits ``seconds`` first, as a read stuck on a network filesystem does; the other ranks go on
+* ``slow(rank, module, name, seconds, call=1)``: on that rank (``RANK``; 0 without torchrun) the ``call``-th call
+  of ``module.name`` waits ``seconds`` first, as a read stuck on a network filesystem does; the other ranks go on
   to their next collective and wait there.
 
 * ``inference_ceiling(tokens)``: the same device for inference (``encode``, the reranker's scoring): a
@@ -20,7 +20,7 @@
   raises that error, counted in ``ATTEMPTS``.
 
 Each returns an undo. As a script, under torchrun too, it runs the command line with the faults of
-``QWEN3TRAIN_TEST_FAULT`` (``nonfinite:2,3``, ``memory_ceiling:300``, ``slow:1:numpy.save:4``, ``inference_ceiling:40``, ``abort_at_exit``, ``reshard_fails``, ``cuda_memory_fraction:0.01`` or ``disk_full:numpy.save:.parts/:2``; several
+``QWEN3TRAIN_TEST_FAULT`` (``nonfinite:2,3``, ``memory_ceiling:300``, ``slow:1:numpy.save:4`` (``slow:0:torch.save:600:3``: its third call), ``inference_ceiling:40``, ``abort_at_exit``, ``reshard_fails``, ``cuda_memory_fraction:0.01`` or ``disk_full:numpy.save:.parts/:2``; several
 joined by ``;``):
 ``QWEN3TRAIN_TEST_FAULT=nonfinite:2 python tests/faults.py --config-name=stage2 key=value ...``."""
 
@@ -74,7 +74,7 @@ def disk_full(module: str, name: str, where: str, call: int):
     return lambda: setattr(mod, name, original)
 
 
-def slow(rank: int, module: str, name: str, seconds: float):
+def slow(rank: int, module: str, name: str, seconds: float, call: int = 1):
     import time
 
     mod = importlib.import_module(module)
@@ -82,7 +82,7 @@ def slow(rank: int, module: str, name: str, seconds: float):
 
     def held_once(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == 1 and int(os.environ.get("RANK", 0)) == rank:
+        if calls[0] == call and int(os.environ.get("RANK", 0)) == rank:
             time.sleep(seconds)
         return original(*args, **kwargs)
 
@@ -170,8 +170,8 @@ if __name__ == "__main__":
 
             reshard.CONVERTER = "deepspeed.checkpoint.no_such_converter"
         elif kind == "slow":
-            who, target, seconds = arg.split(":")
-            slow(int(who), *target.rsplit(".", 1), float(seconds))
+            who, target, seconds, *call = arg.split(":")
+            slow(int(who), *target.rsplit(".", 1), float(seconds), *map(int, call))
         elif kind == "disk_full":
             target, where, call = arg.split(":")
             disk_full(*target.rsplit(".", 1), where, int(call))

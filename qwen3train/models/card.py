@@ -207,3 +207,20 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = True, token
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                              commit_message="Upload model exported by qwen3train")
     return str(getattr(info, "commit_url", info))
+
+
+def upload_final(final_dir: Path, repo: str, private: bool) -> str:
+    """A run's final export to the hub; the line that says where it went. A failed upload (network, permissions) is
+    one line naming the trained model and how to retry: the same command again (the run is finished: it exports and
+    uploads without training)."""
+    from qwen3train.errors import ConfigError
+
+    try:
+        return f"uploaded to the hub: {push_to_hub(final_dir, repo, private=private)}"
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the hub client raises, the trained model is safe
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"the final model is at {final_dir}, but uploading it to {repo} failed "
+                          f"({type(e).__name__}: {reason}); rerun the same command to upload it (training is done) "
+                          f"or `huggingface-cli upload {repo} {final_dir}`") from None

@@ -114,6 +114,18 @@ def tokenizer_with_end_token(tokenizer, end_token: str):
     return _changed_copy(tokenizer, ("end_token", end_token), append)
 
 
+def export_tokenizer(model):
+    """The tokenizer an export of ``model`` (an Embedder or a Reranker) writes: a copy made once per process, with
+    the embedder's end token appended, or the reranker's chat template. A save in the background makes it on the
+    training thread before its writer starts (making it reads the tokenizer that the data thread may be using)."""
+    if hasattr(model, "yes_id"):  # a Reranker
+        template = reranker_chat_template(model.tokenizer.chat_template, model.prefix, model.suffix,
+                                          model.default_instruction)
+        return _changed_copy(model.tokenizer, ("chat_template", template),
+                             lambda t: setattr(t, "chat_template", template))
+    return tokenizer_with_end_token(model.tokenizer, model.tok.end_token)
+
+
 def write_sentence_transformers_files(out: Path, *, dim: int, max_seq_length: int, instruction: str,
                                       query_template: str, prompts: dict[str, str] | None = None) -> None:
     """modules.json, sentence_bert_config.json, 1_Pooling (last token), 2_Normalize, prompts: ``query``
@@ -159,7 +171,7 @@ def export_embedder(embedder, out_dir: str | os.PathLike, *, instruction: str,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _save_weights(embedder.backbone, out, state_dict, getattr(embedder, "export_dtype", None))
-    tok = tokenizer_with_end_token(embedder.tokenizer, embedder.tok.end_token)
+    tok = export_tokenizer(embedder)
     tok.padding_side = "left"  # what the official usage recipe sets; pooling works either way
     tok.save_pretrained(out)
     max_len = max(embedder.max_query_length, embedder.max_doc_length)
@@ -223,11 +235,7 @@ def export_reranker(reranker, out_dir: str | os.PathLike, state_dict: dict | Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _save_weights(reranker.lm, out, state_dict, getattr(reranker, "export_dtype", None))
-    template = reranker_chat_template(reranker.tokenizer.chat_template, reranker.prefix, reranker.suffix,
-                                      reranker.default_instruction)
-    tok = _changed_copy(reranker.tokenizer, ("chat_template", template),
-                        lambda t: setattr(t, "chat_template", template))
-    tok.save_pretrained(out)
+    export_tokenizer(reranker).save_pretrained(out)
     write_cross_encoder_files(out, reranker.yes_id, reranker.no_id)
     no, yes = reranker.tokenizer.convert_ids_to_tokens([reranker.no_id, reranker.yes_id])
     meta = {"kind": "reranker", "max_length": reranker.max_length,

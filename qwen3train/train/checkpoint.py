@@ -21,6 +21,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from qwen3train import dist
 from qwen3train.errors import ConfigError, DiskFull, disk_full
 from qwen3train.integrity import (describe, entries, judged, listing, precheck, recorded, reusable, shares, verify,
                                   write_manifest)
+from qwen3train.train.background import Writer
 
 
 @dataclass
@@ -60,8 +62,23 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+# run folder -> the loop's finish of its save in flight (``begin`` in the background), so that an error naming the
+# last checkpoint names the one it will leave: registered by the loop, removed by the finish
+IN_FLIGHT: dict[str, Callable[[], None]] = {}
+
+
+def settle(root: Path, collective: bool = False) -> None:
+    """The save in flight of the run in ``root`` finished now: on one process always; with peers only where every
+    rank calls this (``collective``), since finishing is collective; elsewhere it stays a ``.tmp`` folder."""
+    finish = IN_FLIGHT.get(str(root))
+    if finish is not None and (collective or dist.world_size() == 1):
+        finish()
+
+
 def kept_line(root: Path) -> str:
-    """What a run that stops now leaves to resume from, for its one-line error."""
+    """What a run that stops now leaves to resume from, for its one-line error (a one-process run's save in flight
+    finished first)."""
+    settle(root)
     last = latest_checkpoint(root)
     return f"the last checkpoint {last} is intact" if last else "no checkpoint yet (a rerun starts over)"
 
@@ -93,9 +110,18 @@ def _set_rng_state(state: dict) -> None:
 
 def save(root: Path, state: TrainState, engine, task, *, export_model: bool, keep_last: int,
          keep_every: int, keep_steps: tuple[int, ...] = (), engine_state: bool = True) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder. ``engine_state=False`` (the
-    last step of a run whose optimizer state would be removed anyway): the export and the train state only,
-    marked not resumable, as ``retire`` leaves a checkpoint; ``finished_point`` finds it."""
+    """Collective: every rank calls it. A save in the foreground (``begin`` then ``Pending.finish``); returns the
+    final checkpoint folder."""
+    return begin(root, state, engine, task, export_model=export_model, engine_state=engine_state).finish(
+        keep_last, keep_every, keep_steps)
+
+
+def begin(root: Path, state: TrainState, engine, task, *, export_model: bool, engine_state: bool = True,
+          background: bool = False) -> "Pending":
+    """Collective: a save's files under ``.step_N.tmp``, written at once or (``background``) by a thread while
+    training goes on, from copies taken now (train/background.py). ``engine_state=False`` (the last step of a run
+    whose optimizer state would be removed anyway): the export and the train state only, marked not resumable, as
+    ``retire`` leaves a checkpoint; ``finished_point`` finds it."""
     if not engine_state and not export_model:
         raise ValueError("a checkpoint without engine state must carry its export")
     final = step_dir(root, state.step)
@@ -104,36 +130,91 @@ def save(root: Path, state: TrainState, engine, task, *, export_model: bool, kee
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    writer = Writer(tmp, background)
     try:
         if engine_state:
-            engine.save(tmp / "engine")
+            engine.save(tmp / "engine", writer)
         full = engine.full_state_dict()
         if engine_state:
-            torch.save(_rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+            writer.save(torch.save, _rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
         if dist.is_main():
             if export_model:
-                task.export(tmp / "model", state_dict=full)
-                write_manifest(tmp / "model")  # the export checks itself where it is read (merge, eval)
-            (tmp / "train_state.json").write_text(json.dumps(dict(asdict(state), resumable=engine_state), indent=2))
-        dist.barrier()
-        files = hash_together(tmp)
-        if dist.is_main():
-            write_manifest(tmp, files)
+                _export(writer, task, tmp / "model", full)
+            text = json.dumps(dict(asdict(state), resumable=engine_state), indent=2)
+            writer.call(lambda: (tmp / "train_state.json").write_text(text), tmp / "train_state.json")
+        if background:  # the files this rank wrote, hashed by its writer (the export has its own manifest)
+            writer.call(lambda: writer.hashed.update(entries(tmp, [r for r in writer.written if r != "model"])))
+        writer.start()
     except (OSError, RuntimeError) as e:
         if not disk_full(e):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(root)
-        raise DiskFull(f"no space left on the device while saving {final.name} under {root / 'checkpoints'}; "
-                          f"the partial save was removed and {f'{previous.name} is intact' if previous else 'no earlier checkpoint exists'}: "
-                          f"free space and rerun the same command to resume") from None
-    if dist.is_main():
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        prune(root, keep_last, keep_every, keep_steps)
-    dist.barrier()
-    return final
+        raise _no_space(root, final, tmp) from None
+    return Pending(root, final, tmp, writer, state.step, export_model)
+
+
+def _export(writer: Writer, task, out: Path, full: dict | None) -> None:
+    """The export job. In the background it writes a copy of the weights taken now (the engine's, when they are
+    the module's own: the copy of the engine state is reused), and the tokenizer copy it writes is made now, on
+    this thread, since making it reads the tokenizer the data thread uses."""
+    if writer.background:
+        task.export_ready()
+        local = [getattr(p, "_local_tensor", p) for p in task.module.parameters()]  # an FSDP shard's own tensor
+        params = {t.untyped_storage().data_ptr() for t in local if t.numel()}
+        if full is None or any(torch.is_tensor(v) and v.numel() and v.untyped_storage().data_ptr() in params
+                               for v in full.values()):  # weights the module trains on: not a copy yet
+            full = writer.frozen(full if full is not None else task.module.state_dict())
+    writer.call(lambda: (task.export(out, state_dict=full), write_manifest(out)), out)
+
+
+def _no_space(root: Path, final: Path, tmp: Path) -> DiskFull:
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = latest_checkpoint(root)
+    return DiskFull(f"no space left on the device while saving {final.name} under {root / 'checkpoints'}; "
+                    f"the partial save was removed and {f'{previous.name} is intact' if previous else 'no earlier checkpoint exists'}: "
+                    f"free space and rerun the same command to resume")
+
+
+class Pending:
+    """A save begun: its files written (or being written) under ``tmp``; ``finish`` moves it into place."""
+
+    def __init__(self, root: Path, final: Path, tmp: Path, writer: Writer, step: int, export: bool) -> None:
+        self.root, self.final, self.tmp, self.writer, self.step, self.export = root, final, tmp, writer, step, export
+
+    def busy(self) -> bool:
+        """This rank's writer is still writing (the loop asks every rank at a step boundary)."""
+        return self.writer.busy()
+
+    def finish(self, keep_last: int, keep_every: int, keep_steps: tuple[int, ...] = ()) -> Path:
+        """Collective: once every rank's writer is done, the manifest (the files each writer hashed, the export's own
+        digests, the rest dealt to the ranks), the folder moved into place, the older ones pruned. A writer's failure
+        stops every rank: a full disk with the one line a save in the foreground gives, anything else as an error
+        naming the rank (its own exception on that rank)."""
+        self.writer.wait()
+        err = self.writer.error
+        failed = dist.all_gather_object(None if err is None else (disk_full(err), f"{type(err).__name__}: {err}"))
+        if any(f is not None and f[0] for f in failed):
+            raise _no_space(self.root, self.final, self.tmp) if dist.is_main() else \
+                DiskFull(f"no space left on the device while saving {self.final.name}") from None
+        if err is not None:
+            raise err
+        for r, f in enumerate(failed):
+            if f is not None:
+                raise RuntimeError(f"saving {self.final.name} failed on rank {r} ({f[1]})")
+        try:
+            files = hash_together(self.tmp, self.writer.hashed)
+            if dist.is_main():
+                write_manifest(self.tmp, files)
+        except (OSError, RuntimeError) as e:
+            if not disk_full(e):
+                raise
+            raise _no_space(self.root, self.final, self.tmp) from None
+        if dist.is_main():
+            if self.final.exists():
+                shutil.rmtree(self.final)
+            self.tmp.rename(self.final)
+            prune(self.root, keep_last, keep_every, keep_steps)
+        dist.barrier()
+        return self.final
 
 
 def _hashed_together(folder: Path, sizes: dict[str, int]) -> dict | None:
@@ -151,14 +232,18 @@ def _hashed_together(folder: Path, sizes: dict[str, int]) -> dict | None:
     return files
 
 
-def hash_together(folder: Path) -> dict | None:
+def hash_together(folder: Path, own: dict | None = None) -> dict | None:
     """Collective: the manifest entries of a checkpoint's files, for rank 0 (None elsewhere). Every rank hashes a
     share (engine shards, the export's weights) at once, and the export's files keep the digests its own
-    manifest took a moment ago: nothing is read twice, and no rank reads the whole checkpoint alone."""
+    manifest took a moment ago, the files a rank's background writer wrote the digests it took (``own``): nothing
+    is read twice, and no rank reads the whole checkpoint alone."""
     known, todo = {}, None
+    mine = dist.all_gather_object(own or {})
     if dist.is_main():
         sizes = listing(folder)
         known = reusable({f"model/{rel}": e for rel, e in recorded(folder / "model").items()}, sizes)
+        for part in mine:
+            known.update(reusable(part, sizes))
         todo = {rel: n for rel, n in sizes.items() if rel not in known}
     files = _hashed_together(folder, dist.broadcast_object(todo))
     return {**known, **files} if dist.is_main() else None

@@ -100,8 +100,18 @@ class DeepSpeedEngine:
             for k, v in saved.items():
                 setattr(self.engine, k, v)
 
-    def save(self, path: Path) -> None:
-        self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
+    def save(self, path: Path, writer=None) -> None:
+        """DeepSpeed's checkpoint (collective). Under a background writer its files go through ``_Queued``: each
+        state dict DeepSpeed hands its checkpoint engine is copied to host memory now and written by the writer."""
+        if writer is None or not writer.background:
+            self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
+            return
+        own = self.engine.checkpoint_engine
+        self.engine.checkpoint_engine = _Queued(own, writer)
+        try:
+            self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
+        finally:
+            self.engine.checkpoint_engine = own
 
     def load(self, path: Path, saved_world: int | None = None) -> None:
         """ZeRO partitions the weights' fp32 copy and the optimizer's moments by rank: a checkpoint written by
@@ -184,6 +194,24 @@ class DeepSpeedEngine:
                 return retie(self.engine.module,
                              {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()})
         return None
+
+
+class _Queued:
+    """DeepSpeed's checkpoint engine with its writes handed to a background writer (``train/background.py``). It
+    says it does not keep storage sharing, so DeepSpeed does not clone the model's tensors on the device first: the
+    writer's copy to host memory makes each tensor compact (and tied ones one) as that clone would."""
+
+    def __init__(self, own, writer) -> None:
+        self.own, self.writer = own, writer
+
+    def save(self, state_dict, path: str) -> None:
+        self.writer.save(self.own.save, state_dict, Path(path))
+
+    def preserves_storage_sharing(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        return getattr(self.own, name)
 
 
 def _deepspeed():

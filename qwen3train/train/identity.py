@@ -35,7 +35,7 @@ LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_
 # a run stopped by it resumes with a higher limit.
 LATE_NEUTRAL = ("run.final_engine_state", "data.prefetch", "data.stream_retries", "run.skip_nonfinite_steps", "engine.rehearse_memory",
                 "engine.fsdp_load", "engine.fsdp_shard_size", "engine.zero3_init",
-                "engine.fsdp_reshard_after_forward", "run.stall_report_s",
+                "engine.fsdp_reshard_after_forward", "run.stall_report_s", "run.save_in_background",
                 "stall_report_s",  # mining's, the filter's, evaluation's (their stage markers' configs have it at the top)
                 "eval.stall_report_s",  # the pipeline's evaluation section
                 # how evaluation on several processes cuts and waits for its encoding (the scores do not change):

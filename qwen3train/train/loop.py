@@ -113,6 +113,7 @@ def skip_step(cfg, run_dir: Path, step: int, batch, loss: float, grad_norm: floa
     if applied or in_a_row > limit:
         why = ("the engine applied its update" if applied else
                f"{in_a_row} step(s) in a row, more than run.skip_nonfinite_steps={limit}")
+        checkpoint.settle(run_dir, collective=True)  # every rank is here
         last = checkpoint.latest_checkpoint(run_dir)
         raise TrainingDiverged(f"{what}: {why}; stopping. The last good checkpoint is "
                                f"{last or 'none yet (a rerun starts over)'}; the step's records are in {path}; "
@@ -258,6 +259,16 @@ def train(cfg, task, batches, engine, total: int, hooks=None) -> Path:
     stall = StallReport(cfg.run.stall_report_s, dist.rank())  # no progress for long: where it stands
     stall.phase(f"step {state.step + 1}")
     first_step = state.step + 1
+    pending = None  # a save whose files a thread is writing (run.save_in_background; train/background.py)
+
+    def finish_save() -> None:  # collective: the save in flight moved into place, once every rank's writer is done
+        nonlocal pending
+        done, pending = pending, None
+        checkpoint.IN_FLIGHT.pop(str(run_dir), None)
+        path = done.finish(cfg.run.keep_last, cfg.run.keep_every, best_kept())
+        if done.export and dist.is_main():
+            write_card(cfg, run_dir, path / "model", done.step)
+
     try:
         for batch in ahead:
             try:
@@ -276,8 +287,9 @@ def train(cfg, task, batches, engine, total: int, hooks=None) -> Path:
             state.samples += cfg.engine.global_batch_size
             state.world_size = world
             keys = sorted(stats)  # one collective for everything logged (dist.py puts it on the right device)
-            loss_all, tokens, signalled, *stat_vals = dist.mean_floats([loss.float().item(), batch.num_tokens,
-                                                                        stop.signum, *(stats[k] for k in keys)])
+            writing = float(pending is not None and pending.busy())
+            loss_all, tokens, signalled, writing, *stat_vals = dist.mean_floats(
+                [loss.float().item(), batch.num_tokens, stop.signum, writing, *(stats[k] for k in keys)])
             tokens *= world
             metrics = {"loss": loss_all, "lr": engine.lr(), "grad_norm": grad_norm, "epoch": state.epoch,
                        **dict(zip(keys, stat_vals)), "data_wait_s": data_wait}
@@ -292,13 +304,17 @@ def train(cfg, task, batches, engine, total: int, hooks=None) -> Path:
                 skip_step(cfg, run_dir, state.step, batch, loss_all, grad_norm, in_a_row, engine.step_applied)
             stopping = signalled > 0 and state.step < total  # some rank got SIGTERM: every rank stops here
             saving = (stopping or cfg.run.save_every > 0 and state.step % cfg.run.save_every == 0) and state.step < total
+            if pending is not None and (writing == 0 or saving):  # every rank's writer done, or a save waits for it
+                finish_save()
             if saving:  # before the dev evaluation: a step is kept whatever the evaluation meets
                 stall.phase(f"the save of step {state.step}")
                 state.cursors = batches.state()["cursors"]  # collective with streamed sources: all ranks
-                checkpoint.save(run_dir, state, engine, task, export_model=cfg.run.export_checkpoints,
-                                keep_last=cfg.run.keep_last, keep_every=cfg.run.keep_every, keep_steps=best_kept())
-                if cfg.run.export_checkpoints and dist.is_main():
-                    write_card(cfg, run_dir, checkpoint.step_dir(run_dir, state.step) / "model", state.step)
+                pending = checkpoint.begin(run_dir, state, engine, task, export_model=cfg.run.export_checkpoints,
+                                           background=cfg.run.save_in_background and not stopping)
+                if not pending.writer.background:
+                    finish_save()
+                else:  # an error met before its finish names it as the last checkpoint (checkpoint.settle)
+                    checkpoint.IN_FLIGHT[str(run_dir)] = finish_save
             if dev is not None and not stopping and (state.step % cfg.run.eval_every == 0 or state.step == total):
                 stall.phase(f"the dev evaluation of step {state.step}")
                 metrics.update(evaluate(saving or state.step == total))
@@ -319,6 +335,8 @@ def train(cfg, task, batches, engine, total: int, hooks=None) -> Path:
             if hooks is not None:
                 hooks(state.step)
         stall.phase("the final save and export")
+        if pending is not None:
+            finish_save()
         if finished is None:
             state.cursors = batches.state()["cursors"]
             checkpoint.save(run_dir, state, engine, task, export_model=True, keep_last=cfg.run.keep_last,
@@ -333,30 +351,23 @@ def train(cfg, task, batches, engine, total: int, hooks=None) -> Path:
             shutil.rmtree(final_dir, ignore_errors=True)
             tmp.rename(final_dir)
             if cfg.export.push_to_hub:
-                upload(final_dir, cfg.export.push_to_hub, cfg.export.hub_private)
+                from qwen3train.models.card import upload_final
+
+                print0(upload_final(final_dir, cfg.export.push_to_hub, cfg.export.hub_private))
         dist.barrier()
     finally:
+        if pending is not None and world == 1:  # an error ends the run: the save in flight is still made whole
+            step = pending.step  # (with peers the collective finish cannot be had: its .tmp folder is left, as a kill)
+            try:
+                finish_save()
+            except Exception as e:  # noqa: BLE001 - the run's own error is the one reported
+                print(f"note: the checkpoint of step {step} could not be finished ({e})", flush=True)
+        checkpoint.IN_FLIGHT.pop(str(run_dir), None)
         stall.close()
         stop.restore()
         ahead.close()
         tel.close()
     return final_dir
-
-
-def upload(final_dir: Path, repo: str, private: bool) -> None:
-    """The final export to the hub. A failed upload (network, permissions) is one line naming the trained model
-    and how to retry: the same command again (the run is finished: it exports and uploads without training)."""
-    from qwen3train.models import card
-
-    try:
-        print0(f"uploaded to the hub: {card.push_to_hub(final_dir, repo, private=private)}")
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - whatever the hub client raises, the trained model is safe
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ConfigError(f"the final model is at {final_dir}, but uploading it to {repo} failed "
-                          f"({type(e).__name__}: {reason}); rerun the same command to upload it (training is done) "
-                          f"or `huggingface-cli upload {repo} {final_dir}`") from None
 
 
 def _link_weights(src: str, dst: str) -> None:

@@ -61,3 +61,8 @@ class RerankTask:
         if state_dict is not None:
             state_dict = {k[len("lm."):]: v for k, v in state_dict.items() if k.startswith("lm.")}
         return export_reranker(self.reranker, out_dir, state_dict=state_dict)
+
+    def export_ready(self) -> None:
+        from qwen3train.models.export import export_tokenizer
+
+        export_tokenizer(self.reranker)

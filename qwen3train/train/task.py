@@ -40,6 +40,8 @@ class Task(Protocol):
 
     def export(self, out_dir: Any, state_dict: dict | None = None) -> Any: ...
 
+    def export_ready(self) -> None: ...  # what an export reads of objects training uses, made now (checkpoint.begin)
+
 
 def memo_pack(model, batch, seqs):
     """``model.pack(seqs())`` kept on ``batch`` (``batch.packed``), built on first use; None when the model
@@ -160,4 +162,9 @@ class EmbeddingTask:
             state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
         return export_embedder(self.embedder, out_dir, instruction=self.instruction, prompts=self.prompts,
                                state_dict=state_dict)
+
+    def export_ready(self) -> None:
+        from qwen3train.models.export import export_tokenizer
+
+        export_tokenizer(self.embedder)
 
