@@ -11,6 +11,10 @@ seconds those saves took to be written in all (foreground: the same), the run's 
 checkpoint's checksums (the files must be the same byte for byte). On a GPU node the writer's thread has cores of
 its own; on 2 CPU cores it shares them with training, so the wall time gains less than the stall does.
 Results: ``outputs/bench/bench_save.json``.
+
+``--gil``: does the writer's thread hold the interpreter lock for long? A loop of small matmuls (what launches a
+GPU's kernels) alone for 2 s, then beside a thread doing three ``torch.save`` (or XXH3 hashes, or safetensors saves)
+of 200 MB: its throughput and its longest gap between two iterations.
 """
 
 from __future__ import annotations
@@ -69,8 +73,48 @@ print(json.dumps({"stall_s": stall, "saves": len(written), "written_s": sum(writ
 """
 
 
+def gil() -> None:
+    import threading
+    import time
+
+    import torch
+    from safetensors.torch import save_file
+
+    from qwen3train.integrity import file_digest
+
+    torch.set_num_threads(1)
+    big, x = {"a": torch.randn(50_000_000)}, torch.randn(64, 64)
+    work = REPO / "outputs" / "bench" / "gil"
+    work.mkdir(parents=True, exist_ok=True)
+
+    def loop(seconds: float) -> tuple[float, float]:
+        n, t0, worst = 0, time.perf_counter(), 0.0
+        last = t0
+        while time.perf_counter() - t0 < seconds:
+            x @ x
+            n, now = n + 1, time.perf_counter()
+            worst, last = max(worst, now - last), now
+        return n / seconds, worst
+
+    jobs = {"torch.save": lambda: torch.save(big, work / "big.pt"), "xxh3": lambda: file_digest(work / "big.pt"),
+            "safetensors": lambda: save_file(big, str(work / "big.st"))}
+    torch.save(big, work / "big.pt")
+    for name, job in jobs.items():
+        alone = loop(2.0)
+        th = threading.Thread(target=lambda: [job() for _ in range(3)])
+        th.start()
+        beside = loop(2.0)
+        th.join()
+        print(f"{name}: matmuls/s alone {alone[0]:.0f}, beside {beside[0]:.0f} ({beside[0] / alone[0] - 1:+.1%}); "
+              f"longest gap alone {alone[1] * 1e3:.1f} ms, beside {beside[1] * 1e3:.1f} ms")
+
+
 def main() -> None:
     from alternate import run_alternating, save, summarise
+
+    if "--gil" in sys.argv:
+        sys.path.insert(0, str(REPO))
+        return gil()
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(REPO / "outputs" / "models" / "smollm2-135m-instruct"))
