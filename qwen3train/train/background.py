@@ -90,10 +90,19 @@ some of them, taken by a job; ``error``: the first exception a
         self._thread: threading.Thread | None = None
 
     def save(self, write: Callable, obj, path: Path) -> None:
-        """``write(obj, path)`` (``torch.save`` or DeepSpeed's writer) of a copy of ``obj`` taken now."""
+        """``write(obj, file)`` (``torch.save`` or DeepSpeed's writer) of a copy of ``obj`` taken now, into ``path``
+        opened here: given a path, torch's zip writer holds the interpreter lock while it copies each tensor (up to
+        ~100 ms for 200 MB: the training thread could launch nothing meanwhile); through a Python file it lets go of
+        it (``bench/bench_save.py --gil``). The file's records are then named ``archive/...`` instead of after the file;
+``torch.load`` reads both, and a save in the foreground or the background writes the same bytes."""
         if self.background:
             obj = snapshot(obj, self.memo)
-        self.call(lambda: write(obj, path), path)
+
+        def job() -> None:
+            with open(path, "wb") as f:
+                write(obj, f)
+
+        self.call(job, path)
 
     def frozen(self, obj):
         """``obj`` as it is now, for a job that reads it later (a copy in the background; itself in the foreground)."""

@@ -31,6 +31,8 @@ class RunConfig:
     save_in_background: a save stops training only to copy its tensors to host memory; its files are written,
     hashed and moved into place by a thread while the next steps run (train/background.py). Costs host memory for
     one copy of the rank's state until written. The final save and a save on SIGTERM are always in the foreground.
+    None (the default): on CUDA, where the host's cores are idle while the GPU steps; not when training on the CPU,
+    where the writer would take cores from the step (measured: docs/benchmarks.md).
     stall_report_s: when no step, checkpoint save or dev evaluation has finished for this many seconds, each
     rank prints one line naming the phase it is in and the Python stacks of its threads (qwen3train/stall.py);
     nothing is stopped. 0: off. The default comes before the collectives' 30-minute timeout.
@@ -44,7 +46,7 @@ class RunConfig:
     save_every: int = 0
     keep_last: int = 2
     keep_every: int = 0
-    save_in_background: bool = True
+    save_in_background: bool | None = None
     export_checkpoints: bool = True
     final_engine_state: bool = True
     skip_nonfinite_steps: int = 3

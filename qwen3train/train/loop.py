@@ -260,6 +260,7 @@ def train(cfg, task, batches, engine, total: int, hooks=None) -> Path:
     stall.phase(f"step {state.step + 1}")
     first_step = state.step + 1
     pending = None  # a save whose files a thread is writing (run.save_in_background; train/background.py)
+    in_background = torch.cuda.is_available() if cfg.run.save_in_background is None else cfg.run.save_in_background
 
     def finish_save() -> None:  # collective: the save in flight moved into place, once every rank's writer is done
         nonlocal pending
@@ -310,7 +311,7 @@ def train(cfg, task, batches, engine, total: int, hooks=None) -> Path:
                 stall.phase(f"the save of step {state.step}")
                 state.cursors = batches.state()["cursors"]  # collective with streamed sources: all ranks
                 pending = checkpoint.begin(run_dir, state, engine, task, export_model=cfg.run.export_checkpoints,
-                                           background=cfg.run.save_in_background and not stopping)
+                                           background=in_background and not stopping)
                 if not pending.writer.background:
                     finish_save()
                 else:  # an error met before its finish names it as the last checkpoint (checkpoint.settle)

@@ -43,6 +43,7 @@ def command(out, model_dir, data, overrides, nproc=2, steps=3):
     return [sys.executable, *launcher, "-m", "qwen3train.cli.main", "--config-name=stage2", *overrides,
             "engine.grad_cache=true", "engine.micro_batch_size=2", "engine.global_batch_size=8",
             f"run.max_steps={steps}", "run.save_every=2", f"run.output_dir={out}", f"model.name_or_path={model_dir}",
+            "run.save_in_background=true",  # (the CUDA default): DeepSpeed's files through the checkpoint writer
             "model.init_from=null", f"data.train_files=[{data}]", "data.num_hard_negatives=2"]
 
 

@@ -1,6 +1,6 @@
-"""Checkpoints written in the background (``run.save_in_background``, the default): the files are those a save in
-the foreground writes at that step, although training goes on while they are written; a kill while they are being
-written leaves the previous checkpoint as the last one, and the rerun resumes from it."""
+"""Checkpoints written in the background (``run.save_in_background``, the default on CUDA): the files are those a
+save in the foreground writes at that step, although training goes on while they are written; a kill while they
+are being written leaves the previous checkpoint as the last one, and the rerun resumes from it."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def test_a_snapshot_is_a_copy_that_pickles_as_the_original(tmp_path):
 def _command(out, model, data):
     return [sys.executable, str(REPO / "tests" / "faults.py"), "--config-name=stage1", f"model.name_or_path={model}",
             f"data.train_files=[{data}]", "engine.micro_batch_size=4", "engine.global_batch_size=8", "run.max_steps=8",
-            "run.save_every=2", "run.keep_last=10", f"run.output_dir={out}"]
+            "run.save_every=2", "run.keep_last=10", "run.save_in_background=true", f"run.output_dir={out}"]
 
 
 @pytest.mark.slow

@@ -128,7 +128,9 @@ def test_a_dev_evaluation_out_of_memory_loses_no_step(tiny_model_dir, tmp_path):
     try:
         with pytest.raises(OutOfMemory, match=r"dev evaluation at step 4: out of device memory encoding a single "
                                               r"text .*the last checkpoint \S+step_0000004 is intact"):
-            run(cfg("run"), hooks=hooks)
+            stopped = cfg("run")
+            stopped.run.save_in_background = True  # as on CUDA: step 4's save is being written during its evaluation
+            run(stopped, hooks=hooks)
     finally:
         undo()
     assert [r["step"] for r in rows(tmp_path / "run" / "dev_eval.jsonl")] == [2]
