@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from qwen3train import dist
-from qwen3train.errors import ConfigError, StoppedBySignal, TrainingDiverged
+from qwen3train.errors import StoppedBySignal, TrainingDiverged
 from qwen3train.models.fit import is_out_of_memory
 from qwen3train.precision import resolve_train_precision
 from qwen3train.stall import StallReport
