@@ -77,8 +77,7 @@ def snapshot(obj, memo: dict | None = None):
 class Writer:
     """The jobs of one save, in order: run on a thread of their own once ``start`` is called (``background``), or at
     once. ``written``: the files the jobs wrote (relative to the checkpoint folder); ``hashed``: manifest entries of
-some of them, taken by a job; ``error``: the first exception a
-    job raised (the later jobs are not run)."""
+    some of them, taken by a job; ``error``: the first exception a job raised (the later jobs are not run)."""
 
     def __init__(self, folder: Path, background: bool) -> None:
         self.folder, self.background = folder, background
@@ -93,8 +92,8 @@ some of them, taken by a job; ``error``: the first exception a
         """``write(obj, file)`` (``torch.save`` or DeepSpeed's writer) of a copy of ``obj`` taken now, into ``path``
         opened here: given a path, torch's zip writer holds the interpreter lock while it copies each tensor (up to
         ~100 ms for 200 MB: the training thread could launch nothing meanwhile); through a Python file it lets go of
-        it (``bench/bench_save.py --gil``). The file's records are then named ``archive/...`` instead of after the file;
-``torch.load`` reads both, and a save in the foreground or the background writes the same bytes."""
+        it (``bench/bench_save.py --gil``). The file's records are then named ``archive/...`` instead of after the
+        file; ``torch.load`` reads both, and a save in the foreground or the background writes the same bytes."""
         if self.background:
             obj = snapshot(obj, self.memo)
 
@@ -103,10 +102,6 @@ some of them, taken by a job; ``error``: the first exception a
                 write(obj, f)
 
         self.call(job, path)
-
-    def frozen(self, obj):
-        """``obj`` as it is now, for a job that reads it later (a copy in the background; itself in the foreground)."""
-        return snapshot(obj, self.memo) if self.background else obj
 
     def call(self, job: Callable[[], None], *paths: Path) -> None:
         """A job that writes ``paths`` (files or folders, recorded as written once it has run)."""

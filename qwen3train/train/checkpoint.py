@@ -30,7 +30,7 @@ from qwen3train import dist
 from qwen3train.errors import ConfigError, DiskFull, disk_full
 from qwen3train.integrity import (describe, entries, judged, listing, precheck, recorded, reusable, shares, verify,
                                   write_manifest)
-from qwen3train.train.background import Writer
+from qwen3train.train.background import Writer, snapshot
 
 
 @dataclass
@@ -162,7 +162,7 @@ def _export(writer: Writer, task, out: Path, full: dict | None) -> None:
         params = {t.untyped_storage().data_ptr() for t in local if t.numel()}
         if full is None or any(torch.is_tensor(v) and v.numel() and v.untyped_storage().data_ptr() in params
                                for v in full.values()):  # weights the module trains on: not a copy yet
-            full = writer.frozen(full if full is not None else task.module.state_dict())
+            full = snapshot(full if full is not None else task.module.state_dict(), writer.memo)
     writer.call(lambda: (task.export(out, state_dict=full), write_manifest(out)), out)
 
 
@@ -201,7 +201,7 @@ class Pending:
             if f is not None:
                 raise RuntimeError(f"saving {self.final.name} failed on rank {r} ({f[1]})")
         try:
-            files = hash_together(self.tmp, self.writer.hashed)
+            files = hash_together(self.tmp, self.writer.hashed if self.writer.background else None)
             if dist.is_main():
                 write_manifest(self.tmp, files)
         except (OSError, RuntimeError) as e:
@@ -238,7 +238,7 @@ def hash_together(folder: Path, own: dict | None = None) -> dict | None:
     manifest took a moment ago, the files a rank's background writer wrote the digests it took (``own``): nothing
     is read twice, and no rank reads the whole checkpoint alone."""
     known, todo = {}, None
-    mine = dist.all_gather_object(own or {})
+    mine = [] if own is None else dist.all_gather_object(own)  # (None on every rank, or a dict on every rank)
     if dist.is_main():
         sizes = listing(folder)
         known = reusable({f"model/{rel}": e for rel, e in recorded(folder / "model").items()}, sizes)

@@ -100,10 +100,10 @@ class DeepSpeedEngine:
             for k, v in saved.items():
                 setattr(self.engine, k, v)
 
-    def save(self, path: Path, writer=None) -> None:
+    def save(self, path: Path, writer) -> None:
         """DeepSpeed's checkpoint (collective). Under a background writer its files go through ``_Queued``: each
         state dict DeepSpeed hands its checkpoint engine is copied to host memory now and written by the writer."""
-        if writer is None or not writer.background:
+        if not writer.background:
             self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
             return
         own = self.engine.checkpoint_engine

@@ -247,7 +247,7 @@ class Engine(Protocol):
 
     def lr(self) -> float: ...
 
-    def save(self, path: Path, writer=None) -> None: ...  # writer: train/background.py (None: written at once)
+    def save(self, path: Path, writer) -> None: ...  # writer: train/background.py (at once or in the background)
 
     def load(self, path: Path, saved_world: int | None = None) -> None: ...
 
@@ -304,15 +304,11 @@ class TorchEngine:
     def dropped_step(self):
         return contextlib.nullcontext()  # a dropped step leaves the optimizer and the schedule as they were
 
-    def save(self, path: Path, writer=None) -> None:
+    def save(self, path: Path, writer) -> None:
         path.mkdir(parents=True, exist_ok=True)
         if dist.is_main():
-            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict()}
-            if writer is None:
-                torch.save(state, path / "engine.pt")
-            else:
-                writer.save(torch.save, state, path / "engine.pt")
+            writer.save(torch.save, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                     "scheduler": self.scheduler.state_dict()}, path / "engine.pt")
 
     def load(self, path: Path, saved_world: int | None = None) -> None:
         """Model, optimizer and schedule are replicated, so any process count can resume them."""

@@ -132,7 +132,7 @@ class FSDPEngine(TorchEngine):
         dist.broadcast_(list(self.model.buffers()))
         return empty
 
-    def save(self, path: Path, writer=None) -> None:
+    def save(self, path: Path, writer) -> None:
         """Every rank writes its shards (``torch.distributed.checkpoint``); rank 0 the schedule. At once, also under a
         background writer (the export and the checksums are what it takes off the step)."""
         import torch.distributed.checkpoint as dcp
