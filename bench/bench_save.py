@@ -1,7 +1,7 @@
 """How long a checkpoint save stops training: in the foreground vs in the background (``run.save_in_background``).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_save.py [--model outputs/models/smollm2-135m-instruct]
-        [--steps 8] [--save-every 2] [--repeats 2] [--engine torch] [--batch 16]
+        [--steps 8] [--save-every 2] [--repeats 2] [--engine torch|fsdp] [--batch 16]
 
 Stage 1 of a real backbone (SmolLM2-135M by default: a 2.0 GiB checkpoint, fp32 weights and AdamW's two moments
 plus the export) on the demo pairs, a save every ``--save-every`` steps; each variant in a process of its own, the
@@ -67,8 +67,10 @@ wall = time.perf_counter() - t0
 last = int(steps)
 stall = sum(s[2] for s in stalls if s[1] < last)
 written = [s[3] for s in stalls if s[0] == "finish" and s[1] < last]
-digest = hashlib.sha256(json.dumps([sorted(recorded(c).items()) for c in sorted(Path(out, "checkpoints").glob("step_*"))
-                                    if int(c.name[5:]) < last], sort_keys=True).encode()).hexdigest()
+# (FSDP's .metadata names its folder and a random id of the save: left out)
+digest = hashlib.sha256(json.dumps([sorted((k, v) for k, v in recorded(c).items() if not k.endswith("/.metadata"))
+                                    for c in sorted(Path(out, "checkpoints").glob("step_*")) if int(c.name[5:]) < last],
+                                   sort_keys=True).encode()).hexdigest()
 print(json.dumps({"stall_s": stall, "saves": len(written), "written_s": sum(written), "wall_s": wall,
                   "digest": digest}))
 """

@@ -405,11 +405,14 @@ def section_two_procs(out: Path, quick: bool) -> dict:
     hsdp = ["engine=fsdp", "engine.fsdp_shard_size=1", "engine.fsdp_reshard_after_forward=false"]
     # zero3_2: ZeRO-3 on 2 processes, the model built partitioned on the GPU (zero.Init), rank 0 reading the weights
     # save_fg / save_bg: checkpoints every step written in the foreground and in the background (pinned host
-    # copies of CUDA tensors: train/background.py); zero3_2 and fsdp2 save every step too (DeepSpeed's files through
-    # the writer)
+    # copies of CUDA tensors: train/background.py); zero3_2 saves every step too (DeepSpeed's files through the
+    # writer), and so does fsdp2 in the background (copies by dcp's stager, written over a gloo group of their own)
+    # beside fsdp2_fg in the foreground
     every = ["run.save_every=1", "run.keep_last=10"]
     runs = ((("n1", ["engine=torch"], 1), ("n2", ["engine=torch"], 2), ("fsdp1", ["engine=fsdp"], 1))
-            + ((("fsdp2", ["engine=fsdp", *every], 2), ("hsdp2", hsdp, 2), ("zero3_2", ["engine=zero3", *every], 2),
+            + ((("fsdp2", ["engine=fsdp", *every, "run.save_in_background=true"], 2),
+                ("fsdp2_fg", ["engine=fsdp", *every, "run.save_in_background=false"], 2), ("hsdp2", hsdp, 2),
+                ("zero3_2", ["engine=zero3", *every], 2),
                 ("save_fg", ["engine=torch", *every, "run.save_in_background=false"], 1),
                 ("save_bg", ["engine=torch", *every, "run.save_in_background=true"], 1)) if _cuda() else ()))
     for name, engine, n in runs:
@@ -432,7 +435,10 @@ def section_two_procs(out: Path, quick: bool) -> dict:
     if "save_fg" in res and "save_bg" in res:
         res["save_bg_max_diff"] = _checkpoints_differ(out / "two_procs" / "save_fg", out / "two_procs" / "save_bg")
         res["save_bg_equal"] = res["save_bg_max_diff"] <= 1e-6  # a step apart differs by ~lr (5e-4)
-    for name in ("save_fg", "save_bg"):
+    if "fsdp2" in res and "fsdp2_fg" in res:
+        res["fsdp_save_bg_max_diff"] = _checkpoints_differ(out / "two_procs" / "fsdp2_fg", out / "two_procs" / "fsdp2")
+        res["fsdp_save_bg_equal"] = res["fsdp_save_bg_max_diff"] <= 1e-6
+    for name in ("save_fg", "save_bg", "fsdp2_fg"):
         res.pop(name, None)
     one = res.get("n1")
     for name, key in (("n2", "equal"), ("fsdp1", "fsdp1_equal"), ("fsdp2", "fsdp2_equal"), ("hsdp2", "hsdp2_equal"),
@@ -451,11 +457,25 @@ def section_two_procs(out: Path, quick: bool) -> dict:
     return res
 
 
-def _checkpoints_differ(a: Path, b: Path) -> float:
-    """The largest difference between two runs' checkpoints of steps 1 and 2 (every tensor of the engine state and
-    of the export): CUDA's atomics leave ~1e-9 between runs; a writer that read the live tensors a step later, ~lr."""
+def _checkpoints_differ(a: Path, b: Path, steps=("step_0000001", "step_0000002")) -> float:
+    """The largest difference between two runs' checkpoints of ``steps`` (every tensor of the engine state, the
+    torch engine's file or FSDP's distributed checkpoint read whole, and of the export): CUDA's atomics leave ~1e-9
+    between runs; a writer that read the live tensors a step later, ~lr."""
+    import tempfile
+
     import torch
     from safetensors.torch import load_file
+
+    from qwen3train.train.engine import ENGINE_FILES
+
+    def engine_state(d: Path):
+        if (d / "engine" / "engine.pt").exists():
+            return torch.load(d / "engine" / "engine.pt", weights_only=False)
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(d / "engine" / ENGINE_FILES["fsdp"], Path(tmp) / "whole.pt")
+            return torch.load(Path(tmp) / "whole.pt", weights_only=False)
 
     def tensors(x):
         if torch.is_tensor(x):
@@ -468,9 +488,8 @@ def _checkpoints_differ(a: Path, b: Path) -> float:
                 yield from tensors(v)
 
     worst = 0.0
-    for step in ("step_0000001", "step_0000002"):
-        for load in (lambda d: torch.load(d / "engine" / "engine.pt", weights_only=False),
-                     lambda d: load_file(str(d / "model" / "model.safetensors"))):
+    for step in steps:
+        for load in (engine_state, lambda d: load_file(str(d / "model" / "model.safetensors"))):
             got = [list(tensors(load(run / "checkpoints" / step))) for run in (a, b)]
             worst = max([worst, *((x.double() - y.double()).abs().max().item() for x, y in zip(*got) if x.numel())])
     return worst

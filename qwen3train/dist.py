@@ -98,12 +98,35 @@ def init(timeout_min: int = 30, *, single_process: bool = False) -> None:
     atexit.register(_destroy_at_exit)
 
 
+_CHECKPOINT_GROUP = []  # the group of ``checkpoint_group``, once made
+
+
+def checkpoint_group():
+    """A gloo group over every process, for a checkpoint's collectives on a thread of its own (an FSDP checkpoint
+    written in the background: ``torch.distributed.checkpoint`` plans and finishes a save with collectives). Its
+    collectives never interleave with those the training thread issues on the default group meanwhile, which two
+    threads on one group would (in an order no rank agrees on). Collective the first time (every rank calls it at
+    the same save); CPU tensors only."""
+    if not _CHECKPOINT_GROUP:
+        _CHECKPOINT_GROUP.append(dist.new_group(backend="gloo"))
+    return _CHECKPOINT_GROUP[0]
+
+
+def release_checkpoint_group() -> None:
+    """Destroy ``checkpoint_group``'s group (the run is over; no save is in flight): its gloo threads do not live on
+    into the interpreter's teardown (see ``_destroy_at_exit``)."""
+    if _CHECKPOINT_GROUP and is_dist():
+        dist.destroy_process_group(_CHECKPOINT_GROUP.pop())
+    _CHECKPOINT_GROUP.clear()
+
+
 def _destroy_at_exit() -> None:
     """Destroy the group before the interpreter is torn down, on every way out (``sys.exit(2)`` on a user's
     mistake, an exception). A process that leaves a gloo group alive into finalization can die there with
     ``terminate called without an active exception`` (SIGABRT): measured on 7 of 25 two-rank runs that end
     on ``sys.exit`` with the cores busy, 0 of 25 with this handler; torchrun then reports the rank as
     crashed and the run's status is no longer the mistake's 2."""
+    _CHECKPOINT_GROUP.clear()  # destroyed with every other group below
     if is_dist():
         try:
             dist.destroy_process_group()

@@ -9,8 +9,9 @@ checkpoint stays the last one, as when a kill comes during a save in the foregro
 
 What the snapshot costs: host memory for one copy of what the rank writes (the torch engine: the fp32 weights and
 AdamW's two moments, ~12 bytes a parameter, on rank 0; DeepSpeed: each rank its ZeRO partition), held until the
-files are written. One save is in flight at a time: the next save, the final one, a stop on SIGTERM and the end of
-the run wait for it first.
+files are written; FSDP: each rank its shards, copied by torch's checkpoint stager and kept from save to save
+(``FSDPEngine._staged``). One save is in flight at a time: the next save, the final one, a stop on SIGTERM and the
+end of the run wait for it first.
 """
 
 from __future__ import annotations
@@ -105,12 +106,17 @@ class Writer:
 
     def call(self, job: Callable[[], None], *paths: Path) -> None:
         """A job that writes ``paths`` (files or folders, recorded as written once it has run)."""
-        rels = [str(Path(p).relative_to(self.folder)) for p in paths]
+        self.call_listing(lambda: (job(), paths)[1])
+
+    def call_listing(self, job: Callable[[], "list[Path] | tuple[Path, ...]"]) -> None:
+        """A job that returns the paths it wrote (names known only once written), recorded as written."""
+        def run() -> None:
+            self.written.extend(str(Path(p).relative_to(self.folder)) for p in job())
+
         if not self.background:  # at once, its error raised here
-            job()
-            self.written.extend(rels)
+            run()
             return
-        self.jobs.append(lambda: (job(), self.written.extend(rels)))
+        self.jobs.append(run)
 
     def start(self) -> None:
         if self.background:

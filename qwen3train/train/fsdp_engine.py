@@ -118,6 +118,7 @@ class FSDPEngine(TorchEngine):
         # no DDP wrapper (gradients are reduce-scattered at every backward: no micro step holds them back) and no
         # autocast (bf16 compute is the units' mixed precision)
         self.wrapped, self.autocast, self.step_applied = model, False, True
+        self.stager, self.pinned = None, False  # the copies of a checkpoint written in the background (``_staged``)
 
     def _receive(self, full: dict) -> bool:
         """Rank 0's weights into every rank's shards (collective). The empty ranks' shards are first made real on
@@ -133,16 +134,56 @@ class FSDPEngine(TorchEngine):
         return empty
 
     def save(self, path: Path, writer) -> None:
-        """Every rank writes its shards (``torch.distributed.checkpoint``); rank 0 the schedule. At once, also under a
-        background writer (the export and the checksums are what it takes off the step)."""
+        """Every rank writes its shards (``torch.distributed.checkpoint``); rank 0 the schedule. In the foreground at
+        once, over the default group. Under a background writer, copies of the shards are taken now (``_staged``)
+        and the writer's thread plans and writes them over a group of their own (``dist.checkpoint_group``: the
+        training thread's collectives go on meanwhile), then names this rank's files for its checksums."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         path.mkdir(parents=True, exist_ok=True)
         model, optimizer = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model, "optimizer": optimizer}, checkpoint_id=str(path / FOLDER))
+        state, folder = {"model": model, "optimizer": optimizer}, path / FOLDER
+        if writer.background:
+            staged, group = self._staged(state), dist.checkpoint_group()
+
+            def job() -> list[Path]:
+                dcp.save(staged, checkpoint_id=str(folder), process_group=group)
+                # dcp's file writer names a rank's files __<rank>_<n>.distcp; files of other names (another torch)
+                # are hashed at the save's finish instead, as in the foreground
+                return [*folder.glob(f"__{dist.rank()}_*.distcp"), *([folder / ".metadata"] if dist.is_main() else [])]
+
+            writer.call_listing(job)
+        else:
+            dcp.save(state, checkpoint_id=str(folder))
         if dist.is_main():
-            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+            writer.save(torch.save, self.scheduler.state_dict(), path / "scheduler.pt")
+
+    def _stager_of(self, pinned: bool):
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        cuda = self.device.type == "cuda"
+        return DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False, use_async_staging=False,
+                                            use_non_blocking_copy=cuda))
+
+    def _staged(self, state: dict) -> dict:
+        """A copy of ``state`` in host memory (its DTensors' local shards, copied). On CUDA into pinned memory,
+        without waiting for each copy; the stager keeps its copies' memory from one save to the next (one copy of
+        this rank's shards of the weights and both AdamW moments, ~12 bytes a parameter / processes), so a save
+        allocates no pinned memory after the first. Where pinned memory cannot be had (a container's memlock
+        limit), ordinary memory."""
+        cuda = self.device.type == "cuda"
+        if self.stager is None:
+            self.stager, self.pinned = self._stager_of(pinned=cuda), cuda
+        try:
+            return self.stager.stage(state)
+        except RuntimeError:
+            if not self.pinned:
+                raise
+            print("note: no pinned host memory for the checkpoint's copies: ordinary memory instead", flush=True)
+            self.stager.close()
+            self.stager, self.pinned = self._stager_of(pinned=False), False
+            return self.stager.stage(state)
 
     def load(self, path: Path, saved_world: int | None = None) -> None:
         """Any process count: each rank reads the slices of the saved shards its own shards cover."""
@@ -171,5 +212,10 @@ class FSDPEngine(TorchEngine):
         """The mesh keeps the world group in a registry of its own, and torch's caches keep the mesh: the group
         then outlived its destruction (``dist``) into the interpreter's teardown, its gloo threads still running
         at exit (seen by the 2-process test's exit probe), where a rank can abort after its work is done. The
-        registry is emptied; the model's FSDP state, which also names the group, goes with the model."""
+        registry is emptied; the model's FSDP state, which also names the group, goes with the model. The copies of
+        background saves and their group go too."""
         dist.release_mesh(self.mesh)
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
+        dist.release_checkpoint_group()

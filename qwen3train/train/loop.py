@@ -293,7 +293,8 @@ def train(cfg, task, batches, engine, total: int, hooks=None) -> Path:
                 [loss.float().item(), batch.num_tokens, stop.signum, writing, *(stats[k] for k in keys)])
             tokens *= world
             metrics = {"loss": loss_all, "lr": engine.lr(), "grad_norm": grad_norm, "epoch": state.epoch,
-                       **dict(zip(keys, stat_vals)), "data_wait_s": data_wait}
+                       **dict(zip(keys, stat_vals)), "data_wait_s": data_wait,  # + the share of ranks whose writer
+                       **({"checkpoint_writing": writing} if pending is not None else {})}  # was busy after the step
             if metrics.get("kd_rows") == 0 and state.step == first_step and dist.is_main():  # distillation of nothing
                 print("warning: loss.kd_weight > 0 but no row of the first batch has a teacher's scores (pos_scores, "
                       "neg_scores: make score writes them); rows without them train on InfoNCE alone", flush=True)

@@ -65,9 +65,14 @@ def group_threads_at_exit(out, ranks=(0, 1)) -> dict:
     return got
 
 
-def launch(out, model_dir, data, overrides, steps=3, nproc=2):
-    proc = subprocess.run(command(out, model_dir, data, overrides, nproc=nproc, steps=steps), env=probed(out),
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+def launch(out, model_dir, data, overrides, steps=3, nproc=2, fault=None):
+    """The run (``fault``: through tests/faults.py with that ``QWEN3TRAIN_TEST_FAULT``) -> its metrics rows."""
+    cmd, env = command(out, model_dir, data, overrides, nproc=nproc, steps=steps), probed(out)
+    if fault:
+        at = cmd.index("qwen3train.cli.main")
+        cmd[at - 1:at + 1] = [str(REPO / "tests" / "faults.py")]
+        env["QWEN3TRAIN_TEST_FAULT"] = fault
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + crash_report(proc, 4000)
     (out / "stdout.log").write_text(proc.stdout)
     return [json.loads(line) for line in open(out / "metrics.jsonl")]

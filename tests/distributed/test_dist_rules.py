@@ -49,7 +49,7 @@ def test_cuda_process_group_has_a_cpu_backend(monkeypatch):
 # torch's sharding, imported by the FSDP engine only: FSDP's own collectives run on the mesh's device (the mesh is
 # dist.world_mesh's), and the engine's own go through dist
 SHARDING = {"train/fsdp_engine.py": ("torch.distributed.fsdp", "torch.distributed.checkpoint",
-                                     "torch.distributed.checkpoint.state_dict")}
+                                     "torch.distributed.checkpoint.state_dict", "torch.distributed.checkpoint.staging")}
 
 
 def _uses_torch_distributed(tree: ast.AST, allowed: tuple[str, ...] = ()) -> list[int]:

@@ -57,7 +57,9 @@ def runs(tiny_model_dir, tmp_path_factory):
     # (across GradCache's no-grad pass too); ranks 1-3 built without weights
     hsdp = ["engine=fsdp", *fp32, "engine.fsdp_shard_size=2", "engine.rehearse_memory=true",
             "model.gradient_checkpointing=true", "engine.fsdp_reshard_after_forward=false"]
-    out["hsdp"] = launch(tmp / "hsdp", tiny_model_dir, data, hsdp, steps=4, nproc=4)
+    # its step-2 checkpoint written in the background (run.save_in_background=true, the CUDA default), rank 0's
+    # first write of it held 6 s (a slow disk): step 3 trains meanwhile
+    out["hsdp"] = launch(tmp / "hsdp", tiny_model_dir, data, hsdp, steps=4, nproc=4, fault="slow:0:torch.save:6:1")
     # that run stopped after step 2 (its step-2 checkpoint), resumed on one process
     shutil.copytree(tmp / "hsdp", tmp / "resumed")
     shutil.rmtree(tmp / "resumed" / "checkpoints" / "step_0000004")
@@ -106,8 +108,11 @@ def test_an_fsdp_checkpoint_of_four_processes_resumes_on_one_as_if_never_stopped
     copy's written), resumed on 1 process: steps 3-4 and the final weights are the uninterrupted run's. Would catch:
     moments or schedule not restored (step 3's or step 4's update differs; checked on a 2-process run: without the
     schedule's restore the weights differ), shards read unresharded (an error or part of the weights), weights
-    restored but not the optimizer."""
+    restored but not the optimizer. The checkpoint was written in the background while step 3 ran (its row says a
+    rank was still writing): its shards are copies taken at step 2 (the files of a save in the foreground, in a
+    2-process run checked by hand); one rank's written from the live ones (the copies removed) hold step 3's."""
     tmp = runs["_dir"]
+    assert [r.get("checkpoint_writing", 0) > 0 for r in runs["hsdp"][:3]] == [False, False, True], runs["hsdp"]
     assert "written by 4 processes; its FSDP shards were read resharded for 1" in runs["resumed_log"]
     got = [json.loads(line) for line in open(tmp / "resumed" / "metrics.jsonl")]
     _same_steps(runs["hsdp"], got, 1e-6)
