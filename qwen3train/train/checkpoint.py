@@ -7,7 +7,8 @@ Layout of ``<run>/checkpoints/step_0000100/``:
   ``train_state.json``   step, epoch, position in the epoch's batch plan, samples seen
   ``checksums.json``     size and XXH3-128 of every file (``qwen3train.integrity``); ``model/`` has its own
 Everything is written under ``.step_0000100.tmp`` and renamed into place once complete, so a kill
-during a save never damages the last good checkpoint; leftover ``.tmp`` folders are ignored. A full disk
+during a save never damages the last good checkpoint; leftover ``.tmp`` folders are ignored by resume and
+removed when the run starts again (``clear_partial``). A full disk
 during a save removes the partial folder and stops the run with one line (the previous checkpoint is
 untouched). ``retire`` turns a finished run's checkpoints into exports only (the pipeline does it once a
 stage is done); resume never takes those. On resume the newest checkpoint whose files match their checksums is used: a damaged one
@@ -328,6 +329,23 @@ def finished_point(root: Path, total: int) -> Path | None:
     except (OSError, ValueError, KeyError):
         return None
     return found[-1] if step >= total and not verify(found[-1]) else None
+
+
+def clear_partial(root: Path) -> None:
+    """Rank 0, as a run starts (no save of it in flight): the hidden ``.step_N.tmp`` folders of saves a kill or an
+    error cut short go, named in one line with the space they held. No resume takes them, and each can hold a
+    whole checkpoint; a save at the same step replaced its own, but one at a step the run no longer saves at (another
+    ``run.save_every``, a run stopped before it) stayed for good."""
+    if not dist.is_main() or not (root / "checkpoints").is_dir():
+        return
+    partial = sorted((root / "checkpoints").glob(".step_*.tmp"))
+    if not partial:
+        return
+    size = sum(f.stat().st_size for p in partial for f in p.rglob("*") if f.is_file())
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    print(f"note: removed {len(partial)} partial save(s) that a kill or an error left ({', '.join(p.name for p in partial)}, "
+          f"{size / 2**30:.2f} GiB): no resume takes them", flush=True)
 
 
 def _resumable(path: Path) -> bool:

@@ -207,6 +207,7 @@ def train(cfg, task, batches, engine, total: int, hooks=None) -> Path:
         identity.check_resume(run_dir, cfg, cfg.run.resume)
         state = checkpoint.load(last, engine)
         print0(f"resumed from {last} (step {state.step})")
+    checkpoint.clear_partial(run_dir)  # rank 0: saves cut short by a kill or an error, left as .tmp folders
     fingerprint = batches.fingerprint()  # what the batch plans follow from: resumed only on the same data
     if finished is None and last is not None:
         identity.check_data(run_dir, fingerprint, cfg.run.resume, state.step)

@@ -5,6 +5,7 @@ are being written leaves the previous checkpoint as the last one, and the rerun 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,8 +117,9 @@ def _command(out, model, data):
 def test_a_kill_while_a_checkpoint_is_written_in_the_background_resumes_from_the_one_before(tiny_model_dir, tmp_path):
     """The engine state of step 4's save is held on its writer (a stuck disk); training goes on to step 5, and the
     process is killed (SIGKILL: nothing of ours runs). Step 2's checkpoint is the last one, step 4's is only its
-    hidden .tmp folder; the rerun resumes from step 2, replaces it and ends with every checkpoint whole. Catches a
-    checkpoint moved into place (or named by the manifest) before its files were written."""
+    hidden .tmp folder; the rerun resumes from step 2 and ends with every checkpoint whole, having removed the
+    partial saves first, one of a step it never saves at too (named, with their size). Catches a checkpoint moved
+    into place (or named by the manifest) before its files were written, and a partial save kept for good."""
     data = make_pairs(tmp_path / "d.jsonl", n=96, k=0)
     out = tmp_path / "r"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
@@ -133,9 +135,13 @@ def test_a_kill_while_a_checkpoint_is_written_in_the_background_resumes_from_the
     ckpts = out / "checkpoints"
     assert [c.name for c in list_checkpoints(out)] == ["step_0000002"] and verify(ckpts / "step_0000002") == []
     assert (ckpts / ".step_0000004.tmp").is_dir()
+    # and one of a step this run never saves at (an earlier run's, with another run.save_every), cut short too:
+    # nothing would ever replace it
+    shutil.copytree(ckpts / ".step_0000004.tmp", ckpts / ".step_0000003.tmp")
     env.pop("QWEN3TRAIN_TEST_FAULT")
     done = subprocess.run(_command(out, tiny_model_dir, data), env=env, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {ckpts / 'step_0000002'} (step 2)" in done.stdout + done.stderr
+    assert "removed 2 partial save(s) that a kill or an error left (.step_0000003.tmp, .step_0000004.tmp" in done.stdout
     assert [c.name for c in list_checkpoints(out)] == [f"step_000000{s}" for s in (2, 4, 6, 8)]
     assert all(verify(c) == [] for c in list_checkpoints(out)) and not list(ckpts.glob(".*.tmp"))
