@@ -44,11 +44,24 @@ def query_prompt(instruction: str, template: str = DEFAULT_QUERY_TEMPLATE) -> st
     return text[: -len(marker)]
 
 
+class _Vocab:
+    """``token in _Vocab(tokenizer)`` == ``token in tokenizer.get_vocab()``, asked of a fast tokenizer's backend
+    without building the vocabulary's dict (151k entries for Qwen: ~0.14 s, twice for every model loaded)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.backend = tokenizer, getattr(tokenizer, "backend_tokenizer", None)
+
+    def __contains__(self, token: str) -> bool:
+        if self.backend is not None:
+            return self.backend.token_to_id(token) is not None
+        return token in self.tokenizer.get_vocab()
+
+
 def resolve_end_token(tokenizer, configured: str | None = None) -> str:
     """The token every embedder input ends with: ``configured``, else the family's end-of-text token,
     else ``eos_token``. A token counts when it is in the vocabulary (SmolLM2's ``<|endoftext|>`` is id 0
     and also its unk token, and is still a real token)."""
-    vocab = tokenizer.get_vocab()
+    vocab = _Vocab(tokenizer)
     if configured:
         if configured not in vocab:
             raise ConfigError(f"model.end_token={configured!r} is not a token of this tokenizer")

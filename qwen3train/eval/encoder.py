@@ -69,6 +69,9 @@ class Encoder:
         self.dim = dim
         self.max_length = max_length
         self._fingerprint: str | None = None  # the weights' hash, computed on first use (fingerprint)
+        # full-dimension vectors kept by the texts they encode, while ``remember`` (an evaluation of several
+        # Matryoshka dims: each dim reads the same vectors, ``_dim``); ``forget`` lets them go
+        self.remember, self._memo = False, {}
         self.kind = "qwen3train" if is_decoder_export(self.path) else "sentence-transformers"
         if self.kind == "qwen3train":
             from qwen3train.models.build import ModelConfig, build_embedder
@@ -91,6 +94,20 @@ class Encoder:
         """Full-dimension, normalised, whatever ``dim`` says (what a store or the cache holds). Matryoshka dims
         are applied afterwards (``_dim``): since normalize(normalize(x)[:d]) == normalize(x[:d]), one encoding
         (and one cache) serves every dim."""
+        if self.remember:
+            h = hashlib.blake2b(digest_size=16)
+            for t in texts:
+                h.update(hashlib.blake2b(t.encode(), digest_size=8).digest())
+            key = (instruction, len(texts), h.hexdigest())
+            if key not in self._memo:
+                self._memo[key] = self._encode_full(texts, instruction)
+            return self._memo[key]
+        return self._encode_full(texts, instruction)
+
+    def forget(self) -> None:
+        self._memo.clear()
+
+    def _encode_full(self, texts: list[str], instruction: str | None) -> torch.Tensor:
         from qwen3train.progress import Progress, mode
 
         desc = f"encode {self.label} {'queries' if instruction else 'documents'}" if self.label else None

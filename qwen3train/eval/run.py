@@ -217,27 +217,34 @@ def _run(cfg: EvalConfig, collections: list, reranked: dict) -> list[dict]:
                 f_new.write_text("".join(ln.rsplit(" ", 1)[0] + f" {tag}\n" for ln in f.read_text().splitlines()))
             print(f"eval: {label} has the weights of {twin}: its rows are {twin}'s", flush=True)
             continue
-        for dim in [None] + list(cfg.dims):
-            stall.enter(f"the loading of {label}")
-            enc = Encoder(path, max_length=cfg.max_length, dim=dim, precision=cfg.precision,
-                          end_token=cfg.end_tokens.get(label), label=label)
-            for col in collections:
-                stall.enter(f"{label}{f' (dim {dim})' if dim else ''} on {col.name}")
-                r = evaluate_collection(path, col, encoder=enc, cache_dir=cfg.cache_dir, dim=dim,
-                                        ignore_identical_ids=cfg.ignore_identical_ids)
-                save_run(cfg, r.pop("run"), label, col.name, dim)
-                rows.append({"model": label, "dataset": r["dataset"], "dim": dim, **{k: r[k] for k in
-                             ("ndcg@10", "recall@100", "mrr@10", "queries")}})
-            for pf in cfg.pairs:
-                stall.enter(f"{label}{f' (dim {dim})' if dim else ''} on {dataset_name(pf)}")
-                r = evaluate_pairs(path, pf, encoder=enc)
-                rows.append({"model": label, "dataset": dataset_name(pf), "dim": dim, **r})
-            for sf in cfg.sts:
-                stall.enter(f"{label}{f' (dim {dim})' if dim else ''} on {dataset_name(sf)}")
-                rows.append({"model": label, "dataset": dataset_name(sf), "dim": dim, **evaluate_sts(enc, sf)})
-            del enc
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        # one load per model; each set encoded once (``Encoder.remember``) and scored at every Matryoshka dim
+        # from the same full-dimension vectors; the rows in the order of dims, then sets
+        stall.enter(f"the loading of {label}")
+        enc = Encoder(path, max_length=cfg.max_length, precision=cfg.precision, end_token=cfg.end_tokens.get(label),
+                      label=label)
+        enc.remember = bool(cfg.dims)
+        dims, mine = [None] + list(cfg.dims), []
+        for kind, item in [("col", c) for c in collections] + [("pairs", p) for p in cfg.pairs] + \
+                [("sts", f) for f in cfg.sts]:
+            name = item.name if kind == "col" else dataset_name(item)
+            for d, dim in enumerate(dims):
+                enc.dim = dim
+                stall.enter(f"{label}{f' (dim {dim})' if dim else ''} on {name}")
+                if kind == "col":
+                    r = evaluate_collection(path, item, encoder=enc, cache_dir=cfg.cache_dir, dim=dim,
+                                            ignore_identical_ids=cfg.ignore_identical_ids)
+                    save_run(cfg, r.pop("run"), label, item.name, dim)
+                    r = {"dataset": r["dataset"], **{k: r[k] for k in ("ndcg@10", "recall@100", "mrr@10", "queries")}}
+                elif kind == "pairs":
+                    r = {"dataset": name, **evaluate_pairs(path, item, encoder=enc)}
+                else:
+                    r = {"dataset": name, **evaluate_sts(enc, item)}
+                mine.append((d, {"model": label, "dataset": r.pop("dataset"), "dim": dim, **r}))
+            enc.forget()  # the next set's vectors only
+        rows += [row for _, row in sorted(mine, key=lambda x: x[0])]  # stable: sets in order within a dim
+        del enc
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if cfg.bm25:
         from qwen3train.eval.bm25 import LABEL, evaluate_collection_bm25, evaluate_pairs_bm25
         from qwen3train.progress import Progress
