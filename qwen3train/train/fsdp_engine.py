@@ -213,9 +213,11 @@ class FSDPEngine(TorchEngine):
         then outlived its destruction (``dist``) into the interpreter's teardown, its gloo threads still running
         at exit (seen by the 2-process test's exit probe), where a rank can abort after its work is done. The
         registry is emptied; the model's FSDP state, which also names the group, goes with the model. The copies of
-        background saves and their group go too."""
+        background saves and their group go too at the end of a run (after an error, as the process exits)."""
         dist.release_mesh(self.mesh)
-        if self.stager is not None:
-            self.stager.close()
-            self.stager = None
-        dist.release_checkpoint_group()
+        # after an error a writer may still be reading the copies, in a collective on the group: both go at exit
+        if ended:
+            if self.stager is not None:
+                self.stager.close()
+                self.stager = None
+            dist.release_checkpoint_group()
