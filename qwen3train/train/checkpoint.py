@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -178,8 +179,12 @@ def _no_space(root: Path, final: Path, tmp: Path) -> DiskFull:
 class Pending:
     """A save begun: its files written (or being written) under ``tmp``; ``finish`` moves it into place."""
 
+    # a wait for a background writer this long (seconds) is named: the steps stood still for it
+    NAMED_WAIT = 1.0
+
     def __init__(self, root: Path, final: Path, tmp: Path, writer: Writer, step: int, export: bool) -> None:
         self.root, self.final, self.tmp, self.writer, self.step, self.export = root, final, tmp, writer, step, export
+        self.begun = time.monotonic()
 
     def busy(self) -> bool:
         """This rank's writer is still writing (the loop asks every rank at a step boundary)."""
@@ -189,8 +194,14 @@ class Pending:
         """Collective: once every rank's writer is done, the manifest (the files each writer hashed, the export's own
         digests, the rest dealt to the ranks), the folder moved into place, the older ones pruned. A writer's failure
         stops every rank: a full disk with the one line a save in the foreground gives, anything else as an error
-        naming the rank (its own exception on that rank)."""
+        naming the rank (its own exception on that rank). A wait of ``NAMED_WAIT`` s or more for this rank's writer
+        (the next save came before its files were written) is named in a note on rank 0."""
+        t, busy = time.monotonic(), self.writer.busy()
         self.writer.wait()
+        waited = time.monotonic() - t
+        if busy and waited >= self.NAMED_WAIT and dist.is_main():
+            print(f"note: training waited {waited:.1f} s for the background write of {self.final.name} (begun "
+                  f"{time.monotonic() - self.begun:.1f} s before); if saves often wait, raise run.save_every", flush=True)
         err = self.writer.error
         failed = dist.all_gather_object(None if err is None else (disk_full(err), f"{type(err).__name__}: {err}"))
         if any(f is not None and f[0] for f in failed):

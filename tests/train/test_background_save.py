@@ -107,6 +107,29 @@ def test_a_snapshot_is_a_copy_that_pickles_as_the_original(tmp_path):
     assert (tmp_path / "a" / "s.pt").read_bytes() == (tmp_path / "b" / "s.pt").read_bytes()
 
 
+def test_a_wait_for_the_writer_is_named(tmp_path, monkeypatch, capsys):
+    """The next save came while the writer was still writing: the note says how long training waited for it (on a
+    GPU node, saves closer than their write stall the steps, and only this line shows it); a writer done before the
+    finish gives none. Catches a wait that goes unsaid, and a note for every save."""
+    from qwen3train.train.background import Writer
+    from qwen3train.train.checkpoint import Pending
+
+    monkeypatch.setattr(Pending, "NAMED_WAIT", 0.2)
+    for hold, named in ((0.6, True), (0.0, False)):
+        root = tmp_path / f"run{hold}"
+        tmp = root / "checkpoints" / ".step_0000004.tmp"
+        tmp.mkdir(parents=True)
+        writer = Writer(tmp, background=True)
+        writer.call(lambda: (time.sleep(hold), (tmp / "train_state.json").write_text("{}")), tmp / "train_state.json")
+        writer.start()
+        if not named:
+            writer.wait()
+        Pending(root, root / "checkpoints" / "step_0000004", tmp, writer, 4, False).finish(10, 0)
+        out = capsys.readouterr().out
+        assert ("for the background write of step_0000004" in out) == named, out
+        assert (root / "checkpoints" / "step_0000004" / "train_state.json").exists()
+
+
 def _command(out, model, data):
     return [sys.executable, str(REPO / "tests" / "faults.py"), "--config-name=stage1", f"model.name_or_path={model}",
             f"data.train_files=[{data}]", "engine.micro_batch_size=4", "engine.global_batch_size=8", "run.max_steps=8",
