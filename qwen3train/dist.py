@@ -116,7 +116,7 @@ def release_checkpoint_group() -> None:
     """Destroy ``checkpoint_group``'s group (the run is over; no save is in flight): its gloo threads do not live on
     into the interpreter's teardown (see ``_destroy_at_exit``)."""
     if _CHECKPOINT_GROUP and is_dist():
-        dist.destroy_process_group(_CHECKPOINT_GROUP.pop())
+        dist.destroy_process_group(_CHECKPOINT_GROUP[0])
     _CHECKPOINT_GROUP.clear()
 
 

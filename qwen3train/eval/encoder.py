@@ -58,6 +58,12 @@ def _content_hash(path: Path) -> str:
         return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
+def _update_with_texts(h, texts: list[str]) -> None:
+    """Feed ``h`` (a hashlib object) the texts in order, each as an 8-byte digest of its own."""
+    for t in texts:
+        h.update(hashlib.blake2b(t.encode(), digest_size=8).digest())
+
+
 class Encoder:
     def __init__(self, path: str | os.PathLike, *, max_length: int = 512, batch_size: int = 64,
                  dim: int | None = None, precision: str = "float32", end_token: str | None = None,
@@ -96,8 +102,7 @@ class Encoder:
         (and one cache) serves every dim."""
         if self.remember:
             h = hashlib.blake2b(digest_size=16)
-            for t in texts:
-                h.update(hashlib.blake2b(t.encode(), digest_size=8).digest())
+            _update_with_texts(h, texts)
             key = (instruction, len(texts), h.hexdigest())
             if key not in self._memo:
                 self._memo[key] = self._encode_full(texts, instruction)
@@ -194,8 +199,7 @@ class Encoder:
         """Names the embeddings of ``texts`` by this model's weights (``fingerprint``), settings and the texts."""
         h = hashlib.sha256(self.fingerprint(by_content).encode())
         h.update((instruction or "").encode())
-        for t in texts:
-            h.update(hashlib.blake2b(t.encode(), digest_size=8).digest())
+        _update_with_texts(h, texts)
         return h.hexdigest()[:24]
 
     def _cached_full(self, texts: list[str], cache_dir, instruction: str | None):

@@ -223,7 +223,8 @@ def _run(cfg: EvalConfig, collections: list, reranked: dict) -> list[dict]:
         enc = Encoder(path, max_length=cfg.max_length, precision=cfg.precision, end_token=cfg.end_tokens.get(label),
                       label=label)
         enc.remember = bool(cfg.dims)
-        dims, mine = [None] + list(cfg.dims), []
+        dims = [None] + list(cfg.dims)
+        by_dim: list[list[dict]] = [[] for _ in dims]  # the rows, dims first, sets in order within each
         for kind, item in [("col", c) for c in collections] + [("pairs", p) for p in cfg.pairs] + \
                 [("sts", f) for f in cfg.sts]:
             name = item.name if kind == "col" else dataset_name(item)
@@ -239,9 +240,9 @@ def _run(cfg: EvalConfig, collections: list, reranked: dict) -> list[dict]:
                     r = {"dataset": name, **evaluate_pairs(path, item, encoder=enc)}
                 else:
                     r = {"dataset": name, **evaluate_sts(enc, item)}
-                mine.append((d, {"model": label, "dataset": r.pop("dataset"), "dim": dim, **r}))
+                by_dim[d].append({"model": label, "dataset": r.pop("dataset"), "dim": dim, **r})
             enc.forget()  # the next set's vectors only
-        rows += [row for _, row in sorted(mine, key=lambda x: x[0])]  # stable: sets in order within a dim
+        rows += [row for part in by_dim for row in part]
         del enc
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
