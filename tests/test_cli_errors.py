@@ -158,8 +158,19 @@ def test_the_installed_command_takes_both_spellings(argv, needle, tmp_path):
     assert last.startswith("error: ") and needle in last, last
 
 
+@pytest.fixture(scope="module")
+def entry_point():
+    """``python -m qwen3train.cli.main`` in processes forked from one that has imported its dependencies once
+    (tests/zygote.py: ~2 s less a command on 2 cores)."""
+    from zygote import Zygote
+
+    server = Zygote()
+    yield server
+    server.close()
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_user_mistake_is_one_line_and_status_2(case, tiny_model_dir, tmp_path):
+def test_user_mistake_is_one_line_and_status_2(case, entry_point, tiny_model_dir, tmp_path):
     args, needle = CASES[case]
     (tmp_path / "bad.jsonl").write_text('{"query": "q", "pos": "not a list"}\n')
     (tmp_path / "good.jsonl").write_text('{"query": "q", "pos": ["p"]}\n')
@@ -174,12 +185,32 @@ def test_user_mistake_is_one_line_and_status_2(case, tiny_model_dir, tmp_path):
     argv += [f"run.output_dir={tmp_path}/run"] if args[0] == "--config-name=stage1" else []
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.pop("QWEN3TRAIN_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "qwen3train.cli.main", *argv], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = entry_point.run(argv, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and needle in last, last
+
+
+def test_the_forked_entry_point_answers_as_a_fresh_process(entry_point, tmp_path):
+    """The test above reads commands run by tests/zygote.py: each must give what a fresh ``python -m`` gives (exit
+    status, stdout, stderr's last line) for a user's mistake, for the same mistake with QWEN3TRAIN_DEBUG=1 (the
+    traceback: a variable the test sets must reach the command) and for a command that succeeds (the composed
+    config on stdout). Would catch a fork server that loses the environment, the working folder, output written just
+    before the exit, or maps the exit status wrongly."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("QWEN3TRAIN_DEBUG", None)
+    mistake = ["--config-name=stage1", "optim.lrr=1"]
+    cases = [(mistake, env), (mistake, dict(env, QWEN3TRAIN_DEBUG="1")),
+             (["--config-name=stage1", "data.train_files=[x.jsonl]", "--cfg", "job"], env)]
+    for argv, case_env in cases:
+        fresh = subprocess.run([sys.executable, "-m", "qwen3train.cli.main", *argv], cwd=tmp_path, env=case_env,
+                               capture_output=True, text=True, timeout=300)
+        forked = entry_point.run(argv, cwd=tmp_path, env=case_env)
+        assert (forked.returncode, forked.stdout) == (fresh.returncode, fresh.stdout), (argv, forked, fresh)
+        assert forked.stderr.strip().splitlines()[-1:] == fresh.stderr.strip().splitlines()[-1:], (argv, forked, fresh)
+        assert ("Traceback" in forked.stderr) == ("QWEN3TRAIN_DEBUG" in case_env), (argv, forked.stderr[-2000:])
+    assert "x.jsonl" in forked.stdout and forked.returncode == 0
 
 
 def test_a_full_disk_anywhere_is_one_line():
