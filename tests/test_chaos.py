@@ -28,7 +28,8 @@ def smoke_inputs(tmp_path_factory, tiny_model_dir):
     return [f"model.name_or_path={tiny_model_dir}", f"synth.generator={tiny_model_dir}",
             f"synth.corpus=[{root / 'corpus.jsonl'}]", f"extra_stage1_data=[{root / 'train_pairs.jsonl'}]",
             f"extra_stage2_data=[{root / 'train_pairs.jsonl'}]", f"merge.dev_file={root / 'dev.jsonl'}",
-            f"eval.pairs=[{root / 'heldout.jsonl'}]", "eval.collections=[]", "synth.max_passages=4", "mine.sample=300"]
+            f"eval.pairs=[{root / 'heldout.jsonl'}]", "eval.collections=[]", "synth.max_passages=2",
+            "synth.sampling.max_new_tokens=16", "mine.sample=300"]
 
 
 @pytest.mark.slow
