@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -63,6 +64,8 @@ def test_gpu_check_throughput_and_two_process_sections_rehearsed_on_cpu(tmp_path
     res = json.loads((tmp_path / "results.json").read_text())["sections"]
     rows = res["t_throughput"]["rows"]
     assert len(rows) == 5 and all(r["tokens_per_s"] > 0 for r in rows.values()), rows
+    # attention's FLOPs per token, ours and the peer's alike (from each step's sequence lengths)
+    assert all(r["attention_flops_per_token"] > 0 for r in rows.values()), rows
     assert rows["rr mb4 packed"]["attention"] == "padded" and rows["rr mb4 packed"]["shared_prefix_min"] > 0
     prof = rows["s1 mb8 packed bf16-weights profiled"]["profile"]  # bf16 weights train; the profiler reads ops
     assert prof["launches_per_step"] > 100 and abs(sum(prof["classes"].values()) - 1) < 0.01, prof
@@ -114,6 +117,38 @@ def test_kernel_classes_and_summary_of_a_profile():
             "s1 mb256 packed+compiled bf16-weights": {"tokens_per_s": 120, "flops_per_token": 1.0}}
     s = summary(rows, None, None)
     assert s["best"] == "s1 mb256 packed+compiled" and s["s1 mb256 bf16-weights / packed+compiled"] == 1.2
+    # MFU on 6N (the goal's) and with attention's FLOPs beside it, against the spec peak and the timed matmul
+    rows = {"s1 mb64 packed+compiled": {"tokens_per_s": 1000, "flops_per_token": 3.0, "attention_flops_per_token": 1}}
+    s = summary(rows, 10_000.0, 2e-9)
+    want = {"mfu_spec": 0.3, "mfu_spec_with_attention": 0.4, "mfu_matmul": 1.5, "mfu_matmul_with_attention": 2.0}
+    assert rows["s1 mb64 packed+compiled"].items() >= want.items(), rows
+    assert s["best_mfu_spec"] == 0.3 and s["best_mfu_spec_with_attention"] == 0.4 and s["goal_mfu_30pct"]
+
+
+def test_attention_flops_equal_a_count_of_the_models_own_matmuls(tiny_model_dir):
+    """MFU's attention term (12 x layers x query heads x head dim x t per token of a t-token sequence) against
+    torch's FLOP counter over a real forward and backward of the tiny Qwen3 with eager attention (its scores and
+    weighted sums are plain matmuls there): what the counter finds beyond the linear layers' 6 x weights x t must
+    be exactly that term, for one sequence and for a batch of two of different lengths (sum of t^2). Would catch
+    key/value heads taken for query heads (grouped-query attention), a hidden size / heads head dim where the
+    config sets its own, a missing backward, or t summed before squaring."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModel
+
+    from qwen3train.train.build import attention_flops
+
+    model = AutoModel.from_pretrained(tiny_model_dir, attn_implementation="eager", dtype=torch.float32)
+    cfg = model.config
+    heads = cfg.num_attention_heads  # the tiny model has both traps: fewer key/value heads, its own head dim
+    assert cfg.num_key_value_heads < heads and cfg.head_dim != cfg.hidden_size // heads
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    for lengths in ([37], [9, 21]):
+        counted = 0
+        for t in lengths:  # one sequence per forward: no padding to count
+            with FlopCounterMode(display=False) as counter:
+                model(input_ids=torch.randint(0, 1000, (1, t))).last_hidden_state[:, -1].sum().backward()
+            counted += counter.get_total_flops() - 6 * linear * t
+        assert attention_flops(model, lengths) == counted > 0, (lengths, counted)
 
 
 def test_every_gpu_row_is_a_valid_configuration():

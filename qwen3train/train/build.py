@@ -114,3 +114,16 @@ def flops_per_token(module) -> float:
         if "embed_tokens" not in name:
             n += getattr(p, "ds_numel", None) or p.numel()  # a ZeRO-3 partitioned parameter holds 1/N (or none)
     return 6.0 * n
+
+
+def attention_flops(module, lengths) -> float:
+    """Attention's own matmuls in a training step over sequences of these lengths, as PaLM's model FLOPs count
+    them (what ``flops_per_token`` leaves out): scores and their weighted sum, forward and backward, 12 x layers x
+    query heads x head dim x t for each token of a t-token sequence, so 12 L H Q sum(t^2) in all (causal masking
+    not discounted). 0 where the module holds no transformer config."""
+    cfg = next((m.config for m in module.modules() if hasattr(getattr(m, "config", None), "num_hidden_layers")), None)
+    if cfg is None:
+        return 0.0
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return 12.0 * cfg.num_hidden_layers * heads * head_dim * float(sum(t * t for t in lengths))
