@@ -34,6 +34,18 @@ def peak_flops() -> float | None:
     return None
 
 
+def host_rss_gib() -> float | None:
+    """This process's resident host memory now (Linux: ``/proc/self/statm``, ~10 us; None elsewhere). Logged every
+    step, so that memory that creeps up over a long run (a leak in a data path, a cache without a bound) shows
+    long before the node's out-of-memory killer ends the run."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 def wandb_mode() -> str:
     """``WANDB_MODE`` when set; else online when logged in (API key in the environment or in the netrc
     file ``wandb login`` writes, for the configured host); else offline."""
@@ -118,6 +130,9 @@ class Telemetry:
             metrics["mfu"] = self.flops_per_token * tokens / dt / (self.peak * dist.world_size())
         if torch.cuda.is_available():
             metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30  # this rank's peak so far
+        rss = host_rss_gib()
+        if rss is not None:
+            metrics["host_rss_gib"] = round(rss, 4)  # rank 0's, now
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.wandb is not None:

@@ -244,6 +244,28 @@ def test_make_stage1_then_stage2_loss_falls(tiny_model_dir, tmp_path):
     assert (tmp_path / "s2" / "final" / "modules.json").exists()
 
 
+def test_every_step_logs_the_host_memory_the_process_holds(tiny_model_dir, tmp_path):
+    """``host_rss_gib`` in metrics.jsonl is the process's resident memory at that step: the reader follows an
+    allocation of 256 MiB that is touched (and its release), and every row of a run has a value in the range of the
+    process's resident memory. Would catch the peak (``ru_maxrss``, which never falls) or virtual size logged
+    instead, pages read as bytes or as KiB, or a row without it."""
+    import numpy as np
+
+    from qwen3train.train.telemetry import host_rss_gib
+
+    before = host_rss_gib()
+    block = np.ones(256 * 2**20, dtype=np.uint8)  # ones: every page written, so resident
+    held = host_rss_gib()
+    del block
+    after = host_rss_gib()
+    assert 0.24 <= held - before <= 0.30 and held - after >= 0.24, (before, held, after)
+    data = make_pairs(tmp_path / "d.jsonl", n=24, k=2)
+    run(train_cfg(tiny_model_dir, data, tmp_path / "r", max_steps=2))
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    now = host_rss_gib()
+    assert len(rows) == 2 and all(0.1 < r["host_rss_gib"] <= 1.5 * now for r in rows), (rows, now)
+
+
 def test_wandb_offline_logging(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
