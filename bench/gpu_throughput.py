@@ -122,6 +122,7 @@ def _train_steps(model, task, loader, ecfg, row: dict, steps: int, device, extra
     ahead = loader.ahead(1 << 30, prepare_batch(task, n_micro, ecfg.micro_batch_tokens), depth=row.get("prefetch", 1))
 
     waits, computed = [], []
+    per_sq_token = attention_flops(model, [1])  # 12 L H Q: a step's attention FLOPs are this x sum(t^2)
 
     def step():
         waited = ahead.wait_s
@@ -132,7 +133,7 @@ def _train_steps(model, task, loader, ecfg, row: dict, steps: int, device, extra
         packs = [mb.packed for mb in b.micro[1] if mb.packed is not None]
         if packs:  # tokens the backbone ran: a shared prefix once, filler segments included
             computed.append(sum(int(r.input_ids.shape[1]) for p in packs for r in p.rows))
-        return float(loss), b.num_tokens, attention_flops(model, map(len, b.sequences()))
+        return float(loss), b.num_tokens, per_sq_token * sum(len(x) ** 2 for x in b.sequences())
 
     with ahead:
         got = _timed(step, steps, device, flops_per_token(model), extra=extra)
@@ -299,6 +300,7 @@ def _st(model_dir: Path, data: Path, row: dict, steps: int, device) -> dict:
     opt = torch.optim.AdamW(st.parameters(), lr=1e-5)
     recs = _records(data, g * (steps + 3))
     fpt = flops_per_token(st[0].auto_model)
+    per_sq_token = attention_flops(st[0].auto_model, [1])
     state = {"i": 0}
     instr = "Given a question, retrieve passages that answer it"
 
@@ -317,7 +319,7 @@ def _st(model_dir: Path, data: Path, row: dict, steps: int, device) -> dict:
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss), n, attention_flops(st[0].auto_model, lengths)
+        return float(loss), n, per_sq_token * sum(t * t for t in lengths)
 
     return _timed(step, steps, device, fpt, extra={"attention": "padded (sdpa)"})
 
