@@ -249,10 +249,13 @@ def test_every_step_logs_the_host_memory_the_process_holds(tiny_model_dir, tmp_p
     allocation of 256 MiB that is touched (and its release), and every row of a run has a value in the range of the
     process's resident memory. Would catch the peak (``ru_maxrss``, which never falls) or virtual size logged
     instead, pages read as bytes or as KiB, or a row without it."""
+    import gc
+
     import numpy as np
 
     from qwen3train.train.telemetry import host_rss_gib
 
+    gc.collect()  # an earlier test's garbage freed now, not between the readings
     before = host_rss_gib()
     block = np.ones(256 * 2**20, dtype=np.uint8)  # ones: every page written, so resident
     held = host_rss_gib()
