@@ -245,21 +245,23 @@ def test_make_stage1_then_stage2_loss_falls(tiny_model_dir, tmp_path):
 
 
 def test_every_step_logs_the_host_memory_the_process_holds(tiny_model_dir, tmp_path):
-    """``host_rss_gib`` in metrics.jsonl is the process's resident memory at that step: the reader follows an
-    allocation of 256 MiB that is touched (and its release), and every row of a run has a value in the range of the
-    process's resident memory. Would catch the peak (``ru_maxrss``, which never falls) or virtual size logged
-    instead, pages read as bytes or as KiB, or a row without it."""
-    import gc
-
-    import numpy as np
+    """``host_rss_gib`` in metrics.jsonl is the process's resident memory at that step: the reader follows 256 MiB
+    mapped and touched (and their release), and every row of a run has a value in the range of the process's
+    resident memory. Would catch the peak (``ru_maxrss``, which never falls) or virtual size logged instead, pages
+    read as bytes or as KiB, or a row without it. (Mapped directly: an allocator that keeps what it freed, as a
+    process with glibc's MALLOC_MMAP_MAX_=0 does, or one loaded by a library, hands a heap block back without a
+    new page: seen in a CI simulation, where the pytest worker's resident memory did not move for a 256 MiB array.)"""
+    import mmap
 
     from qwen3train.train.telemetry import host_rss_gib
 
-    gc.collect()  # an earlier test's garbage freed now, not between the readings
+    size, page = 256 * 2**20, mmap.PAGESIZE
     before = host_rss_gib()
-    block = np.ones(256 * 2**20, dtype=np.uint8)  # ones: every page written, so resident
+    block = mmap.mmap(-1, size)
+    for offset in range(0, size, page):  # one byte per page: every page resident
+        block[offset] = 1
     held = host_rss_gib()
-    del block
+    block.close()
     after = host_rss_gib()
     assert 0.24 <= held - before <= 0.30 and held - after >= 0.24, (before, held, after)
     data = make_pairs(tmp_path / "d.jsonl", n=24, k=2)
