@@ -64,6 +64,7 @@ def child(req: dict, reply_fd: int) -> None:
             warnings._setoption(option)  # what the interpreter does with PYTHONWARNINGS at its start
         fd_in = os.open(os.devnull, os.O_RDONLY)
         os.dup2(fd_in, 0)
+        os.close(fd_in)
         for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
             out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(out, fd)
@@ -111,10 +112,10 @@ class Zygote:
     """The test side: ``run`` takes what ``subprocess.run([python, -m, MODULE, *argv], capture_output=True,
     text=True)`` takes and returns what it returns."""
 
-    def __init__(self, env: dict | None = None) -> None:
+    def __init__(self) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="zygote-")
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env, start_new_session=True)
+                                     text=True, start_new_session=True)
         first = self._reply(300)
         assert first.get("ready"), first
 
