@@ -15,6 +15,7 @@ stdout ({"rc"}: the exit status, or -N for a child killed by signal N, as ``subp
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import runpy
@@ -93,6 +94,8 @@ def serve() -> None:
     reply = os.fdopen(os.dup(1), "w")  # replies on a descriptor of their own; stray prints go to stderr
     os.dup2(2, 1)
     preload()
+    gc.freeze()  # what the preload made, as a fresh entry point freezes its imports (qwen3train/startup.py): a
+    # child's own full collection then walks only what the child makes
     if threads() != 1:
         print(json.dumps({"error": f"{threads()} threads after the imports: a fork would lose them"}), file=reply,
               flush=True)
@@ -114,8 +117,10 @@ class Zygote:
 
     def __init__(self) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="zygote-")
+        # one thread to fork from: torch's import starts its OpenMP pool's thread unless OMP_NUM_THREADS=1 (as
+        # `make test` sets it; a bare `pytest` need not)
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, start_new_session=True)
+                                     text=True, start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         first = self._reply(300)
         assert first.get("ready"), first
 

@@ -11,6 +11,11 @@ the wheel); ``--config-dir=my_configs`` adds a folder of your own (its files win
 
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":  # a process starting: its imports run without the cycle collector (startup.py)
+    gc.disable()
+
 import importlib.util
 import os
 import re
@@ -20,7 +25,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from qwen3train.config import register_configs, runner_for
-from qwen3train.startup import lean_transformers
+from qwen3train.startup import imports_done, lean_transformers
 
 register_configs()
 
@@ -321,6 +326,7 @@ def cli() -> None:
 def start() -> None:
     """Both spellings of the entry point, once their command line is in Hydra's form: the overrides checked, the
     process set up (fatal signals' stacks, transformers without scikit-learn), then the command."""
+    imports_done()
     sys.argv[1:] = precheck(sys.argv[1:])
     crash_stacks()
     lean_transformers()

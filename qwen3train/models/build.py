@@ -132,8 +132,11 @@ class ModelConfig:
 def pretrained(loader, path: str, **kw):
     """``loader.from_pretrained(path)``, with a folder or hub name that cannot be loaded reported as a
     user's mistake (ConfigError, one line) rather than a traceback from deep inside transformers."""
+    from qwen3train.startup import gc_paused
+
     try:
-        return loader.from_pretrained(path, **kw)
+        with gc_paused():  # a checkpoint's, a tokenizer's many objects: no cycle collection while they load
+            return loader.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         from pathlib import Path
 
