@@ -325,7 +325,8 @@ def cli() -> None:
 
 def start() -> None:
     """Both spellings of the entry point, once their command line is in Hydra's form: the overrides checked, the
-    process set up (fatal signals' stacks, transformers without scikit-learn), then the command."""
+    process set up (the cycle collector on, the imports' objects frozen; fatal signals' stacks; transformers without
+    scikit-learn), then the command."""
     imports_done()
     sys.argv[1:] = precheck(sys.argv[1:])
     crash_stacks()
