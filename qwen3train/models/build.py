@@ -129,6 +129,14 @@ class ModelConfig:
         return self.init_from or self.name_or_path
 
 
+def missing_folder(path: str) -> bool:
+    """True where ``path`` can only name a folder (``/``, ``.`` or ``~`` first, or two slashes or more: a hub name
+    is ``name`` or ``owner/name``) and none is there: what a loader would fail on after its imports."""
+    from pathlib import Path
+
+    return (path.startswith(("/", ".", "~")) or path.count("/") > 1) and not Path(path).expanduser().exists()
+
+
 def pretrained(loader, path: str, **kw):
     """``loader.from_pretrained(path)``, with a folder or hub name that cannot be loaded reported as a
     user's mistake (ConfigError, one line) rather than a traceback from deep inside transformers."""

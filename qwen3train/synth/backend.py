@@ -79,12 +79,14 @@ class TransformersBackend:
     def __init__(self, model: str, dtype: str = "auto", batch_size: int = 16) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
+        from qwen3train.models.build import pretrained
+
+        self.tokenizer = pretrained(AutoTokenizer, model, padding_side="left")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         kw = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
-        self.model = AutoModelForCausalLM.from_pretrained(model, **kw).to(dev).eval()
+        self.model = pretrained(AutoModelForCausalLM, model, **kw).to(dev).eval()
         self.batch_size = batch_size
 
     @torch.inference_mode()

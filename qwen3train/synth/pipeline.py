@@ -326,7 +326,9 @@ def run(cfg: SynthConfig, backend=None) -> Path:
     if cfg.passage_tokens > 0:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.generator)
+        from qwen3train.models.build import pretrained
+
+        tokenizer = pretrained(AutoTokenizer, cfg.generator)
     psg, corpus_stats = passages(files, max_words=cfg.passage_tokens or cfg.passage_words, overlap=cfg.passage_overlap,
                                  min_words=cfg.min_passage_tokens if tokenizer is not None else cfg.min_passage_words,
                                  default_language=cfg.default_language, limit=cfg.max_passages, tokenizer=tokenizer)

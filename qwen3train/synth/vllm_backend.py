@@ -88,6 +88,10 @@ def _engine_kwargs(model: str, dtype: str, tensor_parallel_size: int, max_model_
                    gpu_memory_utilization: float) -> dict:
     """``LLM(...)`` arguments both engines share: prefix caching (a prompt's instruction, and a reranked query's
     whole prompt before its document, are shared by many requests), a fixed seed, eager on CPU."""
+    from qwen3train.models.build import missing_folder
+
+    if missing_folder(model):  # (vLLM asks the hub client, whose error is a traceback: "Repo id must be ...")
+        raise ConfigError(f"cannot start vLLM on {model!r}: no such folder")
     kw = dict(model=model, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
               enable_prefix_caching=True, seed=0)
     if dtype != "auto":
