@@ -54,13 +54,6 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, float, int]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), rc
 
 
-def smoke_overrides(data: Path, model: Path) -> list[str]:
-    return [f"model.name_or_path={model}", f"synth.generator={model}", f"synth.corpus=[{data / 'corpus.jsonl'}]",
-            f"extra_stage1_data=[{data / 'train_pairs.jsonl'}]", f"extra_stage2_data=[{data / 'train_pairs.jsonl'}]",
-            f"merge.dev_file={data / 'dev.jsonl'}", f"eval.pairs=[{data / 'heldout.jsonl'}]", "eval.collections=[]",
-            "synth.max_passages=2", "synth.sampling.max_new_tokens=16", "mine.sample=300"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--before", required=True, help="another checkout (a git worktree of the commit to compare)")
@@ -73,14 +66,10 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     (out / "probe").mkdir(parents=True)
     (out / "probe" / "sitecustomize.py").write_text(PROBE)
-    from qwen3train.data.demo import build
+    sys.path.insert(0, str(REPO / "bench"))
+    from chaos import smoke_inputs
 
-    data = out / "data"
-    build(data)
-    rows = (data / "train_pairs.jsonl").read_text().splitlines()
-    (data / "dev.jsonl").write_text("\n".join(rows[:40]) + "\n")  # cut from the training pairs
-    model = REPO / "outputs" / "models" / "tiny-qwen3"
-    over = smoke_overrides(data, model)
+    over = smoke_inputs(out / "data", REPO / "outputs" / "models" / "tiny-qwen3")
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(out / "probe"))
     pipe = [sys.executable, "-m", "qwen3train.cli.main", "--config-name=smoke"]
     wall, _, rc = timed([*pipe, f"output_dir={out / 'ref'}", *over], REPO, env)

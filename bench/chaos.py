@@ -35,6 +35,21 @@ COMPARED = ["synth/pairs.jsonl", "filter/kept.jsonl", "mine/mined.jsonl", "reran
             "rerank/final/model.safetensors", "eval/results.jsonl"]
 
 
+def smoke_inputs(root: Path, model: Path) -> list[str]:
+    """What configs/smoke.yaml reads, made under ``root``: the docstring pairs and corpus, a dev split cut from the
+    training pairs (never the held-out pairs it evaluates on), ``model`` as backbone and generator; stage 0 writes
+    for 2 passages at 16 tokens (the tiny model's output is rejected either way). Returns the overrides."""
+    from qwen3train.data.demo import build
+
+    build(root)
+    rows = (root / "train_pairs.jsonl").read_text().splitlines()
+    (root / "dev.jsonl").write_text("\n".join(rows[:40]) + "\n")
+    return [f"model.name_or_path={model}", f"synth.generator={model}", f"synth.corpus=[{root / 'corpus.jsonl'}]",
+            f"extra_stage1_data=[{root / 'train_pairs.jsonl'}]", f"extra_stage2_data=[{root / 'train_pairs.jsonl'}]",
+            f"merge.dev_file={root / 'dev.jsonl'}", f"eval.pairs=[{root / 'heldout.jsonl'}]", "eval.collections=[]",
+            "synth.max_passages=2", "synth.sampling.max_new_tokens=16", "mine.sample=300"]
+
+
 def command(out: Path, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "qwen3train.cli.main", "--config-name=smoke", f"output_dir={out}", *overrides]
 

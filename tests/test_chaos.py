@@ -17,19 +17,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 @pytest.fixture(scope="module")
 def smoke_inputs(tmp_path_factory, tiny_model_dir):
-    """What configs/smoke.yaml reads, made here: the docstring pairs and corpus, a dev split cut from the
-    training pairs (never the held-out pairs it evaluates on), the tiny model as backbone and generator."""
-    from qwen3train.data.demo import build
+    """What configs/smoke.yaml reads (bench/chaos.py ``smoke_inputs``), the tiny model as backbone and generator."""
+    import chaos
 
-    root = tmp_path_factory.mktemp("smoke-data")
-    build(root)
-    rows = (root / "train_pairs.jsonl").read_text().splitlines()
-    (root / "dev.jsonl").write_text("\n".join(rows[:40]) + "\n")
-    return [f"model.name_or_path={tiny_model_dir}", f"synth.generator={tiny_model_dir}",
-            f"synth.corpus=[{root / 'corpus.jsonl'}]", f"extra_stage1_data=[{root / 'train_pairs.jsonl'}]",
-            f"extra_stage2_data=[{root / 'train_pairs.jsonl'}]", f"merge.dev_file={root / 'dev.jsonl'}",
-            f"eval.pairs=[{root / 'heldout.jsonl'}]", "eval.collections=[]", "synth.max_passages=2",
-            "synth.sampling.max_new_tokens=16", "mine.sample=300"]
+    return chaos.smoke_inputs(tmp_path_factory.mktemp("smoke-data"), tiny_model_dir)
 
 
 @pytest.mark.slow

@@ -129,12 +129,16 @@ class ModelConfig:
         return self.init_from or self.name_or_path
 
 
-def missing_folder(path: str) -> bool:
-    """True where ``path`` can only name a folder (``/``, ``.`` or ``~`` first, or two slashes or more: a hub name
-    is ``name`` or ``owner/name``) and none is there: what a loader would fail on after its imports."""
+def load_error(what: str, path: str, e: Exception) -> ConfigError:
+    """The one line for ``what`` (a loader, vLLM's engine) failing on ``path``: "no such folder" where the name can
+    only be a folder (``/``, ``.``, ``~`` first, or not ``owner/name``) and none is there, else the error's own
+    first line (a hub name the hub does not know, a folder without a config)."""
     from pathlib import Path
 
-    return (path.startswith(("/", ".", "~")) or path.count("/") > 1) and not Path(path).expanduser().exists()
+    local = path.startswith(("/", ".", "~")) or path.count("/") != 1  # a hub name is owner/name
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    where = "no such folder" if local and not Path(path).expanduser().exists() else first
+    return ConfigError(f"cannot load {what} from {path!r}: {where}")
 
 
 def pretrained(loader, path: str, **kw):
@@ -146,11 +150,7 @@ def pretrained(loader, path: str, **kw):
         with gc_paused():  # a checkpoint's, a tokenizer's many objects: no cycle collection while they load
             return loader.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
-        from pathlib import Path
-
-        local = path.startswith(("/", ".", "~")) or path.count("/") != 1  # a hub name is owner/name
-        where = "no such folder" if local and not Path(path).expanduser().exists() else str(e).strip().splitlines()[0]
-        raise ConfigError(f"cannot load {loader.__name__} from {path!r}: {where}") from e
+        raise load_error(loader.__name__, path, e) from e
 
 
 def load_model(loader, path: str, *, empty: bool = False, partition=None, **kw):

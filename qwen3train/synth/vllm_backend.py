@@ -88,10 +88,6 @@ def _engine_kwargs(model: str, dtype: str, tensor_parallel_size: int, max_model_
                    gpu_memory_utilization: float) -> dict:
     """``LLM(...)`` arguments both engines share: prefix caching (a prompt's instruction, and a reranked query's
     whole prompt before its document, are shared by many requests), a fixed seed, eager on CPU."""
-    from qwen3train.models.build import missing_folder
-
-    if missing_folder(model):  # (vLLM asks the hub client, whose error is a traceback: "Repo id must be ...")
-        raise ConfigError(f"cannot start vLLM on {model!r}: no such folder")
     kw = dict(model=model, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
               enable_prefix_caching=True, seed=0)
     if dtype != "auto":
@@ -109,10 +105,12 @@ def _engine_kwargs(model: str, dtype: str, tensor_parallel_size: int, max_model_
 
 
 def _engine(kw: dict):
-    """``LLM(**kw)``; a model name that is no folder here and that the hub client could not resolve (``owner/name``
-    spelled wrong, or a relative ``outputs/merged`` not made yet) is a user's mistake, said in one line with the
-    client's own first line, not a traceback."""
+    """``LLM(**kw)``; a model that is no folder here and that the hub client could not resolve (a missing folder,
+    ``owner/name`` misspelt, a relative ``outputs/merged`` not made yet) is a user's mistake, said in one line
+    (``models.build.load_error``), not the hub client's traceback; a folder that exists keeps vLLM's own error."""
     from vllm import LLM
+
+    from qwen3train.models.build import load_error
 
     try:
         return LLM(**kw)
@@ -121,8 +119,7 @@ def _engine(kw: dict):
 
         if Path(kw["model"]).expanduser().exists():
             raise
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot start vLLM on {kw['model']!r} (no such folder here): {why}") from e
+        raise load_error("vLLM's engine", kw["model"], e) from e
 
 
 def _shutdown(llm) -> None:
