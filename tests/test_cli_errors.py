@@ -67,7 +67,11 @@ CASES = {
     "compressed training file": (["--config-name=stage1", "data.train_files=[{tmp}/pairs.jsonl.gz]"],
                                  "pairs.jsonl.gz: a compressed file cannot be indexed"),
     "misspelt data format": (["--config-name=stage1", "data.mixture=[{{dataset:json,data_files:[{good}],format:tevatrn}}]"],
-                             "format must be one of ('qwen3train', 'tevatron', 'sentence-transformers')"),
+                             "format must be one of ('qwen3train', 'tevatron', 'sentence-transformers', 'ms-swift')"),
+    # ms-swift's rows given as our JSONL: "field 'query': missing" alone before format ms-swift existed
+    "ms-swift rows as our JSONL": (["--config-name=stage1", "data.train_files=[{tmp}/swift.jsonl]"],
+                                   "swift.jsonl:1: field 'query': missing (ms-swift's rows: read them with format: "
+                                   "ms-swift"),
     "one file where a list belongs": (["--config-name=stage1", "data.train_files={good}"],
                                       "(a list: data.train_files=[...], e.g. data.train_files=[a,b])"),
     "negative stream retries": (["--config-name=stage1", "data.stream_retries=-1"], "data.stream_retries must be >= 0"),
@@ -148,6 +152,26 @@ def test_a_mapping_given_whole_replaces_the_default_one(compose):
     assert argv[1:] == ["optim={lr:1e-4}"] and cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.01
 
 
+def test_a_mixture_on_the_command_line_replaces_the_configs_training_files(compose):
+    """Every stage's config names its demo files in data.train_files, so the README's
+    `data.mixture=[{dataset: ..., format: tevatron}]` stopped with "set data.train_files or data.mixture, not both"
+    unless data.train_files=[] was typed too. A mixture given alone now replaces them; both given on the command line
+    are still refused."""
+    from qwen3train.cli.main import precheck
+
+    mix = "data.mixture=[{dataset: json, data_files: [a.jsonl], format: ms-swift}]"
+    for name in ("stage1", "stage2", "rerank"):
+        argv = precheck([f"--config-name={name}", mix, "run.max_steps=3"])
+        assert argv == [f"--config-name={name}", mix, "run.max_steps=3", "data.train_files=[]"], argv
+        cfg = compose(name, argv[1:])
+        assert cfg.data.train_files == [] and cfg.data.mixture[0].format == "ms-swift"
+    assert precheck(["--config-name=stage1", "data.train_files=[b.jsonl]"]) == ["--config-name=stage1",
+                                                                                 "data.train_files=[b.jsonl]"]
+    with pytest.raises(SystemExit) as e:
+        precheck(["--config-name=stage1", mix, "data.train_files=[b.jsonl]"])
+    assert e.value.code == 2
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--config-name=stage7"], "Cannot find primary config 'stage7'"),
     (["stage7", "optim.lr=1"], "Cannot find primary config 'stage7'"),
@@ -185,6 +209,8 @@ def test_user_mistake_is_one_line_and_status_2(case, entry_point, tiny_model_dir
     args, needle = CASES[case]
     (tmp_path / "bad.jsonl").write_text('{"query": "q", "pos": "not a list"}\n')
     (tmp_path / "good.jsonl").write_text('{"query": "q", "pos": ["p"]}\n')
+    (tmp_path / "swift.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}], '
+                                          '"positive_messages": [[{"role": "user", "content": "p"}]]}\n')
     (tmp_path / "notjson.jsonl").write_text('{"text": "a document about rivers and their deltas"}\n{"text": oops}\n')
     (tmp_path / "docs.jsonl").write_text('{"text": "' + "a long enough document about rivers " * 10 + '"}\n')
     (tmp_path / "pairs.jsonl").write_text("".join(f'{{"query": "question {i}", "pos": ["answer {i}"]}}\n' for i in range(8)))

@@ -172,13 +172,18 @@ def precheck(argv: list[str]) -> list[str]:
             overrides.append(a)
     path = _config_path()
     argv = list(argv)
-    for _ in range(len(overrides) + 1):
+    for _ in range(len(overrides) + 3):
         init = (initialize_config_module(path[len("pkg://"):], version_base="1.3") if path.startswith("pkg://")
                 else initialize_config_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), path),
                                            version_base="1.3"))
         try:
             with init:
                 cfg = compose(config_name=name, overrides=overrides)
+                replaced = _replaced_data(cfg, overrides)
+                if replaced:  # (each added once: the next compose finds the pair settled)
+                    argv += replaced
+                    overrides += replaced
+                    continue
                 merged = [o for o in overrides if _whole_mapping(o) and _plain_mapping(cfg, o.split("=", 1)[0])]
                 if not merged:
                     OmegaConf.to_object(cfg)
@@ -209,6 +214,21 @@ def precheck(argv: list[str]) -> list[str]:
         finally:
             GlobalHydra.instance().clear()
     return argv
+
+
+def _replaced_data(cfg, overrides: list[str]) -> list[str]:
+    """``data.mixture=[...]`` on the command line replaces the files the config names in ``data.train_files`` (every
+    stage's config names its demo files there): the override that empties them, where the command line does not
+    set them too (both given is still refused)."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    out = []
+    for key in sorted(keys):
+        prefix, _, leaf = key.rpartition(".")
+        files = f"{prefix}.train_files"
+        if leaf == "mixture" and prefix.rpartition(".")[2] == "data" and files not in keys and \
+                OmegaConf.select(cfg, key) and OmegaConf.select(cfg, files):
+            out.append(f"{files}=[]")
+    return out
 
 
 def _whole_mapping(override: str) -> bool:

@@ -16,6 +16,15 @@ By id (``by_id``, a ``make prepare`` source with a ``corpus``): the columns of `
 hold document ids (strings or integers), each read as its document's text (``lookup``); an id the corpus
 lacks is a bad record.
 
+* ``ms-swift``: ms-swift's embedding and reranker rows (the route Qwen's repository points to for fine-tuning):
+  ``messages`` (the query), ``positive_messages`` and ``negative_messages`` (lists of message lists: one document
+  each), or its earlier ``query`` / ``response`` / ``rejected_response``. A system message of ``messages`` (or the
+  earlier ``system``) is the query's instruction, written as the released models take it (``Instruct: ...\nQuery:``,
+  where ms-swift's template wrote ``{system} {query}``). Refused, each as a bad record naming its field: a system
+  message inside a document (an instruction for one document: ours is the query's), a conversation (more than one
+  user/assistant message in a list), images, videos or audios, and a ``label`` other than 1 (ms-swift's scored or
+  negative pairs, which InfoNCE and the reranker would read as positives).
+
 A row whose value cannot be read so (a passage without text, a number) is a bad record like any other: its
 field is named, and ``data.on_error`` stops or skips it.
 """
@@ -28,12 +37,15 @@ import json
 from qwen3train.data.records import DataError, join_title
 from qwen3train.errors import ConfigError
 
-FORMATS = ("qwen3train", "tevatron", "sentence-transformers")
+FORMATS = ("qwen3train", "tevatron", "sentence-transformers", "ms-swift")
 LISTS = ("pos", "neg", "not_neg")
 FIELDS = ("query", *LISTS, "instruction", "task", "type")
 TEVATRON = {"query": ("query",), "pos": ("positive_passages",), "neg": ("negative_passages",)}
 TEVATRON_IDS = {"query": ("query_text",), "pos": ("positive_document_ids",), "neg": ("negative_document_ids",)}
 BY_ID_HINT = "make prepare joins them with their documents: give its source corpus: <the corpus they name>"
+SWIFT = ("messages", "positive_messages", "negative_messages")
+SWIFT_EARLIER = ("query", "response", "rejected_response")
+MS_SWIFT = (("ms-swift", SWIFT),)  # the mapping of format ms-swift: its rows are read by _swift_row, not by column
 
 
 def _tevatron(names: list[str] | None, by_id: bool, where: str) -> dict:
@@ -54,6 +66,8 @@ def resolve(fmt: str, columns: dict | None, names: list[str] | None, where: str,
     if fmt not in FORMATS:
         raise ConfigError(f"{where}: format {fmt!r} is not one of {', '.join(FORMATS)}")
     columns = dict(columns or {})
+    if fmt == "ms-swift":
+        return _swift_format(columns, names, where, by_id)
     if fmt == "qwen3train" and not columns:  # ours as it is (by id too: to_ours reads its lists' ids)
         return None
     out = {}
@@ -81,6 +95,88 @@ def resolve(fmt: str, columns: dict | None, names: list[str] | None, where: str,
     if missing:
         raise ConfigError(f"{where}: no column {', '.join(map(repr, missing))} (its columns: {', '.join(names)})")
     return tuple(sorted(out.items()))
+
+
+def _swift_format(columns: dict, names: list[str] | None, where: str, by_id: bool):
+    if columns:
+        raise ConfigError(f"{where}: format ms-swift reads {', '.join(SWIFT)} (or {', '.join(SWIFT_EARLIER)}): "
+                          f"columns do not apply to it")
+    if by_id:
+        raise ConfigError(f"{where}: format ms-swift holds its documents' texts: read it without corpus")
+    if names is not None and not (set(SWIFT[:2]) <= set(names) or set(SWIFT_EARLIER[:2]) <= set(names)):
+        raise ConfigError(f"{where}: format ms-swift reads messages and positive_messages (or query and response), "
+                          f"but its columns are {', '.join(names)}")
+    return MS_SWIFT
+
+
+def _swift_messages(messages, where: str, at: str, document: bool) -> tuple[str, str | None]:
+    """(text, system message) of one ms-swift message list: one user or assistant message, and for a query an
+    optional system message."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(where, at, f"must be a non-empty list of messages {{role, content}}, got {messages!r:.60}")
+    system, texts = None, []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise DataError(where, f"{at}[{k}]", f"must be a message {{role, content}} whose content is a string, "
+                                                 f"got {m!r:.60}")
+        role = m.get("role")
+        if role == "system" and document:
+            raise DataError(where, f"{at}[{k}]", "a system message inside a document: an instruction for one document "
+                                                 "(qwen3train's instruction is the query's: the system message of "
+                                                 "messages)")
+        if role == "system" and system is not None:
+            raise DataError(where, f"{at}[{k}]", "a second system message")
+        if role not in ("system", "user", "assistant"):
+            raise DataError(where, f"{at}[{k}].role", f"{role!r}: one of system, user, assistant")
+        if role == "system":
+            system = m["content"]
+        else:
+            texts.append(m["content"])
+    if len(texts) != 1:
+        raise DataError(where, at, f"holds {len(texts)} user/assistant messages: one text to embed "
+                                   f"(a conversation is not read as one)")
+    if not texts[0].strip():
+        raise DataError(where, at, "its text is empty")
+    return texts[0], system
+
+
+def _swift_row(row, where: str) -> dict:
+    """One ms-swift row as a record of ours."""
+    if not isinstance(row, dict):
+        raise DataError(where, "<record>", f"must be an object, got {type(row).__name__}")
+    for key in (f"{side}{media}" for side in ("", "positive_", "negative_") for media in ("images", "videos", "audios")):
+        if row.get(key) not in (None, [], ""):
+            raise DataError(where, key, "a multimodal row: qwen3train trains text embedders and rerankers")
+    label = row.get("label")
+    if label is not None and (isinstance(label, bool) or label != 1):
+        raise DataError(where, "label", f"{label!r}: a scored or negative pair (ms-swift's cosine-similarity or "
+                                        f"contrastive rows); InfoNCE and the reranker read positive pairs (label 1)")
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataError(where, "system", f"must be a string, got {type(system).__name__}")
+    if row.get("messages") is None:  # the earlier layout
+        for key in SWIFT_EARLIER[:2]:
+            if not isinstance(row.get(key), str):
+                raise DataError(where, key, "missing (ms-swift's rows hold messages and positive_messages, or query "
+                                            "and response)" if row.get(key) is None else "must be a string")
+        neg = row.get("rejected_response")
+        out = {"query": row["query"], "pos": [row["response"]], "neg": [neg] if isinstance(neg, str) else neg}
+    else:
+        query, asked = _swift_messages(row["messages"], where, "messages", False)
+        if asked is not None and system is not None and asked != system:
+            raise DataError(where, "system", "a system message in messages and another in system")
+        system = asked if asked is not None else system
+        docs = {}
+        for key, required in (("positive_messages", True), ("negative_messages", False)):
+            lists = row.get(key)
+            if lists is None and not required:
+                lists = []
+            if not isinstance(lists, list) or (required and not lists):
+                raise DataError(where, key, "missing" if lists is None else
+                                f"must be a non-empty list of message lists, got {lists!r:.60}")
+            docs[key] = [_swift_messages(m, where, f"{key}[{k}]", True)[0] for k, m in enumerate(lists)]
+        out = {"query": query, "pos": docs["positive_messages"], "neg": docs["negative_messages"]}
+    return out | ({"instruction": system} if system is not None and system.strip() else {})
 
 
 def digest(mapping) -> str:
@@ -130,6 +226,8 @@ def to_ours(row: dict, mapping, where: str, lookup: dict | None = None) -> dict:
     ``lookup``: id -> text, where the lists name documents by id."""
     if mapping is None and (lookup is None or not isinstance(row, dict)):
         return row
+    if mapping == MS_SWIFT:
+        return _swift_row(row, where)
     if mapping is None:  # ours, its lists by id: the rest (instruction, scores...) as it is
         return row | {k: _texts([(k, row[k])], where, k, lookup) for k in LISTS if k in row}
     if not isinstance(row, dict):

@@ -137,6 +137,8 @@ def _format_hint(obj: dict) -> str:
         return f" (Tevatron's format: read it with format: tevatron{WHERE_FORMATS})"
     if "anchor" in obj or "positive" in obj:
         return f" (sentence-transformers' columns: read them with format: sentence-transformers{WHERE_FORMATS})"
+    if "messages" in obj or "positive_messages" in obj or "response" in obj:
+        return f" (ms-swift's rows: read them with format: ms-swift{WHERE_FORMATS})"
     return ""
 
 

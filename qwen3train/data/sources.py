@@ -56,7 +56,8 @@ class MixtureSource:
     stream_split: str = "auto"
     # a dataset in another tool's format, read as ours row by row (qwen3train.data.formats): tevatron
     # (positive_passages / negative_passages), sentence-transformers (columns in order: query, positive,
-    # negatives), and/or columns: {query: <column>, pos: <column or [columns]>, neg: ...}
+    # negatives), ms-swift (messages / positive_messages / negative_messages; a system message is the
+    # instruction), and/or columns: {query: <column>, pos: <column or [columns]>, neg: ...}
     format: str = "qwen3train"
     columns: dict[str, Any] = field(default_factory=dict)
 

@@ -208,3 +208,140 @@ def test_rows_by_id_without_a_corpus_and_a_corpus_that_disagrees_are_refused(tmp
     with pytest.raises(ConfigError, match=rf"document {corpus[0]['docid']!r} twice, with two texts"):
         run_prepare(PrepareConfig(sources=[SourceConfig(path=str(f), format="tevatron", corpus=str(twice))],
                                   output=out))
+
+
+def _swift_rows(tev):
+    """ms-swift's rows of the same records: its current layout (messages, positive_messages, negative_messages; the
+    documents as user or assistant messages, as its embedding and reranker docs write them; a system message on
+    every third row) and, every fourth row, its earlier one (query, response, rejected_response, system)."""
+    rows, ours = [], []
+    for i, r in enumerate(tev):
+        text = lambda p: join_title(p.get("title"), p["text"])  # noqa: E731
+        q, pos, neg = r["query"], [text(p) for p in r["positive_passages"]], [text(p) for p in r["negative_passages"]]
+        ins = f"Given an entity question {i}, retrieve its Wikipedia abstract" if i % 3 == 0 else None
+        if i % 4 == 3:  # the earlier layout: one positive
+            rows.append({"query": q, "response": pos[0], "rejected_response": neg, **({"system": ins} if ins else {})})
+            pos = pos[:1]
+        else:
+            role = "assistant" if i % 2 else "user"
+            rows.append({"messages": ([{"role": "system", "content": ins}] if ins else []) + [{"role": "user", "content": q}],
+                         "positive_messages": [[{"role": role, "content": p}] for p in pos],
+                         **({"negative_messages": [[{"role": role, "content": n}] for n in neg]} if i % 5 else {})})
+            neg = neg if i % 5 else []
+        ours.append((q, pos, neg, ins))
+    return rows, ours
+
+
+def test_ms_swift_rows_read_as_ours_with_the_system_message_as_the_instruction(tmp_path):
+    """ms-swift's embedding/reranker rows (the fine-tuning route Qwen's repository points to) in both its layouts,
+    indexed, streamed and through make prepare: the query's system message is the record's instruction (so it is
+    written as the released models take it, not ms-swift's "{system} {query}"); an assistant document is a document.
+    Before, such a file was "field 'query': missing" with no way to read it but a rewrite by hand."""
+    tev, _ = _dbpedia_rows()
+    rows, ours = _swift_rows(tev)
+    assert any(o[3] for o in ours) and any(len(o[1]) > 1 for o in ours) and any(not o[2] for o in ours)
+    f = _write(tmp_path / "swift.jsonl", rows)
+    m = MixtureSource(dataset="json", data_files=[str(f)], format="ms-swift")
+    src = IndexedSource([ref(m)], index_dir=tmp_path / "ix")
+    assert [(r.query, r.pos, r.neg, r.instruction) for r in (src[i] for i in range(len(src)))] == ours
+    stream = StreamingSource(m, seed=0, rank=0, world=1, shuffle_buffer=1)
+    assert sorted((r.query, r.pos, r.neg, r.instruction or "") for _, r in stream.take(len(ours))) == \
+        sorted((q, p, n, i or "") for q, p, n, i in ours)
+    run_prepare(PrepareConfig(sources=[SourceConfig(path=str(f), task="swift", format="ms-swift")],
+                              output=str(tmp_path / "mix.jsonl")))
+    got = [json.loads(x) for x in (tmp_path / "mix.jsonl").read_text().splitlines()]
+    assert sorted((r["query"], r["pos"], r.get("neg", []), r.get("instruction", "")) for r in got) == \
+        sorted((q, p, n, i or "") for q, p, n, i in ours)
+
+
+@pytest.mark.parametrize("change,field,message", [
+    (lambda r: r | {"images": ["/a.jpg"]}, "images", "a multimodal row"),
+    (lambda r: r | {"negative_images": [["/a.jpg"]]}, "negative_images", "a multimodal row"),
+    (lambda r: r | {"label": 0}, "label", r"0: a scored or negative pair"),
+    (lambda r: r | {"label": 0.8}, "label", r"0.8: a scored or negative pair"),
+    (lambda r: r | {"positive_messages": [[{"role": "system", "content": "x"}, {"role": "user", "content": "d"}]]},
+     r"positive_messages\[0\]\[0\]", "a system message inside a document"),
+    (lambda r: r | {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                 {"role": "user", "content": "c"}]}, "messages", "holds 3 user/assistant messages"),
+    (lambda r: r | {"messages": [{"role": "tool", "content": "a"}]}, r"messages\[0\].role", "'tool': one of system"),
+    (lambda r: r | {"messages": [{"role": "user", "content": ["a"]}]}, r"messages\[0\]", "whose content is a string"),
+    (lambda r: r | {"negative_messages": [[{"role": "user", "content": "  "}]]}, r"negative_messages\[0\]",
+     "its text is empty"),
+    (lambda r: {k: v for k, v in r.items() if k != "positive_messages"}, "positive_messages", "missing"),
+    (lambda r: {"query": "q", "rejected_response": ["n"]}, "response", r"missing \(ms-swift's rows hold"),
+])
+def test_an_ms_swift_row_it_cannot_read_is_a_bad_record_naming_its_field(tmp_path, change, field, message):
+    """What ms-swift's rows can hold that an InfoNCE or reranker record cannot: each one line naming the row and
+    the field (raise), or counted and kept as a reject (skip). A label-0 pair read as a positive, or a
+    document's own instruction dropped, would train on something else than the file says, silently."""
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}],
+             "positive_messages": [[{"role": "user", "content": f"p{i}"}]]} for i in range(4)]
+    rows[2] = change(rows[2])
+    f = _write(tmp_path / "swift.jsonl", rows)
+    m = MixtureSource(dataset="json", data_files=[str(f)], format="ms-swift")
+    with pytest.raises(DataError, match=rf"row 3: field '{field}': (.* )?{message}"):
+        IndexedSource([ref(m)], index_dir=tmp_path / "ix")
+    src = IndexedSource([ref(m)], index_dir=tmp_path / "ix2", on_error="skip", rejects_path=tmp_path / "rej.jsonl")
+    assert [src[i].query for i in range(len(src))] == ["q0", "q1", "q3"]
+    rej = [json.loads(x) for x in (tmp_path / "rej.jsonl").read_text().splitlines()]
+    assert len(rej) == 1 and rej[0]["field"] == field.replace("\\", "")
+
+
+def test_ms_swift_format_is_refused_where_it_cannot_apply(tmp_path):
+    """Columns or a corpus with format ms-swift, and a file that is not ms-swift's: one line before any row is read;
+    an ms-swift row given as our JSONL says how to read it."""
+    from qwen3train.data.records import parse_record
+
+    ours = _write(tmp_path / "ours.jsonl", [{"query": "q", "pos": ["p"]}])
+    with pytest.raises(ConfigError, match=r"format ms-swift reads messages and positive_messages \(or query and "
+                                          r"response\), but its columns are query, pos"):
+        ref(MixtureSource(dataset="json", data_files=[str(ours)], format="ms-swift"))
+    swift = _write(tmp_path / "swift.jsonl", [{"messages": [{"role": "user", "content": "q"}],
+                                               "positive_messages": [[{"role": "user", "content": "p"}]]}])
+    with pytest.raises(ConfigError, match=r"format ms-swift reads .*: columns do not apply to it"):
+        ref(MixtureSource(dataset="json", data_files=[str(swift)], format="ms-swift", columns={"query": "messages"}))
+    with pytest.raises(ConfigError, match=r"format ms-swift holds its documents' texts: read it without corpus"):
+        run_prepare(PrepareConfig(sources=[SourceConfig(path=str(swift), format="ms-swift", corpus=str(DBPEDIA))],
+                                  output=str(tmp_path / "o.jsonl")))
+    row = json.loads(swift.read_text())
+    with pytest.raises(DataError, match=r"field 'query': missing \(ms-swift's rows: read them with format: ms-swift"):
+        parse_record(row, "f:1")
+    with pytest.raises(DataError, match=r"field 'pos': missing \(ms-swift's rows: read them with format: ms-swift"):
+        parse_record({"query": "q", "response": "p"}, "f:1")
+
+
+def test_stage1_on_ms_swift_rows_trains_as_on_the_same_records_of_ours(tiny_model_dir, tmp_path):
+    """A run on ms-swift's rows (a `datasets` source, format ms-swift) takes the same steps as a run on the same
+    records in our format: the instruction of a system message reaches the query's text as ours does (a query
+    embedded without it, or as ms-swift's "{system} {query}", gives other losses from the first step)."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "tests" / "train"))
+    from helpers import make_pairs, train_cfg
+
+    from qwen3train.train.loop import run
+
+    ours = [json.loads(x) for x in make_pairs(tmp_path / "d.jsonl", n=16, k=2).read_text().splitlines()]
+    swift = []
+    for i, r in enumerate(ours):
+        r.pop("task")
+        if i % 2:
+            r["instruction"] = f"Given a riddle {i}, find its answer"
+        swift.append({"messages": ([{"role": "system", "content": r["instruction"]}] if i % 2 else []) +
+                      [{"role": "user", "content": r["query"]}],
+                      "positive_messages": [[{"role": "user", "content": p}] for p in r["pos"]],
+                      "negative_messages": [[{"role": "user", "content": n}] for n in r["neg"]]})
+    curves = {}
+    for name, rows, fmt in (("ours", ours, "qwen3train"), ("swift", swift, "ms-swift"),
+                            ("plain", [{k: v for k, v in r.items() if k != "instruction"} for r in ours], "qwen3train")):
+        f = _write(tmp_path / f"{name}.jsonl", rows)
+        cfg = train_cfg(tiny_model_dir, f, tmp_path / name, max_steps=3)
+        cfg.data.train_files = []
+        cfg.data.mixture = [MixtureSource(dataset="json", data_files=[str(f)], format=fmt)]
+        out = run(cfg)
+        curves[name] = [m["loss"] for m in map(json.loads, (out.parent / "metrics.jsonl").read_text().splitlines())
+                        if "loss" in m]
+    assert len(curves["ours"]) == 3 and curves["swift"] == curves["ours"], curves
+    assert curves["plain"][0] != curves["ours"][0], curves  # the instructions change the loss: the check can fail
