@@ -68,6 +68,12 @@ CASES = {
                                  "pairs.jsonl.gz: a compressed file cannot be indexed"),
     "misspelt data format": (["--config-name=stage1", "data.mixture=[{{dataset:json,data_files:[{good}],format:tevatrn}}]"],
                              "format must be one of ('qwen3train', 'tevatron', 'sentence-transformers', 'ms-swift')"),
+    # a config of the user's own --config-dir (README: configs that build on ours): it was Hydra's several lines and
+    # status 1, the key unnamed; now the key is named
+    "bad value in the user's own config": (["--config-dir={tmp}/conf", "--config-name=hot"],
+                                           "could not be converted to Float (key loss.temperature)"),
+    "misspelt key with the user's own configs": (["--config-dir", "{tmp}/conf", "--config-name=stage1",
+                                                  "optim.lrr=1"], "Key 'lrr' not in 'OptimConfig'"),
     # ms-swift's rows given as our JSONL: "field 'query': missing" alone before format ms-swift existed
     "ms-swift rows as our JSONL": (["--config-name=stage1", "data.train_files=[{tmp}/swift.jsonl]"],
                                    "swift.jsonl:1: field 'query': missing (ms-swift's rows: read them with format: "
@@ -172,6 +178,41 @@ def test_a_mixture_on_the_command_line_replaces_the_configs_training_files(compo
     assert e.value.code == 2
 
 
+def test_the_users_own_config_dir_is_checked_as_ours(compose, tmp_path, capsys):
+    """README: `--config-dir=my_configs` adds a folder whose files build on ours; such a command was left to Hydra
+    unchecked (its errors several lines and status 1, the key of a bad value in a file unnamed). Now composed as the
+    run composes it: the user's primary config (its defaults from ours), a group option of the user's beside ours,
+    both spellings of the flag; a folder that is not there is one line."""
+    from qwen3train.cli.main import precheck
+
+    conf = tmp_path / "conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "mine.yaml").write_text("defaults: [stage2, {override model: small}, _self_]\noptim:\n  lr: 3e-5\n")
+    (conf / "model" / "small.yaml").write_text("defaults: [tiny, _self_]\nmax_query_lenght: 12\n")
+    mix = "data.mixture=[{files: [a.jsonl]}]"
+    for flag in (["--config-dir", str(conf)], [f"--config-dir={conf}"], ["-cd", str(conf)]):
+        with pytest.raises(SystemExit) as e:  # the user's group option misspells a key of ours
+            precheck([*flag, "--config-name=mine", "optim.lr=1e-4"])
+        assert e.value.code == 2
+        assert "Key 'max_query_lenght' not in 'ModelConfig'" in capsys.readouterr().err
+    (conf / "model" / "small.yaml").write_text("defaults: [tiny, _self_]\nmax_query_length: 12\n")
+    argv = precheck([f"--config-dir={conf}", "--config-name=mine", mix])
+    assert argv == [f"--config-dir={conf}", "--config-name=mine", mix, "data.train_files=[]"]  # composed: rewritten
+    argv = precheck([f"--config-dir={conf}", "--config-name=stage1", "model=small"])  # ours, with the user's option
+    assert argv == [f"--config-dir={conf}", "--config-name=stage1", "model=small"]
+    import qwen3train.cli.main as entry
+
+    with pytest.MonkeyPatch.context() as mp:  # a source tree whose configs are no package: ours found by path
+        mp.setattr(entry, "_config_path", lambda: "../../configs")
+        assert precheck([f"--config-dir={conf}", "--config-name=mine", mix])[-1] == "data.train_files=[]"
+    with pytest.raises(SystemExit):
+        precheck([f"--config-dir={conf}", "--config-name=stage1", "model=smal"])
+    assert "Could not find 'model/smal'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        precheck([f"--config-dir={tmp_path}/nothere", "--config-name=stage1"])
+    assert capsys.readouterr().err.strip() == f"error: --config-dir {tmp_path}/nothere: no such folder"
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--config-name=stage7"], "Cannot find primary config 'stage7'"),
     (["stage7", "optim.lr=1"], "Cannot find primary config 'stage7'"),
@@ -209,6 +250,8 @@ def test_user_mistake_is_one_line_and_status_2(case, entry_point, tiny_model_dir
     args, needle = CASES[case]
     (tmp_path / "bad.jsonl").write_text('{"query": "q", "pos": "not a list"}\n')
     (tmp_path / "good.jsonl").write_text('{"query": "q", "pos": ["p"]}\n')
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "hot.yaml").write_text("defaults: [stage2, _self_]\nloss:\n  temperature: hot\n")
     (tmp_path / "swift.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}], '
                                           '"positive_messages": [[{"role": "user", "content": "p"}]]}\n')
     (tmp_path / "notjson.jsonl").write_text('{"text": "a document about rivers and their deltas"}\n{"text": oops}\n')

@@ -151,34 +151,35 @@ def main(dict_cfg: DictConfig) -> None:
 
 
 def precheck(argv: list[str]) -> list[str]:
-    """Compose the config once before Hydra runs, so that a wrong key, type or value in the overrides is
-    one line and status 2 (Hydra itself prints several lines and exits 1). A new key of a mapping field
-    (``instructions.my-task=...``, ``data.task_instructions.x=...``) is added as if written with Hydra's
-    ``+``; returns the command line with those ``+`` in place. Sweeps (-m) and commands with a
-    --config-dir of their own (whose primary Hydra's compose API cannot look up) are left to Hydra."""
-    if any(a in ("-m", "--multirun") or a.startswith(("--help", "-h", "--info", "--cfg", "--config-dir"))
-           for a in argv):
+    """Compose the config once before Hydra runs, so that a wrong key, type or value in the overrides (or in a
+    config of the user's own ``--config-dir``) is one line and status 2 (Hydra itself prints several lines and exits
+    1). A new key of a mapping field (``instructions.my-task=...``, ``data.task_instructions.x=...``) is added as if
+    written with Hydra's ``+``; returns the command line with those ``+`` in place. Sweeps (-m) are left to Hydra."""
+    if any(a in ("-m", "--multirun") or a.startswith(("--help", "-h", "--info", "--cfg")) for a in argv):
         return argv
-    from hydra import compose, initialize_config_dir, initialize_config_module
+    from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
 
-    name, overrides = "stage1", []
-    for a in argv:
+    name, overrides, user_dir = "stage1", [], None
+    for i, a in enumerate(argv):
         if a.startswith("--config-name="):
             name = a.split("=", 1)[1]
+        elif a.startswith("--config-dir="):
+            user_dir = a.split("=", 1)[1]
+        elif a in ("--config-dir", "-cd") and i + 1 < len(argv):
+            user_dir = argv[i + 1]
+        elif i and argv[i - 1] in ("--config-dir", "-cd"):
+            continue  # the folder of `--config-dir DIR`
         elif a.startswith("--"):
             return argv  # another Hydra flag: let Hydra handle the whole command line
         elif not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
             overrides.append(a)
-    path = _config_path()
     argv = list(argv)
     for _ in range(len(overrides) + 3):
-        init = (initialize_config_module(path[len("pkg://"):], version_base="1.3") if path.startswith("pkg://")
-                else initialize_config_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), path),
-                                           version_base="1.3"))
+        init, searchpath = _initialize(name, user_dir)
         try:
             with init:
-                cfg = compose(config_name=name, overrides=overrides)
+                cfg = compose(config_name=name, overrides=overrides + searchpath)
                 replaced = _replaced_data(cfg, overrides)
                 if replaced:  # (each added once: the next compose finds the pair settled)
                     argv += replaced
@@ -207,6 +208,9 @@ def precheck(argv: list[str]) -> list[str]:
                      if ln.strip() and not ln.startswith("To append")][:2]  # no "+" hint: a schema refuses it
             if e.__cause__ is not None and str(e.__cause__).strip():  # Hydra puts the reason in the cause
                 lines.append(str(e.__cause__).strip().splitlines()[0])
+            full_key = re.search(r"full_key: (\S+)", text)  # a config file's value: Hydra names the key below
+            if full_key and full_key.group(1) not in " ".join(lines):
+                lines.append(f"(key {full_key.group(1)})")
             key = re.search(r"override (\S+?)=", text)
             if "is not a ListConfig, list or tuple" in text and key:  # a list given as one value
                 lines.append(f"(a list: {key.group(1)}=[...], e.g. {key.group(1)}=[a,b])")
@@ -214,6 +218,29 @@ def precheck(argv: list[str]) -> list[str]:
         finally:
             GlobalHydra.instance().clear()
     return argv
+
+
+def _initialize(name: str, user_dir: str | None):
+    """Hydra's compose API on the search path the command runs with: our configs, and a ``--config-dir`` of the
+    user's before them. The compose API looks up the primary config in one folder (a ``hydra.searchpath`` serves
+    the defaults it names): the user's folder where it holds that config, else ours."""
+    from hydra import initialize_config_dir, initialize_config_module
+
+    path = _config_path()
+    ours = path if path.startswith("pkg://") else os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+
+    def at(folder: str):
+        return (initialize_config_module(folder[len("pkg://"):], version_base="1.3") if folder.startswith("pkg://")
+                else initialize_config_dir(folder, version_base="1.3"))
+
+    if user_dir is None:
+        return at(ours), []
+    user = os.path.abspath(user_dir)
+    if not os.path.isdir(user):
+        report(f"--config-dir {user_dir}: no such folder")
+    if os.path.isfile(os.path.join(user, f"{name}.yaml")):
+        return at(user), [f"hydra.searchpath=['{ours if ours.startswith('pkg://') else 'file://' + ours}']"]
+    return at(ours), [f"hydra.searchpath=['file://{user}']"]
 
 
 def _replaced_data(cfg, overrides: list[str]) -> list[str]:
