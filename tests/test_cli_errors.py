@@ -74,6 +74,13 @@ CASES = {
                                            "could not be converted to Float (key loss.temperature)"),
     "misspelt key with the user's own configs": (["--config-dir", "{tmp}/conf", "--config-name=stage1",
                                                   "optim.lrr=1"], "Key 'lrr' not in 'OptimConfig'"),
+    # a sweep (-m) was left to Hydra unchecked: its several lines and status 1; now every swept value is composed
+    "misspelt key in a sweep": (["--config-name=stage1", "-m", "optim.lrr=1e-4,2e-4"], "Key 'lrr' not in 'OptimConfig'"),
+    "bad second value of a sweep": (["--config-name=stage1", "-m", "optim.lr=1e-4,abc", "run.seed=range(0,2)"],
+                                    "override optim.lr=abc Value 'abc' of type 'str' could not be converted to Float"),
+    "group option that is not there": (["--config-name=stage2", "model=qwen3-06b"],
+                                       "Could not find 'model/qwen3-06b' Available options in 'model': "
+                                       "qwen2.5-coder-0.5b, qwen3-0.6b, qwen3-4b"),
     # ms-swift's rows given as our JSONL: "field 'query': missing" alone before format ms-swift existed
     "ms-swift rows as our JSONL": (["--config-name=stage1", "data.train_files=[{tmp}/swift.jsonl]"],
                                    "swift.jsonl:1: field 'query': missing (ms-swift's rows: read them with format: "
@@ -211,6 +218,27 @@ def test_the_users_own_config_dir_is_checked_as_ours(compose, tmp_path, capsys):
     with pytest.raises(SystemExit):
         precheck([f"--config-dir={tmp_path}/nothere", "--config-name=stage1"])
     assert capsys.readouterr().err.strip() == f"error: --config-dir {tmp_path}/nothere: no such folder"
+
+
+def test_a_sweep_is_composed_value_by_value_before_any_job_starts():
+    """Under -m every value of every swept key is composed (with the other keys' first values); what every job
+    shares is respelled as without -m (a mixture replacing the config's files); a sweep this check cannot enumerate
+    (interval, glob: the sweeper's own) is left to the sweeper. A check of the first combination alone would let
+    the second job of a night's sweep die on a typo after the first had trained."""
+    from qwen3train.cli.check import _sweep
+    from qwen3train.cli.main import precheck
+
+    assert _sweep(["optim.lr=1e-4,2e-4", "run.seed=range(0,3)", "engine=zero2"]) == [
+        ["optim.lr=0.0001", "run.seed=0", "engine=zero2"], ["optim.lr=0.0002", "run.seed=0", "engine=zero2"],
+        ["optim.lr=0.0001", "run.seed=1", "engine=zero2"], ["optim.lr=0.0001", "run.seed=2", "engine=zero2"]]
+    assert _sweep(["optim.lr=interval(1e-5,1e-3)", "run.seed=1"]) == [["run.seed=1"]]
+    sweep = ["--config-name=stage1", "-m", "optim.lr=1e-4,2e-4", "model=tiny,qwen3-0.6b"]
+    assert precheck(sweep) == sweep
+    mix = "data.mixture=[{files: [a.jsonl]}]"
+    assert precheck([*sweep, mix]) == [*sweep, mix, "data.train_files=[]"]
+    with pytest.raises(SystemExit) as e:
+        precheck(["--config-name=stage1", "--multirun", "optim.lr=1e-4", "model=tiny,qwen3-0.6b,qwen3-9b"])
+    assert e.value.code == 2
 
 
 @pytest.mark.parametrize("argv, needle", [

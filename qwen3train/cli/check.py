@@ -1,0 +1,190 @@
+"""The command line checked before Hydra runs it: the config composed once, as the run will compose it, so that a
+wrong key, type or value in the overrides or in a config of the user's own ``--config-dir`` is one line and status 2
+(Hydra itself prints several lines and exits 1); under ``-m`` every value a sweep names is composed the same way
+before any job starts. Where the command line means what Hydra would read otherwise, it is respelled: a new key of a
+mapping field with Hydra's ``+``, a mapping given whole replacing the default one (``~`` then ``+``), a
+``data.mixture`` replacing the config's ``data.train_files``."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from omegaconf import DictConfig, OmegaConf
+
+MULTIRUN = ("-m", "--multirun")
+
+
+def precheck(argv: list[str]) -> list[str]:
+    """The command line checked (``report`` and exit 2 on a mistake) and respelled where it must be."""
+    if any(a.startswith(("--help", "-h", "--info", "--cfg")) and a not in MULTIRUN for a in argv):
+        return argv
+    name, overrides, user_dir = "stage1", [], None
+    for i, a in enumerate(argv):
+        if a.startswith("--config-name="):
+            name = a.split("=", 1)[1]
+        elif a.startswith("--config-dir="):
+            user_dir = a.split("=", 1)[1]
+        elif a in ("--config-dir", "-cd") and i + 1 < len(argv):
+            user_dir = argv[i + 1]
+        elif (i and argv[i - 1] in ("--config-dir", "-cd")) or a in MULTIRUN:
+            continue  # the folder of `--config-dir DIR`; the sweep flag
+        elif a.startswith("--"):
+            return argv  # another Hydra flag: let Hydra handle the whole command line
+        elif not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
+            overrides.append(a)
+    runs = _sweep(overrides) if any(a in MULTIRUN for a in argv) else [overrides]
+    respelled, added = {}, []
+    for k, run in enumerate(runs):
+        spelled, more = _settle(name, run, user_dir)
+        if k == 0:  # the first run's respellings of what every run shares (a swept value differs between runs)
+            respelled, added = {o: new for o, new in spelled.items() if o in overrides}, more
+    return [b for a in argv for b in respelled.get(a, [a])] + added
+
+
+def _sweep(overrides: list[str]) -> list[list[str]]:
+    """The runs to compose for a sweep: each swept key's first value with the rest, then each other value of each
+    swept key in turn (a bad value anywhere in the sweep is met; not every combination). A sweep Hydra's own
+    parser cannot enumerate here (``interval``, ``glob``: the sweeper's) is left out of the check."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from qwen3train.cli.main import report
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # noqa: BLE001 - a sweep the parser refuses is the command line's mistake
+        report(str(e).strip().splitlines()[0])
+    values = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            values.append([o.input_line])
+            continue
+        try:
+            values.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        except Exception:  # noqa: BLE001 - not enumerable without the sweeper (interval, glob)
+            continue
+    first = [v[0] for v in values if v]
+    runs = [first]
+    for i, vals in enumerate(values):
+        runs += [first[:i] + [v] + first[i + 1:] for v in vals[1:]]
+    return runs
+
+
+def _settle(name: str, overrides: list[str], user_dir: str | None) -> tuple[dict[str, list[str]], list[str]]:
+    """Compose until the command line means what it says: (override -> its respelling, overrides added); a mistake
+    is reported (one line, exit 2)."""
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+
+    from qwen3train.cli.main import report
+
+    overrides, respelled, added = list(overrides), {}, []
+
+    def respell(old: str, new: list[str]) -> None:
+        j = overrides.index(old)
+        overrides[j:j + 1] = new
+        respelled[old] = new
+
+    for _ in range(len(overrides) + 3):
+        init, searchpath = _initialize(name, user_dir)
+        try:
+            with init:
+                cfg = compose(config_name=name, overrides=overrides + searchpath)
+                replaced = _replaced_data(cfg, overrides)
+                if replaced:  # (each added once: the next compose finds the pair settled)
+                    overrides += replaced
+                    added += replaced
+                    continue
+                merged = [o for o in overrides if _whole_mapping(o) and _plain_mapping(cfg, o.split("=", 1)[0])]
+                if not merged:
+                    OmegaConf.to_object(cfg)
+                    return respelled, added
+            for o in merged:  # Hydra merged a mapping given whole into the default; it replaces it
+                respell(o, [f"~{o.split('=', 1)[0]}", f"+{o}"])
+            continue
+        except Exception as e:  # noqa: BLE001 - composition failures are the command line's mistakes
+            if os.environ.get("QWEN3TRAIN_DEBUG") == "1":
+                raise
+            text = f"{e} {e.__cause__ or ''}"
+            new_key = re.search(r"Could not override '([^']+)'", text)
+            if new_key and "is not in struct" in text:  # a new key: fine in a mapping (a dataclass refuses
+                key = new_key.group(1)  # it again below, naming it), so retry it with Hydra's +; a mapping
+                at = next((i for i, o in enumerate(overrides) if o.split("=", 1)[0] == key), None)
+                if at is not None:  # given whole (models={a: x}) replaces the default one: ~ then +
+                    o = overrides[at]
+                    respell(o, [f"~{key}", f"+{o}"] if _whole_mapping(o) else [f"+{o}"])
+                    continue
+            report(_one_line(e, text))
+        finally:
+            GlobalHydra.instance().clear()
+    return respelled, added
+
+
+def _one_line(e: Exception, text: str) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines()
+             if ln.strip() and not ln.startswith("To append")][:2]  # no "+" hint: a schema refuses it
+    if e.__cause__ is not None and str(e.__cause__).strip():  # Hydra puts the reason in the cause
+        lines.append(str(e.__cause__).strip().splitlines()[0])
+    options = re.search(r"Available options in '[^']+':\s*\n((?:\s+\S+\n?)+)", str(e))
+    if options:  # a group option that is not there: the ones that are, on the same line
+        lines[-1] = lines[-1].rstrip(":") + ": " + ", ".join(options.group(1).split())
+    full_key = re.search(r"full_key: (\S+)", text)  # a config file's value: Hydra names the key below
+    if full_key and full_key.group(1) not in " ".join(lines):
+        lines.append(f"(key {full_key.group(1)})")
+    key = re.search(r"override (\S+?)=", text)
+    if "is not a ListConfig, list or tuple" in text and key:  # a list given as one value
+        lines.append(f"(a list: {key.group(1)}=[...], e.g. {key.group(1)}=[a,b])")
+    return " ".join(lines) if lines else type(e).__name__
+
+
+def _initialize(name: str, user_dir: str | None):
+    """Hydra's compose API on the search path the command runs with: our configs, and a ``--config-dir`` of the
+    user's before them. The compose API looks up the primary config in one folder (a ``hydra.searchpath`` serves
+    the defaults it names): the user's folder where it holds that config, else ours."""
+    from hydra import initialize_config_dir, initialize_config_module
+
+    from qwen3train.cli.main import _config_path, report
+
+    path = _config_path()
+    ours = path if path.startswith("pkg://") else os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+
+    def at(folder: str):
+        return (initialize_config_module(folder[len("pkg://"):], version_base="1.3") if folder.startswith("pkg://")
+                else initialize_config_dir(folder, version_base="1.3"))
+
+    if user_dir is None:
+        return at(ours), []
+    user = os.path.abspath(user_dir)
+    if not os.path.isdir(user):
+        report(f"--config-dir {user_dir}: no such folder")
+    if os.path.isfile(os.path.join(user, f"{name}.yaml")):
+        return at(user), [f"hydra.searchpath=['{ours if ours.startswith('pkg://') else 'file://' + ours}']"]
+    return at(ours), [f"hydra.searchpath=['file://{user}']"]
+
+
+def _replaced_data(cfg, overrides: list[str]) -> list[str]:
+    """``data.mixture=[...]`` on the command line replaces the files the config names in ``data.train_files`` (every
+    stage's config names its demo files there): the override that empties them, where the command line does not
+    set them too (both given is still refused)."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    out = []
+    for key in sorted(keys):
+        prefix, _, leaf = key.rpartition(".")
+        files = f"{prefix}.train_files"
+        if leaf == "mixture" and prefix.rpartition(".")[2] == "data" and files not in keys and \
+                OmegaConf.select(cfg, key) and OmegaConf.select(cfg, files):
+            out.append(f"{files}=[]")
+    return out
+
+
+def _whole_mapping(override: str) -> bool:
+    """``key={...}``: a mapping given whole (not ``key.sub=...``, not already ``+``/``~``)."""
+    key, eq, value = override.partition("=")
+    return bool(eq) and not key.startswith(("+", "~")) and value.lstrip().startswith("{")
+
+
+def _plain_mapping(cfg, key: str) -> bool:
+    """Whether ``key`` is a free mapping of the config (``eval.models``), not a schema's section (``optim``,
+    whose ``optim={lr: 1e-4}`` sets fields and keeps the others)."""
+    node = OmegaConf.select(cfg, key)
+    return isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict
