@@ -207,10 +207,10 @@ def test_the_users_own_config_dir_is_checked_as_ours(compose, tmp_path, capsys):
     assert argv == [f"--config-dir={conf}", "--config-name=mine", mix, "data.train_files=[]"]  # composed: rewritten
     argv = precheck([f"--config-dir={conf}", "--config-name=stage1", "model=small"])  # ours, with the user's option
     assert argv == [f"--config-dir={conf}", "--config-name=stage1", "model=small"]
-    import qwen3train.cli.main as entry
+    import qwen3train.cli.check as check
 
     with pytest.MonkeyPatch.context() as mp:  # a source tree whose configs are no package: ours found by path
-        mp.setattr(entry, "_config_path", lambda: "../../configs")
+        mp.setattr(check, "_config_path", lambda: "../../configs")
         assert precheck([f"--config-dir={conf}", "--config-name=mine", mix])[-1] == "data.train_files=[]"
     with pytest.raises(SystemExit):
         precheck([f"--config-dir={conf}", "--config-name=stage1", "model=smal"])

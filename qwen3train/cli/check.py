@@ -7,12 +7,40 @@ mapping field with Hydra's ``+``, a mapping given whole replacing the default on
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import sys
 
 from omegaconf import DictConfig, OmegaConf
 
 MULTIRUN = ("-m", "--multirun")
+
+
+def _config_path() -> str:
+    """``pkg://qwen3train.configs`` where the package ships its configs (a wheel, an editable install
+    that maps them); a source tree without that mapping falls back to the repository's folder."""
+    try:
+        if importlib.util.find_spec("qwen3train.configs") is not None:
+            return "pkg://qwen3train.configs"
+    except ModuleNotFoundError:
+        pass
+    return "../../configs"
+
+
+def _multi_rank() -> bool:
+    return os.environ.get("WORLD_SIZE", "1") != "1"
+
+
+def report(message: str, collective: bool = True) -> None:
+    """Print a user's mistake as one line and exit 2. ``collective``: every rank meets the same mistake
+    (the config, a data file the ranks validated together), so only rank 0 prints it; a mistake one
+    rank alone meets is printed by that rank, naming it."""
+    rank = os.environ.get("RANK", "0")
+    if not (collective and _multi_rank() and rank != "0"):
+        where = f" (rank {rank})" if _multi_rank() and not collective else ""
+        print(f"error{where}: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def precheck(argv: list[str]) -> list[str]:
@@ -48,8 +76,6 @@ def _sweep(overrides: list[str]) -> list[list[str]]:
     parser cannot enumerate here (``interval``, ``glob``: the sweeper's) is left out of the check."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from qwen3train.cli.main import report
-
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as e:  # noqa: BLE001 - a sweep the parser refuses is the command line's mistake
@@ -75,8 +101,6 @@ def _settle(name: str, overrides: list[str], user_dir: str | None) -> tuple[dict
     is reported (one line, exit 2)."""
     from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
-
-    from qwen3train.cli.main import report
 
     overrides, respelled, added = list(overrides), {}, []
 
@@ -142,8 +166,6 @@ def _initialize(name: str, user_dir: str | None):
     user's before them. The compose API looks up the primary config in one folder (a ``hydra.searchpath`` serves
     the defaults it names): the user's folder where it holds that config, else ours."""
     from hydra import initialize_config_dir, initialize_config_module
-
-    from qwen3train.cli.main import _config_path, report
 
     path = _config_path()
     ours = path if path.startswith("pkg://") else os.path.join(os.path.dirname(os.path.abspath(__file__)), path)

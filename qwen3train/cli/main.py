@@ -16,7 +16,6 @@ import gc
 if __name__ == "__main__":  # a process starting: its imports run without the cycle collector (startup.py)
     gc.disable()
 
-import importlib.util
 import os
 import re
 import sys
@@ -24,22 +23,11 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from qwen3train.cli.check import precheck
+from qwen3train.cli.check import _config_path, _multi_rank, precheck, report
 from qwen3train.config import register_configs, runner_for
 from qwen3train.startup import imports_done, lean_transformers
 
 register_configs()
-
-
-def _config_path() -> str:
-    """``pkg://qwen3train.configs`` where the package ships its configs (a wheel, an editable install
-    that maps them); a source tree without that mapping falls back to the repository's folder."""
-    try:
-        if importlib.util.find_spec("qwen3train.configs") is not None:
-            return "pkg://qwen3train.configs"
-    except ModuleNotFoundError:
-        pass
-    return "../../configs"
 
 
 def multirun_job_dir() -> str | None:
@@ -90,21 +78,6 @@ def user_error(e: BaseException) -> str | None:
     if isinstance(e, FileNotFoundError):
         return f"no such file or folder: {e.filename}" if e.filename else str(e)
     return None
-
-
-def _multi_rank() -> bool:
-    return os.environ.get("WORLD_SIZE", "1") != "1"
-
-
-def report(message: str, collective: bool = True) -> None:
-    """Print a user's mistake as one line and exit 2. ``collective``: every rank meets the same mistake
-    (the config, a data file the ranks validated together), so only rank 0 prints it; a mistake one
-    rank alone meets is printed by that rank, naming it."""
-    rank = os.environ.get("RANK", "0")
-    if not (collective and _multi_rank() and rank != "0"):
-        where = f" (rank {rank})" if _multi_rank() and not collective else ""
-        print(f"error{where}: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",
