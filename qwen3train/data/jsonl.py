@@ -68,18 +68,13 @@ def read_text(path: str | Path) -> str:
 def iter_json_lines(path: str | Path):
     """``(line number, object)`` of each non-blank line; a line that is not JSON raises DataError naming
     ``file:line`` (the command line prints it as one line). Splits on ``\n`` only (texts may hold U+2028)."""
-    from qwen3train.data.records import DataError, decode_line
+    from qwen3train.data.records import decode_line, json_object
 
     with open_bytes(path) as f:
         for lineno, raw in enumerate(f, 1):  # binary lines end at b"\n" only
             line = decode_line(raw, f"{path}:{lineno}")
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}", "<json>", f"not valid JSON ({e.msg})") from None
-            yield lineno, obj
+            if line.strip():
+                yield lineno, json_object(line, f"{path}:{lineno}")
 
 
 def write_jsonl(path: str | Path, rows) -> Path:

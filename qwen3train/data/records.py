@@ -166,13 +166,23 @@ def decode_line(line: bytes, where: str) -> str:
         raise utf8_error(where, e, e.start) from None
 
 
+ARRAY_HINT = ("a JSON array, not JSON Lines (one record per line): convert it once, e.g. python -c \"import json, sys; "
+              "[print(json.dumps(r, ensure_ascii=False)) for r in json.load(open(sys.argv[1]))]\" in.json > in.jsonl")
+
+
 def json_object(line: bytes | str, where: str):
-    """A line's decoded JSON value (not yet checked as a record)."""
+    """A line's decoded JSON value (not yet checked as a record). A file holding one JSON array (written by
+    ``json.dump`` or ``to_json(lines=False)``: its first line ``[``, or the whole array on it) is named as such."""
     text = decode_line(line, where) if isinstance(line, bytes) else line
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
+        if text.strip() in ("[", "[{") or text.lstrip().startswith("[{") and e.msg.startswith("Expecting"):
+            raise DataError(where, "<json>", ARRAY_HINT) from None
         raise DataError(where, "<json>", f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
+        raise DataError(where, "<json>", ARRAY_HINT)
+    return obj
 
 
 def parse_json_line(line: bytes | str, where: str) -> Record:

@@ -316,3 +316,28 @@ def test_a_file_replaced_by_a_rename_keeps_being_read_as_indexed(tmp_path):
     assert src.records([0])[0].query == "q0"  # the handle is open
     write(tmp_path / "new.jsonl", [{"query": f"other {i}", "pos": ["x"]} for i in range(40)]).replace(f)
     assert [r.query for r in src.records(range(40))] == [f"q{i}" for i in range(40)]
+
+
+def test_a_json_array_is_named_as_one_not_as_invalid_json(tmp_path):
+    """A training file written by json.dump (or to_json(lines=False)): one JSON array, pretty-printed or on one
+    line. It was "field '<json>': not valid JSON (Expecting value at column 1)" (pretty) or "must be a JSON object,
+    got list" (one line), though the file is valid JSON; now it says what it is and how to convert it. Every JSON
+    Lines reader says the same (a stage-0 corpus here)."""
+    from qwen3train.data.jsonl import iter_json_lines
+    from qwen3train.data.records import ARRAY_HINT
+
+    recs = [{"query": f"q{i}", "pos": [f"p{i}"]} for i in range(4)]
+    for name, text in (("pretty.json", json.dumps(recs, indent=2)), ("compact.json", json.dumps(recs))):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError) as e:
+            IndexedSource([str(tmp_path / name)], index_dir=tmp_path / "ix")
+        assert str(e.value) == f"{tmp_path / name}:1: field '<json>': {ARRAY_HINT}"
+        with pytest.raises(DataError, match="a JSON array, not JSON Lines"):
+            list(iter_json_lines(tmp_path / name))
+    # a broken JSON Lines file stays what it was; a JSON Lines row that is a list is not a record
+    (tmp_path / "broken.jsonl").write_text('{"query": "q", "pos": ["p"]}\n{"query": oops}\n["q", ["p"]]\n')
+    with pytest.raises(DataError, match=r"broken.jsonl:2: field '<json>': not valid JSON \(Expecting value"):
+        IndexedSource([str(tmp_path / "broken.jsonl")], index_dir=tmp_path / "ix")
+    (tmp_path / "listrow.jsonl").write_text('{"query": "q", "pos": ["p"]}\n["q", ["p"]]\n')
+    with pytest.raises(DataError, match=r"listrow.jsonl:2: field '<record>': must be a JSON object, got list"):
+        IndexedSource([str(tmp_path / "listrow.jsonl")], index_dir=tmp_path / "ix")
