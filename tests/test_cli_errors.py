@@ -67,7 +67,7 @@ CASES = {
     "compressed training file": (["--config-name=stage1", "data.train_files=[{tmp}/pairs.jsonl.gz]"],
                                  "pairs.jsonl.gz: a compressed file cannot be indexed"),
     "misspelt data format": (["--config-name=stage1", "data.mixture=[{{dataset:json,data_files:[{good}],format:tevatrn}}]"],
-                             "format must be one of ('qwen3train', 'tevatron', 'sentence-transformers', 'ms-swift')"),
+                             "format must be one of ('qwen3train', 'tevatron', 'sentence-transformers', 'ms-swift', 'labeled-pairs')"),
     # a config of the user's own --config-dir (README: configs that build on ours): it was Hydra's several lines and
     # status 1, the key unnamed; now the key is named
     "bad value in the user's own config": (["--config-dir={tmp}/conf", "--config-name=hot"],

@@ -25,6 +25,12 @@ lacks is a bad record.
   user/assistant message in a list), images, videos or audios, and a ``label`` other than 1 (ms-swift's scored or
   negative pairs, which InfoNCE and the reranker would read as positives).
 
+* ``labeled-pairs`` (``make prepare`` only): a row per judged pair, as pointwise reranker data and
+  sentence-transformers' ``labeled-pair`` output hold them: its first three columns in order (or ``columns: {query:
+  ..., document: ..., label: ...}``) are the query, a document and a number; ``make prepare`` groups the rows by
+  query (``prepare.labeled_records``): a document labelled ``min_relevance`` or more is a positive, 0 a negative,
+  one in between ``not_neg``.
+
 A row whose value cannot be read so (a passage without text, a number) is a bad record like any other: its
 field is named, and ``data.on_error`` stops or skips it.
 """
@@ -37,7 +43,8 @@ import json
 from qwen3train.data.records import DataError, join_title
 from qwen3train.errors import ConfigError
 
-FORMATS = ("qwen3train", "tevatron", "sentence-transformers", "ms-swift")
+FORMATS = ("qwen3train", "tevatron", "sentence-transformers", "ms-swift", "labeled-pairs")
+LABELED = ("query", "document", "label")  # format labeled-pairs: a row per judged pair, grouped by make prepare
 LISTS = ("pos", "neg", "not_neg")
 FIELDS = ("query", *LISTS, "instruction", "task", "type")
 TEVATRON = {"query": ("query",), "pos": ("positive_passages",), "neg": ("negative_passages",)}
@@ -66,6 +73,9 @@ def resolve(fmt: str, columns: dict | None, names: list[str] | None, where: str,
     if fmt not in FORMATS:
         raise ConfigError(f"{where}: format {fmt!r} is not one of {', '.join(FORMATS)}")
     columns = dict(columns or {})
+    if fmt == "labeled-pairs":
+        raise ConfigError(f"{where}: format labeled-pairs holds one judged pair a row: make prepare groups them by "
+                          f"query into records (a make prepare source with format: labeled-pairs)")
     if fmt == "ms-swift":
         return _swift_format(columns, names, where, by_id)
     if fmt == "qwen3train" and not columns:  # ours as it is (by id too: to_ours reads its lists' ids)

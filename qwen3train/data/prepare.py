@@ -36,7 +36,8 @@ class SourceConfig:
     # msmarco/test.tsv is TREC-DL 2019 (43 queries), its train.tsv the 500k training queries
     split: str = "train"
     # a JSONL source in another tool's format, converted to ours (qwen3train.data.formats): tevatron,
-    # sentence-transformers (keys in order: query, positive, negatives), and/or columns: {query: ..., pos: ...}
+    # sentence-transformers (keys in order: query, positive, negatives), ms-swift, and/or columns: {query: ..., pos: ...};
+    # labeled-pairs: a row per judged pair (query, document, label), grouped by query (min_relevance as for collections)
     format: str = "qwen3train"
     columns: dict[str, Any] = field(default_factory=dict)
     # a JSONL source whose pos/neg name documents by id (Tevatron's positive_document_ids...): the documents,
@@ -170,6 +171,90 @@ def import_jsonl(path: str, task: str | None, instruction: str | None, on_error:
     return rows, {"source": path, "rows": len(rows), "rejected": rejected, **stats}
 
 
+def _labeled_row(obj, names: tuple[str, str, str] | None, where: str) -> tuple[str, str, float]:
+    from qwen3train.data.formats import LABELED
+
+    if not isinstance(obj, dict):
+        raise DataError(where, "<record>", f"must be a JSON object, got {type(obj).__name__}")
+    query, doc, label = (obj.get(c) for c in names)
+    for key, col, text in (("query", names[0], query), ("document", names[1], doc)):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(where, col, ("missing" if text is None else "is empty" if isinstance(text, str) else
+                                         f"must be a string, got {type(text).__name__}") + f" (the pair's {key})")
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or not np.isfinite(label) or label < 0:
+        raise DataError(where, names[2], f"must be a number >= 0 (the pair's {LABELED[2]}), got {label!r}")
+    parse_record({"query": query, "pos": [doc]}, where)  # the texts checked as any record's
+    return query, doc, float(label)
+
+
+def _labeled_columns(first: dict, columns: dict | None, path) -> tuple[str, str, str]:
+    """The columns of query, document and label: named, or the first row's first three in order."""
+    from qwen3train.data.formats import LABELED
+    from qwen3train.errors import ConfigError
+
+    order = list(first)
+    names = tuple((columns or {}).get(c, order[i] if i < len(order) else None) for i, c in enumerate(LABELED))
+    if None in names or not set(names) <= set(order):
+        raise ConfigError(f"prepare source {path}: format labeled-pairs reads the columns {', '.join(LABELED)} "
+                          f"(in this order, or named with columns: {{query: ..., document: ..., label: ...}}), but its "
+                          f"first row's are {', '.join(order) or 'none'}")
+    return names
+
+
+def labeled_records(path: str, task: str | None, instruction: str | None, min_relevance: int, on_error: str,
+                    rejects: list | None, columns: dict | None):
+    """Rows of judged pairs (query, document, label) grouped by query into records: a document labelled
+    ``min_relevance`` or more is a positive, 0 a negative, one in between ``not_neg`` (as a collection's
+    judgments are read); a pair given twice counts at its highest label. A query without a positive gives no
+    record (counted). A bad row: its ``file:line`` and column, or skipped and kept (``on_error``)."""
+    from qwen3train.data.formats import LABELED
+    from qwen3train.errors import ConfigError
+
+    unknown = sorted(set(columns or {}) - set(LABELED))
+    if unknown:
+        raise ConfigError(f"prepare source {path}: columns.{unknown[0]}: format labeled-pairs names "
+                          f"{', '.join(LABELED)}")
+    groups: dict[str, dict[str, float]] = {}
+    names, rejected, pairs = None, 0, 0
+    for p in expand_files([path]):
+        with open_bytes(p) as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                where = f"{p}:{lineno}"
+                try:
+                    obj = json_object(raw, where)
+                    if names is None and isinstance(obj, dict):  # by column order unless named
+                        names = _labeled_columns(obj, columns, p)
+                    query, doc, label = _labeled_row(obj, names or LABELED, where)
+                except DataError as e:
+                    if on_error == "raise":
+                        raise
+                    rejected += 1
+                    if rejects is not None:
+                        rejects.append({"where": e.where, "field": e.field, "error": e.reason,
+                                        "raw": raw.decode("utf-8", "replace").rstrip("\n")})
+                    continue
+                pairs += 1
+                docs = groups.setdefault(query, {})
+                docs[doc] = max(label, docs.get(doc, label))
+    instr = instruction or REGISTRY.get((task or "").lower())
+    rows, no_pos, partial = [], 0, 0
+    for query, docs in groups.items():
+        pos = [d for d, r in docs.items() if r >= min_relevance]
+        if not pos:
+            no_pos += 1
+            continue
+        row = {"query": query, "pos": pos, "task": task or "default"}
+        neg, below = [d for d, r in docs.items() if r == 0], [d for d, r in docs.items() if 0 < r < min_relevance]
+        row |= ({"neg": neg} if neg else {}) | ({"not_neg": below} if below else {}) | (
+            {"instruction": instr} if instr else {})
+        partial += len(below)
+        rows.append(row)
+    return rows, {"source": path, "rows": len(rows), "pairs": pairs, "rejected": rejected,
+                  "queries_without_positive": no_pos, "not_neg_documents": partial}
+
+
 def run_prepare(cfg: PrepareConfig) -> dict:
     from qwen3train.errors import ConfigError, private_tmp
 
@@ -182,12 +267,18 @@ def run_prepare(cfg: PrepareConfig) -> dict:
                 raise ConfigError(f"prepare source {s.path}: format/columns/corpus read a JSONL file in another "
                                   f"tool's format or by document id, not a collection folder")
             rows, st = import_collection(p, s.task, s.instruction, s.min_relevance, s.split)
+        elif s.format == "labeled-pairs":
+            if s.corpus:
+                raise ConfigError(f"prepare source {s.path}: format labeled-pairs holds its documents' texts: read it "
+                                  f"without corpus")
+            rows, st = labeled_records(s.path, s.task, s.instruction, s.min_relevance, cfg.on_error, rejects,
+                                       s.columns)
         else:
             rows, st = import_jsonl(s.path, s.task, s.instruction, cfg.on_error, rejects, s.format, s.columns,
                                     s.corpus)
         if not rows:  # a source that gives nothing is a mistake in its setting, not a silent no-op
             why = (f"{st.get('queries_without_positive', 0)} queries without a document judged >= min_relevance="
-                   f"{s.min_relevance}" if p.is_dir() else f"{st['rejected']} records rejected")
+                   f"{s.min_relevance}" if p.is_dir() or "pairs" in st else f"{st['rejected']} records rejected")
             raise ConfigError(f"prepare source {s.path}: no records ({why})")
         parts.append((s, rows))
         report.append(st)
@@ -215,7 +306,8 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         summary["rejects_file"] = str(rejects_file)
     out.with_name(out.stem + "_summary.json").write_text(json.dumps(summary, indent=2))
     for st in report:
-        notes = [f"{st[k]} {what}" for k, what in (("rejected", "rejected"), ("queries_without_positive", "queries "
+        notes = [f"{st[k]} {what}" for k, what in (("pairs", "judged pairs"), ("rejected", "rejected"),
+                                                   ("queries_without_positive", "queries "
                  "without positive"), ("not_neg_documents", "documents judged below min_relevance, kept as not_neg: "
                  "never mined as negatives")) if st.get(k)]
         if "corpus" in st:

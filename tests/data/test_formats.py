@@ -345,3 +345,63 @@ def test_stage1_on_ms_swift_rows_trains_as_on_the_same_records_of_ours(tiny_mode
                         if "loss" in m]
     assert len(curves["ours"]) == 3 and curves["swift"] == curves["ours"], curves
     assert curves["plain"][0] != curves["ours"][0], curves  # the instructions change the loss: the check can fail
+
+
+def test_make_prepare_groups_labeled_pairs_by_query_as_a_collection_reads_its_judgments(tmp_path):
+    """A row per judged pair (pointwise reranker data, sentence-transformers' labeled-pair output): the DBpedia
+    fixture's graded judgments written as such rows, in shuffled order, give the records its collection gives
+    (positives at >= min_relevance, the documents judged below it as not_neg), plus its documents judged 0 as
+    negatives. Before, such a file could not be read at all (each row a query with one document and no label)."""
+    from qwen3train.data.prepare import import_collection
+
+    docs = {d["_id"]: d for d in map(json.loads, (DBPEDIA / "corpus.jsonl").read_text().splitlines()) if d}
+    queries = {q["_id"]: q["text"] for q in map(json.loads, (DBPEDIA / "queries.jsonl").read_text().splitlines())}
+    text = {i: join_title(d.get("title"), d["text"]) for i, d in docs.items()}
+    judged = [line.split("\t") for line in (DBPEDIA / "qrels" / "test.tsv").read_text().splitlines()[1:]]
+    judged = [(q, d, int(r)) for q, d, r in judged if q in queries and d in docs]
+    rng = __import__("random").Random(0)
+    rows = [{"question": queries[q], "passage": text[d], "score": r} for q, d, r in judged]
+    rng.shuffle(rows)
+    f = _write(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "mix.jsonl"
+    summary = run_prepare(PrepareConfig(sources=[SourceConfig(path=str(f), task="dbpedia", format="labeled-pairs",
+                                                              min_relevance=2)], output=str(out)))
+    got = {r["query"]: r for r in map(json.loads, out.read_text().splitlines())}
+    want, _ = import_collection(DBPEDIA, "dbpedia", None, 2, split="test")
+    assert len(got) == len(want) and summary["sources"][0]["pairs"] == len(rows)
+    assert any(r.get("not_neg") for r in want) and any(r.get("neg") for r in got.values())
+    for w in want:
+        g = got[w["query"]]
+        assert sorted(g["pos"]) == sorted(w["pos"]) and sorted(g.get("not_neg", [])) == sorted(w.get("not_neg", []))
+        zero = sorted(text[d] for q, d, r in judged if queries[q] == w["query"] and r == 0)
+        assert sorted(g.get("neg", [])) == zero
+        assert g["instruction"] == w["instruction"] and g["task"] == "dbpedia"
+    # named columns read the same rows in another column order
+    f2 = _write(tmp_path / "named.jsonl", [{"score": r["score"], "passage": r["passage"], "question": r["question"]}
+                                           for r in rows])
+    run_prepare(PrepareConfig(sources=[SourceConfig(path=str(f2), task="dbpedia", format="labeled-pairs", min_relevance=2,
+                                                    columns={"query": "question", "document": "passage",
+                                                             "label": "score"})], output=str(tmp_path / "m2.jsonl")))
+    assert sorted(out.read_text().splitlines()) == sorted((tmp_path / "m2.jsonl").read_text().splitlines())
+
+
+def test_labeled_pairs_it_cannot_read_are_named(tmp_path):
+    """A label that is no number (or negative), a pair without its document, too few columns, a column not there,
+    and labeled pairs given where rows are read one by one (a data.mixture source): each one line naming it."""
+    ok = {"q": "what is gravity?", "d": "Gravity attracts masses.", "y": 1}
+    for bad, col, msg in (({"y": "yes"}, "y", r"must be a number >= 0 \(the pair's label\), got 'yes'"),
+                          ({"y": -1}, "y", "must be a number >= 0"), ({"d": ""}, "d", r"is empty \(the pair's document\)")):
+        f = _write(tmp_path / "p.jsonl", [ok, ok | bad])
+        with pytest.raises(DataError, match=rf"p.jsonl:2: field '{col}': {msg}"):
+            run_prepare(PrepareConfig(sources=[SourceConfig(path=str(f), format="labeled-pairs")],
+                                      output=str(tmp_path / "o.jsonl")))
+    two = _write(tmp_path / "two.jsonl", [{"q": "a", "d": "b"}])
+    with pytest.raises(ConfigError, match=r"reads the columns query, document, label .* first row's are q, d"):
+        run_prepare(PrepareConfig(sources=[SourceConfig(path=str(two), format="labeled-pairs")],
+                                  output=str(tmp_path / "o.jsonl")))
+    f = _write(tmp_path / "p.jsonl", [ok])
+    with pytest.raises(ConfigError, match=r"first row's are q, d, y"):
+        run_prepare(PrepareConfig(sources=[SourceConfig(path=str(f), format="labeled-pairs",
+                                                        columns={"label": "relevance"})], output=str(tmp_path / "o.jsonl")))
+    with pytest.raises(ConfigError, match=r"make prepare groups them by query into records"):
+        ref(MixtureSource(dataset="json", data_files=[str(f)], format="labeled-pairs"))
