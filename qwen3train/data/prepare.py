@@ -154,12 +154,7 @@ def import_jsonl(path: str, task: str | None, instruction: str | None, on_error:
                 raise obj
             r = parse_record(to_ours(obj, mapping, where, lookup), where)
         except DataError as e:
-            if on_error == "raise":
-                raise
-            rejected += 1
-            if rejects is not None:
-                rejects.append({"where": e.where, "field": e.field, "error": e.reason,
-                                "raw": raw.decode("utf-8", "replace").rstrip("\n")})
+            rejected += _rejected(e, raw, on_error, rejects)
             continue
         row = {"query": r.query, "pos": r.pos, "task": task or r.task}
         if r.neg:
@@ -169,6 +164,16 @@ def import_jsonl(path: str, task: str | None, instruction: str | None, on_error:
             row["instruction"] = ins
         rows.append(row | r.carried())
     return rows, {"source": path, "rows": len(rows), "rejected": rejected, **stats}
+
+
+def _rejected(e: DataError, raw: bytes, on_error: str, rejects: list | None) -> int:
+    """A bad record: raised (``on_error=raise``), or 1 counted and kept with its reason and raw line."""
+    if on_error == "raise":
+        raise e
+    if rejects is not None:
+        rejects.append({"where": e.where, "field": e.field, "error": e.reason,
+                        "raw": raw.decode("utf-8", "replace").rstrip("\n")})
+    return 1
 
 
 def _labeled_row(obj, names: tuple[str, str, str] | None, where: str) -> tuple[str, str, float]:
@@ -216,28 +221,19 @@ def labeled_records(path: str, task: str | None, instruction: str | None, min_re
                           f"{', '.join(LABELED)}")
     groups: dict[str, dict[str, float]] = {}
     names, rejected, pairs = None, 0, 0
-    for p in expand_files([path]):
-        with open_bytes(p) as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                where = f"{p}:{lineno}"
-                try:
-                    obj = json_object(raw, where)
-                    if names is None and isinstance(obj, dict):  # by column order unless named
-                        names = _labeled_columns(obj, columns, p)
-                    query, doc, label = _labeled_row(obj, names or LABELED, where)
-                except DataError as e:
-                    if on_error == "raise":
-                        raise
-                    rejected += 1
-                    if rejects is not None:
-                        rejects.append({"where": e.where, "field": e.field, "error": e.reason,
-                                        "raw": raw.decode("utf-8", "replace").rstrip("\n")})
-                    continue
-                pairs += 1
-                docs = groups.setdefault(query, {})
-                docs[doc] = max(label, docs.get(doc, label))
+    for where, raw, obj, _ in _rows(path, "qwen3train", None, False):
+        try:
+            if isinstance(obj, DataError):
+                raise obj
+            if names is None and isinstance(obj, dict):  # by column order unless named
+                names = _labeled_columns(obj, columns, where.rsplit(":", 1)[0])
+            query, doc, label = _labeled_row(obj, names or LABELED, where)
+        except DataError as e:
+            rejected += _rejected(e, raw, on_error, rejects)
+            continue
+        pairs += 1
+        docs = groups.setdefault(query, {})
+        docs[doc] = max(label, docs.get(doc, label))
     instr = instruction or REGISTRY.get((task or "").lower())
     rows, no_pos, partial = [], 0, 0
     for query, docs in groups.items():
