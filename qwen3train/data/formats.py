@@ -27,7 +27,8 @@ lacks is a bad record.
 
 * ``labeled-pairs`` (``make prepare`` only): a row per judged pair, as pointwise reranker data and
   sentence-transformers' ``labeled-pair`` output hold them: its first three columns in order (or ``columns: {query:
-  ..., document: ..., label: ...}``) are the query, a document and a number; ``make prepare`` groups the rows by
+  ..., document: ..., label: ...}``) are the query, a document and a number (or a list of documents and a list of
+  as many numbers: its ``labeled-list``); ``make prepare`` groups the rows by
   query (``prepare.labeled_records``): a document labelled ``min_relevance`` or more is a positive, 0 a negative,
   one in between ``not_neg``.
 

@@ -176,20 +176,27 @@ def _rejected(e: DataError, raw: bytes, on_error: str, rejects: list | None) -> 
     return 1
 
 
-def _labeled_row(obj, names: tuple[str, str, str] | None, where: str) -> tuple[str, str, float]:
+def _labeled_row(obj, names: tuple[str, str, str] | None, where: str) -> list[tuple[str, str, float]]:
+    """The judged pairs of one row: a document and its label, or (sentence-transformers' labeled-list) a list of
+    documents and a list of as many labels."""
     from qwen3train.data.formats import LABELED
 
     if not isinstance(obj, dict):
         raise DataError(where, "<record>", f"must be a JSON object, got {type(obj).__name__}")
     query, doc, label = (obj.get(c) for c in names)
-    for key, col, text in (("query", names[0], query), ("document", names[1], doc)):
+    listed = isinstance(doc, list) and isinstance(label, list)
+    if listed and len(doc) != len(label):
+        raise DataError(where, names[2], f"{len(label)} labels for {len(doc)} documents: one label per document")
+    docs, labels = (doc, label) if listed else ([doc], [label])
+    for key, col, text in (("query", names[0], query), *(("document", names[1], d) for d in docs)):
         if not isinstance(text, str) or not text.strip():
             raise DataError(where, col, ("missing" if text is None else "is empty" if isinstance(text, str) else
                                          f"must be a string, got {type(text).__name__}") + f" (the pair's {key})")
-    if isinstance(label, bool) or not isinstance(label, (int, float)) or not np.isfinite(label) or label < 0:
-        raise DataError(where, names[2], f"must be a number >= 0 (the pair's {LABELED[2]}), got {label!r}")
-    parse_record({"query": query, "pos": [doc]}, where)  # the texts checked as any record's
-    return query, doc, float(label)
+    for y in labels:
+        if isinstance(y, bool) or not isinstance(y, (int, float)) or not np.isfinite(y) or y < 0:
+            raise DataError(where, names[2], f"must be a number >= 0 (the pair's {LABELED[2]}), got {y!r}")
+    parse_record({"query": query, "pos": docs}, where)  # the texts checked as any record's
+    return [(query, d, float(y)) for d, y in zip(docs, labels)]
 
 
 def _labeled_columns(first: dict, columns: dict | None, path) -> tuple[str, str, str]:
@@ -227,13 +234,14 @@ def labeled_records(path: str, task: str | None, instruction: str | None, min_re
                 raise obj
             if names is None and isinstance(obj, dict):  # by column order unless named
                 names = _labeled_columns(obj, columns, where.rsplit(":", 1)[0])
-            query, doc, label = _labeled_row(obj, names or LABELED, where)
+            judged = _labeled_row(obj, names or LABELED, where)
         except DataError as e:
             rejected += _rejected(e, raw, on_error, rejects)
             continue
-        pairs += 1
-        docs = groups.setdefault(query, {})
-        docs[doc] = max(label, docs.get(doc, label))
+        for query, doc, label in judged:
+            pairs += 1
+            docs = groups.setdefault(query, {})
+            docs[doc] = max(label, docs.get(doc, label))
     instr = instruction or REGISTRY.get((task or "").lower())
     rows, no_pos, partial = [], 0, 0
     for query, docs in groups.items():

@@ -383,6 +383,15 @@ def test_make_prepare_groups_labeled_pairs_by_query_as_a_collection_reads_its_ju
                                                     columns={"query": "question", "document": "passage",
                                                              "label": "score"})], output=str(tmp_path / "m2.jsonl")))
     assert sorted(out.read_text().splitlines()) == sorted((tmp_path / "m2.jsonl").read_text().splitlines())
+    # sentence-transformers' labeled-list: a query's documents and labels as two lists in one row
+    lists: dict[str, tuple[list, list]] = {}
+    for r in rows:
+        lists.setdefault(r["question"], ([], []))[0].append(r["passage"])
+        lists[r["question"]][1].append(r["score"])
+    f3 = _write(tmp_path / "lists.jsonl", [{"query": q, "docs": d, "labels": y} for q, (d, y) in lists.items()])
+    run_prepare(PrepareConfig(sources=[SourceConfig(path=str(f3), task="dbpedia", format="labeled-pairs",
+                                                    min_relevance=2)], output=str(tmp_path / "m3.jsonl")))
+    assert {r["query"]: r for r in map(json.loads, (tmp_path / "m3.jsonl").read_text().splitlines())} == got
 
 
 def test_labeled_pairs_it_cannot_read_are_named(tmp_path):
@@ -390,7 +399,8 @@ def test_labeled_pairs_it_cannot_read_are_named(tmp_path):
     and labeled pairs given where rows are read one by one (a data.mixture source): each one line naming it."""
     ok = {"q": "what is gravity?", "d": "Gravity attracts masses.", "y": 1}
     for bad, col, msg in (({"y": "yes"}, "y", r"must be a number >= 0 \(the pair's label\), got 'yes'"),
-                          ({"y": -1}, "y", "must be a number >= 0"), ({"d": ""}, "d", r"is empty \(the pair's document\)")):
+                          ({"y": -1}, "y", "must be a number >= 0"), ({"d": ""}, "d", r"is empty \(the pair's document\)"),
+                          ({"d": ["a", "b"], "y": [1]}, "y", "1 labels for 2 documents")):
         f = _write(tmp_path / "p.jsonl", [ok, ok | bad])
         with pytest.raises(DataError, match=rf"p.jsonl:2: field '{col}': {msg}"):
             run_prepare(PrepareConfig(sources=[SourceConfig(path=str(f), format="labeled-pairs")],
