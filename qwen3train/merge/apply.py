@@ -120,6 +120,23 @@ def merge_state_dicts(state_dicts: list[dict], method: str, weights=None, t: flo
     return out
 
 
+def _one_kind(paths: list[Path]) -> None:
+    """Exports of ours say what they are (``qwen3train.json``): an embedder merged with a reranker has the same
+    tensors where the LM head is tied to the embeddings (Qwen3-0.6B), and would be written as the first one's
+    kind, silently. A folder of another origin (a base LM, a released checkpoint: LM-Cocktail's use) says
+    nothing and is merged with either."""
+    from qwen3train.merge.io import MergeError
+    from qwen3train.models.card import read_meta
+
+    known = [(p, k) for p, k in ((p, read_meta(p).get("kind")) for p in paths) if k]
+    article = {"embedder": "an embedder"}
+    for p, k in known[1:]:
+        if k != known[0][1]:
+            first, kind = known[0]
+            raise MergeError(f"merge inputs of two kinds: {first} is {article.get(kind, f'a {kind}')}, {p} "
+                             f"{article.get(k, f'a {k}')} (their qwen3train.json): merge checkpoints of one track")
+
+
 def merge_folders(inputs: list[str | Path], output_dir: str | Path, method: str = "slerp", weights=None,
                   t: float = 0.5, base: str | Path | None = None, lora_base: str | Path | None = None,
                   max_shard_size_mb: int = 2048) -> Path:
@@ -135,6 +152,7 @@ def merge_folders(inputs: list[str | Path], output_dir: str | Path, method: str 
             raise MergeError(f"merge input {p} is damaged ({describe(problems)}); restore it or leave it out")
     if len(paths) < 2:
         raise MergeError(f"need at least 2 checkpoints to merge, got {len(paths)}")
+    _one_kind(paths + ([Path(base)] if base else []))
     fn = get_method(method)
     readers = [open_checkpoint(p, lora_base) for p in paths]
     keys = check_compatible(readers, paths)

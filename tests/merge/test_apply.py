@@ -95,6 +95,23 @@ def test_mismatched_inputs_are_refused_naming_the_tensor(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_embedder_and_a_reranker_are_not_merged_into_one(tmp_path):
+    """Their tensors can match (Qwen3-0.6B ties its LM head to the embeddings, so a reranker export holds what an
+    embedder's holds): the merge ran and wrote the first input's kind, silently. Exports say their kind; a folder
+    of another origin (a base LM: LM-Cocktail merges one in) says none and merges with either."""
+    for name, seed, kind in (("emb", 1, "embedder"), ("emb2", 2, "embedder"), ("rr", 3, "reranker"), ("base", 4, None)):
+        fake_ckpt(tmp_path / name, seed)
+        if kind:
+            (tmp_path / name / "qwen3train.json").write_text(json.dumps({"kind": kind}))
+    with pytest.raises(MergeError, match=r"merge inputs of two kinds: .*emb is an embedder, .*rr a reranker"):
+        merge_folders([tmp_path / "emb", tmp_path / "base", tmp_path / "rr"], tmp_path / "out")
+    with pytest.raises(MergeError, match=r"two kinds: .*emb is an embedder, .*rr a reranker"):
+        merge_folders([tmp_path / "emb", tmp_path / "emb2"], tmp_path / "out", base=tmp_path / "rr")
+    assert not (tmp_path / "out").exists()
+    merge_folders([tmp_path / "emb", tmp_path / "base", tmp_path / "emb2"], tmp_path / "out", method="multislerp")
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
 @pytest.fixture(scope="module")
 def stage2_run(tiny_model_dir, tmp_path_factory):
     """A real (tiny) training run with 3 saved checkpoints, plus a LoRA adapter of the base."""
