@@ -115,6 +115,7 @@ def run(cfg: EvalConfig) -> list[dict]:
     from qwen3train.data.collections import cap_corpus, load_spec
     from qwen3train.stall import StallReport
 
+    _of_their_kinds(cfg)
     dist.init(timeout_min=cfg.encode_timeout_min)
     world, store = dist.world_size(), None
     if world > 1 and not cfg.cache_dir:  # the ranks share their chunks through a store of this run
@@ -136,6 +137,16 @@ def run(cfg: EvalConfig) -> list[dict]:
         if store is not None and dist.is_main():
             shutil.rmtree(store, ignore_errors=True)
         dist.cleanup()
+
+
+def _of_their_kinds(cfg: EvalConfig) -> None:
+    """Each model where its kind belongs (an export of ours says it), checked before any collection loads: a
+    reranker among the models (or an embedder among the rerankers) stopped the run after the others were scored."""
+    from qwen3train.models.build import export_meta, of_its_kind
+
+    for want, paths in (("embedder", [*cfg.models.values(), cfg.rerank_retriever]), ("reranker", cfg.rerankers.values())):
+        for path in filter(None, paths):
+            of_its_kind(path, export_meta(path), want, False)
 
 
 def _encode_corpora(cfg: EvalConfig, collections: list) -> None:

@@ -217,6 +217,29 @@ def export_meta(path: str) -> dict:
     return json.loads(meta.read_text()) if meta.exists() else {}
 
 
+USE = {"embedder": "it embeds texts: give it as a model (make eval models=..., mining's or the filter's embedder)",
+       "reranker": "it scores (query, document) pairs: give it as a reranker (make eval rerankers=..., "
+                   "make score kind=reranker)"}
+
+
+def of_its_kind(path, meta: dict, want: str, training: bool) -> None:
+    """An export of the other track (its ``qwen3train.json`` says ``kind``) loads as this one all the same (the same
+    backbone): evaluated, scored with or mined with, it gives numbers that mean nothing, so that is one line; a
+    stage that trains from it (an embedder from a reranker's weights) may be an experiment, so it is said."""
+    kind = meta.get("kind")
+    if not kind or kind == want:
+        return
+    article = {"embedder": "an embedder"}
+    if not training:
+        raise ConfigError(f"{path} is {article.get(kind, f'a {kind}')} export (its qwen3train.json), not "
+                          f"{article.get(want, f'a {want}')}: {USE.get(kind, '')}")
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {path} is {article.get(kind, f'a {kind}')} export: this stage trains "
+              f"{article.get(want, f'a {want}')} from its weights", flush=True)
+
+
 def load_dtype(cfg: ModelConfig, train_precision: str | None) -> torch.dtype:
     """The dtype weights are loaded in: ``model.dtype`` for inference; float32 for training (master
     weights, see ``qwen3train.precision``), except frozen LoRA base weights under bf16 compute,
@@ -342,6 +365,7 @@ def build_embedder(cfg: ModelConfig, path: str | None = None, train_precision: s
     backbone = _apply_common(backbone, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)
     meta = export_meta(path)
+    of_its_kind(path, meta, "embedder", train_precision is not None)
     emb = Embedder(backbone, tokenizer, query_template=query_template(cfg, meta, path, train_precision),
                    max_query_length=cfg.max_query_length, max_doc_length=cfg.max_doc_length,
                    padding_side=cfg.padding_side, end_token=cfg.end_token or meta.get("end_token"),
@@ -364,6 +388,7 @@ def build_reranker(cfg: ModelConfig, path: str | None = None, max_length: int | 
                     dtype=load_dtype(cfg, train_precision), attn_implementation=pack_kw.pop("attn"))
     lm = _apply_common(lm, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)
+    of_its_kind(path, export_meta(path), "reranker", train_precision is not None)
     rr = Reranker(lm, tokenizer, max_length=max_length or cfg.max_doc_length,
                   padding_side=cfg.padding_side, **pack_kw)
     rr.export_dtype = DTYPES[cfg.dtype]

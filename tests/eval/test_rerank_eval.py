@@ -114,3 +114,32 @@ def test_the_fusion_weight_is_chosen_on_dev_pairs(tiny_model_dir, tmp_path):
     assert sorted(col.corpus.values()) == sorted({r["pos"][0] for r in rows})
     again = evaluate_rerank(tiny_model_dir, tiny_model_dir, col, fusion=got["weight"], **kw)
     assert abs(again["after"]["ndcg@10"] - best) < 1e-4
+
+
+def test_an_export_of_the_other_track_is_refused_where_it_means_nothing(tiny_model_dir, tmp_path, capsys):
+    """An embedder and a reranker of one backbone load as each other (AutoModel takes the LM's layers, the LM its
+    tied head): a reranker export given to `make eval models=...` was scored as an embedder, an embedder export given
+    as a reranker scored with a head it never trained, without a word. Where it is evaluated, mined or scored with
+    it is one line (`make eval`: before any collection loads); a stage that trains from it says so and goes on."""
+    import pytest
+
+    from qwen3train.errors import ConfigError
+    from qwen3train.eval.run import EvalConfig, run
+    from qwen3train.models.build import ModelConfig, build_embedder, build_reranker
+    from qwen3train.models.export import export_embedder, export_reranker
+
+    emb = export_embedder(build_embedder(ModelConfig(name_or_path=str(tiny_model_dir))), tmp_path / "emb",
+                          instruction="Given a question, find its answer")
+    rr = export_reranker(build_reranker(ModelConfig(name_or_path=str(tiny_model_dir))), tmp_path / "rr")
+    with pytest.raises(ConfigError, match=r"rr is a reranker export \(its qwen3train.json\), not an embedder: it scores"):
+        build_embedder(ModelConfig(name_or_path=str(rr)))
+    with pytest.raises(ConfigError, match=r"emb is an embedder export \(its qwen3train.json\), not a reranker: it embeds"):
+        build_reranker(ModelConfig(name_or_path=str(emb)))
+    build_embedder(ModelConfig(name_or_path=str(rr)), train_precision="fp32")
+    assert f"warning: {rr} is a reranker export: this stage trains an embedder from its weights" in capsys.readouterr().out
+    build_embedder(ModelConfig(name_or_path=str(emb)))  # each where it belongs: nothing said
+    build_reranker(ModelConfig(name_or_path=str(rr)))
+    assert "warning" not in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"emb is an embedder export .* not a reranker"):  # (no such collection)
+        run(EvalConfig(models={"e": str(emb)}, rerankers={"r": str(emb)}, rerank_retriever=str(emb),
+                       collections=[str(tmp_path / "no_collection")], output_dir=str(tmp_path / "ev")))
