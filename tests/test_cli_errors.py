@@ -84,7 +84,7 @@ CASES = {
     # ms-swift's rows given as our JSONL: "field 'query': missing" alone before format ms-swift existed
     "ms-swift rows as our JSONL": (["--config-name=stage1", "data.train_files=[{tmp}/swift.jsonl]"],
                                    "swift.jsonl:1: field 'query': missing (ms-swift's rows: read them with format: "
-                                   "ms-swift"),
+                                   "ms-swift, as a `datasets` source: data.mixture=[{dataset: json, data_files: ["),
     "one file where a list belongs": (["--config-name=stage1", "data.train_files={good}"],
                                       "(a list: data.train_files=[...], e.g. data.train_files=[a,b])"),
     "negative stream retries": (["--config-name=stage1", "data.stream_retries=-1"], "data.stream_retries must be >= 0"),

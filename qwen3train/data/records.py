@@ -113,12 +113,12 @@ def parse_record(obj, where: str) -> Record:
         raise DataError(where, "<record>", f"must be a JSON object, got {type(obj).__name__}")
     query = obj.get("query")
     if not isinstance(query, str):
-        raise DataError(where, "query", "missing" + _format_hint(obj) if query is None else
+        raise DataError(where, "query", "missing" + _format_hint(obj, where) if query is None else
                         f"must be a string, got {type(query).__name__}")
     if not query.strip():
         raise DataError(where, "query", "is empty")
     _text(query, where, "query")
-    hint = _format_hint(obj) if obj.get("pos") is None else ""
+    hint = _format_hint(obj, where) if obj.get("pos") is None else ""
     if hint:  # else _str_list says "missing" alone
         raise DataError(where, "pos", "missing" + hint)
     pos, neg = _str_list(obj, "pos", where, True), _str_list(obj, "neg", where, False)
@@ -128,18 +128,19 @@ def parse_record(obj, where: str) -> Record:
                   pos_scores=_scores(obj, "pos_scores", pos, where), neg_scores=_scores(obj, "neg_scores", neg, where))
 
 
-WHERE_FORMATS = " in a data.mixture `datasets` source or a make prepare source"
-
-
-def _format_hint(obj: dict) -> str:
-    """What a record in another tool's format needs said (its fields are ours under other names)."""
-    if "positive_passages" in obj:
-        return f" (Tevatron's format: read it with format: tevatron{WHERE_FORMATS})"
-    if "anchor" in obj or "positive" in obj:
-        return f" (sentence-transformers' columns: read them with format: sentence-transformers{WHERE_FORMATS})"
-    if "messages" in obj or "positive_messages" in obj or "response" in obj:
-        return f" (ms-swift's rows: read them with format: ms-swift{WHERE_FORMATS})"
-    return ""
+def _format_hint(obj: dict, where: str = "") -> str:
+    """What a record in another tool's format needs said (its fields are ours under other names): the source that
+    reads it, written out for the file at hand."""
+    fmt = ("tevatron" if "positive_passages" in obj else "sentence-transformers" if "anchor" in obj or "positive" in obj
+           else "ms-swift" if "messages" in obj or "positive_messages" in obj or "response" in obj else None)
+    if fmt is None:
+        return ""
+    path, _, line = where.rpartition(":")
+    f = path if path and line.isdigit() else "<the file>"
+    what = {"tevatron": "Tevatron's format", "sentence-transformers": "sentence-transformers' columns",
+            "ms-swift": "ms-swift's rows"}[fmt]
+    return (f" ({what}: read them with format: {fmt}, as a `datasets` source: data.mixture=[{{dataset: json, "
+            f"data_files: [{f}], format: {fmt}}}], or converted once by make prepare)")
 
 
 def join_title(title, text: str, sep: str = " ") -> str:

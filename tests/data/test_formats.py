@@ -128,7 +128,9 @@ def test_a_record_of_another_format_says_how_to_read_it(tmp_path):
     from qwen3train.data.records import parse_record
 
     tev, _ = _dbpedia_rows()
-    with pytest.raises(DataError, match=r"field 'pos': missing \(Tevatron's format: read it with format: tevatron"):
+    with pytest.raises(DataError, match=r"field 'pos': missing \(Tevatron's format: read them with format: tevatron, as a "
+                                        r"`datasets` source: data.mixture=\[\{dataset: json, data_files: \[f\], "
+                                        r"format: tevatron\}\], or converted once by make prepare\)$"):
         parse_record(tev[0], "f:1")
     with pytest.raises(DataError, match=r"field 'query': missing \(sentence-transformers' columns"):
         parse_record({"anchor": "q", "positive": "p"}, "f:1")
