@@ -18,9 +18,9 @@ import numpy as np
 
 from qwen3train.data.collections import load_collection
 from qwen3train.data.instructions import REGISTRY
-from qwen3train.data.jsonl import open_bytes
+from qwen3train.data.jsonl import open_bytes, read_text
 from qwen3train.data.formats import FORMATS, resolve, to_ours
-from qwen3train.data.records import DataError, json_object, parse_record
+from qwen3train.data.records import BOM, DataError, json_object, parse_record
 from qwen3train.data.sources import expand_files
 
 
@@ -100,22 +100,42 @@ def import_collection(path: str | Path, task: str | None, instruction: str | Non
 
 
 def _rows(path: str, fmt: str, columns: dict | None, by_id: bool):
-    """(where, raw line, object or the DataError it raised, mapping) of each record line of a JSONL source."""
+    """(where, raw line, object or the DataError it raised, mapping) of each record of a JSONL source, or of each
+    item of a file holding one JSON array (``json.dump``'s, ms-swift's ``.json`` datasets: read whole, as the
+    mix is held whole anyway; an item is named ``file[i]``)."""
     for p in expand_files([path]):
         mapping, resolved = None, fmt == "qwen3train" and not columns
-        with open_bytes(p) as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
+        for where, raw, obj in _items(p):
+            if not isinstance(obj, DataError) and not resolved:  # the first object's keys are the columns, in order
+                names = list(obj) if isinstance(obj, dict) else None
+                mapping, resolved = resolve(fmt, columns, names, str(p), by_id), True
+            yield where, raw, obj, mapping
+
+
+def _items(p: Path):
+    """(where, raw bytes, decoded object or the DataError it raised) of each line, or of each array item."""
+    with open_bytes(p) as f:
+        head = f.read(4096).lstrip().removeprefix(BOM)
+    if head.startswith(b"["):
+        text = read_text(p)
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            if not e.msg.startswith("Extra data"):  # (else JSON Lines whose first row is a list: read line by line)
+                raise DataError(f"{p}:{e.lineno}", "<json>", f"not valid JSON ({e.msg} at column {e.colno})") from None
+            items = None
+        if isinstance(items, list):
+            for i, obj in enumerate(items):
+                yield f"{p}[{i}]", json.dumps(obj, ensure_ascii=False).encode(), obj
+            return
+    with open_bytes(p) as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
                 where = f"{p}:{lineno}"
                 try:
-                    obj = json_object(raw, where)
-                    if not resolved:  # at the file's first object: its keys are the columns, in order
-                        names = list(obj) if isinstance(obj, dict) else None
-                        mapping, resolved = resolve(fmt, columns, names, str(p), by_id), True
+                    yield where, raw, json_object(raw, where)
                 except DataError as e:
-                    obj = e
-                yield where, raw, obj, mapping
+                    yield where, raw, e
 
 
 def corpus_lookup(corpus: str, rows) -> tuple[dict[str, str], dict]:

@@ -417,3 +417,30 @@ def test_labeled_pairs_it_cannot_read_are_named(tmp_path):
                                                         columns={"label": "relevance"})], output=str(tmp_path / "o.jsonl")))
     with pytest.raises(ConfigError, match=r"make prepare groups them by query into records"):
         ref(MixtureSource(dataset="json", data_files=[str(f)], format="labeled-pairs"))
+
+
+def test_make_prepare_reads_a_file_holding_one_json_array(tmp_path):
+    """ms-swift's datasets (and anything json.dump wrote) often come as one JSON array in a .json file: make prepare
+    holds its mix whole anyway, so it reads such a file as it is (before: "not valid JSON" at line 1). An item is
+    named file[i]; JSON Lines whose first row is a list is still read line by line."""
+    tev, _ = _dbpedia_rows()
+    rows, ours = _swift_rows(tev)
+    (tmp_path / "swift.json").write_text(json.dumps(rows, indent=2))
+    _write(tmp_path / "swift.jsonl", rows)
+    for name in ("swift.json", "swift.jsonl"):
+        run_prepare(PrepareConfig(sources=[SourceConfig(path=str(tmp_path / name), task="t", format="ms-swift")],
+                                  output=str(tmp_path / f"{name}.out.jsonl"), seed=1))
+    assert (tmp_path / "swift.json.out.jsonl").read_text() == (tmp_path / "swift.jsonl.out.jsonl").read_text()
+    rows[2]["positive_messages"] = [[{"role": "user", "content": " "}]]
+    (tmp_path / "bad.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"bad.json\[2\]: field 'positive_messages\[0\]': its text is empty"):
+        run_prepare(PrepareConfig(sources=[SourceConfig(path=str(tmp_path / "bad.json"), format="ms-swift")],
+                                  output=str(tmp_path / "o.jsonl")))
+    summary = run_prepare(PrepareConfig(sources=[SourceConfig(path=str(tmp_path / "bad.json"), format="ms-swift")],
+                                        output=str(tmp_path / "o.jsonl"), on_error="skip"))
+    rej = json.loads((tmp_path / "o_rejects.jsonl").read_text())
+    assert summary["records"] == len(rows) - 1 and rej["where"].endswith("bad.json[2]") and json.loads(rej["raw"]) == rows[2]
+    (tmp_path / "listrow.jsonl").write_text('["q", "p"]\n{"query": "q", "pos": ["p"]}\n')
+    with pytest.raises(DataError, match=r"listrow.jsonl:1: field '<record>': must be a JSON object, got list"):
+        run_prepare(PrepareConfig(sources=[SourceConfig(path=str(tmp_path / "listrow.jsonl"))],
+                                  output=str(tmp_path / "o.jsonl")))
