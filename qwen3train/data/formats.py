@@ -171,7 +171,17 @@ def _swift_row(row, where: str) -> dict:
                 raise DataError(where, key, "missing (ms-swift's rows hold messages and positive_messages, or query "
                                             "and response)" if row.get(key) is None else "must be a string")
         neg = row.get("rejected_response")
-        out = {"query": row["query"], "pos": [row["response"]], "neg": [neg] if isinstance(neg, str) else neg}
+        neg = [] if neg is None else [neg] if isinstance(neg, str) else neg
+        if not isinstance(neg, list):
+            raise DataError(where, "rejected_response", f"must be a string or a list of strings, got {neg!r:.60}")
+        for k, text in enumerate(neg):
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(where, f"rejected_response[{k}]", "is empty" if isinstance(text, str) else
+                                f"must be a string, got {type(text).__name__}")
+        for key in SWIFT_EARLIER[:2]:
+            if not row[key].strip():
+                raise DataError(where, key, "is empty")
+        out = {"query": row["query"], "pos": [row["response"]], "neg": neg}
     else:
         query, asked = _swift_messages(row["messages"], where, "messages", False)
         if asked is not None and system is not None and asked != system:

@@ -271,6 +271,9 @@ def test_ms_swift_rows_read_as_ours_with_the_system_message_as_the_instruction(t
      "its text is empty"),
     (lambda r: {k: v for k, v in r.items() if k != "positive_messages"}, "positive_messages", "missing"),
     (lambda r: {"query": "q", "rejected_response": ["n"]}, "response", r"missing \(ms-swift's rows hold"),
+    (lambda r: {"query": "q", "response": "p", "rejected_response": ["n", 3]}, r"rejected_response\[1\]",
+     "must be a string, got int"),
+    (lambda r: {"query": " ", "response": "p"}, "query", "is empty"),
 ])
 def test_an_ms_swift_row_it_cannot_read_is_a_bad_record_naming_its_field(tmp_path, change, field, message):
     """What ms-swift's rows can hold that an InfoNCE or reranker record cannot: each one line naming the row and
