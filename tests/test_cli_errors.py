@@ -194,30 +194,40 @@ def test_the_users_own_config_dir_is_checked_as_ours(compose, tmp_path, capsys):
 
     conf = tmp_path / "conf"
     (conf / "model").mkdir(parents=True)
-    (conf / "mine.yaml").write_text("defaults: [stage2, {override model: small}, _self_]\noptim:\n  lr: 3e-5\n")
+    (conf / "myrun.yaml").write_text("defaults: [stage2, {override model: small}, _self_]\noptim:\n  lr: 3e-5\n")
     (conf / "model" / "small.yaml").write_text("defaults: [tiny, _self_]\nmax_query_lenght: 12\n")
     mix = "data.mixture=[{files: [a.jsonl]}]"
     for flag in (["--config-dir", str(conf)], [f"--config-dir={conf}"], ["-cd", str(conf)]):
         with pytest.raises(SystemExit) as e:  # the user's group option misspells a key of ours
-            precheck([*flag, "--config-name=mine", "optim.lr=1e-4"])
+            precheck([*flag, "--config-name=myrun", "optim.lr=1e-4"])
         assert e.value.code == 2
         assert "Key 'max_query_lenght' not in 'ModelConfig'" in capsys.readouterr().err
     (conf / "model" / "small.yaml").write_text("defaults: [tiny, _self_]\nmax_query_length: 12\n")
-    argv = precheck([f"--config-dir={conf}", "--config-name=mine", mix])
-    assert argv == [f"--config-dir={conf}", "--config-name=mine", mix, "data.train_files=[]"]  # composed: rewritten
+    argv = precheck([f"--config-dir={conf}", "--config-name=myrun", mix])
+    assert argv == [f"--config-dir={conf}", "--config-name=myrun", mix, "data.train_files=[]"]  # composed: rewritten
     argv = precheck([f"--config-dir={conf}", "--config-name=stage1", "model=small"])  # ours, with the user's option
     assert argv == [f"--config-dir={conf}", "--config-name=stage1", "model=small"]
     import qwen3train.cli.check as check
 
     with pytest.MonkeyPatch.context() as mp:  # a source tree whose configs are no package: ours found by path
         mp.setattr(check, "_config_path", lambda: "../../configs")
-        assert precheck([f"--config-dir={conf}", "--config-name=mine", mix])[-1] == "data.train_files=[]"
+        assert precheck([f"--config-dir={conf}", "--config-name=myrun", mix])[-1] == "data.train_files=[]"
     with pytest.raises(SystemExit):
         precheck([f"--config-dir={conf}", "--config-name=stage1", "model=smal"])
     assert "Could not find 'model/smal'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         precheck([f"--config-dir={tmp_path}/nothere", "--config-name=stage1"])
     assert capsys.readouterr().err.strip() == f"error: --config-dir {tmp_path}/nothere: no such folder"
+    # Hydra reads ours first: a file of the user's named like one of ours is never read (the run would run ours)
+    (conf / "stage2.yaml").write_text("defaults: [stage2, _self_]\noptim:\n  lr: 3e-5\n")
+    with pytest.raises(SystemExit):
+        precheck([f"--config-dir={conf}", "--config-name=stage2"])
+    assert "stage2.yaml has the name of one of ours, which is read first: yours would not be used" in \
+        capsys.readouterr().err
+    (conf / "stage2.yaml").unlink()
+    (conf / "model" / "tiny.yaml").write_text("name: tiny\n")
+    assert precheck([f"--config-dir={conf}", "--config-name=myrun"]) == [f"--config-dir={conf}", "--config-name=myrun"]
+    assert "note: model/tiny.yaml in --config-dir" in capsys.readouterr().err
 
 
 def test_a_sweep_is_composed_value_by_value_before_any_job_starts():
@@ -239,6 +249,25 @@ def test_a_sweep_is_composed_value_by_value_before_any_job_starts():
     with pytest.raises(SystemExit) as e:
         precheck(["--config-name=stage1", "--multirun", "optim.lr=1e-4", "model=tiny,qwen3-0.6b,qwen3-9b"])
     assert e.value.code == 2
+
+
+def test_the_command_may_come_after_the_flags(tmp_path):
+    """`qwen3train --config-dir=my_configs mine ...` (the flags first, as Hydra users write them) was "Error parsing
+    override 'mine' missing EQUAL": the command was taken for an override. It is found after --config-dir DIR, -cd DIR
+    and -m; Hydra's own spelling (--config-name=...) names no command."""
+    from qwen3train.cli.main import _command_at
+
+    assert _command_at(["--config-dir=my", "mine", "a=1"]) == 1 and _command_at(["-cd", "my", "-m", "mine"]) == 3
+    assert _command_at(["stage1", "--config-dir=my"]) == 0 and _command_at(["--config-name=x", "--config-dir=my"]) == 0
+    assert _command_at(["--config-dir=my", "a=1"]) == 0  # no command: its own error, as before
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "myrun.yaml").write_text("defaults: [stage1, _self_]\noptim:\n  lr: 3.5e-05\n")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", "import sys; from qwen3train.cli.main import cli; "
+                           "sys.argv[0] = 'qwen3train'; cli()", "--config-dir", str(tmp_path / "conf"), "myrun",
+                           "run.max_steps=3", "--cfg", "job"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "lr: 3.5e-05" in proc.stdout and "max_steps: 3" in proc.stdout, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import re
 import sys
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -61,6 +62,8 @@ def precheck(argv: list[str]) -> list[str]:
             return argv  # another Hydra flag: let Hydra handle the whole command line
         elif not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
             overrides.append(a)
+    if user_dir is not None:
+        _shadowed(user_dir, name)
     runs = _sweep(overrides) if any(a in MULTIRUN for a in argv) else [overrides]
     respelled, added = {}, []
     for k, run in enumerate(runs):
@@ -161,27 +164,62 @@ def _one_line(e: Exception, text: str) -> str:
     return " ".join(lines) if lines else type(e).__name__
 
 
+def _ours() -> Path:
+    """The folder of our configs."""
+    path = _config_path()
+    if path.startswith("pkg://"):  # (a package folder: an installed wheel's, or the one an editable install maps)
+        return Path(list(importlib.util.find_spec(path[len("pkg://"):]).submodule_search_locations)[0])
+    return Path(os.path.dirname(os.path.abspath(__file__))) / path
+
+
+def _shadowed(user_dir: str, name: str) -> None:
+    """Hydra reads our configs before a ``--config-dir`` (its search path: ours, then the command line's), so a file
+    of the user's with the name of one of ours is never read: the command's own config so named is one line (the
+    run would run ours, silently), other such files one note."""
+    user = Path(user_dir).resolve()
+    if not user.is_dir():
+        report(f"--config-dir {user_dir}: no such folder")
+    ours = _ours()
+    same = sorted(str(f.relative_to(user)) for f in user.rglob("*.yaml") if (ours / f.relative_to(user)).is_file())
+    if f"{name}.yaml" in same:
+        report(f"--config-dir {user_dir}: {name}.yaml has the name of one of ours, which is read first: yours would "
+               f"not be used; give it another name (it can start from ours: defaults: [{name}, _self_])")
+    if same and os.environ.get("RANK", "0") == "0":
+        print(f"note: {', '.join(same)} in --config-dir {user_dir} have the names of ours, which are read first: "
+              f"yours are not used; give them other names", file=sys.stderr, flush=True)
+
+
 def _initialize(name: str, user_dir: str | None):
-    """Hydra's compose API on the search path the command runs with: our configs, and a ``--config-dir`` of the
-    user's before them. The compose API looks up the primary config in one folder (a ``hydra.searchpath`` serves
-    the defaults it names): the user's folder where it holds that config, else ours."""
+    """Hydra's compose API on the search path the command runs with: our configs, then a ``--config-dir`` of the
+    user's (as Hydra's own entry point builds it: the primary config is looked up on the whole path, which the
+    public ``initialize_*`` helpers cannot give a second folder for)."""
+    import contextlib
+
     from hydra import initialize_config_dir, initialize_config_module
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
 
     path = _config_path()
-    ours = path if path.startswith("pkg://") else os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
-
-    def at(folder: str):
-        return (initialize_config_module(folder[len("pkg://"):], version_base="1.3") if folder.startswith("pkg://")
-                else initialize_config_dir(folder, version_base="1.3"))
-
+    ours = path if path.startswith("pkg://") else str(_ours())
     if user_dir is None:
-        return at(ours), []
-    user = os.path.abspath(user_dir)
-    if not os.path.isdir(user):
-        report(f"--config-dir {user_dir}: no such folder")
-    if os.path.isfile(os.path.join(user, f"{name}.yaml")):
-        return at(user), [f"hydra.searchpath=['{ours if ours.startswith('pkg://') else 'file://' + ours}']"]
-    return at(ours), [f"hydra.searchpath=['file://{user}']"]
+        return (initialize_config_module(ours[len("pkg://"):], version_base="1.3") if ours.startswith("pkg://")
+                else initialize_config_dir(ours, version_base="1.3")), []
+
+    @contextlib.contextmanager
+    def both():
+        search = create_config_search_path(ours)
+        search.prepend(provider="command-line", path=f"file://{os.path.abspath(user_dir)}",
+                       anchor=SearchPathQuery(provider="schema"))
+        GlobalHydra.instance().clear()
+        Hydra.create_main_hydra2(task_name="precheck", config_search_path=search)
+        try:
+            yield
+        finally:
+            GlobalHydra.instance().clear()
+
+    return both(), []
 
 
 def _replaced_data(cfg, overrides: list[str]) -> list[str]:

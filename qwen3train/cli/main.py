@@ -6,7 +6,8 @@ typed object is converted once, and its schema type picks what runs.
     torchrun --nproc_per_node 8 -m qwen3train.cli.main --config-name=stage2 engine=zero3
 
 Configs are found through Hydra's ``pkg://qwen3train.configs`` (the repository's ``configs/``, shipped in
-the wheel); ``--config-dir=my_configs`` adds a folder of your own (its files win on a name clash).
+the wheel); ``--config-dir=my_configs`` adds a folder of your own (read after ours: give its files names of
+their own; a command's config named like one of ours is refused, since Hydra would run ours).
 """
 
 from __future__ import annotations
@@ -207,6 +208,10 @@ def cli() -> None:
               f"commands: {', '.join(_commands())} (or the name of a config in --config-dir)\n"
               "example: qwen3train stage1 model=qwen3-0.6b engine=zero2 optim.lr=2e-5")
         sys.exit(0 if args else 2)
+    at = _command_at(args)
+    if at:  # flags before the command (`qwen3train --config-dir=my mine ...`, `-m`): the command moved first
+        args = [args[at], *args[:at], *args[at + 1:]]
+        sys.argv = [sys.argv[0], *args]
     if args[0].startswith("-"):  # Hydra's own spelling first (--config-name=stage1 ...), as `python -m` takes it
         sys.argv = apply_aliases(sys.argv)
     elif "=" in args[0]:  # an override where the command belongs
@@ -216,6 +221,20 @@ def cli() -> None:
     else:
         sys.argv = apply_aliases([sys.argv[0], f"--config-name={args[0]}", *args[1:]])
     start()
+
+
+def _command_at(args: list[str]) -> int:
+    """Where the command is when flags come first (``--config-dir=DIR``, ``--config-dir DIR``, ``-cd DIR``, ``-m``):
+    the first argument that is neither a flag, a flag's folder nor an override; 0 where it is first or absent
+    (Hydra's spelling, ``--config-name=...``, names none)."""
+    i = 0
+    while i < len(args) and args[i] in ("--config-dir", "-cd", "-m", "--multirun") or \
+            (i < len(args) and args[i].startswith("--config-dir=")):
+        i += 2 if args[i] in ("--config-dir", "-cd") else 1
+    if 0 < i < len(args) and not args[i].startswith("-") and "=" not in args[i] and \
+            not any(a.startswith("--config-name") for a in args):
+        return i
+    return 0
 
 
 def start() -> None:
