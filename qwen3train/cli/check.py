@@ -113,10 +113,10 @@ def _settle(name: str, overrides: list[str], user_dir: str | None) -> tuple[dict
         respelled[old] = new
 
     for _ in range(len(overrides) + 3):
-        init, searchpath = _initialize(name, user_dir)
+        init = _initialize(user_dir)
         try:
             with init:
-                cfg = compose(config_name=name, overrides=overrides + searchpath)
+                cfg = compose(config_name=name, overrides=overrides)
                 replaced = _replaced_data(cfg, overrides)
                 if replaced:  # (each added once: the next compose finds the pair settled)
                     overrides += replaced
@@ -189,7 +189,7 @@ def _shadowed(user_dir: str, name: str) -> None:
               f"yours are not used; give them other names", file=sys.stderr, flush=True)
 
 
-def _initialize(name: str, user_dir: str | None):
+def _initialize(user_dir: str | None):
     """Hydra's compose API on the search path the command runs with: our configs, then a ``--config-dir`` of the
     user's (as Hydra's own entry point builds it: the primary config is looked up on the whole path, which the
     public ``initialize_*`` helpers cannot give a second folder for)."""
@@ -205,7 +205,7 @@ def _initialize(name: str, user_dir: str | None):
     ours = path if path.startswith("pkg://") else str(_ours())
     if user_dir is None:
         return (initialize_config_module(ours[len("pkg://"):], version_base="1.3") if ours.startswith("pkg://")
-                else initialize_config_dir(ours, version_base="1.3")), []
+                else initialize_config_dir(ours, version_base="1.3"))
 
     @contextlib.contextmanager
     def both():
@@ -219,7 +219,7 @@ def _initialize(name: str, user_dir: str | None):
         finally:
             GlobalHydra.instance().clear()
 
-    return both(), []
+    return both()
 
 
 def _replaced_data(cfg, overrides: list[str]) -> list[str]:

@@ -253,7 +253,7 @@ def labeled_records(path: str, task: str | None, instruction: str | None, min_re
             if isinstance(obj, DataError):
                 raise obj
             if names is None and isinstance(obj, dict):  # by column order unless named
-                names = _labeled_columns(obj, columns, where.rsplit(":", 1)[0])
+                names = _labeled_columns(obj, columns, path)
             judged = _labeled_row(obj, names or LABELED, where)
         except DataError as e:
             rejected += _rejected(e, raw, on_error, rejects)

@@ -178,7 +178,7 @@ def json_object(line: bytes | str, where: str):
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        if text.strip() in ("[", "[{") or text.lstrip().startswith("[{") and e.msg.startswith("Expecting"):
+        if text.strip() == "[" or text.lstrip().startswith("[{") and e.msg.startswith("Expecting"):
             raise DataError(where, "<json>", ARRAY_HINT) from None
         raise DataError(where, "<json>", f"not valid JSON ({e.msg} at column {e.colno})") from None
     if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):

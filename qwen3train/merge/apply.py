@@ -125,16 +125,13 @@ def _one_kind(paths: list[Path]) -> None:
     tensors where the LM head is tied to the embeddings (Qwen3-0.6B), and would be written as the first one's
     kind, silently. A folder of another origin (a base LM, a released checkpoint: LM-Cocktail's use) says
     nothing and is merged with either."""
-    from qwen3train.merge.io import MergeError
-    from qwen3train.models.card import read_meta
+    from qwen3train.models.card import kind_name, read_meta
 
     known = [(p, k) for p, k in ((p, read_meta(p).get("kind")) for p in paths) if k]
-    article = {"embedder": "an embedder"}
     for p, k in known[1:]:
         if k != known[0][1]:
-            first, kind = known[0]
-            raise MergeError(f"merge inputs of two kinds: {first} is {article.get(kind, f'a {kind}')}, {p} "
-                             f"{article.get(k, f'a {k}')} (their qwen3train.json): merge checkpoints of one track")
+            raise MergeError(f"merge inputs of two kinds: {known[0][0]} is {kind_name(known[0][1])}, {p} "
+                             f"{kind_name(k)} (their qwen3train.json): merge checkpoints of one track")
 
 
 def merge_folders(inputs: list[str | Path], output_dir: str | Path, method: str = "slerp", weights=None,

@@ -210,11 +210,9 @@ def resolve_attn_implementation(name: str) -> str:
 
 def export_meta(path: str) -> dict:
     """``qwen3train.json`` of an export (what it was trained with), or {} for any other checkpoint."""
-    import json
-    from pathlib import Path
+    from qwen3train.models.card import read_meta
 
-    meta = Path(path) / "qwen3train.json"
-    return json.loads(meta.read_text()) if meta.exists() else {}
+    return read_meta(path)
 
 
 USE = {"embedder": "it embeds texts: give it as a model (make eval models=..., mining's or the filter's embedder)",
@@ -226,18 +224,19 @@ def of_its_kind(path, meta: dict, want: str, training: bool) -> None:
     """An export of the other track (its ``qwen3train.json`` says ``kind``) loads as this one all the same (the same
     backbone): evaluated, scored with or mined with, it gives numbers that mean nothing, so that is one line; a
     stage that trains from it (an embedder from a reranker's weights) may be an experiment, so it is said."""
+    from qwen3train.models.card import kind_name
+
     kind = meta.get("kind")
     if not kind or kind == want:
         return
-    article = {"embedder": "an embedder"}
     if not training:
-        raise ConfigError(f"{path} is {article.get(kind, f'a {kind}')} export (its qwen3train.json), not "
-                          f"{article.get(want, f'a {want}')}: {USE.get(kind, '')}")
+        raise ConfigError(f"{path} is {kind_name(kind)} export (its qwen3train.json), not {kind_name(want)}: "
+                          f"{USE.get(kind, '')}")
     import os
 
     if os.environ.get("RANK", "0") == "0":
-        print(f"warning: {path} is {article.get(kind, f'a {kind}')} export: this stage trains "
-              f"{article.get(want, f'a {want}')} from its weights", flush=True)
+        print(f"warning: {path} is {kind_name(kind)} export: this stage trains {kind_name(want)} from its weights",
+              flush=True)
 
 
 def load_dtype(cfg: ModelConfig, train_precision: str | None) -> torch.dtype:

@@ -24,6 +24,11 @@ def read_meta(folder: str | Path) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
+def kind_name(kind: str) -> str:
+    """"an embedder", "a reranker": what an export's ``kind`` says, for a message."""
+    return f"an {kind}" if kind[:1] in "aeiou" else f"a {kind}"
+
+
 def inherited(folder: str | Path | None) -> tuple[str | None, list[dict]]:
     """(base model, lineage) of the export a stage starts from; a plain model folder or hub name is a base."""
     if not folder:
