@@ -7,7 +7,10 @@ the query's positives and its ``not_neg`` texts (by text), and any candidate sco
 is set; optionally a reranker drops candidates it judges relevant (probability > ``rerank_max_prob``). Then
 ``num_negatives`` are taken (``top`` or seeded ``random``). Output: the input records with ``neg`` and ``neg_scores``
 (and ``pos_score``); records left with no negative are counted and written without ``neg`` to
-``no_negatives.jsonl``.
+``no_negatives.jsonl``. With ``consistency_top_k`` = k (ranking-consistency filtering, as KaLM-Embedding's
+miner does; off by default, not in the Qwen3 paper), a record whose first positive is not among the embedder's
+top k for its query (k or more other documents, neither its positives nor its ``not_neg`` texts, score above
+it) is a likely wrong or weak pair: it is not mined but written, with ``pos_rank``, to ``inconsistent.jsonl``.
 
 Scale: the corpus, the queries and the positives missing from the corpus are encoded to an on-disk
 store (``qwen3train.mining.store``: chunked, resumable after a kill, sharded over the processes of
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +56,9 @@ class MineConfig:
     range_max: int = 50
     max_score_ratio: float | None = 0.95
     margin: float | None = None
+    # k: a record whose first positive k or more other documents outscore is written to inconsistent.jsonl,
+    # not mined (ranking-consistency filtering); null: off. At most range_max (the candidates seen).
+    consistency_top_k: int | None = None
     sampling: str = "top"
     reranker: str | None = None
     rerank_max_prob: float = 0.5
@@ -81,6 +88,9 @@ class MineConfig:
             raise ValueError("mine.sampling must be top or random")
         if not 0 <= self.range_min < self.range_max:
             raise ValueError("mine needs 0 <= range_min < range_max")
+        if self.consistency_top_k is not None and not 1 <= self.consistency_top_k <= self.range_max:
+            raise ValueError(f"mine.consistency_top_k must be in [1, range_max={self.range_max}] (null: off): only "
+                             f"the top range_max documents are ranked; got {self.consistency_top_k}")
         if self.stall_report_s < 0:
             raise ValueError("mine.stall_report_s must be >= 0 (0: no report)")
         from qwen3train.errors import at_least
@@ -201,12 +211,15 @@ def _mine(cfg: MineConfig) -> dict:
     # the corpus embeddings go to the GPU once (when they fit) and serve every block of queries
     searcher = FaissSearch(dvec) if cfg.use_faiss else ExactSearch(dvec)
     lo, hi = rank * n // world, (rank + 1) * n // world
-    part, part_none = out.with_name(f".{out.name}.rank{rank}.tmp"), out.with_name(f".no_negatives.rank{rank}.tmp")
+    finals = {"mined": (out, out.name), "none": (out.with_name("no_negatives.jsonl"), "no_negatives"),
+              "inconsistent": (out.with_name("inconsistent.jsonl"), "inconsistent")}
     stats = defaultdict(int)
     from qwen3train.progress import Progress
 
     bar = Progress(hi - lo, "mine: search and pick negatives", "queries")
-    with open(part, "w", encoding="utf-8") as f, open(part_none, "w", encoding="utf-8") as fnone:
+    with ExitStack() as stack:
+        parts = {kind: stack.enter_context(open(out.with_name(f".{name}.rank{rank}.tmp"), "w", encoding="utf-8"))
+                 for kind, (_, name) in finals.items()}
         for b0 in range(lo, hi, cfg.query_block):
             b1 = min(hi, b0 + cfg.query_block)
             stall.enter(f"the search of queries {b0 + 1}-{b1} of {n}")
@@ -222,9 +235,9 @@ def _mine(cfg: MineConfig) -> dict:
             scores, idx = searcher.topk(torch.from_numpy(qvec), cfg.range_max)
             recs = source.records(range(b0, b1))  # as encoded at the start: checked against the files as indexed
             for bi, i in enumerate(range(b0, b1)):
-                row = _mine_one(recs[bi], idx[bi].tolist(), scores[bi].tolist(), float(pos_scores[bi]), docs, cfg,
-                                reranker, stats, seed=(cfg.seed, i))
-                (f if "neg" in row else fnone).write(json.dumps(row, ensure_ascii=False) + "\n")
+                kind, row = _mine_one(recs[bi], idx[bi].tolist(), scores[bi].tolist(), float(pos_scores[bi]), docs,
+                                      cfg, reranker, stats, seed=(cfg.seed, i))
+                parts[kind].write(json.dumps(row, ensure_ascii=False) + "\n")
                 bar.update()  # a query at a time: with a reranker one block can take long
     bar.close()
     out.with_name(f".mine_stats.rank{rank}.json").write_text(json.dumps(stats))
@@ -234,7 +247,7 @@ def _mine(cfg: MineConfig) -> dict:
     if rank == 0:
         stall.enter("the joining of the ranks' parts")
         total = defaultdict(int)
-        for final, name in ((out, out.name), (out.with_name("no_negatives.jsonl"), "no_negatives")):
+        for final, name in finals.values():
             join_parts([out.with_name(f".{name}.rank{r}.tmp") for r in range(world)], final)
         for r in range(world):
             p = out.with_name(f".mine_stats.rank{r}.json")
@@ -279,7 +292,16 @@ def _gather_queries(qstores: list[np.ndarray], groups: np.ndarray, rows: np.ndar
 
 def _mine_one(r, idx: list[int], scores: list[float], pos_score: float, docs: list[str], cfg: MineConfig,
               reranker, stats, seed: tuple[int, int]) -> dict:
+    """One record's output row, and which file it goes to: mined, none (no negative left), inconsistent."""
     cands = list(zip(idx, scores))
+    row = {"query": r.query, "pos": r.pos, "task": r.task, "instruction": r.instruction,
+           "pos_score": round(pos_score, 6)} | r.carried(scores=False)  # a teacher's scores: not of these negatives
+    if cfg.consistency_top_k is not None:
+        others = set(r.pos) | set(r.not_neg)
+        above = sum(1 for j, s in cands if s > pos_score and docs[j] not in others)
+        if above >= cfg.consistency_top_k:
+            stats["dropped_inconsistent"] += 1
+            return "inconsistent", row | {"pos_rank": above}  # (at least: only the top range_max are ranked)
     keep, dropped = select_negatives(cands, set(r.pos), pos_score, docs, cfg, set(r.not_neg))
     for k, v in dropped.items():
         stats[f"dropped_{k}"] += v
@@ -291,14 +313,12 @@ def _mine_one(r, idx: list[int], scores: list[float], pos_score: float, docs: li
         # seeded per record: the same negatives whatever the number of processes
         keep = sorted(np.random.default_rng(seed).choice(keep, cfg.num_negatives, replace=False).tolist())
     keep = keep[:cfg.num_negatives]
-    row = {"query": r.query, "pos": r.pos, "task": r.task, "instruction": r.instruction,
-           "pos_score": round(pos_score, 6)} | r.carried(scores=False)  # a teacher's scores: not of these negatives
     if not keep:
         stats["no_negatives"] += 1
-        return row
+        return "none", row
     row["neg"] = [docs[cands[k][0]] for k in keep]
     row["neg_scores"] = [round(cands[k][1], 6) for k in keep]
     row["neg_ranks"] = keep
     stats["records_with_negatives"] += 1
     stats["negatives"] += len(keep)
-    return row
+    return "mined", row

@@ -57,6 +57,45 @@ def test_negative_selection_rules():
     assert keep == [4, 5] and dropped["is_positive"] == 1 and dropped["within_margin"] == 3  # 0.5 is not > 0.5
 
 
+def test_ranking_consistency_keeps_out_records_whose_positive_ranks_low(tmp_path):
+    """``consistency_top_k=2``: a record is mined only if fewer than 2 other documents (not its positives) outscore
+    its first positive; the others go, with ``pos_rank``, to inconsistent.jsonl, none lost. The ranks are checked
+    against sentence-transformers' own vectors scored over the whole corpus (not the miner's top-k search).
+    Catches a filter that counts the positive itself or its other positives, an off-by-one in k, ranks taken from
+    the wrong query, and records dropped rather than kept apart."""
+    from sentence_transformers import SentenceTransformer
+
+    from qwen3train.mining.mine import load_corpus
+
+    rows, _ = import_collection(FIXTURES / "dbpedia", None, None, 1, split="test")  # English, graded: several positives
+    data = write(tmp_path / "dbpedia.jsonl", rows)
+    corpus = [str(FIXTURES / "dbpedia" / "corpus.jsonl")]
+    summary = run_mine(MineConfig(inputs=[str(data)], corpus=corpus, embedder=str(MINILM), precision="float32",
+                                  output=str(tmp_path / "mined.jsonl"), cache_dir=None, num_negatives=2,
+                                  range_max=10, consistency_top_k=2))
+    read = {name: [json.loads(x) for x in (tmp_path / name).read_text().splitlines()]
+            for name in ("mined.jsonl", "no_negatives.jsonl", "inconsistent.jsonl")}
+    assert sorted(r["query"] for part in read.values() for r in part) == sorted(r["query"] for r in rows)
+    docs = list(dict.fromkeys(load_corpus(corpus)))
+    st = SentenceTransformer(str(MINILM), device="cpu")
+    q = torch.as_tensor(st.encode([r["query"] for r in rows], normalize_embeddings=True))
+    d = torch.as_tensor(st.encode(docs, normalize_embeddings=True))
+    p = torch.as_tensor(st.encode([r["pos"][0] for r in rows], normalize_embeddings=True))
+    above = {}
+    for i, r in enumerate(rows):
+        others = torch.tensor([t not in r["pos"] for t in docs])
+        above[r["query"]] = int(((q[i] @ d.T > (q[i] * p[i]).sum() + 1e-5) & others).sum())
+    low = {x for x, n in above.items() if n >= 2}
+    got = {r["query"] for r in read["inconsistent.jsonl"]}
+    assert got == low, sorted((above[x], x) for x in got ^ low)
+    assert 0 < len(low) < len(rows) and summary["dropped_inconsistent"] == len(low), (len(low), summary)
+    assert all(r["pos_rank"] == min(above[r["query"]], r["pos_rank"]) >= 2 and "neg" not in r
+               for r in read["inconsistent.jsonl"])
+    assert any(above[r["query"]] == 1 for r in read["mined.jsonl"])  # k=2 admits one document above the positive
+    with pytest.raises(ValueError, match="consistency_top_k must be in"):
+        MineConfig(inputs=[], range_max=10, consistency_top_k=11)
+
+
 def test_mining_on_a_real_collection_then_stage2_trains(tmp_path, arcd_rows, tiny_model_dir):
     cfg = MineConfig(inputs=[str(arcd_rows)], corpus=[str(FIXTURES / "arcd" / "corpus.jsonl")],
                      embedder=str(MINILM), output=str(tmp_path / "mined.jsonl"), cache_dir=str(tmp_path / "cache"),
