@@ -298,6 +298,7 @@ def test_an_upgrade_keeps_the_config_hash_of_finished_stages(compose):
     assert [config_hash(compose(n, ["inputs=[a.jsonl]"])) for n in ("mine", "filter")] == ["8d102e409fa0",
                                                                                           "18169b66cfc1"]
     assert config_hash(compose("mine", ["inputs=[a.jsonl]", "stall_report_s=60"])) == "8d102e409fa0"
+    assert config_hash(compose("mine", ["inputs=[a.jsonl]", "consistency_top_k=5"])) != "8d102e409fa0"  # a filter
     assert [config_hash(compose("synth", o)) for o in ([], ["stall_report_s=60"])] == ["5a38cbf2a5c4"] * 2  # a7299be's
     # what to write, not what is computed: the pipeline's export-only last checkpoint changes neither hash
     lean = compose("stage1", ["run.output_dir=x", "run.final_engine_state=false"])
