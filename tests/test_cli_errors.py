@@ -228,6 +228,30 @@ def test_the_users_own_config_dir_is_checked_as_ours(compose, tmp_path, capsys):
     (conf / "model" / "tiny.yaml").write_text("name: tiny\n")
     assert precheck([f"--config-dir={conf}", "--config-name=myrun"]) == [f"--config-dir={conf}", "--config-name=myrun"]
     assert "note: model/tiny.yaml in --config-dir" in capsys.readouterr().err
+    # a group option of the user's hidden by ours is refused where the run chooses it (by name or by a config's
+    # defaults), not only noted: `engine=zero2` with the user's edited engine/zero2.yaml trained with ours
+    with pytest.raises(SystemExit):  # (stage1 chooses model=tiny by default)
+        precheck([f"--config-dir={conf}", "--config-name=stage1"])
+    assert "model/tiny.yaml has the name of one of ours" in capsys.readouterr().err
+    (conf / "model" / "tiny.yaml").unlink()
+    (conf / "engine").mkdir()
+    (conf / "engine" / "zero2.yaml").write_text("defaults: [zero3, _self_]\n")
+    (conf / "sharded.yaml").write_text("defaults: [stage1, {override engine: zero2}, _self_]\n")
+    for argv in (["--config-name=stage1", "engine=zero2"], ["--config-name=sharded"],
+                 ["--config-name=stage1", "-m", "engine=torch,zero2"]):
+        with pytest.raises(SystemExit) as e:
+            precheck([f"--config-dir={conf}", *argv])
+        assert e.value.code == 2
+        assert "engine/zero2.yaml has the name of one of ours, which is read first: this run (engine=zero2) would " \
+               "use ours, not yours; give yours another name (engine/my_zero2.yaml, then engine=my_zero2" in \
+               capsys.readouterr().err, argv
+    assert precheck([f"--config-dir={conf}", "--config-name=stage1", "engine=zero3"])[-1] == "engine=zero3"
+    (conf / "engine" / "zero2.yaml").rename(conf / "engine" / "my_zero2.yaml")  # the advice, which builds on ours
+    from hydra import compose
+
+    with check._initialize(str(conf)):
+        cfg = compose(config_name="stage1", overrides=["engine=my_zero2"])
+    assert (cfg.engine.backend, cfg.engine.zero_stage) == ("deepspeed", 3)
 
 
 def test_a_sweep_is_composed_value_by_value_before_any_job_starts():

@@ -62,12 +62,11 @@ def precheck(argv: list[str]) -> list[str]:
             return argv  # another Hydra flag: let Hydra handle the whole command line
         elif not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
             overrides.append(a)
-    if user_dir is not None:
-        _shadowed(user_dir, name)
+    shadowed = _shadowed(user_dir, name) if user_dir is not None else []
     runs = _sweep(overrides) if any(a in MULTIRUN for a in argv) else [overrides]
     respelled, added = {}, []
     for k, run in enumerate(runs):
-        spelled, more = _settle(name, run, user_dir)
+        spelled, more = _settle(name, run, user_dir, shadowed)
         if k == 0:  # the first run's respellings of what every run shares (a swept value differs between runs)
             respelled, added = {o: new for o, new in spelled.items() if o in overrides}, more
     return [b for a in argv for b in respelled.get(a, [a])] + added
@@ -99,9 +98,11 @@ def _sweep(overrides: list[str]) -> list[list[str]]:
     return runs
 
 
-def _settle(name: str, overrides: list[str], user_dir: str | None) -> tuple[dict[str, list[str]], list[str]]:
+def _settle(name: str, overrides: list[str], user_dir: str | None,
+            shadowed: list[str] = ()) -> tuple[dict[str, list[str]], list[str]]:
     """Compose until the command line means what it says: (override -> its respelling, overrides added); a mistake
-    is reported (one line, exit 2)."""
+    is reported (one line, exit 2), as is a group option the run chooses that is one of ``shadowed`` (a file of
+    the user's that ours of the same name hides)."""
     from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
 
@@ -125,6 +126,9 @@ def _settle(name: str, overrides: list[str], user_dir: str | None) -> tuple[dict
                 merged = [o for o in overrides if _whole_mapping(o) and _plain_mapping(cfg, o.split("=", 1)[0])]
                 if not merged:
                     OmegaConf.to_object(cfg)
+                    if shadowed:
+                        _chosen(compose(config_name=name, overrides=overrides, return_hydra_config=True), shadowed,
+                                user_dir)
                     return respelled, added
             for o in merged:  # Hydra merged a mapping given whole into the default; it replaces it
                 respell(o, [f"~{o.split('=', 1)[0]}", f"+{o}"])
@@ -172,10 +176,11 @@ def _ours() -> Path:
     return Path(os.path.dirname(os.path.abspath(__file__))) / path
 
 
-def _shadowed(user_dir: str, name: str) -> None:
+def _shadowed(user_dir: str, name: str) -> list[str]:
     """Hydra reads our configs before a ``--config-dir`` (its search path: ours, then the command line's), so a file
     of the user's with the name of one of ours is never read: the command's own config so named is one line (the
-    run would run ours, silently), other such files one note."""
+    run would run ours, silently), other such files one note; returned (a group option the run chooses is refused
+    once composed: ``_chosen``)."""
     user = Path(user_dir).resolve()
     if not user.is_dir():
         report(f"--config-dir {user_dir}: no such folder")
@@ -187,6 +192,19 @@ def _shadowed(user_dir: str, name: str) -> None:
     if same and os.environ.get("RANK", "0") == "0":
         print(f"note: {', '.join(same)} in --config-dir {user_dir} have the names of ours, which are read first: "
               f"yours are not used; give them other names", file=sys.stderr, flush=True)
+    return same
+
+
+def _chosen(cfg, shadowed: list[str], user_dir: str) -> None:
+    """A group option the composed run uses (``engine=zero2``, named or by default) that is a file of the user's
+    hidden by ours: one line, or the run would train with ours."""
+    choices = cfg.hydra.runtime.choices
+    for rel in shadowed:
+        group, _, option = rel.removesuffix(".yaml").rpartition("/")
+        if group and choices.get(group) == option:
+            report(f"--config-dir {user_dir}: {rel} has the name of one of ours, which is read first: this run "
+                   f"({group}={option}) would use ours, not yours; give yours another name ({group}/my_{option}.yaml, "
+                   f"then {group}=my_{option}; it can start from ours: defaults: [{option}, _self_])")
 
 
 def _initialize(user_dir: str | None):
