@@ -16,7 +16,9 @@ and the false-negative mask m = 0 when
   - (q-d and d-d) the pool document is known to be no negative of row i (``no_neg``: another positive of
     its record, or one of its ``not_neg`` texts, e.g. a document judged partly relevant).
 The d-d block has no margin rule (spec §2.3, as ms-swift's "align with Qwen3-Embedding"), and
-excludes d_i+ itself. Implemented as one cross-entropy over the concatenated logits
+excludes d_i+ itself. With ``hardness`` = a > 0 (not in the paper; EmbeddingGemma's hardness weighting,
+sentence-transformers' ``hardness_strength``), each negative term of every block is weighted by
+w = exp(a * s) with s its cosine and no gradient through w: harder negatives count more in Z_i. Implemented as one cross-entropy over the concatenated logits
 [S_qd | S_qq | S_dd] / tau with masked entries at -inf and the target at d_i+'s column (spec §2.4).
 
 Inputs (L2-normalised):
@@ -55,7 +57,7 @@ NEG_INF = float("-inf")
 def info_nce(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, *,
              temperature: float, fn_margin: float | None = 0.1, qq: bool = True, dd: bool = True,
              doc_ids: torch.Tensor | None = None, rows: torch.Tensor | None = None,
-             no_neg: torch.Tensor | None = None, return_stats: bool = False):
+             no_neg: torch.Tensor | None = None, hardness: float = 0.0, return_stats: bool = False):
     """Mean loss over ``rows`` (see the module docstring); with ``return_stats`` also a dict of
     detached telemetry: top-1 accuracy, mean positive cosine, mean hardest-negative cosine, margin
     and the fraction of q-d/q-q candidates masked as false negatives."""
@@ -110,6 +112,10 @@ def info_nce(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None
         blocks.append(s_dd.masked_fill(drop_dd, NEG_INF))
 
     logits = torch.cat(blocks, dim=1) / temperature
+    if hardness:  # log w = a * s added to each negative's logit (masked ones stay -inf), the positive's left
+        boost = hardness * torch.cat([s_qd] + ([s_qq] if qq else []) + ([s_dd] if dd else []), dim=1).detach()
+        boost[ar, target] = 0.0
+        logits = logits + boost
     loss = F.cross_entropy(logits, target)
     if not return_stats:
         return loss
@@ -183,6 +189,9 @@ class InfoNCEConfig:
         default. Records without scores train on InfoNCE alone.
     kd_temperature: the teacher's scores are divided by it before their softmax: 1 for a reranker's logits
         (FlagEmbedding's setting), about the student's temperature for an embedder teacher's cosines.
+    hardness_strength: a >= 0; each negative term of the denominator weighted by exp(a * its cosine), without
+        gradient through the weight (EmbeddingGemma's hardness weighting, a = 5 there; sentence-transformers'
+        ``hardness_strength``). Not in the paper: 0 (off) by default.
     """
 
     name: str = "infonce"
@@ -197,10 +206,13 @@ class InfoNCEConfig:
     cross_device: bool = True
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
+    hardness_strength: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
+        if self.hardness_strength < 0:
+            raise ValueError(f"loss.hardness_strength must be >= 0 (0: off), got {self.hardness_strength}")
         if self.kd_weight < 0 or self.kd_temperature <= 0:
             raise ValueError(f"loss.kd_weight must be >= 0 and loss.kd_temperature > 0, got {self.kd_weight} and "
                              f"{self.kd_temperature}")
@@ -215,8 +227,9 @@ class InfoNCELoss:
     def __init__(self, temperature: float, fn_margin: float | None = 0.1, qq: bool = True, dd: bool = True,
                  mask_identical_docs: bool = True, matryoshka_dims: list[int] | None = None,
                  matryoshka_weights: list[float] | None = None, cross_device: bool = True,
-                 mask_not_neg: bool = True, kd_weight: float = 0.0, kd_temperature: float = 1.0) -> None:
-        self.temperature = temperature
+                 mask_not_neg: bool = True, kd_weight: float = 0.0, kd_temperature: float = 1.0,
+                 hardness_strength: float = 0.0) -> None:
+        self.temperature, self.hardness = temperature, hardness_strength
         self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
         self.mask_not_neg = mask_not_neg
         self.fn_margin = fn_margin
@@ -260,7 +273,8 @@ class InfoNCELoss:
             out = info_nce(normalize(q, dim), normalize(pos, dim),
                            normalize(neg, dim) if neg is not None else None,
                            temperature=self.temperature, fn_margin=self.fn_margin, qq=self.qq, dd=self.dd,
-                           doc_ids=doc_ids, rows=rows, no_neg=no_neg, return_stats=dim is None)
+                           doc_ids=doc_ids, rows=rows, no_neg=no_neg, hardness=self.hardness,
+                           return_stats=dim is None)
             if dim is None:
                 out, stats = out
             total = total + weight * out
@@ -273,4 +287,4 @@ class InfoNCELoss:
 def build_infonce(cfg: InfoNCEConfig) -> InfoNCELoss:
     return InfoNCELoss(cfg.temperature, cfg.fn_margin, cfg.qq, cfg.dd, cfg.mask_identical_docs,
                        cfg.matryoshka_dims, cfg.matryoshka_weights, cfg.cross_device, cfg.mask_not_neg,
-                       cfg.kd_weight, cfg.kd_temperature)
+                       cfg.kd_weight, cfg.kd_temperature, cfg.hardness_strength)

@@ -30,7 +30,7 @@ LATE_DEFAULTS = {"optim.fused": None, "rerank_fusion": None, "rerank_fusion_dev_
                  "data.mixture[].stream_split": "auto", "loss.mask_not_neg": True,
                  "data.mixture[].format": "qwen3train", "data.mixture[].columns": {}, "loss.kd_weight": 0.0,
                  "loss.kd_temperature": 1.0,
-                 "consistency_top_k": None}  # mining's (its stage marker's config has it at the top)
+                 "loss.hardness_strength": 0.0, "consistency_top_k": None}  # mining's (its stage marker's config has it at the top)
 # Fields added after a release that only say what to write, never what is computed: left out at any value (as
 # NEUTRAL's are, and from the stage markers too). run.skip_nonfinite_steps changes nothing a finite run computes:
 # a run stopped by it resumes with a higher limit.

@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from qwen3train.losses.infonce import InfoNCELoss, info_nce
 
 
-def reference(q, p, n, tau, margin, qq, dd, ids, known=None):
+def reference(q, p, n, tau, margin, qq, dd, ids, known=None, hardness=0.0):
     """Eq. 1 written term by term, with plain loops (spec §2.1, pool = positives + all negatives); ``known``:
-    row -> ids of pool documents that are no negatives of it (dropped from its q-d and d-d terms)."""
+    row -> ids of pool documents that are no negatives of it (dropped from its q-d and d-d terms); ``hardness``:
+    each negative term weighted by exp(hardness * its cosine)."""
     known = known or {}
+    term = lambda s: math.exp(hardness * s) * math.exp(s / tau)
     q, p = q.astype(np.float64), p.astype(np.float64)
     B = q.shape[0]
     K = 0 if n is None else n.shape[1]
@@ -33,7 +35,7 @@ def reference(q, p, n, tau, margin, qq, dd, ids, known=None):
             s = cos(q[i], d)
             if s > thr or ids[j] == ids[i] or ids[j] in known.get(i, ()):
                 continue
-            z += math.exp(s / tau)
+            z += term(s)
         if qq:  # term (3)
             for j in range(B):
                 if j == i:
@@ -41,12 +43,12 @@ def reference(q, p, n, tau, margin, qq, dd, ids, known=None):
                 s = cos(q[i], q[j])
                 if s > thr:
                     continue
-                z += math.exp(s / tau)
+                z += term(s)
         if dd:  # term (4), no margin rule
             for j, d in enumerate(pool):
                 if j == i or ids[j] == ids[i] or ids[j] in known.get(i, ()):
                     continue
-                z += math.exp(cos(p[i], d) / tau)
+                z += term(cos(p[i], d))
         losses.append(-math.log(math.exp(s_pos / tau) / z))
     return float(np.mean(losses))
 
@@ -144,6 +146,55 @@ def test_other_positives_and_not_neg_texts_are_no_negatives_of_their_row():
     parts = [info_nce(q, p, n, temperature=0.05, fn_margin=None, doc_ids=torch.tensor(ids), rows=torch.arange(a, b),
                       no_neg=mask[a:b]) * (b - a) for a, b in ((0, 1), (1, 3))]
     assert abs(sum(x.item() for x in parts) / 3 - ref) < 1e-5
+
+
+@pytest.mark.parametrize("qq,dd,K", [(True, True, 3), (False, False, 0), (True, False, 2)])
+def test_hardness_weighting_matches_the_weighted_sum_and_takes_no_gradient_through_its_weights(qq, dd, K):
+    """loss.hardness_strength = a: every negative term of Z_i (each block, each mask rule kept) weighted by
+    exp(a * cosine), the positive's not: value against the loop reference; gradient against autograd through
+    an explicit sum whose weights are detached. Catches a weight on the positive, a block left unweighted, a
+    weight that reaches a masked term, and gradient through the weights (which is a sharper temperature on the
+    negatives, a different gradient: checked to differ)."""
+    B, D, a, tau = 6, 16, 5.0, 0.05
+    q, p = unit(B, D, seed=21), unit(B, D, seed=22)
+    n = unit(B, K, D, seed=23) if K else None
+    ids = torch.tensor(list(range(B)) + [1] + list(range(B + 1, B * (1 + K)))) if K else None  # a duplicate of d_1+
+    got = info_nce(q, p, n, temperature=tau, fn_margin=0.1, qq=qq, dd=dd, doc_ids=ids, hardness=a)
+    ref = reference(q.numpy(), p.numpy(), None if n is None else n.numpy(), tau, 0.1, qq, dd,
+                    None if ids is None else ids.tolist(), hardness=a)
+    assert abs(got.item() - ref) < 1e-4 * abs(ref) and abs(ref - reference(
+        q.numpy(), p.numpy(), None if n is None else n.numpy(), tau, 0.1, qq, dd,
+        None if ids is None else ids.tolist())) > 0.03  # (the weights act: random cosines are near 0)
+
+    def explicit(qv, pv, detached):
+        pool = pv if K == 0 else torch.cat([pv, n.reshape(B * K, D)])
+        pid = torch.arange(pool.shape[0]) if ids is None else ids
+        total = 0.0
+        for i in range(B):
+            s_pos = qv[i] @ pv[i]
+            terms = [(qv[i] @ pool[j], False) for j in range(pool.shape[0])
+                     if j != i and pid[j] != pid[i] and (qv[i] @ pool[j]).item() <= s_pos.item() + 0.1]
+            terms += [(qv[i] @ qv[j], False) for j in range(B) if qq and j != i and (qv[i] @ qv[j]).item()
+                      <= s_pos.item() + 0.1]
+            terms += [(pv[i] @ pool[j], False) for j in range(pool.shape[0]) if dd and j != i and pid[j] != pid[i]]
+            z = torch.exp(s_pos / tau) + sum(torch.exp(a * (s.detach() if detached else s)) * torch.exp(s / tau)
+                                             for s, _ in terms)
+            total = total - torch.log(torch.exp(s_pos / tau) / z)
+        return total / B
+
+    grads = {}
+    for name, fn in (("ours", lambda qv, pv: info_nce(qv, pv, n, temperature=tau, fn_margin=0.1, qq=qq, dd=dd,
+                                                      doc_ids=ids, hardness=a)),
+                     ("detached", lambda qv, pv: explicit(qv, pv, True)),
+                     ("through", lambda qv, pv: explicit(qv, pv, False))):
+        qv, pv = q.clone().double().requires_grad_(), p.clone().double().requires_grad_()
+        if n is not None:
+            n = n.double()
+        fn(qv, pv).backward()
+        grads[name] = torch.cat([qv.grad.flatten(), pv.grad.flatten()])
+        n = None if n is None else n.float()
+    assert torch.allclose(grads["ours"], grads["detached"], atol=1e-8, rtol=1e-6)
+    assert not torch.allclose(grads["ours"], grads["through"], atol=1e-3)
 
 
 def test_rows_subset_and_equivalence_to_standard_infonce():

@@ -17,17 +17,20 @@ def grads_of(engine):
     return {n: p.grad.detach().clone() for n, p in engine.module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("k,related", [(0, False), (2, False), (2, True), (2, "teacher")])
+@pytest.mark.parametrize("k,related", [(0, False), (2, False), (2, True), (2, "teacher"), (2, "hardness")])
 def test_gradcache_equals_uncached(tiny_model_dir, tmp_path, k, related):
     """GradCache's loss and gradients equal the uncached step's, also when rows carry pool documents that are
-    no negatives of theirs (other positives, not_neg: the masked loss must hold across the cached chunks), and
-    with distillation from a teacher's scores (each row's own candidates, some rows without scores)."""
+    no negatives of theirs (other positives, not_neg: the masked loss must hold across the cached chunks),
+    with distillation from a teacher's scores (each row's own candidates, some rows without scores), and with
+    hardness-weighted negatives (weights without gradient: the cached backward must not differentiate them)."""
     data = make_pairs(tmp_path / "d.jsonl", k=max(k, 1))
     if related == "teacher":
         data = with_teacher(related_rows(data))
     cfg = train_cfg(tiny_model_dir, related_rows(data) if related is True else data, tmp_path / "run", k=k,
                     kd_weight=0.5 if related == "teacher" else 0.0)
     task, loader = build_task(cfg, tmp_path / "run")
+    if related == "hardness":
+        task.loss_fn.hardness = 5.0
     engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
     items = [(i, 0) for i in range(8)]
     batch = loader.collate_items(items, 0)
@@ -47,7 +50,12 @@ def test_gradcache_equals_uncached(tiny_model_dir, tmp_path, k, related):
         scale = max(ref[name].abs().max().item(), 1e-8)
         assert (got[name] - ref[name]).abs().max().item() <= 1e-5 * max(1.0, scale), name
     assert float(stats_gc["acc"]) == pytest.approx(float(stats_ref["acc"]))
-    if related == "teacher":  # the distillation term was live: rows with and without scores, and it adds
+    if related == "hardness":  # the weights were live: without them the loss differs
+        task.loss_fn.hardness = 0.0
+        with torch.no_grad():
+            plain, _ = task.loss(task.forward(engine, batch), batch)
+        assert abs(loss_ref.item() - plain.item()) > 1e-3
+    elif related == "teacher":  # the distillation term was live: rows with and without scores, and it adds
         assert batch.teacher is not None and 0 < torch.isnan(batch.teacher).any(1).sum() < len(batch)
         assert 0 < float(stats_ref["kd_rows"]) < 1 and float(stats_ref["kd"]) > 0
         task.loss_fn.kd_weight = 0.0
@@ -69,6 +77,8 @@ def _step_grads(cfg, tmp_path, packing, grad_cache, token_budget, n_micro, reran
 
     cfg.model.packing = packing
     task, loader = build_task(cfg, tmp_path / "run")
+    if related == "hardness":
+        task.loss_fn.hardness = 5.0
     engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
     batch = loader.collate_items([(i, 0) for i in range(4 if rerank else 8)], 0)
     if prepared:
