@@ -102,9 +102,9 @@ def test_two_process_mining_equals_one_process(tmp_path):
     lines = [x for x in (FIXTURES / "dbpedia" / "corpus.jsonl").read_text(encoding="utf-8").split("\n") if x]
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
     common = [f"inputs=[{data}]", f"corpus=[{corpus}]", f"embedder={MINILM}", "precision=float32", "num_negatives=3",
-              "range_min=1", "range_max=20", "chunk_size=40", "query_block=7", "max_length=128"]
+              "range_min=1", "range_max=20", "chunk_size=40", "query_block=7", "max_length=128", "consistency_top_k=2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    runs = {}
+    runs, apart = {}, {}
     for nproc in (1, 2):
         out = tmp_path / f"p{nproc}"
         args = [*common, f"output={out}/mined.jsonl", f"cache_dir={out}/cache"]
@@ -127,11 +127,12 @@ def test_two_process_mining_equals_one_process(tmp_path):
             assert "(mine.stall_report_s=1); nothing is stopped" in waiting[0]
             assert "in held_once" in proc.stderr and "time.sleep(seconds)" in proc.stderr
         runs[nproc] = [json.loads(x) for x in (out / "mined.jsonl").read_text().splitlines()]
+        apart[nproc] = (out / "inconsistent.jsonl").read_text()  # rows 7 and 17 of 18: one from each rank, joined
         summary = json.loads((out / "mine_summary.json").read_text())
         assert summary["processes"] == nproc and summary["records"] == len(rows)
         assert not list(out.glob(".*rank*"))  # per-rank parts joined and removed
     one, two = runs[1], runs[2]
-    assert len(one) == len(two) > 10
+    assert len(one) == len(two) > 10 and apart[1] == apart[2] and apart[1].count("\n") >= 2
     for a, b in zip(one, two):
         assert a["query"] == b["query"] and a["neg"] == b["neg"] and a["neg_ranks"] == b["neg_ranks"]
         assert np.allclose(a["neg_scores"], b["neg_scores"], atol=1e-5)
