@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -260,10 +261,29 @@ def _mine(cfg: MineConfig) -> dict:
         if not cfg.cache_dir:
             shutil.rmtree(store, ignore_errors=True)
         _log(json.dumps(summary))
+        _few_mined(summary, cfg, out)
     stall.enter("the wait for rank 0's joining of the parts")
     summary = dist.broadcast_object(summary)
     dist.cleanup()
     return summary
+
+
+def _few_mined(summary: dict, cfg: MineConfig, out: Path) -> None:
+    """A warning where fewer than half the records came out mined: what kept them out and where they are (a
+    too strict ``consistency_top_k`` or window left stage 2 with a few records, and its error named only its batch)."""
+    mined, n = summary.get("records_with_negatives", 0), summary["records"]
+    if mined * 2 >= n:
+        return
+    why = []
+    if summary.get("dropped_inconsistent"):
+        why.append(f"{summary['dropped_inconsistent']} kept out by consistency_top_k={cfg.consistency_top_k} "
+                   f"(in {out.with_name('inconsistent.jsonl')})")
+    if summary.get("no_negatives"):
+        why.append(f"{summary['no_negatives']} left with no negative by the window and guards (range_min="
+                   f"{cfg.range_min}, range_max={cfg.range_max}, max_score_ratio={cfg.max_score_ratio}, margin="
+                   f"{cfg.margin}; in {out.with_name('no_negatives.jsonl')})")
+    print(f"warning: mine: only {mined} of {n} records have negatives: {'; '.join(why) or 'none mined'}",
+          file=sys.stderr, flush=True)
 
 
 class _Picked:

@@ -57,7 +57,7 @@ def test_negative_selection_rules():
     assert keep == [4, 5] and dropped["is_positive"] == 1 and dropped["within_margin"] == 3  # 0.5 is not > 0.5
 
 
-def test_ranking_consistency_keeps_out_records_whose_positive_ranks_low(tmp_path):
+def test_ranking_consistency_keeps_out_records_whose_positive_ranks_low(tmp_path, capsys):
     """``consistency_top_k=2``: a record is mined only if fewer than 2 other documents (not its positives) outscore
     its first positive; the others go, with ``pos_rank``, to inconsistent.jsonl, none lost. The ranks are checked
     against sentence-transformers' own vectors scored over the whole corpus (not the miner's top-k search).
@@ -94,6 +94,16 @@ def test_ranking_consistency_keeps_out_records_whose_positive_ranks_low(tmp_path
     assert any(above[r["query"]] == 1 for r in read["mined.jsonl"])  # k=2 admits one document above the positive
     with pytest.raises(ValueError, match="consistency_top_k must be in"):
         MineConfig(inputs=[], range_max=10, consistency_top_k=11)
+    # fewer than half mined (a smoke pipeline at k=1: 7 of 1,801, and stage 2 then named only its batch size)
+    from qwen3train.mining.mine import _few_mined
+
+    assert "warning:" not in capsys.readouterr().err  # (the run above mined most)
+    _few_mined({"records": 10, "records_with_negatives": 3, "dropped_inconsistent": 6, "no_negatives": 1},
+               MineConfig(inputs=[], range_max=10, consistency_top_k=1), tmp_path / "m.jsonl")
+    assert capsys.readouterr().err == (
+        f"warning: mine: only 3 of 10 records have negatives: 6 kept out by consistency_top_k=1 (in {tmp_path}/"
+        f"inconsistent.jsonl); 1 left with no negative by the window and guards (range_min=0, range_max=10, "
+        f"max_score_ratio=0.95, margin=None; in {tmp_path}/no_negatives.jsonl)\n")
 
 
 def test_mining_on_a_real_collection_then_stage2_trains(tmp_path, arcd_rows, tiny_model_dir):
