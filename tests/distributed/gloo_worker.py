@@ -17,7 +17,8 @@ from helpers import rerank_cfg, train_cfg  # noqa: E402
 
 def main(tests_dir, model_dir, data_file, out_file):
     dist.init()
-    cfg = train_cfg(model_dir, data_file, out_file + ".run", k=2, global_batch=8, micro=2, kd_weight=0.5)
+    cfg = train_cfg(model_dir, data_file, out_file + ".run", k=2, global_batch=8, micro=2, kd_weight=0.5,
+                    hardness=2.0)
     task, loader = build_task(cfg, cfg.run.output_dir)
     engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
     r, w = dist.rank(), dist.world_size()

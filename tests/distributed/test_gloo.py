@@ -23,7 +23,8 @@ from helpers import make_pairs, related_rows, rerank_cfg, train_cfg, with_teache
 @pytest.mark.slow
 def test_two_process_gloo_equals_one_process(tiny_model_dir, tmp_path):
     # rows with pool documents that are no negatives of theirs, some on the other rank (loss.mask_not_neg), and a
-    # teacher's scores on most rows (loss.kd_weight: each rank's share of the distillation term adds up)
+    # teacher's scores on most rows (loss.kd_weight: each rank's share of the distillation term adds up), and
+    # hardness-weighted negatives (loss.hardness_strength: the weights of the gathered pool, rows offset by rank)
     data = with_teacher(related_rows(make_pairs(tmp_path / "d.jsonl", k=2)))
     out = tmp_path / "grads.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS / "train"))
@@ -33,7 +34,7 @@ def test_two_process_gloo_equals_one_process(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, crash_report(proc)
     two = torch.load(out, weights_only=False)
 
-    cfg = train_cfg(tiny_model_dir, data, tmp_path / "run1", k=2, global_batch=8, micro=8, kd_weight=0.5)
+    cfg = train_cfg(tiny_model_dir, data, tmp_path / "run1", k=2, global_batch=8, micro=8, kd_weight=0.5, hardness=2.0)
     task, loader = build_task(cfg, tmp_path / "run1")
     engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
     batch = loader.collate_items([(i, 0) for i in range(8)], 0)
@@ -45,6 +46,8 @@ def test_two_process_gloo_equals_one_process(tiny_model_dir, tmp_path):
         assert abs(task.loss(task.forward(engine, batch), batch)[0].item() - loss.item()) > 1e-4  # the mask acts
         task.loss_fn.mask_not_neg, task.loss_fn.kd_weight = True, 0.0
         assert abs(task.loss(task.forward(engine, batch), batch)[0].item() - loss.item()) > 1e-4  # and the teacher
+        task.loss_fn.kd_weight, task.loss_fn.hardness = 0.5, 0.0
+        assert abs(task.loss(task.forward(engine, batch), batch)[0].item() - loss.item()) > 1e-4  # and the weights
     for mode in ("plain", "gradcache"):
         loss2, grads2 = two[mode]
         assert abs(loss2 - loss.item()) <= 1e-5, mode
