@@ -6,7 +6,9 @@ tokens), which no stage uses. That import costs every process that loads a model
 (`python -X importtime`, 2026-12-07), about a sixth of its start, and a run starts a process per stage and per
 rank. ``lean_transformers`` makes transformers' generation code (and whatever else takes ``is_sklearn_available``
 from ``transformers.utils`` after it: the legacy GLUE metrics) see scikit-learn as absent; scikit-learn itself stays
-importable (sentence-transformers' evaluators import it as they always did).
+importable (sentence-transformers' evaluators import it as they always did). Likewise its object-detection losses
+(``transformers.loss``, imported with every model class, for the DETR family's Hungarian matching) import
+``scipy.optimize``: 0.35-0.4 s more (2026-12-08); those modules alone see scipy as absent while they are imported.
 
 Python's cycle collector took a quarter of a stage's start (1.57 of 6.24 s for the filter stage of the smoke pipeline,
 measured with ``gc.callbacks``, 2026-12-07): imports and a model's load create hundreds of thousands of objects, and
@@ -27,9 +29,13 @@ def _absent() -> bool:
     return False
 
 
+SCIPY_FOR_DETECTION = "transformers.loss."  # (the package's modules: DETR-family losses import scipy.optimize)
+
+
 class _SklearnHidden(importlib.abc.MetaPathFinder):
     """Just before ``transformers.generation`` is imported, the ``is_sklearn_available`` it takes from
-    ``transformers.utils`` says False. Finds nothing itself: every import goes on to the usual finders."""
+    ``transformers.utils`` says False; a module of ``SCIPY_FOR_DETECTION`` is found by the usual path finder and
+    executed with ``is_scipy_available`` saying False, put back right after. Every other import goes on to the usual finders."""
 
     done = False
 
@@ -39,7 +45,32 @@ class _SklearnHidden(importlib.abc.MetaPathFinder):
             utils = sys.modules.get("transformers.utils")
             if utils is not None and hasattr(utils, "is_sklearn_available"):
                 utils.is_sklearn_available = _absent
+        if name.startswith(SCIPY_FOR_DETECTION) and hasattr(sys.modules.get("transformers.utils"), "is_scipy_available"):
+            import importlib.machinery
+
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _WithoutScipy(spec.loader)
+            return spec
         return None
+
+
+class _WithoutScipy(importlib.abc.Loader):
+    """A module's own loader, its code run while ``transformers.utils.is_scipy_available`` says False."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        utils = sys.modules["transformers.utils"]
+        real, utils.is_scipy_available = utils.is_scipy_available, _absent
+        try:
+            self.inner.exec_module(module)
+        finally:
+            utils.is_scipy_available = real
 
 
 def lean_transformers() -> bool:
