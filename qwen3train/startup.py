@@ -35,24 +35,29 @@ SCIPY_FOR_DETECTION = "transformers.loss."  # (the package's modules: DETR-famil
 class _SklearnHidden(importlib.abc.MetaPathFinder):
     """Just before ``transformers.generation`` is imported, the ``is_sklearn_available`` it takes from
     ``transformers.utils`` says False; a module of ``SCIPY_FOR_DETECTION`` is found by the usual path finder and
-    executed with ``is_scipy_available`` saying False, put back right after. Every other import goes on to the usual finders."""
+    executed with ``is_scipy_available`` saying False, put back right after. Every other import goes on to the
+    usual finders."""
 
     done = False
 
     def find_spec(self, name, path=None, target=None):
-        if not self.done and name == "transformers.generation":
-            self.done = True  # (not removed from sys.meta_path: the import system is iterating over it)
-            utils = sys.modules.get("transformers.utils")
-            if utils is not None and hasattr(utils, "is_sklearn_available"):
-                utils.is_sklearn_available = _absent
-        if name.startswith(SCIPY_FOR_DETECTION) and hasattr(sys.modules.get("transformers.utils"), "is_scipy_available"):
-            import importlib.machinery
+        if name != "transformers.generation" and not name.startswith(SCIPY_FOR_DETECTION):
+            return None
+        utils = sys.modules.get("transformers.utils")
+        if name == "transformers.generation":
+            if not self.done:
+                self.done = True  # (not removed from sys.meta_path: the import system is iterating over it)
+                if hasattr(utils, "is_sklearn_available"):
+                    utils.is_sklearn_available = _absent
+            return None
+        if not hasattr(utils, "is_scipy_available"):
+            return None
+        import importlib.machinery
 
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            if spec is not None and spec.loader is not None:
-                spec.loader = _WithoutScipy(spec.loader)
-            return spec
-        return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _WithoutScipy(spec.loader)
+        return spec
 
 
 class _WithoutScipy(importlib.abc.Loader):

@@ -254,18 +254,23 @@ def test_the_users_own_config_dir_is_checked_as_ours(compose, tmp_path, capsys):
     assert (cfg.engine.backend, cfg.engine.zero_stage) == ("deepspeed", 3)
 
 
-def test_a_sweep_is_composed_value_by_value_before_any_job_starts():
+def test_a_sweep_is_composed_value_by_value_before_any_job_starts(capsys):
     """Under -m every value of every swept key is composed (with the other keys' first values); what every job
-    shares is respelled as without -m (a mixture replacing the config's files); a sweep this check cannot enumerate
-    (interval, glob: the sweeper's own) is left to the sweeper. A check of the first combination alone would let
-    the second job of a night's sweep die on a typo after the first had trained."""
+    shares is respelled as without -m (a mixture replacing the config's files); a glob is the group options it
+    matches, an interval its two ends, refused under the basic sweeper (Hydra's traceback before). A check of
+    the first combination alone would let the second job of a night's sweep die on a typo after the first had
+    trained."""
     from qwen3train.cli.check import _sweep
     from qwen3train.cli.main import precheck
 
     assert _sweep(["optim.lr=1e-4,2e-4", "run.seed=range(0,3)", "engine=zero2"]) == [
         ["optim.lr=0.0001", "run.seed=0", "engine=zero2"], ["optim.lr=0.0002", "run.seed=0", "engine=zero2"],
         ["optim.lr=0.0001", "run.seed=1", "engine=zero2"], ["optim.lr=0.0001", "run.seed=2", "engine=zero2"]]
-    assert _sweep(["optim.lr=interval(1e-5,1e-3)", "run.seed=1"]) == [["run.seed=1"]]
+    # an interval at both ends; a glob as the group options it matches (Hydra's basic sweeper's own reading)
+    assert _sweep(["optim.lr=interval(1e-5,1e-3)", "run.seed=1"]) == [["optim.lr=1e-05", "run.seed=1"],
+                                                                      ["optim.lr=0.001", "run.seed=1"]]
+    assert _sweep(["model=glob(qwen3*,exclude=qwen3-8b)"], lambda g: ["qwen3-0.6b", "qwen3-4b", "qwen3-8b", "tiny"]) \
+        == [["model=qwen3-0.6b"], ["model=qwen3-4b"]]
     sweep = ["--config-name=stage1", "-m", "optim.lr=1e-4,2e-4", "model=tiny,qwen3-0.6b"]
     assert precheck(sweep) == sweep
     mix = "data.mixture=[{files: [a.jsonl]}]"
@@ -273,6 +278,18 @@ def test_a_sweep_is_composed_value_by_value_before_any_job_starts():
     with pytest.raises(SystemExit) as e:
         precheck(["--config-name=stage1", "--multirun", "optim.lr=1e-4", "model=tiny,qwen3-0.6b,qwen3-9b"])
     assert e.value.code == 2
+    glob = ["--config-name=stage1", "-m", "model=glob(qwen3-0*,tin*)"]
+    assert precheck(glob) == glob
+    for argv, needle in (
+            (["model=glob(qwen9*)"], "error: model=glob(qwen9*): matches no option of config group 'model' (options: "
+                                     "qwen2.5-coder-0.5b, qwen3-0.6b"),
+            (["model=glob(tin*)", "optim.lr=1e-4,abc"], "could not be converted to Float"),  # the other key's values
+            # under the basic sweeper (the default) an interval was Hydra's traceback, status 1
+            (["optim.lr=interval(1e-5,1e-3)"], "error: optim.lr=interval(1e-5,1e-3): an interval is sampled by an "
+                                               "optimizing sweeper (hydra/sweeper=optuna")):
+        with pytest.raises(SystemExit) as e:
+            precheck(["--config-name=stage1", "-m", *argv])
+        assert e.value.code == 2 and needle in capsys.readouterr().err, argv
 
 
 def test_the_command_may_come_after_the_flags(tmp_path):

@@ -48,7 +48,7 @@ def precheck(argv: list[str]) -> list[str]:
     """The command line checked (``report`` and exit 2 on a mistake) and respelled where it must be."""
     if any(a.startswith(("--help", "-h", "--info", "--cfg")) and a not in MULTIRUN for a in argv):
         return argv
-    name, overrides, user_dir = "stage1", [], None
+    name, overrides, user_dir, hydra_own = "stage1", [], None, []
     for i, a in enumerate(argv):
         if a.startswith("--config-name="):
             name = a.split("=", 1)[1]
@@ -62,8 +62,13 @@ def precheck(argv: list[str]) -> list[str]:
             return argv  # another Hydra flag: let Hydra handle the whole command line
         elif not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
             overrides.append(a)
+        else:
+            hydra_own.append(a)
     shadowed = _shadowed(user_dir, name) if user_dir is not None else []
-    runs = _sweep(overrides) if any(a in MULTIRUN for a in argv) else [overrides]
+    runs = [overrides]
+    if any(a in MULTIRUN for a in argv):
+        runs = _sweep(overrides, lambda group: _options(user_dir, group))
+        _sampled_by_the_sweeper(name, overrides, hydra_own, user_dir)
     respelled, added = {}, []
     for k, run in enumerate(runs):
         spelled, more = _settle(name, run, user_dir, shadowed)
@@ -72,11 +77,13 @@ def precheck(argv: list[str]) -> list[str]:
     return [b for a in argv for b in respelled.get(a, [a])] + added
 
 
-def _sweep(overrides: list[str]) -> list[list[str]]:
+def _sweep(overrides: list[str], options=None) -> list[list[str]]:
     """The runs to compose for a sweep: each swept key's first value with the rest, then each other value of each
-    swept key in turn (a bad value anywhere in the sweep is met; not every combination). A sweep Hydra's own
-    parser cannot enumerate here (``interval``, ``glob``: the sweeper's) is left out of the check."""
+    swept key in turn (a bad value anywhere in the sweep is met; not every combination). A ``glob`` over a config
+    group is the group's options it matches (``options(group)``: what Hydra's basic sweeper runs; none matching is
+    the command line's mistake); an ``interval`` (a range an optimizing sweeper samples) is composed at both ends."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob, IntervalSweep
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -87,15 +94,56 @@ def _sweep(overrides: list[str]) -> list[list[str]]:
         if not o.is_sweep_override():
             values.append([o.input_line])
             continue
-        try:
-            values.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
-        except Exception:  # noqa: BLE001 - not enumerable without the sweeper (interval, glob)
-            continue
+        key, value = o.get_key_element(), o.value()
+        if isinstance(value, IntervalSweep):
+            values.append([f"{key}={value.start}", f"{key}={value.end}"])
+        elif isinstance(value, Glob):
+            matched = value.filter(options(key)) if options else []
+            if not matched:
+                report(f"{o.input_line}: matches no option of config group '{key}'"
+                       + (f" (options: {', '.join(options(key))})" if options else ""))
+            values.append([f"{key}={v}" for v in matched])
+        else:
+            values.append([f"{key}={v}" for v in o.sweep_string_iterator()])
     first = [v[0] for v in values if v]
     runs = [first]
     for i, vals in enumerate(values):
         runs += [first[:i] + [v] + first[i + 1:] for v in vals[1:]]
     return runs
+
+
+def _sampled_by_the_sweeper(name: str, overrides: list[str], hydra_own: list[str], user_dir: str | None) -> None:
+    """An ``interval`` is sampled by an optimizing sweeper (Optuna's, Ax's); under Hydra's basic one (the default)
+    the sweep stopped with its traceback ("BasicSweeper does not support sweep type"): one line instead."""
+    intervals = [o for o in overrides if re.search(r"=\s*(tag\(.*)?interval\(", o)]
+    if not intervals:
+        return
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+
+    first = [o for o in overrides if o not in intervals]
+    try:
+        with _initialize(user_dir):
+            target = compose(config_name=name, overrides=first + hydra_own, return_hydra_config=True) \
+                .hydra.sweeper.get("_target_", "")
+    except Exception as e:  # noqa: BLE001 - a sweeper override that does not compose (its plugin missing)
+        report(_one_line(e, f"{e} {e.__cause__ or ''}"))
+    finally:
+        GlobalHydra.instance().clear()
+    if target.endswith("BasicSweeper"):
+        report(f"{intervals[0]}: an interval is sampled by an optimizing sweeper (hydra/sweeper=optuna, with "
+               f"hydra-optuna-sweeper installed); Hydra's basic sweeper runs lists, range() and glob(): e.g. "
+               f"{intervals[0].split('=', 1)[0]}=1e-5,1e-4,1e-3")
+
+
+def _options(user_dir: str | None, group: str) -> list[str]:
+    """The options of a config group on the command's search path (ours, then ``--config-dir``'s)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    with _initialize(user_dir):
+        names = GlobalHydra.instance().config_loader().get_group_options(group)
+    GlobalHydra.instance().clear()
+    return sorted(names)
 
 
 def _settle(name: str, overrides: list[str], user_dir: str | None,

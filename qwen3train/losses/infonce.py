@@ -18,8 +18,9 @@ and the false-negative mask m = 0 when
 The d-d block has no margin rule (spec §2.3, as ms-swift's "align with Qwen3-Embedding"), and
 excludes d_i+ itself. With ``hardness`` = a > 0 (not in the paper; EmbeddingGemma's hardness weighting,
 sentence-transformers' ``hardness_strength``), each negative term of every block is weighted by
-w = exp(a * s) with s its cosine and no gradient through w: harder negatives count more in Z_i. Implemented as one cross-entropy over the concatenated logits
-[S_qd | S_qq | S_dd] / tau with masked entries at -inf and the target at d_i+'s column (spec §2.4).
+w = exp(a * s) with s its cosine and no gradient through w: harder negatives count more in Z_i.
+Implemented as one cross-entropy over the concatenated logits [S_qd | S_qq | S_dd] / tau with masked
+entries at -inf and the target at d_i+'s column (spec §2.4).
 
 Inputs (L2-normalised):
 
