@@ -311,7 +311,7 @@ def _gather_queries(qstores: list[np.ndarray], groups: np.ndarray, rows: np.ndar
 
 
 def _mine_one(r, idx: list[int], scores: list[float], pos_score: float, docs: list[str], cfg: MineConfig,
-              reranker, stats, seed: tuple[int, int]) -> dict:
+              reranker, stats, seed: tuple[int, int]) -> tuple[str, dict]:
     """One record's output row, and which file it goes to: mined, none (no negative left), inconsistent."""
     cands = list(zip(idx, scores))
     row = {"query": r.query, "pos": r.pos, "task": r.task, "instruction": r.instruction,
