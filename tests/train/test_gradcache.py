@@ -77,8 +77,6 @@ def _step_grads(cfg, tmp_path, packing, grad_cache, token_budget, n_micro, reran
 
     cfg.model.packing = packing
     task, loader = build_task(cfg, tmp_path / "run")
-    if related == "hardness":
-        task.loss_fn.hardness = 5.0
     engine = TorchEngine(task.module, cfg.engine, cfg.optim, 10)
     batch = loader.collate_items([(i, 0) for i in range(4 if rerank else 8)], 0)
     if prepared:
