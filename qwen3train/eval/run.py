@@ -142,11 +142,12 @@ def run(cfg: EvalConfig) -> list[dict]:
 def _of_their_kinds(cfg: EvalConfig) -> None:
     """Each model where its kind belongs (an export of ours says it), checked before any collection loads: a
     reranker among the models (or an embedder among the rerankers) stopped the run after the others were scored."""
-    from qwen3train.models.build import export_meta, of_its_kind
+    from qwen3train.models.build import of_its_kind
+    from qwen3train.models.card import read_meta
 
     for want, paths in (("embedder", [*cfg.models.values(), cfg.rerank_retriever]), ("reranker", cfg.rerankers.values())):
         for path in filter(None, paths):
-            of_its_kind(path, export_meta(path), want, False)
+            of_its_kind(path, read_meta(path), want, False)
 
 
 def _encode_corpora(cfg: EvalConfig, collections: list) -> None:

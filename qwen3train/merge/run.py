@@ -82,10 +82,10 @@ def _select_by_dev(cfg: MergeConfig, inputs: list[Path], out: Path, kw: dict) ->
     that checkpoint is the output, and ``merge_selection.json`` says so (``fallback: true``)."""
     from qwen3train.eval.encoder import Encoder
     from qwen3train.eval.pairs import evaluate_pairs
-    from qwen3train.models.build import export_meta
+    from qwen3train.models.card import read_meta
 
     for p in inputs:
-        if export_meta(p).get("kind") == "reranker":
+        if read_meta(p).get("kind") == "reranker":
             raise ConfigError(f"merge.dev_file scores embedders on dev pairs; {p} is a reranker: unset dev_file")
 
     def score(path: Path) -> tuple[dict, list[float]]:

@@ -316,13 +316,13 @@ def _mine_one(r, idx: list[int], scores: list[float], pos_score: float, docs: li
     cands = list(zip(idx, scores))
     row = {"query": r.query, "pos": r.pos, "task": r.task, "instruction": r.instruction,
            "pos_score": round(pos_score, 6)} | r.carried(scores=False)  # a teacher's scores: not of these negatives
+    pos, not_neg = set(r.pos), set(r.not_neg)
     if cfg.consistency_top_k is not None:
-        others = set(r.pos) | set(r.not_neg)
-        above = sum(1 for j, s in cands if s > pos_score and docs[j] not in others)
+        above = sum(1 for j, s in cands if s > pos_score and docs[j] not in pos and docs[j] not in not_neg)
         if above >= cfg.consistency_top_k:
             stats["dropped_inconsistent"] += 1
             return "inconsistent", row | {"pos_rank": above}  # (at least: only the top range_max are ranked)
-    keep, dropped = select_negatives(cands, set(r.pos), pos_score, docs, cfg, set(r.not_neg))
+    keep, dropped = select_negatives(cands, pos, pos_score, docs, cfg, not_neg)
     for k, v in dropped.items():
         stats[f"dropped_{k}"] += v
     if reranker is not None and keep:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen3train.errors import ConfigError, at_least
+from qwen3train.models.card import read_meta
 from qwen3train.text import DEFAULT_INSTRUCTION, DEFAULT_QUERY_TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -208,13 +209,6 @@ def resolve_attn_implementation(name: str) -> str:
     return name
 
 
-def export_meta(path: str) -> dict:
-    """``qwen3train.json`` of an export (what it was trained with), or {} for any other checkpoint."""
-    from qwen3train.models.card import read_meta
-
-    return read_meta(path)
-
-
 USE = {"embedder": "it embeds texts: give it as a model (make eval models=..., mining's or the filter's embedder)",
        "reranker": "it scores (query, document) pairs: give it as a reranker (make eval rerankers=..., "
                    "make score kind=reranker)"}
@@ -363,7 +357,7 @@ def build_embedder(cfg: ModelConfig, path: str | None = None, train_precision: s
                           attn_implementation=pack_kw.pop("attn"))
     backbone = _apply_common(backbone, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)
-    meta = export_meta(path)
+    meta = read_meta(path)  # an export's qwen3train.json (what it was trained with), or {}
     of_its_kind(path, meta, "embedder", train_precision is not None)
     emb = Embedder(backbone, tokenizer, query_template=query_template(cfg, meta, path, train_precision),
                    max_query_length=cfg.max_query_length, max_doc_length=cfg.max_doc_length,
@@ -387,7 +381,7 @@ def build_reranker(cfg: ModelConfig, path: str | None = None, max_length: int | 
                     dtype=load_dtype(cfg, train_precision), attn_implementation=pack_kw.pop("attn"))
     lm = _apply_common(lm, cfg, train_precision)
     tokenizer = load_tokenizer(cfg.tokenizer or path)
-    of_its_kind(path, export_meta(path), "reranker", train_precision is not None)
+    of_its_kind(path, read_meta(path), "reranker", train_precision is not None)
     rr = Reranker(lm, tokenizer, max_length=max_length or cfg.max_doc_length,
                   padding_side=cfg.padding_side, **pack_kw)
     rr.export_dtype = DTYPES[cfg.dtype]
